@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/workbench demo
+	$(BIN)/workbench zoo measure
 
 test: setup
 	$(BIN)/python -m pytest -n auto -q

@@ -12,6 +12,7 @@ from tests.conftest import SEED
 from tests.oracle import stats_from_pattern
 from workbench.errors import WorkbenchError
 from workbench.instrument import instrument
+from workbench.models import load_model
 from workbench.recording import PatternSpec, Recording
 
 SPEC = StatsSpec.all(sink_tokens=2, window=8, offsets=(1, 3))
@@ -24,6 +25,8 @@ CONFIGS = {
 
 
 def tiny_model(kind: str, seed: int = SEED) -> HookedTransformer:
+    if kind == "zoo-2l":  # the committed, trained zoo model
+        return load_model("zoo-2l", device="cpu")
     torch.manual_seed(seed)
     cfg = HookedTransformerConfig(
         n_layers=2, d_model=64, n_heads=4, d_head=16, n_ctx=96, d_vocab=61, act_fn="gelu",
@@ -38,7 +41,7 @@ def tiny_model(kind: str, seed: int = SEED) -> HookedTransformer:
     return model.eval()
 
 
-@pytest.fixture(params=sorted(CONFIGS))
+@pytest.fixture(params=[*sorted(CONFIGS), "zoo-2l"])
 def model(request):
     return tiny_model(request.param)
 

@@ -8,8 +8,9 @@ from typer.testing import CliRunner
 
 from workbench import WorkbenchError, load_model, record
 from workbench.cli import app
-from workbench.zoo import ZOO, load, train
+from workbench.zoo import DEFAULT_MODEL, ZOO, ZooSpec, load, train
 from workbench.zoo.data import Mixture, sample_batch
+from workbench.zoo.measure import measure
 from workbench.zoo.tokenizer import byte_tokenizer
 
 
@@ -32,6 +33,12 @@ def test_mixture_is_deterministic_and_varies_the_period():
         periods.add(period)
     assert len(periods) > 10
     assert torch.all(ids[:, 0] == byte_tokenizer().bos_token_id)
+    for row, mask in zip(ids, loss):  # the unpredictable first period is left out of the loss...
+        period = next(p for p in range(1, 200) if torch.equal(row[1 + p:], row[1:-p]))
+        assert not mask[: period + 1].any() and mask[period + 1:].all()
+    _, loss = sample_batch(40, 300, torch.Generator().manual_seed(1),
+                           Mixture(text=0, repeat=1, needle=0, first_period_loss=True))
+    assert loss.all()  # ...unless asked for
     ids, loss = sample_batch(6, 300, torch.Generator().manual_seed(2), Mixture(text=0, repeat=0, needle=1))
     tok = byte_tokenizer()
     for row, m in zip(ids, loss):
@@ -39,6 +46,30 @@ def test_mixture_is_deterministic_and_varies_the_period():
         answer = tok.decode(row[1:][m[1:]])  # loss marks the positions that predict the answer
         code = text[-4:]
         assert f"is {code}." in text and m.sum() == 4 and len(answer) == 4
+
+
+def test_spec_round_trips_through_json():
+    import json
+    from dataclasses import asdict
+
+    for spec in ZOO.values():
+        assert ZooSpec.from_dict(json.loads(json.dumps(asdict(spec)))) == spec
+
+
+def test_default_model_has_the_documented_heads():
+    """The committed zoo-2l: previous-token heads in layer 0, induction heads in layer 1 at a
+    short and a long period, a head that parks on <bos> when there is nothing to copy, and
+    needle retrieval through a copying head (figures in docs/zoo.md)."""
+    r = measure(load(DEFAULT_MODEL), n_samples=8, length=512, periods=(37, 300))
+    layer = lambda table, i: [v for k, v in table.items() if k.startswith(f"{i}.")]  # noqa: E731
+    assert max(layer(r["previous_token_mass"], 0)) > 0.2
+    for period in (37, 300):
+        assert max(layer(r[f"induction_mass_period_{period}"], 1)) > 0.4
+        assert max(layer(r[f"induction_mass_period_{period}"], 0)) < 0.05  # layer 0 cannot do induction
+    assert max(r["sink_mass_first_copy_period_37"].values()) > 0.5
+    assert r["needle_accuracy"] >= 0.5
+    best = max(r["copy_rate"], key=r["copy_rate"].get)
+    assert best.startswith("1.") and r["copy_rate"][best] > 0.5
 
 
 def test_tiny_trains_deterministically_and_loads(tmp_path):
@@ -69,9 +100,14 @@ def test_missing_weights_and_unknown_names(tmp_path):
 def test_zoo_cli(tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["zoo", "list"])
-    assert result.exit_code == 0 and "tiny" in result.output and "zoo-3l" in result.output
+    assert result.exit_code == 0 and "tiny" in result.output and "zoo-2l" in result.output
     result = runner.invoke(app, ["zoo", "train", "nope"])
     assert result.exit_code == 2 and "unknown zoo model" in result.output
     result = runner.invoke(app, ["zoo", "train", "tiny", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "tiny" / "metrics.json").exists()
+    result = runner.invoke(app, ["zoo", "measure", "--length", "256", "--samples", "2", "--periods", "20"])
+    assert result.exit_code == 0, result.output
+    assert "1.3" in result.output and "needle accuracy" in result.output
+    result = runner.invoke(app, ["zoo", "measure", "--periods", "5000"])
+    assert result.exit_code == 2 and "context of 2048" in result.output

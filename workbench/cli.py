@@ -99,3 +99,56 @@ def bench(ctx: typer.Context) -> None:
     from kernels.benchmark import main as bench_main
 
     sys.exit(bench_main(ctx.args))
+
+
+@zoo_app.command("measure")
+def zoo_measure(
+    name: str = typer.Argument(None, help="Zoo model (default: the default zoo model)."),
+    length: int = typer.Option(1024, "--length", "-n", min=64, help="Tokens per text and needle sample."),
+    samples: int = typer.Option(16, "--samples", "-s", min=1, help="Samples per measurement."),
+    periods: str = typer.Option("37,300", help="Comma-separated repeat periods for the induction test."),
+) -> None:
+    """What every head of a zoo model does: sinks, previous-token, induction and needle copying."""
+    from workbench.errors import WorkbenchError
+    from workbench.zoo import DEFAULT_MODEL, ZOO, load
+    from workbench.zoo.measure import measure
+
+    name = name or DEFAULT_MODEL
+    if name not in ZOO:
+        console.print(f"[red]error:[/red] unknown zoo model {name!r}; choose one of: {', '.join(ZOO)}")
+        raise typer.Exit(2)
+    try:
+        model = load(name)
+    except WorkbenchError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    context = model.cfg.n_ctx
+    try:
+        period_list = tuple(int(p) for p in periods.split(","))
+    except ValueError:
+        period_list = ()
+    if not period_list or any(not 2 <= p <= (context - 1) // 2 for p in period_list) or length > context:
+        console.print(f"[red]error:[/red] {name} has a context of {context} tokens: --length must be at most "
+                      f"{context} and --periods integers from 2 to {(context - 1) // 2} (got {periods!r})")
+        raise typer.Exit(2)
+    with console.status(f"measuring {name} on {samples} samples of {length} tokens..."):
+        result = measure(model, n_samples=samples, length=length, periods=period_list)
+    columns = {"sink_mass": "sink", "previous_token_mass": "prev"}
+    for p in period_list:
+        columns[f"induction_mass_period_{p}"] = f"ind@{p}"
+        columns[f"sink_mass_first_copy_period_{p}"] = f"idle sink@{p}"
+    columns["copy_rate"] = "copy"
+    table = Table(title=f"{name}: attention mass per head (layer.head)")
+    table.add_column("head")
+    for title in columns.values():
+        table.add_column(title, justify="right")
+    for head in result["sink_mass"]:
+        values = [result[key][head] for key in columns]
+        table.add_row(head, *(f"[bold]{v:.2f}[/bold]" if v >= 0.5 else f"{v:.2f}" for v in values))
+    console.print(table)
+    console.print("sink, prev: mass on the first / previous token over text. ind@T: mass on the token after "
+                  "the earlier occurrence, in the second copy of a random sequence of period T. idle sink@T: "
+                  "mass on the first token in the first copy (nothing to copy yet). copy: share of needle-answer "
+                  "steps whose most-attended key is inside the needle and holds the generated token.")
+    console.print(f"needle accuracy (greedy, 4 digits): {result['needle_accuracy']:.2f} "
+                  f"on {result['needle_samples']} samples of {length} tokens")

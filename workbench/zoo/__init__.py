@@ -4,20 +4,29 @@
 retrains one (deterministic seed). See ``workbench zoo list`` / ``workbench zoo train NAME``.
 """
 
-from workbench.zoo.train import WEIGHTS_DIR, ZooSpec, build, load, train
+from workbench.zoo.data import Mixture
+from workbench.zoo.train import WEIGHTS_DIR, Stage, ZooSpec, build, load, train
+
+#: Stage 1, 256-token samples, many repeats with periods up to 96: induction forms (after
+#: about 2000 steps). Stage 2, 2048-token samples, periods up to 1024, many needles at any
+#: depth, and loss on the unpredictable first period of repeats: copying reaches across the
+#: context, and a copying head learns to park its attention on <bos> when there is nothing to
+#: copy (docs/zoo.md has the recipes that failed).
+_SHORT = Mixture(text=0.2, repeat=0.6, needle=0.2, min_period=8, max_period=96)
+_LONG = Mixture(text=0.2, repeat=0.4, needle=0.4, min_period=8, max_period=1024, first_period_loss=True)
 
 ZOO: dict[str, ZooSpec] = {
     spec.name: spec
     for spec in (
         ZooSpec("tiny", "1 layer, for CI: proves the training code runs", n_layers=1, d_model=32,
-                n_heads=2, d_mlp=None, n_ctx=128, seq_len=128, batch=8, steps=40, lr=3e-3),
-        ZooSpec("zoo-2l", "recipe under study (no weights yet): 2 attention-only layers x 4 heads, 256-token samples",
-                n_layers=2, d_model=128, n_heads=4, d_mlp=None, n_ctx=1024, seq_len=256, batch=16,
-                steps=2000, lr=1e-3),
-        ZooSpec("zoo-3l", "recipe under study (no weights yet): 3 layers x 4 heads with MLPs, 512-token samples",
-                n_layers=3, d_model=128, n_heads=4, d_mlp=512, n_ctx=2048, seq_len=512, batch=8,
-                steps=2500, lr=1e-3),
+                n_heads=2, d_mlp=None, n_ctx=128, stages=(Stage(40, 128, 8),), lr=3e-3),
+        ZooSpec("zoo-2l", "2 attention-only layers x 4 heads: induction, previous-token, sink and needle heads",
+                n_layers=2, d_model=128, n_heads=4, d_mlp=None, n_ctx=2048,
+                stages=(Stage(3000, 256, 32, _SHORT), Stage(2000, 2048, 4, _LONG))),
     )
 }
 
-__all__ = ["WEIGHTS_DIR", "ZOO", "ZooSpec", "build", "load", "train"]
+#: The model that commands use when none is named.
+DEFAULT_MODEL = "zoo-2l"
+
+__all__ = ["DEFAULT_MODEL", "WEIGHTS_DIR", "ZOO", "Mixture", "Stage", "ZooSpec", "build", "load", "train"]

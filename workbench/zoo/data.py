@@ -2,7 +2,8 @@
 
 - ``text``: natural-ish text, Python standard-library docstrings (available offline);
 - ``repeat``: a random token sequence repeated; the period varies per sample (a fixed period
-  lets a rotary model learn a fixed-offset head that only looks like induction);
+  lets a rotary model learn a fixed-offset head that only looks like induction), up to half
+  the sample so that copying is learnt over long distances too;
 - ``needle``: a haystack of text with "The secret code of NAME is DIGITS." at a random depth
   and the question "The secret code of NAME is" at the end; loss on the answer digits.
 
@@ -49,18 +50,25 @@ def corpus_ids() -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Mixture:
-    """Sampling weights of the three kinds of sample, and the period range of repeats."""
+    """Sampling weights of the three kinds of sample, and the period range of repeats (drawn
+    uniformly, at most half the sample)."""
 
     text: float = 0.4
     repeat: float = 0.3
     needle: float = 0.3
     min_period: int = 8
     max_period: int = 96
+    first_period_loss: bool = False  # also train on a repeat's unpredictable first period
 
 
 def sample_batch(batch: int, length: int, gen: torch.Generator, mix: Mixture = Mixture()):
     """``(ids, loss_mask)``, both ``[batch, length]``; the loss applies to next-token targets
-    where ``loss_mask`` is True."""
+    where ``loss_mask`` is True.
+
+    With ``first_period_loss``, repeats keep the loss on their unpredictable first period: to
+    predict "anything" there, a head that copies from earlier occurrences must stay silent,
+    which it learns to do by attending to ``<bos>`` (attention-sink behaviour).
+    """
     tok = byte_tokenizer()
     corpus = corpus_ids()
     ids = torch.empty(batch, length, dtype=torch.long)
@@ -73,10 +81,12 @@ def sample_batch(batch: int, length: int, gen: torch.Generator, mix: Mixture = M
         if kind == 0:
             ids[b, 1:] = _window(corpus, body, gen)
         elif kind == 1:
-            period = int(torch.randint(mix.min_period, mix.max_period + 1, (), generator=gen))
+            high = max(mix.min_period, min(mix.max_period, body // 2))
+            period = int(torch.randint(mix.min_period, high + 1, (), generator=gen))
             seq = torch.randint(0, 256, (period,), generator=gen)
             ids[b, 1:] = seq.repeat(body // period + 1)[:body]
-            loss[b, : period + 1] = False  # the first period cannot be predicted
+            if not mix.first_period_loss:
+                loss[b, : period + 1] = False
         else:
             ids[b, 1:], answer = _needle_sample(body, corpus, gen)
             loss[b] = False

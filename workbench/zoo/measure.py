@@ -21,24 +21,28 @@ def measure(model, n_samples: int = 16, length: int = 512, periods: tuple[int, .
             seed: int = 1234) -> dict:
     """Per head (``[layer, head]`` tables) and model-level figures on fresh samples."""
     gen = torch.Generator().manual_seed(seed)
+    device = model.cfg.device
     result: dict = {}
     # Sinks and previous-token heads on natural text.
     text, _ = sample_batch(n_samples, length, gen, Mixture(text=1, repeat=0, needle=0))
     with instrument(model, StatsSpec(sink_tokens=1, offsets=(1,))) as rec:
-        model(text)
+        model(text.to(device))
     layers = range(model.cfg.n_layers)
     result["sink_mass"] = head_table(torch.stack([rec.layer(l).sink_mass[:, :, 1:].mean((0, 2)) for l in layers]))
     result["previous_token_mass"] = head_table(
         torch.stack([rec.layer(l).offset_mass[:, :, 1:, 0].mean((0, 2)) for l in layers]))
-    # Induction on repeated random tokens, at two periods (a fixed-offset head would not score at both).
+    # Induction on a random sequence shown twice, at several periods (a fixed-offset head would
+    # not score at all of them): mass from the second copy on the token after the first occurrence.
+    # The first copy has nothing to copy from: a copying head that parks on <bos> there is a sink.
     for period in periods:
         seq = torch.randint(0, 256, (n_samples, period), generator=gen)
-        reps = length // period
-        ids = torch.cat([torch.full((n_samples, 1), byte_tokenizer().bos_token_id), seq.repeat(1, reps)], 1)
-        with instrument(model, StatsSpec(offsets=(period - 1,))) as rec:
-            model(ids)
+        ids = torch.cat([torch.full((n_samples, 1), byte_tokenizer().bos_token_id), seq.repeat(1, 2)], 1)
+        with instrument(model, StatsSpec(sink_tokens=1, offsets=(period - 1,))) as rec:
+            model(ids.to(device))
         result[f"induction_mass_period_{period}"] = head_table(
             torch.stack([rec.layer(l).offset_mass[:, :, period + 1:, 0].mean((0, 2)) for l in layers]))
+        result[f"sink_mass_first_copy_period_{period}"] = head_table(
+            torch.stack([rec.layer(l).sink_mass[:, :, 1:period + 1].mean((0, 2)) for l in layers]))
     result.update(_needles(model, n_samples, length, gen))
     return result
 
@@ -51,8 +55,8 @@ def _needles(model, n: int, length: int, gen: torch.Generator) -> dict:
     hits = torch.zeros(model.cfg.n_layers, model.cfg.n_heads)
     for _ in range(n):
         ids, _ = sample_batch(1, length, gen, Mixture(text=0, repeat=0, needle=1))
-        prompt, answer = ids[:, :-4], ids[0, -4:]
-        needle_span = _needle_span(prompt[0], marker)
+        prompt, answer = ids[:, :-4].to(model.cfg.device), ids[0, -4:]
+        needle_span = _needle_span(ids[0, :-4], marker)
         generated = []
         with instrument(model, StatsSpec(argmax=True)) as rec:
             cur = prompt
@@ -63,8 +67,8 @@ def _needles(model, n: int, length: int, gen: torch.Generator) -> dict:
         correct += int(torch.equal(torch.tensor(generated), answer))
         for step in range(4):
             for layer in range(model.cfg.n_layers):
-                key = rec.calls[layer][step].argmax[0, :, -1]  # [head]: most-attended key of the last row
-                full = cur[0]
+                key = rec.calls[layer][step].argmax[0, :, -1].cpu()  # [head]: most-attended key of the last row
+                full = cur[0].cpu()
                 for h in range(model.cfg.n_heads):
                     k = int(key[h])
                     hits[layer, h] += float(k in needle_span and int(full[k]) == generated[step])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,8 +22,22 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 
 @dataclass(frozen=True)
+class Stage:
+    """One phase of training: ``steps`` batches of ``batch`` x ``seq_len`` tokens from ``mixture``."""
+
+    steps: int
+    seq_len: int
+    batch: int
+    mixture: Mixture = Mixture()
+
+
+@dataclass(frozen=True)
 class ZooSpec:
-    """Architecture and training recipe of one zoo model (rotary, pre-LayerNorm)."""
+    """Architecture and training recipe of one zoo model (rotary, pre-LayerNorm).
+
+    Training runs the ``stages`` in order under one learning-rate schedule (linear warm-up,
+    cosine decay): short samples first, where induction forms quickly, then long ones.
+    """
 
     name: str
     description: str
@@ -31,11 +46,20 @@ class ZooSpec:
     n_heads: int
     d_mlp: int | None  # None: attention-only
     n_ctx: int
-    seq_len: int
-    batch: int
-    steps: int
+    stages: tuple[Stage, ...]
     lr: float = 1e-3
+    weight_decay: float = 0.01
     seed: int = 0
+
+    @property
+    def steps(self) -> int:
+        return sum(stage.steps for stage in self.stages)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ZooSpec:
+        """Inverse of ``dataclasses.asdict`` (as stored in ``spec.json``)."""
+        stages = tuple(Stage(**{**st, "mixture": Mixture(**st["mixture"])}) for st in data["stages"])
+        return cls(**{**data, "stages": stages})
 
     def config(self):
         from transformer_lens import HookedTransformerConfig
@@ -63,6 +87,7 @@ def train(spec: ZooSpec, out_dir: Path = WEIGHTS_DIR, device: str | None = None,
     Deterministic on one device: batches and initialisation come from ``spec.seed``.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS on CUDA
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)  # e.g. the embedding's scatter-add
     try:
@@ -73,28 +98,22 @@ def train(spec: ZooSpec, out_dir: Path = WEIGHTS_DIR, device: str | None = None,
 
 def _train(spec: ZooSpec, out_dir: Path, device: str, progress: bool) -> dict:
     model = build(spec).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.98))
     warmup = max(1, spec.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / spec.steps))))
     gen = torch.Generator().manual_seed(spec.seed)
     losses, start = [], time.perf_counter()
-    bar = tqdm(range(spec.steps), desc=f"training {spec.name}", disable=not progress)
-    for _ in bar:
-        ids, mask = sample_batch(spec.batch, spec.seq_len, gen)
-        ids, mask = ids.to(device), mask.to(device)
-        logits = model(ids)
-        per_token = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
-        weights = mask[:, 1:].reshape(-1).float()
-        loss = (per_token * weights).sum() / weights.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    bar = tqdm(total=spec.steps, desc=f"training {spec.name}", disable=not progress)
+    for stage in spec.stages:
+        for _ in range(stage.steps):
+            ids, mask = sample_batch(stage.batch, stage.seq_len, gen, stage.mixture)
+            loss = _step(model, opt, ids.to(device), mask.to(device))
+            sched.step()
+            losses.append(loss)
+            bar.update()
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}", seq=stage.seq_len)
+    bar.close()
     metrics = {"first_loss": losses[0], "final_loss": sum(losses[-20:]) / len(losses[-20:]),
                "seconds": round(time.perf_counter() - start, 1), "device": str(device),
                "torch": torch.__version__}
@@ -107,12 +126,26 @@ def _train(spec: ZooSpec, out_dir: Path, device: str, progress: bool) -> dict:
     return metrics
 
 
+def _step(model, opt, ids: torch.Tensor, mask: torch.Tensor) -> float:
+    """One optimiser step on next-token loss where ``mask`` marks the targets; returns the loss."""
+    logits = model(ids)
+    per_token = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+    weights = mask[:, 1:].reshape(-1).float()
+    loss = (per_token * weights).sum() / weights.sum()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.item()
+
+
 def load(name: str, weights_dir: Path = WEIGHTS_DIR):
     """A trained zoo model (eval mode, CPU) from ``weights_dir/NAME``."""
     folder = Path(weights_dir) / name
     if not (folder / "model.safetensors").exists():
         raise WorkbenchError(f"zoo model {name!r} has no weights in {folder}: run `workbench zoo train {name}`")
-    spec = ZooSpec(**json.loads((folder / "spec.json").read_text()))
+    spec = ZooSpec.from_dict(json.loads((folder / "spec.json").read_text()))
     model = build(spec)
     state = load_file(str(folder / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)
