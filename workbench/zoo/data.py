@@ -12,40 +12,20 @@ Every sample starts with ``<bos>``. Batches are a pure function of the generator
 
 from __future__ import annotations
 
-import importlib
-import inspect
 from dataclasses import dataclass
 from functools import cache
 
 import torch
 
 from workbench.errors import WorkbenchError
+from workbench.tasks import NAMES, docstring_text
 from workbench.zoo.tokenizer import byte_tokenizer
-
-_TEXT_MODULES = ("abc", "argparse", "collections", "contextlib", "csv", "dataclasses", "datetime",
-                 "decimal", "difflib", "email", "enum", "fractions", "functools", "heapq", "http",
-                 "inspect", "itertools", "json", "logging", "pathlib", "pickle", "random", "re",
-                 "shutil", "statistics", "string", "textwrap", "threading", "typing", "unittest",
-                 "urllib", "uuid", "zipfile")
-NAMES = ("Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Ivan", "Judy",
-         "Mallory", "Niaj", "Olivia", "Peggy", "Rupert", "Sybil", "Trent", "Victor", "Walter")
 
 
 @cache
 def corpus_ids() -> torch.Tensor:
-    """Standard-library docstrings, concatenated and tokenised (deterministic order)."""
-    docs = []
-    for name in _TEXT_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        for _, obj in sorted(inspect.getmembers(module), key=lambda kv: kv[0]):
-            doc = inspect.getdoc(obj)
-            if doc and len(doc) > 80:
-                docs.append(doc)
-    text = "\n\n".join(dict.fromkeys(docs))  # drop repeats, keep order
-    return torch.tensor(byte_tokenizer()(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    """The standard-library docstrings of :func:`workbench.tasks.docstring_text`, tokenised."""
+    return torch.tensor(byte_tokenizer()(docstring_text(), add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
 @dataclass(frozen=True)
