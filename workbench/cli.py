@@ -62,6 +62,14 @@ zoo_app = typer.Typer(help="The model zoo: small models trained by this project.
 app.add_typer(zoo_app, name="zoo")
 
 
+def _require_zoo_name(name: str) -> None:
+    from workbench.zoo import ZOO
+
+    if name not in ZOO:
+        console.print(f"[red]error:[/red] unknown zoo model {name!r}; choose one of: {', '.join(ZOO)}")
+        raise typer.Exit(2)
+
+
 @zoo_app.command("list")
 def zoo_list() -> None:
     """Zoo models, their shapes and whether their weights are present."""
@@ -85,9 +93,7 @@ def zoo_train(
     """Retrain a zoo model from its recipe (deterministic seed)."""
     from workbench.zoo import WEIGHTS_DIR, ZOO, train
 
-    if name not in ZOO:
-        console.print(f"[red]error:[/red] unknown zoo model {name!r}; choose one of: {', '.join(ZOO)}")
-        raise typer.Exit(2)
+    _require_zoo_name(name)
     metrics = train(ZOO[name], out or WEIGHTS_DIR)
     console.print(f"trained {name}: loss {metrics['first_loss']:.3f} -> {metrics['final_loss']:.3f} "
                   f"in {metrics['seconds']:.0f} s on {metrics['device']}; weights in {(out or WEIGHTS_DIR) / name}")
@@ -110,13 +116,11 @@ def zoo_measure(
 ) -> None:
     """What every head of a zoo model does: sinks, previous-token, induction and needle copying."""
     from workbench.errors import WorkbenchError
-    from workbench.zoo import DEFAULT_MODEL, ZOO, load
+    from workbench.zoo import DEFAULT_MODEL, load
     from workbench.zoo.measure import measure
 
     name = name or DEFAULT_MODEL
-    if name not in ZOO:
-        console.print(f"[red]error:[/red] unknown zoo model {name!r}; choose one of: {', '.join(ZOO)}")
-        raise typer.Exit(2)
+    _require_zoo_name(name)
     try:
         model = load(name)
     except WorkbenchError as exc:

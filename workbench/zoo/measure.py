@@ -7,7 +7,7 @@ import torch
 
 from kernels import StatsSpec
 from workbench.instrument import instrument
-from workbench.zoo.data import Mixture, needle_parts, sample_batch
+from workbench.zoo.data import Mixture, sample_batch
 from workbench.zoo.tokenizer import byte_tokenizer
 
 
@@ -65,10 +65,10 @@ def _needles(model, n: int, length: int, gen: torch.Generator) -> dict:
                 generated.append(int(nxt))
                 cur = torch.cat([cur, nxt.view(1, 1)], 1)
         correct += int(torch.equal(torch.tensor(generated), answer))
+        full = cur[0].cpu()
         for step in range(4):
             for layer in range(model.cfg.n_layers):
                 key = rec.calls[layer][step].argmax[0, :, -1].cpu()  # [head]: most-attended key of the last row
-                full = cur[0].cpu()
                 for h in range(model.cfg.n_heads):
                     k = int(key[h])
                     hits[layer, h] += float(k in needle_span and int(full[k]) == generated[step])
