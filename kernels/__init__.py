@@ -5,6 +5,7 @@ Pure tensor operations; knows nothing of models. See :func:`attention`.
 
 from kernels.dispatch import BACKENDS, attention
 from kernels.errors import AttentionInputError, KernelFallbackWarning
+from kernels.reference import pattern_stats
 from kernels.spec import AttentionStats, StatsSpec
 
 __all__ = [
@@ -14,4 +15,5 @@ __all__ = [
     "KernelFallbackWarning",
     "StatsSpec",
     "attention",
+    "pattern_stats",
 ]

@@ -67,7 +67,6 @@ def reference_attention(
     want = stats is not None
     rows: dict[str, list[torch.Tensor]] = {}
     key_mass = torch.zeros(b, hkv, g, nk, device=dev, dtype=cd) if want and stats.key_mass else None
-    offsets = torch.tensor(stats.offsets if want else (), device=dev, dtype=torch.long)
 
     for c0 in range(0, nq, chunk_size):
         c1 = min(nq, c0 + chunk_size)
@@ -94,30 +93,9 @@ def reference_attention(
         out[:, :, :, c0:c1] = (prob @ v_c).to(q.dtype)
         if not want:
             continue
-        zero = torch.zeros((), device=dev, dtype=cd)
-
-        def add(name: str, value: torch.Tensor) -> None:
+        add = {"lse": torch.where(row_ok, m + torch.log(l_safe), 0), **row_statistics(prob, qpos, kpos, stats, row_ok, s)}
+        for name, value in add.items():
             rows.setdefault(name, []).append(value)
-
-        add("lse", torch.where(row_ok, m + torch.log(l_safe), zero))
-        if stats.entropy:
-            add("entropy", (-torch.special.xlogy(prob, prob).sum(-1)).clamp_min(0))
-        if stats.max_prob:
-            add("max_prob", prob.amax(-1))
-        if stats.argmax:
-            add("argmax", torch.where(row_ok, s.argmax(-1), -1))
-        if stats.sink_tokens:
-            add("sink_mass", prob[..., : stats.sink_tokens].sum(-1).clamp(0, 1))
-        if stats.window:
-            rel = qpos - kpos.view(1, 1, 1, 1, -1)
-            add("local_mass", (prob * ((rel >= 0) & (rel < stats.window))).sum(-1).clamp(0, 1))
-        if stats.distance:
-            add("distance", (prob * (qpos - kpos.view(1, 1, 1, 1, -1)).to(cd)).sum(-1))
-        if stats.offsets:
-            target = qpos - offsets.view(1, 1, 1, 1, -1)  # [1,1,1,C,n_off]
-            inside = (target >= 0) & (target < nk)
-            picked = prob.gather(-1, target.clamp(0, nk - 1).expand(b, hkv, g, -1, -1))
-            add("offset_mass", torch.where(inside, picked, zero))
         if key_mass is not None:
             key_mass += prob.sum(-2)
 
@@ -131,3 +109,54 @@ def reference_attention(
     if key_mass is not None:
         shaped["key_mass"] = key_mass.view(b, p.q_heads, nk)
     return out, AttentionStats(**shaped)
+
+
+def row_statistics(
+    prob: torch.Tensor,
+    qpos: torch.Tensor,
+    kpos: torch.Tensor,
+    stats: StatsSpec,
+    row_ok: torch.Tensor,
+    scores: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Row statistics (all but ``lse``) of explicit attention probabilities ``prob [..., Nq, Nk]``:
+    query positions ``qpos`` broadcast to ``[..., Nq, 1]``, key positions ``kpos [Nk]``,
+    ``row_ok [..., Nq]`` False for rows with no valid key. ``argmax`` is taken on the scores when
+    given (so ties resolve as in the kernels), else on ``prob``."""
+    zero = torch.zeros((), device=prob.device, dtype=prob.dtype)
+    nk = prob.shape[-1]
+    out: dict[str, torch.Tensor] = {}
+    if stats.entropy:
+        out["entropy"] = (-torch.special.xlogy(prob, prob).sum(-1)).clamp_min(0)
+    if stats.max_prob:
+        out["max_prob"] = prob.amax(-1)
+    if stats.argmax:
+        out["argmax"] = torch.where(row_ok, (scores if scores is not None else prob).argmax(-1), -1)
+    if stats.sink_tokens:
+        out["sink_mass"] = prob[..., : stats.sink_tokens].sum(-1).clamp(0, 1)
+    rel = qpos - kpos
+    if stats.window:
+        out["local_mass"] = (prob * ((rel >= 0) & (rel < stats.window))).sum(-1).clamp(0, 1)
+    if stats.distance:
+        out["distance"] = (prob * rel.to(prob.dtype)).sum(-1)
+    if stats.offsets:
+        offsets = torch.tensor(stats.offsets, device=prob.device, dtype=torch.long)
+        target = qpos - offsets  # [..., Nq, n_offsets]
+        inside = (target >= 0) & (target < nk)
+        picked = prob.gather(-1, target.clamp(0, nk - 1).expand(*prob.shape[:-1], -1))
+        out["offset_mass"] = torch.where(inside, picked, zero)
+    return out
+
+
+def pattern_stats(pattern: torch.Tensor, stats: StatsSpec) -> AttentionStats:
+    """The row statistics (and ``key_mass``) of an explicit attention pattern ``[B, H, Nq, Nk]``
+    (rows summing to 1, causal bottom-right aligned), as :func:`kernels.attention` returns them;
+    ``lse`` is 0 (a pattern has no scores). For baselines that materialise attention, and tests."""
+    nq, nk = pattern.shape[-2:]
+    qpos = (torch.arange(nq, device=pattern.device) + nk - nq).view(-1, 1)
+    kpos = torch.arange(nk, device=pattern.device)
+    row_ok = pattern.sum(-1) > 0
+    rows = {"lse": torch.zeros_like(pattern[..., 0]), **row_statistics(pattern, qpos, kpos, stats, row_ok)}
+    if stats.key_mass:
+        rows["key_mass"] = pattern.sum(-2)
+    return AttentionStats(**rows)

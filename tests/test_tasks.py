@@ -23,7 +23,7 @@ def test_needle_samples_know_their_needle_and_answer(tokenizer):
     samples = needle_samples(tokenizer, lengths=[300, 700], depths=depths, per_cell=2, seed=SEED)
     assert len(samples) == 2 * len(depths) * 2
     for i, s in enumerate(samples):  # ordered by length, then depth
-        assert len(s.ids) == (300 if i < len(samples) // 2 else 700) and s.ids.dtype == torch.long
+        assert len(s.ids) + len(s.answer) == (300 if i < len(samples) // 2 else 700) and s.ids.dtype == torch.long
         needle = s.ids[s.needle.start:s.needle.stop]
         text = tokenizer.decode(needle).lower()
         assert "secret code of" in text and tokenizer.decode(s.answer).strip() in text
@@ -31,7 +31,7 @@ def test_needle_samples_know_their_needle_and_answer(tokenizer):
         q = len(s.ids) - (len(needle) - len(s.answer) - 1)
         assert torch.equal(s.ids[q:], needle[: len(s.ids) - q])
         assert torch.equal(needle[len(s.ids) - q: len(s.ids) - q + len(s.answer)], s.answer)
-    starts = [[s.needle.start for s in samples if s.depth == d and len(s.ids) == 700] for d in depths]
+    starts = [[s.needle.start for s in samples if s.depth == d and len(s.ids) + len(s.answer) == 700] for d in depths]
     assert all(max(a) < min(b) for a, b in zip(starts, starts[1:]))  # deeper needles sit later
 
 

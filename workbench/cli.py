@@ -107,52 +107,152 @@ def bench(ctx: typer.Context) -> None:
     sys.exit(bench_main(ctx.args))
 
 
-@zoo_app.command("measure")
-def zoo_measure(
-    name: str = typer.Argument(None, help="Zoo model (default: the default zoo model)."),
-    length: int = typer.Option(1024, "--length", "-n", min=64, help="Tokens per text and needle sample."),
-    samples: int = typer.Option(16, "--samples", "-s", min=1, help="Samples per measurement."),
-    periods: str = typer.Option("37,300", help="Comma-separated repeat periods for the induction test."),
-) -> None:
-    """What every head of a zoo model does: sinks, previous-token, induction and needle copying."""
-    from workbench.errors import WorkbenchError
-    from workbench.zoo import DEFAULT_MODEL, load
-    from workbench.zoo.measure import measure
+def _fail(exc: Exception) -> None:
+    console.print(f"[red]error:[/red] {exc}")
+    raise typer.Exit(2)
 
-    name = name or DEFAULT_MODEL
-    _require_zoo_name(name)
+
+def _int_list(text: str, what: str) -> tuple[int, ...]:
+    """``"512,1k,16k"`` -> ``(512, 1024, 16384)`` (k = 1024)."""
     try:
-        model = load(name)
-    except WorkbenchError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
-    context = model.cfg.n_ctx
-    try:
-        period_list = tuple(int(p) for p in periods.split(","))
+        return tuple(int(float(t[:-1]) * 1024) if t.lower().endswith("k") else int(t)
+                     for t in (x.strip() for x in text.split(",")) if t)
     except ValueError:
-        period_list = ()
-    if not period_list or any(not 2 <= p <= (context - 1) // 2 for p in period_list) or length > context:
-        console.print(f"[red]error:[/red] {name} has a context of {context} tokens: --length must be at most "
-                      f"{context} and --periods integers from 2 to {(context - 1) // 2} (got {periods!r})")
-        raise typer.Exit(2)
-    with console.status(f"measuring {name} on {samples} samples of {length} tokens..."):
-        result = measure(model, n_samples=samples, length=length, periods=period_list)
-    columns = {"sink_mass": "sink", "previous_token_mass": "prev"}
-    for p in period_list:
-        columns[f"induction_mass_period_{p}"] = f"ind@{p}"
-        columns[f"sink_mass_first_copy_period_{p}"] = f"idle sink@{p}"
-    columns["copy_rate"] = "copy"
-    table = Table(title=f"{name}: attention mass per head (layer.head)")
-    table.add_column("head")
-    for title in columns.values():
-        table.add_column(title, justify="right")
-    for head in result["sink_mass"]:
-        values = [result[key][head] for key in columns]
-        table.add_row(head, *(f"[bold]{v:.2f}[/bold]" if v >= 0.5 else f"{v:.2f}" for v in values))
+        _fail(ValueError(f"{what} must be comma-separated integers (k = 1024), got {text!r}"))
+
+
+def _name_list(text: str | None) -> tuple[str, ...]:
+    return tuple(t.strip() for t in (text or "").split(",") if t.strip())
+
+
+@app.command()
+def score(
+    model: str = typer.Option(None, "--model", "-m", help="Model name (workbench zoo list, minilm, random:..., "
+                              "tl:..., hf:...); default: the default zoo model."),
+    task: str = typer.Option("niah,repeats,text", "--task", "-t", help="Comma-separated tasks: niah, repeats, text."),
+    scores: str = typer.Option(None, "--scores", help="Comma-separated scores (default: all the tasks define)."),
+    lengths: str = typer.Option("512,1k,2k", "--lengths", "-n", help="Tokens per sample, comma-separated (k = 1024)."),
+    samples: int = typer.Option(4, "--samples", "-s", help="Samples per length (niah: per length and depth)."),
+    depths: str = typer.Option("0.1,0.3,0.5,0.7,0.9", help="Needle depths, fractions of the haystack."),
+    repeats: int = typer.Option(2, help="Copies of the random sequence in a repeats sample."),
+    text: Path = typer.Option(None, help="Text file or folder for the text task and the needle haystack "
+                              "(default: built-in docstrings)."),
+    sink_tokens: int = typer.Option(1, help="Keys that count as the attention sink."),
+    window: int = typer.Option(64, help="Recent-key window of the streaming score."),
+    seed: int = typer.Option(0, help="Seed of the samples (and of random models' weights)."),
+    device: str = typer.Option(None, help="cpu, cuda, cuda:1, ... (default: CUDA when available)."),
+    dtype: str = typer.Option(None, help="float32, float16 or bfloat16 (default: the model's own)."),
+    backend: str = typer.Option("auto", help="Kernel backend: auto, triton or reference."),
+    out: Path = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<model>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out with its own settings."),
+    force: bool = typer.Option(False, "--force", help="Replace the run in --out."),
+    top: int = typer.Option(3, help="Heads shown per score."),
+) -> None:
+    """Score every attention head: sinks, entropy, streaming, retrieval, induction and more.
+
+    Writes a run folder (manifest.json, head_scores.parquet, profiles.parquet, retrieval.parquet,
+    figures/) and prints the top heads per score. Rerunning the same command resumes an
+    interrupted run."""
+    from workbench.errors import WorkbenchError
+    from workbench.models import load_model
+    from workbench.scoring import ScoreRunSettings, score_model
+    from workbench.zoo import DEFAULT_MODEL
+
+    model = model or DEFAULT_MODEL
+    try:
+        depth_list = tuple(float(d) for d in depths.split(","))
+    except ValueError:
+        _fail(ValueError(f"--depths must be comma-separated fractions, got {depths!r}"))
+    try:
+        settings = ScoreRunSettings(
+            model=model, tasks=_name_list(task), scores=_name_list(scores), lengths=_int_list(lengths, "--lengths"),
+            samples=samples, depths=depth_list, repeats=repeats, text=str(text) if text else None,
+            sink_tokens=sink_tokens, window=window, seed=seed, dtype=dtype, backend=backend)
+        out = out or Path("runs") / model.replace("/", "_").replace(":", "_")
+        with console.status(f"loading {model}..."):
+            loaded = load_model(model, device=device, dtype=_torch_dtype(dtype), seed=seed)
+        run = score_model(loaded, settings, out, resume=resume, force=force)
+    except WorkbenchError as exc:
+        _fail(exc)
+    print_run(run, top)
+
+
+def _torch_dtype(name: str | None):
+    import torch
+
+    return getattr(torch, name) if name else None
+
+
+def print_run(run, top: int = 3) -> None:
+    """The top heads per score and the model-level summary of a run."""
+    import math
+
+    from rich.markup import escape
+
+    m = run.manifest
+    s = m["settings"]
+    hs = run.table("head_scores")
+    table = Table(title=f"{s['model']}: top heads per score (layer.head value), {run.path}")
+    for col in ("score", "task", "top heads", "samples"):
+        table.add_column(col, justify="right" if col == "samples" else "left")
+    for (score_name, task), group in hs.groupby(["score", "task"], sort=False):
+        best = group.dropna(subset=["value"]).nlargest(top, "value")
+        heads = "  ".join(f"{r.layer}.{r.head} [bold]{r.value:.2f}[/bold]" for r in best.itertuples()) or "no samples"
+        table.add_row(score_name, task, heads, str(int(group["samples"].max())))
     console.print(table)
-    console.print("sink, prev: mass on the first / previous token over text. ind@T: mass on the token after "
-                  "the earlier occurrence, in the second copy of a random sequence of period T. idle sink@T: "
-                  "mass on the first token in the first copy (nothing to copy yet). copy: share of needle-answer "
-                  "steps whose most-attended key is inside the needle and holds the generated token.")
-    console.print(f"needle accuracy (greedy, 4 digits): {result['needle_accuracy']:.2f} "
-                  f"on {result['needle_samples']} samples of {length} tokens")
+    summary = m.get("summary", {})
+    if summary:
+        console.print("  ".join(f"{escape(k)} [bold]{'nan' if isinstance(v, float) and math.isnan(v) else f'{v:.2f}'}[/bold]"
+                                for k, v in summary.items()))
+    timings = m.get("timings", {})
+    console.print(f"{m.get('status')}; {timings.get('sample_seconds', 0):.1f} s of model time on {m.get('device')}; "
+                  f"tables and figures in {run.path}")
+    for warning in m.get("figure_warnings", []):
+        console.print(f"[yellow]{warning}[/yellow]")
+
+
+runs_app = typer.Typer(help="Run folders written by `workbench score`.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+
+
+@runs_app.command("list")
+def runs_list(root: Path = typer.Argument(Path("runs"), help="Folder holding run folders.")) -> None:
+    """Runs under a folder: model, tasks, lengths, status, date."""
+    from workbench.errors import WorkbenchError
+    from workbench.runs import list_runs
+
+    try:
+        runs, broken = list_runs(root)
+    except WorkbenchError as exc:
+        _fail(exc)
+    table = Table(title=f"Runs in {root}")
+    for col in ("run", "model", "tasks", "lengths", "samples", "status", "created"):
+        table.add_column(col)
+    for run in runs:
+        s = run.manifest["settings"]
+        table.add_row(str(run.path), str(s.get("model")), ",".join(s.get("tasks", [])),
+                      ",".join(str(n) for n in s.get("lengths", [])), str(s.get("samples")),
+                      run.manifest["status"], str(run.manifest.get("created", "")))
+    console.print(table)
+    for folder, reason in broken:
+        console.print(f"[yellow]skipped {folder}:[/yellow] {reason}")
+    if not runs and not broken:
+        console.print(f"no runs in {root}: create one with `workbench score`")
+
+
+@runs_app.command("show")
+def runs_show(
+    run: Path = typer.Argument(..., help="Run folder."),
+    top: int = typer.Option(3, help="Heads shown per score."),
+) -> None:
+    """A run's settings, top heads per score and summary."""
+    from workbench.errors import WorkbenchError
+    from workbench.runs import Run
+
+    try:
+        opened = Run.open(run)
+        settings = opened.manifest["settings"]
+        console.print(" ".join(f"{k}={v}" for k, v in settings.items()))
+        print_run(opened, top)
+    except WorkbenchError as exc:
+        _fail(exc)

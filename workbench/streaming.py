@@ -20,12 +20,14 @@ class StreamingSummary:
     float64 sums and counts: ``[head, bucket]`` per statistic and layer. Position ``p`` falls in
     bucket ``p // bucket_size``; ``key_mass`` is bucketed by key position. Rows (and, in a
     prefill, keys) outside the mask set with :meth:`set_row_mask` (padding) are left out.
+    ``statistics``, when given, names the only statistics kept.
     """
 
     spec: StatsSpec
     n_layers: int
     bucket_size: int = 64
     model_name: str = ""
+    statistics: tuple[str, ...] | None = None
     sums: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     counts: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     rows_seen: int = 0
@@ -48,6 +50,8 @@ class StreamingSummary:
         if layer == 0:
             self.rows_seen += int(mask.sum())
         for name, t in stats.items():
+            if self.statistics is not None and name not in self.statistics:
+                continue
             if name == "key_mass":  # keys are the query positions in a prefill; else all count
                 keys = mask if t.shape[-1] == n else torch.ones(b, t.shape[-1], dtype=torch.bool, device=t.device)
                 self._accumulate(layer, name, t, keys)

@@ -77,9 +77,10 @@ def _bos(tokenizer) -> list[int]:
 
 def needle_samples(tokenizer, lengths: list[int], depths: list[float], per_cell: int = 1,
                    haystack: str | None = None, seed: int = 0) -> list[TaskSample]:
-    """For every length x depth, ``per_cell`` samples of exactly ``length`` tokens: haystack text
-    with "The secret code of NAME is DIGITS." at ``depth`` and the question "The secret code
-    of NAME is" at the end; ``answer`` holds the tokens of " DIGITS" exactly as in the needle."""
+    """For every length x depth, ``per_cell`` samples: haystack text with "The secret code of NAME
+    is DIGITS." at ``depth`` and the question "The secret code of NAME is" at the end;
+    ``answer`` holds the tokens of " DIGITS" exactly as in the needle. ``ids`` plus ``answer``
+    make exactly ``length`` tokens, so answering fits in a context of ``length``."""
     if not lengths or not depths or per_cell < 1:
         raise WorkbenchError("needle_samples needs at least one length, one depth and per_cell >= 1")
     bad = [d for d in depths if not 0.0 <= d <= 1.0]
@@ -97,10 +98,10 @@ def needle_samples(tokenizer, lengths: list[int], depths: list[float], per_cell:
                 answer = _encode(tokenizer, f" {code}")
                 needle = question + answer + _encode(tokenizer, ".")
                 head = _bos(tokenizer)
-                room = length - len(head) - len(needle) - len(question)
+                room = length - len(head) - len(needle) - len(question) - len(answer)
                 if room < 1:
                     raise WorkbenchError(f"a needle sample of {length} tokens does not fit: needle and question "
-                                         f"alone take {length - room} tokens")
+                                         f"and answer alone take {length - room} tokens")
                 if room > len(hay):
                     raise WorkbenchError(f"the haystack has {len(hay)} tokens, too few for {length}-token samples")
                 start = int(torch.randint(0, len(hay) - room + 1, (), generator=gen))
@@ -115,7 +116,8 @@ def needle_samples(tokenizer, lengths: list[int], depths: list[float], per_cell:
 
 def repeat_samples(tokenizer, period: int, repeats: int = 2, n: int = 8, seed: int = 0) -> list[TaskSample]:
     """``n`` samples of ``repeats`` copies of a random sequence of ``period`` tokens (after BOS),
-    drawn from the tokenizer's ordinary (non-special) tokens."""
+    drawn from the tokenizer's ordinary (non-special) tokens, all different within a period
+    when the vocabulary allows (so every earlier occurrence of a token is one period back)."""
     if period < 2 or repeats < 2 or n < 1:
         raise WorkbenchError(f"repeat_samples needs period >= 2, repeats >= 2, n >= 1 (got {period}, {repeats}, {n})")
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
@@ -124,28 +126,35 @@ def repeat_samples(tokenizer, period: int, repeats: int = 2, n: int = 8, seed: i
     head = torch.tensor(_bos(tokenizer), dtype=torch.long)
     samples = []
     for _ in range(n):
-        seq = vocab[torch.randint(0, len(vocab), (period,), generator=gen)]
+        if period <= len(vocab):
+            seq = vocab[torch.randperm(len(vocab), generator=gen)[:period]]
+        else:
+            seq = vocab[torch.randint(0, len(vocab), (period,), generator=gen)]
         samples.append(TaskSample("repeats", torch.cat([head, seq.repeat(repeats)]), period=period))
     return samples
+
+
+def read_text(source: str | Path | None) -> str:
+    """The text of a file, of every ``.txt``/``.md`` file under a directory (sorted, joined), or
+    the built-in docstrings when ``source`` is None."""
+    if source is None:
+        return docstring_text()
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md") and p.is_file())
+        if not files:
+            raise WorkbenchError(f"no .txt or .md files under {path}")
+        return "\n\n".join(p.read_text(errors="replace") for p in files)
+    if path.is_file():
+        return path.read_text(errors="replace")
+    raise WorkbenchError(f"text source {path} is neither a file nor a directory")
 
 
 def text_samples(tokenizer, source: str | Path | None = None, length: int = 1024, n: int | None = None) -> list[TaskSample]:
     """Consecutive ``length``-token windows (BOS included) of the text in a file, of every
     ``.txt``/``.md`` file under a directory, or of the built-in docstrings (``source=None``);
     at most ``n`` windows."""
-    if source is None:
-        text = docstring_text()
-    else:
-        path = Path(source).expanduser()
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md") and p.is_file())
-            if not files:
-                raise WorkbenchError(f"no .txt or .md files under {path}")
-            text = "\n\n".join(p.read_text(errors="replace") for p in files)
-        elif path.is_file():
-            text = path.read_text(errors="replace")
-        else:
-            raise WorkbenchError(f"text source {path} is neither a file nor a directory")
+    text = read_text(source)
     head = _bos(tokenizer)
     body = length - len(head)
     if body < 1:

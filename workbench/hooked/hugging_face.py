@@ -115,3 +115,24 @@ def context(model) -> int | None:
 def run(model, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
     """One forward pass on token ids ``[batch, tokens]`` with an optional padding mask."""
     model(input_ids=ids, attention_mask=mask)
+
+
+def is_causal(model) -> bool:
+    return any(getattr(m, "is_causal", False) for _, m in attention_modules(model))
+
+
+def can_generate(model) -> bool:
+    return bool(getattr(model, "can_generate", lambda: False)())
+
+
+def prefill(model, ids: torch.Tensor):
+    """Forward on ``ids [batch, tokens]`` that keeps a KV cache (logits of the last position
+    only); returns ``(next-token logits [batch, vocab], cache)`` for :func:`decode`."""
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1], out.past_key_values
+
+
+def decode(model, token: torch.Tensor, cache):
+    """One decoding step on ``token [batch, 1]``; returns ``(next-token logits, cache)``."""
+    out = model(input_ids=token, past_key_values=cache, use_cache=True)
+    return out.logits[:, -1], out.past_key_values

@@ -135,3 +135,28 @@ def _project(attn, z: torch.Tensor) -> torch.Tensor:
         return result.sum(dim=2) + b_o
     w = einops.rearrange(w_o, "h d m -> m (h d)")
     return F.linear(z.reshape(z.shape[0], z.shape[1], -1), w, b_o)
+
+
+def is_causal(model) -> bool:
+    return model.cfg.attention_dir == "causal"
+
+
+def can_generate(model) -> bool:
+    return is_causal(model)
+
+
+def prefill(model, ids: torch.Tensor):
+    """Forward on ``ids [batch, tokens]`` that keeps a KV cache; returns ``(next-token logits
+    [batch, vocab], cache)`` for :func:`decode`."""
+    try:  # TransformerLens 3
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache as KeyValueCache
+    except ImportError:  # TransformerLens 2
+        from transformer_lens.past_key_value_caching import HookedTransformerKeyValueCache as KeyValueCache
+
+    cache = KeyValueCache.init_cache(model.cfg, ids.device, ids.shape[0])
+    return model(ids, past_kv_cache=cache)[:, -1], cache
+
+
+def decode(model, token: torch.Tensor, cache):
+    """One decoding step on ``token [batch, 1]``; returns ``(next-token logits, cache)``."""
+    return model(token, past_kv_cache=cache)[:, -1], cache

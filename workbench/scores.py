@@ -1,0 +1,185 @@
+"""Head scores: one number per attention head for each role a head can play, computed from the
+O(N) statistics of :func:`kernels.attention` (never from the attention matrix).
+
+Every score is a ratio ``sum(total) / sum(count)`` of per-sample tallies, so samples of any
+length combine, and an interrupted run resumes by adding the samples it had not done.
+:data:`SCORES` holds each score's formula and the paper or tool it follows; ``docs/scores.md``
+explains them at length.
+
+Example:
+    >>> spec = stats_spec(["sink", "induction"], ScoreSettings(), period=50, repeats=2)
+    >>> with instrument(model, spec) as rec:
+    ...     model(ids)
+    >>> prefill_tallies(rec.layer(0), ["sink", "induction"], ScoreSettings(), spec, causal=True,
+    ...                 period=50, repeats=2)["induction"]  # (total [head], count)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kernels import AttentionStats, StatsSpec
+from workbench.errors import WorkbenchError
+
+#: The tasks of :mod:`workbench.tasks` that scores run on.
+TASKS = ("niah", "repeats", "text")
+
+
+@dataclass(frozen=True)
+class Score:
+    """A head score: ``name``, the ``tasks`` it is defined on, its ``formula`` and ``source``."""
+
+    name: str
+    tasks: tuple[str, ...]
+    formula: str
+    source: str
+
+
+SCORES: dict[str, Score] = {s.name: s for s in (
+    Score("sink", TASKS, "mean over query rows of the attention mass on the first `sink_tokens` keys",
+          "Gu et al. 2025, When Attention Sink Emerges in Language Models (a sink head exceeds 0.3)"),
+    Score("entropy", TASKS, "mean over query rows of the row's entropy, in nats", "attention entropy"),
+    Score("entropy_norm", TASKS, "mean over rows that see at least 2 keys of entropy / log(keys seen): "
+          "1 = uniform over the keys, 0 = all mass on one key", "attention entropy, length-normalised"),
+    Score("streaming", TASKS, "mean over rows at positions >= sink_tokens + window - 1 of the mass on the first "
+          "`sink_tokens` keys plus the last `window` keys (up to and including the query)",
+          "Xiao et al. 2024 StreamingLLM; Xiao et al. 2025 DuoAttention (streaming vs retrieval heads)"),
+    Score("distance", TASKS, "mean over query rows of the expected query - key distance, in tokens",
+          "mean attention distance"),
+    Score("previous_token", TASKS, "sum over query rows of the mass on the previous token / number of rows",
+          "TransformerLens head_detector, previous_token_head, error_measure='mul'"),
+    Score("duplicate_token", ("repeats",), "sum over query rows of the mass on earlier occurrences of the "
+          "row's own token / number of rows (BOS row included)",
+          "TransformerLens head_detector, duplicate_token_head, error_measure='mul'"),
+    Score("induction", ("repeats",), "sum over query rows of the mass on the tokens that followed earlier "
+          "occurrences of the row's token / number of rows (BOS row included; with R copies a perfect "
+          "induction head scores about (R-1)/R)",
+          "Olsson et al. 2022; TransformerLens head_detector, induction_head, error_measure='mul'"),
+    Score("retrieval", ("niah",), "while greedily decoding the needle's answer: hits / answer tokens, where a "
+          "step is a hit when the head's most-attended key is inside the needle and holds the token being "
+          "generated; averaged over the samples answered exactly",
+          "Wu et al. 2025, Retrieval Head Mechanistically Explains Long-Context Factuality (heads > 0.1)"),
+)}
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """``sink_tokens``: keys that count as the sink; ``window``: the recent-key window of the
+    streaming score; ``sink_threshold``: sink score above which a head is a sink head (the
+    model's sink rate is the share of such heads; Gu et al. use 0.3)."""
+
+    sink_tokens: int = 1
+    window: int = 64
+    sink_threshold: float = 0.3
+
+    def __post_init__(self) -> None:
+        if self.sink_tokens < 1 or self.window < 1:
+            raise WorkbenchError(f"sink_tokens and window must be >= 1, got {self.sink_tokens} and {self.window}")
+        if not 0.0 < self.sink_threshold < 1.0:
+            raise WorkbenchError(f"sink_threshold must lie in (0, 1), got {self.sink_threshold}")
+
+
+def scores_for(tasks: Sequence[str]) -> list[str]:
+    """Every score defined on at least one of ``tasks``, in :data:`SCORES` order."""
+    return [name for name, s in SCORES.items() if set(s.tasks) & set(tasks)]
+
+
+def check_request(tasks: Sequence[str], scores: Sequence[str]) -> None:
+    """Raise :class:`WorkbenchError` naming the valid choices for unknown or unusable names."""
+    bad_tasks = [t for t in tasks if t not in TASKS]
+    if bad_tasks or not tasks:
+        raise WorkbenchError(f"unknown task(s) {bad_tasks or '(none)'}; choose from: {', '.join(TASKS)}")
+    unknown = [s for s in scores if s not in SCORES]
+    if unknown or not scores:
+        raise WorkbenchError(f"unknown score(s) {unknown or '(none)'}; choose from: {', '.join(SCORES)}")
+    orphans = [s for s in scores if not set(SCORES[s].tasks) & set(tasks)]
+    if orphans:
+        need = "; ".join(f"{s} needs --task {'|'.join(SCORES[s].tasks)}" for s in orphans)
+        raise WorkbenchError(f"no chosen task defines {', '.join(orphans)} ({need})")
+
+
+def stats_spec(scores: Sequence[str], settings: ScoreSettings, period: int | None = None,
+               repeats: int = 2) -> StatsSpec:
+    """The kernel statistics that ``scores`` need (plus entropy, sink and local mass, which the
+    position profiles always use). ``period`` and ``repeats`` describe a repeats sample."""
+    offsets = _offsets(scores, period, repeats)
+    return StatsSpec(entropy=True, argmax="retrieval" in scores, sink_tokens=settings.sink_tokens,
+                     window=settings.window, distance="distance" in scores, offsets=tuple(offsets))
+
+
+def _offsets(scores: Sequence[str], period: int | None, repeats: int) -> list[int]:
+    wanted = [1] if "previous_token" in scores else []
+    if period is not None:
+        for k in range(1, repeats):
+            wanted += ([k * period - 1] if "induction" in scores else []) + ([k * period] if "duplicate_token" in scores else [])
+    return list(dict.fromkeys(wanted))
+
+
+Tally = tuple[torch.Tensor, float]  # (total [head] float64, count)
+
+
+def prefill_tallies(st: AttentionStats, scores: Sequence[str], settings: ScoreSettings, spec: StatsSpec,
+                    causal: bool, period: int | None = None, repeats: int = 2) -> dict[str, Tally]:
+    """Per-head ``(total, count)`` of every row score in ``scores`` (all but retrieval) from one
+    prefill's statistics ``[batch, head, position]`` of one layer, every position a real token.
+
+    For repeats samples the last ``repeats * period`` tokens are the copies (anything before,
+    such as BOS, is a prefix); rows of copy ``r`` look for targets in copies ``0 .. r-1``.
+    """
+    b, _, n = st.entropy.shape
+    pos = torch.arange(n, device=st.entropy.device)
+    rows = float(b * n)
+    out: dict[str, Tally] = {}
+
+    def over(values: torch.Tensor, keep: torch.Tensor | None = None) -> Tally:  # values [B, H, N]
+        if keep is not None:
+            values = values[..., keep]
+        return values.double().sum((0, 2)), float(b * values.shape[-1])
+
+    if "sink" in scores:
+        out["sink"] = over(st.sink_mass)
+    if "entropy" in scores:
+        out["entropy"] = over(st.entropy)
+    if "entropy_norm" in scores:
+        keys = (pos + 1) if causal else torch.full_like(pos, n)
+        two = keys >= 2
+        out["entropy_norm"] = over(st.entropy[..., two] / torch.log(keys[two].double()))
+    if "streaming" in scores:  # rows where the sink and the window do not overlap
+        out["streaming"] = over(st.sink_mass + st.local_mass, pos >= settings.sink_tokens + settings.window - 1)
+    if "distance" in scores:
+        out["distance"] = over(st.distance)
+    if "previous_token" in scores:
+        out["previous_token"] = (st.offset_mass[..., spec.offsets.index(1)].double().sum((0, 2)), rows)
+    for name, shift in (("induction", -1), ("duplicate_token", 0)):
+        if name not in scores or period is None:
+            continue
+        copy = (pos - (n - repeats * period)).div(period, rounding_mode="floor")  # -1 for the prefix
+        total = torch.zeros(st.entropy.shape[1], dtype=torch.float64, device=pos.device)
+        for k in range(1, repeats):
+            mass = st.offset_mass[..., spec.offsets.index(k * period + shift)]
+            total += mass[..., copy >= k].double().sum((0, 2))
+        out[name] = (total, rows)
+    return out
+
+
+def retrieval_hits(keys: torch.Tensor, ids: torch.Tensor, needle: range, generated: Sequence[int]) -> torch.Tensor:
+    """Per head ``[layer, head]``: the decoding steps whose most-attended key lies inside
+    ``needle`` and holds the token generated at that step.
+
+    ``keys [step, layer, head]``: argmax key of the row that predicted each generated token;
+    ``ids [tokens]``: the prompt followed by the generated tokens (keys index into it).
+    """
+    inside = (keys >= needle.start) & (keys < needle.stop)
+    held = ids.to(keys.device)[keys.clamp(0, len(ids) - 1)]
+    target = torch.as_tensor(list(generated), device=keys.device).view(-1, 1, 1)
+    return (inside & (held == target)).sum(0).double()
+
+
+def sink_rate(sink: torch.Tensor, threshold: float) -> float:
+    """Share of heads whose sink score exceeds ``threshold`` (Gu et al.'s sink rate)."""
+    finite = sink[~torch.isnan(sink)]
+    return float((finite > threshold).double().mean()) if finite.numel() else math.nan
