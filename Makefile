@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # (installed in the venv beforehand, or TORCH_SPEC=... for another build).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup browser demo test bench clean
 
 setup: $(VENV)/.installed
 
@@ -19,10 +19,18 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
 
-demo: setup
-	$(BIN)/workbench zoo measure
+# Chromium lets Kaleido write PNG figures (HTML figures need nothing); Debian's package when
+# this machine can install it, else PNGs are skipped with a notice.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v google-chrome >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1; } || \
+	  echo "no Chromium here: figures are written as HTML only"
 
-test: setup
+demo: setup browser
+	$(BIN)/workbench score
+
+test: setup browser
 	$(BIN)/python -m pytest -n auto -q
 
 bench: setup

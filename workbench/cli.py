@@ -159,6 +159,15 @@ def score(
     from workbench.zoo import DEFAULT_MODEL
 
     model = model or DEFAULT_MODEL
+    out = out or Path("runs") / model.replace("/", "_").replace(":", "_")
+    if resume:  # continue with the stored run's own model and settings
+        from workbench.runs import Run
+
+        try:
+            stored = Run.open(out).manifest["settings"]
+        except WorkbenchError as exc:
+            _fail(exc)
+        model, dtype, seed = stored.get("model", model), stored.get("dtype"), stored.get("seed", seed)
     try:
         depth_list = tuple(float(d) for d in depths.split(","))
     except ValueError:
@@ -168,7 +177,6 @@ def score(
             model=model, tasks=_name_list(task), scores=_name_list(scores), lengths=_int_list(lengths, "--lengths"),
             samples=samples, depths=depth_list, repeats=repeats, text=str(text) if text else None,
             sink_tokens=sink_tokens, window=window, seed=seed, dtype=dtype, backend=backend)
-        out = out or Path("runs") / model.replace("/", "_").replace(":", "_")
         with console.status(f"loading {model}..."):
             loaded = load_model(model, device=device, dtype=_torch_dtype(dtype), seed=seed)
         run = score_model(loaded, settings, out, resume=resume, force=force)
@@ -227,17 +235,21 @@ def runs_list(root: Path = typer.Argument(Path("runs"), help="Folder holding run
         _fail(exc)
     table = Table(title=f"Runs in {root}")
     for col in ("run", "model", "tasks", "lengths", "samples", "status", "created"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for run in runs:
         s = run.manifest["settings"]
-        table.add_row(str(run.path), str(s.get("model")), ",".join(s.get("tasks", [])),
+        table.add_row(_relative(run.path, root), str(s.get("model")), ",".join(s.get("tasks", [])),
                       ",".join(str(n) for n in s.get("lengths", [])), str(s.get("samples")),
                       run.manifest["status"], str(run.manifest.get("created", "")))
     console.print(table)
     for folder, reason in broken:
-        console.print(f"[yellow]skipped {folder}:[/yellow] {reason}")
+        console.print(f"[yellow]skipped {_relative(folder, root)}:[/yellow] {reason}")
     if not runs and not broken:
         console.print(f"no runs in {root}: create one with `workbench score`")
+
+
+def _relative(folder: Path, root: Path) -> str:
+    return str(folder.relative_to(root)) if folder != root else "."
 
 
 @runs_app.command("show")

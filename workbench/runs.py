@@ -67,10 +67,15 @@ class Run:
             raise WorkbenchError(f"the run in {path} is corrupt: {MANIFEST} is not readable JSON ({exc}); "
                                  "delete the folder or score again with --force") from exc
         missing = [k for k in ("format", "settings", "status") if k not in manifest] if isinstance(manifest, dict) else ["all"]
+        if not missing and not isinstance(manifest["settings"], dict):
+            missing = ["settings as a mapping"]
         if missing or manifest.get("format") != FORMAT:
             raise WorkbenchError(f"the run in {path} is corrupt: {MANIFEST} is not a workbench run manifest "
                                  f"(missing {', '.join(missing) or 'format tag'}); delete the folder or use --force")
-        if manifest.get("format_version", 0) > FORMAT_VERSION:
+        version = manifest.get("format_version", 0)
+        if not isinstance(version, int):
+            raise WorkbenchError(f"the run in {path} is corrupt: format_version is {version!r}, not a number")
+        if version > FORMAT_VERSION:
             raise WorkbenchError(f"the run in {path} was written by a newer workbench (format "
                                  f"{manifest['format_version']}); upgrade attention-workbench to read it")
         return cls(path, manifest)

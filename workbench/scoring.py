@@ -30,7 +30,7 @@ from workbench.runs import Run, prepare
 from workbench.scores import (SCORES, TASKS, ScoreSettings, Tally, check_request, prefill_tallies,
                               retrieval_hits, scores_for, sink_rate, stats_spec)
 from workbench.streaming import StreamingSummary
-from workbench.tasks import TaskSample, needle_samples, read_text, repeat_samples, text_samples
+from workbench.tasks import TaskSample, needle_samples, read_text, repeat_samples, start_tokens, text_samples
 
 #: Statistics kept per position bucket (the profiles).
 PROFILE_STATISTICS = ("entropy", "sink_mass", "local_mass")
@@ -122,8 +122,8 @@ def plan(settings: ScoreRunSettings, tokenizer) -> list[Unit]:
                                          haystack=text, seed=settings.seed + length)
                 keys = [f"niah-{length}-d{s.depth:.2f}-{i % settings.samples:03d}" for i, s in enumerate(samples)]
             elif task == "repeats":
-                bos = 1 if getattr(tokenizer, "bos_token_id", None) is not None else 0
-                samples = repeat_samples(tokenizer, (length - bos) // settings.repeats, settings.repeats,
+                period = (length - len(start_tokens(tokenizer))) // settings.repeats
+                samples = repeat_samples(tokenizer, period, settings.repeats,
                                          settings.samples, seed=settings.seed + length)
                 keys = [f"repeats-{length}-{i:03d}" for i in range(len(samples))]
             else:
@@ -260,14 +260,25 @@ def score_model(model, settings: ScoreRunSettings, out: str | Path, *, resume: b
                 progress: bool = True) -> Run:
     """Score every head of ``model`` into the run folder ``out`` (see :mod:`workbench.runs`);
     resumes a run with the same settings. ``resume`` continues whatever run ``out`` holds with
-    its own settings; ``force`` replaces it."""
-    run = prepare(out, settings.to_dict(), _manifest(model), resume=resume, force=force)
+    its own settings (``model`` must be the model it was scored with); ``force`` replaces it."""
+    if not resume:  # refuse a bad request before anything is written
+        check_model(model, settings)
+        plan(settings, task_tokenizer(model))
+    about = _manifest(model)
+    run = prepare(out, settings.to_dict(), about, resume=resume, force=force)
     settings = ScoreRunSettings.from_dict(run.manifest["settings"])
+    identity = ("class", "layers", "heads", "dtype")
+    stored = {k: run.manifest.get("model_info", {}).get(k) for k in identity}
+    if stored != {k: about["model_info"][k] for k in identity}:
+        raise WorkbenchError(f"the run in {run.path} was scored with {settings.model} ({stored}); this model is "
+                             f"{about['model_info']}: load the run's own model to continue it")
     check_model(model, settings)
     units = plan(settings, task_tokenizer(model))
     done = run.parts_done()
     todo = [u for u in units if u.key not in done]
-    if todo and run.complete:
+    if not todo and run.complete:
+        return run
+    if run.complete:
         run.manifest["status"] = "running"
         run.save_manifest()
     for unit in tqdm(todo, desc="scoring", unit="sample", disable=not progress,
@@ -361,12 +372,16 @@ def _versions() -> dict:
 
 
 def _git_revision() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    """The source checkout's commit (``+dirty`` with uncommitted changes); None when installed."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    revision = git("rev-parse", "HEAD")
+    return revision and revision + ("+dirty" if git("status", "--porcelain") else "")
 
 
 def _now() -> str:

@@ -35,7 +35,7 @@ NAMES = ("Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Iv
 
 @dataclass(frozen=True)
 class TaskSample:
-    """One input: ``ids`` ``[tokens]`` (int64, starting with the tokenizer's BOS when it has one).
+    """One input: ``ids`` ``[tokens]`` (int64, starting with :func:`start_tokens`).
 
     ``needle``: token positions of the needle sentence (needle task); ``answer``: the token ids
     the model should produce right after ``ids`` (needle task); ``period``: repeat period
@@ -70,9 +70,13 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _bos(tokenizer) -> list[int]:
-    bos = getattr(tokenizer, "bos_token_id", None)
-    return [bos] if bos is not None else []
+def start_tokens(tokenizer) -> list[int]:
+    """What every sample starts with: the tokenizer's BOS, else its CLS (encoders), else nothing."""
+    for name in ("bos_token_id", "cls_token_id"):
+        token = getattr(tokenizer, name, None)
+        if token is not None:
+            return [token]
+    return []
 
 
 def needle_samples(tokenizer, lengths: list[int], depths: list[float], per_cell: int = 1,
@@ -97,7 +101,7 @@ def needle_samples(tokenizer, lengths: list[int], depths: list[float], per_cell:
                 question = _encode(tokenizer, f" The secret code of {name} is")
                 answer = _encode(tokenizer, f" {code}")
                 needle = question + answer + _encode(tokenizer, ".")
-                head = _bos(tokenizer)
+                head = start_tokens(tokenizer)
                 room = length - len(head) - len(needle) - len(question) - len(answer)
                 if room < 1:
                     raise WorkbenchError(f"a needle sample of {length} tokens does not fit: needle and question "
@@ -123,7 +127,7 @@ def repeat_samples(tokenizer, period: int, repeats: int = 2, n: int = 8, seed: i
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     vocab = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
     gen = torch.Generator().manual_seed(seed)
-    head = torch.tensor(_bos(tokenizer), dtype=torch.long)
+    head = torch.tensor(start_tokens(tokenizer), dtype=torch.long)
     samples = []
     for _ in range(n):
         if period <= len(vocab):
@@ -155,7 +159,7 @@ def text_samples(tokenizer, source: str | Path | None = None, length: int = 1024
     ``.txt``/``.md`` file under a directory, or of the built-in docstrings (``source=None``);
     at most ``n`` windows."""
     text = read_text(source)
-    head = _bos(tokenizer)
+    head = start_tokens(tokenizer)
     body = length - len(head)
     if body < 1:
         raise WorkbenchError(f"length {length} leaves no room for text")

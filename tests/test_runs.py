@@ -1,0 +1,589 @@
+"""Scoring runs and their folders: what a run writes, resuming, refusing other runs, corrupt
+runs, the ``score`` / ``runs`` commands, and the tally arithmetic of :func:`aggregate`.
+
+The committed zoo-2l model scores a 128-token sample in a fraction of a second on a CPU; what
+costs time is the PNG export (it starts a Chromium), so it runs once, in ``complete_run``, and
+every other test replaces it with a failing stub (``no_png``): the HTML figures and the
+figure warnings are still written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+import workbench.scoring as scoring
+from workbench.cli import app
+from workbench.errors import WorkbenchError
+from workbench.models import load_model
+from workbench.runs import MANIFEST, Run, atomic_write, list_runs, prepare
+from workbench.scores import SCORES, ScoreSettings, scores_for
+from workbench.scoring import ScoreRunSettings, aggregate, plan, score_model, task_tokenizer
+
+MODEL = "zoo-2l"
+CONTEXT = 2048  # zoo-2l's context
+ALL = ScoreRunSettings(model=MODEL, tasks=("niah", "repeats", "text"), lengths=(128,), samples=2, depths=(0.5,))
+REPEATS = ScoreRunSettings(model=MODEL, tasks=("repeats",), lengths=(128,), samples=2)
+HEAD_COLUMNS = ["task", "score", "layer", "head", "value", "samples"]
+PROFILE_COLUMNS = ["task", "length", "statistic", "layer", "head", "bucket_start", "value", "rows"]
+RETRIEVAL_COLUMNS = ["length", "depth", "layer", "head", "value", "answered", "samples", "accuracy"]
+TABLES = ("head_scores", "profiles", "retrieval")
+
+runner = CliRunner()
+WIDE = {"COLUMNS": "400"}  # rich wraps and truncates at 80 columns otherwise
+
+
+# ----------------------------------------------------------------------------- fixtures, helpers
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(MODEL, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def shape(model):
+    return model.cfg.n_layers, model.cfg.n_heads
+
+
+@pytest.fixture(scope="module")
+def complete_run(model, tmp_path_factory):
+    """An uninterrupted run of all three tasks, PNG export included (when a Chromium is there)."""
+    return score_model(model, ALL, tmp_path_factory.mktemp("complete") / "run", progress=False)
+
+
+_REAL_SCORE_SAMPLE = scoring.score_sample
+
+
+def count_calls(monkeypatch) -> list[str]:
+    """The unit keys :func:`score_model` computes from now on, in order (score_sample still runs)."""
+    seen: list[str] = []
+
+    def counting(model, unit, settings, **kwargs):
+        seen.append(unit.key)
+        return _REAL_SCORE_SAMPLE(model, unit, settings, **kwargs)
+
+    monkeypatch.setattr(scoring, "score_sample", counting)
+    return seen
+
+
+@pytest.fixture
+def no_png(monkeypatch):
+    """PNG export fails, as on a machine without a Chromium (the HTML figures are still written)."""
+    import plotly.io as pio
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("PNG export switched off in the tests")
+
+    monkeypatch.setattr(pio, "write_images", refuse)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    return count_calls(monkeypatch)
+
+
+def interrupt_after(monkeypatch, k: int, exc: type[BaseException]) -> list[str]:
+    """Make score_sample compute ``k`` samples, then raise ``exc`` (a killed run)."""
+    done: list[str] = []
+
+    def flaky(model, unit, settings, **kwargs):
+        if len(done) == k:
+            raise exc("interrupted by the test")
+        done.append(unit.key)
+        return _REAL_SCORE_SAMPLE(model, unit, settings, **kwargs)
+
+    monkeypatch.setattr(scoring, "score_sample", flaky)
+    return done
+
+
+def keys(model, settings: ScoreRunSettings) -> list[str]:
+    return [u.key for u in plan(settings, task_tokenizer(model))]
+
+
+def temp_files(folder: Path) -> list[Path]:
+    """Leftover temporary files (``.<name>.<random>.tmp``) in a run folder and its parts/."""
+    return [*folder.glob(".*"), *(folder / "parts").glob(".*")]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_same_table(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=0, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- 1. a complete run
+
+
+def test_complete_run_writes_manifest(complete_run, model):
+    m = Run.open(complete_run.path).manifest
+    assert m["format"] == "attention-workbench-run" and m["status"] == "complete"
+    assert m["settings"] == ALL.to_dict()
+    assert ScoreRunSettings.from_dict(m["settings"]) == ALL
+    assert m["versions"]["torch"] and m["versions"]["python"] and "transformer-lens" in m["versions"]
+    assert "git_revision" in m and (m["git_revision"] is None or isinstance(m["git_revision"], str))
+    assert m["model_info"]["layers"] == model.cfg.n_layers and m["model_info"]["heads"] == model.cfg.n_heads
+    assert m["model_info"]["context"] == CONTEXT
+    t = m["timings"]
+    assert t["sample_seconds"] > 0
+    assert {f"{task}_seconds" for task in ALL.tasks} <= set(t)
+    assert math.isclose(sum(t[f"{task}_seconds"] for task in ALL.tasks), t["sample_seconds"], rel_tol=1e-9)
+    # needle accuracy: the share of needles answered exactly, as the retrieval table has it
+    s = m["summary"]
+    accuracy = complete_run.table("retrieval")["accuracy"].unique()
+    assert len(accuracy) == 1 and 0.0 <= s["needle_accuracy"] <= 1.0
+    assert s["needle_accuracy"] == pytest.approx(accuracy[0]) == pytest.approx(s["needle_accuracy[128]"])
+    assert {f"sink_rate[{task}]" for task in ALL.tasks} <= set(s)
+    assert temp_files(complete_run.path) == []
+
+
+def test_complete_run_writes_head_scores(complete_run, shape):
+    n_layers, n_heads = shape
+    hs = complete_run.table("head_scores")
+    assert list(hs.columns) == HEAD_COLUMNS
+    expected = {(task, score, layer, head) for task in ALL.tasks for score in scores_for([task])
+                for layer in range(n_layers) for head in range(n_heads) if score in ALL.scores}
+    got = list(zip(hs["task"], hs["score"], hs["layer"], hs["head"]))
+    assert len(got) == len(set(got)) and set(got) == expected
+    assert set(hs["score"]) == set(ALL.scores) == set(SCORES)
+    for score in set(hs["score"]):
+        assert set(hs.loc[hs["score"] == score, "task"]) == set(SCORES[score].tasks) & set(ALL.tasks)
+    # every sample counts for every row score; retrieval counts the needles answered exactly
+    rows = hs[hs["score"] != "retrieval"]
+    assert (rows["samples"] == ALL.samples).all() and rows["value"].notna().all()
+    retrieval = hs[hs["score"] == "retrieval"]
+    answered = round(complete_run.manifest["summary"]["needle_accuracy"] * ALL.samples)
+    assert (retrieval["samples"] == answered).all()
+    for score in ("sink", "entropy_norm", "streaming", "previous_token", "induction", "duplicate_token"):
+        values = hs.loc[hs["score"] == score, "value"]
+        assert values.between(-1e-6, 1 + 1e-6).all(), score
+
+
+def test_complete_run_writes_profiles_retrieval_and_figures(complete_run, shape):
+    n_layers, n_heads = shape
+    prof = complete_run.table("profiles")
+    assert list(prof.columns) == PROFILE_COLUMNS
+    assert set(prof["statistic"]) == set(scoring.PROFILE_STATISTICS)
+    assert set(prof["task"]) == set(ALL.tasks) and set(prof["length"]) == {128}
+    assert (prof["rows"] > 0).all() and (prof["bucket_start"] < 128).all()
+    ret = complete_run.table("retrieval")
+    assert list(ret.columns) == RETRIEVAL_COLUMNS
+    assert len(ret) == n_layers * n_heads and set(ret["depth"]) == set(ALL.depths)
+    assert (ret["samples"] == ALL.samples).all() and ret["accuracy"].between(0, 1).all()
+
+    figures = complete_run.path / "figures"
+    html = {p.name for p in figures.glob("*.html")}
+    assert html == {f"heads_{s}.html" for s in ALL.scores} | {"needle_accuracy.html"}
+    assert all((figures / name).stat().st_size > 0 for name in html)
+    pngs = {p.stem for p in figures.glob("*.png")}
+    all_pngs = pngs >= {p.removesuffix(".html") for p in html}
+    warnings = complete_run.manifest["figure_warnings"]
+    assert all_pngs == (warnings == []), (sorted(pngs), warnings)
+
+
+def test_run_without_niah_has_no_needle_results(model, tmp_path, no_png):
+    run = score_model(model, REPEATS, tmp_path / "run", progress=False)
+    assert run.complete and not run.has_table("retrieval")
+    with pytest.raises(WorkbenchError, match="no retrieval table"):
+        run.table("retrieval")
+    assert not any(k.startswith("needle_accuracy") for k in run.manifest["summary"])
+    assert set(run.table("head_scores")["score"]) == set(scores_for(["repeats"]))
+    # PNG export failed: the warning says so, and the HTML figures are there all the same
+    assert run.manifest["figure_warnings"] and "PNG" in run.manifest["figure_warnings"][0]
+    assert not list((run.path / "figures").glob("*.png"))
+    assert {p.stem for p in (run.path / "figures").glob("*.html")} == {f"heads_{s}" for s in REPEATS.scores}
+
+
+# ----------------------------------------------------------------------------- 2, 3. resume, rerun
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError])
+def test_interrupted_run_resumes_only_the_missing_samples(model, complete_run, tmp_path, monkeypatch, no_png, exc):
+    out, order, k = tmp_path / "run", keys(model, ALL), 3
+    done = interrupt_after(monkeypatch, k, exc)
+    with pytest.raises(exc):
+        score_model(model, ALL, out, progress=False)
+    assert done == order[:k]
+    stopped = Run.open(out)
+    assert not stopped.complete and stopped.parts_done() == set(order[:k])
+    with pytest.raises(WorkbenchError, match="has not finished"):
+        stopped.table("head_scores")
+    assert temp_files(out) == []
+
+    seen = count_calls(monkeypatch)
+    run = score_model(model, ALL, out, progress=False)
+    assert seen == order[k:]
+    assert run.complete and run.manifest["created"] == stopped.manifest["created"]
+    assert run.parts_done() == set(order)
+    for name in TABLES:
+        assert_same_table(run.table(name), complete_run.table(name))
+    assert temp_files(out) == []
+
+
+def test_kill_while_writing_a_part_leaves_no_half_file(model, tmp_path, monkeypatch, no_png, calls):
+    """A part is written to a temporary name first: a kill during the write leaves nothing."""
+    out, order = tmp_path / "run", keys(model, REPEATS)
+    real = pd.DataFrame.to_parquet
+    writes = []
+
+    def killed_on_second(self, path, *args, **kwargs):
+        writes.append(Path(path))
+        if len(writes) == 2:
+            Path(path).write_bytes(b"PAR1 half a file")
+            raise KeyboardInterrupt
+        return real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", killed_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        score_model(model, REPEATS, out, progress=False)
+    assert writes[1].name.startswith(".") and writes[1].parent == out / "parts"  # it was a temporary file...
+    assert temp_files(out) == []  # ...and it is gone
+    assert Run.open(out).parts_done() == {order[0]}
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", real)
+    calls.clear()
+    run = score_model(model, REPEATS, out, progress=False)
+    assert calls == order[1:] and run.complete and run.parts_done() == set(order)
+
+
+def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path):
+    target = tmp_path / "table.txt"
+    target.write_text("old")
+
+    def fails(tmp: Path) -> None:
+        tmp.write_text("new but unfinished")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, fails)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["table.txt"]
+    atomic_write(target, lambda tmp: tmp.write_text("new"))
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["table.txt"]
+
+
+def test_rerunning_a_complete_run_computes_nothing(model, complete_run, tmp_path, no_png, calls):
+    out = tmp_path / "run"
+    shutil.copytree(complete_run.path, out)
+    before = {name: Run.open(out).table(name) for name in TABLES}
+    run = score_model(model, ALL, out, progress=False)
+    assert calls == []
+    assert run.complete and run.manifest["settings"] == ALL.to_dict()
+    assert run.manifest["created"] == complete_run.manifest["created"]
+    for name in TABLES:
+        pd.testing.assert_frame_equal(run.table(name), before[name])
+
+
+def test_a_deleted_part_is_recomputed_alone(model, complete_run, tmp_path, no_png, calls):
+    out = tmp_path / "run"
+    shutil.copytree(complete_run.path, out)
+    lost = keys(model, ALL)[-1]
+    (out / "parts" / f"{lost}.parquet").unlink()
+    run = score_model(model, ALL, out, progress=False)
+    assert calls == [lost] and run.complete
+    for name in TABLES:
+        assert_same_table(run.table(name), complete_run.table(name))
+
+
+# ----------------------------------------------------------------------------- 4. another run, same folder
+
+
+def test_other_settings_are_refused_naming_what_differs(model, tmp_path, no_png, calls):
+    out = tmp_path / "run"
+    score_model(model, REPEATS, out, progress=False)
+    before = snapshot(out)
+    calls.clear()
+    longer = ScoreRunSettings(model=MODEL, tasks=("repeats",), lengths=(160,), samples=2)
+    with pytest.raises(WorkbenchError, match=r"settings that differ: lengths\)"):
+        score_model(model, longer, out, progress=False)
+    other = ScoreRunSettings(model=MODEL, tasks=("repeats",), lengths=(128,), samples=3, window=32)
+    with pytest.raises(WorkbenchError, match=r"settings that differ: samples, window\)"):
+        score_model(model, other, out, progress=False)
+    assert calls == [] and snapshot(out) == before
+
+
+def test_resume_continues_the_stored_run_with_its_settings(model, tmp_path, monkeypatch, no_png):
+    out, order = tmp_path / "run", keys(model, REPEATS)
+    interrupt_after(monkeypatch, 1, KeyboardInterrupt)
+    with pytest.raises(KeyboardInterrupt):
+        score_model(model, REPEATS, out, progress=False)
+    seen = count_calls(monkeypatch)
+    longer = ScoreRunSettings(model=MODEL, tasks=("repeats",), lengths=(160,), samples=3)
+    run = score_model(model, longer, out, resume=True, progress=False)
+    assert seen == order[1:]  # the stored run's missing sample, at the stored length
+    assert run.complete and run.manifest["settings"] == REPEATS.to_dict()
+    assert Run.open(out).manifest["settings"] == REPEATS.to_dict()
+    assert run.parts_done() == set(order)
+    assert (run.table("head_scores")["samples"] == REPEATS.samples).all()
+
+
+def test_force_replaces_the_stored_run(model, tmp_path, no_png, calls):
+    out = tmp_path / "run"
+    score_model(model, REPEATS, out, progress=False)
+    old_parts = Run.open(out).parts_done()
+    calls.clear()
+    longer = ScoreRunSettings(model=MODEL, tasks=("repeats",), lengths=(160,), samples=2)
+    run = score_model(model, longer, out, force=True, progress=False)
+    assert calls == keys(model, longer)
+    assert Run.open(out).manifest["settings"] == longer.to_dict() and run.complete
+    assert run.parts_done() == set(keys(model, longer)) and not (old_parts & run.parts_done())
+    assert not any("128" in p.name for p in (out / "parts").iterdir())
+
+
+def test_resume_and_force_misuse_is_refused(tmp_path):
+    settings, meta = REPEATS.to_dict(), {"created": "now"}
+    with pytest.raises(WorkbenchError, match="contradict"):
+        prepare(tmp_path / "a", settings, meta, resume=True, force=True)
+    assert not (tmp_path / "a").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for folder in (empty, tmp_path / "missing"):
+        with pytest.raises(WorkbenchError, match="nothing to resume"):
+            prepare(folder, settings, meta, resume=True)
+    assert list(empty.iterdir()) == [] and not (tmp_path / "missing").exists()
+
+
+@pytest.mark.parametrize("flags", [{}, {"force": True}], ids=["plain", "force"])
+def test_a_folder_of_other_files_is_refused_and_left_alone(tmp_path, flags):
+    out = tmp_path / "mine"
+    (out / "parts").mkdir(parents=True)
+    (out / "notes.txt").write_text("my notes")
+    (out / "head_scores.parquet").write_bytes(b"not the workbench's")
+    (out / "parts" / "x.parquet").write_bytes(b"mine too")
+    before = snapshot(out)
+    with pytest.raises(WorkbenchError, match="not empty and holds no run"):
+        prepare(out, REPEATS.to_dict(), {"created": "now"}, **flags)
+    assert snapshot(out) == before
+
+
+# ----------------------------------------------------------------------------- 5. corrupt runs
+
+
+@pytest.fixture
+def runs_folder(complete_run, tmp_path):
+    """``good`` and copies of it: manifest not JSON, manifest untagged, head_scores damaged."""
+    root = tmp_path / "runs"
+    for name in ("good", "not_json", "untagged", "damaged"):
+        shutil.copytree(complete_run.path, root / name, ignore=shutil.ignore_patterns("figures"))
+    (root / "not_json" / MANIFEST).write_text('{"format": "attention-workbench-run", ')
+    m = json.loads((root / "untagged" / MANIFEST).read_text())
+    del m["format"]
+    (root / "untagged" / MANIFEST).write_text(json.dumps(m))
+    (root / "damaged" / "head_scores.parquet").write_bytes(b"\x00garbage\xff" * 50)
+    (root / "not_a_run").mkdir()
+    (root / "not_a_run" / "notes.txt").write_text("hello")
+    return root
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"format": "attention-workbench-run", ', "not readable JSON"),
+    (b"\xff\xfe\x00 binary", "not readable JSON"),
+    (b"[1, 2, 3]", "not a workbench run manifest"),
+    (b'{"settings": {}, "status": "complete"}', "not a workbench run manifest"),
+    (b'{"format": "something-else", "settings": {}, "status": "complete"}', "missing format tag"),
+], ids=["truncated", "binary", "list", "untagged", "other-format"])
+def test_a_corrupt_manifest_is_reported(tmp_path, content, message):
+    (tmp_path / MANIFEST).write_bytes(content)
+    with pytest.raises(WorkbenchError, match=message) as err:
+        Run.open(tmp_path)
+    assert "corrupt" in str(err.value) and str(tmp_path) in str(err.value)
+
+
+def test_corrupt_runs_are_reported_and_skipped(runs_folder):
+    with pytest.raises(WorkbenchError, match="not readable JSON"):
+        Run.open(runs_folder / "not_json")
+    with pytest.raises(WorkbenchError, match=r"not a workbench run manifest \(missing format\)"):
+        Run.open(runs_folder / "untagged")
+    damaged = Run.open(runs_folder / "damaged")  # the manifest is fine...
+    with pytest.raises(WorkbenchError, match=r"corrupt: cannot read head_scores\.parquet"):
+        damaged.table("head_scores")  # ...the table is not
+    pd.testing.assert_frame_equal(damaged.table("profiles"), Run.open(runs_folder / "good").table("profiles"))
+
+    runs, broken = list_runs(runs_folder)
+    # list_runs reads manifests only: the damaged table is found when the table is read
+    assert sorted(r.path.name for r in runs) == ["damaged", "good"]
+    assert sorted(folder.name for folder, _ in broken) == ["not_json", "untagged"]
+    assert all("corrupt" in reason for _, reason in broken)
+
+    result = runner.invoke(app, ["runs", "list", str(runs_folder)], env=WIDE)
+    assert result.exit_code == 0, result.output
+    good = next(line for line in result.output.splitlines() if " good " in line)
+    assert "complete" in good and "damaged" in result.output  # names relative to the folder listed
+    assert "skipped not_json" in result.output
+    result = runner.invoke(app, ["runs", "show", str(runs_folder / "damaged")], env=WIDE)
+    assert result.exit_code == 2 and "cannot read head_scores.parquet" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_corrupt_run_is_refused_unless_forced(runs_folder):
+    settings, meta = REPEATS.to_dict(), {"created": "now"}
+    with pytest.raises(WorkbenchError, match="corrupt"):
+        prepare(runs_folder / "not_json", settings, meta)
+    run = prepare(runs_folder / "not_json", settings, meta, force=True)
+    assert Run.open(run.path).manifest["settings"] == settings and not run.complete
+    assert run.parts_done() == set() and not list(run.path.glob("*.parquet"))
+
+
+# ----------------------------------------------------------------------------- 6. command line
+
+
+def test_score_and_runs_commands(tmp_path, no_png):
+    out = tmp_path / "runs" / "r1"
+    result = runner.invoke(app, ["score", "--task", "repeats", "--lengths", "128", "--samples", "2",
+                                 "--out", str(out)], env=WIDE)
+    assert result.exit_code == 0, result.output
+    for score in scores_for(["repeats"]):
+        assert score in result.output
+    assert "retrieval" not in result.output and "complete" in result.output
+    run = Run.open(out)
+    assert run.complete and run.manifest["settings"]["tasks"] == ["repeats"]
+    assert run.manifest["settings"]["lengths"] == [128] and run.manifest["settings"]["samples"] == 2
+    assert set(run.table("head_scores")["score"]) == set(scores_for(["repeats"]))
+
+    result = runner.invoke(app, ["runs", "list", str(tmp_path / "runs")], env=WIDE)
+    assert result.exit_code == 0, result.output
+    line = next(l for l in result.output.splitlines() if f" {out.name} " in l)
+    assert all(word in line for word in (MODEL, "repeats", "128", "complete"))
+
+    result = runner.invoke(app, ["runs", "show", str(out)], env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert "lengths=[128]" in result.output and "samples=2" in result.output and "tasks=['repeats']" in result.output
+    assert "top heads per score" in result.output
+    for score in scores_for(["repeats"]):
+        assert score in result.output
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = runner.invoke(app, ["runs", "list", str(empty)], env=WIDE)
+    assert result.exit_code == 0 and "no runs in" in result.output
+
+
+BAD_INPUT = {
+    "unknown-score": (["--scores", "nope"], ["unknown score", "nope", "induction", "retrieval"]),
+    "unknown-task": (["--task", "nope"], ["unknown task", "nope", "niah, repeats, text"]),
+    "score-of-another-task": (["--task", "text", "--scores", "induction"], ["no chosen task defines induction",
+                                                                           "--task repeats"]),
+    "beyond-context": (["--task", "repeats", "--lengths", "4096", "--samples", "1"],
+                       ["4096", f"context of {CONTEXT}"]),
+    "needle-does-not-fit": (["--task", "niah", "--lengths", "16", "--samples", "1", "--depths", "0.5"],
+                            ["needle sample of 16 tokens does not fit"]),
+    "lengths-not-numbers": (["--lengths", "abc"], ["--lengths must be comma-separated integers", "abc"]),
+    "length-too-short": (["--task", "repeats", "--lengths", "4"], ["at least 8 tokens"]),
+    "depths-not-numbers": (["--depths", "half"], ["--depths must be comma-separated fractions", "half"]),
+    "zero-samples": (["--samples", "0"], ["samples must be >= 1"]),
+}
+
+
+@pytest.mark.parametrize("args, fragments", BAD_INPUT.values(), ids=BAD_INPUT.keys())
+def test_score_rejects_bad_input(tmp_path, args, fragments):
+    result = runner.invoke(app, ["score", *args, "--out", str(tmp_path / "run")], env=WIDE)
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit)  # typer.Exit, not a crash
+    assert "error:" in result.output and "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in result.output
+
+
+@pytest.mark.parametrize("command, message", [
+    (["runs", "show", "{tmp}"], "is not a run folder: it has no manifest.json"),
+    (["runs", "show", "{tmp}/missing"], "is not a run folder"),
+    (["runs", "list", "{tmp}/missing"], "does not exist"),
+], ids=["show-not-a-run", "show-missing", "list-missing"])
+def test_runs_commands_reject_bad_folders(tmp_path, command, message):
+    result = runner.invoke(app, [c.format(tmp=tmp_path) for c in command], env=WIDE)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output
+
+
+def test_a_rejected_request_leaves_no_run_behind(tmp_path, no_png):
+    """A request refused for its settings writes nothing, so the corrected command just runs."""
+    out = tmp_path / "run"
+    args = ["score", "--task", "repeats", "--samples", "1", "--out", str(out)]
+    bad = runner.invoke(app, [*args, "--lengths", "4096"], env=WIDE)
+    assert bad.exit_code == 2 and "context of" in bad.output
+    good = runner.invoke(app, [*args, "--lengths", "128"], env=WIDE)
+    assert good.exit_code == 0, good.output
+
+
+def test_resume_scores_with_the_stored_model(tmp_path, monkeypatch, no_png):
+    """`score --resume` loads the model the run was scored with, whatever --model says."""
+    out = tmp_path / "run"
+    args = ["score", "--task", "repeats", "--lengths", "128", "--samples", "2", "--out", str(out)]
+    interrupt_after(monkeypatch, 1, RuntimeError)
+    crashed = runner.invoke(app, args, env=WIDE)
+    assert isinstance(crashed.exception, RuntimeError) and Run.open(out).parts_done()
+    monkeypatch.setattr(scoring, "score_sample", _REAL_SCORE_SAMPLE)
+    result = runner.invoke(app, [*args, "--model", "random:gpt2-small", "--resume"], env=WIDE)
+    layers = Run.open(out).manifest["model_info"]["layers"]
+    assert result.exit_code == 2 or Run.open(out).table("head_scores")["layer"].max() == layers - 1, result.output
+
+
+# ----------------------------------------------------------------------------- 7. aggregate
+
+
+def _parts(rows: list[tuple]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=["task", "length", "depth", "sample", "name", "layer", "head", "bucket",
+                                        "total", "count"])
+    return frame.astype({"layer": "int32", "head": "int32", "bucket": "int64"})
+
+
+def test_aggregate_is_total_over_count():
+    nan = math.nan
+    sink = {0: [(0, 3.0, 10.0), (1, 5.0, 30.0), (2, 0.0, 0.0)],  # head: (sample, total, count)
+            1: [(0, 7.5, 10.0), (1, 1.25, 30.0), (2, 0.0, 0.0)]}
+    rows = [("repeats", 128, nan, s, "sink", 0, h, -1, t, c) for h, tallies in sink.items() for s, t, c in tallies]
+    rows += [("repeats", 128, nan, s, "streaming", 0, 0, -1, 0.0, 0.0) for s in range(3)]  # no row in reach
+    rows += [("repeats", 128, nan, s, "seconds", -1, -1, -1, 0.5, 1.0) for s in range(3)]  # not a head score
+    rows += [("repeats", 128, nan, s, "entropy", 0, 0, b, 2.0 + s + b, 4.0 + s) for s in range(2) for b in (0, 2)]
+    hs = aggregate(_parts(rows), ScoreSettings())["head_scores"]
+    assert list(hs.columns) == HEAD_COLUMNS
+    assert set(zip(hs["score"], hs["head"])) == {("sink", 0), ("sink", 1), ("streaming", 0)}
+    for head, tallies in sink.items():
+        row = hs[(hs["score"] == "sink") & (hs["head"] == head)].iloc[0]
+        assert row["value"] == pytest.approx(sum(t for _, t, _ in tallies) / sum(c for _, _, c in tallies))
+        assert row["samples"] == sum(c > 0 for _, _, c in tallies) and row["task"] == "repeats"
+    streaming = hs[hs["score"] == "streaming"].iloc[0]
+    assert math.isnan(streaming["value"]) and streaming["samples"] == 0
+
+    tables = aggregate(_parts(rows), ScoreSettings())
+    assert "retrieval" not in tables
+    prof = tables["profiles"]
+    assert list(prof.columns) == PROFILE_COLUMNS and sorted(prof["bucket_start"]) == [0, 2]
+    for b in (0, 2):
+        cell = prof[prof["bucket_start"] == b].iloc[0]
+        assert cell["rows"] == sum(4.0 + s for s in range(2))
+        assert cell["value"] == pytest.approx(sum(2.0 + s + b for s in range(2)) / cell["rows"])
+
+
+def test_aggregate_retrieval_averages_over_answered_needles():
+    # three needles at one depth: two answered (count 1), one not (count 0, total 0)
+    answered, hits = [1.0, 1.0, 0.0], [0.5, 0.25, 0.0]
+    rows = [("niah", 128, 0.5, s, "retrieval", 1, 2, -1, h * a, a) for s, (h, a) in enumerate(zip(hits, answered))]
+    rows += [("niah", 128, 0.5, s, "needle_accuracy", -1, -1, -1, a, 1.0) for s, a in enumerate(answered)]
+    tables = aggregate(_parts(rows), ScoreSettings())
+    ret = tables["retrieval"]
+    assert list(ret.columns) == RETRIEVAL_COLUMNS and len(ret) == 1
+    cell = ret.iloc[0]
+    assert cell["value"] == pytest.approx(sum(h * a for h, a in zip(hits, answered)) / sum(answered))
+    assert cell["answered"] == sum(answered) and cell["samples"] == len(answered)
+    assert cell["accuracy"] == pytest.approx(sum(answered) / len(answered))
+    hs = tables["head_scores"]
+    assert list(zip(hs["score"], hs["layer"], hs["head"], hs["samples"])) == [("retrieval", 1, 2, 2)]
+
+
+def test_a_run_refuses_samples_from_another_model(model, tmp_path, no_png, calls):
+    """Same settings, other weights' shape: the stored run is not continued with them."""
+    from workbench.zoo import ZOO, build
+
+    out = tmp_path / "run"
+    score_model(model, REPEATS, out, progress=False)
+    calls.clear()
+    with pytest.raises(WorkbenchError, match="scored with zoo-2l"):
+        score_model(build(ZOO["tiny"]).eval(), REPEATS, out, progress=False)
+    assert calls == []

@@ -1,0 +1,231 @@
+"""Head scores: the O(N) tallies against float64 explicit patterns and TransformerLens's own
+head detector, the sink score against Hugging Face eager attention on MiniLM, retrieval
+decoding with a KV cache, and the zoo model's documented heads."""
+
+from __future__ import annotations
+
+import math
+import random
+import string
+
+import pytest
+import torch
+from scipy.stats import spearmanr
+from transformer_lens import head_detector
+
+from kernels import attention
+from tests.conftest import SEED
+from workbench import WorkbenchError, load_model
+from workbench.instrument import adapter_for, instrument
+from workbench.scores import (SCORES, ScoreSettings, check_request, prefill_tallies, retrieval_hits,
+                              scores_for, sink_rate, stats_spec)
+from workbench.scoring import ScoreRunSettings, Unit, score_model, score_sample
+from workbench.tasks import TaskSample, text_samples
+
+ROW_SCORES = [s for s in SCORES if s != "retrieval"]
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    return load_model("zoo-2l", device="cpu")
+
+
+def _explicit_pattern(q, k, causal):  # float64 [B, H, N, N]
+    s = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if causal:
+        n = q.shape[-2]
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.softmax(s, -1)
+
+
+def _oracle(p: torch.Tensor, settings: ScoreSettings, causal: bool, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every row score of one explicit pattern ``p [H, N, N]``, written out naively; the
+    detector scores with TransformerLens's own detection patterns and similarity score."""
+    h, n, _ = p.shape
+    s, w = settings.sink_tokens, settings.window
+    pos = torch.arange(n)
+    rel = pos.view(-1, 1) - pos.view(1, -1)
+    ent = -torch.special.xlogy(p, p).sum(-1)  # [H, N]
+    keys = (pos + 1) if causal else torch.full((n,), n)
+    far = pos >= s + w - 1
+    local = (p * ((rel >= 0) & (rel < w))).sum(-1)
+    out = {
+        "sink": p[..., :s].sum(-1).mean(-1),
+        "entropy": ent.mean(-1),
+        "entropy_norm": (ent[:, keys >= 2] / torch.log(keys[keys >= 2].double())).mean(-1),
+        "streaming": (p[..., :s].sum(-1) + local)[:, far].mean(-1),
+        "distance": (p * rel).sum(-1).mean(-1),
+    }
+    for name in ("previous_token", "duplicate_token", "induction"):
+        detection = getattr(head_detector, f"get_{name}_head_detection_pattern")(tokens.view(1, -1)).double()
+        out[name] = torch.tensor([head_detector.compute_head_attention_similarity_score(
+            p[i], detection, exclude_bos=False, exclude_current_token=False, error_measure="mul") for i in range(h)], dtype=torch.float64)
+    return out
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_tallies_match_explicit_patterns(backend, causal, device):
+    """Random q/k/v of several shapes and repeat layouts: every row score from the kernel's
+    statistics equals the naive formula on the float64 pattern (TransformerLens's detector for
+    previous-token, duplicate-token and induction)."""
+    gen = torch.Generator().manual_seed(SEED)
+    for period, repeats, prefix in ((5, 3, 1), (11, 2, 1), (7, 4, 0), (30, 2, 1)):
+        n = prefix + period * repeats
+        settings = ScoreSettings(sink_tokens=int(torch.randint(1, 4, (), generator=gen)),
+                                 window=int(torch.randint(1, 9, (), generator=gen)))
+        h, d = 3, 16
+        q, k, v = (torch.randn(1, h, n, d, generator=gen) * 2 for _ in range(3))
+        # a sharp previous-token / induction-like structure, so the detector scores are not all tiny
+        k[..., 1:, :] += 3 * q[..., :-1, :]
+        seq = torch.randperm(50, generator=gen)[:period] + 10
+        tokens = torch.cat([torch.zeros(prefix, dtype=torch.long), seq.repeat(repeats)])
+        spec = stats_spec(ROW_SCORES, settings, period, repeats)
+        _, st = attention(q.to(device), k.to(device), v.to(device), causal=causal, stats=spec, backend=backend)
+        got = {name: (total.cpu(), count) for name, (total, count)
+               in prefill_tallies(st, ROW_SCORES, settings, spec, causal, period, repeats).items()}
+        want = _oracle(_explicit_pattern(q, k, causal)[0], settings, causal, tokens)
+        for name in ROW_SCORES:
+            total, count = got[name]
+            torch.testing.assert_close(total / count, want[name], atol=2e-5, rtol=1e-4,
+                                       msg=lambda m, name=name: f"{name} (period {period}): {m}")
+
+
+def test_detector_scores_agree_with_transformer_lens(zoo):
+    """On the zoo model, previous-token, duplicate-token and induction scores equal
+    TransformerLens's detect_head on the same strings (and rank the heads the same way)."""
+    rng = random.Random(SEED)
+    letters = string.ascii_letters + string.digits
+    for period, repeats in ((40, 2), (25, 3)):
+        seqs = ["".join(rng.sample(letters, period)) * repeats for _ in range(3)]
+        ours = {name: torch.zeros(2, 4, dtype=torch.float64) for name in ("previous_token", "duplicate_token", "induction")}
+        settings = ScoreRunSettings(model="zoo-2l", tasks=("repeats",), lengths=(1 + period * repeats,), repeats=repeats)
+        for seq in seqs:
+            ids = zoo.to_tokens(seq)[0]
+            assert len(ids) == 1 + period * repeats
+            unit = Unit("x", "repeats", len(ids), 0, TaskSample("repeats", ids, period=period))
+            frame = score_sample(zoo, unit, settings)
+            frame = frame[frame["bucket"] < 0].set_index(["name", "layer", "head"])
+            for name, table in ours.items():
+                for layer in range(2):
+                    for head in range(4):
+                        row = frame.loc[(name, layer, head)]
+                        table[layer, head] += row["total"] / row["count"] / len(seqs)
+        for name, table in ours.items():
+            theirs = head_detector.detect_head(zoo, seqs, f"{name}_head").double()
+            torch.testing.assert_close(table, theirs, atol=1e-4, rtol=1e-3)
+            assert spearmanr(table.flatten(), theirs.flatten()).statistic >= 0.95
+        assert ours["induction"][1].max() > 0.15 and ours["induction"][0].max() < 0.05  # the zoo's induction heads
+
+
+def test_minilm_sink_matches_hugging_face_eager():
+    """MiniLM (a real pretrained BERT encoder): sink and entropy scores of every head equal the
+    ones computed from eager attention's output_attentions on the same sentences."""
+    model = load_model("minilm", device="cpu")
+    samples = text_samples(model.tokenizer, None, length=48, n=3)
+    settings = ScoreRunSettings(model="minilm", tasks=("text",), scores=("sink", "entropy"), lengths=(48,))
+    frames = [score_sample(model, Unit(f"t{i}", "text", 48, i, s), settings) for i, s in enumerate(samples)]
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        for sample, frame in zip(samples, frames):
+            assert int(sample.ids[0]) == model.tokenizer.cls_token_id  # the encoder's own first token
+            patterns = model(sample.ids.view(1, -1), output_attentions=True).attentions
+            frame = frame[frame["bucket"] < 0].set_index(["name", "layer", "head"])
+            for layer, p in enumerate(patterns):
+                p = p[0].double()
+                for name, want in (("sink", p[..., 0].mean(-1)),
+                                   ("entropy", (-torch.special.xlogy(p, p).sum(-1)).mean(-1))):
+                    rows = frame.loc[name].loc[layer]
+                    got = torch.tensor((rows["total"] / rows["count"]).to_numpy())
+                    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_retrieval_hits_counts_copies_from_the_needle():
+    gen = torch.Generator().manual_seed(SEED)
+    ids = torch.randint(0, 20, (60,), generator=gen)
+    needle = range(20, 30)
+    keys = torch.randint(0, 60, (4, 2, 3), generator=gen)
+    keys[0, 0, 0] = 22  # one certain hit: the generated token is the one at key 22
+    generated = [int(ids[22])] + [int(x) for x in torch.randint(0, 20, (3,), generator=gen)]
+    want = torch.zeros(2, 3, dtype=torch.float64)
+    for step in range(4):
+        for layer in range(2):
+            for head in range(3):
+                key = int(keys[step, layer, head])
+                want[layer, head] += key in needle and int(ids[key]) == generated[step]
+    got = retrieval_hits(keys, ids, needle, generated)
+    assert torch.equal(got, want) and got[0, 0] >= 1
+
+
+def _tiny_llama():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(SEED)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    model.tokenizer = None
+    return model
+
+
+@pytest.mark.parametrize("which", ["zoo", "llama"])
+def test_cached_decoding_matches_full_forward(which, zoo):
+    """The retrieval score decodes with a KV cache under instrumentation: the logits and the
+    last row's most-attended keys equal those of a full forward over the extended sequence."""
+    model = zoo if which == "zoo" else _tiny_llama()
+    adapter = adapter_for(model)
+    ids = torch.randint(0, 250, (1, 90), generator=torch.Generator().manual_seed(SEED))
+    spec = stats_spec(["retrieval"], ScoreSettings())
+    with torch.no_grad(), instrument(model, spec) as rec:
+        logits, cache = adapter.prefill(model, ids)
+        tokens = [int(logits[0].argmax())]
+        steps = [logits]
+        for _ in range(3):
+            logits, cache = adapter.decode(model, torch.tensor([[tokens[-1]]]), cache)
+            tokens.append(int(logits[0].argmax()))
+            steps.append(logits)
+    full_ids = torch.cat([ids, torch.tensor([tokens[:-1]])], 1)
+    with torch.no_grad(), instrument(model, spec) as full:
+        out = model(full_ids) if which == "zoo" else model(input_ids=full_ids).logits
+    n_layers = len(full.layers)
+    for step in range(4):
+        torch.testing.assert_close(steps[step][0], out[0, 89 + step], atol=1e-4, rtol=1e-4)
+        for layer in range(n_layers):
+            cached = rec.calls[layer][step].argmax[0, :, -1]
+            assert torch.equal(cached, full.layer(layer).argmax[0, :, 89 + step])
+
+
+def test_default_model_has_the_documented_heads(zoo, tmp_path):
+    """The committed zoo-2l, scored the way `workbench score` does (figures in docs/zoo.md):
+    previous-token heads in layer 0, induction heads in layer 1, retrieval through the
+    layer-1 copying heads, and a head that parks on <bos> when there is nothing to copy yet."""
+    settings = ScoreRunSettings(model="zoo-2l", tasks=("niah", "repeats"), lengths=(75, 512), samples=6,
+                                depths=(0.2, 0.5, 0.8))
+    scores = score_model(zoo, settings, tmp_path / "run", progress=False).table("head_scores")
+    value = scores.set_index(["task", "score", "layer", "head"])["value"].sort_index()
+    at = lambda task, score, layer: value.loc[(task, score, layer)]  # noqa: E731
+    assert at("repeats", "previous_token", 0).max() > 0.2
+    assert at("repeats", "induction", 1).max() > 0.25 and at("repeats", "induction", 0).max() < 0.02
+    assert at("niah", "retrieval", 1).max() > 0.4 and at("niah", "retrieval", 0).max() == 0
+    assert at("niah", "retrieval", 1).idxmax() in (1, 2)
+    assert at("repeats", "sink", 1).idxmax() == 0 and at("repeats", "sink", 1)[0] > 0.15
+
+
+def test_bad_requests_name_the_valid_choices():
+    with pytest.raises(WorkbenchError, match="choose from: niah, repeats, text"):
+        check_request(["nope"], ["sink"])
+    with pytest.raises(WorkbenchError, match="induction"):
+        check_request(["text"], ["sinkk"])
+    with pytest.raises(WorkbenchError, match="induction needs --task repeats"):
+        check_request(["text"], ["induction"])
+    with pytest.raises(WorkbenchError, match="sink_tokens"):
+        ScoreSettings(sink_tokens=0)
+    assert set(scores_for(["text"])) == {s for s, d in SCORES.items() if "text" in d.tasks}
+    assert sink_rate(torch.tensor([0.9, 0.1, 0.31, float("nan")]), 0.3) == pytest.approx(2 / 3)
+
+
+def test_retrieval_needs_a_causal_language_model(tmp_path):
+    model = load_model("minilm", device="cpu")
+    settings = ScoreRunSettings(model="minilm", tasks=("niah",), lengths=(128,), samples=1, depths=(0.5,))
+    with pytest.raises(WorkbenchError, match="causal language model"):
+        score_model(model, settings, tmp_path / "r", progress=False)
