@@ -229,3 +229,27 @@ def test_retrieval_needs_a_causal_language_model(tmp_path):
     settings = ScoreRunSettings(model="minilm", tasks=("niah",), lengths=(128,), samples=1, depths=(0.5,))
     with pytest.raises(WorkbenchError, match="causal language model"):
         score_model(model, settings, tmp_path / "r", progress=False)
+
+
+def test_ablating_the_top_retrieval_head_hurts_retrieval_most(zoo, tmp_path):
+    """Zero-ablating (hook_z) the layer-1 head with the highest retrieval score costs more needle
+    accuracy than ablating any other layer-1 head. (Layer-0 heads are left out: they feed every
+    layer-1 copying head, so removing any of them breaks retrieval too; docs/zoo.md.)"""
+    settings = ScoreRunSettings(model="zoo-2l", tasks=("niah",), scores=("retrieval",), lengths=(512,), samples=8,
+                                depths=(0.2, 0.5, 0.8))
+    base = score_model(zoo, settings, tmp_path / "base", progress=False)
+    retrieval = base.table("head_scores").query("layer == 1").set_index("head")["value"]
+    top = int(retrieval.idxmax())
+
+    def accuracy_without(head: int) -> float:
+        def zero(z, hook):
+            z[:, :, head] = 0
+            return z
+
+        with zoo.hooks(fwd_hooks=[("blocks.1.attn.hook_z", zero)]):
+            run = score_model(zoo, settings, tmp_path / f"ablate{head}", progress=False)
+        return run.manifest["summary"]["needle_accuracy"]
+
+    accuracy = {head: accuracy_without(head) for head in range(4)}
+    assert base.manifest["summary"]["needle_accuracy"] >= 0.5
+    assert accuracy[top] < min(a for h, a in accuracy.items() if h != top)

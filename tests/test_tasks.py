@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from tests.conftest import SEED
 from workbench import WorkbenchError, load_model
-from workbench.tasks import needle_samples, repeat_samples, text_samples
+from workbench.tasks import needle_samples, read_text, repeat_samples, text_samples
 from workbench.zoo.tokenizer import byte_tokenizer
 
 
@@ -86,3 +88,21 @@ def test_bad_task_input(tmp_path):
     (tmp_path / "tiny.txt").write_text("hi")
     with pytest.raises(WorkbenchError, match="fewer than one"):
         text_samples(tok, tmp_path / "tiny.txt", length=64)
+
+
+def test_text_from_a_hugging_face_dataset(tmp_path, monkeypatch, tokenizer):
+    """``hf:NAME`` streams a dataset's train split (here a local folder of JSON lines, so no
+    download); an unreachable name gives a WorkbenchError that points to --text PATH."""
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    rows = [f"Row {i} of a local dataset, long enough to make windows of text." for i in range(40)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps({"id": i, "text": t}) for i, t in enumerate(rows)))
+    text = read_text(f"hf:{tmp_path}")
+    assert text.startswith(rows[0]) and rows[-1] in text
+    samples = text_samples(tokenizer, f"hf:{tmp_path}", length=64, n=3)
+    assert len(samples) == 3
+    with pytest.raises(WorkbenchError, match="--text PATH"):
+        read_text("hf:no-such-owner/no-such-dataset-for-the-workbench")

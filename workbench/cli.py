@@ -135,8 +135,8 @@ def score(
     samples: int = typer.Option(4, "--samples", "-s", help="Samples per length (niah: per length and depth)."),
     depths: str = typer.Option("0.1,0.3,0.5,0.7,0.9", help="Needle depths, fractions of the haystack."),
     repeats: int = typer.Option(2, help="Copies of the random sequence in a repeats sample."),
-    text: Path = typer.Option(None, help="Text file or folder for the text task and the needle haystack "
-                              "(default: built-in docstrings)."),
+    text: str = typer.Option(None, help="Text file or folder, or hf:DATASET[:CONFIG] (online), for the text "
+                             "task and the needle haystack (default: built-in docstrings)."),
     sink_tokens: int = typer.Option(1, help="Keys that count as the attention sink."),
     window: int = typer.Option(64, help="Recent-key window of the streaming score."),
     seed: int = typer.Option(0, help="Seed of the samples (and of random models' weights)."),
@@ -175,7 +175,7 @@ def score(
     try:
         settings = ScoreRunSettings(
             model=model, tasks=_name_list(task), scores=_name_list(scores), lengths=_int_list(lengths, "--lengths"),
-            samples=samples, depths=depth_list, repeats=repeats, text=str(text) if text else None,
+            samples=samples, depths=depth_list, repeats=repeats, text=text,
             sink_tokens=sink_tokens, window=window, seed=seed, dtype=dtype, backend=backend)
         with console.status(f"loading {model}..."):
             loaded = load_model(model, device=device, dtype=_torch_dtype(dtype), seed=seed)

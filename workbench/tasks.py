@@ -139,10 +139,13 @@ def repeat_samples(tokenizer, period: int, repeats: int = 2, n: int = 8, seed: i
 
 
 def read_text(source: str | Path | None) -> str:
-    """The text of a file, of every ``.txt``/``.md`` file under a directory (sorted, joined), or
-    the built-in docstrings when ``source`` is None."""
+    """The text of a file, of every ``.txt``/``.md`` file under a directory (sorted, joined), of a
+    Hugging Face dataset (``"hf:NAME"`` or ``"hf:NAME:CONFIG"``), or the built-in docstrings
+    when ``source`` is None."""
     if source is None:
         return docstring_text()
+    if isinstance(source, str) and source.startswith("hf:"):
+        return dataset_text(source.removeprefix("hf:"))
     path = Path(source).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md") and p.is_file())
@@ -152,6 +155,29 @@ def read_text(source: str | Path | None) -> str:
     if path.is_file():
         return path.read_text(errors="replace")
     raise WorkbenchError(f"text source {path} is neither a file nor a directory")
+
+
+def dataset_text(name: str, max_chars: int = 4_000_000) -> str:
+    """Up to ``max_chars`` of a Hugging Face dataset's train split (``NAME`` or ``NAME:CONFIG``;
+    a hub id or a local folder of data files), the first text column of each row, streamed."""
+    from datasets import load_dataset
+
+    path, _, config = name.partition(":")
+    pieces, size = [], 0
+    try:
+        for row in load_dataset(path, config or None, split="train", streaming=True):
+            text = next((v for v in row.values() if isinstance(v, str)), "")
+            if text.strip():
+                pieces.append(text)
+                size += len(text)
+            if size >= max_chars:
+                break
+    except Exception as exc:  # datasets raises many types: offline, unknown name, bad config
+        raise WorkbenchError(f"cannot read the dataset {name!r}: {type(exc).__name__}: {exc}. Offline, give a "
+                             "file or folder instead (--text PATH)") from exc
+    if not pieces:
+        raise WorkbenchError(f"the dataset {name!r} has no text in its train split")
+    return "\n\n".join(pieces)[:max_chars]
 
 
 def text_samples(tokenizer, source: str | Path | None = None, length: int = 1024, n: int | None = None) -> list[TaskSample]:
