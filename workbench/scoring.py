@@ -44,8 +44,8 @@ class ScoreRunSettings:
 
     ``lengths``: tokens per sample (for repeats: BOS plus ``repeats`` copies of
     ``(length - 1) // repeats`` tokens). ``samples``: samples per length (niah: per length and
-    depth). ``text``: a file or folder for the text task and the needle haystack (built-in
-    docstrings when None).
+    depth). ``text``: a file, a folder or ``hf:DATASET[:CONFIG]`` for the text task and the
+    needle haystack (built-in docstrings when None).
     """
 
     model: str
