@@ -1,5 +1,5 @@
 """``python -m workbench`` is the ``workbench`` command."""
 
-from workbench.cli import app
+from workbench.cli import main_cli
 
-app()
+main_cli()

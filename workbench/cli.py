@@ -15,6 +15,16 @@ app = typer.Typer(help="Attention workbench: attention statistics from fused ker
 console = Console()
 
 
+def main_cli() -> None:
+    """The ``workbench`` command: this module's commands plus those the higher layers register
+    under the ``workbench.commands`` entry-point group (``probes``: ``workbench ablate``)."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group="workbench.commands"):
+        entry.load()(app)
+    app()
+
+
 def _version(value: bool) -> None:
     if value:
         console.print(f"attention-workbench {__version__}")

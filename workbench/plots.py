@@ -90,3 +90,22 @@ def save_figures(figs: dict[str, go.Figure], folder: Path) -> list[str]:
     except Exception as exc:  # Kaleido raises its own types when no browser is found
         return [f"PNG figures skipped: {type(exc).__name__}: {exc}".splitlines()[0]]
     return []
+
+
+def ablation_curve(cumulative: pd.DataFrame, metric: str) -> go.Figure:
+    """Metric after ablating the top-k heads of a ranking against k random heads (mean and
+    range over draws), by k; the unablated value as a dashed line."""
+    top = cumulative[cumulative["selection"] == "top"].sort_values("k")
+    rand = cumulative[cumulative["selection"] == "random"].groupby("k")["value"].agg(["mean", "min", "max"]).reset_index()
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=top["k"], y=top["value"], mode="lines+markers", name="top-k heads",
+                             text=top["heads"], hovertemplate="k %{x}: %{y:.3f}<br>%{text}<extra></extra>"))
+    fig.add_trace(go.Scatter(x=rand["k"], y=rand["mean"], mode="lines+markers", name="k random heads (mean, range)",
+                             error_y={"type": "data", "symmetric": False, "array": rand["max"] - rand["mean"],
+                                      "arrayminus": rand["mean"] - rand["min"]}))
+    base = cumulative[cumulative["selection"] == "none"]["value"]
+    if len(base):
+        fig.add_hline(y=float(base.iloc[0]), line_dash="dash", annotation_text="no ablation")
+    fig.update_layout(title=f"{metric} with heads ablated", xaxis_title="heads ablated (k)", yaxis_title=metric,
+                      width=560, height=380)
+    return fig

@@ -136,3 +136,47 @@ def decode(model, token: torch.Tensor, cache):
     """One decoding step on ``token [batch, 1]``; returns ``(next-token logits, cache)``."""
     out = model(input_ids=token, past_key_values=cache, use_cache=True)
     return out.logits[:, -1], out.past_key_values
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token logits ``[batch, tokens, vocab]``."""
+    return model(input_ids=ids).logits
+
+
+_OUTPUT_PROJECTIONS = ("o_proj", "c_proj", "out_proj", "dense")
+
+
+def head_shape(model) -> tuple[int, int]:
+    """``(heads, d_head)`` of the attention output entering each layer's output projection."""
+    cfg = model.config
+    heads = int(cfg.num_attention_heads)
+    return heads, int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+
+
+def z_hooks(model, edit: Callable[[int, torch.Tensor], torch.Tensor | None]):
+    """Call ``edit(layer, z)`` on the per-head attention output ``z [batch, tokens, head, d_head]``
+    as it enters each layer's output projection (``o_proj`` and its namesakes); a returned tensor
+    replaces it. Returns the function that removes the hooks."""
+    heads, d_head = head_shape(model)
+    handles = []
+    for layer, module in attention_modules(model):
+        proj = next((getattr(module, n) for n in _OUTPUT_PROJECTIONS if isinstance(getattr(module, n, None), torch.nn.Module)), None)
+        if proj is None:
+            for h in handles:
+                h.remove()
+            raise WorkbenchError(f"cannot find the output projection of {type(module).__name__} (looked for "
+                                 f"{', '.join(_OUTPUT_PROJECTIONS)}): head ablation does not support this architecture yet")
+
+        def pre_hook(mod, args, layer=layer):
+            x = args[0]
+            z = x.reshape(*x.shape[:-1], heads, d_head)
+            new = edit(layer, z)
+            return None if new is None else (new.reshape(x.shape), *args[1:])
+
+        handles.append(proj.register_forward_pre_hook(pre_hook))
+
+    def remove() -> None:
+        for h in handles:
+            h.remove()
+
+    return remove

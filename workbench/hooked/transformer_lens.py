@@ -160,3 +160,31 @@ def prefill(model, ids: torch.Tensor):
 def decode(model, token: torch.Tensor, cache):
     """One decoding step on ``token [batch, 1]``; returns ``(next-token logits, cache)``."""
     return model(token, past_kv_cache=cache)[:, -1], cache
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token logits ``[batch, tokens, vocab]``."""
+    return model(ids)
+
+
+def z_hooks(model, edit: Callable[[int, torch.Tensor], torch.Tensor | None]):
+    """Call ``edit(layer, z)`` on every layer's per-head output ``z [batch, tokens, head, d_head]``
+    (``hook_z``, before the output projection); a returned tensor replaces ``z``. Returns the
+    function that removes the hooks."""
+    added = []
+    for layer, block in enumerate(model.blocks):
+        point = block.attn.hook_z
+        point.add_hook(lambda z, hook, layer=layer: edit(layer, z))
+        added.append((point, point.fwd_hooks[-1]))
+
+    def remove() -> None:  # only these hooks: the user's own stay
+        for point, handle in added:
+            handle.hook.remove()
+            point.fwd_hooks.remove(handle)
+
+    return remove
+
+
+def head_shape(model) -> tuple[int, int]:
+    """``(heads, d_head)`` of every layer's ``z``."""
+    return int(model.cfg.n_heads), int(model.cfg.d_head)

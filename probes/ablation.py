@@ -1,0 +1,265 @@
+"""Head ablation: replace chosen heads' outputs ``z`` (per head, before the output projection:
+``hook_z`` on TransformerLens models, the input of ``o_proj`` on Hugging Face models) and
+measure what that does to a metric.
+
+- ``zero``: ``z = 0``;
+- ``mean``: ``z`` = the head's mean over every position of a reference batch;
+- ``resample``: ``z`` = the head's output at the same position on a randomly drawn reference
+  input (the reference inputs must be at least as long).
+
+Works together with statistics recording (ablate inside ``instrument``, or the other way round).
+
+Example:
+    >>> metric = needle_accuracy(needle_samples(model.tokenizer, [512], [0.2, 0.5, 0.8], 8))
+    >>> with ablate(model, [(1, 1)]):
+    ...     metric(model)
+    >>> scan_heads(model, metric)                    # every head alone: layer, head, value, delta
+    >>> cumulative(model, metric, rank_heads(run, "retrieval"), ks=[1, 2, 4])
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from workbench.errors import WorkbenchError
+from workbench.instrument import adapter_for
+from workbench.runs import Run
+from workbench.tasks import TaskSample
+
+Head = tuple[int, int]
+Metric = Callable[[torch.nn.Module], float]
+METHODS = ("zero", "mean", "resample")
+
+
+def all_heads(model) -> list[Head]:
+    adapter = adapter_for(model)
+    n_heads, _ = adapter.head_shape(model)
+    return [(layer, head) for layer in range(adapter.n_layers(model)) for head in range(n_heads)]
+
+
+def check_heads(model, heads: Iterable[Head]) -> list[Head]:
+    """The heads as ``(layer, head)`` tuples; :class:`WorkbenchError` for an empty set or heads
+    out of range."""
+    heads = [tuple(int(x) for x in h) for h in heads]
+    if not heads:
+        raise WorkbenchError("the set of heads to ablate is empty")
+    valid = set(all_heads(model))
+    bad = [h for h in heads if h not in valid]
+    if bad:
+        adapter = adapter_for(model)
+        raise WorkbenchError(f"heads {bad} out of range: the model has {adapter.n_layers(model)} layers of "
+                             f"{adapter.head_shape(model)[0]} heads (layer and head count from 0)")
+    return heads
+
+
+@torch.no_grad()
+def head_outputs(model, ids: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Every layer's ``z [batch, tokens, head, d_head]`` on ``ids [batch, tokens]``."""
+    adapter = adapter_for(model)
+    seen: dict[int, torch.Tensor] = {}
+    remove = adapter.z_hooks(model, lambda layer, z: seen.__setitem__(layer, z.detach().clone()))
+    try:
+        adapter.logits(model, ids.to(next(model.parameters()).device))
+    finally:
+        remove()
+    return seen
+
+
+@contextmanager
+def ablate(model, heads: Iterable[Head], method: str = "zero", reference: torch.Tensor | None = None,
+           seed: int = 0) -> Iterator[list[Head]]:
+    """Within the block, ``heads`` are ablated with ``method`` in every forward pass.
+    ``reference [batch, tokens]``: token ids for ``mean`` and ``resample``."""
+    heads = check_heads(model, heads)
+    if method not in METHODS:
+        raise WorkbenchError(f"unknown ablation method {method!r}; choose one of: {', '.join(METHODS)}")
+    if method != "zero" and reference is None:
+        raise WorkbenchError(f"{method} ablation needs reference token ids (reference=[batch, tokens])")
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in heads:
+        by_layer.setdefault(layer, []).append(head)
+    ref = head_outputs(model, reference) if method != "zero" else {}
+    gen = torch.Generator().manual_seed(seed)
+
+    def edit(layer: int, z: torch.Tensor) -> torch.Tensor | None:
+        chosen = by_layer.get(layer)
+        if not chosen:
+            return None
+        z = z.clone()
+        if method == "zero":
+            z[:, :, chosen] = 0
+        elif method == "mean":
+            z[:, :, chosen] = ref[layer][:, :, chosen].mean((0, 1)).to(z.dtype)
+        else:
+            source = ref[layer]
+            if source.shape[1] < z.shape[1]:
+                raise WorkbenchError(f"resample ablation: reference inputs of {source.shape[1]} tokens are shorter "
+                                     f"than the {z.shape[1]}-token input")
+            rows = torch.randint(0, source.shape[0], (z.shape[0],), generator=gen).to(source.device)
+            z[:, :, chosen] = source[rows, : z.shape[1]][:, :, chosen].to(z.dtype)
+        return z
+
+    remove = adapter_for(model).z_hooks(model, edit)
+    try:
+        yield heads
+    finally:
+        remove()
+
+
+# Metrics: functions of the model that return one number (higher or lower is better, as named).
+
+def _groups(keys: Sequence, size: int) -> Iterator[list[int]]:
+    """Indices of items with equal ``keys`` (so they stack into one batch), ``size`` at a time."""
+    by_key: dict = {}
+    for i, key in enumerate(keys):
+        by_key.setdefault(key, []).append(i)
+    for group in by_key.values():
+        for i in range(0, len(group), size):
+            yield group[i:i + size]
+
+
+@torch.no_grad()
+def _teacher_forced(model, samples: Sequence[TaskSample], batch_size: int) -> list[tuple[float, bool]]:
+    """For each needle sample: (log-probability of the answer, whether greedy decoding would
+    produce it exactly). Greedy decoding reproduces the answer iff the argmax is right at every
+    answer position given the right prefix, so one teacher-forced forward decides both."""
+    adapter = adapter_for(model)
+    device = next(model.parameters()).device
+    results: list[tuple[float, bool]] = [(0.0, False)] * len(samples)
+    for chunk in _groups([(len(s.ids), len(s.answer)) for s in samples], batch_size):
+        batch = torch.stack([torch.cat([samples[i].ids, samples[i].answer[:-1]]) for i in chunk])
+        logp = torch.log_softmax(adapter.logits(model, batch.to(device)).float(), -1)
+        for row, i in zip(logp, chunk):
+            steps = row[len(samples[i].ids) - 1:]  # the rows that predict the answer tokens
+            answer = samples[i].answer.to(device)
+            results[i] = (float(steps.gather(-1, answer.view(-1, 1)).sum()), bool((steps.argmax(-1) == answer).all()))
+    return results
+
+
+def needle_accuracy(samples: Sequence[TaskSample], batch_size: int = 8) -> Metric:
+    """Share of needle samples whose answer greedy decoding reproduces exactly."""
+    _needles(samples)
+    return lambda model: sum(ok for _, ok in _teacher_forced(model, samples, batch_size)) / len(samples)
+
+
+def answer_logprob(samples: Sequence[TaskSample], batch_size: int = 8) -> Metric:
+    """Mean log-probability of the needle's answer tokens (teacher-forced)."""
+    _needles(samples)
+    return lambda model: sum(lp for lp, _ in _teacher_forced(model, samples, batch_size)) / len(samples)
+
+
+def _needles(samples: Sequence[TaskSample]) -> None:
+    if not samples or any(s.answer is None for s in samples):
+        raise WorkbenchError("needle metrics need needle samples (workbench.tasks.needle_samples)")
+
+
+def text_loss(samples: Sequence[TaskSample], batch_size: int = 8) -> Metric:
+    """Mean next-token cross-entropy (nats) over every position of the samples."""
+    return lambda model: _next_token(model, samples, batch_size, lambda s: 0)[0]
+
+
+def induction_accuracy(samples: Sequence[TaskSample], batch_size: int = 8) -> Metric:
+    """Share of positions after the first copy of a repeats sample where the argmax next token
+    is the right one (only induction can predict them)."""
+    if not samples or any(s.period is None for s in samples):
+        raise WorkbenchError("induction accuracy needs repeats samples (workbench.tasks.repeat_samples)")
+    # ids = prefix (BOS or nothing, shorter than a period) + copies: row p predicts token p + 1,
+    # which lies in a later copy from p = prefix + period - 1 on.
+    return lambda model: _next_token(model, samples, batch_size, lambda s: len(s.ids) % s.period + s.period - 1)[1]
+
+
+@torch.no_grad()
+def _next_token(model, samples, batch_size: int, first: Callable[[TaskSample], int]) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of next-token prediction on the rows from ``first(sample)``."""
+    adapter = adapter_for(model)
+    device = next(model.parameters()).device
+    loss, correct, count = 0.0, 0, 0
+    for chunk in _groups([(len(s.ids), first(s)) for s in samples], batch_size):
+        batch = torch.stack([samples[i].ids for i in chunk]).to(device)
+        f = first(samples[chunk[0]])
+        logits = adapter.logits(model, batch).float()[:, f:-1]
+        target = batch[:, f + 1:]
+        loss += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                        reduction="sum"))
+        correct += int((logits.argmax(-1) == target).sum())
+        count += target.numel()
+    return loss / count, correct / count
+
+
+def logit_difference(ids: torch.Tensor, token_a: int, token_b: int) -> Metric:
+    """Mean over ``ids [batch, tokens]`` of logit(a) - logit(b) at the last position."""
+    def metric(model) -> float:
+        with torch.no_grad():
+            last = adapter_for(model).logits(model, ids.to(next(model.parameters()).device))[:, -1].float()
+        return float((last[:, token_a] - last[:, token_b]).mean())
+    return metric
+
+
+# Experiments.
+
+def scan_heads(model, metric: Metric, method: str = "zero", reference: torch.Tensor | None = None,
+               progress: bool = True) -> pd.DataFrame:
+    """Every head ablated alone: ``layer, head, value, baseline, delta`` (value - baseline)."""
+    baseline = metric(model)
+    rows = []
+    for layer, head in tqdm(all_heads(model), desc="ablating heads", unit="head", disable=not progress):
+        with ablate(model, [(layer, head)], method, reference):
+            value = metric(model)
+        rows.append((layer, head, value, baseline, value - baseline))
+    return pd.DataFrame(rows, columns=["layer", "head", "value", "baseline", "delta"])
+
+
+def cumulative(model, metric: Metric, ranking: Sequence[Head], ks: Sequence[int], draws: int = 5,
+               method: str = "zero", reference: torch.Tensor | None = None, seed: int = 0,
+               control: str = "all", progress: bool = True) -> pd.DataFrame:
+    """The masking experiment of Wu et al.: the top-``k`` heads of ``ranking`` ablated together,
+    against ``draws`` sets of ``k`` random heads outside the top ``k``: from all layers
+    (``control="all"``) or from the layers the top ``k`` sit in (``"same_layers"``, which
+    controls for depth: in a small model every early head may feed the later ones).
+    Rows ``k, selection ("top" | "random" | "none"), draw, heads, value``."""
+    if control not in ("all", "same_layers"):
+        raise WorkbenchError(f"control must be 'all' or 'same_layers', got {control!r}")
+    ranking = check_heads(model, ranking)
+    everyone = all_heads(model)
+    bad = [k for k in ks if not 1 <= k <= len(ranking) or k > len(everyone) - k]
+    if bad or not ks:
+        raise WorkbenchError(f"k must lie in 1..{min(len(ranking), len(everyone) // 2)} (the ranking has "
+                             f"{len(ranking)} heads, the model {len(everyone)}), got {list(ks) or 'none'}")
+    rng = random.Random(seed)
+    rows = [(0, "none", 0, "", metric(model))]
+    jobs = [(k, "top", 0, list(ranking[:k])) for k in ks]
+    for k in ks:
+        layers = {layer for layer, _ in ranking[:k]} if control == "same_layers" else {layer for layer, _ in everyone}
+        others = [h for h in everyone if h not in ranking[:k] and h[0] in layers]
+        if len(others) < k:
+            raise WorkbenchError(f"only {len(others)} heads outside the top {k} in their layers: too few for a "
+                                 "same-layer control; use control='all' or a smaller k")
+        jobs += [(k, "random", d, rng.sample(others, k)) for d in range(draws)]
+    for k, selection, draw, heads in tqdm(jobs, desc="ablating head sets", unit="set", disable=not progress):
+        with ablate(model, heads, method, reference, seed=seed):
+            rows.append((k, selection, draw, " ".join(f"{l}.{h}" for l, h in heads), metric(model)))
+    return pd.DataFrame(rows, columns=["k", "selection", "draw", "heads", "value"])
+
+
+def rank_heads(run: Run, score: str, task: str | None = None) -> list[Head]:
+    """Heads of a run ordered by one score, highest first (NaN last); ``task`` picks the task
+    when the score was computed on several."""
+    table = run.table("head_scores")
+    rows = table[table["score"] == score]
+    if rows.empty:
+        raise WorkbenchError(f"the run in {run.path} has no {score!r} score; it has: "
+                             f"{', '.join(sorted(set(table['score'])))}")
+    tasks = sorted(set(rows["task"]))
+    if task is None and len(tasks) > 1:
+        raise WorkbenchError(f"{score} was scored on tasks {tasks}: choose one")
+    rows = rows[rows["task"] == (task or tasks[0])]
+    if rows.empty:
+        raise WorkbenchError(f"{score} was not scored on task {task!r}; it was on: {', '.join(tasks)}")
+    rows = rows.sort_values("value", ascending=False, na_position="last")
+    return [(int(r.layer), int(r.head)) for r in rows.itertuples()]

@@ -1,0 +1,135 @@
+"""``workbench ablate``: joins the ``workbench`` CLI through the ``workbench.commands``
+entry-point group (see ``pyproject.toml``), so that ``workbench`` never imports ``probes``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+#: Metric (a function of ``probes.ablation``) -> the task whose samples it needs.
+METRICS = {
+    "needle_accuracy": "niah",
+    "answer_logprob": "niah",
+    "induction_accuracy": "repeats",
+    "text_loss": "text",
+}
+DEFAULT_METRIC = {"niah": "needle_accuracy", "repeats": "induction_accuracy", "text": "text_loss"}
+
+
+def register(app: typer.Typer) -> None:
+    """Add the probes' commands to the ``workbench`` CLI (idempotent)."""
+    if not any(c.name == "ablate" for c in app.registered_commands):
+        app.command("ablate")(ablate)
+
+
+def ablate(
+    run: Path = typer.Option(..., "--run", "-r", help="Run folder whose scores rank the heads."),
+    rank_by: str = typer.Option("retrieval", "--rank-by", help="Score that ranks the heads."),
+    score_task: str = typer.Option(None, help="Task of that score, when it was computed on several."),
+    k: str = typer.Option("1,2,4", "--k", help="Comma-separated numbers of top heads to ablate together."),
+    task: str = typer.Option("niah", "--task", "-t", help="Samples to measure on: niah, repeats or text."),
+    metric: str = typer.Option(None, help="needle_accuracy, answer_logprob (niah), induction_accuracy (repeats), "
+                               "text_loss (text); default: the task's first."),
+    method: str = typer.Option("zero", help="zero, mean or resample."),
+    length: int = typer.Option(None, "--length", "-n", help="Tokens per sample (default: the run's shortest)."),
+    samples: int = typer.Option(8, "--samples", "-s", min=1, help="Samples (niah: per depth, 3 depths)."),
+    draws: int = typer.Option(5, min=1, help="Random head sets per k."),
+    control: str = typer.Option("all", help="Random heads from all layers, or from the top heads' layers "
+                                "(same_layers: controls for depth)."),
+    scan: bool = typer.Option(False, "--scan", help="Also ablate every head alone."),
+    model: str = typer.Option(None, "--model", "-m", help="Model (default: the run's)."),
+    device: str = typer.Option(None, help="cpu, cuda, ... (default: CUDA when available)."),
+    seed: int = typer.Option(0, help="Seed of the samples and the random head sets."),
+) -> None:
+    """Ablate the top-k heads of a run's score against k random heads (Wu et al.'s masking
+    experiment); tables and figures go into the run folder."""
+    from workbench.errors import WorkbenchError
+
+    try:
+        _ablate(run, rank_by, score_task, k, task, metric, method, length, samples, draws, control, scan, model,
+                device, seed)
+    except WorkbenchError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _ablate(run_path, rank_by, score_task, k, task, metric, method, length, samples, draws, control, scan,
+            model_name, device, seed) -> None:
+    import torch
+
+    from probes import ablation
+    from workbench.errors import WorkbenchError
+    from workbench.models import load_model
+    from workbench.plots import ablation_curve, head_map, save_figures
+    from workbench.runs import Run
+    from workbench.scoring import task_tokenizer
+    from workbench.tasks import needle_samples, repeat_samples, text_samples
+
+    run = Run.open(run_path)
+    settings = run.manifest["settings"]
+    metric = metric or DEFAULT_METRIC.get(task)
+    if task not in DEFAULT_METRIC:
+        raise WorkbenchError(f"unknown task {task!r}; choose from: {', '.join(DEFAULT_METRIC)}")
+    if METRICS.get(metric) != task:
+        valid = [m for m, t in METRICS.items() if t == task]
+        raise WorkbenchError(f"metric {metric!r} does not fit task {task}; choose from: {', '.join(valid)}")
+    try:
+        ks = [int(x) for x in k.split(",") if x.strip()]
+    except ValueError:
+        raise WorkbenchError(f"--k must be comma-separated integers, got {k!r}") from None
+    if method == "resample" and task == "niah":
+        raise WorkbenchError("resample ablation needs reference inputs as long as the measured ones: use it with "
+                             "--task repeats or text, or --method mean")
+    ranking = ablation.rank_heads(run, rank_by, score_task)
+    with console.status(f"loading {model_name or settings['model']}..."):
+        model = load_model(model_name or settings["model"], device=device,
+                           dtype=getattr(torch, settings["dtype"]) if settings.get("dtype") else None)
+    tok = task_tokenizer(model)
+    length = length or min(settings["lengths"])
+    gen_seed = seed + 10_000  # fresh samples, not the ones the scores came from
+    if task == "niah":
+        items = needle_samples(tok, [length], [0.2, 0.5, 0.8], samples, seed=gen_seed)
+    elif task == "repeats":
+        items = repeat_samples(tok, (length - 1) // 2, 2, samples, seed=gen_seed)
+    else:
+        items = text_samples(tok, settings.get("text"), length, samples)
+    measure = getattr(ablation, metric)(items)
+    reference = torch.stack([s.ids for s in items]) if method != "zero" else None
+    table = ablation.cumulative(model, measure, ranking, ks, draws=draws, method=method, reference=reference,
+                                seed=seed, control=control)
+    config = {"rank_by": rank_by, "task": task, "metric": metric, "method": method, "length": length,
+              "control": control}
+    table = table.assign(**config)
+    name = f"ablation_{rank_by}_{metric}_{method}_{control}"
+    run.write_table(name, table)
+    figures = {name: ablation_curve(table, metric)}
+    if scan:
+        scanned = ablation.scan_heads(model, measure, method, reference).assign(**config)
+        run.write_table(f"scan_{metric}_{method}", scanned)
+        figures[f"scan_{metric}_{method}"] = head_map(
+            scanned.assign(score=f"{metric} change when ablated alone", value=scanned["delta"], task=task),
+            f"{metric} change when ablated alone")
+    warnings = save_figures(figures, run.path / "figures")
+    run.manifest.setdefault("ablations", [])
+    run.manifest["ablations"] = [a for a in run.manifest["ablations"] if a.get("table") != name] + [
+        {**config, "k": ks, "draws": draws, "samples": len(items), "table": name, "figure_warnings": warnings}]
+    run.save_manifest()
+    _print(table, metric, rank_by, run.path / f"{name}.parquet")
+
+
+def _print(table, metric: str, rank_by: str, where: Path) -> None:
+    base = float(table[table["selection"] == "none"]["value"].iloc[0])
+    out = Table(title=f"{metric} with the top-k {rank_by} heads ablated vs k random heads (no ablation: {base:.3f})")
+    for col in ("k", "top-k heads", "top-k", "random: mean", "random: min–max"):
+        out.add_column(col, justify="left" if col == "top-k heads" else "right")
+    for k, group in table[table["selection"] != "none"].groupby("k"):
+        top = group[group["selection"] == "top"].iloc[0]
+        rand = group[group["selection"] == "random"]["value"]
+        out.add_row(str(k), top["heads"], f"{top['value']:.3f}", f"{rand.mean():.3f}", f"{rand.min():.3f}–{rand.max():.3f}")
+    console.print(out)
+    console.print(f"table in {where}")
