@@ -21,10 +21,15 @@ METRICS = {
 DEFAULT_METRIC = {"niah": "needle_accuracy", "repeats": "induction_accuracy", "text": "text_loss"}
 
 
+sae_app = typer.Typer(help="Sparse autoencoders on attention outputs (sae-lens format).", no_args_is_help=True)
+
+
 def register(app: typer.Typer) -> None:
     """Add the probes' commands to the ``workbench`` CLI (idempotent)."""
     if not any(c.name == "ablate" for c in app.registered_commands):
         app.command("ablate")(ablate)
+    if not any(g.name == "sae" for g in app.registered_groups):
+        app.add_typer(sae_app, name="sae")
 
 
 def ablate(
@@ -133,3 +138,94 @@ def _print(table, metric: str, rank_by: str, where: Path) -> None:
         out.add_row(str(k), top["heads"], f"{top['value']:.3f}", f"{rand.mean():.3f}", f"{rand.min():.3f}–{rand.max():.3f}")
     console.print(out)
     console.print(f"table in {where}")
+
+
+@sae_app.command("train")
+def sae_train(
+    layer: int = typer.Option(..., "--layer", "-l", help="Layer whose hook_z (heads concatenated) the SAE reads."),
+    model: str = typer.Option(None, "--model", "-m", help="Model (default: the default zoo model)."),
+    architecture: str = typer.Option("topk", help="topk or standard (L1)."),
+    d_sae: int = typer.Option(128, help="Features."),
+    k: int = typer.Option(8, help="Active features (topk)."),
+    l1: float = typer.Option(1.0, help="L1 coefficient (standard)."),
+    samples: int = typer.Option(48, "--samples", "-s", min=2, help="Text samples to train on."),
+    length: int = typer.Option(256, "--length", "-n", help="Tokens per sample."),
+    tokens: int = typer.Option(400_000, help="Training tokens (samples are revisited)."),
+    text: str = typer.Option(None, help="Text file, folder or hf:DATASET (default: built-in docstrings)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Folder (default: saes/<model>-L<layer>-<architecture>)."),
+    device: str = typer.Option(None, help="cpu, cuda, ..."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Train an SAE on one layer's attention output; save it in sae-lens's format with its
+    evaluation, per-head attribution and top-activating contexts."""
+    from workbench.errors import WorkbenchError
+
+    try:
+        _sae_train(layer, model, architecture, d_sae, k, l1, samples, length, tokens, text, out, device, seed)
+    except WorkbenchError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _sae_train(layer, model_name, architecture, d_sae, k, l1, samples, length, tokens, text, out, device, seed):
+    import json
+
+    from probes import sae as saes
+    from workbench.errors import WorkbenchError
+    from workbench.models import load_model
+    from workbench.runs import atomic_write
+    from workbench.tasks import text_samples
+    from workbench.zoo import DEFAULT_MODEL
+
+    model_name = model_name or DEFAULT_MODEL
+    model = load_model(model_name, device=device)
+    items = text_samples(model.tokenizer, text, length, samples + max(2, samples // 8))
+    if len(items) < samples + 2:
+        raise WorkbenchError(f"the text holds only {len(items)} samples of {length} tokens; lower --samples")
+    train, held_out = items[:samples], items[samples:]
+    sae = saes.train_sae(model, layer, train, architecture, d_sae=d_sae, k=k, l1_coefficient=l1,
+                         training_tokens=tokens, seed=seed, device=str(next(model.parameters()).device))
+    out = out or Path("saes") / f"{model_name.replace('/', '_').replace(':', '_')}-L{layer}-{architecture}"
+    saes.save_sae(sae, out)
+    metrics = saes.evaluate(model, sae, layer, held_out)
+    atomic_write(out / "evaluation.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
+    n_heads = model.cfg.n_heads if hasattr(model, "cfg") else model.config.num_attention_heads
+    saes.head_attribution(sae, n_heads).to_parquet(out / "head_attribution.parquet", index=False)
+    saes.top_contexts(model, sae, layer, held_out).to_parquet(out / "top_contexts.parquet", index=False)
+    _print_sae(metrics, out)
+
+
+@sae_app.command("eval")
+def sae_eval(
+    path: Path = typer.Argument(..., help="SAE folder (sae-lens format)."),
+    layer: int = typer.Option(..., "--layer", "-l"),
+    model: str = typer.Option(None, "--model", "-m", help="Model (default: the default zoo model)."),
+    samples: int = typer.Option(8, "--samples", "-s", min=1),
+    length: int = typer.Option(256, "--length", "-n"),
+    text: str = typer.Option(None, help="Text file, folder or hf:DATASET (default: built-in docstrings)."),
+    device: str = typer.Option(None),
+) -> None:
+    """L0, explained variance, CE loss recovered and dead features of an SAE on text."""
+    from probes import sae as saes
+    from workbench.errors import WorkbenchError
+    from workbench.models import load_model
+    from workbench.tasks import text_samples
+    from workbench.zoo import DEFAULT_MODEL
+
+    try:
+        loaded = load_model(model or DEFAULT_MODEL, device=device)
+        sae = saes.load_sae(path, loaded, layer)
+        items = text_samples(loaded.tokenizer, text, length)[-samples:]  # the end of the text: not trained on
+        _print_sae(saes.evaluate(loaded, sae, layer, items), path)
+    except WorkbenchError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _print_sae(metrics: dict, where: Path) -> None:
+    table = Table(title=f"SAE {where}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in metrics.items():
+        table.add_row(name, f"{value:.3f}" if isinstance(value, float) else str(value))
+    console.print(table)

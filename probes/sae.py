@@ -1,0 +1,190 @@
+"""Sparse autoencoders on attention outputs, trained and stored with sae-lens.
+
+Following Kissane et al. ("Interpreting Attention Layer Outputs with Sparse Autoencoders"),
+the SAE reads one layer's ``hook_z`` with the heads concatenated (``[n_heads * d_head]`` per
+token), so each decoder row splits into one block per head: the feature's head attribution.
+Activations come from the workbench's own model and tasks (no hub data set); sae-lens's own
+``SAETrainer`` trains on them through a data provider, and SAEs are saved in sae-lens's format
+(``cfg.json`` + ``sae_weights.safetensors``) with ``metadata.hook_name`` set.
+
+Example:
+    >>> samples = text_samples(model.tokenizer, None, 256, 64)
+    >>> sae = train_sae(model, layer=1, samples=samples, architecture="topk", d_sae=128, k=8)
+    >>> evaluate(model, sae, 1, samples[:8])      # l0, explained variance, CE loss recovered, dead share
+    >>> head_attribution(sae, n_heads=4)          # feature, head, share of the decoder norm
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from probes.ablation import head_outputs
+from workbench.errors import WorkbenchError
+from workbench.instrument import adapter_for
+from workbench.tasks import TaskSample
+
+ARCHITECTURES = ("standard", "topk")
+
+
+def hook_name(layer: int) -> str:
+    """The TransformerLens name of the activation the SAE reads."""
+    return f"blocks.{layer}.attn.hook_z"
+
+
+@torch.no_grad()
+def activations(model, layer: int, samples: Sequence[TaskSample]) -> torch.Tensor:
+    """``hook_z`` of ``layer`` with heads concatenated, every token of every sample:
+    ``[tokens, n_heads * d_head]`` float32."""
+    n_layers = adapter_for(model).n_layers(model)
+    if not 0 <= layer < n_layers:
+        raise WorkbenchError(f"layer {layer} out of range: the model has {n_layers} layers")
+    parts = [head_outputs(model, s.ids.view(1, -1))[layer][0] for s in samples]
+    return torch.cat([z.reshape(z.shape[0], -1).float() for z in parts])
+
+
+def _stream(acts: torch.Tensor, batch: int, seed: int) -> Iterator[torch.Tensor]:
+    """Endless shuffled batches of rows of ``acts`` (a data provider for sae-lens's trainer)."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        for idx in torch.randperm(len(acts), generator=gen).split(batch):
+            if len(idx) == batch:
+                yield acts[idx]
+
+
+def train_sae(model, layer: int, samples: Sequence[TaskSample], architecture: str = "topk", d_sae: int = 128,
+              k: int = 8, l1_coefficient: float = 1.0, training_tokens: int = 400_000, batch: int = 1024,
+              lr: float = 1e-3, seed: int = 0, device: str = "cpu"):
+    """An sae-lens training SAE (``"standard"``: ReLU with an L1 penalty; ``"topk"``: k active
+    features) trained on ``layer``'s concatenated ``hook_z`` over ``samples``."""
+    from sae_lens import (SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig, TopKTrainingSAE,
+                          TopKTrainingSAEConfig)
+    from sae_lens.config import SAETrainerConfig
+
+    if architecture not in ARCHITECTURES:
+        raise WorkbenchError(f"unknown SAE architecture {architecture!r}; choose one of: {', '.join(ARCHITECTURES)}")
+    acts = activations(model, layer, samples)
+    if len(acts) < batch:
+        raise WorkbenchError(f"{len(acts)} tokens of activations, fewer than one batch of {batch}: give more samples")
+    torch.manual_seed(seed)
+    common = {"d_in": acts.shape[1], "d_sae": d_sae, "device": device}
+    if architecture == "topk":
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=k, **common))
+    else:
+        sae = StandardTrainingSAE(StandardTrainingSAEConfig(l1_coefficient=l1_coefficient, **common))
+    sae.cfg.metadata.hook_name = hook_name(layer)
+    sae.cfg.metadata.model_name = str(getattr(getattr(model, "cfg", None), "model_name", type(model).__name__))
+    cfg = SAETrainerConfig(total_training_samples=training_tokens, train_batch_size_samples=batch, lr=lr, lr_end=lr / 10,
+                           lr_scheduler_name="cosineannealing",
+                           lr_warm_up_steps=max(1, training_tokens // batch // 20), device=device)
+    trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=_stream(acts.to(device), batch, seed))
+    return trainer.fit().eval()
+
+
+def save_sae(sae, path: str | Path) -> Path:
+    """sae-lens's inference format: ``cfg.json`` and ``sae_weights.safetensors`` in ``path``."""
+    path = Path(path)
+    sae.save_inference_model(path)
+    return path
+
+
+def load_sae(path: str | Path, model, layer: int):
+    """An SAE saved by :func:`save_sae` (or any sae-lens SAE on disk), checked to read this
+    model's ``layer`` ``hook_z``: a clear error when it was trained on another hook or width."""
+    from sae_lens import SAE
+
+    path = Path(path)
+    if not (path / "cfg.json").is_file():
+        raise WorkbenchError(f"{path} holds no sae-lens SAE (no cfg.json)")
+    try:
+        sae = SAE.load_from_disk(path)
+    except Exception as exc:  # sae-lens raises several types for bad files
+        raise WorkbenchError(f"cannot load the SAE in {path}: {exc}") from exc
+    n_heads, d_head = adapter_for(model).head_shape(model)
+    expected = hook_name(layer)
+    found = getattr(sae.cfg.metadata, "hook_name", None)
+    if found != expected:
+        raise WorkbenchError(f"the SAE in {path} reads {found or 'an unnamed hook'}, not {expected}")
+    if sae.cfg.d_in != n_heads * d_head:
+        raise WorkbenchError(f"the SAE in {path} reads {sae.cfg.d_in} numbers per token; this model's "
+                             f"{expected} has {n_heads} x {d_head} = {n_heads * d_head}")
+    return sae.eval()
+
+
+@torch.no_grad()
+def evaluate(model, sae, layer: int, samples: Sequence[TaskSample]) -> dict[str, float]:
+    """L0 (mean active features per token), explained variance, dead-feature share (never
+    active on these samples), and next-token cross-entropy clean / with the SAE's reconstruction
+    spliced into ``hook_z`` / with the layer's ``hook_z`` zeroed, and the share of the loss
+    gap the SAE recovers: ``(zero - spliced) / (zero - clean)``."""
+    from probes.ablation import text_loss
+
+    acts = activations(model, layer, samples).to(sae.device)
+    features = sae.encode(acts)
+    recon = sae.decode(features)
+    residual = ((acts - recon) ** 2).sum()
+    total = ((acts - acts.mean(0)) ** 2).sum()
+    adapter = adapter_for(model)
+    loss = text_loss(samples)
+
+    def with_z(replace) -> float:
+        remove = adapter.z_hooks(model, lambda l, z: replace(z) if l == layer else None)
+        try:
+            return loss(model)
+        finally:
+            remove()
+
+    def spliced(z: torch.Tensor) -> torch.Tensor:
+        flat = z.reshape(*z.shape[:-2], -1)
+        return sae.decode(sae.encode(flat.to(sae.device).float())).to(z.dtype).reshape(z.shape)
+
+    clean, zero, with_sae = loss(model), with_z(torch.zeros_like), with_z(spliced)
+    return {
+        "l0": float((features > 0).float().sum(-1).mean()),
+        "explained_variance": float(1 - residual / total),
+        "dead_fraction": float(((features > 0).sum(0) == 0).float().mean()),
+        "ce_loss_clean": clean,
+        "ce_loss_spliced": with_sae,
+        "ce_loss_zero_ablated": zero,
+        "ce_loss_recovered": (zero - with_sae) / (zero - clean) if zero != clean else float("nan"),
+        "tokens": len(acts),
+    }
+
+
+def head_attribution(sae, n_heads: int) -> pd.DataFrame:
+    """Each feature's decoder row split into per-head blocks: ``feature, head, share`` (the
+    block's squared norm over the row's; shares sum to 1 per feature)."""
+    w = sae.W_dec.detach().float().cpu()  # [d_sae, n_heads * d_head]
+    if w.shape[1] % n_heads:
+        raise WorkbenchError(f"the SAE's width {w.shape[1]} is not a multiple of {n_heads} heads")
+    per_head = (w.view(w.shape[0], n_heads, -1) ** 2).sum(-1)
+    share = per_head / per_head.sum(-1, keepdim=True).clamp_min(1e-12)
+    features, heads = torch.meshgrid(torch.arange(w.shape[0]), torch.arange(n_heads), indexing="ij")
+    return pd.DataFrame({"feature": features.reshape(-1).numpy(), "head": heads.reshape(-1).numpy(),
+                         "share": share.reshape(-1).numpy()})
+
+
+@torch.no_grad()
+def top_contexts(model, sae, layer: int, samples: Sequence[TaskSample], n: int = 5, window: int = 12,
+                 features: Sequence[int] | None = None) -> pd.DataFrame:
+    """The ``n`` tokens that activate each feature most: ``feature, rank, activation, sample,
+    position, context`` (``window`` tokens before, the token in ``[[ ]]``), for the app."""
+    tokenizer = getattr(model, "tokenizer", None)
+    acts = activations(model, layer, samples).to(sae.device)
+    feats = sae.encode(acts).float().cpu()  # [tokens, d_sae]
+    where = [(i, p) for i, s in enumerate(samples) for p in range(len(s.ids))]
+    rows = []
+    for f in features if features is not None else range(feats.shape[1]):
+        values, idx = feats[:, f].topk(min(n, len(where)))
+        for rank, (v, t) in enumerate(zip(values.tolist(), idx.tolist())):
+            if v <= 0:
+                break
+            i, p = where[t]
+            ids = samples[i].ids
+            before, token = ids[max(0, p - window):p].tolist(), [int(ids[p])]
+            text = (tokenizer.decode(before) + "[[" + tokenizer.decode(token) + "]]") if tokenizer else str(before + token)
+            rows.append((f, rank, v, i, p, text))
+    return pd.DataFrame(rows, columns=["feature", "rank", "activation", "sample", "position", "context"])
