@@ -187,11 +187,15 @@ def _sae_train(layer, model_name, architecture, d_sae, k, l1, samples, length, t
                          training_tokens=tokens, seed=seed, device=str(next(model.parameters()).device))
     out = out or Path("saes") / f"{model_name.replace('/', '_').replace(':', '_')}-L{layer}-{architecture}"
     saes.save_sae(sae, out)
+    sae = saes.load_sae(out, model, layer)  # the inference form, as every later reader sees it
     metrics = saes.evaluate(model, sae, layer, held_out)
     atomic_write(out / "evaluation.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
     n_heads = model.cfg.n_heads if hasattr(model, "cfg") else model.config.num_attention_heads
     saes.head_attribution(sae, n_heads).to_parquet(out / "head_attribution.parquet", index=False)
-    saes.top_contexts(model, sae, layer, held_out).to_parquet(out / "top_contexts.parquet", index=False)
+    contexts = saes.top_contexts(model, sae, layer, held_out)
+    contexts.to_parquet(out / "top_contexts.parquet", index=False)
+    saes.direct_attribution(model, sae, layer, held_out, contexts, n_heads).to_parquet(
+        out / "direct_attribution.parquet", index=False)
     _print_sae(metrics, out)
 
 

@@ -188,3 +188,27 @@ def top_contexts(model, sae, layer: int, samples: Sequence[TaskSample], n: int =
             text = (tokenizer.decode(before) + "[[" + tokenizer.decode(token) + "]]") if tokenizer else str(before + token)
             rows.append((f, rank, v, i, p, text))
     return pd.DataFrame(rows, columns=["feature", "rank", "activation", "sample", "position", "context"])
+
+
+@torch.no_grad()
+def direct_attribution(model, sae, layer: int, samples: Sequence[TaskSample], contexts: pd.DataFrame,
+                       n_heads: int) -> pd.DataFrame:
+    """Direct feature attribution on examples: for each row of :func:`top_contexts`, how much
+    each head's output adds to the feature's pre-activation (the input's head block times the
+    encoder's head block; the heads' sum plus the encoder bias is the pre-activation, which is
+    the activation of an active feature of a saved SAE, :func:`load_sae`).
+    Rows ``feature, rank, head, contribution``."""
+    if contexts.empty:
+        return pd.DataFrame(columns=["feature", "rank", "head", "contribution"])
+    acts = activations(model, layer, samples).to(sae.device)
+    starts = torch.tensor([0] + [len(s.ids) for s in samples]).cumsum(0)
+    rows = torch.as_tensor((starts[contexts["sample"].to_numpy()] + torch.as_tensor(contexts["position"].to_numpy())))
+    x = sae.process_sae_in(acts[rows])  # [examples, d_in]
+    w = sae.W_enc[:, torch.as_tensor(contexts["feature"].to_numpy())].T  # [examples, d_in]
+    contribution = (x.view(len(rows), n_heads, -1) * w.view(len(rows), n_heads, -1)).sum(-1).float().cpu()
+    return pd.DataFrame({
+        "feature": contexts["feature"].to_numpy().repeat(n_heads),
+        "rank": contexts["rank"].to_numpy().repeat(n_heads),
+        "head": torch.arange(n_heads).repeat(len(rows)).numpy(),
+        "contribution": contribution.reshape(-1).numpy(),
+    })

@@ -183,3 +183,14 @@ def test_ablate_command(scored):
                           (["--method", "resample"], "resample ablation needs")):
         result = runner.invoke(app, ["ablate", "--run", str(scored.path), *args])
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_the_workbench_command_has_the_probes_commands():
+    """`workbench` (python -m workbench) finds `ablate` and `sae` through the entry point."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "workbench", "--help"], capture_output=True, text=True, timeout=120,
+                         env={"COLUMNS": "200", "PATH": "", "HOME": "/tmp"})
+    assert out.returncode == 0, out.stderr
+    assert "ablate" in out.stdout and "sae" in out.stdout and "score" in out.stdout

@@ -63,10 +63,16 @@ def test_save_load_attribution_and_contexts(zoo, texts, tmp_path):
         loaded.W_dec[0] = 0
         loaded.W_dec[0, 64:96] = 1.0
     assert saes.head_attribution(loaded, 4).query("feature == 0").set_index("head")["share"].idxmax() == 2
-    top = saes.top_contexts(zoo, sae, 0, held_out, n=3, features=[1, 2, 3])
+    top = saes.top_contexts(zoo, loaded, 0, held_out, n=3, features=[1, 2, 3])
     for _, group in top.groupby("feature"):
         assert list(group["activation"]) == sorted(group["activation"], reverse=True)
         assert group["context"].str.contains(r"\[\[").all()
+    # direct attribution: the heads' contributions plus the encoder bias give the activation
+    dfa = saes.direct_attribution(zoo, loaded, 0, held_out, top, 4)
+    summed = dfa.groupby(["feature", "rank"])["contribution"].sum()
+    for row in top.itertuples():
+        want = row.activation - float(loaded.b_enc[row.feature])
+        assert summed[(row.feature, row.rank)] == pytest.approx(want, abs=1e-4)
 
 
 def test_loading_an_sae_of_another_hook_or_width_fails(zoo, texts, tmp_path):
@@ -93,7 +99,8 @@ def test_sae_commands(tmp_path):
                                  "--out", str(out), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "explained_variance" in result.output and (out / "sae_weights.safetensors").exists()
-    assert {"top_contexts.parquet", "head_attribution.parquet", "evaluation.json"} <= {p.name for p in out.iterdir()}
+    assert {"top_contexts.parquet", "head_attribution.parquet", "direct_attribution.parquet",
+            "evaluation.json"} <= {p.name for p in out.iterdir()}
     result = runner.invoke(app, ["sae", "eval", str(out), "--layer", "1", "--samples", "2", "--device", "cpu"])
     assert result.exit_code == 0 and "ce_loss_recovered" in result.output, result.output
     result = runner.invoke(app, ["sae", "eval", str(out), "--layer", "0", "--device", "cpu"])
