@@ -182,7 +182,7 @@ def test_ablate_command(scored):
                           (["--k", "x"], "comma-separated integers"),
                           (["--method", "resample"], "resample ablation needs")):
         result = runner.invoke(app, ["ablate", "--run", str(scored.path), *args])
-        assert result.exit_code == 2 and message in result.output, result.output
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
 
 
 def test_the_workbench_command_has_the_probes_commands():

@@ -104,4 +104,4 @@ def test_sae_commands(tmp_path):
     result = runner.invoke(app, ["sae", "eval", str(out), "--layer", "1", "--samples", "2", "--device", "cpu"])
     assert result.exit_code == 0 and "ce_loss_recovered" in result.output, result.output
     result = runner.invoke(app, ["sae", "eval", str(out), "--layer", "0", "--device", "cpu"])
-    assert result.exit_code == 2 and "not blocks.0.attn.hook_z" in result.output
+    assert result.exit_code == 2 and "not blocks.0.attn.hook_z" in " ".join(result.output.split())
