@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from workbench.errors import WorkbenchError
 from workbench.instrument import adapter_for
 from workbench.runs import Run
-from workbench.tasks import TaskSample
+from workbench.tasks import TaskSample, second_copy_start
 
 Head = tuple[int, int]
 Metric = Callable[[torch.nn.Module], float]
@@ -169,9 +169,8 @@ def induction_accuracy(samples: Sequence[TaskSample], batch_size: int = 8) -> Me
     is the right one (only induction can predict them)."""
     if not samples or any(s.period is None for s in samples):
         raise WorkbenchError("induction accuracy needs repeats samples (workbench.tasks.repeat_samples)")
-    # ids = prefix (BOS or nothing, shorter than a period) + copies: row p predicts token p + 1,
-    # which lies in a later copy from p = prefix + period - 1 on.
-    return lambda model: _next_token(model, samples, batch_size, lambda s: len(s.ids) % s.period + s.period - 1)[1]
+    # row p predicts token p + 1: the rows from the one before the second copy on
+    return lambda model: _next_token(model, samples, batch_size, lambda s: second_copy_start(s) - 1)[1]
 
 
 @torch.no_grad()

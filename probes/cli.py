@@ -172,6 +172,7 @@ def _sae_train(layer, model_name, architecture, d_sae, k, l1, samples, length, t
 
     from probes import sae as saes
     from workbench.errors import WorkbenchError
+    from workbench.instrument import adapter_for
     from workbench.models import load_model
     from workbench.runs import atomic_write
     from workbench.tasks import text_samples
@@ -190,7 +191,7 @@ def _sae_train(layer, model_name, architecture, d_sae, k, l1, samples, length, t
     sae = saes.load_sae(out, model, layer)  # the inference form, as every later reader sees it
     metrics = saes.evaluate(model, sae, layer, held_out)
     atomic_write(out / "evaluation.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
-    n_heads = model.cfg.n_heads if hasattr(model, "cfg") else model.config.num_attention_heads
+    n_heads = adapter_for(model).head_shape(model)[0]
     saes.head_attribution(sae, n_heads).to_parquet(out / "head_attribution.parquet", index=False)
     contexts = saes.top_contexts(model, sae, layer, held_out)
     contexts.to_parquet(out / "top_contexts.parquet", index=False)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from probes.ablation import all_heads, head_outputs
 from workbench.errors import WorkbenchError
-from workbench.tasks import TaskSample
+from workbench.tasks import TaskSample, second_copy_start
 
 
 def needle_labels(samples: Sequence[TaskSample]) -> list[torch.Tensor]:
@@ -40,11 +40,7 @@ def repeat_labels(samples: Sequence[TaskSample]) -> list[torch.Tensor]:
     """True for the tokens of every copy after the first (tokens seen before)."""
     if any(s.period is None for s in samples):
         raise WorkbenchError("repeat labels need repeats samples (workbench.tasks.repeat_samples)")
-    labels = []
-    for s in samples:
-        first_copy_end = len(s.ids) % s.period + s.period  # prefix (BOS) + one period
-        labels.append(torch.arange(len(s.ids)) >= first_copy_end)
-    return labels
+    return [torch.arange(len(s.ids)) >= second_copy_start(s) for s in samples]
 
 
 def probe_heads(model, samples: Sequence[TaskSample], labels: Sequence[torch.Tensor], folds: int = 4,

@@ -68,7 +68,6 @@ def instrument(
 def adapter_for(model):
     """The module (in ``workbench.hooked``) that knows this kind of model: layer count,
     vocabulary, context, forward pass and instrumentation."""
-    """The module that knows how to instrument this kind of model."""
     from transformer_lens import HookedTransformer
 
     if isinstance(model, HookedTransformer):

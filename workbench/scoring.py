@@ -224,9 +224,9 @@ def _eager_patterns(model, spec, collector: SampleCollector):
     """Within the block, a Hugging Face model runs eager attention and every layer's pattern
     goes through :func:`kernels.pattern_stats` into ``collector`` (then is dropped)."""
     from kernels import pattern_stats
-    from workbench.hooked.hugging_face import attention_modules
+    from workbench.hooked import hugging_face
 
-    if adapter_for(model).__name__ != "workbench.hooked.hugging_face":
+    if adapter_for(model) is not hugging_face:
         raise WorkbenchError("materialised scoring is for Hugging Face models")
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
@@ -234,7 +234,7 @@ def _eager_patterns(model, spec, collector: SampleCollector):
     def hook(layer):
         return lambda module, args, output: collector.add(layer, pattern_stats(output[1].float(), spec))
 
-    handles = [m.register_forward_hook(hook(layer)) for layer, m in attention_modules(model)]
+    handles = [m.register_forward_hook(hook(layer)) for layer, m in hugging_face.attention_modules(model)]
     try:
         yield collector
     finally:
@@ -348,7 +348,7 @@ def aggregate(parts: pd.DataFrame, settings: ScoreSettings) -> dict[str, pd.Data
 def _manifest(model) -> dict:
     adapter = adapter_for(model)
     param = next(model.parameters())
-    n_heads = getattr(getattr(model, "cfg", None), "n_heads", None) or getattr(model.config, "num_attention_heads", None)
+    n_heads = adapter.head_shape(model)[0]
     return {
         "created": _now(),
         "model_info": {"class": type(model).__name__, "layers": adapter.n_layers(model), "heads": n_heads,

@@ -138,6 +138,14 @@ def repeat_samples(tokenizer, period: int, repeats: int = 2, n: int = 8, seed: i
     return samples
 
 
+def second_copy_start(sample: TaskSample) -> int:
+    """Position of the first token of a repeats sample's second copy (its prefix, BOS or
+    nothing, is shorter than a period)."""
+    if sample.period is None:
+        raise WorkbenchError("second_copy_start needs a repeats sample")
+    return len(sample.ids) % sample.period + sample.period
+
+
 def read_text(source: str | Path | None) -> str:
     """The text of a file, of every ``.txt``/``.md`` file under a directory (sorted, joined), of a
     Hugging Face dataset (``"hf:NAME"`` or ``"hf:NAME:CONFIG"``), or the built-in docstrings
