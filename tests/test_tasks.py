@@ -90,9 +90,11 @@ def test_bad_task_input(tmp_path):
         text_samples(tok, tmp_path / "tiny.txt", length=64)
 
 
-def test_text_from_a_hugging_face_dataset(tmp_path, monkeypatch, tokenizer):
+def test_text_from_a_hugging_face_dataset(tmp_path, monkeypatch):
     """``hf:NAME`` streams a dataset's train split (here a local folder of JSON lines, so no
-    download); an unreachable name gives a WorkbenchError that points to --text PATH."""
+    download); an unreachable name gives a WorkbenchError that points to --text PATH. (One
+    test, not one per tokenizer: parallel workers would share datasets' cache locks.)"""
+    tokenizer = byte_tokenizer()
     import datasets
     import huggingface_hub
 
