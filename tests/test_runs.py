@@ -587,3 +587,18 @@ def test_a_run_refuses_samples_from_another_model(model, tmp_path, no_png, calls
     with pytest.raises(WorkbenchError, match="scored with zoo-2l"):
         score_model(build(ZOO["tiny"]).eval(), REPEATS, out, progress=False)
     assert calls == []
+
+
+def test_default_lengths_and_scores_fit_the_model(tmp_path):
+    """Without --lengths and --scores, an encoder with a 512-token context gets the lengths that
+    fit and every score but retrieval (which needs a causal language model)."""
+    out = tmp_path / "minilm"
+    result = runner.invoke(app, ["score", "--model", "minilm", "--task", "niah", "--samples", "1", "--depths", "0.5",
+                                 "--device", "cpu", "--out", str(out)], env=WIDE)
+    assert result.exit_code == 0, result.output
+    run = Run.open(out)
+    assert run.manifest["settings"]["lengths"] == [512]
+    assert set(run.table("head_scores")["score"]) == set(scores_for(["niah"])) - {"retrieval"}
+    result = runner.invoke(app, ["score", "--model", "minilm", "--task", "niah", "--scores", "retrieval",
+                                 "--out", str(tmp_path / "other")], env=WIDE)
+    assert result.exit_code == 2 and "causal language model" in " ".join(result.output.split())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import typer
@@ -140,8 +141,10 @@ def score(
     model: str = typer.Option(None, "--model", "-m", help="Model name (workbench zoo list, minilm, random:..., "
                               "tl:..., hf:...); default: the default zoo model."),
     task: str = typer.Option("niah,repeats,text", "--task", "-t", help="Comma-separated tasks: niah, repeats, text."),
-    scores: str = typer.Option(None, "--scores", help="Comma-separated scores (default: all the tasks define)."),
-    lengths: str = typer.Option("512,1k,2k", "--lengths", "-n", help="Tokens per sample, comma-separated (k = 1024)."),
+    scores: str = typer.Option(None, "--scores", help="Comma-separated scores (default: all the tasks define "
+                               "that the model can compute)."),
+    lengths: str = typer.Option(None, "--lengths", "-n", help="Tokens per sample, comma-separated (k = 1024; "
+                                "default: 512,1k,2k where they fit the model's context)."),
     samples: int = typer.Option(4, "--samples", "-s", help="Samples per length (niah: per length and depth)."),
     depths: str = typer.Option("0.1,0.3,0.5,0.7,0.9", help="Needle depths, fractions of the haystack."),
     repeats: int = typer.Option(2, help="Copies of the random sequence in a repeats sample."),
@@ -165,7 +168,7 @@ def score(
     interrupted run."""
     from workbench.errors import WorkbenchError
     from workbench.models import load_model
-    from workbench.scoring import ScoreRunSettings, score_model
+    from workbench.scoring import ScoreRunSettings, defaults_for, score_model
     from workbench.zoo import DEFAULT_MODEL
 
     model = model or DEFAULT_MODEL
@@ -183,12 +186,16 @@ def score(
     except ValueError:
         _fail(ValueError(f"--depths must be comma-separated fractions, got {depths!r}"))
     try:
-        settings = ScoreRunSettings(
-            model=model, tasks=_name_list(task), scores=_name_list(scores), lengths=_int_list(lengths, "--lengths"),
+        settings = ScoreRunSettings(  # checks the names before the model loads
+            model=model, tasks=_name_list(task), scores=_name_list(scores),
+            lengths=_int_list(lengths, "--lengths") if lengths else ScoreRunSettings.lengths,
             samples=samples, depths=depth_list, repeats=repeats, text=text,
             sink_tokens=sink_tokens, window=window, seed=seed, dtype=dtype, backend=backend)
         with console.status(f"loading {model}..."):
             loaded = load_model(model, device=device, dtype=_torch_dtype(dtype), seed=seed)
+        default_lengths, default_scores = defaults_for(loaded, settings.tasks)
+        settings = replace(settings, lengths=settings.lengths if lengths else default_lengths,
+                           scores=settings.scores if scores else default_scores)
         run = score_model(loaded, settings, out, resume=resume, force=force)
     except WorkbenchError as exc:
         _fail(exc)

@@ -36,6 +36,8 @@ from workbench.tasks import TaskSample, needle_samples, read_text, repeat_sample
 PROFILE_STATISTICS = ("entropy", "sink_mass", "local_mass")
 #: Position buckets per profile (bucket size = length / this, rounded up).
 PROFILE_BUCKETS = 64
+#: Sample lengths when none are given (those that fit the model's context).
+DEFAULT_LENGTHS = (512, 1024, 2048)
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ class ScoreRunSettings:
     model: str
     tasks: tuple[str, ...] = TASKS
     scores: tuple[str, ...] = ()
-    lengths: tuple[int, ...] = (512, 1024, 2048)
+    lengths: tuple[int, ...] = DEFAULT_LENGTHS
     samples: int = 4
     depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
     repeats: int = 2
@@ -179,7 +181,7 @@ def score_sample(model, unit: Unit, settings: ScoreRunSettings, *, materialised:
     device = next(model.parameters()).device
     n_layers = adapter.n_layers(model)
     collector = SampleCollector(n_layers, scores, settings.score_settings, spec, causal, sample, settings.repeats,
-                           bucket_size=math.ceil(len(sample.ids) / PROFILE_BUCKETS))
+                                bucket_size=math.ceil(len(sample.ids) / PROFILE_BUCKETS))
     ids = sample.ids.to(device).unsqueeze(0)
     rows: list[tuple[str, int, int, int, float, float]] = []
     with (_eager_patterns(model, spec, collector) if materialised
@@ -241,6 +243,17 @@ def _eager_patterns(model, spec, collector: SampleCollector):
         for h in handles:
             h.remove()
         model.set_attn_implementation(previous)
+
+
+def defaults_for(model, tasks) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """The lengths and scores a run of ``model`` uses when none are given: the default lengths
+    that fit its context (else the context itself), and every score the tasks define that the
+    model can compute (retrieval needs a causal language model)."""
+    adapter = adapter_for(model)
+    context = adapter.context(model)
+    lengths = tuple(n for n in DEFAULT_LENGTHS if context is None or n <= context) or (int(context),)
+    generates = adapter.is_causal(model) and adapter.can_generate(model)
+    return lengths, tuple(s for s in scores_for(tasks) if generates or s != "retrieval")
 
 
 def check_model(model, settings: ScoreRunSettings) -> None:
