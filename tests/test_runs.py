@@ -23,7 +23,7 @@ from workbench.cli import app
 from workbench.errors import WorkbenchError
 from workbench.models import load_model
 from workbench.runs import MANIFEST, Run, atomic_write, list_runs, prepare
-from workbench.scores import SCORES, ScoreSettings, scores_for
+from workbench.scores import SCORES, scores_for
 from workbench.scoring import ScoreRunSettings, aggregate, plan, score_model, task_tokenizer
 
 MODEL = "zoo-2l"
@@ -541,7 +541,7 @@ def test_aggregate_is_total_over_count():
     rows += [("repeats", 128, nan, s, "streaming", 0, 0, -1, 0.0, 0.0) for s in range(3)]  # no row in reach
     rows += [("repeats", 128, nan, s, "seconds", -1, -1, -1, 0.5, 1.0) for s in range(3)]  # not a head score
     rows += [("repeats", 128, nan, s, "entropy", 0, 0, b, 2.0 + s + b, 4.0 + s) for s in range(2) for b in (0, 2)]
-    hs = aggregate(_parts(rows), ScoreSettings())["head_scores"]
+    hs = aggregate(_parts(rows))["head_scores"]
     assert list(hs.columns) == HEAD_COLUMNS
     assert set(zip(hs["score"], hs["head"])) == {("sink", 0), ("sink", 1), ("streaming", 0)}
     for head, tallies in sink.items():
@@ -551,7 +551,7 @@ def test_aggregate_is_total_over_count():
     streaming = hs[hs["score"] == "streaming"].iloc[0]
     assert math.isnan(streaming["value"]) and streaming["samples"] == 0
 
-    tables = aggregate(_parts(rows), ScoreSettings())
+    tables = aggregate(_parts(rows))
     assert "retrieval" not in tables
     prof = tables["profiles"]
     assert list(prof.columns) == PROFILE_COLUMNS and sorted(prof["bucket_start"]) == [0, 2]
@@ -566,7 +566,7 @@ def test_aggregate_retrieval_averages_over_answered_needles():
     answered, hits = [1.0, 1.0, 0.0], [0.5, 0.25, 0.0]
     rows = [("niah", 128, 0.5, s, "retrieval", 1, 2, -1, h * a, a) for s, (h, a) in enumerate(zip(hits, answered))]
     rows += [("niah", 128, 0.5, s, "needle_accuracy", -1, -1, -1, a, 1.0) for s, a in enumerate(answered)]
-    tables = aggregate(_parts(rows), ScoreSettings())
+    tables = aggregate(_parts(rows))
     ret = tables["retrieval"]
     assert list(ret.columns) == RETRIEVAL_COLUMNS and len(ret) == 1
     cell = ret.iloc[0]

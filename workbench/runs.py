@@ -167,6 +167,10 @@ def prepare(out: str | Path, settings: dict, manifest: dict, resume: bool = Fals
     - a folder with other files, or a corrupt run: refused (``force`` replaces a corrupt run).
     """
     out = Path(out).expanduser()
+
+    def new_run() -> Run:
+        return Run.create(out, {**manifest, "settings": settings, "status": "running"})
+
     if resume and force:
         raise WorkbenchError("--resume and --force contradict each other: choose one")
     has_manifest = (out / MANIFEST).exists()
@@ -177,17 +181,17 @@ def prepare(out: str | Path, settings: dict, manifest: dict, resume: bool = Fals
             raise WorkbenchError(f"nothing to resume: {out} holds no run")
         if out.is_dir() and any(out.iterdir()):
             raise WorkbenchError(f"{out} is not empty and holds no run: choose another --out")
-        return Run.create(out, {**manifest, "settings": settings, "status": "running"})
+        return new_run()
     try:
         run = Run.open(out)
     except WorkbenchError:
         if not force:
             raise
         Run(out, {}).clear()
-        return Run.create(out, {**manifest, "settings": settings, "status": "running"})
+        return new_run()
     if force:
         run.clear()
-        return Run.create(out, {**manifest, "settings": settings, "status": "running"})
+        return new_run()
     if run.manifest["settings"] != settings and not resume:
         changed = sorted(k for k in set(settings) | set(run.manifest["settings"])
                          if settings.get(k) != run.manifest["settings"].get(k))

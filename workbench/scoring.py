@@ -76,7 +76,7 @@ class ScoreRunSettings:
             raise WorkbenchError(f"samples must be >= 1 and repeats >= 2, got {self.samples} and {self.repeats}")
         if self.dtype not in (None, "float32", "float16", "bfloat16"):
             raise WorkbenchError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
-        ScoreSettings(self.sink_tokens, self.window)  # validates
+        self.score_settings  # validates sink_tokens and window
 
     @property
     def score_settings(self) -> ScoreSettings:
@@ -252,7 +252,7 @@ def defaults_for(model, tasks) -> tuple[tuple[int, ...], tuple[str, ...]]:
     adapter = adapter_for(model)
     context = adapter.context(model)
     lengths = tuple(n for n in DEFAULT_LENGTHS if context is None or n <= context) or (int(context),)
-    generates = adapter.is_causal(model) and adapter.can_generate(model)
+    generates = adapter.can_generate(model)
     return lengths, tuple(s for s in scores_for(tasks) if generates or s != "retrieval")
 
 
@@ -264,7 +264,7 @@ def check_model(model, settings: ScoreRunSettings) -> None:
     too_long = [n for n in settings.lengths if context is not None and n > context]
     if too_long:
         raise WorkbenchError(f"lengths {too_long} exceed the model's context of {context} tokens")
-    if "retrieval" in settings.scores and not (adapter.is_causal(model) and adapter.can_generate(model)):
+    if "retrieval" in settings.scores and not adapter.can_generate(model):
         raise WorkbenchError("the retrieval score decodes the needle's answer: it needs a causal language model "
                              f"(this one is a {type(model).__name__}); leave retrieval out of --scores")
 
@@ -276,17 +276,18 @@ def score_model(model, settings: ScoreRunSettings, out: str | Path, *, resume: b
     its own settings (``model`` must be the model it was scored with); ``force`` replaces it."""
     if not resume:  # refuse a bad request before anything is written
         check_model(model, settings)
-        plan(settings, task_tokenizer(model))
+        units = plan(settings, task_tokenizer(model))
     about = _manifest(model)
     run = prepare(out, settings.to_dict(), about, resume=resume, force=force)
-    settings = ScoreRunSettings.from_dict(run.manifest["settings"])
+    if resume:  # the stored run's settings, checked and planned now
+        settings = ScoreRunSettings.from_dict(run.manifest["settings"])
+        check_model(model, settings)
+        units = plan(settings, task_tokenizer(model))
     identity = ("class", "layers", "heads", "dtype")
     stored = {k: run.manifest.get("model_info", {}).get(k) for k in identity}
     if stored != {k: about["model_info"][k] for k in identity}:
         raise WorkbenchError(f"the run in {run.path} was scored with {settings.model} ({stored}); this model is "
                              f"{about['model_info']}: load the run's own model to continue it")
-    check_model(model, settings)
-    units = plan(settings, task_tokenizer(model))
     done = run.parts_done()
     todo = [u for u in units if u.key not in done]
     if not todo and run.complete:
@@ -306,7 +307,7 @@ def finish(run: Run, settings: ScoreRunSettings) -> None:
     from workbench.plots import run_figures, save_figures
 
     parts = run.read_parts()
-    tables = aggregate(parts, settings.score_settings)
+    tables = aggregate(parts)
     for name, table in tables.items():
         run.write_table(name, table)
     head_scores = tables["head_scores"]
@@ -330,7 +331,7 @@ def finish(run: Run, settings: ScoreRunSettings) -> None:
     run.save_manifest()
 
 
-def aggregate(parts: pd.DataFrame, settings: ScoreSettings) -> dict[str, pd.DataFrame]:
+def aggregate(parts: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """``head_scores``, ``profiles`` and (needle task) ``retrieval`` tables from the tallies."""
     def ratio(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
         g = frame.groupby(keys, sort=True)

@@ -122,7 +122,8 @@ def is_causal(model) -> bool:
 
 
 def can_generate(model) -> bool:
-    return bool(getattr(model, "can_generate", lambda: False)())
+    """Whether the model decodes causally (what the retrieval score needs)."""
+    return bool(getattr(model, "can_generate", lambda: False)()) and is_causal(model)
 
 
 def prefill(model, ids: torch.Tensor):

@@ -142,6 +142,7 @@ def is_causal(model) -> bool:
 
 
 def can_generate(model) -> bool:
+    """Whether the model decodes causally (what the retrieval score needs)."""
     return is_causal(model)
 
 
