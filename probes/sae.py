@@ -16,7 +16,9 @@ Example:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -212,3 +214,82 @@ def direct_attribution(model, sae, layer: int, samples: Sequence[TaskSample], co
         "head": torch.arange(n_heads).repeat(len(rows)).numpy(),
         "contribution": contribution.reshape(-1).numpy(),
     })
+
+
+# Reading what ``workbench sae train`` saved (the explorer's SAE page, notebooks).
+
+#: Tables ``workbench sae train`` writes beside the SAE.
+RESULT_TABLES = ("head_attribution", "direct_attribution", "top_contexts")
+
+
+@dataclass
+class SavedSAE:
+    """An SAE folder: sae-lens's ``cfg.json`` and the results ``workbench sae train`` wrote
+    beside it (``evaluation.json``, :data:`RESULT_TABLES` as Parquet)."""
+
+    path: Path
+    cfg: dict
+    evaluation: dict
+
+    @property
+    def hook_name(self) -> str | None:
+        return (self.cfg.get("metadata") or {}).get("hook_name")
+
+    @property
+    def layer(self) -> int | None:
+        """The layer whose ``hook_z`` the SAE reads (from the hook name)."""
+        parts = (self.hook_name or "").split(".")
+        return int(parts[1]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else None
+
+    @property
+    def model_name(self) -> str | None:
+        return (self.cfg.get("metadata") or {}).get("model_name")
+
+    def has_table(self, name: str) -> bool:
+        return (self.path / f"{name}.parquet").is_file()
+
+    def table(self, name: str) -> pd.DataFrame:
+        """One of :data:`RESULT_TABLES`; :class:`WorkbenchError` when it is missing or unreadable."""
+        file = self.path / f"{name}.parquet"
+        if not file.is_file():
+            raise WorkbenchError(f"the SAE in {self.path} has no {name} table: train it with `workbench sae train`, "
+                                 "which writes it")
+        try:
+            return pd.read_parquet(file)
+        except Exception as exc:  # pyarrow raises several types for damaged files
+            raise WorkbenchError(f"the SAE in {self.path} is corrupt: cannot read {file.name} ({exc})") from exc
+
+    @classmethod
+    def open(cls, path: str | Path) -> SavedSAE:
+        """Read an SAE folder's configuration and evaluation (``evaluation`` is empty when the
+        SAE has none); :class:`WorkbenchError` with the reason when the folder is not readable."""
+        path = Path(path).expanduser()
+        found = {}
+        for name, required in (("cfg.json", True), ("evaluation.json", False)):
+            file = path / name
+            if not file.is_file():
+                if required:
+                    raise WorkbenchError(f"{path} holds no sae-lens SAE (no cfg.json)")
+                continue
+            try:
+                found[name] = json.loads(file.read_text())
+            except (OSError, ValueError) as exc:
+                raise WorkbenchError(f"the SAE in {path} is corrupt: {name} is not readable JSON ({exc})") from exc
+            if not isinstance(found[name], dict):
+                raise WorkbenchError(f"the SAE in {path} is corrupt: {name} does not hold a JSON object")
+        return cls(path, found["cfg.json"], found.get("evaluation.json", {}))
+
+
+def list_saes(root: str | Path) -> tuple[list[SavedSAE], list[tuple[Path, str]]]:
+    """SAE folders directly under ``root`` (those with a ``cfg.json``), by name, plus
+    ``(folder, reason)`` for those that cannot be read; empty when ``root`` does not exist."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        return [], []
+    found, broken = [], []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and (p / "cfg.json").exists()):
+        try:
+            found.append(SavedSAE.open(folder))
+        except WorkbenchError as exc:
+            broken.append((folder, str(exc)))
+    return found, broken

@@ -123,6 +123,10 @@ class Run:
                                  + ("" if self.complete else "the run has not finished: score again to resume it"))
         return self._read(file)
 
+    def tables(self) -> list[str]:
+        """Names of the tables in the run folder (``head_scores``, ``ablation_...``, ...), sorted."""
+        return sorted(p.stem for p in self.path.glob("*.parquet"))
+
     def _read(self, file: Path) -> pd.DataFrame:
         try:
             return pd.read_parquet(file)
@@ -137,6 +141,16 @@ class Run:
         for file in self.path.glob("*.parquet"):
             file.unlink()
         (self.path / MANIFEST).unlink(missing_ok=True)
+
+
+def head_summary(head_scores: pd.DataFrame, layer: int, head: int) -> pd.DataFrame:
+    """One head's row of every score and task in a ``head_scores`` table, with its rank among
+    the heads (1 = highest value): ``score, task, value, rank, heads, samples``."""
+    ranked = head_scores.assign(rank=head_scores.groupby(["score", "task"], sort=False)["value"]
+                                .rank(ascending=False, method="min"),
+                                heads=head_scores.groupby(["score", "task"], sort=False)["value"].transform("size"))
+    mine = ranked[(ranked["layer"] == layer) & (ranked["head"] == head)]
+    return mine.astype({"rank": "Int64"})[["score", "task", "value", "rank", "heads", "samples"]].reset_index(drop=True)
 
 
 def list_runs(root: str | Path) -> tuple[list[Run], list[tuple[Path, str]]]:
