@@ -30,3 +30,64 @@ def pytest_report_header(config):
 def device() -> str:
     """Where kernel tests run: CUDA when present, else the CPU (Triton interpreter)."""
     return "cuda" if _HAS_CUDA else "cpu"
+
+
+# ----------------------------------------------------------------------------- the explorer's fixture
+
+
+class ExplorerFolders:
+    """Folders the explorer tests serve: ``runs/`` with a scored zoo-2l run holding an ablation
+    (``runs/zoo``) and a second run to compare with (``runs/repeats``), and ``saes/`` with one
+    SAE saved by ``workbench sae train``."""
+
+    def __init__(self, root):
+        self.root = root
+        self.runs = root / "runs"
+        self.saes = root / "saes"
+        self.run = self.runs / "zoo"
+        self.other = self.runs / "repeats"
+        self.sae = self.saes / "zoo-2l-L1-topk"
+
+
+def _build_explorer_folders(folders: ExplorerFolders) -> None:
+    """Score, ablate and train for real (zoo-2l on the CPU, small settings, about 15 s)."""
+    import plotly.io as pio
+    from typer.testing import CliRunner
+
+    from probes.cli import register
+    from workbench.cli import app
+    from workbench.models import load_model
+    from workbench.scoring import ScoreRunSettings, score_model
+
+    def no_png(*args, **kwargs):  # PNG export starts a Chromium: seconds each, and the app draws its own figures
+        raise RuntimeError("PNG export switched off in the explorer fixture")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pio, "write_images", no_png)
+        model = load_model("zoo-2l", device="cpu")
+        score_model(model, ScoreRunSettings(model="zoo-2l", tasks=("niah", "repeats", "text"), lengths=(128, 256),
+                                            samples=1, depths=(0.3, 0.7)), folders.run, progress=False)
+        score_model(model, ScoreRunSettings(model="zoo-2l", tasks=("repeats",), lengths=(128,), samples=2),
+                    folders.other, progress=False)
+        register(app)
+        runner = CliRunner()
+        for args in (["ablate", "--run", str(folders.run), "--rank-by", "induction", "--k", "1,2", "--task", "niah",
+                      "--length", "128", "--samples", "1", "--draws", "2", "--scan", "--device", "cpu"],
+                     ["sae", "train", "--layer", "1", "--samples", "10", "--length", "128", "--tokens", "20000",
+                      "--d-sae", "32", "--k", "4", "--out", str(folders.sae), "--device", "cpu"]):
+            result = runner.invoke(app, args)
+            assert result.exit_code == 0, (args, result.output, result.exception)
+
+
+@pytest.fixture(scope="session")
+def explorer_folders(tmp_path_factory, worker_id) -> ExplorerFolders:
+    """Built once per test session, shared by the xdist workers (a file lock guards the build)."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    folders = ExplorerFolders(shared / "explorer")
+    with FileLock(str(shared / "explorer.lock")):
+        if not (folders.root / "done").exists():
+            _build_explorer_folders(folders)
+            (folders.root / "done").write_text("ok")
+    return folders

@@ -1,0 +1,1 @@
+"""The explorer's pages: one module each, every one with ``render(ctx)``."""

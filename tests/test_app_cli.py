@@ -1,0 +1,54 @@
+"""``workbench app``: registered through the ``workbench.commands`` entry point, refuses a runs
+folder that is not a folder, and starts Streamlit on localhost with static serving off."""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from app.cli import MAIN, register, streamlit_command
+from workbench.cli import app
+
+runner = CliRunner()
+WIDE = {"COLUMNS": "400"}
+
+
+def test_app_joins_the_cli_through_the_entry_point():
+    found = {e.name: e.value for e in entry_points(group="workbench.commands")}
+    assert found.get("app") == "app.cli:register"
+    register(app)
+    register(app)  # idempotent
+    assert [c.name for c in app.registered_commands].count("app") == 1
+    result = runner.invoke(app, ["app", "--help"], env=WIDE)
+    assert result.exit_code == 0 and "--runs" in result.output and "--port" in result.output
+
+
+def test_app_refuses_a_runs_folder_that_is_not_a_folder(tmp_path, monkeypatch):
+    register(app)
+    started = []
+    monkeypatch.setattr("os.execv", lambda *args: started.append(args))
+    result = runner.invoke(app, ["app", "--runs", str(tmp_path / "missing")], env=WIDE)
+    assert result.exit_code == 2 and "does not exist" in result.output and "workbench score" in result.output
+    (tmp_path / "file").write_text("x")
+    result = runner.invoke(app, ["app", "--runs", str(tmp_path / "file")], env=WIDE)
+    assert result.exit_code == 2 and "is a file, not a folder" in result.output
+    assert started == []
+
+
+def test_app_starts_streamlit_on_localhost(tmp_path, monkeypatch):
+    register(app)
+    started = []
+    monkeypatch.setattr("os.execv", lambda path, argv: started.append(argv))
+    result = runner.invoke(app, ["app", "--runs", str(tmp_path), "--port", "8600"], env=WIDE)
+    assert result.exit_code == 0, result.output
+    (argv,) = started
+    assert argv[1:5] == ["-m", "streamlit", "run", str(MAIN)]
+    split = argv.index("--")
+    options = dict(zip(argv[5:split:2], argv[6:split:2]))
+    assert options["--server.address"] == "127.0.0.1" and options["--server.port"] == "8600"
+    assert options["--server.headless"] == "true" and options["--server.enableStaticServing"] == "false"
+    assert options["--browser.gatherUsageStats"] == "false"
+    assert argv[split + 1:] == ["--runs", str(tmp_path.resolve()), "--saes", str((Path.cwd() / "saes").resolve())]
+    assert argv == streamlit_command(tmp_path.resolve(), (Path.cwd() / "saes").resolve(), 8600)
