@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # (installed in the venv beforehand, or TORCH_SPEC=... for another build).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup browser demo test bench clean
+.PHONY: setup browser demo app test bench clean
 
 setup: $(VENV)/.installed
 
@@ -19,8 +19,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
 
-# Chromium lets Kaleido write PNG figures (HTML figures need nothing); Debian's package when
-# this machine can install it, else PNGs are skipped with a notice.
+# Chromium lets Kaleido write PNG figures (HTML figures need nothing) and runs the explorer's
+# browser test; Debian's package when this machine can install it, else PNGs are skipped with a
+# notice (and the browser test fails, saying how to install it).
 browser:
 	@command -v chromium >/dev/null 2>&1 || command -v google-chrome >/dev/null 2>&1 || \
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
@@ -29,6 +30,9 @@ browser:
 
 demo: setup browser
 	$(BIN)/workbench score
+
+app: setup
+	$(BIN)/workbench app
 
 test: setup browser
 	$(BIN)/python -m pytest -n auto -q
