@@ -27,7 +27,7 @@ def streamlit_command(runs: Path, saes: Path, port: int, host: str = "127.0.0.1"
     return [sys.executable, "-m", "streamlit", "run", str(MAIN),
             "--server.address", host, "--server.port", str(port), "--server.headless", "true",
             "--server.enableStaticServing", "false", "--server.fileWatcherType", "none",
-            "--browser.gatherUsageStats", "false",
+            "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal",
             "--", "--runs", str(runs), "--saes", str(saes)]
 
 
