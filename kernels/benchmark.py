@@ -2,10 +2,24 @@
 
 What is measured
 ----------------
-For each head dim ``D`` (``--dims``) and length ``N`` (``--lengths``; ``Nq = Nk = N``), one
-causal self-attention problem of batch ``B`` with ``H`` query heads and ``Hkv`` key/value heads
-(grouped-query attention when ``Hkv < H``) is built from fresh ``torch.randn`` inputs, and
-these variants run on it:
+Three suites of causal attention problems (``--suites``), each row built from fresh
+``torch.randn`` inputs of batch ``B`` and ``H`` query heads:
+
+``mha``
+    Self-attention, ``Nq = Nk = N``, for each head dim ``D`` (``--dims``) and length ``N``
+    (``--lengths``), ``Hkv = H``.
+``gqa``
+    The same with grouped-query attention: ``Hkv`` in ``--kv-heads`` (default 8 and 4 of 32
+    query heads: groups of 4 and 8). K and V are never repeated in memory; SDPA gets
+    ``enable_gqa=True``.
+``decode``
+    Decoding shapes: ``Nq`` in ``--queries`` (default 1, 4, 16) new queries against ``N``
+    cached keys (bottom-right causal; SDPA gets ``causal_lower_right``), ``Hkv`` =
+    ``--decode-kv-heads`` (default 8), ``D`` = 128. The kernel splits the keys across
+    programs and merges (flash-decoding); ``unsplit`` is the same kernel with one program per
+    key/value head, to show what the split buys.
+
+These variants run on each row:
 
 ``sdpa``
     ``torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)``; PyTorch
@@ -18,7 +32,9 @@ these variants run on it:
     offset 1).
 ``keymass``
     The same plus ``key_mass=True``; the whole call (forward kernel and key-mass pass).
-``eager``
+``unsplit`` (decode suite)
+    ``plain`` without key splitting.
+``eager`` (mha suite)
     What TransformerLens does to expose the pattern: ``q`` and ``k`` upcast to float32,
     ``scores = q @ k^T * scale``, ``torch.where(causal_mask, scores, -inf)``, softmax,
     NaN -> 0, the pattern cast back to the input dtype and multiplied by ``v``; plus the row
@@ -29,14 +45,18 @@ these variants run on it:
 
 Columns: ``<variant>_ms`` (median time per call), ``eager_peak_gib``, ``<variant>/sdpa``
 (throughput relative to SDPA, ``sdpa_ms / variant_ms``: 1.0 is as fast as SDPA, higher is
-faster), ``<variant>_TFLOP/s`` (causal FLOPs ``4 * B * H * N * N * D / 2`` per call),
-``max_err`` (largest ``||out - sdpa|| / ||sdpa||`` over the variants) and ``check``.
+faster), ``<variant>_TFLOP/s`` (causal FLOPs ``4 * B * H * D`` per visible query-key pair;
+``N * N * D / 2`` pairs for self-attention), for decoding ``<variant>_GB/s`` (bytes of K
+and V read per second), ``max_err`` (largest ``||out - sdpa|| / ||sdpa||`` over the
+variants) and ``check``. Each suite prints its own table. Decode rows add
+``<variant>_gpu_ms``: the GPU time of the call's kernels alone (PyTorch profiler), since at
+these sizes a call's latency is mostly host time (Python, launches) rather than GPU work.
 
 Method
 ------
 * Before any timing, each variant runs once on the row's inputs. That call autotunes the
   Triton kernels for the new shape, and its outputs are checked: every output against SDPA
-  by relative error (bf16 tolerance 2e-2), at every length; for ``N <= 4096`` also the
+  by relative error (bf16 tolerance 2e-2), at every length; for ``Nq * N <= 4096^2`` also the
   statistics against the exact ``backend="reference"`` implementation; and ``key_mass``
   must add up to one per query row. A failed check prints ``FAIL`` in the ``check`` column
   (the variant is still timed).
@@ -56,14 +76,15 @@ and ``PATH.json`` (metadata, table and every check).
 
 Run::
 
-    python -m kernels.benchmark                       # the full sweep (CUDA)
-    python -m kernels.benchmark --dims 128 --lengths 4k,32k --no-eager
-    python -m kernels.benchmark --kv-heads 8          # grouped-query attention
+    python -m kernels.benchmark                       # every suite (CUDA)
+    python -m kernels.benchmark --suites mha --dims 128 --lengths 4k,32k --no-eager
+    python -m kernels.benchmark --suites gqa --kv-heads 8
+    python -m kernels.benchmark --suites decode --queries 1 --lengths 128k
     python -m kernels.benchmark --out results/h100    # + results/h100.csv, results/h100.json
     python -m kernels.benchmark --smoke               # tiny CPU check
 
-To add a variant (say a decoding shape), return one more :class:`Variant`, a named zero-arg
-callable, from :func:`build_variants`; the runner, checks and table pick it up.
+To add a variant, return one more :class:`Variant`, a named zero-arg callable, from
+:func:`build_variants`; the runner, checks and table pick it up.
 """
 
 from __future__ import annotations
@@ -122,8 +143,16 @@ ARGMAX_TOL = 2e-2
 #: Largest accepted relative deviation of ``sum(key_mass)`` from the number of query rows.
 KEY_MASS_SUM_TOL = 5e-3
 
-GPU_DEFAULTS = dict(dims="128,64", lengths="1k,2k,4k,8k,16k,32k,64k,128k", heads=32, dtype="bf16")
-SMOKE_DEFAULTS = dict(dims="32", lengths="64,128", heads=2, dtype="fp32")
+SUITES = ("mha", "gqa", "decode")
+GPU_DEFAULTS = dict(
+    dims="128,64", heads=32, dtype="bf16", kv_heads="8,4", queries="1,4,16", decode_kv_heads=8,
+    decode_dims="128", lengths={"mha": "1k,2k,4k,8k,16k,32k,64k,128k", "gqa": "8k,32k",
+                                "decode": "8k,32k,128k"},
+)
+SMOKE_DEFAULTS = dict(
+    dims="32", heads=4, dtype="fp32", kv_heads="2", queries="1,4", decode_kv_heads=2,
+    decode_dims="32", lengths={"mha": "64,128", "gqa": "64", "decode": "128"},
+)
 SMOKE_REPS = 3
 #: The out-of-memory exception (``torch.OutOfMemoryError`` on torch >= 2.5).
 OOM_ERROR: type[Exception] = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
@@ -165,6 +194,8 @@ class Variant:
         reference: this variant's output is the reference of the others (one per row).
         skip: if set, the variant does not run and this text fills its cells.
         track_memory: report the peak memory of one call (``<name>_peak_gib``).
+        kernel_time: also report the GPU time of the call's kernels alone, without the host
+            time between them (``<name>_gpu_ms``, from the PyTorch profiler; CUDA only).
         ratio: report the ``<name>/<reference>`` throughput ratio.
         tflops: report ``<name>_TFLOP/s``.
     """
@@ -176,6 +207,7 @@ class Variant:
     reference: bool = False
     skip: str | None = None
     track_memory: bool = False
+    kernel_time: bool = False
     ratio: bool = True
     tflops: bool = False
 
@@ -189,6 +221,7 @@ class Measurement:
     status: str = "ok"
     ms: float | None = None
     peak_gib: float | None = None
+    gpu_ms: float | None = None
     checks: list[CheckResult] = field(default_factory=list)
 
     @property
@@ -201,19 +234,37 @@ class Measurement:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "name": self.name, "status": self.status, "ms": self.ms, "peak_gib": self.peak_gib,
+            "name": self.name, "status": self.status, "ms": self.ms, "peak_gib": self.peak_gib, "gpu_ms": self.gpu_ms,
             "checks": [dict(dataclasses.asdict(c), ok=c.ok) for c in self.checks],
         }
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One row: a causal problem of ``Nq`` queries against ``N`` keys."""
+
+    suite: str
+    d: int
+    kv_heads: int
+    n_q: int
+    n: int
+
+    @property
+    def series(self) -> tuple:
+        """The rows that differ only in ``N`` (a line of the table, read down)."""
+        return (self.suite, self.d, self.kv_heads, self.n_q if self.suite == "decode" else 0)
+
+    def label(self) -> str:
+        q = "" if self.n_q == self.n else f" Nq={self.n_q:<3d}"
+        return f"{self.suite:<6s} D={self.d:<4d} Hkv={self.kv_heads:<3d}{q} N={self.n:<7d}"
 
 
 @dataclass(frozen=True)
 class Config:
     """Everything a run needs, resolved from the command line."""
 
-    dims: tuple[int, ...]
-    lengths: tuple[int, ...]
+    shapes: tuple[Shape, ...]
     heads: int
-    kv_heads: int
     batch: int
     dtype: torch.dtype
     device: torch.device
@@ -256,21 +307,30 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time kernels.attention (plain, with row statistics, with key mass) against "
         "PyTorch SDPA and an eager TransformerLens-style path; causal, one row per (D, N).",
     )
+    parser.add_argument("--suites", default=",".join(SUITES),
+                        help=f"which suites, comma-separated: {', '.join(SUITES)} (default all)")
     parser.add_argument("--dims", type=parse_sizes, default=None,
-                        help=f"head dims, comma-separated (default {GPU_DEFAULTS['dims']})")
+                        help=f"head dims of the mha and gqa suites (default {GPU_DEFAULTS['dims']}; "
+                        f"decode: {GPU_DEFAULTS['decode_dims']})")
     parser.add_argument("--lengths", type=parse_sizes, default=None,
-                        help="sequence lengths N = Nq = Nk, comma-separated, k suffix allowed "
-                        f"(default {GPU_DEFAULTS['lengths']})")
+                        help="key counts N (= query counts in mha and gqa), comma-separated, k suffix "
+                        "allowed (default: mha " + GPU_DEFAULTS["lengths"]["mha"] + "; gqa "
+                        + GPU_DEFAULTS["lengths"]["gqa"] + "; decode " + GPU_DEFAULTS["lengths"]["decode"] + ")")
     parser.add_argument("--heads", type=int, default=None,
                         help=f"query heads (default {GPU_DEFAULTS['heads']})")
-    parser.add_argument("--kv-heads", type=int, default=None,
-                        help="key/value heads, dividing --heads (default: --heads; fewer is GQA)")
+    parser.add_argument("--kv-heads", type=parse_sizes, default=None,
+                        help=f"key/value heads of the gqa suite, each dividing --heads "
+                        f"(default {GPU_DEFAULTS['kv_heads']})")
+    parser.add_argument("--queries", type=parse_sizes, default=None,
+                        help=f"query counts of the decode suite (default {GPU_DEFAULTS['queries']})")
+    parser.add_argument("--decode-kv-heads", type=int, default=None,
+                        help=f"key/value heads of the decode suite (default {GPU_DEFAULTS['decode_kv_heads']})")
     parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help=f"input dtype (default {GPU_DEFAULTS['dtype']}; fp32 with --smoke)")
     parser.add_argument("--no-eager", action="store_true", help="skip the eager pattern path")
     parser.add_argument("--breakdown", action="store_true",
-                        help="also time each row statistic alone (entropy, argmax, ...)")
+                        help="also time each row statistic alone (entropy, argmax, ...) in the mha suite")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the inputs (default 0)")
     parser.add_argument("--time-budget", type=float, default=450.0, metavar="SECONDS",
                         help="skip rows predicted to end after this many seconds (0: no limit; "
@@ -284,15 +344,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def plan_shapes(args: argparse.Namespace, parser: argparse.ArgumentParser, heads: int) -> tuple[Shape, ...]:
+    """Every row of the run, suite by suite, lengths outermost (so a time budget cuts the
+    longest rows)."""
+    defaults = SMOKE_DEFAULTS if args.smoke else GPU_DEFAULTS
+    suites = tuple(x.strip() for x in args.suites.split(",") if x.strip())
+    unknown = [x for x in suites if x not in SUITES]
+    if unknown or not suites:
+        parser.error(f"unknown suite(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(SUITES)}")
+    kv_heads = args.kv_heads or parse_sizes(defaults["kv_heads"])
+    decode_kv = args.decode_kv_heads if args.decode_kv_heads is not None else defaults["decode_kv_heads"]
+    for kv in (*kv_heads, decode_kv):
+        if kv <= 0 or heads % kv:
+            parser.error(f"key/value heads ({kv}) must be positive and divide --heads ({heads})")
+    queries = args.queries or parse_sizes(defaults["queries"])
+    shapes = []
+    for suite in suites:
+        lengths = args.lengths or parse_sizes(defaults["lengths"][suite])
+        if suite == "decode":
+            dims = args.dims or parse_sizes(defaults["decode_dims"])
+            shapes += [Shape(suite, d, decode_kv, nq, n) for n in lengths for nq in queries if nq <= n for d in dims]
+        else:
+            dims = args.dims or parse_sizes(defaults["dims"])
+            kvs = (heads,) if suite == "mha" else kv_heads
+            shapes += [Shape(suite, d, kv, n, n) for n in lengths for d in dims for kv in kvs]
+    return tuple(shapes)
+
+
 def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config:
     """Fill defaults (GPU sweep or smoke), check consistency, pick the device and backend."""
     defaults = SMOKE_DEFAULTS if args.smoke else GPU_DEFAULTS
-    dims = args.dims or parse_sizes(defaults["dims"])
-    lengths = args.lengths or parse_sizes(defaults["lengths"])
     heads = args.heads if args.heads is not None else defaults["heads"]
-    kv_heads = args.kv_heads if args.kv_heads is not None else heads
-    if heads <= 0 or kv_heads <= 0 or heads % kv_heads:
-        parser.error(f"--kv-heads ({kv_heads}) must be positive and divide --heads ({heads})")
+    if heads <= 0:
+        parser.error("--heads must be positive")
+    shapes = plan_shapes(args, parser, heads)
     if args.batch <= 0:
         parser.error("--batch must be positive")
     if args.smoke:
@@ -305,7 +390,7 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     if out is not None and out.suffix in (".csv", ".json"):
         out = out.with_suffix("")
     return Config(
-        dims=dims, lengths=lengths, heads=heads, kv_heads=kv_heads, batch=args.batch,
+        shapes=shapes, heads=heads, batch=args.batch,
         dtype=DTYPES[args.dtype or defaults["dtype"]], device=device,
         kernel_backend=kernel_backend(device), eager=not args.no_eager, breakdown=args.breakdown, seed=args.seed,
         time_budget_s=0.0 if args.smoke else args.time_budget, smoke=args.smoke, out=out,
@@ -388,8 +473,8 @@ def metadata(cfg: Config) -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command_line(),
         "dtype": str(cfg.dtype).removeprefix("torch."),
-        "batch": cfg.batch, "heads": cfg.heads, "kv_heads": cfg.kv_heads,
-        "dims": list(cfg.dims), "lengths": list(cfg.lengths), "causal": True,
+        "batch": cfg.batch, "heads": cfg.heads, "causal": True,
+        "suites": sorted({sh.suite for sh in cfg.shapes}, key=SUITES.index),
         "kernel_backend": cfg.kernel_backend, "smoke": cfg.smoke,
         "sdpa_backends": sdpa_backends() if cfg.device.type == "cuda" else "cpu",
         "row_stats": repr(ROW_STATS), "key_stats": repr(KEY_STATS),
@@ -397,8 +482,8 @@ def metadata(cfg: Config) -> dict[str, Any]:
 
 
 def print_header(meta: dict[str, Any]) -> None:
-    print(f"# kernels.benchmark: causal attention, B={meta['batch']} H={meta['heads']} "
-          f"Hkv={meta['kv_heads']}, dtype {meta['dtype']}, kernel backend {meta['kernel_backend']}"
+    print(f"# kernels.benchmark: causal attention, suites {', '.join(meta['suites'])}, "
+          f"B={meta['batch']} H={meta['heads']}, dtype {meta['dtype']}, kernel backend {meta['kernel_backend']}"
           + (" (SMOKE: tiny CPU run, timings meaningless)" if meta["smoke"] else ""))
     print(f"# device: {meta['device']} | torch {meta['torch']} (CUDA {meta['cuda']}) | "
           f"triton {meta['triton']} | python {meta['python']} | git {meta['git_commit']}")
@@ -529,7 +614,22 @@ def run_variant(
     m.ms, failure = attempt(lambda: timer(variant.fn), cfg.device)
     if failure:
         m.status = failure
+    elif variant.kernel_time and cfg.device.type == "cuda":
+        m.gpu_ms, _ = attempt(lambda: kernel_ms(variant.fn), cfg.device)
     return m, keep
+
+
+def kernel_ms(fn: Callable[[], Any], calls: int = 20) -> float:
+    """Mean GPU time per call of the kernels ``fn`` launches (PyTorch profiler): the device's
+    own work, without the host time between launches that short calls wait for."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    total_us = sum(e.device_time for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return total_us / calls / 1e3
 
 
 # --------------------------------------------------------------------------- checks
@@ -621,41 +721,70 @@ def eager_variant(cfg: Config, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return Variant("eager", lambda: eager_attention(q, k, v, keep, scale), **common)
 
 
-def build_variants(cfg: Config, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def sdpa_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """PyTorch SDPA on the row's problem: causal, bottom-right aligned when ``Nq < Nk``."""
+    kwargs: dict[str, Any] = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
+    n_q, n_k = q.shape[2], k.shape[2]
+    if n_q == n_k:
+        kwargs["is_causal"] = True
+    elif n_q > 1:  # a single query sees every key: no mask at all
+        from torch.nn.attention.bias import causal_lower_right
+
+        kwargs["attn_mask"] = causal_lower_right(n_q, n_k)
+    return lambda: F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+def build_variants(cfg: Config, shape: Shape, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    ref: AttentionStats | None) -> list[Variant]:
     """The variants of one row; the first is the reference."""
     backend = cfg.kernel_backend
-    sdpa_kwargs = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
     variants = [
-        Variant("sdpa", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, **sdpa_kwargs),
-                reference=True, ratio=False, tflops=True),
-        Variant("plain", lambda: attention(q, k, v, causal=True, stats=None, backend=backend)),
+        Variant("sdpa", sdpa_call(q, k, v), reference=True, ratio=False, tflops=True),
+        Variant("plain", lambda: attention(q, k, v, causal=True, stats=None, backend=backend), tflops=True),
+    ]
+    if shape.suite == "decode":
+        variants.append(unsplit_variant(backend, q, k, v))
+        for variant in variants:
+            variant.kernel_time = True
+    variants += [
         Variant("rowstats", lambda: attention(q, k, v, causal=True, stats=ROW_STATS, backend=backend),
                 checks=stats_check(ref), tflops=True),
         Variant("keymass", lambda: attention(q, k, v, causal=True, stats=KEY_STATS, backend=backend),
                 checks=stats_check(ref) + key_mass_sum_check(q.shape[2])),
     ]
-    if cfg.breakdown:
+    if cfg.breakdown and shape.suite == "mha":
         for name, spec in BREAKDOWN.items():
             variants.append(Variant(name, lambda spec=spec: attention(q, k, v, causal=True, stats=spec, backend=backend)))
-    if cfg.eager:
+    if cfg.eager and shape.suite == "mha":
         variants.append(eager_variant(cfg, q, k, v, ref))
     return variants
+
+
+def unsplit_variant(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Variant:
+    """The Triton kernel on a decoding shape with the keys not split across programs."""
+    if backend != "triton":
+        return Variant("unsplit", lambda: None, skip="n/a (no Triton)")
+    from kernels.triton_attention import triton_attention
+    from kernels.validate import check_inputs
+
+    p = check_inputs(q, k, v, causal=True, scale=None, stats=None, key_lengths=None, query_lengths=None)
+    return Variant("unsplit", lambda: triton_attention(q, k, v, p, None, max_splits=1), tflops=True,
+                   kernel_time=True)
 
 
 # --------------------------------------------------------------------------- rows
 
 
-def make_inputs(cfg: Config, d: int, n: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
-    def randn(heads: int) -> torch.Tensor:
-        return torch.randn(cfg.batch, heads, n, d, generator=gen, device=cfg.device, dtype=cfg.dtype)
+def make_inputs(cfg: Config, shape: Shape, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    def randn(heads: int, n: int) -> torch.Tensor:
+        return torch.randn(cfg.batch, heads, n, shape.d, generator=gen, device=cfg.device, dtype=cfg.dtype)
 
-    return randn(cfg.heads), randn(cfg.kv_heads), randn(cfg.kv_heads)
+    return randn(cfg.heads, shape.n_q), randn(shape.kv_heads, shape.n), randn(shape.kv_heads, shape.n)
 
 
 def reference_stats(cfg: Config, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> AttentionStats | None:
-    """Exact statistics of the row from the reference backend (small N only)."""
-    if q.shape[2] > STATS_CHECK_MAX_N:
+    """Exact statistics of the row from the reference backend (small problems only)."""
+    if q.shape[2] * k.shape[2] > STATS_CHECK_MAX_N**2:
         return None
     stats, failure = attempt(
         lambda: attention(q, k, v, causal=True, stats=KEY_STATS, backend="reference")[1], cfg.device
@@ -665,26 +794,33 @@ def reference_stats(cfg: Config, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return stats
 
 
-def causal_tflops(cfg: Config, d: int, n: int, ms: float) -> float:
-    flops = 4 * cfg.batch * cfg.heads * n * n * d / 2
-    return flops / (ms * 1e-3) / 1e12
+def rate(cfg: Config, shape: Shape, ms: float) -> tuple[str, float]:
+    """``("TFLOP/s", x)``: causal FLOPs (4 D per visible query-key pair and head) per second;
+    for decoding ``("GB/s", x)``: bytes of K and V read per second (decoding is memory-bound)."""
+    if shape.suite == "decode":
+        size = torch.tensor([], dtype=cfg.dtype).element_size()
+        return "GB/s", 2 * cfg.batch * shape.kv_heads * shape.n * shape.d * size / (ms * 1e-3) / 1e9
+    pairs = shape.n_q * shape.n - shape.n_q * (shape.n_q - 1) / 2
+    return "TFLOP/s", 4 * cfg.batch * cfg.heads * pairs * shape.d / (ms * 1e-3) / 1e12
 
 
-def progress_line(d: int, n: int, m: Measurement) -> str:
-    ms = f"{m.ms:10.3f} ms" if m.ms is not None else f"{'-':>10}   "
-    parts = [f"  D={d:<4d} N={n:<7d} {m.name:<9s}{ms}  {m.status}"]
+def progress_line(shape: Shape, m: Measurement) -> str:
+    ms = f"{m.ms:10.4f} ms" if m.ms is not None else f"{'-':>10}   "
+    parts = [f"  {shape.label()} {m.name:<9s}{ms}  {m.status}"]
     if m.peak_gib is not None:
         parts.append(f"peak {m.peak_gib:.2f} GiB")
+    if m.gpu_ms is not None:
+        parts.append(f"kernels alone {m.gpu_ms:.4f} ms")
     parts += [f"{c.name} {c.error:.1e}{'' if c.ok else ' FAIL'}" for c in m.checks]
     return " | ".join(parts)
 
 
-def run_row(cfg: Config, d: int, n: int, gen: torch.Generator) -> tuple[Row, list[Measurement]]:
-    """Build the inputs and variants of one (D, N), measure each, summarise as a row."""
-    q, k, v = make_inputs(cfg, d, n, gen)
+def run_row(cfg: Config, shape: Shape, gen: torch.Generator) -> tuple[Row, list[Measurement]]:
+    """Build the inputs and variants of one shape, measure each, summarise as a row."""
+    q, k, v = make_inputs(cfg, shape, gen)
     ref = reference_stats(cfg, q, k, v)
-    variants = build_variants(cfg, q, k, v, ref)
-    timer = make_timer(cfg, n)
+    variants = build_variants(cfg, shape, q, k, v, ref)
+    timer = make_timer(cfg, shape.n if shape.suite != "decode" else 1024)
     tol = OUT_TOL[cfg.dtype]
     ref_out: torch.Tensor | None = None
     measured: list[tuple[Variant, Measurement]] = []
@@ -692,20 +828,23 @@ def run_row(cfg: Config, d: int, n: int, gen: torch.Generator) -> tuple[Row, lis
         m, out = run_variant(variant, ref_out, timer, cfg, tol)
         if variant.reference:
             ref_out = out
-        print(progress_line(d, n, m), flush=True)
+        print(progress_line(shape, m), flush=True)
         measured.append((variant, m))
     del q, k, v, ref, variants, ref_out
     release_memory(cfg.device)
-    return summarize_row(cfg, d, n, measured), [m for _, m in measured]
+    return summarize_row(cfg, shape, measured), [m for _, m in measured]
 
 
-def summarize_row(cfg: Config, d: int, n: int, measured: list[tuple[Variant, Measurement]]) -> Row:
+def summarize_row(cfg: Config, shape: Shape, measured: list[tuple[Variant, Measurement]]) -> Row:
     """Table columns of one row: times, peak memory, ratios, TFLOP/s, error, check."""
-    row: Row = {"D": d, "N": n}
+    row: Row = {"suite": shape.suite, "D": shape.d, "Hkv": shape.kv_heads, "Nq": shape.n_q, "N": shape.n}
     for variant, m in measured:
         row[f"{variant.name}_ms"] = m.ms if m.status == "ok" else m.status
         if variant.track_memory:
             row[f"{variant.name}_peak_gib"] = m.peak_gib
+    for variant, m in measured:
+        if variant.kernel_time and cfg.device.type == "cuda":
+            row[f"{variant.name}_gpu_ms"] = m.gpu_ms
     ref = next(((var, m) for var, m in measured if var.reference), None)
     ref_ms = ref[1].ms if ref and ref[1].status == "ok" else None
     for variant, m in measured:
@@ -714,7 +853,8 @@ def summarize_row(cfg: Config, d: int, n: int, measured: list[tuple[Variant, Mea
             row[f"{variant.name}/{ref[0].name}"] = ref_ms / m.ms if ok else None
     for variant, m in measured:
         if variant.tflops:
-            row[f"{variant.name}_TFLOP/s"] = causal_tflops(cfg, d, n, m.ms) if m.ms and m.status == "ok" else None
+            unit, _ = rate(cfg, shape, 1.0)
+            row[f"{variant.name}_{unit}"] = rate(cfg, shape, m.ms)[1] if m.ms and m.status == "ok" else None
     errors = [m.out_error for _, m in measured if m.out_error is not None]
     row["max_err"] = max(errors) if errors else None
     failed = [f"{m.name}({','.join(m.failed)})" for _, m in measured if m.failed]
@@ -738,11 +878,11 @@ def format_cell(key: str, value: Any) -> str:
     if isinstance(value, int):
         return str(value)
     if key.endswith("_ms"):
-        return f"{value:.3f}" if value < 100 else f"{value:.1f}"
+        return f"{value:.4f}" if value < 1 else f"{value:.3f}" if value < 100 else f"{value:.1f}"
     if key == "max_err":
         return f"{value:.1e}"
-    if key.endswith("TFLOP/s"):
-        return f"{value:.1f}"
+    if key.endswith("TFLOP/s") or key.endswith("GB/s"):
+        return f"{value:.0f}"
     return f"{value:.2f}"  # ratios, GiB
 
 
@@ -788,64 +928,79 @@ def write_outputs(base: Path, rows: Sequence[Row], details: list[dict[str, Any]]
 def print_legend(cfg: Config) -> None:
     tol = OUT_TOL[cfg.dtype]
     print("# <v>_ms: median ms per call; <v>/sdpa: sdpa_ms / <v>_ms (1.0 = as fast as SDPA); "
-          "TFLOP/s from causal FLOPs 4*B*H*N*N*D/2")
+          "TFLOP/s from causal FLOPs (4*B*H*D per visible query-key pair); decode GB/s: K and V bytes read")
     print(f"# max_err: max ||out - sdpa|| / ||sdpa|| (tolerance {tol:g}); statistics checked "
-          f"against backend='reference' for N <= {STATS_CHECK_MAX_N}; eager_peak_gib: peak "
+          f"against backend='reference' for Nq*N <= {STATS_CHECK_MAX_N}^2; eager_peak_gib: peak "
           "memory above the inputs; OOM (est. X): float32 N x N scores alone need X")
 
 
 # --------------------------------------------------------------------------- main loop
 
 
-def predicted_seconds(history: dict[int, tuple[int, float]], d: int, n: int) -> float | None:
-    """Row duration scaled by N^2 from the previous row of this D, once rows are long enough
-    (from 32k on) for the quadratic work, not compilation or fixed windows, to dominate."""
-    if d not in history:
+def predicted_seconds(history: dict[tuple, tuple[int, float]], shape: Shape) -> float | None:
+    """Row duration scaled by N^2 from the previous row of this kind, once rows are long
+    enough (from 32k on) for the quadratic work, not compilation or fixed windows, to dominate."""
+    if shape.series not in history:
         return None
-    prev_n, seconds = history[d]
+    prev_n, seconds = history[shape.series]
     if prev_n < 32768:
         return None
-    return seconds * (n / prev_n) ** 2
+    power = 1 if shape.suite == "decode" else 2
+    return seconds * (shape.n / prev_n) ** power
 
 
 def run(cfg: Config, meta: dict[str, Any]) -> tuple[list[Row], list[dict[str, Any]]]:
-    """Every (D, N) row, looping over N outside so a time budget cuts the longest rows only."""
+    """Every row of :attr:`Config.shapes`; a time budget skips the rows that would end late."""
     gen = torch.Generator(device=cfg.device)
     gen.manual_seed(cfg.seed)
-    rows: dict[tuple[int, int], Row] = {}
+    rows: list[Row] = []
     details: list[dict[str, Any]] = []
-    history: dict[int, tuple[int, float]] = {}
+    history: dict[tuple, tuple[int, float]] = {}
     start = time.perf_counter()
     try:
-        for n in cfg.lengths:
-            for d in cfg.dims:
-                elapsed = time.perf_counter() - start
-                guess = predicted_seconds(history, d, n)
-                if cfg.time_budget_s > 0 and elapsed + (guess or 0.0) > cfg.time_budget_s:
-                    print(f"  D={d:<4d} N={n:<7d} skipped: {elapsed:.0f} s elapsed + "
-                          f"{guess or 0.0:.0f} s predicted > --time-budget {cfg.time_budget_s:g}",
-                          flush=True)
-                    rows[(d, n)] = {"D": d, "N": n, "check": "skipped (time budget)"}
-                    continue
-                t0 = time.perf_counter()
-                row, measured = run_row(cfg, d, n, gen)
-                history[d] = (n, time.perf_counter() - t0)
-                print(f"  D={d:<4d} N={n:<7d} row took {history[d][1]:.1f} s "
-                      f"(total {time.perf_counter() - start:.0f} s)", flush=True)
-                rows[(d, n)] = row
-                details.append({"D": d, "N": n, "seconds": history[d][1],
-                                "variants": [m.as_dict() for m in measured]})
-                if cfg.out is not None:
-                    write_outputs(cfg.out, ordered(rows, cfg), details, meta)
+        for shape in cfg.shapes:
+            elapsed = time.perf_counter() - start
+            guess = predicted_seconds(history, shape)
+            if cfg.time_budget_s > 0 and elapsed + (guess or 0.0) > cfg.time_budget_s:
+                print(f"  {shape.label()} skipped: {elapsed:.0f} s elapsed + {guess or 0.0:.0f} s "
+                      f"predicted > --time-budget {cfg.time_budget_s:g}", flush=True)
+                rows.append({"suite": shape.suite, "D": shape.d, "Hkv": shape.kv_heads, "Nq": shape.n_q,
+                             "N": shape.n, "check": "skipped (time budget)", "_series": shape.series})
+                continue
+            t0 = time.perf_counter()
+            row, measured = run_row(cfg, shape, gen)
+            seconds = time.perf_counter() - t0
+            history[shape.series] = (shape.n, seconds)
+            print(f"  {shape.label()} row took {seconds:.1f} s (total {time.perf_counter() - start:.0f} s)", flush=True)
+            rows.append(row | {"_series": shape.series})
+            details.append({**dataclasses.asdict(shape), "seconds": seconds,
+                            "variants": [m.as_dict() for m in measured]})
+            if cfg.out is not None:
+                write_outputs(cfg.out, ordered(rows, cfg), details, meta)
     except KeyboardInterrupt:
-        print("  interrupted: the table holds the rows finished so far", flush=True)
+        print("  interrupted: the tables hold the rows finished so far", flush=True)
     meta["seconds"] = round(time.perf_counter() - start, 1)
     return ordered(rows, cfg), details
 
 
-def ordered(rows: dict[tuple[int, int], Row], cfg: Config) -> list[Row]:
-    """Rows by D (in --dims order), then N."""
-    return [rows[(d, n)] for d in cfg.dims for n in cfg.lengths if (d, n) in rows]
+def ordered(rows: list[Row], cfg: Config) -> list[Row]:
+    """Rows grouped by series (suite, D, Hkv, Nq) in planned order, then by N."""
+    first: dict[tuple, int] = {}
+    for i, shape in enumerate(cfg.shapes):
+        first.setdefault(shape.series, i)
+    return [{k: v for k, v in row.items() if k != "_series"}
+            for row in sorted(rows, key=lambda row: (first[row["_series"]], row["N"]))]
+
+
+def suite_tables(rows: Sequence[Row]) -> str:
+    """One table per suite, without the columns that say nothing there."""
+    out = []
+    for suite in SUITES:
+        part = [{k: v for k, v in row.items() if k != "suite" and not (k == "Nq" and suite != "decode")}
+                for row in rows if row["suite"] == suite]
+        if part:
+            out.append(f"# {suite}\n{format_table(part)}")
+    return "\n".join(out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -860,7 +1015,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cfg.out is not None:
         csv_path, json_path = write_outputs(cfg.out, rows, details, meta)
         print(f"# wrote {csv_path} and {json_path}")
-    print(format_table(rows), flush=True)
+    print(suite_tables(rows), flush=True)
     return 1 if any(str(r.get("check", "")).startswith("FAIL") for r in rows) else 0
 
 

@@ -1,17 +1,26 @@
 """Triton backend: flash-style attention that emits statistics in the same pass.
 
-Forward kernel (one program per block of ``BLOCK_M`` query rows of one head):
+Forward kernel (one program per block of ``BLOCK_M`` query rows):
 
 * the main loop walks key blocks with the online softmax (running max ``m``, running sum
-  ``l``, output accumulator), in base 2, and keeps three more online accumulators when asked:
-  ``t = sum p * (s - m)`` (entropy = ln l - ln2 * t / l), ``sum p * key_position``
-  (mean distance) and the index of the running maximum (argmax);
-* key blocks that need no mask (fully visible to every row of the block) run without any
-  masking arithmetic; only the causal diagonal and the padded tail are masked;
+  ``l``, output accumulator), in base 2, and keeps more online accumulators when asked:
+  ``t = sum p * (s - m)`` (entropy = ln l - ln2 * t / l), ``sum p * key_position`` (mean
+  distance; the within-block part is one small tensor-core product of ``p`` with the key
+  offsets, so it costs no per-element arithmetic) and the index of the running maximum;
+* key blocks that every row of the block sees run without any masking arithmetic, and with
+  the score scale folded into the exponent's subtraction; only the causal diagonal and the
+  padded tail are masked;
 * after the loop the row log-sum-exp is final, so sink mass (keys ``< sink_tokens``), local
   mass (the ``window`` keys ending at the query) and offset mass (one key per row) are
   recomputed exactly as ``exp(s - lse)`` over just those few keys, like a backward pass does;
 * ``max_prob = 1 / l`` comes for free.
+
+Rows of a program are either ``BLOCK_M`` queries of one head (prefill), or, for decoding
+shapes (few queries), every query of every head that shares one key/value head ("packed"),
+so K and V are read once per group. When that leaves the GPU idle (few programs, many keys),
+the keys are split across programs (flash-decoding): each split computes the output and
+every statistic over its own keys as if they were the whole row, and a merge kernel combines
+them exactly (weights ``exp(lse_s - lse)``; entropy adds the entropy of the weights).
 
 Key-mass kernel: one program per block of keys, looping over the query blocks that can see
 them, summing ``exp(s - lse)`` over rows.
@@ -40,6 +49,12 @@ _M_INIT = tl.constexpr(-5.0e29)
 
 MIN_HEAD_DIM = 16
 MAX_HEAD_DIM = 256
+#: Decoding shapes (at most this many queries) pack a key/value head's query heads together.
+DECODE_MAX_Q = 16
+#: Packed rows per program at most (query heads per key/value head x queries).
+PACK_MAX_ROWS = 128
+#: Most splits of one row's keys.
+MAX_SPLITS = 128
 
 
 def interpreting() -> bool:
@@ -51,54 +66,61 @@ def interpreting() -> bool:
 def _fwd_block(
     acc, m_i, l_i, t_i, d_i, arg_i,
     q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-    start_n, qpos, klen, offs_d, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    start_n, qpos, klen, offs_d, qk_scale, desc_k, desc_v, b, hk,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, ENTROPY: tl.constexpr, DIST: tl.constexpr,
     ARGMAX: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
     """One key block of the online softmax with statistics accumulators."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    d_ok = offs_d < HEAD_DIM
+    k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
     if MASKED:
-        kv_ok = offs_n < klen
-        kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=kv_ok[None, :] & d_ok[:, None], other=0.0)
-        vb = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                     mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
+        kt = tl.load(k_ptrs, mask=(offs_n[None, :] < klen) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+        vb = tl.load(v_ptrs, mask=(offs_n[:, None] < klen) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    elif TMA:
+        kt = tl.trans(desc_k.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D))
+        vb = desc_v.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+    elif EVEN_D:
+        kt = tl.load(k_ptrs)
+        vb = tl.load(v_ptrs)
     else:
-        kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=d_ok[:, None], other=0.0)
-        vb = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                     mask=d_ok[None, :], other=0.0)
+        kt = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+        vb = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
     if DOT_F32:
         kt = kt.to(tl.float32)
-    s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+        vb = vb.to(tl.float32)
+    s = tl.dot(q, kt, input_precision=PREC)
     if MASKED:
         ok = offs_n[None, :] < klen
         if CAUSAL:
             ok = ok & (offs_n[None, :] <= qpos[:, None])
-        s = tl.where(ok, s, _MASKED)
-    if ARGMAX:
-        blk_max, blk_arg = tl.max(s, 1, return_indices=True, return_indices_tie_break_left=True)
-        # strict: on ties the earlier key keeps the argmax
+        s = tl.where(ok, s * qk_scale, _MASKED)
+    # Unmasked blocks keep raw scores: qk_scale > 0 (the host makes it so), so the max and
+    # argmax of the raw scores are those of the scaled ones.
+    blk_max = tl.max(s, 1)
+    if ARGMAX:  # the first key holding the block's maximum (cheaper than a (value, index) reduction)
+        cols = tl.arange(0, BLOCK_N)
+        blk_arg = tl.min(tl.where(s == blk_max[:, None], cols[None, :], BLOCK_N), 1)
+    if not MASKED:
+        blk_max = blk_max * qk_scale
+    if ARGMAX:  # strict: on ties the earlier key keeps the argmax
         arg_i = tl.where(blk_max > m_i, start_n + blk_arg, arg_i)
-    else:
-        blk_max = tl.max(s, 1)
     m_new = tl.maximum(m_i, blk_max)
     alpha = tl.math.exp2(m_i - m_new)
-    x = s - m_new[:, None]
+    if MASKED:
+        x = s - m_new[:, None]
+    else:
+        x = s * qk_scale - m_new[:, None]
     p = tl.math.exp2(x)
     l_blk = tl.sum(p, 1)
     if ENTROPY:  # t = sum p * (s - m) <= 0, rescaled like l when the max moves
         t_i = alpha * (t_i + (m_i - m_new) * l_i) + tl.sum(p * x, 1)
-    if DIST:
+    l_i = alpha * l_i + l_blk
+    acc = tl.dot(p.to(vb.dtype), vb, acc * alpha[:, None], input_precision=PREC)
+    if DIST:  # sum p * key position = sum p * (block start + offset in block)
         local_pos = tl.arange(0, BLOCK_N).to(tl.float32)
         d_i = alpha * d_i + tl.sum(p * local_pos[None, :], 1) + (start_n * 1.0) * l_blk
-    l_i = alpha * l_i + l_blk
-    if DOT_F32:
-        acc = acc * alpha[:, None] + tl.dot(p, vb.to(tl.float32), input_precision=PREC)
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=PREC)
     return acc, m_new, l_i, t_i, d_i, arg_i
 
 
@@ -106,17 +128,16 @@ def _fwd_block(
 def _range_mass(
     q, k_base, stride_kn, stride_kd, lse2, qpos, klen, lo, hi, key_lo, key_hi, offs_d,
     qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
     """Per row, the exact probability mass on keys with ``key_lo <= key < key_hi`` (per-row
     bounds ``[BLOCK_M]``), scanning key blocks from ``lo`` to ``hi``."""
     mass = tl.zeros([BLOCK_M], dtype=tl.float32)
-    d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=(offs_n[None, :] < klen) & d_ok[:, None], other=0.0)
+                     mask=(offs_n[None, :] < klen) & (offs_d[:, None] < HEAD_DIM), other=0.0)
         if DOT_F32:
             kt = kt.to(tl.float32)
         s = tl.dot(q, kt, input_precision=PREC) * qk_scale
@@ -125,6 +146,249 @@ def _range_mass(
             ok = ok & (offs_n[None, :] <= qpos[:, None])
         mass += tl.sum(tl.math.exp2(tl.where(ok, s - lse2[:, None], -float("inf"))), 1)
     return mass
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, desc_k, desc_v, Out, Lse, Ent, MaxP, ArgMax, Sink, Local, Dist, OffMass, Offsets, KLen, QLen,
+    qk_scale,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    Hq, Nq, Nk, GROUP, sink_tokens, window, split_len, rows_total,
+    NQ_BUCKET, NK_BUCKET,  # autotuning keys only
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_QLEN: tl.constexpr,
+    STATS: tl.constexpr, ENTROPY: tl.constexpr, MAXP: tl.constexpr, ARGMAX: tl.constexpr,
+    SINK: tl.constexpr, LOCAL: tl.constexpr, DIST: tl.constexpr, N_OFF: tl.constexpr,
+    PACK: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    TMA: tl.constexpr,
+):
+    """Output and row statistics of one block of rows (over one split of the keys if SPLIT).
+
+    Rows: ``BLOCK_M`` queries of head ``program_id(1) % Hq`` (PACK=False), or every
+    (query head of the group, query) pair of key/value head ``program_id(1) % (Hq / GROUP)``
+    (PACK=True). With SPLIT, ``program_id(2)`` picks keys ``[s * split_len, (s+1) * split_len)``
+    and the results are partial (see :func:`_merge_splits`): ``Out`` is float32
+    ``[splits, B, Hq, Nq, D]``, ``Lse`` the log2-domain log-sum-exp (``_MASKED`` for rows
+    without keys) and ``MaxP`` the row's largest score (log2 domain) instead of a probability.
+    """
+    pid_h = tl.program_id(1).to(tl.int64)
+    if PACK:
+        n_kv = Hq // GROUP
+        b = pid_h // n_kv
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        h = (pid_h % n_kv) * GROUP + rows // Nq
+        hk = pid_h % n_kv
+        qi = rows % Nq
+        row_in = rows < GROUP * Nq
+        q_first = 0
+        q_last = Nq - 1
+    else:
+        b = pid_h // Hq
+        h = pid_h % Hq
+        hk = h // GROUP
+        blk = tl.program_id(0)
+        if CAUSAL:  # the longest rows first, so that short programs fill the tail
+            blk = tl.num_programs(0) - 1 - blk
+        qi = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_in = qi < Nq
+        q_first = blk * BLOCK_M
+        q_last = q_first + BLOCK_M - 1
+    klen = Nk
+    if HAS_KLEN:
+        klen = tl.minimum(tl.load(KLen + b).to(tl.int32), Nk)
+    qlen = Nq
+    if HAS_QLEN:
+        qlen = tl.minimum(tl.load(QLen + b).to(tl.int32), Nq)
+    q_off = Nk - Nq
+    qpos = qi + q_off
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+
+    q_rows = b * stride_qb + h * stride_qh + qi * stride_qm
+    q = tl.load(Q + q_rows[:, None] + offs_d[None, :] * stride_qd, mask=row_in[:, None] & d_ok[None, :], other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+
+    # Keys [0, lo_masked) are visible to every row of this block: no mask needed there.
+    if CAUSAL:
+        hi = tl.minimum(klen, q_last + q_off + 1)
+        lo_masked = tl.minimum(klen, q_first + q_off + 1)
+    else:
+        hi = klen
+        lo_masked = klen
+    if HAS_QLEN:  # a block of padded queries does no work
+        hi = tl.where(q_first < qlen, hi, 0)
+        lo_masked = tl.where(q_first < qlen, lo_masked, 0)
+    hi = tl.maximum(hi, 0)
+    lo_masked = (tl.maximum(lo_masked, 0) // BLOCK_N) * BLOCK_N
+    if SPLIT:  # split_len is a multiple of BLOCK_N
+        k_lo = tl.program_id(2) * split_len
+        k_hi = tl.minimum(hi, k_lo + split_len)
+    else:
+        k_lo = 0
+        k_hi = hi
+
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + _M_INIT
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    t_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    d_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    arg_i = tl.zeros([BLOCK_M], dtype=tl.int32) - 1
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    for start_n in range(k_lo, tl.minimum(lo_masked, k_hi), BLOCK_N):
+        acc, m_i, l_i, t_i, d_i, arg_i = _fwd_block(
+            acc, m_i, l_i, t_i, d_i, arg_i, q, k_base, v_base, stride_kn, stride_kd,
+            stride_vn, stride_vd, start_n, qpos, klen, offs_d, qk_scale, desc_k, desc_v, b.to(tl.int32), hk.to(tl.int32),
+            HEAD_DIM, BLOCK_N, BLOCK_D, EVEN_D, TMA, False, CAUSAL, ENTROPY, DIST, ARGMAX, DOT_F32, PREC)
+    for start_n in range(tl.maximum(lo_masked, k_lo), k_hi, BLOCK_N):
+        acc, m_i, l_i, t_i, d_i, arg_i = _fwd_block(
+            acc, m_i, l_i, t_i, d_i, arg_i, q, k_base, v_base, stride_kn, stride_kd,
+            stride_vn, stride_vd, start_n, qpos, klen, offs_d, qk_scale, desc_k, desc_v, b.to(tl.int32), hk.to(tl.int32),
+            HEAD_DIM, BLOCK_N, BLOCK_D, EVEN_D, False, True, CAUSAL, ENTROPY, DIST, ARGMAX, DOT_F32, PREC)
+
+    row_ok = row_in & (qi < qlen) & (l_i > 0.0)
+    l_safe = tl.where(row_ok, l_i, 1.0)
+    out = tl.where(row_ok[:, None], acc / l_safe[:, None], 0.0)
+    part = 0
+    if SPLIT:
+        part = tl.program_id(2).to(tl.int64) * rows_total
+    o_rows = part * HEAD_DIM + b * stride_ob + h * stride_oh + qi * stride_om
+    tl.store(Out + o_rows[:, None] + offs_d[None, :] * stride_od, out.to(Out.dtype.element_ty),
+             mask=row_in[:, None] & d_ok[None, :])
+
+    srow = part + (b * Hq + h) * Nq + qi  # statistics are contiguous [(splits,) B, Hq, Nq]
+    lse2 = m_i + tl.math.log2(l_safe)
+    if SPLIT:  # the merge needs the log-sum-exp even without statistics
+        tl.store(Lse + srow, tl.where(row_ok, lse2, _MASKED), mask=row_in)
+    elif STATS:
+        tl.store(Lse + srow, tl.where(row_ok, lse2 * _LN2, 0.0), mask=row_in)
+    if STATS:
+        lse2 = tl.where(row_ok, lse2, -_MASKED)  # empty rows: every exp2(s - lse2) below is 0
+        if ENTROPY:
+            ent = tl.log(l_safe) - _LN2 * t_i / l_safe
+            tl.store(Ent + srow, tl.where(row_ok, tl.maximum(ent, 0.0), 0.0), mask=row_in)
+        if MAXP:
+            if SPLIT:
+                tl.store(MaxP + srow, tl.where(row_ok, m_i, _MASKED), mask=row_in)
+            else:
+                # l >= 1 in exact arithmetic; the GPU's approximate exp2 can leave it a hair below
+                tl.store(MaxP + srow, tl.where(row_ok, tl.minimum(1.0 / l_safe, 1.0), 0.0), mask=row_in)
+        if ARGMAX:
+            tl.store(ArgMax + srow, tl.where(row_ok, arg_i, -1).to(tl.int64), mask=row_in)
+        if DIST:
+            tl.store(Dist + srow, tl.where(row_ok, qpos.to(tl.float32) - d_i / l_safe, 0.0), mask=row_in)
+        if SINK:
+            zero = tl.zeros([BLOCK_M], dtype=tl.int32)
+            sink = _range_mass(q, k_base, stride_kn, stride_kd, lse2, qpos, klen, k_lo,
+                               tl.minimum(sink_tokens, k_hi), zero, zero + sink_tokens, offs_d,
+                               qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, DOT_F32, PREC)
+            tl.store(Sink + srow, tl.where(row_ok, tl.minimum(sink, 1.0), 0.0), mask=row_in)
+        if LOCAL:
+            loc_lo = tl.maximum((tl.maximum(q_first + q_off - window + 1, 0) // BLOCK_N) * BLOCK_N, k_lo)
+            loc_hi = tl.maximum(tl.minimum(k_hi, q_last + q_off + 1), 0)
+            loc = _range_mass(q, k_base, stride_kn, stride_kd, lse2, qpos, klen, loc_lo, loc_hi,
+                              qpos - window + 1, qpos + 1, offs_d, qk_scale, HEAD_DIM, BLOCK_M,
+                              BLOCK_N, CAUSAL, DOT_F32, PREC)
+            tl.store(Local + srow, tl.where(row_ok, tl.minimum(loc, 1.0), 0.0), mask=row_in)
+        if N_OFF > 0:
+            qf = q.to(tl.float32)
+            for j in tl.static_range(N_OFF):
+                kp = qpos - tl.load(Offsets + j)
+                ok = row_ok & (kp >= k_lo) & (kp < k_hi)
+                kr = tl.load(k_base + kp[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                             mask=ok[:, None] & d_ok[None, :], other=0.0)
+                sc = tl.sum(qf * kr.to(tl.float32), 1) * qk_scale
+                pm = tl.minimum(tl.math.exp2(tl.where(ok, sc - lse2, -float("inf"))), 1.0)
+                tl.store(OffMass + srow * N_OFF + j, pm, mask=row_in)
+
+
+@triton.jit
+def _merge_splits(
+    OutP, LseP, EntP, MaxP, ArgP, SinkP, LocalP, DistP, OffP,
+    Out, Lse, Ent, MaxProb, ArgMax, Sink, Local, Dist, OffMass,
+    n_splits, rows_total,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    ENTROPY: tl.constexpr, MAXP: tl.constexpr, ARGMAX: tl.constexpr, SINK: tl.constexpr,
+    LOCAL: tl.constexpr, DIST: tl.constexpr, N_OFF: tl.constexpr,
+):
+    """Combine the splits of :func:`_attn_fwd` row by row (rows are flat ``B * Hq * Nq``).
+
+    With ``lse`` the log-sum-exp over all keys, split ``s`` holds the weight
+    ``w_s = exp(lse_s - lse)`` of the row's probability; the output and every mass and mean
+    are ``sum_s w_s x_s``, the entropy is ``sum_s w_s (H_s - ln w_s)``, and the maximum is
+    the largest split maximum (the earliest split on ties, so the earliest key).
+    """
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < rows_total
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    top = tl.zeros([BLOCK_R], dtype=tl.float32) + _MASKED
+    for s in range(n_splits):
+        top = tl.maximum(top, tl.load(LseP + s * rows_total + r, mask=r_ok, other=_MASKED))
+    row_ok = r_ok & (top > _M_INIT)
+    top = tl.where(row_ok, top, 0.0)
+    total = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for s in range(n_splits):
+        total += tl.math.exp2(tl.load(LseP + s * rows_total + r, mask=r_ok, other=_MASKED) - top)
+    total = tl.where(row_ok, total, 1.0)
+    lse2 = top + tl.math.log2(total)
+
+    out = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    ent = tl.zeros([BLOCK_R], dtype=tl.float32)
+    sink = tl.zeros([BLOCK_R], dtype=tl.float32)
+    loc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    dist = tl.zeros([BLOCK_R], dtype=tl.float32)
+    best = tl.zeros([BLOCK_R], dtype=tl.float32) + _MASKED
+    arg = tl.zeros([BLOCK_R], dtype=tl.int64) - 1
+    for s in range(n_splits):
+        srow = s * rows_total + r
+        log_w = tl.load(LseP + srow, mask=r_ok, other=_MASKED) - lse2  # log2 of the weight
+        w = tl.math.exp2(log_w)
+        o = tl.load(OutP + srow[:, None] * HEAD_DIM + offs_d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        out += w[:, None] * o
+        if ENTROPY:
+            ent += w * (tl.load(EntP + srow, mask=r_ok, other=0.0) - _LN2 * log_w)
+        if MAXP or ARGMAX:
+            m_s = tl.load(MaxP + srow, mask=r_ok, other=_MASKED)
+            if ARGMAX:
+                arg = tl.where(m_s > best, tl.load(ArgP + srow, mask=r_ok, other=-1), arg)
+            best = tl.maximum(best, m_s)
+        if SINK:
+            sink += w * tl.load(SinkP + srow, mask=r_ok, other=0.0)
+        if LOCAL:
+            loc += w * tl.load(LocalP + srow, mask=r_ok, other=0.0)
+        if DIST:
+            dist += w * tl.load(DistP + srow, mask=r_ok, other=0.0)
+    tl.store(Out + r[:, None] * HEAD_DIM + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=r_ok[:, None] & d_ok[None, :])
+    tl.store(Lse + r, tl.where(row_ok, lse2 * _LN2, 0.0), mask=r_ok)
+    if ENTROPY:
+        tl.store(Ent + r, tl.where(row_ok, tl.maximum(ent, 0.0), 0.0), mask=r_ok)
+    if MAXP:
+        tl.store(MaxProb + r, tl.where(row_ok, tl.minimum(tl.math.exp2(best - lse2), 1.0), 0.0), mask=r_ok)
+    if ARGMAX:
+        tl.store(ArgMax + r, tl.where(row_ok, arg, -1), mask=r_ok)
+    if SINK:
+        tl.store(Sink + r, tl.where(row_ok, tl.minimum(sink, 1.0), 0.0), mask=r_ok)
+    if LOCAL:
+        tl.store(Local + r, tl.where(row_ok, tl.minimum(loc, 1.0), 0.0), mask=r_ok)
+    if DIST:
+        tl.store(Dist + r, tl.where(row_ok, dist, 0.0), mask=r_ok)
+    for j in tl.static_range(N_OFF):
+        om = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for s in range(n_splits):
+            srow = s * rows_total + r
+            w = tl.math.exp2(tl.load(LseP + srow, mask=r_ok, other=_MASKED) - lse2)
+            om += w * tl.load(OffP + srow * N_OFF + j, mask=r_ok, other=0.0)
+        tl.store(OffMass + r * N_OFF + j, tl.where(row_ok, tl.minimum(om, 1.0), 0.0), mask=r_ok)
 
 
 @triton.jit
@@ -141,118 +405,6 @@ def _head_and_lengths(KLen, QLen, Hq, Nq, Nk, GROUP, HAS_KLEN: tl.constexpr, HAS
     if HAS_QLEN:
         qlen = tl.minimum(tl.load(QLen + b).to(tl.int32), Nq)
     return pid_bh, b, h, h // GROUP, klen, qlen
-
-
-@triton.jit
-def _attn_fwd(
-    Q, K, V, Out, Lse, Ent, MaxP, ArgMax, Sink, Local, Dist, OffMass, Offsets, KLen, QLen,
-    qk_scale,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_od,
-    Hq, Nq, Nk, GROUP, sink_tokens, window,
-    NQ_BUCKET, NK_BUCKET,  # autotuning keys only
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_QLEN: tl.constexpr,
-    STATS: tl.constexpr, ENTROPY: tl.constexpr, MAXP: tl.constexpr, ARGMAX: tl.constexpr,
-    SINK: tl.constexpr, LOCAL: tl.constexpr, DIST: tl.constexpr, N_OFF: tl.constexpr,
-    DOT_F32: tl.constexpr, PREC: tl.constexpr,
-):
-    pid_bh, b, h, hk, klen, qlen = _head_and_lengths(KLen, QLen, Hq, Nq, Nk, GROUP, HAS_KLEN, HAS_QLEN)
-    q_off = Nk - Nq
-    m0 = tl.program_id(0) * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    qpos = offs_m + q_off
-
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=(offs_m[:, None] < Nq) & d_ok[None, :], other=0.0)
-    if DOT_F32:
-        q = q.to(tl.float32)
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
-
-    # Keys [0, lo_masked) are visible to every row of this block: no mask needed there.
-    if CAUSAL:
-        hi = tl.minimum(klen, m0 + BLOCK_M + q_off)
-        lo_masked = tl.minimum(klen, m0 + q_off + 1)
-    else:
-        hi = klen
-        lo_masked = klen
-    if HAS_QLEN:  # a block of padded queries does no work
-        hi = tl.where(m0 < qlen, hi, 0)
-        lo_masked = tl.where(m0 < qlen, lo_masked, 0)
-    hi = tl.maximum(hi, 0)
-    lo_masked = (tl.maximum(lo_masked, 0) // BLOCK_N) * BLOCK_N
-
-    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + _M_INIT
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    t_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    d_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    arg_i = tl.zeros([BLOCK_M], dtype=tl.int32) - 1
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-    for start_n in range(0, lo_masked, BLOCK_N):
-        acc, m_i, l_i, t_i, d_i, arg_i = _fwd_block(
-            acc, m_i, l_i, t_i, d_i, arg_i, q, k_base, v_base, stride_kn, stride_kd,
-            stride_vn, stride_vd, start_n, qpos, klen, offs_d, qk_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, ENTROPY, DIST, ARGMAX, DOT_F32, PREC)
-    for start_n in range(lo_masked, hi, BLOCK_N):
-        acc, m_i, l_i, t_i, d_i, arg_i = _fwd_block(
-            acc, m_i, l_i, t_i, d_i, arg_i, q, k_base, v_base, stride_kn, stride_kd,
-            stride_vn, stride_vd, start_n, qpos, klen, offs_d, qk_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, ENTROPY, DIST, ARGMAX, DOT_F32, PREC)
-
-    row_ok = (offs_m < qlen) & (l_i > 0.0)
-    l_safe = tl.where(row_ok, l_i, 1.0)
-    out = tl.where(row_ok[:, None], acc / l_safe[:, None], 0.0)
-    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Nq) & d_ok[None, :])
-
-    if STATS:
-        row_store = offs_m < Nq
-        srow = pid_bh * Nq + offs_m  # statistics are contiguous [B, Hq, Nq]
-        lse2 = m_i + tl.math.log2(l_safe)
-        tl.store(Lse + srow, tl.where(row_ok, lse2 * _LN2, 0.0), mask=row_store)
-        lse2 = tl.where(row_ok, lse2, -_MASKED)  # empty rows: every exp2(s - lse2) below is 0
-        if ENTROPY:
-            ent = tl.log(l_safe) - _LN2 * t_i / l_safe
-            tl.store(Ent + srow, tl.where(row_ok, tl.maximum(ent, 0.0), 0.0), mask=row_store)
-        if MAXP:
-            # l >= 1 in exact arithmetic; the GPU's approximate exp2 can leave it a hair below
-            tl.store(MaxP + srow, tl.where(row_ok, tl.minimum(1.0 / l_safe, 1.0), 0.0), mask=row_store)
-        if ARGMAX:
-            tl.store(ArgMax + srow, tl.where(row_ok, arg_i, -1).to(tl.int64), mask=row_store)
-        if DIST:
-            tl.store(Dist + srow, tl.where(row_ok, qpos.to(tl.float32) - d_i / l_safe, 0.0), mask=row_store)
-        if SINK:
-            sink_hi = tl.minimum(sink_tokens, hi)
-            zero = tl.zeros([BLOCK_M], dtype=tl.int32)
-            sink = _range_mass(q, k_base, stride_kn, stride_kd, lse2, qpos, klen, 0, sink_hi,
-                               zero, zero + sink_tokens, offs_d, qk_scale, HEAD_DIM, BLOCK_D,
-                               BLOCK_M, BLOCK_N, CAUSAL, DOT_F32, PREC)
-            tl.store(Sink + srow, tl.where(row_ok, tl.minimum(sink, 1.0), 0.0), mask=row_store)
-        if LOCAL:
-            loc_lo = (tl.maximum(m0 + q_off - window + 1, 0) // BLOCK_N) * BLOCK_N
-            loc_hi = tl.maximum(tl.minimum(klen, m0 + BLOCK_M + q_off), 0)
-            loc = _range_mass(q, k_base, stride_kn, stride_kd, lse2, qpos, klen, loc_lo, loc_hi,
-                              qpos - window + 1, qpos + 1, offs_d, qk_scale, HEAD_DIM, BLOCK_D,
-                              BLOCK_M, BLOCK_N, CAUSAL, DOT_F32, PREC)
-            tl.store(Local + srow, tl.where(row_ok, tl.minimum(loc, 1.0), 0.0), mask=row_store)
-        if N_OFF > 0:
-            qf = q.to(tl.float32)
-            for j in tl.static_range(N_OFF):
-                o = tl.load(Offsets + j)
-                kp = qpos - o
-                ok = row_ok & (kp >= 0) & (kp < klen)
-                kr = tl.load(k_base + kp[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                             mask=ok[:, None] & d_ok[None, :], other=0.0)
-                sc = tl.sum(qf * kr.to(tl.float32), 1) * qk_scale
-                pm = tl.minimum(tl.math.exp2(tl.where(ok, sc - lse2, -float("inf"))), 1.0)
-                tl.store(OffMass + srow * N_OFF + j, pm, mask=row_store)
 
 
 @triton.jit
@@ -312,14 +464,37 @@ def _pow2_bucket(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _set_descriptor_blocks(nargs: dict) -> None:
+    """Autotuning pre-hook: the K/V tensor descriptors load blocks of the config's size."""
+    for name in ("desc_k", "desc_v"):
+        if nargs.get(name) is not None:
+            nargs[name].block_shape = [1, 1, nargs["BLOCK_N"], nargs["BLOCK_D"]]
+
+
+def _configs(shapes) -> list[triton.Config]:
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=_set_descriptor_blocks)
+            for m, n, w, s in shapes]
+
+
 def _fwd_configs(block_d: int) -> list[triton.Config]:
     if block_d <= 64:
-        shapes = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 32, 4, 4)]
+        shapes = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3),
+                  (128, 32, 4, 4)]
     elif block_d <= 128:
-        shapes = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4)]
+        shapes = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3),
+                  (128, 64, 8, 4)]
     else:
         shapes = [(64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 4, 3)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+    return _configs(shapes)
+
+
+def _packed_configs(block_d: int, block_m: int) -> list[triton.Config]:
+    """Decoding shapes: the rows are fixed (one group's queries); tune the key blocks."""
+    if block_d <= 128:
+        shapes = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2), (64, 8, 3), (128, 4, 3)]
+    else:
+        shapes = [(32, 4, 2), (64, 4, 2), (64, 8, 2)]
+    return _configs([(block_m, n, w, s) for n, w, s in shapes])
 
 
 def _key_mass_configs(block_d: int) -> list[triton.Config]:
@@ -327,24 +502,31 @@ def _key_mass_configs(block_d: int) -> list[triton.Config]:
         shapes = [(64, 128, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3)]
     else:
         shapes = [(64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+    return _configs(shapes)
 
 
 _FWD_KEY = ["NQ_BUCKET", "NK_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_KLEN", "HAS_QLEN", "STATS",
-            "ENTROPY", "MAXP", "ARGMAX", "SINK", "LOCAL", "DIST", "N_OFF"]
+            "ENTROPY", "MAXP", "ARGMAX", "SINK", "LOCAL", "DIST", "N_OFF", "PACK", "SPLIT",
+            "TMA"]
 _KM_KEY = ["NQ_BUCKET", "NK_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_KLEN", "HAS_QLEN"]
 
 
 @functools.cache
-def _tuned(kernel_name: str, block_d: int):
+def _tuned(kernel_name: str, block_d: int, block_m: int = 0):
     """The autotuned launcher for one kernel and padded head dim (compiled lazily)."""
     if kernel_name == "fwd":
         return triton.autotune(_fwd_configs(block_d), key=_FWD_KEY)(_attn_fwd)
+    if kernel_name == "packed":
+        return triton.autotune(_packed_configs(block_d, block_m), key=_FWD_KEY)(_attn_fwd)
     return triton.autotune(_key_mass_configs(block_d), key=_KM_KEY)(_key_mass)
 
 
 # Fixed small blocks under the interpreter: autotuning there would only cost time.
 _INTERPRET_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
+def _pinned_stages(block_n: int, block_d: int, element_size: int) -> int:
+    """Pipeline stages for pinned blocks: as many (up to 3) as K/V buffers fit in shared memory."""
+    per_stage = 2 * block_n * block_d * element_size
+    return max(1, min(3, (160 * 1024) // per_stage))
 
 
 def _pinned_blocks() -> dict[str, int] | None:
@@ -358,6 +540,57 @@ def _pinned_blocks() -> dict[str, int] | None:
     return {"BLOCK_M": m, "BLOCK_N": n}
 
 
+def packed_rows(p: Problem) -> int:
+    """Rows of one program in the packed (decoding) layout, or 0 when the problem is not a
+    decoding shape: few queries, so the query heads of a group share one program."""
+    rows = p.group * p.n_q
+    return rows if p.n_q <= DECODE_MAX_Q and rows <= PACK_MAX_ROWS else 0
+
+
+def key_splits(programs: int, n_k: int, device: torch.device, limit: int = MAX_SPLITS) -> tuple[int, int]:
+    """``(splits, keys per split)``: enough splits of the keys that ``programs`` programs per
+    split fill the GPU (two per SM), each split at least a few key blocks long."""
+    if interpreting():  # tiny, so that the tests' small shapes exercise the merge
+        target, min_keys, align = 8, 16, _INTERPRET_BLOCKS["BLOCK_N"]
+    else:
+        target, min_keys, align = 2 * _sm_count(device), 512, 256
+    splits = min(triton.cdiv(target, programs), n_k // min_keys, limit)
+    if splits <= 1:
+        return 1, n_k
+    per_split = triton.cdiv(triton.cdiv(n_k, splits), align) * align
+    return triton.cdiv(n_k, per_split), per_split
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+#: Load the unmasked K/V blocks through TMA tensor descriptors where the GPU has them
+#: (compute capability 9.0 and up; the interpreter too, so CPU tests cover that path).
+USE_TMA = True
+
+
+@functools.cache
+def _has_tma(device: torch.device) -> bool:
+    return interpreting() or torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, block_d: int) -> tuple:
+    """Tensor descriptors of K and V (``[B, Hkv, Nk, D]``, one ``[BLOCK_N, BLOCK_D]`` block
+    per load), or ``(None, None)`` where TMA cannot be used: it needs a contiguous head dim
+    and 16-byte aligned addresses and strides."""
+    if not USE_TMA or not _has_tma(k.device):
+        return None, None
+    size = k.element_size()
+    for t in (k, v):
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:-1]):
+            return None, None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, block_d]) for t in (k, v))
+
+
 def triton_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -366,11 +599,18 @@ def triton_attention(
     stats: StatsSpec | None,
     key_lengths: torch.Tensor | None = None,
     query_lengths: torch.Tensor | None = None,
+    max_splits: int = MAX_SPLITS,
 ) -> tuple[torch.Tensor, AttentionStats | None]:
-    """Run the Triton kernels (autotuned, or with the blocks of :func:`_pinned_blocks`)."""
+    """Run the Triton kernels (autotuned, or with the blocks of :func:`_pinned_blocks`).
+
+    ``max_splits=1`` turns off key splitting for decoding shapes (for benchmarks).
+    """
     b, hq, nq, nk, d = p.batch, p.q_heads, p.n_q, p.n_k, p.head_dim
     dev = q.device
     block_d = max(MIN_HEAD_DIM, triton.next_power_of_2(d))
+    scale = p.scale
+    if scale < 0:  # the kernel needs a positive scale; negating q is exact
+        q, scale = -q, -scale
 
     # Triton's interpreter mis-evaluates bfloat16 dot products; compute those in float32 there.
     dot_f32 = interpreting() and q.dtype == torch.bfloat16
@@ -379,48 +619,92 @@ def triton_attention(
     out = torch.empty((b, hq, nq, d), device=dev, dtype=q.dtype)
     want = stats is not None
     f32 = dict(device=dev, dtype=torch.float32)
+    pinned = _pinned_blocks()
 
-    def row(flag: bool, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
-        return torch.empty((b, hq, nq), device=dev, dtype=dtype) if (want and flag) else None
+    rows = packed_rows(p)
+    splits, split_len = (1, nk)
+    if rows:
+        splits, split_len = key_splits(b * p.kv_heads, nk, dev, max_splits)
+    split = splits > 1
+    n_rows = b * hq * nq
 
-    lse = row(True)
+    def row(flag: bool, dtype: torch.dtype = torch.float32, extra: tuple[int, ...] = ()) -> torch.Tensor | None:
+        return torch.empty((b, hq, nq) + extra, device=dev, dtype=dtype) if (want and flag) else None
+
+    lse = torch.empty((b, hq, nq), **f32) if (want or split) else None
     ent, maxp = row(want and stats.entropy), row(want and stats.max_prob)
     argmax = row(want and stats.argmax, torch.int64)
     sink, local = row(want and stats.sink_tokens > 0), row(want and stats.window > 0)
     dist = row(want and stats.distance)
     n_off = len(stats.offsets) if want else 0
-    off_mass = torch.empty((b, hq, nq, n_off), **f32) if n_off else None
+    off_mass = row(n_off > 0, extra=(n_off,))
+    final = (out, lse, ent, maxp, argmax, sink, local, dist, off_mass)
+    if split:  # per-split partial results, merged below
+        def part(t: torch.Tensor | None, dtype=torch.float32) -> torch.Tensor | None:
+            return None if t is None else torch.empty((splits,) + t.shape, device=dev, dtype=dtype)
+
+        lse_p = torch.empty((splits, b, hq, nq), **f32)
+        maxp_p = part(maxp if maxp is not None else argmax)
+        parts = (part(out), lse_p, part(ent), maxp_p, part(argmax, torch.int64), part(sink),
+                 part(local), part(dist), part(off_mass))
+    else:
+        parts = final
     dummy = out  # stands in for pointers the kernel's flags leave unused
     offsets = _offsets_tensor(stats.offsets, dev) if n_off else dummy
     klen = key_lengths if key_lengths is not None else dummy
     qlen = query_lengths if query_lengths is not None else dummy
-    qk_scale = p.scale * LOG2E
+    qk_scale = scale * LOG2E
     buckets = (_pow2_bucket(nq), _pow2_bucket(nk))
     common_flags = dict(
         HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=p.causal,
         HAS_KLEN=key_lengths is not None, HAS_QLEN=query_lengths is not None, DOT_F32=dot_f32, PREC=prec,
     )
-    pinned = _pinned_blocks()
+    out_view = parts[0][0] if split else out
 
+    # Decoding is bound by reading K/V once, not by load instructions: TMA's per-call
+    # descriptor set-up would only add host time there.
+    desc_k, desc_v = (None, None) if rows else _kv_descriptors(k, v, (pinned or {}).get("BLOCK_N", 64), block_d)
     fwd_args = (
-        q, k, v, out,
-        *(t if t is not None else dummy for t in (lse, ent, maxp, argmax, sink, local, dist, off_mass)),
+        q, k, v, desc_k, desc_v, parts[0],
+        *(t if t is not None else dummy for t in parts[1:]),
         offsets, klen, qlen, qk_scale,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *q.stride(), *k.stride(), *v.stride(), *out_view.stride(),
         hq, nq, nk, p.group,
-        stats.sink_tokens if want else 0, stats.window if want else 0, *buckets,
+        stats.sink_tokens if want else 0, stats.window if want else 0, split_len, n_rows, *buckets,
     )
     fwd_flags = dict(
-        common_flags, STATS=want, ENTROPY=want and stats.entropy, MAXP=want and stats.max_prob,
+        common_flags, STATS=want, ENTROPY=want and stats.entropy,
+        MAXP=want and (stats.max_prob or (split and stats.argmax)),
         ARGMAX=want and stats.argmax, SINK=want and stats.sink_tokens > 0,
         LOCAL=want and stats.window > 0, DIST=want and stats.distance, N_OFF=n_off,
+        PACK=bool(rows), SPLIT=split, TMA=desc_k is not None,
     )
-    if pinned is not None:
-        grid = (triton.cdiv(nq, pinned["BLOCK_M"]), b * hq)
-        _attn_fwd[grid](*fwd_args, **fwd_flags, **pinned, num_warps=4)
+    if rows:
+        block_m = max(16, triton.next_power_of_2(rows))
+        grid = (1, b * p.kv_heads, splits)
+        if pinned is not None:
+            _attn_fwd[grid](*fwd_args, **fwd_flags, BLOCK_M=block_m, BLOCK_N=pinned["BLOCK_N"], num_warps=4,
+                            num_stages=_pinned_stages(pinned["BLOCK_N"], block_d, q.element_size()))
+        else:
+            _tuned("packed", block_d, block_m)[grid](*fwd_args, **fwd_flags)
+    elif pinned is not None:
+        grid = (triton.cdiv(nq, pinned["BLOCK_M"]), b * hq, 1)
+        _attn_fwd[grid](*fwd_args, **fwd_flags, **pinned, num_warps=4,
+                        num_stages=_pinned_stages(pinned["BLOCK_N"], block_d, q.element_size()))
     else:
-        grid = lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * hq)  # noqa: E731
+        grid = lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * hq, 1)  # noqa: E731
         _tuned("fwd", block_d)[grid](*fwd_args, **fwd_flags)
+    if split:
+        block_r = 16
+        _merge_splits[(triton.cdiv(n_rows, block_r),)](
+            *(t if t is not None else dummy for t in parts),
+            *(t if t is not None else dummy for t in final),
+            splits, n_rows,
+            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=block_r, ENTROPY=want and stats.entropy,
+            MAXP=want and stats.max_prob, ARGMAX=want and stats.argmax,
+            SINK=want and stats.sink_tokens > 0, LOCAL=want and stats.window > 0,
+            DIST=want and stats.distance, N_OFF=n_off, num_warps=4,
+        )
     if not want:
         return out, None
 
@@ -431,7 +715,8 @@ def triton_attention(
                    hq, nq, nk, p.group, *buckets)
         if pinned is not None:
             grid = (triton.cdiv(nk, pinned["BLOCK_N"]), b * hq)
-            _key_mass[grid](*km_args, **common_flags, **pinned, num_warps=4)
+            _key_mass[grid](*km_args, **common_flags, **pinned, num_warps=4,
+                            num_stages=_pinned_stages(pinned["BLOCK_N"], block_d, q.element_size()))
         else:
             grid = lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), b * hq)  # noqa: E731
             _tuned("key_mass", block_d)[grid](*km_args, **common_flags)
