@@ -149,6 +149,18 @@ def _range_mass(
 
 
 @triton.jit
+def _valid_lengths(KLen, QLen, b, Nq, Nk, HAS_KLEN: tl.constexpr, HAS_QLEN: tl.constexpr):
+    """Batch row ``b``'s valid key and query counts (the padding lengths, capped at Nk / Nq)."""
+    klen = Nk
+    if HAS_KLEN:
+        klen = tl.minimum(tl.load(KLen + b).to(tl.int32), Nk)
+    qlen = Nq
+    if HAS_QLEN:
+        qlen = tl.minimum(tl.load(QLen + b).to(tl.int32), Nq)
+    return klen, qlen
+
+
+@triton.jit
 def _attn_fwd(
     Q, K, V, desc_k, desc_v, Out, Lse, Ent, MaxP, ArgMax, Sink, Local, Dist, OffMass, Offsets, KLen, QLen,
     qk_scale,
@@ -180,9 +192,9 @@ def _attn_fwd(
     if PACK:
         n_kv = Hq // GROUP
         b = pid_h // n_kv
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        h = (pid_h % n_kv) * GROUP + rows // Nq
         hk = pid_h % n_kv
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        h = hk * GROUP + rows // Nq
         qi = rows % Nq
         row_in = rows < GROUP * Nq
         q_first = 0
@@ -198,12 +210,7 @@ def _attn_fwd(
         row_in = qi < Nq
         q_first = blk * BLOCK_M
         q_last = q_first + BLOCK_M - 1
-    klen = Nk
-    if HAS_KLEN:
-        klen = tl.minimum(tl.load(KLen + b).to(tl.int32), Nk)
-    qlen = Nq
-    if HAS_QLEN:
-        qlen = tl.minimum(tl.load(QLen + b).to(tl.int32), Nq)
+    klen, qlen = _valid_lengths(KLen, QLen, b, Nq, Nk, HAS_KLEN, HAS_QLEN)
     q_off = Nk - Nq
     qpos = qi + q_off
     offs_d = tl.arange(0, BLOCK_D)
@@ -398,12 +405,7 @@ def _head_and_lengths(KLen, QLen, Hq, Nq, Nk, GROUP, HAS_KLEN: tl.constexpr, HAS
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // Hq
     h = pid_bh % Hq
-    klen = Nk
-    if HAS_KLEN:
-        klen = tl.minimum(tl.load(KLen + b).to(tl.int32), Nk)
-    qlen = Nq
-    if HAS_QLEN:
-        qlen = tl.minimum(tl.load(QLen + b).to(tl.int32), Nq)
+    klen, qlen = _valid_lengths(KLen, QLen, b, Nq, Nk, HAS_KLEN, HAS_QLEN)
     return pid_bh, b, h, h // GROUP, klen, qlen
 
 
