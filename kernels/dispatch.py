@@ -46,6 +46,9 @@ def attention(
             (Triton on CUDA, the reference elsewhere).
         key_lengths: ``[B]`` ints; keys at positions ``>= key_lengths[b]`` are padding.
         query_lengths: ``[B]`` ints; query rows ``>= query_lengths[b]`` are padding (empty rows).
+            Lengths must lie in ``[0, Nk]`` / ``[0, Nq]``. CPU tensors are checked; CUDA
+            tensors are not (that would synchronise the device on every call), and values
+            outside the range act as clamped to it.
         mask: reference backend only: boolean (True = attend) or additive float mask that
             broadcasts to ``[B, Hq, Nq, Nk]``, applied on top of ``causal`` and the lengths.
         chunk_size: reference backend only: query rows per chunk (memory ``chunk x Nk``).

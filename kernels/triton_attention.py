@@ -5,8 +5,7 @@ Forward kernel (one program per block of ``BLOCK_M`` query rows):
 * the main loop walks key blocks with the online softmax (running max ``m``, running sum
   ``l``, output accumulator), in base 2, and keeps more online accumulators when asked:
   ``t = sum p * (s - m)`` (entropy = ln l - ln2 * t / l), ``sum p * key_position`` (mean
-  distance; the within-block part is one small tensor-core product of ``p`` with the key
-  offsets, so it costs no per-element arithmetic) and the index of the running maximum;
+  distance) and the index of the running maximum;
 * key blocks that every row of the block sees run without any masking arithmetic, and with
   the score scale folded into the exponent's subtraction; only the causal diagonal and the
   padded tail are masked;
@@ -21,6 +20,10 @@ so K and V are read once per group. When that leaves the GPU idle (few programs,
 the keys are split across programs (flash-decoding): each split computes the output and
 every statistic over its own keys as if they were the whole row, and a merge kernel combines
 them exactly (weights ``exp(lse_s - lse)``; entropy adds the entropy of the weights).
+
+The float32 row statistics of a call share one buffer (:func:`stat_fields`), so a call
+allocates little and passes few pointers: on decoding shapes the host time per call is
+comparable to the kernels' own.
 
 Key-mass kernel: one program per block of keys, looping over the query blocks that can see
 them, summing ``exp(s - lse)`` over rows.
@@ -162,7 +165,7 @@ def _valid_lengths(KLen, QLen, b, Nq, Nk, HAS_KLEN: tl.constexpr, HAS_QLEN: tl.c
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, desc_k, desc_v, Out, Lse, Ent, MaxP, ArgMax, Sink, Local, Dist, OffMass, Offsets, KLen, QLen,
+    Q, K, V, desc_k, desc_v, Out, Stats, ArgMax, Offsets, KLen, QLen,
     qk_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -173,8 +176,9 @@ def _attn_fwd(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_QLEN: tl.constexpr,
-    STATS: tl.constexpr, ENTROPY: tl.constexpr, MAXP: tl.constexpr, ARGMAX: tl.constexpr,
-    SINK: tl.constexpr, LOCAL: tl.constexpr, DIST: tl.constexpr, N_OFF: tl.constexpr,
+    STATS: tl.constexpr, ARGMAX: tl.constexpr,
+    F_ENT: tl.constexpr, F_MAX: tl.constexpr, F_SINK: tl.constexpr, F_LOCAL: tl.constexpr,
+    F_DIST: tl.constexpr, F_OFF: tl.constexpr, N_OFF: tl.constexpr,
     PACK: tl.constexpr, SPLIT: tl.constexpr,
     DOT_F32: tl.constexpr, PREC: tl.constexpr,
     TMA: tl.constexpr,
@@ -183,11 +187,16 @@ def _attn_fwd(
 
     Rows: ``BLOCK_M`` queries of head ``program_id(1) % Hq`` (PACK=False), or every
     (query head of the group, query) pair of key/value head ``program_id(1) % (Hq / GROUP)``
-    (PACK=True). With SPLIT, ``program_id(2)`` picks keys ``[s * split_len, (s+1) * split_len)``
-    and the results are partial (see :func:`_merge_splits`): ``Out`` is float32
-    ``[splits, B, Hq, Nq, D]``, ``Lse`` the log2-domain log-sum-exp (``_MASKED`` for rows
-    without keys) and ``MaxP`` the row's largest score (log2 domain) instead of a probability.
+    (PACK=True). Row statistics go to the float32 buffer ``Stats`` laid out by
+    :func:`stat_fields` (``F_*`` are field indices, 0 = not computed). With SPLIT,
+    ``program_id(2)`` picks keys ``[s * split_len, (s+1) * split_len)`` and the results are
+    partial (see :func:`_merge_splits`): ``Out`` is float32 ``[splits, B, Hq, Nq, D]``, each
+    split has its own ``Stats`` and ``ArgMax``, the lse field holds the log2-domain log-sum-exp
+    (``_MASKED`` for rows without keys) and the max field the row's largest score (log2
+    domain) instead of a probability.
     """
+    ENTROPY: tl.constexpr = F_ENT > 0
+    DIST: tl.constexpr = F_DIST > 0
     pid_h = tl.program_id(1).to(tl.int64)
     if PACK:
         n_kv = Hq // GROUP
@@ -264,47 +273,52 @@ def _attn_fwd(
     row_ok = row_in & (qi < qlen) & (l_i > 0.0)
     l_safe = tl.where(row_ok, l_i, 1.0)
     out = tl.where(row_ok[:, None], acc / l_safe[:, None], 0.0)
-    part = 0
-    if SPLIT:
-        part = tl.program_id(2).to(tl.int64) * rows_total
-    o_rows = part * HEAD_DIM + b * stride_ob + h * stride_oh + qi * stride_om
+    n_rows = b * 0 + rows_total  # int64: field offsets may pass 2^31
+    if SPLIT:  # each split writes its own partial results
+        part = tl.program_id(2).to(tl.int64)
+        Out += part * n_rows * HEAD_DIM
+        Stats += part * n_rows * (F_OFF + N_OFF)
+        ArgMax += part * n_rows
+    o_rows = b * stride_ob + h * stride_oh + qi * stride_om
     tl.store(Out + o_rows[:, None] + offs_d[None, :] * stride_od, out.to(Out.dtype.element_ty),
              mask=row_in[:, None] & d_ok[None, :])
 
-    srow = part + (b * Hq + h) * Nq + qi  # statistics are contiguous [(splits,) B, Hq, Nq]
+    srow = (b * Hq + h) * Nq + qi  # rows are flat [B, Hq, Nq]
     lse2 = m_i + tl.math.log2(l_safe)
     if SPLIT:  # the merge needs the log-sum-exp even without statistics
-        tl.store(Lse + srow, tl.where(row_ok, lse2, _MASKED), mask=row_in)
+        tl.store(Stats + srow, tl.where(row_ok, lse2, _MASKED), mask=row_in)
     elif STATS:
-        tl.store(Lse + srow, tl.where(row_ok, lse2 * _LN2, 0.0), mask=row_in)
+        tl.store(Stats + srow, tl.where(row_ok, lse2 * _LN2, 0.0), mask=row_in)
     if STATS:
         lse2 = tl.where(row_ok, lse2, -_MASKED)  # empty rows: every exp2(s - lse2) below is 0
         if ENTROPY:
             ent = tl.log(l_safe) - _LN2 * t_i / l_safe
-            tl.store(Ent + srow, tl.where(row_ok, tl.maximum(ent, 0.0), 0.0), mask=row_in)
-        if MAXP:
+            tl.store(Stats + F_ENT * n_rows + srow, tl.where(row_ok, tl.maximum(ent, 0.0), 0.0), mask=row_in)
+        if F_MAX > 0:
             if SPLIT:
-                tl.store(MaxP + srow, tl.where(row_ok, m_i, _MASKED), mask=row_in)
+                top = tl.where(row_ok, m_i, _MASKED)
             else:
                 # l >= 1 in exact arithmetic; the GPU's approximate exp2 can leave it a hair below
-                tl.store(MaxP + srow, tl.where(row_ok, tl.minimum(1.0 / l_safe, 1.0), 0.0), mask=row_in)
+                top = tl.where(row_ok, tl.minimum(1.0 / l_safe, 1.0), 0.0)
+            tl.store(Stats + F_MAX * n_rows + srow, top, mask=row_in)
         if ARGMAX:
             tl.store(ArgMax + srow, tl.where(row_ok, arg_i, -1).to(tl.int64), mask=row_in)
         if DIST:
-            tl.store(Dist + srow, tl.where(row_ok, qpos.to(tl.float32) - d_i / l_safe, 0.0), mask=row_in)
-        if SINK:
+            tl.store(Stats + F_DIST * n_rows + srow, tl.where(row_ok, qpos.to(tl.float32) - d_i / l_safe, 0.0),
+                     mask=row_in)
+        if F_SINK > 0:
             zero = tl.zeros([BLOCK_M], dtype=tl.int32)
             sink = _range_mass(q, k_base, stride_kn, stride_kd, lse2, qpos, klen, k_lo,
                                tl.minimum(sink_tokens, k_hi), zero, zero + sink_tokens, offs_d,
                                qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, DOT_F32, PREC)
-            tl.store(Sink + srow, tl.where(row_ok, tl.minimum(sink, 1.0), 0.0), mask=row_in)
-        if LOCAL:
+            tl.store(Stats + F_SINK * n_rows + srow, tl.where(row_ok, tl.minimum(sink, 1.0), 0.0), mask=row_in)
+        if F_LOCAL > 0:
             loc_lo = tl.maximum((tl.maximum(q_first + q_off - window + 1, 0) // BLOCK_N) * BLOCK_N, k_lo)
             loc_hi = tl.maximum(tl.minimum(k_hi, q_last + q_off + 1), 0)
             loc = _range_mass(q, k_base, stride_kn, stride_kd, lse2, qpos, klen, loc_lo, loc_hi,
                               qpos - window + 1, qpos + 1, offs_d, qk_scale, HEAD_DIM, BLOCK_M,
                               BLOCK_N, CAUSAL, DOT_F32, PREC)
-            tl.store(Local + srow, tl.where(row_ok, tl.minimum(loc, 1.0), 0.0), mask=row_in)
+            tl.store(Stats + F_LOCAL * n_rows + srow, tl.where(row_ok, tl.minimum(loc, 1.0), 0.0), mask=row_in)
         if N_OFF > 0:
             qf = q.to(tl.float32)
             for j in tl.static_range(N_OFF):
@@ -314,88 +328,81 @@ def _attn_fwd(
                              mask=ok[:, None] & d_ok[None, :], other=0.0)
                 sc = tl.sum(qf * kr.to(tl.float32), 1) * qk_scale
                 pm = tl.minimum(tl.math.exp2(tl.where(ok, sc - lse2, -float("inf"))), 1.0)
-                tl.store(OffMass + srow * N_OFF + j, pm, mask=row_in)
+                tl.store(Stats + F_OFF * n_rows + srow * N_OFF + j, pm, mask=row_in)
 
 
 @triton.jit
 def _merge_splits(
-    OutP, LseP, EntP, MaxP, ArgP, SinkP, LocalP, DistP, OffP,
-    Out, Lse, Ent, MaxProb, ArgMax, Sink, Local, Dist, OffMass,
-    n_splits, rows_total,
+    OutP, StatsP, ArgP, Out, Stats, ArgMax, n_splits, rows_total,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-    ENTROPY: tl.constexpr, MAXP: tl.constexpr, ARGMAX: tl.constexpr, SINK: tl.constexpr,
-    LOCAL: tl.constexpr, DIST: tl.constexpr, N_OFF: tl.constexpr,
+    ARGMAX: tl.constexpr, MAXP: tl.constexpr, F_ENT: tl.constexpr, F_MAX: tl.constexpr,
+    F_MEAN: tl.constexpr, F_DIST: tl.constexpr, F_OFF: tl.constexpr, N_OFF: tl.constexpr,
 ):
-    """Combine the splits of :func:`_attn_fwd` row by row (rows are flat ``B * Hq * Nq``).
+    """Combine the splits of :func:`_attn_fwd` row by row (rows are flat ``B * Hq * Nq``;
+    splits happen only for decoding shapes, so every offset here fits in int32).
 
     With ``lse`` the log-sum-exp over all keys, split ``s`` holds the weight
     ``w_s = exp(lse_s - lse)`` of the row's probability; the output and every mass and mean
-    are ``sum_s w_s x_s``, the entropy is ``sum_s w_s (H_s - ln w_s)``, and the maximum is
-    the largest split maximum (the earliest split on ties, so the earliest key).
+    (fields ``F_MEAN`` up to the offsets, and the offsets) are ``sum_s w_s x_s``, the entropy
+    is ``sum_s w_s (H_s - ln w_s)``, and the maximum is the largest split maximum (the
+    earliest split on ties, so the earliest key). ``MAXP``: store the max probability.
     """
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = r < rows_total
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
+    per_split = rows_total * (F_OFF + N_OFF)
     top = tl.zeros([BLOCK_R], dtype=tl.float32) + _MASKED
     for s in range(n_splits):
-        top = tl.maximum(top, tl.load(LseP + s * rows_total + r, mask=r_ok, other=_MASKED))
+        top = tl.maximum(top, tl.load(StatsP + s * per_split + r, mask=r_ok, other=_MASKED))
     row_ok = r_ok & (top > _M_INIT)
     top = tl.where(row_ok, top, 0.0)
     total = tl.zeros([BLOCK_R], dtype=tl.float32)
     for s in range(n_splits):
-        total += tl.math.exp2(tl.load(LseP + s * rows_total + r, mask=r_ok, other=_MASKED) - top)
+        total += tl.math.exp2(tl.load(StatsP + s * per_split + r, mask=r_ok, other=_MASKED) - top)
     total = tl.where(row_ok, total, 1.0)
     lse2 = top + tl.math.log2(total)
 
     out = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     ent = tl.zeros([BLOCK_R], dtype=tl.float32)
-    sink = tl.zeros([BLOCK_R], dtype=tl.float32)
-    loc = tl.zeros([BLOCK_R], dtype=tl.float32)
-    dist = tl.zeros([BLOCK_R], dtype=tl.float32)
     best = tl.zeros([BLOCK_R], dtype=tl.float32) + _MASKED
     arg = tl.zeros([BLOCK_R], dtype=tl.int64) - 1
     for s in range(n_splits):
-        srow = s * rows_total + r
-        log_w = tl.load(LseP + srow, mask=r_ok, other=_MASKED) - lse2  # log2 of the weight
+        log_w = tl.load(StatsP + s * per_split + r, mask=r_ok, other=_MASKED) - lse2  # log2 of the weight
         w = tl.math.exp2(log_w)
-        o = tl.load(OutP + srow[:, None] * HEAD_DIM + offs_d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        o = tl.load(OutP + (s * rows_total + r)[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=r_ok[:, None] & d_ok[None, :], other=0.0)
         out += w[:, None] * o
-        if ENTROPY:
-            ent += w * (tl.load(EntP + srow, mask=r_ok, other=0.0) - _LN2 * log_w)
-        if MAXP or ARGMAX:
-            m_s = tl.load(MaxP + srow, mask=r_ok, other=_MASKED)
+        if F_ENT > 0:
+            ent += w * (tl.load(StatsP + s * per_split + F_ENT * rows_total + r, mask=r_ok, other=0.0) - _LN2 * log_w)
+        if F_MAX > 0:
+            m_s = tl.load(StatsP + s * per_split + F_MAX * rows_total + r, mask=r_ok, other=_MASKED)
             if ARGMAX:
-                arg = tl.where(m_s > best, tl.load(ArgP + srow, mask=r_ok, other=-1), arg)
+                arg = tl.where(m_s > best, tl.load(ArgP + s * rows_total + r, mask=r_ok, other=-1), arg)
             best = tl.maximum(best, m_s)
-        if SINK:
-            sink += w * tl.load(SinkP + srow, mask=r_ok, other=0.0)
-        if LOCAL:
-            loc += w * tl.load(LocalP + srow, mask=r_ok, other=0.0)
-        if DIST:
-            dist += w * tl.load(DistP + srow, mask=r_ok, other=0.0)
     tl.store(Out + r[:, None] * HEAD_DIM + offs_d[None, :], out.to(Out.dtype.element_ty),
              mask=r_ok[:, None] & d_ok[None, :])
-    tl.store(Lse + r, tl.where(row_ok, lse2 * _LN2, 0.0), mask=r_ok)
-    if ENTROPY:
-        tl.store(Ent + r, tl.where(row_ok, tl.maximum(ent, 0.0), 0.0), mask=r_ok)
+    tl.store(Stats + r, tl.where(row_ok, lse2 * _LN2, 0.0), mask=r_ok)
+    if F_ENT > 0:
+        tl.store(Stats + F_ENT * rows_total + r, tl.where(row_ok, tl.maximum(ent, 0.0), 0.0), mask=r_ok)
     if MAXP:
-        tl.store(MaxProb + r, tl.where(row_ok, tl.minimum(tl.math.exp2(best - lse2), 1.0), 0.0), mask=r_ok)
+        top = tl.where(row_ok, tl.minimum(tl.math.exp2(best - lse2), 1.0), 0.0)
+        tl.store(Stats + F_MAX * rows_total + r, top, mask=r_ok)
     if ARGMAX:
         tl.store(ArgMax + r, tl.where(row_ok, arg, -1), mask=r_ok)
-    if SINK:
-        tl.store(Sink + r, tl.where(row_ok, tl.minimum(sink, 1.0), 0.0), mask=r_ok)
-    if LOCAL:
-        tl.store(Local + r, tl.where(row_ok, tl.minimum(loc, 1.0), 0.0), mask=r_ok)
-    if DIST:
-        tl.store(Dist + r, tl.where(row_ok, dist, 0.0), mask=r_ok)
-    for j in tl.static_range(N_OFF):
-        om = tl.zeros([BLOCK_R], dtype=tl.float32)
+    # Weighted means: sink and local mass, distance (fields F_MEAN..F_OFF-1), then the offsets.
+    for f in tl.static_range(F_MEAN, F_OFF + N_OFF):
+        if f < F_OFF:
+            at = f * rows_total + r
+        else:
+            at = F_OFF * rows_total + r * N_OFF + (f - F_OFF)
+        mean = tl.zeros([BLOCK_R], dtype=tl.float32)
         for s in range(n_splits):
-            srow = s * rows_total + r
-            w = tl.math.exp2(tl.load(LseP + srow, mask=r_ok, other=_MASKED) - lse2)
-            om += w * tl.load(OffP + srow * N_OFF + j, mask=r_ok, other=0.0)
-        tl.store(OffMass + r * N_OFF + j, tl.where(row_ok, tl.minimum(om, 1.0), 0.0), mask=r_ok)
+            w = tl.math.exp2(tl.load(StatsP + s * per_split + r, mask=r_ok, other=_MASKED) - lse2)
+            mean += w * tl.load(StatsP + s * per_split + at, mask=r_ok, other=0.0)
+        if f != F_DIST:  # a mass
+            mean = tl.minimum(mean, 1.0)
+        tl.store(Stats + at, tl.where(row_ok, mean, 0.0), mask=r_ok)
 
 
 @triton.jit
@@ -508,8 +515,8 @@ def _key_mass_configs(block_d: int) -> list[triton.Config]:
 
 
 _FWD_KEY = ["NQ_BUCKET", "NK_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_KLEN", "HAS_QLEN", "STATS",
-            "ENTROPY", "MAXP", "ARGMAX", "SINK", "LOCAL", "DIST", "N_OFF", "PACK", "SPLIT",
-            "TMA"]
+            "ARGMAX", "F_ENT", "F_MAX", "F_SINK", "F_LOCAL", "F_DIST", "F_OFF", "N_OFF", "PACK",
+            "SPLIT", "TMA"]
 _KM_KEY = ["NQ_BUCKET", "NK_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_KLEN", "HAS_QLEN"]
 
 
@@ -523,8 +530,42 @@ def _tuned(kernel_name: str, block_d: int, block_m: int = 0):
     return triton.autotune(_key_mass_configs(block_d), key=_KM_KEY)(_key_mass)
 
 
+#: The best config of each tuned launch, once known: later calls launch with it directly,
+#: which skips ~0.1 ms of the autotuner's own host-side bookkeeping per call.
+_best_configs: dict[tuple, dict] = {}
+
+
+def _launch(kernel_name: str, block_d: int, block_m: int, grid, args: tuple, flags: dict,
+            element_size: int, pinned: dict[str, int] | None, descriptors: tuple = ()) -> None:
+    """Launch a kernel with the ``pinned`` blocks (:func:`_pinned_blocks`), or autotuned.
+
+    ``grid`` maps the launch's meta-parameters to the grid; ``args`` end with the two
+    autotuning buckets; ``block_m`` is the packed rows (0 otherwise); ``descriptors`` are the
+    TMA descriptors, whose block shape follows BLOCK_N.
+    """
+    kernel = _key_mass if kernel_name == "key_mass" else _attn_fwd
+    if pinned is not None:
+        meta = dict(pinned, num_warps=4, num_stages=_pinned_stages(pinned["BLOCK_N"], block_d, element_size))
+        if block_m:
+            meta["BLOCK_M"] = block_m
+    else:
+        key = (kernel_name, block_d, block_m, element_size, args[-2], args[-1], *flags.values())
+        meta = _best_configs.get(key)
+        if meta is None:
+            tuner = _tuned(kernel_name, block_d, block_m)
+            tuner[grid](*args, **flags)
+            _best_configs[key] = tuner.best_config.all_kwargs()
+            return
+    for desc in descriptors:
+        if desc is not None:
+            desc.block_shape = [1, 1, meta["BLOCK_N"], block_d]
+    kernel[grid(meta)](*args, **flags, **meta)
+
+
 # Fixed small blocks under the interpreter: autotuning there would only cost time.
 _INTERPRET_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
+
+
 def _pinned_stages(block_n: int, block_d: int, element_size: int) -> int:
     """Pipeline stages for pinned blocks: as many (up to 3) as K/V buffers fit in shared memory."""
     per_stage = 2 * block_n * block_d * element_size
@@ -540,6 +581,24 @@ def _pinned_blocks() -> dict[str, int] | None:
         return None
     m, n = (int(x) for x in env.lower().split("x"))
     return {"BLOCK_M": m, "BLOCK_N": n}
+
+
+def stat_fields(stats: StatsSpec | None, split: bool) -> dict[str, int]:
+    """Layout of the float32 row statistics in the kernels' one buffer: ``{name: field}``.
+
+    Field ``f`` holds rows ``[f * R, (f + 1) * R)`` (``R = B * Hq * Nq``, rows flat): ``lse``
+    is field 0, then the fields the split merge treats specially (``entropy``, ``max_prob``,
+    which also serves argmax), then the weighted means (``sink_mass``, ``local_mass``,
+    ``distance``); ``offset_mass`` is where the ``[R, len(offsets)]`` block starts, which is
+    also the number of single fields. One buffer means one allocation per call.
+    """
+    wanted = [("lse", stats is not None or split)]
+    if stats is not None:
+        wanted += [("entropy", stats.entropy), ("max_prob", stats.max_prob or stats.argmax),
+                   ("sink_mass", stats.sink_tokens > 0), ("local_mass", stats.window > 0),
+                   ("distance", stats.distance)]
+    names = [name for name, on in wanted if on]
+    return {name: i for i, name in enumerate(names + ["offset_mass"])}
 
 
 def packed_rows(p: Problem) -> int:
@@ -618,10 +677,8 @@ def triton_attention(
     dot_f32 = interpreting() and q.dtype == torch.bfloat16
     # float32 inputs get exact float32 products (Triton would otherwise use TF32 on GPUs).
     prec = "ieee" if (q.dtype == torch.float32 or dot_f32) else "tf32"
-    out = torch.empty((b, hq, nq, d), device=dev, dtype=q.dtype)
     want = stats is not None
-    f32 = dict(device=dev, dtype=torch.float32)
-    pinned = _pinned_blocks()
+    n_off = len(stats.offsets) if want else 0
 
     rows = packed_rows(p)
     splits, split_len = (1, nk)
@@ -629,101 +686,76 @@ def triton_attention(
         splits, split_len = key_splits(b * p.kv_heads, nk, dev, max_splits)
     split = splits > 1
     n_rows = b * hq * nq
+    fields = stat_fields(stats, split)
+    per_row = fields["offset_mass"] + n_off  # float32 statistics per row
 
-    def row(flag: bool, dtype: torch.dtype = torch.float32, extra: tuple[int, ...] = ()) -> torch.Tensor | None:
-        return torch.empty((b, hq, nq) + extra, device=dev, dtype=dtype) if (want and flag) else None
-
-    lse = torch.empty((b, hq, nq), **f32) if (want or split) else None
-    ent, maxp = row(want and stats.entropy), row(want and stats.max_prob)
-    argmax = row(want and stats.argmax, torch.int64)
-    sink, local = row(want and stats.sink_tokens > 0), row(want and stats.window > 0)
-    dist = row(want and stats.distance)
-    n_off = len(stats.offsets) if want else 0
-    off_mass = row(n_off > 0, extra=(n_off,))
-    final = (out, lse, ent, maxp, argmax, sink, local, dist, off_mass)
+    out = torch.empty((b, hq, nq, d), device=dev, dtype=q.dtype)
+    row_stats = torch.empty(per_row * n_rows, device=dev, dtype=torch.float32) if per_row else out
+    argmax = torch.empty((b, hq, nq), device=dev, dtype=torch.int64) if want and stats.argmax else out
     if split:  # per-split partial results, merged below
-        def part(t: torch.Tensor | None, dtype=torch.float32) -> torch.Tensor | None:
-            return None if t is None else torch.empty((splits,) + t.shape, device=dev, dtype=dtype)
-
-        lse_p = torch.empty((splits, b, hq, nq), **f32)
-        maxp_p = part(maxp if maxp is not None else argmax)
-        parts = (part(out), lse_p, part(ent), maxp_p, part(argmax, torch.int64), part(sink),
-                 part(local), part(dist), part(off_mass))
+        part = torch.empty(splits * n_rows * (d + per_row), device=dev, dtype=torch.float32)
+        out_part, stats_part = part[: splits * n_rows * d].view(splits, b, hq, nq, d), part[splits * n_rows * d:]
+        arg_part = torch.empty((splits, n_rows), device=dev, dtype=torch.int64) if want and stats.argmax else out
     else:
-        parts = final
-    dummy = out  # stands in for pointers the kernel's flags leave unused
-    offsets = _offsets_tensor(stats.offsets, dev) if n_off else dummy
-    klen = key_lengths if key_lengths is not None else dummy
-    qlen = query_lengths if query_lengths is not None else dummy
+        out_part, stats_part, arg_part = out, row_stats, argmax
+    offsets = _offsets_tensor(stats.offsets, dev) if n_off else out
+    klen = key_lengths if key_lengths is not None else out  # unused pointers get any tensor
+    qlen = query_lengths if query_lengths is not None else out
     qk_scale = scale * LOG2E
     buckets = (_pow2_bucket(nq), _pow2_bucket(nk))
     common_flags = dict(
         HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=p.causal,
         HAS_KLEN=key_lengths is not None, HAS_QLEN=query_lengths is not None, DOT_F32=dot_f32, PREC=prec,
     )
-    out_view = parts[0][0] if split else out
+    out_view = out_part[0] if split else out
 
     # Decoding is bound by reading K/V once, not by load instructions: TMA's per-call
     # descriptor set-up would only add host time there.
+    pinned = _pinned_blocks()
     desc_k, desc_v = (None, None) if rows else _kv_descriptors(k, v, (pinned or {}).get("BLOCK_N", 64), block_d)
     fwd_args = (
-        q, k, v, desc_k, desc_v, parts[0],
-        *(t if t is not None else dummy for t in parts[1:]),
-        offsets, klen, qlen, qk_scale,
+        q, k, v, desc_k, desc_v, out_part, stats_part, arg_part, offsets, klen, qlen, qk_scale,
         *q.stride(), *k.stride(), *v.stride(), *out_view.stride(),
-        hq, nq, nk, p.group,
-        stats.sink_tokens if want else 0, stats.window if want else 0, split_len, n_rows, *buckets,
+        hq, nq, nk, p.group, stats.sink_tokens if want else 0, stats.window if want else 0,
+        split_len, n_rows, *buckets,
     )
-    fwd_flags = dict(
-        common_flags, STATS=want, ENTROPY=want and stats.entropy,
-        MAXP=want and (stats.max_prob or (split and stats.argmax)),
-        ARGMAX=want and stats.argmax, SINK=want and stats.sink_tokens > 0,
-        LOCAL=want and stats.window > 0, DIST=want and stats.distance, N_OFF=n_off,
-        PACK=bool(rows), SPLIT=split, TMA=desc_k is not None,
+    field_flags = dict(
+        F_ENT=fields.get("entropy", 0), F_MAX=fields.get("max_prob", 0), F_SINK=fields.get("sink_mass", 0),
+        F_LOCAL=fields.get("local_mass", 0), F_DIST=fields.get("distance", 0), F_OFF=fields["offset_mass"],
+        N_OFF=n_off,
     )
+    fwd_flags = dict(common_flags, STATS=want, ARGMAX=want and stats.argmax, **field_flags,
+                     PACK=bool(rows), SPLIT=split, TMA=desc_k is not None)
     if rows:
         block_m = max(16, triton.next_power_of_2(rows))
-        grid = (1, b * p.kv_heads, splits)
-        if pinned is not None:
-            _attn_fwd[grid](*fwd_args, **fwd_flags, BLOCK_M=block_m, BLOCK_N=pinned["BLOCK_N"], num_warps=4,
-                            num_stages=_pinned_stages(pinned["BLOCK_N"], block_d, q.element_size()))
-        else:
-            _tuned("packed", block_d, block_m)[grid](*fwd_args, **fwd_flags)
-    elif pinned is not None:
-        grid = (triton.cdiv(nq, pinned["BLOCK_M"]), b * hq, 1)
-        _attn_fwd[grid](*fwd_args, **fwd_flags, **pinned, num_warps=4,
-                        num_stages=_pinned_stages(pinned["BLOCK_N"], block_d, q.element_size()))
+        _launch("packed", block_d, block_m, lambda meta: (1, b * p.kv_heads, splits), fwd_args, fwd_flags,
+                q.element_size(), pinned)
     else:
-        grid = lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * hq, 1)  # noqa: E731
-        _tuned("fwd", block_d)[grid](*fwd_args, **fwd_flags)
+        _launch("fwd", block_d, 0, lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * hq, 1), fwd_args,
+                fwd_flags, q.element_size(), pinned, (desc_k, desc_v))
     if split:
         block_r = 16
         _merge_splits[(triton.cdiv(n_rows, block_r),)](
-            *(t if t is not None else dummy for t in parts),
-            *(t if t is not None else dummy for t in final),
-            splits, n_rows,
-            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=block_r, ENTROPY=want and stats.entropy,
-            MAXP=want and stats.max_prob, ARGMAX=want and stats.argmax,
-            SINK=want and stats.sink_tokens > 0, LOCAL=want and stats.window > 0,
-            DIST=want and stats.distance, N_OFF=n_off, num_warps=4,
+            out_part, stats_part, arg_part, out, row_stats, argmax, splits, n_rows,
+            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=block_r, ARGMAX=want and stats.argmax,
+            MAXP=want and stats.max_prob, F_ENT=field_flags["F_ENT"], F_MAX=field_flags["F_MAX"],
+            F_MEAN=1 + ("entropy" in fields) + ("max_prob" in fields), F_DIST=field_flags["F_DIST"],
+            F_OFF=fields["offset_mass"], N_OFF=n_off, num_warps=4,
         )
     if not want:
         return out, None
 
+    single = row_stats[: fields["offset_mass"] * n_rows].view(-1, b, hq, nq)
+    found = {name: single[i] for name, i in fields.items() if name != "offset_mass"}
+    if n_off:
+        found["offset_mass"] = row_stats[fields["offset_mass"] * n_rows:].view(b, hq, nq, n_off)
+    if not stats.max_prob:  # the field served argmax only
+        found.pop("max_prob", None)
     key_mass = None
     if stats.key_mass:
-        key_mass = torch.empty((b, hq, nk), **f32)
-        km_args = (q, k, lse, key_mass, klen, qlen, qk_scale, *q.stride(), *k.stride(),
+        key_mass = torch.empty((b, hq, nk), device=dev, dtype=torch.float32)
+        km_args = (q, k, found["lse"], key_mass, klen, qlen, qk_scale, *q.stride(), *k.stride(),
                    hq, nq, nk, p.group, *buckets)
-        if pinned is not None:
-            grid = (triton.cdiv(nk, pinned["BLOCK_N"]), b * hq)
-            _key_mass[grid](*km_args, **common_flags, **pinned, num_warps=4,
-                            num_stages=_pinned_stages(pinned["BLOCK_N"], block_d, q.element_size()))
-        else:
-            grid = lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), b * hq)  # noqa: E731
-            _tuned("key_mass", block_d)[grid](*km_args, **common_flags)
-
-    return out, AttentionStats(
-        lse=lse, entropy=ent, max_prob=maxp, argmax=argmax, sink_mass=sink, local_mass=local,
-        distance=dist, offset_mass=off_mass, key_mass=key_mass,
-    )
+        _launch("key_mass", block_d, 0, lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), b * hq), km_args,
+                common_flags, q.element_size(), pinned)
+    return out, AttentionStats(**found, argmax=argmax if stats.argmax else None, key_mass=key_mass)

@@ -121,5 +121,9 @@ def _check_lengths(
         raise AttentionInputError(f"{name} must have shape [{batch}], got {tuple(lengths.shape)}")
     if lengths.device != device:
         raise AttentionInputError(f"{name} is on {lengths.device} but q is on {device}")
-    if batch and (int(lengths.min()) < 0 or int(lengths.max()) > limit):
-        raise AttentionInputError(f"{name} must lie in [0, {limit}], got {lengths.tolist()}")
+    # Values are checked on the CPU only: on a GPU the check would synchronise the device on
+    # every call. Both backends treat values outside [0, limit] as clamped to it.
+    if batch and not lengths.is_cuda:
+        lo, hi = (int(x) for x in torch.aminmax(lengths))
+        if lo < 0 or hi > limit:
+            raise AttentionInputError(f"{name} must lie in [0, {limit}], got {lengths.tolist()}")

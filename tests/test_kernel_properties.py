@@ -220,3 +220,27 @@ def test_pointer_loads_match_tma_loads(monkeypatch, device):
         out_ptr, st_ptr = attention(case.q, case.k, case.v, backend="triton", **case.kwargs())
         check_against_oracle(case, out_tma, st_tma)
         check_against_oracle(case, out_ptr, st_ptr)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n_q", [3, 40])
+def test_out_of_range_lengths_act_clamped(n_q, causal, device):
+    """CUDA lengths are not checked (a check would synchronise the device); both backends
+    treat values outside [0, N] as clamped to it, so bypassing the check changes nothing."""
+    from kernels.reference import reference_attention
+    from kernels.triton_attention import triton_attention
+    from kernels.validate import check_inputs
+
+    gen = torch.Generator().manual_seed(SEED + 5)
+    q = torch.randn(3, 4, n_q, 32, generator=gen).to(device)
+    k, v = (torch.randn(3, 2, 50, 32, generator=gen).to(device) for _ in range(2))
+    wild_k, clamped_k = (torch.tensor(x, device=device) for x in ([-4, 50 + 9, 20], [0, 50, 20]))
+    wild_q, clamped_q = (torch.tensor(x, device=device) for x in ([n_q + 3, n_q - 1, -1], [n_q, n_q - 1, 0]))
+    spec = StatsSpec.all(sink_tokens=2, window=8, offsets=(1,) if causal else (1, -2))
+    p = check_inputs(q, k, v, causal=causal, scale=None, stats=spec, key_lengths=clamped_k, query_lengths=clamped_q)
+    want_out, want = reference_attention(q, k, v, p, spec, clamped_k, clamped_q)
+    for run in (reference_attention, triton_attention):
+        out, st = run(q, k, v, p, spec, wild_k, wild_q)
+        torch.testing.assert_close(out, want_out, atol=1e-5, rtol=0)
+        for name, t in st.items():
+            torch.testing.assert_close(t, getattr(want, name), atol=1e-4, rtol=0, msg=f"{run.__name__}: {name}")
