@@ -34,6 +34,10 @@ These variants run on each row:
     The same plus ``key_mass=True``; the whole call (forward kernel and key-mass pass).
 ``unsplit`` (decode suite)
     ``plain`` without key splitting.
+``graphed`` (decode suite, CUDA)
+    ``rowstats`` captured once in a CUDA graph and replayed: the call's latency without host
+    time, as a decoding loop that captures its steps would see it. Its outputs are checked
+    like the others', so the row also shows that the call is capturable.
 ``eager`` (mha suite)
     What TransformerLens does to expose the pattern: ``q`` and ``k`` upcast to float32,
     ``scores = q @ k^T * scale``, ``torch.where(causal_mask, scores, -inf)``, softmax,
@@ -752,6 +756,8 @@ def build_variants(cfg: Config, shape: Shape, q: torch.Tensor, k: torch.Tensor, 
         Variant("keymass", lambda: attention(q, k, v, causal=True, stats=KEY_STATS, backend=backend),
                 checks=stats_check(ref) + key_mass_sum_check(q.shape[2])),
     ]
+    if shape.suite == "decode":
+        variants.append(graphed_variant(cfg, q, k, v, ref))
     if cfg.breakdown and shape.suite == "mha":
         for name, spec in BREAKDOWN.items():
             variants.append(Variant(name, lambda spec=spec: attention(q, k, v, causal=True, stats=spec, backend=backend)))
@@ -770,6 +776,31 @@ def unsplit_variant(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     p = check_inputs(q, k, v, causal=True, scale=None, stats=None, key_lengths=None, query_lengths=None)
     return Variant("unsplit", lambda: triton_attention(q, k, v, p, None, max_splits=1), tflops=True,
                    kernel_time=True)
+
+
+def graphed_variant(cfg: Config, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    ref: AttentionStats | None) -> Variant:
+    """``rowstats`` replayed from a CUDA graph, captured at the first call (after one eager
+    call, which autotunes and compiles outside the capture)."""
+    if cfg.device.type != "cuda" or cfg.kernel_backend != "triton":
+        return Variant("graphed", lambda: None, skip="n/a (CUDA only)")
+    captured: dict[str, Any] = {}
+
+    def call() -> tuple[torch.Tensor, AttentionStats | None]:
+        return attention(q, k, v, causal=True, stats=ROW_STATS, backend="triton")
+
+    def replay() -> tuple[torch.Tensor, AttentionStats | None]:
+        if not captured:
+            call()
+            torch.cuda.synchronize(cfg.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured["result"] = call()
+            captured["graph"] = graph
+        captured["graph"].replay()
+        return captured["result"]
+
+    return Variant("graphed", replay, checks=stats_check(ref), tflops=True)
 
 
 # --------------------------------------------------------------------------- rows

@@ -486,9 +486,9 @@ def _configs(shapes) -> list[triton.Config]:
 
 
 def _fwd_configs(block_d: int) -> list[triton.Config]:
-    if block_d <= 64:
-        shapes = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3),
-                  (128, 32, 4, 4)]
+    if block_d <= 64:  # 64 x 128 blocks with 4 warps lead at D = 64 (H100, N = 16K: see docs/benchmarks.md)
+        shapes = [(64, 128, 4, 3), (64, 128, 4, 2), (128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4),
+                  (64, 64, 4, 3)]
     elif block_d <= 128:
         shapes = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3),
                   (128, 64, 8, 4)]
