@@ -22,8 +22,8 @@ every statistic over its own keys as if they were the whole row, and a merge ker
 them exactly (weights ``exp(lse_s - lse)``; entropy adds the entropy of the weights).
 
 The float32 row statistics of a call share one buffer (:func:`stat_fields`), so a call
-allocates little and passes few pointers: on decoding shapes the host time per call is
-comparable to the kernels' own.
+allocates little and passes few pointers: on decoding shapes a call's latency is mostly
+host time.
 
 Key-mass kernel: one program per block of keys, looping over the query blocks that can see
 them, summing ``exp(s - lse)`` over rows.
