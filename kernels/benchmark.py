@@ -750,14 +750,15 @@ def build_variants(cfg: Config, shape: Shape, q: torch.Tensor, k: torch.Tensor, 
         variants.append(unsplit_variant(backend, q, k, v))
         for variant in variants:
             variant.kernel_time = True
+    rowstats = Variant("rowstats", lambda: attention(q, k, v, causal=True, stats=ROW_STATS, backend=backend),
+                       checks=stats_check(ref), tflops=True)
     variants += [
-        Variant("rowstats", lambda: attention(q, k, v, causal=True, stats=ROW_STATS, backend=backend),
-                checks=stats_check(ref), tflops=True),
+        rowstats,
         Variant("keymass", lambda: attention(q, k, v, causal=True, stats=KEY_STATS, backend=backend),
                 checks=stats_check(ref) + key_mass_sum_check(q.shape[2])),
     ]
     if shape.suite == "decode":
-        variants.append(graphed_variant(cfg, q, k, v, ref))
+        variants.append(graphed_variant(cfg, rowstats, ref))
     if cfg.breakdown and shape.suite == "mha":
         for name, spec in BREAKDOWN.items():
             variants.append(Variant(name, lambda spec=spec: attention(q, k, v, causal=True, stats=spec, backend=backend)))
@@ -778,24 +779,20 @@ def unsplit_variant(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                    kernel_time=True)
 
 
-def graphed_variant(cfg: Config, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    ref: AttentionStats | None) -> Variant:
-    """``rowstats`` replayed from a CUDA graph, captured at the first call (after one eager
+def graphed_variant(cfg: Config, eager: Variant, ref: AttentionStats | None) -> Variant:
+    """``eager`` replayed from a CUDA graph, captured at the first call (after one eager
     call, which autotunes and compiles outside the capture)."""
     if cfg.device.type != "cuda" or cfg.kernel_backend != "triton":
         return Variant("graphed", lambda: None, skip="n/a (CUDA only)")
     captured: dict[str, Any] = {}
 
-    def call() -> tuple[torch.Tensor, AttentionStats | None]:
-        return attention(q, k, v, causal=True, stats=ROW_STATS, backend="triton")
-
-    def replay() -> tuple[torch.Tensor, AttentionStats | None]:
+    def replay() -> Any:
         if not captured:
-            call()
+            eager.fn()
             torch.cuda.synchronize(cfg.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                captured["result"] = call()
+                captured["result"] = eager.fn()
             captured["graph"] = graph
         captured["graph"].replay()
         return captured["result"]
