@@ -6,10 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
+from workbench.console import console, reports_errors
 
 #: Metric (a function of ``probes.ablation``) -> the task whose samples it needs.
 METRICS = {
@@ -32,6 +31,7 @@ def register(app: typer.Typer) -> None:
         app.add_typer(sae_app, name="sae")
 
 
+@reports_errors
 def ablate(
     run: Path = typer.Option(..., "--run", "-r", help="Run folder whose scores rank the heads."),
     rank_by: str = typer.Option("retrieval", "--rank-by", help="Score that ranks the heads."),
@@ -53,14 +53,8 @@ def ablate(
 ) -> None:
     """Ablate the top-k heads of a run's score against k random heads (Wu et al.'s masking
     experiment); tables and figures go into the run folder."""
-    from workbench.errors import WorkbenchError
-
-    try:
-        _ablate(run, rank_by, score_task, k, task, metric, method, length, samples, draws, control, scan, model,
-                device, seed)
-    except WorkbenchError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    _ablate(run, rank_by, score_task, k, task, metric, method, length, samples, draws, control, scan, model,
+            device, seed)
 
 
 def _ablate(run_path, rank_by, score_task, k, task, metric, method, length, samples, draws, control, scan,
@@ -141,6 +135,7 @@ def _print(table, metric: str, rank_by: str, where: Path) -> None:
 
 
 @sae_app.command("train")
+@reports_errors
 def sae_train(
     layer: int = typer.Option(..., "--layer", "-l", help="Layer whose hook_z (heads concatenated) the SAE reads."),
     model: str = typer.Option(None, "--model", "-m", help="Model (default: the default zoo model)."),
@@ -158,13 +153,7 @@ def sae_train(
 ) -> None:
     """Train an SAE on one layer's attention output; save it in sae-lens's format with its
     evaluation, per-head attribution and top-activating contexts."""
-    from workbench.errors import WorkbenchError
-
-    try:
-        _sae_train(layer, model, architecture, d_sae, k, l1, samples, length, tokens, text, out, device, seed)
-    except WorkbenchError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    _sae_train(layer, model, architecture, d_sae, k, l1, samples, length, tokens, text, out, device, seed)
 
 
 def _sae_train(layer, model_name, architecture, d_sae, k, l1, samples, length, tokens, text, out, device, seed):
@@ -201,6 +190,7 @@ def _sae_train(layer, model_name, architecture, d_sae, k, l1, samples, length, t
 
 
 @sae_app.command("eval")
+@reports_errors
 def sae_eval(
     path: Path = typer.Argument(..., help="SAE folder (sae-lens format)."),
     layer: int = typer.Option(..., "--layer", "-l"),
@@ -212,19 +202,14 @@ def sae_eval(
 ) -> None:
     """L0, explained variance, CE loss recovered and dead features of an SAE on text."""
     from probes import sae as saes
-    from workbench.errors import WorkbenchError
     from workbench.models import load_model
     from workbench.tasks import text_samples
     from workbench.zoo import DEFAULT_MODEL
 
-    try:
-        loaded = load_model(model or DEFAULT_MODEL, device=device)
-        sae = saes.load_sae(path, loaded, layer)
-        items = text_samples(loaded.tokenizer, text, length)[-samples:]  # the end of the text: not trained on
-        _print_sae(saes.evaluate(loaded, sae, layer, items), path)
-    except WorkbenchError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    loaded = load_model(model or DEFAULT_MODEL, device=device)
+    sae = saes.load_sae(path, loaded, layer)
+    items = text_samples(loaded.tokenizer, text, length)[-samples:]  # the end of the text: not trained on
+    _print_sae(saes.evaluate(loaded, sae, layer, items), path)
 
 
 def _print_sae(metrics: dict, where: Path) -> None:

@@ -41,3 +41,35 @@ def test_demo_command_rejects_bad_input():
 def test_version():
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and "attention-workbench" in result.output
+
+
+def test_errors_read_the_same_on_any_terminal_and_path(tmp_path):
+    """An error message is printed unwrapped: a narrow terminal and a long path leave it whole."""
+    deep = tmp_path / ("a-rather-long-folder-name-" * 4) / ("and-another-one-" * 4)
+    deep.mkdir(parents=True)
+    for columns in ("20", "80", "400"):
+        result = runner.invoke(app, ["runs", "show", str(deep)], env={"COLUMNS": columns})
+        assert result.exit_code == 2, result.output
+        assert f"error: {deep} is not a run folder: it has no manifest.json" in result.output
+
+
+def test_score_refuses_an_unknown_backend_before_writing(tmp_path):
+    """`--backend bogus` is a user error (exit 2, no traceback) and leaves no run folder behind."""
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["score", "--backend", "bogus", "--lengths", "128", "--out", str(out)])
+    assert result.exit_code == 2 and "unknown kernel backend 'bogus'" in result.output, result.output
+    assert isinstance(result.exception, SystemExit) and not out.exists()
+
+
+def test_kernel_input_errors_end_commands_cleanly(tmp_path, monkeypatch):
+    """An AttentionInputError raised under a command ends it with `error:` and exit 2."""
+    from kernels import AttentionInputError
+    import workbench.demo
+
+    def refuse(*args, **kwargs):
+        raise AttentionInputError("q must be a 4-d tensor")
+
+    monkeypatch.setattr(workbench.demo, "run_demo", refuse)
+    result = runner.invoke(app, ["demo", "--tokens", "64"])
+    assert result.exit_code == 2 and "error: q must be a 4-d tensor" in result.output
+    assert "Traceback" not in result.output

@@ -7,13 +7,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from workbench import __version__
+from workbench.console import console, fail, reports_errors
 
 app = typer.Typer(help="Attention workbench: attention statistics from fused kernels.", no_args_is_help=True)
-console = Console()
 
 
 def main_cli() -> None:
@@ -40,20 +39,16 @@ def main(
 
 
 @app.command()
+@reports_errors
 def demo(
     tokens: int = typer.Option(4096, "--tokens", "-n", min=2, help="Sequence length."),
     backend: str = typer.Option("auto", help="Kernel backend: auto, triton or reference."),
 ) -> None:
     """Read planted head roles (sink, previous-token, local, diffuse) back from the kernel's statistics."""
-    from kernels import AttentionInputError
     from workbench.demo import HEAD_ROLES, pattern_bytes, run_demo, uniform_entropy
 
     with console.status(f"attention with statistics over {tokens} tokens..."):
-        try:
-            res = run_demo(tokens, backend=backend)
-        except AttentionInputError as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(2) from None
+        res = run_demo(tokens, backend=backend)
     table = Table(title=f"Per-head statistics, mean over {res.n_tokens} query rows")
     table.add_column("statistic")
     for role in HEAD_ROLES:
@@ -77,8 +72,7 @@ def _require_zoo_name(name: str) -> None:
     from workbench.zoo import ZOO
 
     if name not in ZOO:
-        console.print(f"[red]error:[/red] unknown zoo model {name!r}; choose one of: {', '.join(ZOO)}")
-        raise typer.Exit(2)
+        fail(f"unknown zoo model {name!r}; choose one of: {', '.join(ZOO)}")
 
 
 @zoo_app.command("list")
@@ -118,18 +112,13 @@ def bench(ctx: typer.Context) -> None:
     sys.exit(bench_main(ctx.args))
 
 
-def _fail(exc: Exception) -> None:
-    console.print(f"[red]error:[/red] {exc}")
-    raise typer.Exit(2)
-
-
 def _int_list(text: str, what: str) -> tuple[int, ...]:
     """``"512,1k,16k"`` -> ``(512, 1024, 16384)`` (k = 1024)."""
     try:
         return tuple(int(float(t[:-1]) * 1024) if t.lower().endswith("k") else int(t)
                      for t in (x.strip() for x in text.split(",")) if t)
     except ValueError:
-        _fail(ValueError(f"{what} must be comma-separated integers (k = 1024), got {text!r}"))
+        fail(f"{what} must be comma-separated integers (k = 1024), got {text!r}")
 
 
 def _name_list(text: str | None) -> tuple[str, ...]:
@@ -137,6 +126,7 @@ def _name_list(text: str | None) -> tuple[str, ...]:
 
 
 @app.command()
+@reports_errors
 def score(
     model: str = typer.Option(None, "--model", "-m", help="Model name (workbench zoo list, minilm, random:..., "
                               "tl:..., hf:...); default: the default zoo model."),
@@ -166,7 +156,6 @@ def score(
     Writes a run folder (manifest.json, head_scores.parquet, profiles.parquet, retrieval.parquet,
     figures/) and prints the top heads per score. Rerunning the same command resumes an
     interrupted run."""
-    from workbench.errors import WorkbenchError
     from workbench.models import load_model
     from workbench.scoring import ScoreRunSettings, defaults_for, score_model
     from workbench.zoo import DEFAULT_MODEL
@@ -176,29 +165,23 @@ def score(
     if resume:  # continue with the stored run's own model and settings
         from workbench.runs import Run
 
-        try:
-            stored = Run.open(out).manifest["settings"]
-        except WorkbenchError as exc:
-            _fail(exc)
+        stored = Run.open(out).manifest["settings"]
         model, dtype, seed = stored.get("model", model), stored.get("dtype"), stored.get("seed", seed)
     try:
         depth_list = tuple(float(d) for d in depths.split(","))
     except ValueError:
-        _fail(ValueError(f"--depths must be comma-separated fractions, got {depths!r}"))
-    try:
-        settings = ScoreRunSettings(  # checks the names before the model loads
-            model=model, tasks=_name_list(task), scores=_name_list(scores),
-            lengths=_int_list(lengths, "--lengths") if lengths else ScoreRunSettings.lengths,
-            samples=samples, depths=depth_list, repeats=repeats, text=text,
-            sink_tokens=sink_tokens, window=window, seed=seed, dtype=dtype, backend=backend)
-        with console.status(f"loading {model}..."):
-            loaded = load_model(model, device=device, dtype=_torch_dtype(dtype), seed=seed)
-        default_lengths, default_scores = defaults_for(loaded, settings.tasks)
-        settings = replace(settings, lengths=settings.lengths if lengths else default_lengths,
-                           scores=settings.scores if scores else default_scores)
-        run = score_model(loaded, settings, out, resume=resume, force=force)
-    except WorkbenchError as exc:
-        _fail(exc)
+        fail(f"--depths must be comma-separated fractions, got {depths!r}")
+    settings = ScoreRunSettings(  # checks the names before the model loads
+        model=model, tasks=_name_list(task), scores=_name_list(scores),
+        lengths=_int_list(lengths, "--lengths") if lengths else ScoreRunSettings.lengths,
+        samples=samples, depths=depth_list, repeats=repeats, text=text,
+        sink_tokens=sink_tokens, window=window, seed=seed, dtype=dtype, backend=backend)
+    with console.status(f"loading {model}..."):
+        loaded = load_model(model, device=device, dtype=_torch_dtype(dtype), seed=seed)
+    default_lengths, default_scores = defaults_for(loaded, settings.tasks)
+    settings = replace(settings, lengths=settings.lengths if lengths else default_lengths,
+                       scores=settings.scores if scores else default_scores)
+    run = score_model(loaded, settings, out, resume=resume, force=force)
     print_run(run, top)
 
 
@@ -241,15 +224,12 @@ app.add_typer(runs_app, name="runs")
 
 
 @runs_app.command("list")
+@reports_errors
 def runs_list(root: Path = typer.Argument(Path("runs"), help="Folder holding run folders.")) -> None:
     """Runs under a folder: model, tasks, lengths, status, date."""
-    from workbench.errors import WorkbenchError
     from workbench.runs import list_runs
 
-    try:
-        runs, broken = list_runs(root)
-    except WorkbenchError as exc:
-        _fail(exc)
+    runs, broken = list_runs(root)
     table = Table(title=f"Runs in {root}")
     for col in ("run", "model", "tasks", "lengths", "samples", "status", "created"):
         table.add_column(col, overflow="fold")
@@ -270,18 +250,15 @@ def _relative(folder: Path, root: Path) -> str:
 
 
 @runs_app.command("show")
+@reports_errors
 def runs_show(
     run: Path = typer.Argument(..., help="Run folder."),
     top: int = typer.Option(3, help="Heads shown per score."),
 ) -> None:
     """A run's settings, top heads per score and summary."""
-    from workbench.errors import WorkbenchError
     from workbench.runs import Run
 
-    try:
-        opened = Run.open(run)
-        settings = opened.manifest["settings"]
-        console.print(" ".join(f"{k}={v}" for k, v in settings.items()))
-        print_run(opened, top)
-    except WorkbenchError as exc:
-        _fail(exc)
+    opened = Run.open(run)
+    settings = opened.manifest["settings"]
+    console.print(" ".join(f"{k}={v}" for k, v in settings.items()))
+    print_run(opened, top)

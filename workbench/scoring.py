@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from kernels import AttentionStats
+from kernels import BACKENDS, AttentionStats
 from workbench.errors import WorkbenchError
 from workbench.instrument import adapter_for, instrument
 from workbench.runs import Run, prepare
@@ -76,6 +76,8 @@ class ScoreRunSettings:
             raise WorkbenchError(f"samples must be >= 1 and repeats >= 2, got {self.samples} and {self.repeats}")
         if self.dtype not in (None, "float32", "float16", "bfloat16"):
             raise WorkbenchError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.backend not in BACKENDS:
+            raise WorkbenchError(f"unknown kernel backend {self.backend!r}; choose one of: {', '.join(BACKENDS)}")
         self.score_settings  # validates sink_tokens and window
 
     @property
