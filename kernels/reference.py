@@ -62,6 +62,10 @@ def reference_attention(
     kpos = torch.arange(nk, device=dev)
     klen = (key_lengths if key_lengths is not None else torch.full((b,), nk, device=dev)).view(b, 1, 1, 1, 1)
     qlen = (query_lengths if query_lengths is not None else torch.full((b,), nq, device=dev)).view(b, 1, 1, 1)
+    if key_lengths is not None:
+        # Padding keys get probability 0, but 0 * NaN is NaN: never let padded V (an
+        # uninitialised cache, say) into ``prob @ v``. Scores need nothing: they are masked.
+        v_c = v_c.masked_fill(kpos.view(1, 1, 1, -1, 1) >= klen, 0)
 
     out = torch.empty(b, hkv, g, nq, d, device=dev, dtype=q.dtype)
     want = stats is not None

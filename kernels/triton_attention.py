@@ -673,7 +673,9 @@ def triton_attention(
     if scale < 0:  # the kernel needs a positive scale; negating q is exact
         q, scale = -q, -scale
 
-    # Triton's interpreter mis-evaluates bfloat16 dot products; compute those in float32 there.
+    # Triton's interpreter mis-evaluates bfloat16 dot products, and its float32 -> bfloat16
+    # conversion truncates (GPUs round to nearest): compute in float32 there, and write the
+    # output as float32 for PyTorch to round.
     dot_f32 = interpreting() and q.dtype == torch.bfloat16
     # float32 inputs get exact float32 products (Triton would otherwise use TF32 on GPUs).
     prec = "ieee" if (q.dtype == torch.float32 or dot_f32) else "tf32"
@@ -689,7 +691,7 @@ def triton_attention(
     fields = stat_fields(stats, split)
     per_row = fields["offset_mass"] + n_off  # float32 statistics per row
 
-    out = torch.empty((b, hq, nq, d), device=dev, dtype=q.dtype)
+    out = torch.empty((b, hq, nq, d), device=dev, dtype=torch.float32 if dot_f32 else q.dtype)
     row_stats = torch.empty(per_row * n_rows, device=dev, dtype=torch.float32) if per_row else out
     argmax = torch.empty((b, hq, nq), device=dev, dtype=torch.int64) if want and stats.argmax else out
     if split:  # per-split partial results, merged below
@@ -742,6 +744,8 @@ def triton_attention(
             F_MEAN=1 + ("entropy" in fields) + ("max_prob" in fields), F_DIST=field_flags["F_DIST"],
             F_OFF=fields["offset_mass"], N_OFF=n_off, num_warps=4,
         )
+    if dot_f32:
+        out = out.to(q.dtype)
     if not want:
         return out, None
 

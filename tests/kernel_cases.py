@@ -82,3 +82,58 @@ def draw_case(rng: random.Random, device: str, max_keys: int = 80, dtypes=DTYPES
         )
     scale = None if rng.random() < 0.6 else rng.uniform(0.02, 0.5)
     return Case(q, k, v, causal, scale, spec, klen, qlen)
+
+
+#: Sizes of the accuracy sweep (``N`` is the key count; queries are as many or fewer).
+ACCURACY_SIZES = (1, 97, 1025, 4097)
+#: What the Triton interpreter can afford on a CPU.
+ACCURACY_SIZES_CPU = (1, 41, 97)
+ACCURACY_HEAD_DIMS = (16, 40, 80, 96, 128, 256)
+#: Work caps: (query block, key block) pairs of 16 x 16 for the interpreter; elements of one
+#: ``[B, Hq, Nq, Nk]`` float64 matrix (2 GiB) for the oracle on a GPU.
+_CPU_BLOCK_PAIRS = 64
+_GPU_MATRIX_ELEMENTS = 1 << 28
+
+
+def draw_accuracy_case(rng: random.Random, device: str, sizes=ACCURACY_SIZES) -> Case:
+    """One problem of the accuracy sweep: odd sizes, GQA groups 1-8, ``Nq <= Nk`` (prefill,
+    chunked prefill, decoding), padding, both masks, three dtypes, every statistic. Groups and
+    batch shrink until the problem fits the work cap of ``device``."""
+    dtype = rng.choice(DTYPES)
+    d = rng.choice(ACCURACY_HEAD_DIMS)
+    nk = rng.choice(sizes)
+    kind = rng.choice(("square", "chunk", "decode"))
+    nq = {"square": nk, "chunk": rng.randint(1, nk), "decode": rng.randint(1, min(nk, 16))}[kind]
+    b, hkv, group = rng.randint(1, 2), rng.randint(1, 2), rng.randint(1, 8)
+
+    def too_big() -> bool:
+        if device == "cpu":
+            return b * hkv * group * -(-nq // 16) * -(-nk // 16) > _CPU_BLOCK_PAIRS
+        return b * hkv * group * nq * nk > _GPU_MATRIX_ELEMENTS
+
+    while too_big() and (b, hkv, group) != (1, 1, 1):
+        if b > 1:
+            b -= 1
+        elif hkv > 1:
+            hkv -= 1
+        else:
+            group = max(1, group // 2)
+    causal = rng.random() < 0.6
+    gen = torch.Generator().manual_seed(rng.randrange(2**31))
+    magnitude = rng.choice((0.5, 1.0, 3.0))
+
+    def tensor(heads: int, n: int) -> torch.Tensor:
+        if rng.random() < 0.3:  # [B, N, H, D] storage seen through a transpose
+            t = torch.randn(b, n, heads, d, generator=gen).transpose(1, 2)
+        else:
+            t = torch.randn(b, heads, n, d, generator=gen)
+        return (t * magnitude).to(dtype).to(device)
+
+    q, k, v = tensor(hkv * group, nq), tensor(hkv, nk), tensor(hkv, nk)
+    klen = torch.tensor([rng.randint(0, nk) for _ in range(b)], device=device) if rng.random() < 0.4 else None
+    qlen = torch.tensor([rng.randint(0, nq) for _ in range(b)], device=device) if rng.random() < 0.3 else None
+    # Two offsets always (their count is a compile-time constant: fewer kernels to compile on a GPU).
+    far = rng.randint(0 if causal else -(nk - 1), nk)
+    spec = StatsSpec.all(sink_tokens=rng.choice((1, 4, 100)), window=rng.choice((1, 16, 200)), offsets=(1, far))
+    scale = None if rng.random() < 0.6 else rng.uniform(0.02, 0.5)
+    return Case(q, k, v, causal, scale, spec, klen, qlen)

@@ -12,15 +12,32 @@ import torch
 
 
 def attention_matrix(q, k, causal, scale=None, key_lengths=None, query_lengths=None, mask=None):
-    """Float64 scores, validity and probabilities, each ``[B, Hq, Nq, Nk]``."""
+    """Float64 scores, validity and probabilities, each ``[B, Hq, Nq, Nk]``, on q's device."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
+    dev = q.device
     scale = 1 / math.sqrt(d) if scale is None else scale
     kr = k.double().repeat_interleave(hq // hkv, dim=1)
     s = torch.einsum("bhqd,bhkd->bhqk", q.double(), kr) * scale
-    qpos = torch.arange(nq).view(nq, 1) + (nk - nq)
-    kpos = torch.arange(nk).view(1, nk)
-    valid = torch.ones(b, hq, nq, nk, dtype=torch.bool)
+    valid = validity(b, hq, nq, nk, causal, key_lengths, query_lengths, dev)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            valid &= mask.to(dev)
+        else:
+            s = s + mask.double().to(dev)
+            valid &= torch.isfinite(s)
+    s = s.masked_fill(~valid, -math.inf)
+    row_ok = valid.any(-1, keepdim=True)
+    prob = torch.where(row_ok, torch.softmax(torch.where(row_ok, s, 0.0), dim=-1), 0.0)
+    prob = prob * valid
+    return s, valid, prob
+
+
+def validity(b, hq, nq, nk, causal, key_lengths=None, query_lengths=None, device="cpu") -> torch.Tensor:
+    """Boolean ``[B, Hq, Nq, Nk]``: which (query, key) pairs attend (causal bottom-right, lengths)."""
+    qpos = torch.arange(nq, device=device).view(nq, 1) + (nk - nq)
+    kpos = torch.arange(nk, device=device).view(1, nk)
+    valid = torch.ones(b, hq, nq, nk, dtype=torch.bool, device=device)
     if causal:
         valid &= kpos <= qpos
     for i in range(b):
@@ -28,17 +45,7 @@ def attention_matrix(q, k, causal, scale=None, key_lengths=None, query_lengths=N
             valid[i, :, :, int(key_lengths[i]):] = False
         if query_lengths is not None:
             valid[i, :, int(query_lengths[i]):, :] = False
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            valid &= mask.cpu()
-        else:
-            s = s + mask.double().cpu()
-            valid &= torch.isfinite(s)
-    s = s.masked_fill(~valid, -math.inf)
-    row_ok = valid.any(-1, keepdim=True)
-    prob = torch.where(row_ok, torch.softmax(torch.where(row_ok, s, 0.0), dim=-1), 0.0)
-    prob = prob * valid
-    return s, valid, prob
+    return valid
 
 
 def expected(q, k, v, *, causal, spec, scale=None, key_lengths=None, query_lengths=None, mask=None):
@@ -79,4 +86,66 @@ def stats_from_pattern(prob: torch.Tensor, spec) -> dict[str, torch.Tensor]:
         res["offset_mass"] = torch.stack([(prob * ((qpos - kpos) == o)).sum(-1) for o in spec.offsets], dim=-1)
     if spec.key_mass:
         res["key_mass"] = prob.sum(-2)
+    return res
+
+
+def naive(q, k, v, *, causal, spec, scale=None, key_lengths=None, query_lengths=None):
+    """Plain attention in q's dtype, as a user would write it: scores materialised in that dtype,
+    softmax, ``@ v``. Its statistics come from its own (rounded) probability matrix, evaluated in
+    float64, so they carry the error of materialising attention in that dtype and no more.
+    The yardstick of FlashAttention's accuracy rule; returns a dict like :func:`expected`."""
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    scale = 1 / math.sqrt(d) if scale is None else scale
+    g = hq // hkv
+    kr, vr = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    s = (q @ kr.transpose(-1, -2)) * scale  # [B, Hq, Nq, Nk] in q's dtype
+    valid = validity(b, hq, nq, nk, causal, key_lengths, query_lengths, q.device)
+    s = s.masked_fill(~valid, -math.inf)
+    row_ok = valid.any(-1)
+    prob = torch.where(row_ok.unsqueeze(-1), torch.softmax(s, dim=-1), 0)
+    res = {"out": prob @ vr, "prob": prob, "lse": torch.where(row_ok, torch.logsumexp(s, dim=-1), 0)}
+    res.update(stats_from_pattern(prob, spec))
+    res["argmax"] = torch.where(row_ok, s.argmax(-1), -1)
+    return res
+
+
+def merge_parts(parts) -> dict[str, torch.Tensor]:
+    """Merge results for the same queries over disjoint key sets (DESIGN.md, Scale-out), in
+    float64, independently of the kernels' own merge.
+
+    ``parts``: ``(first_key, out, stats)`` per part, ``stats`` an :class:`AttentionStats` with at
+    least ``lse`` and ``argmax`` (``argmax`` is local to the part, offset by ``first_key``; -1
+    marks a row without keys, whose ``lse = 0`` sentinel must not count). Normalised form:
+    ``w_c = exp(lse_c - lse)``; out, masses and means ``sum w_c x_c``; entropy
+    ``sum w_c (H_c - ln w_c)``; max_prob ``max w_c p_c``; argmax the earliest key among the parts
+    whose largest score ``lse_c + ln p_c`` is the overall largest. A statistic a part lacks
+    (``None``) counts as 0 there (e.g. sink mass of a part past the sink). Returns a dict of
+    float64 tensors (argmax int64) named as the :class:`AttentionStats` fields, plus ``out``.
+    """
+    ok = torch.stack([st.argmax >= 0 for _, _, st in parts])  # [C, B, H, Nq]
+    lse_c = torch.stack([st.lse.double() for _, _, st in parts]).masked_fill(~ok, -math.inf)
+    row_ok = ok.any(0)
+    lse = torch.where(row_ok, torch.logsumexp(lse_c, 0), 0.0)
+    w = torch.where(ok, torch.exp(lse_c - lse), 0.0)
+    res = {"lse": lse, "out": (w.unsqueeze(-1) * torch.stack([o.double() for _, o, _ in parts])).sum(0)}
+    ent = torch.stack([st.entropy.double() for _, _, st in parts])
+    res["entropy"] = torch.where(ok, w * (ent - torch.log(torch.where(ok, w, 1.0))), 0.0).sum(0)
+    part_max = torch.stack([st.max_prob.double() for _, _, st in parts])
+    res["max_prob"] = (w * part_max).amax(0)
+    # Largest score of each part. Equal within 1e-3 counts as a tie: callers use problems whose
+    # distinct scores lie far further apart (integer-valued q and k) than float32 rounding.
+    score = torch.where(ok, lse_c + torch.log(torch.where(ok, part_max, 1.0)), -math.inf)
+    best = score.amax(0, keepdim=True)
+    first = torch.stack([st.argmax + first_key for first_key, _, st in parts])
+    tied = ok & (score >= best - 1e-3)
+    res["argmax"] = torch.where(row_ok, torch.where(tied, first, torch.iinfo(torch.int64).max).amin(0), -1)
+    for name in ("sink_mass", "local_mass", "distance", "offset_mass"):
+        x = [getattr(st, name) for _, _, st in parts]
+        if all(t is None for t in x):
+            continue
+        like = next(t for t in x if t is not None).double()
+        stacked = torch.stack([torch.zeros_like(like) if t is None else t.double() for t in x])
+        weight = w if stacked.dim() == w.dim() else w.unsqueeze(-1)
+        res[name] = (weight * stacked).sum(0)
     return res

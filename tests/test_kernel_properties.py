@@ -86,11 +86,16 @@ def test_decoding_rows_equal_prefill_rows(backend, device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_uniform_rows_and_first_index_ties(backend, device):
-    """Identical keys: every row is uniform over its valid keys, and ties go to the first key."""
-    n, d = 37, 32
-    q = torch.randn(1, 2, n, d).to(device)
-    k = torch.randn(1, 1, 1, d).expand(1, 1, n, d).contiguous().to(device)
-    v = torch.randn(1, 1, n, d).to(device)
+    """Identical keys: every row is uniform over its valid keys, and ties go to the first key.
+
+    Integer-valued q and k make every score an exact integer (times the scale), so the ties
+    are exact in any summation order; random floats would tie only up to rounding, which
+    differs between key blocks."""
+    n, d = 37, 32  # three key blocks of 16 under the interpreter
+    gen = torch.Generator().manual_seed(SEED)
+    q = torch.randint(-3, 4, (1, 2, n, d), generator=gen).float().to(device)
+    k = torch.randint(-3, 4, (1, 1, 1, d), generator=gen).float().expand(1, 1, n, d).contiguous().to(device)
+    v = torch.randn(1, 1, n, d, generator=gen).to(device)
     spec = StatsSpec.all(sink_tokens=1, window=4, offsets=(1,))
     _, st = attention(q, k, v, stats=spec, backend=backend)
     counts = torch.arange(1, n + 1, dtype=torch.float32, device=device)  # causal: row i sees i + 1 keys
@@ -105,9 +110,143 @@ def test_uniform_rows_and_first_index_ties(backend, device):
     torch.testing.assert_close(st.key_mass[0, 0], want_km, atol=1e-5, rtol=0)
 
 
+def _tied_problem(b: int, hkv: int, group: int, nq: int, nk: int, ties: tuple[int, ...], seed: int):
+    """Integer-valued q ``[B, Hq, Nq, 16]`` in {0, 1} and k in {-1, 0, 1} whose largest scores tie
+    exactly: keys at positions ``ties`` are all ones, so they score ``sum(q)``, which no other
+    key can exceed (another key may equal it; keys before the first tie score <= 0). One
+    query head is all zeros: every score 0, all keys tied. Scores are exact small integers in
+    every dtype and summation order, so these ties survive any blocking or split of the keys."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 2, (b, hkv * group, nq, 16), generator=gen).float()
+    q[:, -1] = 0
+    k = torch.randint(-1, 2, (b, hkv, nk, 16), generator=gen).float()
+    k[:, :, : ties[0]] = k[:, :, : ties[0]].clamp(max=0)
+    k[:, :, list(ties)] = 1.0
+    v = torch.randn(b, hkv, nk, 16, generator=gen)
+    return q, k, v
+
+
+def _first_max(q, k, causal, key_lengths) -> torch.Tensor:
+    """The earliest valid key with the row's largest score, from exact int64 scores; -1 for rows
+    without keys. ``[B, Hq, Nq]``."""
+    g = q.shape[1] // k.shape[1]
+    s = q.long() @ k.long().repeat_interleave(g, 1).transpose(-1, -2)
+    _, valid, _ = attention_matrix(q, k, causal, key_lengths=key_lengths)
+    s = s.masked_fill(~valid, torch.iinfo(torch.int64).min)
+    is_max = (s == s.amax(-1, keepdim=True)) & valid
+    first = torch.where(is_max, torch.arange(k.shape[2]), k.shape[2]).amin(-1)
+    return torch.where(valid.any(-1), first, -1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", ["prefill", "decode-split"])
+def test_exact_ties_go_to_earliest_key(shape, backend, device):
+    """Exact ties go to the earliest key, across key blocks (running max updated only on a
+    strictly larger block max) and across the splits of flash-decoding (the merge keeps the
+    earliest split among equal maxima), in every dtype, causal or not, with padding."""
+    if shape == "prefill":  # blocks of 16 keys under the interpreter: ties 1-2 blocks apart
+        b, hkv, group, nq, nk, ties = 2, 1, 2, 50, 50, (17, 18, 33, 49)
+        klen = torch.tensor([50, 30])
+    else:  # 300 keys in 4 splits of 80 under the interpreter: ties in splits 1, 2 and 3
+        b, hkv, group, nq, nk, ties = 2, 1, 4, 3, 300, (100, 150, 170, 250, 299)
+        klen = torch.tensor([300, 160])
+    q, k, v = _tied_problem(b, hkv, group, nq, nk, ties, SEED + 7)
+    spec = StatsSpec(argmax=True, max_prob=True)
+    runs = ((True, torch.float32, None), (False, torch.float16, 0.3), (True, torch.bfloat16, 0.3),
+            (False, torch.bfloat16, None))
+    for causal, dtype, scale in runs:
+        want = _first_max(q, k, causal, klen)
+        assert (want[0] > 16).any() and (want[:, -1] == 0).all()  # the problem does tie
+        _, st = attention(q.to(dtype).to(device), k.to(dtype).to(device), v.to(dtype).to(device),
+                          causal=causal, scale=scale, stats=spec, backend=backend, key_lengths=klen.to(device))
+        got = st.argmax.cpu()
+        wrong = (got != want).nonzero().tolist()[:5]
+        assert torch.equal(got, want), f"{dtype} causal={causal} scale={scale}: rows {wrong}"
+    if device == "cpu" and shape != "prefill":  # the merge is exercised (a GPU picks its own splits)
+        from kernels.triton_attention import key_splits
+
+        assert key_splits(b * hkv, nk, q.device)[0] == 4
+
+
+def _inside_padding(t: torch.Tensor, fill: float, heads_last: bool) -> torch.Tensor:
+    """``t [B, H, N, D]`` as a view into a larger tensor filled with ``fill``: 5 more rows and 8
+    more head-dim columns, stored ``[B, H, N, D]`` or ``[B, N, H, D]`` (seen through a transpose)."""
+    b, h, n, d = t.shape
+    if heads_last:
+        big = torch.full((b, n + 5, h, d + 8), fill, dtype=t.dtype, device=t.device)
+        view = big[:, :n, :, :d].transpose(1, 2)
+    else:
+        big = torch.full((b, h, n + 5, d + 8), fill, dtype=t.dtype, device=t.device)
+        view = big[:, :, :n, :d]
+    view.copy_(t)
+    return view
+
+
+def _padded_problem(shape: str, dtype: torch.dtype, fill: float, device: str):
+    """q, k, v inside ``fill``-padded storage, with ``fill`` also in every key beyond
+    ``key_lengths`` and every query beyond ``query_lengths``; and those lengths."""
+    if shape == "prefill":
+        b, hkv, group, nq, nk = 2, 1, 2, 40, 40
+        klen, qlen = torch.tensor([33, 17]), torch.tensor([40, 29])
+    else:  # split into 3 parts under the interpreter
+        b, hkv, group, nq, nk = 2, 1, 4, 3, 130
+        klen, qlen = torch.tensor([120, 50]), torch.tensor([3, 2])
+    gen = torch.Generator().manual_seed(SEED + 11)
+    q = torch.randn(b, hkv * group, nq, 40, generator=gen).to(dtype)
+    k, v = (torch.randn(b, hkv, nk, 40, generator=gen).to(dtype) for _ in range(2))
+    for i in range(b):
+        k[i, :, klen[i]:] = fill
+        v[i, :, klen[i]:] = fill
+        q[i, :, qlen[i]:] = fill
+    q, k, v = (_inside_padding(t.to(device), fill, heads_last=j == 1) for j, t in enumerate((q, k, v)))
+    return q, k, v, klen.to(device), qlen.to(device)
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the interpreter's max of a NaN row
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", ["prefill", "decode-split"])
+def test_nan_padding_is_never_read(shape, backend, device):
+    """NaN around the valid region (storage beyond the tensor views, keys beyond key_lengths,
+    queries beyond query_lengths) changes nothing, bit for bit: no out-of-bounds read, and no
+    masked value that is read leaks through ``0 * NaN``."""
+    for dtype, causal in ((torch.float32, True), (torch.bfloat16, False)):
+        spec = StatsSpec.all(sink_tokens=2, window=5, offsets=(1, 3) if causal else (1, -2))
+        results = {}
+        for fill in (0.0, math.nan):
+            q, k, v, klen, qlen = _padded_problem(shape, dtype, fill, device)
+            results[fill] = attention(q, k, v, causal=causal, stats=spec, backend=backend,
+                                      key_lengths=klen, query_lengths=qlen)
+        (clean_out, clean), (out, st) = results[0.0], results[math.nan]
+        assert torch.equal(out, clean_out), f"{dtype}: output changed by NaN padding"
+        for name, t in st.items():
+            assert torch.equal(t, getattr(clean, name)), f"{dtype}: {name} changed by NaN padding"
+        q, k, v, klen, qlen = _padded_problem(shape, dtype, 0.0, device)
+        check_against_oracle(Case(q, k, v, causal, None, spec, klen, qlen), clean_out, clean)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_repeated_calls_are_bitwise_equal(backend, device):
+    """The same call twice gives the same bits: output and every statistic (no atomics, no
+    order that depends on scheduling), on random problems and on a split decoding shape."""
+    rng = random.Random(f"{SEED}-repeat-{backend}")
+    cases = [draw_case(rng, device, max_keys=40) for _ in range(2)]
+    gen = torch.Generator().manual_seed(SEED + 13)
+    q = torch.randn(1, 4, 2, 32, generator=gen).to(device)
+    k, v = (torch.randn(1, 1, 100, 32, generator=gen).to(device) for _ in range(2))
+    cases.append(Case(q, k, v, True, None, None, None, None))
+    for case in cases:
+        case.spec = StatsSpec.all(sink_tokens=3, window=7, offsets=(1, 2))
+        out1, st1 = attention(case.q, case.k, case.v, backend=backend, **case.kwargs())
+        out2, st2 = attention(case.q, case.k, case.v, backend=backend, **case.kwargs())
+        assert torch.equal(out1, out2), case.describe()
+        for name, t in st1.items():
+            assert torch.equal(t, getattr(st2, name)), f"{name}: {case.describe()}"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rows_without_keys_get_zero_output_and_sentinels(backend, device):
-    q, k, v = (torch.randn(3, 2, 20, 32).to(device) for _ in range(3))
+    gen = torch.Generator().manual_seed(SEED + 3)
+    q, k, v = (torch.randn(3, 2, 20, 32, generator=gen).to(device) for _ in range(3))
     spec = StatsSpec.all(sink_tokens=2, window=3, offsets=(0, 2))
     klen = torch.tensor([0, 20, 7], device=device)
     qlen = torch.tensor([20, 0, 5], device=device)
@@ -134,8 +273,9 @@ def test_rows_without_keys_get_zero_output_and_sentinels(backend, device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_zero_size_inputs(backend, device):
-    q = torch.randn(1, 2, 0, 32, device=device)
-    k = torch.randn(1, 2, 5, 32, device=device)
+    gen = torch.Generator().manual_seed(SEED + 4)
+    q = torch.randn(1, 2, 0, 32, generator=gen).to(device)
+    k = torch.randn(1, 2, 5, 32, generator=gen).to(device)
     out, st = attention(q, k, k, stats=StatsSpec.all(), backend=backend)
     assert out.shape == (1, 2, 0, 32) and st.key_mass.shape == (1, 2, 5) and torch.all(st.key_mass == 0)
     out, st = attention(k, q, q, stats=StatsSpec.all(), backend=backend)
