@@ -9,8 +9,12 @@ figure warnings are still written.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
+import os
+import random
 import shutil
 from pathlib import Path
 
@@ -19,10 +23,11 @@ import pytest
 from typer.testing import CliRunner
 
 import workbench.scoring as scoring
+from tests.conftest import SEED
 from workbench.cli import app
 from workbench.errors import WorkbenchError
 from workbench.models import load_model
-from workbench.runs import MANIFEST, Run, atomic_write, list_runs, prepare
+from workbench.runs import FORMAT_VERSION, MANIFEST, Run, atomic_write, list_runs, prepare
 from workbench.scores import SCORES, scores_for
 from workbench.scoring import ScoreRunSettings, aggregate, plan, score_model, task_tokenizer
 
@@ -285,7 +290,8 @@ def test_a_deleted_part_is_recomputed_alone(model, complete_run, tmp_path, no_pn
     shutil.copytree(complete_run.path, out)
     lost = keys(model, ALL)[-1]
     (out / "parts" / f"{lost}.parquet").unlink()
-    run = score_model(model, ALL, out, progress=False)
+    with pytest.warns(RuntimeWarning, match=rf"scoring 1 sample\(s\) again .*{lost}"):
+        run = score_model(model, ALL, out, progress=False)
     assert calls == [lost] and run.complete
     for name in TABLES:
         assert_same_table(run.table(name), complete_run.table(name))
@@ -387,12 +393,51 @@ def runs_folder(complete_run, tmp_path):
     (b"[1, 2, 3]", "not a workbench run manifest"),
     (b'{"settings": {}, "status": "complete"}', "not a workbench run manifest"),
     (b'{"format": "something-else", "settings": {}, "status": "complete"}', "missing format tag"),
-], ids=["truncated", "binary", "list", "untagged", "other-format"])
+    (b"", "not readable JSON"),
+    (b"null", "not a workbench run manifest"),
+    (b"42", "not a workbench run manifest"),
+    (b'"manifest"', "not a workbench run manifest"),
+    (b'{"format": "attention-workbench-run", "settings": [1], "status": "running"}', "settings as a mapping"),
+    (b'{"format": "attention-workbench-run", "format_version": "2", "settings": {}, "status": "running"}',
+     "format_version is '2', not a number"),
+    (b'{"format": "attention-workbench-run", "format_version": 2, "settings": {}, "status": "complete", '
+     b'"tables": ["head_scores"]}', r"'tables' \(a list, not a mapping\)"),
+    (b'{"format": "attention-workbench-run", "format_version": 2, "settings": {}, "status": "complete", '
+     b'"parts": {"repeats-128-000": "abc"}}', r"'parts' \(no valid sha256 for repeats-128-000\)"),
+], ids=["truncated", "binary", "list", "untagged", "other-format", "empty", "null", "number", "string",
+        "settings-list", "version-text", "tables-list", "bad-part-hash"])
 def test_a_corrupt_manifest_is_reported(tmp_path, content, message):
     (tmp_path / MANIFEST).write_bytes(content)
     with pytest.raises(WorkbenchError, match=message) as err:
         Run.open(tmp_path)
     assert "corrupt" in str(err.value) and str(tmp_path) in str(err.value)
+
+
+def test_a_manifest_cut_short_anywhere_is_reported(complete_run, tmp_path):
+    """A manifest.json truncated at any point (a copy cut short, a disk that lost its end) is
+    refused with a WorkbenchError, by Run.open, prepare (unless forced) and list_runs alike."""
+    whole = (complete_run.path / MANIFEST).read_bytes()
+    rng = random.Random(SEED)
+    cuts = sorted({0, 1, len(whole) - 1, *(rng.randrange(len(whole)) for _ in range(8))})
+    for cut in cuts:
+        folder = tmp_path / f"cut{cut}"
+        folder.mkdir()
+        (folder / MANIFEST).write_bytes(whole[:cut])
+        with pytest.raises(WorkbenchError, match="corrupt: manifest.json is not readable JSON") as err:
+            Run.open(folder)
+        assert str(folder) in str(err.value) and "--force" in str(err.value)
+        with pytest.raises(WorkbenchError, match="corrupt"):
+            prepare(folder, REPEATS.to_dict(), {"created": "now"})
+    runs, broken = list_runs(tmp_path)
+    assert runs == [] and sorted(f.name for f, _ in broken) == sorted(f"cut{c}" for c in cuts)
+
+
+def test_a_run_of_a_newer_format_is_refused(tmp_path):
+    manifest = {"format": "attention-workbench-run", "format_version": FORMAT_VERSION + 1, "settings": {},
+                "status": "complete"}
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(WorkbenchError, match=rf"newer workbench \(format {FORMAT_VERSION + 1}\); upgrade"):
+        Run.open(tmp_path)
 
 
 def test_corrupt_runs_are_reported_and_skipped(runs_folder):
@@ -602,3 +647,190 @@ def test_default_lengths_and_scores_fit_the_model(tmp_path):
     result = runner.invoke(app, ["score", "--model", "minilm", "--task", "niah", "--scores", "retrieval",
                                  "--out", str(tmp_path / "other")], env=WIDE)
     assert result.exit_code == 2 and "causal language model" in " ".join(result.output.split())
+
+
+# ----------------------------------------------------------------------------- 8. the disk fails
+
+
+@pytest.fixture(scope="module")
+def repeats_run(model, tmp_path_factory):
+    """An uninterrupted run of REPEATS (PNG export off)."""
+    import plotly.io as pio
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pio, "write_images", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no PNG in the tests")))
+        return score_model(model, REPEATS, tmp_path_factory.mktemp("repeats") / "run", progress=False)
+
+
+def fail_once(monkeypatch, where: str, code: int, target) -> list[Path]:
+    """Make the first write of a file for which ``target(final_path)`` holds fail with
+    ``OSError(code)``: ``write`` (half the bytes reach the temporary file, then the error),
+    ``replace`` (the rename into place) or ``fsync``. The paths that failed, once it has."""
+    failed: list[Path] = []
+    real_parquet, real_text, real_replace, real_fsync = pd.DataFrame.to_parquet, Path.write_text, os.replace, os.fsync
+
+    def final(tmp: Path) -> Path:  # .<name>.<random>.tmp -> <name>
+        return tmp.with_name(tmp.name[1:].rsplit(".", 2)[0])
+
+    def armed(path: Path) -> bool:
+        return not failed and target(path)
+
+    def error(path: Path) -> OSError:
+        failed.append(path)
+        return OSError(code, os.strerror(code), str(path))
+
+    def to_parquet(self, path, *args, **kwargs):
+        if where == "write" and armed(final(Path(path))):
+            Path(path).write_bytes(b"PAR1" + b"\0" * 100)
+            raise error(final(Path(path)))
+        return real_parquet(self, path, *args, **kwargs)
+
+    def write_text(self, data, *args, **kwargs):
+        if where == "write" and self.name.endswith(".tmp") and armed(final(self)):
+            real_text(self, data[:len(data) // 2], *args, **kwargs)
+            raise error(final(self))
+        return real_text(self, data, *args, **kwargs)
+
+    def replace(src, dst):
+        if where == "replace" and armed(Path(dst)):
+            raise error(Path(dst))
+        return real_replace(src, dst)
+
+    def fsync(fd):
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))  # Linux: the file this descriptor is open on
+        if where == "fsync" and path.name.endswith(".tmp") and armed(final(path)):
+            raise error(final(path))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", to_parquet)
+    monkeypatch.setattr(Path, "write_text", write_text)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "fsync", fsync)
+    return failed
+
+
+def _part(n: int):
+    return lambda p: p.parent.name == "parts" and p.name.endswith(".parquet") and p.stem.endswith(f"-{n:03d}")
+
+
+def _final_manifest(monkeypatch):
+    """True for manifest.json once the run is being marked complete (the commit of the run)."""
+    committing = []
+    real = Run.mark_complete
+    monkeypatch.setattr(Run, "mark_complete", lambda self: committing.append(True) or real(self))
+    return lambda p: p.name == MANIFEST and bool(committing)
+
+
+DISK_FAULTS = {  # where, errno, which file, what the message says to do
+    "full-while-writing-a-part": ("write", errno.ENOSPC, lambda mp: _part(1), "free some space"),
+    "read-only-when-renaming-a-part": ("replace", errno.EROFS, lambda mp: _part(1), "writable folder"),
+    "read-only-when-committing-a-part": ("replace", errno.EROFS, lambda mp: lambda p: p.suffix == ".sha256",
+                                         "writable folder"),
+    "full-when-renaming-a-table": ("replace", errno.ENOSPC, lambda mp: lambda p: p.name == "profiles.parquet",
+                                   "free some space"),
+    "full-while-writing-the-final-manifest": ("write", errno.ENOSPC, _final_manifest, "free some space"),
+    "read-only-when-renaming-the-final-manifest": ("replace", errno.EROFS, _final_manifest, "writable folder"),
+    "io-error-in-fsync-of-a-part": ("fsync", errno.EIO, lambda mp: _part(1), "check the disk"),
+}
+
+
+@pytest.mark.parametrize("where, code, target, todo", DISK_FAULTS.values(), ids=DISK_FAULTS.keys())
+def test_a_full_or_read_only_disk_stops_the_run_and_loses_nothing(model, repeats_run, tmp_path, monkeypatch, no_png,
+                                                                   where, code, target, todo):
+    """Writing onto a full or read-only disk (we run as root: simulated by OSError from the write,
+    the rename or the fsync) raises a WorkbenchError naming the file and what to do, leaves no
+    temporary file, and keeps everything committed before readable and verified; the same
+    command completes the run once the disk is back."""
+    out = tmp_path / "run"
+    with monkeypatch.context() as mp:
+        failed = fail_once(mp, where, code, target(mp))
+        with pytest.raises(WorkbenchError) as err:
+            score_model(model, REPEATS, out, progress=False)
+    assert len(failed) == 1
+    message = str(err.value)
+    assert f"cannot write {failed[0]}" in message and todo in message and "resumes where it stopped" in message
+    assert isinstance(err.value.__cause__, OSError) and err.value.__cause__.errno == code
+    assert temp_files(out) == []
+    stopped = Run.open(out)  # the previous manifest is whole
+    assert not stopped.complete
+    for key in stopped.parts_done():
+        stopped.read_part(key)  # verified
+    for name in stopped.tables():
+        stopped.table(name)  # verified
+    uncommitted = [k for k, state in stopped.part_states().items() if state != "done"]
+    assert len(uncommitted) == (where == "replace" and failed[0].suffix == ".sha256")  # a part without its record
+    with (pytest.warns(RuntimeWarning, match=uncommitted[0]) if uncommitted else contextlib.nullcontext()):
+        run = score_model(model, REPEATS, out, progress=False)
+    for name in ("head_scores", "profiles"):
+        pd.testing.assert_frame_equal(run.table(name), repeats_run.table(name), check_exact=True)
+    assert temp_files(out) == []
+
+
+@pytest.mark.parametrize("where", ["write", "replace"])
+def test_a_full_disk_when_adding_a_table_to_a_complete_run_changes_nothing(repeats_run, tmp_path, monkeypatch, where):
+    out = tmp_path / "run"
+    shutil.copytree(repeats_run.path, out)
+    before = snapshot(out)
+    run = Run.open(out)
+    with monkeypatch.context() as mp:
+        fail_once(mp, where, errno.ENOSPC, lambda p: p.name == "ablation_x.parquet")
+        with pytest.raises(WorkbenchError, match=r"ablation_x\.parquet: the disk is full"):
+            run.write_table("ablation_x", pd.DataFrame({"k": [1]}))
+    assert snapshot(out) == before
+    reopened = Run.open(out)
+    assert reopened.complete and reopened.tables() == repeats_run.tables()
+    for name in reopened.tables():
+        pd.testing.assert_frame_equal(reopened.table(name), repeats_run.table(name))
+
+
+def test_a_read_only_disk_at_the_start_writes_nothing(model, tmp_path, monkeypatch, calls):
+    out = tmp_path / "run"
+    with monkeypatch.context() as mp:
+        fail_once(mp, "replace", errno.EROFS, lambda p: p.name == MANIFEST)
+        with pytest.raises(WorkbenchError, match=rf"cannot write {out / MANIFEST}: the file system is read-only"):
+            score_model(model, REPEATS, out, progress=False)
+    assert calls == [] and list(out.iterdir()) == []
+
+
+def test_a_run_killed_while_writing_its_first_manifest_starts_afresh(tmp_path):
+    """Killed before its first manifest was in place, a run leaves only a temporary manifest:
+    the next run in that folder starts (and removes it); other files still make it refuse."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / f".{MANIFEST}.k1ll3d.tmp").write_text('{"format": "attention-workbe')
+    run = prepare(out, REPEATS.to_dict(), {"created": "now"})
+    assert [p.name for p in out.iterdir()] == [MANIFEST] and Run.open(out).manifest == run.manifest
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / f".{MANIFEST}.k1ll3d.tmp").write_text("{")
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(WorkbenchError, match="not empty and holds no run"):
+        prepare(other, REPEATS.to_dict(), {"created": "now"})
+    assert len(list(other.iterdir())) == 2
+
+
+# ----------------------------------------------------------------------------- 9. runs of format 1
+
+
+def test_a_format_1_run_without_hashes_still_opens_and_resumes(model, repeats_run, tmp_path, no_png, calls):
+    """Runs written before parts and tables had sha256 records open, read (unverified) and resume."""
+    out = tmp_path / "run"
+    shutil.copytree(repeats_run.path, out)
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["format_version"] = 1
+    del manifest["parts"], manifest["tables"]
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    for sidecar in (out / "parts").glob("*.sha256"):
+        sidecar.unlink()
+    old = Run.open(out)
+    assert old.complete and not old.verified
+    assert old.parts_done() == repeats_run.parts_done() and old.tables() == repeats_run.tables()
+    for name in old.tables():
+        pd.testing.assert_frame_equal(old.table(name), repeats_run.table(name))
+    assert score_model(model, REPEATS, out, progress=False).complete and calls == []
+    lost = sorted(old.parts_done())[-1]
+    (out / "parts" / f"{lost}.parquet").unlink()
+    run = score_model(model, REPEATS, out, progress=False)
+    assert calls == [lost] and run.complete and run.manifest["format_version"] == 1
+    for name in ("head_scores", "profiles"):
+        pd.testing.assert_frame_equal(run.table(name), repeats_run.table(name), check_exact=True)

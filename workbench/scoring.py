@@ -14,6 +14,7 @@ import math
 import platform
 import subprocess
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 from kernels import BACKENDS, AttentionStats
 from workbench.errors import WorkbenchError
 from workbench.instrument import adapter_for, instrument
-from workbench.runs import Run, prepare
+from workbench.runs import SCORING_TABLES, Run, prepare
 from workbench.scores import (SCORES, TASKS, ScoreSettings, Tally, check_request, prefill_tallies,
                               retrieval_hits, scores_for, sink_rate, stats_spec)
 from workbench.streaming import StreamingSummary
@@ -290,18 +291,36 @@ def score_model(model, settings: ScoreRunSettings, out: str | Path, *, resume: b
     if stored != {k: about["model_info"][k] for k in identity}:
         raise WorkbenchError(f"the run in {run.path} was scored with {settings.model} ({stored}); this model is "
                              f"{about['model_info']}: load the run's own model to continue it")
-    done = run.parts_done()
-    todo = [u for u in units if u.key not in done]
-    if not todo and run.complete:
+    todo = _resume_point(run, units)
+    damaged = [t for t in run.damaged_tables() if t in SCORING_TABLES] if run.complete else []
+    if damaged:
+        warnings.warn(f"the run in {run.path}: {', '.join(f'{t}.parquet' for t in damaged)} damaged (sha256 differs "
+                      "from the manifest's); rebuilding from the parts", RuntimeWarning, stacklevel=2)
+    if not todo and run.complete and not damaged:
         return run
     if run.complete:
-        run.manifest["status"] = "running"
-        run.save_manifest()
+        run.reopen()
     for unit in tqdm(todo, desc="scoring", unit="sample", disable=not progress,
                      initial=len(units) - len(todo), total=len(units)):
         run.write_part(unit.key, score_sample(model, unit, settings))
     finish(run, settings)
     return run
+
+
+def _resume_point(run: Run, units: list[Unit]) -> list[Unit]:
+    """The units still to score, in plan order. Stale temporary files of a killed run are
+    removed, and parts that are damaged (bytes differ from their sha256) or were never committed
+    (no valid sidecar) are deleted, with a warning, to be scored again."""
+    run.remove_temp_files()
+    states = run.part_states([u.key for u in units])
+    bad = {k: s for k, s in states.items() if s in ("damaged", "uncommitted")}
+    for key in bad:
+        run.discard_part(key)
+    if bad:
+        listed = ", ".join(f"{k} ({s})" for k, s in list(bad.items())[:5]) + (", ..." if len(bad) > 5 else "")
+        warnings.warn(f"the run in {run.path}: scoring {len(bad)} sample(s) again whose part files were damaged or "
+                      f"not committed: {listed}", RuntimeWarning, stacklevel=3)
+    return [u for u in units if states[u.key] != "done"]
 
 
 def finish(run: Run, settings: ScoreRunSettings) -> None:
@@ -328,9 +347,8 @@ def finish(run: Run, settings: ScoreRunSettings) -> None:
                                **{f"{t}_seconds": float(g["total"].sum()) for t, g in seconds.groupby("task")}}
     run.manifest["summary"] = summary
     run.manifest["figure_warnings"] = save_figures(run_figures(tables), run.path / "figures")
-    run.manifest["status"] = "complete"
     run.manifest["finished"] = _now()
-    run.save_manifest()
+    run.mark_complete()  # the manifest, written last, commits the run
 
 
 def aggregate(parts: pd.DataFrame) -> dict[str, pd.DataFrame]:
