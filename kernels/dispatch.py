@@ -37,9 +37,10 @@ def attention(
         q: queries ``[B, Hq, Nq, D]``.
         k, v: keys and values ``[B, Hkv, Nk, D]`` with ``Hq % Hkv == 0`` (grouped-query
             attention; K/V are never repeated in memory).
-        causal: causal mask, bottom-right aligned: query ``i`` sits at key position
-            ``Nk - Nq + i``, so one call serves prefill and decoding with a KV cache.
-        scale: score scale, ``1 / sqrt(D)`` by default.
+        causal: ``True`` or ``False``; the causal mask is bottom-right aligned: query ``i`` sits
+            at key position ``Nk - Nq + i``, so one call serves prefill and decoding with a KV cache.
+        scale: score scale, a finite real number (``0`` gives uniform attention over the visible
+            keys); ``1 / sqrt(D)`` by default.
         stats: which statistics to compute (:class:`StatsSpec`); ``None`` for plain attention.
         backend: ``"triton"`` (fused kernels; CUDA, or CPU under ``TRITON_INTERPRET=1``),
             ``"reference"`` (exact chunked PyTorch, any device, float64 capable) or ``"auto"``
@@ -107,6 +108,11 @@ def _choose_triton(q: torch.Tensor, p: Problem, backend: str, mask, chunk_size) 
         raise AttentionInputError(
             f"backend='triton' needs CUDA tensors (got {q.device}); set TRITON_INTERPRET=1 "
             "before importing kernels to run it on the CPU, or use backend='reference'"
+        )
+    if not q.is_cuda and q.device.type != "cpu":  # the interpreter reads CPU memory only
+        raise AttentionInputError(
+            f"backend='triton' takes CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; got {q.device} "
+            "tensors: use backend='reference' (on the meta device it returns outputs of the right shapes)"
         )
     return _head_dim_ok(p.head_dim)
 

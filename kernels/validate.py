@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -88,10 +89,9 @@ def check_inputs(
             f"query heads ({hq}) must be a multiple of key/value heads ({hkv}) "
             "for grouped-query attention"
         )
-    if scale is None:
-        scale = 1.0 / math.sqrt(d)
-    elif not math.isfinite(scale):
-        raise AttentionInputError(f"scale must be a finite number, got {scale}")
+    if causal not in (True, False):  # None or a string would silently mean something
+        raise AttentionInputError(f"causal must be True or False, got {causal!r}")
+    scale = 1.0 / math.sqrt(d) if scale is None else _check_scale(scale)
 
     _check_lengths("key_lengths", key_lengths, b, nk, q.device)
     _check_lengths("query_lengths", query_lengths, b, nq, q.device)
@@ -108,6 +108,21 @@ def check_inputs(
             if abs(o) >= 2**31:
                 raise AttentionInputError(f"offset {o} is out of range: |offset| must be < 2**31")
     return Problem(b, hq, hkv, nq, nk, d, float(scale), bool(causal))
+
+
+def _check_scale(scale) -> float:
+    """The score scale as a float: a finite real number (a one-element tensor is read once)."""
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1 and not scale.dtype.is_complex:
+        value = float(scale)
+    elif isinstance(scale, numbers.Real) and not isinstance(scale, bool):
+        value = float(scale)
+    else:
+        raise AttentionInputError(
+            f"scale must be a real number (None for 1/sqrt(head_dim)), got {type(scale).__name__} {scale!r}"
+        )
+    if not math.isfinite(value):
+        raise AttentionInputError(f"scale must be a finite number, got {value}")
+    return value
 
 
 def _check_lengths(

