@@ -1,9 +1,11 @@
 """The explorer's Streamlit script: ``workbench app`` runs
 ``streamlit run app/main.py -- --runs DIR --saes DIR``.
 
-The sidebar picks the page and the run; the address keeps both (``?page=Head+map&run=NAME``),
-and a run name in the address that is not a run folder directly inside the runs folder is
-refused with a message. Errors a user can cause show as messages, never as tracebacks.
+The sidebar picks the page and the run; the address keeps both (``?page=Head+map&run=NAME``).
+A page in the address that is not one of :data:`PAGES`, or a run name that is not a run folder
+listed in the runs folder, is refused with a message; the address only ever picks among what
+the explorer listed itself, so nothing it names is opened. Errors a user can cause show as
+messages, never as tracebacks.
 """
 
 from __future__ import annotations
@@ -28,9 +30,13 @@ PAGES = {
 
 
 def choose_page() -> str:
-    """The page selector; the first time from ``?page=``, later from a page's request to switch."""
+    """The page selector; the first time from ``?page=`` (refused with a message unless it names a
+    page), later from a page's request to switch."""
     if "page" not in st.session_state:
         asked = st.query_params.get("page")
+        if asked is not None and asked not in PAGES:
+            st.error(f"{state.shown(asked)} is not a page of the explorer (pages: {', '.join(PAGES)}); "
+                     "showing Runs.")
         st.session_state["page"] = asked if asked in PAGES else "Runs"
     if state.GOTO in st.session_state:
         st.session_state["page"] = st.session_state.pop(state.GOTO)
@@ -47,7 +53,8 @@ def choose_run(ctx: state.Context) -> None:
     asked = st.query_params.get("run")
     if "run" not in st.session_state or st.session_state["run"] not in names:
         if asked is not None and asked not in names:
-            st.error(f"{asked!r} is not a run in the runs folder {ctx.folders.runs}; choose one in the sidebar.")
+            st.error(f"{state.shown(asked)} is not a run in the runs folder {ctx.folders.runs}; choose one in the "
+                     "sidebar.")
         st.session_state["run"] = asked if asked in names else names[0]
     ctx.run_name = st.sidebar.selectbox("Run", names, key="run",
                                         format_func=lambda n: f"{n} ({ctx.runs[n].manifest['settings'].get('model')})")

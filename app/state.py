@@ -11,7 +11,7 @@ from pathlib import Path
 import streamlit as st
 
 from workbench.errors import WorkbenchError
-from workbench.runs import Run, list_runs
+from workbench.runs import MANIFEST, Run
 
 #: Session-state key of the head chosen on any page, ``(layer, head)``.
 HEAD = "chosen_head"
@@ -49,6 +49,30 @@ def inside(root: Path, name: str | None) -> Path | None:
     return target if target.is_dir() else None
 
 
+def shown(name: str, limit: int = 80) -> str:
+    """``name`` as a message quotes it: its ``repr``, cut to ``limit`` characters (names come from
+    the address, which anyone can make as long as they like)."""
+    text = repr(name)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def folders_inside(root: Path) -> tuple[list[Path], list[str]]:
+    """The folders directly in ``root`` that stay inside it once links are resolved (sorted), and
+    the names of those that lead elsewhere. Only names and ``stat`` are looked at, so a folder
+    that links out of ``root`` is never listed or read."""
+    kept, outside = [], []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        if inside(root, folder.name) == folder.resolve():
+            kept.append(folder)
+        else:
+            outside.append(folder.name)
+    return kept, outside
+
+
+#: Why a folder that links out of the runs or SAE folder is skipped.
+LINKS_OUT = "it links outside the {what} folder, and the explorer reads only folders inside it"
+
+
 @dataclass
 class Context:
     """What a page renders from: the folders, the runs found (by name), the runs that could not be
@@ -72,21 +96,30 @@ class Context:
 
 
 def find_runs(folders: Folders) -> Context:
-    """The runs directly inside the runs folder, by folder name (``"."`` for the folder itself);
-    runs whose folder resolves outside it (links) are left out."""
+    """The runs directly inside the runs folder, newest first, by folder name (``"."`` for the
+    folder itself). Folders that link outside it are skipped with a reason, unread."""
     ctx = Context(folders)
     root = folders.runs
-    try:
-        runs, broken = list_runs(root)
-    except WorkbenchError:
+    if not root.is_dir():
         ctx.problem = (f"The runs folder {root} does not exist. Start the explorer with `workbench app --runs DIR` "
                        "on a folder of runs; `workbench score` writes them to runs/<model>.")
         return ctx
-    for run in runs:
-        name = "." if run.path.resolve() == root else run.path.name
-        if inside(root, name) == run.path.resolve():
-            ctx.runs[name] = run
-    ctx.broken = [("." if folder.resolve() == root else folder.name, reason) for folder, reason in broken]
+    try:
+        kept, outside = folders_inside(root)
+    except OSError as exc:
+        ctx.problem = f"The runs folder {root} cannot be read ({exc}); check its permissions."
+        return ctx
+    found = []
+    for name, folder in [(".", root), *((f.name, f) for f in kept)]:
+        if not (folder / MANIFEST).exists():
+            continue
+        try:
+            found.append((name, Run.open(folder)))
+        except WorkbenchError as exc:
+            ctx.broken.append((name, str(exc)))
+    found.sort(key=lambda item: str(item[1].manifest.get("created", "")), reverse=True)
+    ctx.runs = dict(found)
+    ctx.broken += [(name, LINKS_OUT.format(what="runs")) for name in outside]
     if not ctx.runs:
         ctx.problem = (f"No readable runs in {root}" + (" (see the warnings above)" if ctx.broken else "")
                        + f". Create one with `workbench score --out {root}/<name>`.")

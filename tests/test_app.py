@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -370,20 +372,89 @@ def test_corrupt_runs_show_messages_and_the_good_run_still_works(monkeypatch, mi
         assert len(at.error) == 1 and "is corrupt: cannot read head_scores.parquet" in at.error[0].value
 
 
-@pytest.mark.parametrize("name", ["..", "../runs", "/etc", "good/../../runs", "good/figures", "nothing-here"])
-def test_run_names_outside_the_runs_folder_are_refused(monkeypatch, mixed_runs, name):
-    at = explorer(monkeypatch, mixed_runs, run=name, page="Runs")
+_WATCHED: list[tuple[str, list]] = []  # (folder, hits): what the audit hook records while a test watches
+
+
+def _audit(event: str, args: tuple) -> None:
+    """Record files opened and folders listed under a watched folder (links resolved)."""
+    if not _WATCHED or event not in ("open", "os.listdir", "os.scandir") or not args:
+        return
+    if not isinstance(args[0], (str, bytes, os.PathLike)):
+        return  # a file descriptor
+    path = os.path.realpath(os.fsdecode(args[0]))
+    for folder, hits in _WATCHED:
+        if path == folder or path.startswith(folder + os.sep):
+            hits.append((event, path))
+
+
+@contextmanager
+def reads_under(folder: Path):
+    """The files opened and folders listed under ``folder`` (by any thread of this process)
+    while the block runs, through Python's audit hooks (``open``, ``os.listdir``, ``os.scandir``)."""
+    if not getattr(sys, "_workbench_audit", False):
+        sys.addaudithook(_audit)  # hooks cannot be removed: it does nothing while nothing is watched
+        sys._workbench_audit = True
+    hits: list = []
+    entry = (os.path.realpath(folder), hits)
+    _WATCHED.append(entry)
+    try:
+        yield hits
+    finally:
+        _WATCHED.remove(entry)
+
+
+@pytest.fixture
+def outside_run(mixed_runs) -> Path:
+    """A readable run beside the runs folder (``runs/../outside``): what an escaping name would reach."""
+    import shutil
+
+    outside = mixed_runs.parent / "outside"
+    shutil.copytree(mixed_runs / "good", outside)
+    return outside
+
+
+LONG = "a" * 5000
+#: Run names an address may carry that name no run of the runs folder.
+BAD_RUN_NAMES = {"..": "..", "../runs": "../runs", "/etc": "/etc", "good/../../runs": "good/../../runs",
+                 "good/figures": "good/figures", "nothing-here": "nothing-here", "../outside": "../outside",
+                 "good/../../outside": "good/../../outside", "..%2F..%2Fetc": "..%2F..%2Fetc",
+                 "..%2Foutside": "..%2Foutside", "%2e%2e": "%2e%2e", "~": "~", "~/": "~/", "null-after": "good\x00",
+                 "null-before": "\x00../outside", "5000-chars": LONG, "2000-ups": "../" * 2000 + "etc"}
+
+
+@pytest.mark.parametrize("name", list(BAD_RUN_NAMES.values()), ids=list(BAD_RUN_NAMES))
+def test_run_names_outside_the_runs_folder_are_refused(monkeypatch, mixed_runs, outside_run, name):
+    """Escapes (plain, percent-encoded as they arrive when encoded twice, ``~``), null bytes and
+    very long names: one message (the name cut short), the first run instead, nothing read outside."""
+    with reads_under(outside_run) as reads:
+        at = explorer(monkeypatch, mixed_runs, run=name, page="Runs")
     assert not at.exception
     assert len(at.error) == 1 and "is not a run in the runs folder" in at.error[0].value
+    assert len(at.error[0].value) < 300  # a 5000-character name is not echoed whole
     assert at.sidebar.selectbox(key="run").value == "damaged"  # the first listed run instead
     assert at.query_params["run"] == "damaged"  # the address no longer holds the refused name
+    assert reads == []
 
 
-def test_a_run_folder_linked_from_outside_is_not_listed(monkeypatch, mixed_runs, explorer_folders):
-    (mixed_runs / "linked").symlink_to(explorer_folders.other, target_is_directory=True)
-    at = explorer(monkeypatch, mixed_runs, run="linked")
+def test_a_run_folder_linked_from_outside_is_not_listed_or_read(monkeypatch, mixed_runs, outside_run):
+    (mixed_runs / "linked").symlink_to(outside_run, target_is_directory=True)
+    with reads_under(outside_run) as reads:
+        at = explorer(monkeypatch, mixed_runs, run="linked")
     assert "linked" not in [o.split(" ")[0] for o in at.sidebar.selectbox(key="run").options]
     assert "is not a run in the runs folder" in at.error[0].value
+    assert any(w.value.startswith("skipped linked: it links outside the runs folder") for w in at.sidebar.warning)
+    assert reads == []  # not even its manifest
+
+
+@pytest.mark.parametrize("page", ["Nope", "head map", "../../etc/passwd", "", "Runs\x00", LONG],
+                         ids=["Nope", "lower-case", "traversal", "empty", "null", "5000-chars"])
+def test_unknown_pages_in_the_address_are_refused(monkeypatch, explorer_folders, page):
+    at = explorer(monkeypatch, explorer_folders.runs, explorer_folders.saes, run="zoo", page=page)
+    assert not at.exception
+    assert len(at.error) == 1 and "is not a page of the explorer" in at.error[0].value
+    assert len(at.error[0].value) < 300
+    assert at.header[0].value == "Runs" and at.sidebar.radio(key="page").value == "Runs"
+    assert at.query_params["page"] == "Runs"
 
 
 def test_inside_accepts_only_folders_directly_in_the_root(tmp_path):
@@ -396,6 +467,21 @@ def test_inside_accepts_only_folders_directly_in_the_root(tmp_path):
     assert inside(root, ".") == root.resolve()
     for bad in ("", "..", "../elsewhere", str(tmp_path / "elsewhere"), "a/b", "a/../..", "missing", "a\x00"):
         assert inside(root, bad) is None, bad
+
+
+def test_an_sae_folder_linked_from_outside_is_not_listed_or_read(monkeypatch, explorer_folders, tmp_path):
+    import shutil
+
+    saes = tmp_path / "saes"
+    shutil.copytree(explorer_folders.sae, saes / "own")
+    (saes / "linked").symlink_to(explorer_folders.sae, target_is_directory=True)
+    with reads_under(explorer_folders.sae) as reads:
+        at = go(explorer(monkeypatch, explorer_folders.runs, saes, run="zoo"), "SAE features")
+    assert not at.exception and not at.error
+    assert at.selectbox(key="sae.name").options == ["own (zoo-2l, layer 1)"]
+    assert [w.value for w in at.warning] == ["skipped linked: it links outside the SAE folder, and the explorer "
+                                             "reads only folders inside it"]
+    assert reads == []
 
 
 def test_an_empty_saes_folder_or_a_broken_sae_shows_a_message(monkeypatch, explorer_folders, tmp_path):

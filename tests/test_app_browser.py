@@ -120,3 +120,53 @@ def test_nothing_outside_the_app_is_served(served, explorer_folders):
                  "/media/../zoo/manifest.json", "/app/static/../../runs/zoo/manifest.json"):
         status, body = get(served + path)
         assert "attention-workbench-run" not in body and manifest[:200] not in body, path
+
+
+# ----------------------------------------------------------------------------- the load benchmark
+
+
+def test_the_load_benchmark_visits_every_page_of_a_loopback_server(explorer_folders):
+    """``python -m app.load_benchmark`` in small (2 sessions x 1 round): every page visited by
+    every session, times positive, no page errors, memory sampled, the server on 127.0.0.1 only."""
+    from app.load_benchmark import FIRST_LOAD, report, run_benchmark
+    from app.main import PAGES
+
+    result = run_benchmark(explorer_folders.runs, explorer_folders.saes, sessions=2, rounds=1, run="zoo",
+                           chromium=chromium(), page_timeout_s=90, time_limit_s=240)
+    assert result.complete and result.problems() == []
+    assert result.pages == list(PAGES)
+    times = result.page_times()
+    assert list(times) == [FIRST_LOAD, *PAGES]
+    assert all(len(ms) == 2 for ms in times.values()), {page: len(ms) for page, ms in times.items()}
+    assert all(0 < t < 240_000 for ms in times.values() for t in ms)
+    for row in result.rows():
+        assert row["count"] == 2 and 0 < row["p50"] <= row["p95"] <= row["max"]
+    memory = result.memory()
+    assert len(result.rss) >= 2 and 0 < memory["start"] <= memory["peak"] and memory["end"] <= memory["peak"]
+    assert memory["peak"] > memory["start"]  # the sessions' pages cost the server memory: it was sampled live
+    assert result.listening and all(a.startswith("127.0.0.1:") for a in result.listening), result.listening
+    printed = report(result)
+    assert all(page in printed for page in PAGES) and "server RSS (MiB): start" in printed
+
+
+def test_load_benchmark_figures_and_a_missing_chromium(monkeypatch):
+    """The table's arithmetic on known times, and the message when there is no Chromium."""
+    from app import load_benchmark
+    from app.load_benchmark import FIRST_LOAD, LoadResult, Visit
+    from workbench.errors import WorkbenchError
+
+    visits = [Visit(0, 0, FIRST_LOAD, 1000.0)] + [Visit(0, 1, "Runs", ms) for ms in (100.0, 200.0, 300.0, 400.0)]
+    visits.append(Visit(1, 1, "Live", None, ["did not finish: TimeoutError"]))
+    result = LoadResult(2, 1, ["Runs", "Live"], visits, [(0.0, 70.0), (0.2, 300.0), (0.4, 250.0)], 1.0, False,
+                        ["127.0.0.1:1"], 0.5)
+    rows = {row["page"]: row for row in result.rows()}
+    assert rows["Runs"] == {"page": "Runs", "count": 4, "p50": 250.0, "p95": pytest.approx(385.0), "max": 400.0}
+    assert rows["Live"]["count"] == 0 and rows["Live"]["p50"] is None and rows[FIRST_LOAD]["max"] == 1000.0
+    assert result.memory() == {"start": 70.0, "peak": 300.0, "end": 250.0}
+    assert result.problems() == ["session 1 round 1 Live: did not finish: TimeoutError"]
+    assert "INCOMPLETE" in load_benchmark.report(result)
+
+    monkeypatch.setattr(load_benchmark.shutil, "which", lambda name: None)
+    with pytest.raises(WorkbenchError, match=r"apt-get install chromium"):
+        load_benchmark.find_chromium()
+    assert load_benchmark.main(["--runs", ".", "--sessions", "1", "--rounds", "1"]) == 2

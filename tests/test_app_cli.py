@@ -57,3 +57,28 @@ def test_app_starts_streamlit_on_localhost(tmp_path, monkeypatch):
     assert options["--browser.gatherUsageStats"] == "false"
     assert argv[split + 1:] == ["--runs", str(tmp_path.resolve()), "--saes", str((Path.cwd() / "saes").resolve())]
     assert argv == streamlit_command(tmp_path.resolve(), (Path.cwd() / "saes").resolve(), 8600)
+
+
+def test_the_server_address_is_loopback_unless_host_says_otherwise(tmp_path, monkeypatch):
+    def address(argv: list[str]) -> str:
+        return argv[argv.index("--server.address") + 1]
+
+    assert address(streamlit_command(tmp_path, tmp_path, 8501)) == "127.0.0.1"
+    assert address(streamlit_command(tmp_path, tmp_path, 8501, host="0.0.0.0")) == "0.0.0.0"
+    register(app)
+    started = []
+    monkeypatch.setattr("os.execv", lambda path, argv: started.append(argv))
+    assert runner.invoke(app, ["app", "--runs", str(tmp_path)], env=WIDE).exit_code == 0
+    assert runner.invoke(app, ["app", "--runs", str(tmp_path), "--host", "0.0.0.0"], env=WIDE).exit_code == 0
+    assert [address(argv) for argv in started] == ["127.0.0.1", "0.0.0.0"]
+
+
+def test_app_refuses_an_saes_path_that_is_a_file_and_accepts_a_missing_one(tmp_path, monkeypatch):
+    register(app)
+    started = []
+    monkeypatch.setattr("os.execv", lambda path, argv: started.append(argv))
+    (tmp_path / "file").write_text("x")
+    result = runner.invoke(app, ["app", "--runs", str(tmp_path), "--saes", str(tmp_path / "file")], env=WIDE)
+    assert result.exit_code == 2 and "is a file, not a folder" in said(result) and started == []
+    result = runner.invoke(app, ["app", "--runs", str(tmp_path), "--saes", str(tmp_path / "missing")], env=WIDE)
+    assert result.exit_code == 0 and len(started) == 1  # a missing SAE folder only leaves the SAE page empty

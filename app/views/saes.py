@@ -3,24 +3,44 @@ activating contexts), and a feature browser."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import streamlit as st
 
-from app.state import Context, inside
+from app.state import LINKS_OUT, Context, folders_inside
 from app.views.common import figure, number
-from probes.sae import list_saes
+from probes.sae import SavedSAE
 from workbench import plots
+from workbench.errors import WorkbenchError
 
 SHOWN_METRICS = ("l0", "explained_variance", "ce_loss_recovered", "dead_fraction")
+
+
+def saes_inside(root: Path) -> tuple[list[SavedSAE], list[tuple[str, str]]]:
+    """The SAE folders directly in ``root`` (those with a ``cfg.json``), by name, and ``(name,
+    reason)`` for those that cannot be read or that link outside ``root`` (never read); empty when
+    ``root`` does not exist. :func:`probes.sae.list_saes` without the links that lead out."""
+    if not root.is_dir():
+        return [], []
+    kept, outside = folders_inside(root)
+    found, broken = [], [(name, LINKS_OUT.format(what="SAE")) for name in outside]
+    for folder in kept:
+        if not (folder / "cfg.json").exists():
+            continue
+        try:
+            found.append(SavedSAE.open(folder))
+        except WorkbenchError as exc:
+            broken.append((folder.name, str(exc)))
+    return found, broken
 
 
 def render(ctx: Context) -> None:
     st.header("SAE features")
     root = ctx.folders.saes
     st.caption(f"SAE folder: {root}")
-    found, broken = list_saes(root)
-    for folder, reason in broken:
-        st.warning(f"skipped {folder.name}: {reason}")
-    found = [s for s in found if inside(root, s.path.name) == s.path.resolve()]
+    found, broken = saes_inside(root)
+    for name, reason in broken:
+        st.warning(f"skipped {name}: {reason}")
     if not found:
         st.info(f"No SAEs in {root}: `workbench sae train --layer 1 --out {root}/<name>` trains one and saves its "
                 "evaluation, head attribution and top contexts there.")
