@@ -1,6 +1,7 @@
 # Two commands on a fresh machine (each sets itself up):
 #   make demo   the main job
-#   make test   the test suite (what CI runs)
+#   make test   the test suite (what CI runs), with the fixed seed of tests/conftest.py
+#   make fuzz   the kernel property and accuracy tests with fresh seeds (ROUNDS=N rounds)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ BIN := $(VENV)/bin
 # (installed in the venv beforehand, or TORCH_SPEC=... for another build).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup browser demo app test bench clean
+.PHONY: setup browser demo app test fuzz bench clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +37,18 @@ app: setup
 
 test: setup browser
 	$(BIN)/python -m pytest -n auto -q
+
+# Fresh random seeds for the kernel tests; a failing round prints its seed (rerun it with
+# WORKBENCH_TEST_SEED=<seed> make fuzz, or with make test).
+ROUNDS ?= 1
+FUZZ_TESTS ?= tests/test_kernel_accuracy.py tests/test_kernel_properties.py tests/test_kernel_merge.py
+fuzz: setup
+	@for round in $$(seq $(ROUNDS)); do \
+	  seed=$${WORKBENCH_TEST_SEED:-$$($(BIN)/python -c 'import secrets; print(secrets.randbits(31))')}; \
+	  echo "fuzz round $$round of $(ROUNDS): WORKBENCH_TEST_SEED=$$seed"; \
+	  WORKBENCH_TEST_SEED=$$seed $(BIN)/python -m pytest -n auto -q -p no:cacheprovider $(FUZZ_TESTS) || \
+	    { echo "FUZZ FAILURE with WORKBENCH_TEST_SEED=$$seed (replay: WORKBENCH_TEST_SEED=$$seed make fuzz)"; exit 1; }; \
+	done
 
 bench: setup
 	$(BIN)/python -m kernels.benchmark
