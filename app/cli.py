@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
-console = Console()
+from workbench.console import console, fail
 #: The Streamlit script of the explorer.
 MAIN = Path(__file__).with_name("main.py")
 
@@ -45,12 +44,10 @@ def explorer(
     runs = runs.expanduser()
     if not runs.is_dir():
         what = "is a file, not a folder" if runs.exists() else "does not exist"
-        console.print(f"[red]error:[/red] the runs folder {runs} {what}: create runs with `workbench score` "
-                      "(they go to runs/<model>) or pass --runs DIR")
-        raise typer.Exit(2)
+        fail(f"the runs folder {runs} {what}: create runs with `workbench score` "
+             "(they go to runs/<model>) or pass --runs DIR")
     if saes.exists() and not saes.is_dir():
-        console.print(f"[red]error:[/red] --saes {saes} is a file, not a folder")
-        raise typer.Exit(2)
+        fail(f"--saes {saes} is a file, not a folder")
     command = streamlit_command(runs.resolve(), saes.expanduser().resolve(), port, host)
     console.print(f"explorer of {runs.resolve()} at http://{host}:{port} (Ctrl-C stops it)")
     sys.stdout.flush()

@@ -21,6 +21,8 @@ except ImportError:  # pragma: no cover
     _HAS_CUDA = False
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Rich sizes tables by COLUMNS when there is no terminal: one width for every machine and CI.
+os.environ["COLUMNS"] = "120"
 
 #: The seed of ``make test``; ``make fuzz`` draws another.
 DEFAULT_SEED = 20261201

@@ -12,7 +12,6 @@ from app.cli import MAIN, register, streamlit_command
 from workbench.cli import app
 
 runner = CliRunner()
-WIDE = {"COLUMNS": "400"}
 
 
 def said(result) -> str:
@@ -26,7 +25,7 @@ def test_app_joins_the_cli_through_the_entry_point():
     register(app)
     register(app)  # idempotent
     assert [c.name for c in app.registered_commands].count("app") == 1
-    result = runner.invoke(app, ["app", "--help"], env=WIDE)
+    result = runner.invoke(app, ["app", "--help"])
     assert result.exit_code == 0 and "--runs" in result.output and "--port" in result.output
 
 
@@ -34,10 +33,10 @@ def test_app_refuses_a_runs_folder_that_is_not_a_folder(tmp_path, monkeypatch):
     register(app)
     started = []
     monkeypatch.setattr("os.execv", lambda *args: started.append(args))
-    result = runner.invoke(app, ["app", "--runs", str(tmp_path / "missing")], env=WIDE)
+    result = runner.invoke(app, ["app", "--runs", str(tmp_path / "missing")])
     assert result.exit_code == 2 and "does not exist" in said(result) and "workbench score" in said(result)
     (tmp_path / "file").write_text("x")
-    result = runner.invoke(app, ["app", "--runs", str(tmp_path / "file")], env=WIDE)
+    result = runner.invoke(app, ["app", "--runs", str(tmp_path / "file")])
     assert result.exit_code == 2 and "is a file, not a folder" in said(result)
     assert started == []
 
@@ -46,7 +45,7 @@ def test_app_starts_streamlit_on_localhost(tmp_path, monkeypatch):
     register(app)
     started = []
     monkeypatch.setattr("os.execv", lambda path, argv: started.append(argv))
-    result = runner.invoke(app, ["app", "--runs", str(tmp_path), "--port", "8600"], env=WIDE)
+    result = runner.invoke(app, ["app", "--runs", str(tmp_path), "--port", "8600"])
     assert result.exit_code == 0, result.output
     (argv,) = started
     assert argv[1:5] == ["-m", "streamlit", "run", str(MAIN)]
@@ -68,8 +67,8 @@ def test_the_server_address_is_loopback_unless_host_says_otherwise(tmp_path, mon
     register(app)
     started = []
     monkeypatch.setattr("os.execv", lambda path, argv: started.append(argv))
-    assert runner.invoke(app, ["app", "--runs", str(tmp_path)], env=WIDE).exit_code == 0
-    assert runner.invoke(app, ["app", "--runs", str(tmp_path), "--host", "0.0.0.0"], env=WIDE).exit_code == 0
+    assert runner.invoke(app, ["app", "--runs", str(tmp_path)]).exit_code == 0
+    assert runner.invoke(app, ["app", "--runs", str(tmp_path), "--host", "0.0.0.0"]).exit_code == 0
     assert [address(argv) for argv in started] == ["127.0.0.1", "0.0.0.0"]
 
 
@@ -78,7 +77,7 @@ def test_app_refuses_an_saes_path_that_is_a_file_and_accepts_a_missing_one(tmp_p
     started = []
     monkeypatch.setattr("os.execv", lambda path, argv: started.append(argv))
     (tmp_path / "file").write_text("x")
-    result = runner.invoke(app, ["app", "--runs", str(tmp_path), "--saes", str(tmp_path / "file")], env=WIDE)
+    result = runner.invoke(app, ["app", "--runs", str(tmp_path), "--saes", str(tmp_path / "file")])
     assert result.exit_code == 2 and "is a file, not a folder" in said(result) and started == []
-    result = runner.invoke(app, ["app", "--runs", str(tmp_path), "--saes", str(tmp_path / "missing")], env=WIDE)
+    result = runner.invoke(app, ["app", "--runs", str(tmp_path), "--saes", str(tmp_path / "missing")])
     assert result.exit_code == 0 and len(started) == 1  # a missing SAE folder only leaves the SAE page empty

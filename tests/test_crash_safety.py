@@ -540,3 +540,23 @@ def test_a_manifest_recording_a_missing_part_is_refused(clean, tmp_path):
     assert key not in run.parts_done() and run.part_states([key]) == {key: "damaged"}
     with pytest.raises(WorkbenchError, match=rf"cannot read parts/{key}\.parquet"):
         run.read_parts()
+
+
+def test_a_truncated_figure_bundle_is_written_again(tmp_path, monkeypatch):
+    """The plotly.min.js that HTML figures share is replaced when a killed write left it short."""
+    import plotly.graph_objects as go
+    import plotly.io as pio
+    from plotly.offline import get_plotlyjs
+
+    from workbench.plots import save_figures
+
+    def no_png(*args, **kwargs):
+        raise RuntimeError("PNG export switched off")
+
+    monkeypatch.setattr(pio, "write_images", no_png)
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    (figures / "plotly.min.js").write_text("/* cut short */")
+    save_figures({"f": go.Figure()}, figures)
+    assert (figures / "plotly.min.js").read_text(encoding="utf-8") == get_plotlyjs()
+    assert (figures / "f.html").is_file() and not list(figures.glob(".*.tmp"))

@@ -41,7 +41,6 @@ RETRIEVAL_COLUMNS = ["length", "depth", "layer", "head", "value", "answered", "s
 TABLES = ("head_scores", "profiles", "retrieval")
 
 runner = CliRunner()
-WIDE = {"COLUMNS": "400"}  # rich wraps and truncates at 80 columns otherwise
 
 
 # ----------------------------------------------------------------------------- fixtures, helpers
@@ -456,12 +455,12 @@ def test_corrupt_runs_are_reported_and_skipped(runs_folder):
     assert sorted(folder.name for folder, _ in broken) == ["not_json", "untagged"]
     assert all("corrupt" in reason for _, reason in broken)
 
-    result = runner.invoke(app, ["runs", "list", str(runs_folder)], env=WIDE)
+    result = runner.invoke(app, ["runs", "list", str(runs_folder)])
     assert result.exit_code == 0, result.output
     good = next(line for line in result.output.splitlines() if " good " in line)
     assert "complete" in good and "damaged" in result.output  # names relative to the folder listed
     assert "skipped not_json" in result.output
-    result = runner.invoke(app, ["runs", "show", str(runs_folder / "damaged")], env=WIDE)
+    result = runner.invoke(app, ["runs", "show", str(runs_folder / "damaged")])
     assert result.exit_code == 2 and "cannot read head_scores.parquet" in result.output
     assert "Traceback" not in result.output
 
@@ -481,7 +480,7 @@ def test_a_corrupt_run_is_refused_unless_forced(runs_folder):
 def test_score_and_runs_commands(tmp_path, no_png):
     out = tmp_path / "runs" / "r1"
     result = runner.invoke(app, ["score", "--task", "repeats", "--lengths", "128", "--samples", "2",
-                                 "--out", str(out)], env=WIDE)
+                                 "--out", str(out)])
     assert result.exit_code == 0, result.output
     for score in scores_for(["repeats"]):
         assert score in result.output
@@ -491,12 +490,12 @@ def test_score_and_runs_commands(tmp_path, no_png):
     assert run.manifest["settings"]["lengths"] == [128] and run.manifest["settings"]["samples"] == 2
     assert set(run.table("head_scores")["score"]) == set(scores_for(["repeats"]))
 
-    result = runner.invoke(app, ["runs", "list", str(tmp_path / "runs")], env=WIDE)
+    result = runner.invoke(app, ["runs", "list", str(tmp_path / "runs")])
     assert result.exit_code == 0, result.output
     line = next(l for l in result.output.splitlines() if f" {out.name} " in l)
     assert all(word in line for word in (MODEL, "repeats", "128", "complete"))
 
-    result = runner.invoke(app, ["runs", "show", str(out)], env=WIDE)
+    result = runner.invoke(app, ["runs", "show", str(out)])
     assert result.exit_code == 0, result.output
     assert "lengths=[128]" in result.output and "samples=2" in result.output and "tasks=['repeats']" in result.output
     assert "top heads per score" in result.output
@@ -505,7 +504,7 @@ def test_score_and_runs_commands(tmp_path, no_png):
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    result = runner.invoke(app, ["runs", "list", str(empty)], env=WIDE)
+    result = runner.invoke(app, ["runs", "list", str(empty)])
     assert result.exit_code == 0 and "no runs in" in result.output
 
 
@@ -527,7 +526,7 @@ BAD_INPUT = {
 
 @pytest.mark.parametrize("args, fragments", BAD_INPUT.values(), ids=BAD_INPUT.keys())
 def test_score_rejects_bad_input(tmp_path, args, fragments):
-    result = runner.invoke(app, ["score", *args, "--out", str(tmp_path / "run")], env=WIDE)
+    result = runner.invoke(app, ["score", *args, "--out", str(tmp_path / "run")])
     assert result.exit_code == 2, result.output
     assert isinstance(result.exception, SystemExit)  # typer.Exit, not a crash
     assert "error:" in result.output and "Traceback" not in result.output
@@ -539,9 +538,11 @@ def test_score_rejects_bad_input(tmp_path, args, fragments):
     (["runs", "show", "{tmp}"], "is not a run folder: it has no manifest.json"),
     (["runs", "show", "{tmp}/missing"], "is not a run folder"),
     (["runs", "list", "{tmp}/missing"], "does not exist"),
-], ids=["show-not-a-run", "show-missing", "list-missing"])
+    (["runs", "list", "{tmp}/file"], "is a file, not a folder"),
+], ids=["show-not-a-run", "show-missing", "list-missing", "list-file"])
 def test_runs_commands_reject_bad_folders(tmp_path, command, message):
-    result = runner.invoke(app, [c.format(tmp=tmp_path) for c in command], env=WIDE)
+    (tmp_path / "file").write_text("not a folder")
+    result = runner.invoke(app, [c.format(tmp=tmp_path) for c in command])
     assert result.exit_code == 2 and message in result.output, result.output
     assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output
 
@@ -550,9 +551,9 @@ def test_a_rejected_request_leaves_no_run_behind(tmp_path, no_png):
     """A request refused for its settings writes nothing, so the corrected command just runs."""
     out = tmp_path / "run"
     args = ["score", "--task", "repeats", "--samples", "1", "--out", str(out)]
-    bad = runner.invoke(app, [*args, "--lengths", "4096"], env=WIDE)
+    bad = runner.invoke(app, [*args, "--lengths", "4096"])
     assert bad.exit_code == 2 and "context of" in bad.output
-    good = runner.invoke(app, [*args, "--lengths", "128"], env=WIDE)
+    good = runner.invoke(app, [*args, "--lengths", "128"])
     assert good.exit_code == 0, good.output
 
 
@@ -561,10 +562,10 @@ def test_resume_scores_with_the_stored_model(tmp_path, monkeypatch, no_png):
     out = tmp_path / "run"
     args = ["score", "--task", "repeats", "--lengths", "128", "--samples", "2", "--out", str(out)]
     interrupt_after(monkeypatch, 1, RuntimeError)
-    crashed = runner.invoke(app, args, env=WIDE)
+    crashed = runner.invoke(app, args)
     assert isinstance(crashed.exception, RuntimeError) and Run.open(out).parts_done()
     monkeypatch.setattr(scoring, "score_sample", _REAL_SCORE_SAMPLE)
-    result = runner.invoke(app, [*args, "--model", "random:gpt2-small", "--resume"], env=WIDE)
+    result = runner.invoke(app, [*args, "--model", "random:gpt2-small", "--resume"])
     layers = Run.open(out).manifest["model_info"]["layers"]
     assert result.exit_code == 2 or Run.open(out).table("head_scores")["layer"].max() == layers - 1, result.output
 
@@ -639,13 +640,13 @@ def test_default_lengths_and_scores_fit_the_model(tmp_path):
     fit and every score but retrieval (which needs a causal language model)."""
     out = tmp_path / "minilm"
     result = runner.invoke(app, ["score", "--model", "minilm", "--task", "niah", "--samples", "1", "--depths", "0.5",
-                                 "--device", "cpu", "--out", str(out)], env=WIDE)
+                                 "--device", "cpu", "--out", str(out)])
     assert result.exit_code == 0, result.output
     run = Run.open(out)
     assert run.manifest["settings"]["lengths"] == [512]
     assert set(run.table("head_scores")["score"]) == set(scores_for(["niah"])) - {"retrieval"}
     result = runner.invoke(app, ["score", "--model", "minilm", "--task", "niah", "--scores", "retrieval",
-                                 "--out", str(tmp_path / "other")], env=WIDE)
+                                 "--out", str(tmp_path / "other")])
     assert result.exit_code == 2 and "causal language model" in " ".join(result.output.split())
 
 

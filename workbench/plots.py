@@ -82,12 +82,25 @@ def run_figures(tables: dict[str, pd.DataFrame]) -> dict[str, go.Figure]:
     return figs
 
 
+def write_plotly_bundle(folder: Path) -> None:
+    """``plotly.min.js`` in ``folder``, which the HTML figures load, written atomically. Plotly
+    writes it itself, but in place and only when it is missing, so a run killed during that
+    write would keep a truncated bundle; a bundle of the wrong size is replaced here."""
+    from plotly.offline import get_plotlyjs
+
+    bundle = get_plotlyjs().encode()
+    file = Path(folder) / "plotly.min.js"
+    if not file.is_file() or file.stat().st_size != len(bundle):
+        atomic_write(file, lambda tmp: tmp.write_bytes(bundle))
+
+
 def save_figures(figs: dict[str, go.Figure], folder: Path) -> list[str]:
     """``<name>.html`` (offline: they share one ``plotly.min.js`` in the folder) and ``<name>.png`` for every figure.
 
     PNG export needs Kaleido and a Chrome/Chromium on the machine; without them the PNGs are
     skipped and the reasons returned (the HTML files are always written)."""
     folder = Path(folder)
+    write_plotly_bundle(folder)
     for name, fig in figs.items():
         atomic_write(folder / f"{name}.html", lambda tmp, fig=fig: fig.write_html(tmp, include_plotlyjs="directory"))
     try:

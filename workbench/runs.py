@@ -400,7 +400,8 @@ def list_runs(root: str | Path) -> tuple[list[Run], list[tuple[Path, str]]]:
     ``(folder, reason)`` for folders with a manifest that cannot be read."""
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise WorkbenchError(f"runs folder {root} does not exist")
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise WorkbenchError(f"runs folder {root} {what}: give the folder that holds the run folders")
     runs, broken = [], []
     for folder in [root, *sorted(p for p in root.iterdir() if p.is_dir())]:
         if not (folder / MANIFEST).exists():
