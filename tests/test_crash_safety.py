@@ -3,15 +3,17 @@ the tables of an uninterrupted run, and damaged parts and tables are never silen
 
 The kill test runs a small fork server in a subprocess (``python -c "from
 tests.test_crash_safety import _serve; _serve()"``): it loads zoo-2l once, then for each request
-forks a child that scores :data:`SETTINGS` into a run folder and SIGKILLs it at the requested
-moment, so twenty kills cost one Python start-up. The test process inspects the folder after each
+forks a child that scores :data:`SETTINGS` into a run folder and is SIGKILLed at the requested
+moment, so twenty kills cost one Python start-up. A moment is a durable-write step (each
+``os.fsync`` or ``os.replace`` of the run's writes, three per file), not a time on the clock, so
+the same seed kills at the same places on every machine however loaded it is; every state the
+folder can be in between two such steps is reached this way. The test process inspects the folder after each
 kill (every committed part is exactly the clean run's part) and asks for the next resume.
 PNG export is switched off everywhere (it starts a Chromium); the HTML figures are still written.
 """
 
 from __future__ import annotations
 
-import bisect
 import functools
 import io
 import json
@@ -30,6 +32,7 @@ import pytest
 
 import workbench.scoring as scoring
 from tests.conftest import SEED
+from tests.test_runs import interrupt_after
 from workbench.errors import WorkbenchError
 from workbench.runs import MANIFEST, Run, list_runs
 from workbench.scoring import ScoreRunSettings, plan, score_model, task_tokenizer
@@ -68,9 +71,9 @@ def _assert_same_results(run: Run, reference: Run) -> None:
 
 def _serve() -> None:
     """Fork server of the kill test: load the model once, then answer JSON-line requests
-    ``{"out": folder, "target": [k, delay] | null, "timeline": file | null}`` on stdin: fork a child
-    that scores SETTINGS into ``out``; with a target, SIGKILL it ``delay`` seconds after ``k`` parts
-    are committed (counted from the fork when that many already are); reply how the child ended."""
+    ``{"out": folder, "kill_at": step | null, "timeline": file | null}`` on stdin: fork a child
+    that scores SETTINGS into ``out``, SIGKILLed just before its ``kill_at``-th durable-write step;
+    reply how the child ended."""
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # whatever else prints goes to stderr, not into the replies
     import plotly.io as pio
@@ -91,57 +94,54 @@ def _serve() -> None:
         proto.write(json.dumps(_cycle(model, **json.loads(line))) + "\n")
 
 
-def _committed(parts: Path) -> int:
-    """How many parts in ``parts`` have a sidecar."""
-    try:
-        return sum(entry.name.endswith(".sha256") for entry in os.scandir(parts))
-    except FileNotFoundError:
-        return 0
-
-
-def _cycle(model, out: str, target: list | None, timeline: str | None) -> dict:
-    start = time.monotonic()
+def _cycle(model, out: str, kill_at: int | None, timeline: str | None) -> dict:
     pid = os.fork()
     if pid == 0:
-        _child(model, Path(out), start, timeline)
-    if target is None:
-        _, status = os.waitpid(pid, 0)
-    else:
-        k, delay = target
-        while True:
-            finished, status = os.waitpid(pid, os.WNOHANG)
-            if finished:
-                break
-            if _committed(Path(out) / "parts") >= k:
-                time.sleep(delay)
-                os.kill(pid, signal.SIGKILL)
-                _, status = os.waitpid(pid, 0)
-                break
-            time.sleep(0.001)
+        _child(model, Path(out), kill_at, timeline)
+    _, status = os.waitpid(pid, 0)
     reply = {"killed": os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL,
-             "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
-             "seconds": time.monotonic() - start}
+             "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None}
     if timeline and reply["exit"] == 0:
         reply["timeline"] = json.loads(Path(timeline).read_text())
     return reply
 
 
-def _child(model, out: Path, start: float, timeline: str | None) -> None:
-    """The forked writer: score (resume) the run, record when each part was committed if asked, exit."""
+def _count_write_steps(kill_at: int | None) -> list[int]:
+    """In the forked writer: count every ``os.fsync`` and ``os.replace`` (the steps of a durable
+    write), and SIGKILL this process just before step ``kill_at``. Returns the live count."""
+    count = [0]
+
+    def step(real):
+        def counted(*args, **kwargs):
+            count[0] += 1
+            if count[0] == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args, **kwargs)
+
+        return counted
+
+    os.fsync, os.replace = step(os.fsync), step(os.replace)
+    return count
+
+
+def _child(model, out: Path, kill_at: int | None, timeline: str | None) -> None:
+    """The forked writer: score (resume) the run, killed at step ``kill_at``; with ``timeline``,
+    record the write step at which each part was committed and the run's last step; exit."""
     code = 0
     try:
-        commits: list[float] = []
+        steps = _count_write_steps(kill_at)
+        commits: list[int] = []
         if timeline:
             real = Run.write_part
 
-            def timed(run, key, frame):
+            def counted(run, key, frame):
                 real(run, key, frame)
-                commits.append(time.monotonic() - start)
+                commits.append(steps[0])
 
-            Run.write_part = timed
+            Run.write_part = counted
         score_model(model, SETTINGS, out, progress=False)
         if timeline:
-            Path(timeline).write_text(json.dumps({"commits": commits, "end": time.monotonic() - start}))
+            Path(timeline).write_text(json.dumps({"commits": commits, "end": steps[0]}))
     except BaseException:  # noqa: BLE001 - reported through the exit code and stderr
         import traceback
 
@@ -174,8 +174,8 @@ class ForkServer:
             raise AssertionError(f"the fork server stopped or hung; its log:\n{self.log_path.read_text()[-4000:]}")
         return json.loads(line)
 
-    def run(self, out: Path, target: tuple[int, float] | None = None, timeline: Path | None = None) -> dict:
-        self.proc.stdin.write(json.dumps({"out": str(out), "target": target,
+    def run(self, out: Path, kill_at: int | None = None, timeline: Path | None = None) -> dict:
+        self.proc.stdin.write(json.dumps({"out": str(out), "kill_at": kill_at,
                                           "timeline": str(timeline) if timeline else None}) + "\n")
         return self._reply()
 
@@ -214,14 +214,15 @@ def _after_kill(out: Path, reference_parts: dict[str, pd.DataFrame]) -> tuple[st
 
 
 def test_sigkill_at_random_moments_then_resume_gives_the_same_tables(tmp_path):
-    """20 SIGKILLs of a real scoring run at moments drawn from Random(SEED) over a clean run's
-    duration (scoring and finishing alike), each followed by a resume: every committed part is
-    right after every kill, and the final tables equal the uninterrupted run's exactly.
+    """20 SIGKILLs of a real scoring run at write steps drawn from Random(SEED) (scoring and
+    finishing alike), each followed by a resume: every committed part is right after every kill,
+    and the final tables equal the uninterrupted run's exactly.
 
-    A moment m of the clean run is anchored to progress, not to the clock alone: the killer waits
-    until as many parts are committed as the clean run had at m, then sleeps the rest of m. Two
-    clean runs differ only in wall times (each part's ``seconds`` row, the manifest's timings and
-    dates), which the tables do not hold."""
+    A resume repeats fewer steps than a clean run (its committed parts are not written again), so
+    each kill is drawn from the steps still ahead: the clean run's steps less six (part and
+    sidecar) per committed part; every other kill is drawn from the steps up to the last part's
+    commit, so that scoring and finishing both take kills. Two clean runs differ only in wall times (each part's
+    ``seconds`` row, the manifest's timings and dates), which the tables do not hold."""
     began = time.monotonic()
     server = ForkServer(tmp_path / "server.log")
     try:
@@ -231,20 +232,22 @@ def test_sigkill_at_random_moments_then_resume_gives_the_same_tables(tmp_path):
         reference = Run.open(tmp_path / "clean")
         reference_parts = {k: _without_seconds(reference.read_part(k)) for k in sorted(reference.parts_done())}
         assert len(commits) == len(reference_parts) == 2 * SETTINGS.samples
+        steps_per_part = commits[1] - commits[0]
 
         rng = random.Random(SEED)
-        moments = sorted(rng.uniform(0, end) for _ in range(KILLS))
         landed = {"start": 0, "part": 0, "finish": 0, "late": 0}
         kills = mid_write = completed = cycles = 0
         episode = 0
         out = tmp_path / f"run{episode}"
         while kills < KILLS:
             cycles += 1
-            assert cycles <= 2 * KILLS, f"only {kills} of {cycles} cycles were killed: the run finishes too fast"
-            moment = moments[kills] if kills < len(moments) else rng.uniform(0, end)
-            k = bisect.bisect_right(commits, moment)  # parts the clean run had committed at that moment
-            reply = server.run(out, target=(k, moment - (commits[k - 1] if k else 0.0)))
-            if not reply["killed"]:  # the run completed before the kill: check it and start another
+            assert cycles <= 3 * KILLS, f"only {kills} of {cycles} resumes were killed"
+            done = len(Run.open(out).parts_done()) if (out / MANIFEST).exists() else 0
+            ahead, scoring_ahead = end - steps_per_part * done, commits[-1] - steps_per_part * done
+            # every other kill falls among the steps that score samples, while any remain
+            pool = scoring_ahead if kills % 2 == 0 and scoring_ahead > 0 else ahead
+            reply = server.run(out, kill_at=rng.randint(1, pool))
+            if not reply["killed"]:  # the run completed before its kill step: check it, start another
                 assert reply["exit"] == 0, (tmp_path / "server.log").read_text()
                 _assert_same_results(Run.open(out), reference)
                 completed += 1
@@ -266,10 +269,10 @@ def test_sigkill_at_random_moments_then_resume_gives_the_same_tables(tmp_path):
     print(f"\ncrash safety: {kills} SIGKILLs in {cycles} resumes ({landed['part']} while scoring samples, "
           f"{landed['finish']} while finishing, {landed['start']} before the first manifest, {landed['late']} after "
           f"the commit; {mid_write} inside a file write, {rescored} resumes discarded an uncommitted part); "
-          f"{completed} runs completed between kills; clean run {end:.2f} s, "
+          f"{completed} runs completed between kills; a clean run makes {end} write steps; "
           f"whole test {time.monotonic() - began:.1f} s")
-    # the moments are spread over the clean run, and each kill waits for its part to be committed first,
-    # so kills land both while samples are scored and while the tables and figures are written
+    # the kill steps are spread over the whole run, so kills land both while samples are scored
+    # and while the tables and figures are written
     assert landed["part"] >= 1 and landed["finish"] >= 1, landed
 
 
@@ -374,15 +377,7 @@ def _interrupt(monkeypatch, after: int | None) -> None:
 
         monkeypatch.setattr(scoring, "finish", stop)
         return
-    real, done = scoring.score_sample, []
-
-    def flaky(model, unit, settings, **kwargs):
-        if len(done) == after:
-            raise KeyboardInterrupt("stopped by the test")
-        done.append(unit.key)
-        return real(model, unit, settings, **kwargs)
-
-    monkeypatch.setattr(scoring, "score_sample", flaky)
+    interrupt_after(monkeypatch, after, KeyboardInterrupt)
 
 
 STAGES = {"in-progress": 6, "not-aggregated": None}  # samples scored before the stop (None: all, tables not written)
