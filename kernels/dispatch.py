@@ -140,18 +140,9 @@ def _degenerate(q: torch.Tensor, p: Problem, stats: StatsSpec | None):
     if stats is None:
         return out, None
     rows = (p.batch, p.q_heads, p.n_q)
-
-    def zeros(flag: bool, shape=rows, dtype=torch.float32):
-        return torch.zeros(shape, dtype=dtype, device=q.device) if flag else None
-
-    return out, AttentionStats(
-        lse=zeros(True),
-        entropy=zeros(stats.entropy),
-        max_prob=zeros(stats.max_prob),
-        argmax=torch.full(rows, -1, dtype=torch.int64, device=q.device) if stats.argmax else None,
-        sink_mass=zeros(stats.sink_tokens > 0),
-        local_mass=zeros(stats.window > 0),
-        distance=zeros(stats.distance),
-        offset_mass=zeros(bool(stats.offsets), rows + (len(stats.offsets),)),
-        key_mass=zeros(stats.key_mass, (p.batch, p.q_heads, p.n_k)),
-    )
+    shapes = {"offset_mass": rows + (len(stats.offsets),), "key_mass": (p.batch, p.q_heads, p.n_k)}
+    found = {name: torch.zeros(shapes.get(name, rows), dtype=torch.float32, device=q.device)
+             for name in stats.output_fields()}
+    if "argmax" in found:
+        found["argmax"] = torch.full(rows, -1, dtype=torch.int64, device=q.device)
+    return out, AttentionStats(**found)

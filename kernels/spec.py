@@ -14,7 +14,8 @@ class StatsSpec:
     """Which per-row and per-key statistics :func:`kernels.attention` should emit.
 
     Every field is off by default; the row log-sum-exp (``lse``) is always returned when a
-    spec is given. Use :meth:`all` for every statistic with common settings.
+    spec is given. :meth:`every_row_statistic` and :meth:`all` give every statistic with
+    common settings; :meth:`output_fields` names the fields a spec fills.
 
     Attributes:
         entropy: entropy of each attention row, in nats.
@@ -55,14 +56,32 @@ class StatsSpec:
                 raise AttentionInputError(f"StatsSpec.offsets must hold ints, got {o!r}")
 
     @classmethod
+    def every_row_statistic(
+        cls, sink_tokens: int = 1, window: int = 64, offsets: tuple[int, ...] = (1,), key_mass: bool = False
+    ) -> StatsSpec:
+        """Every per-row statistic with the given sink count, local window and offsets; the
+        per-key mass (a second pass) only with ``key_mass=True``."""
+        return cls(
+            entropy=True, max_prob=True, argmax=True, sink_tokens=sink_tokens, window=window,
+            distance=True, offsets=offsets, key_mass=key_mass,
+        )
+
+    @classmethod
     def all(
         cls, sink_tokens: int = 1, window: int = 64, offsets: tuple[int, ...] = (1,)
     ) -> StatsSpec:
-        """Every statistic, with the given sink count, local window and offsets."""
-        return cls(
-            entropy=True, max_prob=True, argmax=True, sink_tokens=sink_tokens, window=window,
-            distance=True, offsets=offsets, key_mass=True,
-        )
+        """Every statistic, row and key, with the given sink count, local window and offsets."""
+        return cls.every_row_statistic(sink_tokens, window, offsets, key_mass=True)
+
+    def output_fields(self) -> tuple[str, ...]:
+        """The :class:`AttentionStats` fields this spec fills, in field order (``lse`` always):
+        the one place that says which flag gives which output."""
+        wanted = {
+            "lse": True, "entropy": self.entropy, "max_prob": self.max_prob, "argmax": self.argmax,
+            "sink_mass": self.sink_tokens > 0, "local_mass": self.window > 0, "distance": self.distance,
+            "offset_mass": bool(self.offsets), "key_mass": self.key_mass,
+        }
+        return tuple(name for name, on in wanted.items() if on)
 
     @property
     def row_stats(self) -> bool:

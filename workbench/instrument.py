@@ -16,8 +16,7 @@ from workbench.streaming import StreamingSummary
 
 #: What ``instrument`` records when no ``stats`` is given: every row statistic (key mass,
 #: which costs a second pass, is opt-in).
-DEFAULT_STATS = StatsSpec(entropy=True, max_prob=True, argmax=True, sink_tokens=1, window=64,
-                          distance=True, offsets=(1,))
+DEFAULT_STATS = StatsSpec.every_row_statistic()
 _MARK = "_workbench_instrumented"
 
 

@@ -132,8 +132,7 @@ def attend(model, prompt: str | torch.Tensor, *, pattern_tokens: int = PATTERN_T
         ids = torch.as_tensor(prompt, dtype=torch.long).reshape(-1)
     if ids.numel() == 0:
         raise WorkbenchError("the prompt tokenises to no tokens: type some text")
-    spec = StatsSpec(entropy=True, max_prob=True, argmax=True, sink_tokens=sink_tokens, window=window,
-                     distance=True, offsets=(1,), key_mass=True)
+    spec = StatsSpec.all(sink_tokens=sink_tokens, window=window)
     rec = record(model, ids.view(1, -1), spec, backend=backend, progress=False)  # checks vocabulary and context
     adapter = adapter_for(model)
     stats = {layer: _cpu(rec.layer(layer)) for layer in rec.layers}

@@ -11,8 +11,6 @@ Example:
 from __future__ import annotations
 
 import math
-import platform
-import subprocess
 import time
 import warnings
 from contextlib import contextmanager
@@ -25,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kernels import BACKENDS, AttentionStats
+from kernels.provenance import git_revision, versions
 from workbench.errors import WorkbenchError
 from workbench.instrument import adapter_for, instrument
 from workbench.runs import SCORING_TABLES, Run, prepare
@@ -388,34 +387,9 @@ def _manifest(model) -> dict:
         "model_info": {"class": type(model).__name__, "layers": adapter.n_layers(model), "heads": n_heads,
                        "context": adapter.context(model), "dtype": str(param.dtype).removeprefix("torch.")},
         "device": str(param.device) + (f" ({torch.cuda.get_device_name(param.device)})" if param.is_cuda else ""),
-        "versions": _versions(),
-        "git_revision": _git_revision(),
+        "versions": versions(),
+        "git_revision": git_revision(),
     }
-
-
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {"python": platform.python_version()}
-    for dist in ("attention-workbench", "torch", "triton", "transformers", "transformer-lens"):
-        try:
-            found[dist] = version(dist)
-        except PackageNotFoundError:
-            found[dist] = None
-    return found
-
-
-def _git_revision() -> str | None:
-    """The source checkout's commit (``+dirty`` with uncommitted changes); None when installed."""
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    revision = git("rev-parse", "HEAD")
-    return revision and revision + ("+dirty" if git("status", "--porcelain") else "")
 
 
 def _now() -> str:
