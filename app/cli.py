@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from workbench.console import console, fail
+
 #: The Streamlit script of the explorer.
 MAIN = Path(__file__).with_name("main.py")
 

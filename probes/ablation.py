@@ -27,8 +27,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from workbench.adapters import adapter_for
 from workbench.errors import WorkbenchError
-from workbench.instrument import adapter_for
 from workbench.runs import Run
 from workbench.tasks import TaskSample, second_copy_start
 
@@ -39,8 +39,8 @@ METHODS = ("zero", "mean", "resample")
 
 def all_heads(model) -> list[Head]:
     adapter = adapter_for(model)
-    n_heads, _ = adapter.head_shape(model)
-    return [(layer, head) for layer in range(adapter.n_layers(model)) for head in range(n_heads)]
+    n_heads, _ = adapter.head_shape
+    return [(layer, head) for layer in range(adapter.n_layers) for head in range(n_heads)]
 
 
 def check_heads(model, heads: Iterable[Head]) -> list[Head]:
@@ -53,8 +53,8 @@ def check_heads(model, heads: Iterable[Head]) -> list[Head]:
     bad = [h for h in heads if h not in valid]
     if bad:
         adapter = adapter_for(model)
-        raise WorkbenchError(f"heads {bad} out of range: the model has {adapter.n_layers(model)} layers of "
-                             f"{adapter.head_shape(model)[0]} heads (layer and head count from 0)")
+        raise WorkbenchError(f"heads {bad} out of range: the model has {adapter.n_layers} layers of "
+                             f"{adapter.head_shape[0]} heads (layer and head count from 0)")
     return heads
 
 
@@ -63,9 +63,9 @@ def head_outputs(model, ids: torch.Tensor) -> dict[int, torch.Tensor]:
     """Every layer's ``z [batch, tokens, head, d_head]`` on ``ids [batch, tokens]``."""
     adapter = adapter_for(model)
     seen: dict[int, torch.Tensor] = {}
-    remove = adapter.z_hooks(model, lambda layer, z: seen.__setitem__(layer, z.detach().clone()))
+    remove = adapter.z_hooks(lambda layer, z: seen.__setitem__(layer, z.detach().clone()))
     try:
-        adapter.logits(model, ids.to(next(model.parameters()).device))
+        adapter.logits(ids.to(next(model.parameters()).device))
     finally:
         remove()
     return seen
@@ -105,7 +105,7 @@ def ablate(model, heads: Iterable[Head], method: str = "zero", reference: torch.
             z[:, :, chosen] = source[rows, : z.shape[1]][:, :, chosen].to(z.dtype)
         return z
 
-    remove = adapter_for(model).z_hooks(model, edit)
+    remove = adapter_for(model).z_hooks(edit)
     try:
         yield heads
     finally:
@@ -134,7 +134,7 @@ def _teacher_forced(model, samples: Sequence[TaskSample], batch_size: int) -> li
     results: list[tuple[float, bool]] = [(0.0, False)] * len(samples)
     for chunk in _groups([(len(s.ids), len(s.answer)) for s in samples], batch_size):
         batch = torch.stack([torch.cat([samples[i].ids, samples[i].answer[:-1]]) for i in chunk])
-        logp = torch.log_softmax(adapter.logits(model, batch.to(device)).float(), -1)
+        logp = torch.log_softmax(adapter.logits(batch.to(device)).float(), -1)
         for row, i in zip(logp, chunk):
             steps = row[len(samples[i].ids) - 1:]  # the rows that predict the answer tokens
             answer = samples[i].answer.to(device)
@@ -182,7 +182,7 @@ def _next_token(model, samples, batch_size: int, first: Callable[[TaskSample], i
     for chunk in _groups([(len(s.ids), first(s)) for s in samples], batch_size):
         batch = torch.stack([samples[i].ids for i in chunk]).to(device)
         f = first(samples[chunk[0]])
-        logits = adapter.logits(model, batch).float()[:, f:-1]
+        logits = adapter.logits(batch).float()[:, f:-1]
         target = batch[:, f + 1:]
         loss += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                                         reduction="sum"))
@@ -195,7 +195,7 @@ def logit_difference(ids: torch.Tensor, token_a: int, token_b: int) -> Metric:
     """Mean over ``ids [batch, tokens]`` of logit(a) - logit(b) at the last position."""
     def metric(model) -> float:
         with torch.no_grad():
-            last = adapter_for(model).logits(model, ids.to(next(model.parameters()).device))[:, -1].float()
+            last = adapter_for(model).logits(ids.to(next(model.parameters()).device))[:, -1].float()
         return float((last[:, token_a] - last[:, token_b]).mean())
     return metric
 

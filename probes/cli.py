@@ -8,7 +8,12 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from workbench.console import ReportingGroup, check_output_folder, console, reports_errors
+from workbench.console import (
+    ReportingGroup,
+    check_output_folder,
+    console,
+    reports_errors,
+)
 
 #: Metric (a function of ``probes.ablation``) -> the task whose samples it needs.
 METRICS = {
@@ -66,10 +71,9 @@ def _ablate(run_path, rank_by, score_task, k, task, metric, method, length, samp
 
     from probes import ablation
     from workbench.errors import WorkbenchError
-    from workbench.models import load_model
+    from workbench.models import load_model, task_tokenizer
     from workbench.plots import ablation_curve, head_map, save_figures
     from workbench.runs import Run
-    from workbench.scoring import task_tokenizer
     from workbench.tasks import needle_samples, repeat_samples, text_samples
 
     run = Run.open(run_path)
@@ -166,8 +170,8 @@ def _sae_train(layer, model_name, architecture, d_sae, k, l1, samples, length, t
     import json
 
     from probes import sae as saes
+    from workbench.adapters import adapter_for
     from workbench.errors import WorkbenchError
-    from workbench.instrument import adapter_for
     from workbench.models import load_model
     from workbench.runs import atomic_write
     from workbench.tasks import text_samples
@@ -191,7 +195,7 @@ def _sae_train(layer, model_name, architecture, d_sae, k, l1, samples, length, t
     sae = saes.load_sae(out, model, layer)  # the inference form, as every later reader sees it
     metrics = saes.evaluate(model, sae, layer, held_out)
     atomic_write(out / "evaluation.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
-    n_heads = adapter_for(model).head_shape(model)[0]
+    n_heads = adapter_for(model).head_shape[0]
     saes.head_attribution(sae, n_heads).to_parquet(out / "head_attribution.parquet", index=False)
     contexts = saes.top_contexts(model, sae, layer, held_out)
     contexts.to_parquet(out / "top_contexts.parquet", index=False)
@@ -226,10 +230,10 @@ def sae_eval(
 
 def _check_length(model, length: int) -> None:
     """Refuse samples longer than the model's context (the model would fail on them)."""
+    from workbench.adapters import adapter_for
     from workbench.errors import WorkbenchError
-    from workbench.instrument import adapter_for
 
-    context = adapter_for(model).context(model)
+    context = adapter_for(model).context
     if context is not None and length > context:
         raise WorkbenchError(f"--length {length} is longer than the model's context of {context} tokens")
 

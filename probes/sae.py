@@ -25,8 +25,8 @@ import pandas as pd
 import torch
 
 from probes.ablation import head_outputs
+from workbench.adapters import adapter_for
 from workbench.errors import WorkbenchError
-from workbench.instrument import adapter_for
 from workbench.tasks import TaskSample
 
 ARCHITECTURES = ("standard", "topk")
@@ -41,7 +41,7 @@ def hook_name(layer: int) -> str:
 def activations(model, layer: int, samples: Sequence[TaskSample]) -> torch.Tensor:
     """``hook_z`` of ``layer`` with heads concatenated, every token of every sample:
     ``[tokens, n_heads * d_head]`` float32."""
-    n_layers = adapter_for(model).n_layers(model)
+    n_layers = adapter_for(model).n_layers
     if not 0 <= layer < n_layers:
         raise WorkbenchError(f"layer {layer} out of range: the model has {n_layers} layers")
     parts = [head_outputs(model, s.ids.view(1, -1))[layer][0] for s in samples]
@@ -62,8 +62,13 @@ def train_sae(model, layer: int, samples: Sequence[TaskSample], architecture: st
               lr: float = 1e-3, seed: int = 0, device: str = "cpu"):
     """An sae-lens training SAE (``"standard"``: ReLU with an L1 penalty; ``"topk"``: k active
     features) trained on ``layer``'s concatenated ``hook_z`` over ``samples``."""
-    from sae_lens import (SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig, TopKTrainingSAE,
-                          TopKTrainingSAEConfig)
+    from sae_lens import (
+        SAETrainer,
+        StandardTrainingSAE,
+        StandardTrainingSAEConfig,
+        TopKTrainingSAE,
+        TopKTrainingSAEConfig,
+    )
     from sae_lens.config import SAETrainerConfig
 
     if architecture not in ARCHITECTURES:
@@ -105,7 +110,7 @@ def load_sae(path: str | Path, model, layer: int):
         sae = SAE.load_from_disk(path)
     except Exception as exc:  # sae-lens raises several types for bad files
         raise WorkbenchError(f"cannot load the SAE in {path}: {exc}") from exc
-    n_heads, d_head = adapter_for(model).head_shape(model)
+    n_heads, d_head = adapter_for(model).head_shape
     expected = hook_name(layer)
     found = getattr(sae.cfg.metadata, "hook_name", None)
     if found != expected:
@@ -133,7 +138,7 @@ def evaluate(model, sae, layer: int, samples: Sequence[TaskSample]) -> dict[str,
     loss = text_loss(samples)
 
     def with_z(replace) -> float:
-        remove = adapter.z_hooks(model, lambda l, z: replace(z) if l == layer else None)
+        remove = adapter.z_hooks(lambda l, z: replace(z) if l == layer else None)
         try:
             return loss(model)
         finally:

@@ -10,10 +10,11 @@ from probes import ablation
 from probes.cli import register
 from tests.conftest import SEED
 from workbench import WorkbenchError, instrument, load_model
+from workbench.adapters import adapter_for
 from workbench.cli import app
 from workbench.runs import Run
-from workbench.scores import ScoreSettings, stats_spec
 from workbench.scoring import ScoreRunSettings, score_model
+from workbench.scoring.formulas import ScoreSettings, stats_spec
 from workbench.tasks import needle_samples, repeat_samples, text_samples
 
 
@@ -46,11 +47,11 @@ def test_zero_ablation_equals_a_model_without_that_head(which, zoo):
     model = zoo if which == "zoo" else _tiny_llama()
     ids = torch.randint(3, 250, (2, 40), generator=torch.Generator().manual_seed(SEED))
     layer, head = 1, int(torch.randint(0, 4, (), generator=torch.Generator().manual_seed(SEED)))
-    logits = ablation.adapter_for(model).logits
+    logits = adapter_for(model).logits
     with torch.no_grad():
-        clean = logits(model, ids)
+        clean = logits(ids)
         with ablation.ablate(model, [(layer, head)]):
-            ablated = logits(model, ids)
+            ablated = logits(ids)
         if which == "zoo":
             w = model.blocks[layer].attn.W_O
             saved = w.data[head].clone()
@@ -61,7 +62,7 @@ def test_zero_ablation_equals_a_model_without_that_head(which, zoo):
             saved = w.data[:, head * d:(head + 1) * d].clone()
             w.data[:, head * d:(head + 1) * d] = 0
         try:
-            edited = logits(model, ids)
+            edited = logits(ids)
         finally:
             if which == "zoo":
                 w.data[head] = saved
@@ -72,15 +73,15 @@ def test_zero_ablation_equals_a_model_without_that_head(which, zoo):
         # the reference is the input itself: a one-token mean, and a resample from the same
         # sequence, replace z by itself and change nothing; another reference changes the output
         with ablation.ablate(model, [(layer, head)], "mean", reference=ids[:1, :1]):
-            torch.testing.assert_close(logits(model, ids[:1, :1]), clean[:1, :1], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(logits(ids[:1, :1]), clean[:1, :1], atol=1e-5, rtol=1e-5)
         with ablation.ablate(model, [(layer, head)], "mean", reference=ids[1:]):
-            assert not torch.allclose(logits(model, ids[:1]), clean[:1], atol=1e-4)
+            assert not torch.allclose(logits(ids[:1]), clean[:1], atol=1e-4)
         with ablation.ablate(model, [(layer, head)], "resample", reference=ids[:1]):
-            resampled = logits(model, ids[:1])
+            resampled = logits(ids[:1])
         torch.testing.assert_close(resampled, clean[:1], atol=1e-5, rtol=1e-5)  # resampled from itself
     # the hooks are gone afterwards, and other hooks survive
     with torch.no_grad():
-        torch.testing.assert_close(logits(model, ids), clean)
+        torch.testing.assert_close(logits(ids), clean)
 
 
 def test_ablation_works_while_recording_statistics(zoo):

@@ -63,8 +63,8 @@ def test_score_refuses_an_unknown_backend_before_writing(tmp_path):
 
 def test_kernel_input_errors_end_commands_cleanly(tmp_path, monkeypatch):
     """An AttentionInputError raised under a command ends it with `error:` and exit 2."""
-    from kernels import AttentionInputError
     import workbench.demo
+    from kernels import AttentionInputError
 
     def refuse(*args, **kwargs):
         raise AttentionInputError("q must be a 4-d tensor")

@@ -30,12 +30,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import workbench.scoring as scoring
+import workbench.scoring.run as scoring
 from tests.conftest import SEED
 from tests.test_runs import interrupt_after
 from workbench.errors import WorkbenchError
+from workbench.models import task_tokenizer
 from workbench.runs import MANIFEST, Run, list_runs
-from workbench.scoring import ScoreRunSettings, plan, score_model, task_tokenizer
+from workbench.scoring import ScoreRunSettings, plan, score_model
 
 MODEL = "zoo-2l"
 SETTINGS = ScoreRunSettings(model=MODEL, tasks=("repeats", "niah"), lengths=(128,), samples=4, depths=(0.5,))

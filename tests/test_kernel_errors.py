@@ -7,8 +7,8 @@ import warnings
 import pytest
 import torch
 
-from kernels import AttentionInputError, KernelFallbackWarning, StatsSpec, attention
 import kernels.dispatch as dispatch
+from kernels import AttentionInputError, KernelFallbackWarning, StatsSpec, attention
 
 
 def qkv(b=1, hq=4, hkv=2, nq=8, nk=8, d=32, dtype=torch.float32, device="cpu"):

@@ -22,14 +22,22 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-import workbench.scoring as scoring
+import workbench.scoring.run as scoring
 from tests.conftest import SEED
 from workbench.cli import app
 from workbench.errors import WorkbenchError
-from workbench.models import load_model
-from workbench.runs import FORMAT_VERSION, MANIFEST, Run, atomic_write, list_runs, prepare
-from workbench.scores import SCORES, scores_for
-from workbench.scoring import ScoreRunSettings, aggregate, plan, score_model, task_tokenizer
+from workbench.models import load_model, task_tokenizer
+from workbench.runs import (
+    FORMAT_VERSION,
+    MANIFEST,
+    Run,
+    atomic_write,
+    list_runs,
+    prepare,
+)
+from workbench.scoring import ScoreRunSettings, aggregate, plan, score_model
+from workbench.scoring.formulas import SCORES, scores_for
+from workbench.scoring.sample import PROFILE_STATISTICS
 
 MODEL = "zoo-2l"
 CONTEXT = 2048  # zoo-2l's context
@@ -175,7 +183,7 @@ def test_complete_run_writes_profiles_retrieval_and_figures(complete_run, shape)
     n_layers, n_heads = shape
     prof = complete_run.table("profiles")
     assert list(prof.columns) == PROFILE_COLUMNS
-    assert set(prof["statistic"]) == set(scoring.PROFILE_STATISTICS)
+    assert set(prof["statistic"]) == set(PROFILE_STATISTICS)
     assert set(prof["task"]) == set(ALL.tasks) and set(prof["length"]) == {128}
     assert (prof["rows"] > 0).all() and (prof["bucket_start"] < 128).all()
     ret = complete_run.table("retrieval")

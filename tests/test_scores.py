@@ -16,10 +16,19 @@ from transformer_lens import head_detector
 from kernels import attention
 from tests.conftest import SEED
 from workbench import WorkbenchError, load_model
-from workbench.instrument import adapter_for, instrument
-from workbench.scores import (SCORES, ScoreSettings, check_request, prefill_tallies, retrieval_hits,
-                              scores_for, sink_rate, stats_spec)
+from workbench.adapters import adapter_for
+from workbench.instrument import instrument
 from workbench.scoring import ScoreRunSettings, Unit, score_model, score_sample
+from workbench.scoring.formulas import (
+    SCORES,
+    ScoreSettings,
+    check_request,
+    prefill_tallies,
+    retrieval_hits,
+    scores_for,
+    sink_rate,
+    stats_spec,
+)
 from workbench.tasks import TaskSample, text_samples
 
 ROW_SCORES = [s for s in SCORES if s != "retrieval"]
@@ -177,11 +186,11 @@ def test_cached_decoding_matches_full_forward(which, zoo):
     ids = torch.randint(0, 250, (1, 90), generator=torch.Generator().manual_seed(SEED))
     spec = stats_spec(["retrieval"], ScoreSettings())
     with torch.no_grad(), instrument(model, spec) as rec:
-        logits, cache = adapter.prefill(model, ids)
+        logits, cache = adapter.prefill(ids)
         tokens = [int(logits[0].argmax())]
         steps = [logits]
         for _ in range(3):
-            logits, cache = adapter.decode(model, torch.tensor([[tokens[-1]]]), cache)
+            logits, cache = adapter.decode(torch.tensor([[tokens[-1]]]), cache)
             tokens.append(int(logits[0].argmax()))
             steps.append(logits)
     full_ids = torch.cat([ids, torch.tensor([tokens[:-1]])], 1)

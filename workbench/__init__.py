@@ -11,9 +11,8 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
 
 from workbench.errors import WorkbenchError  # noqa: E402
-from workbench.instrument import DEFAULT_STATS, instrument  # noqa: E402
+from workbench.instrument import DEFAULT_STATS, instrument, record  # noqa: E402
 from workbench.models import load_model  # noqa: E402
-from workbench.record import record  # noqa: E402
 from workbench.recording import PatternSpec, Recording  # noqa: E402
 
 __all__ = ["DEFAULT_STATS", "PatternSpec", "Recording", "WorkbenchError", "__version__", "instrument",

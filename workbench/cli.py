@@ -10,7 +10,13 @@ import typer
 from rich.table import Table
 
 from workbench import __version__
-from workbench.console import ReportingGroup, check_output_folder, console, fail, reports_errors
+from workbench.console import (
+    ReportingGroup,
+    check_output_folder,
+    console,
+    fail,
+    reports_errors,
+)
 
 app = typer.Typer(help="Attention workbench: attention statistics from fused kernels.", no_args_is_help=True,
                   cls=ReportingGroup)

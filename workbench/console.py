@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Callable, NoReturn, TypeVar
 
 import typer
-from typer.core import TyperGroup
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from kernels.errors import AttentionInputError
 from workbench.errors import WorkbenchError

@@ -20,9 +20,9 @@ import torch
 
 from kernels import StatsSpec
 from workbench.instrument import DEFAULT_STATS, instrument
-from workbench.models import load_model
-from workbench.scoring import ScoreRunSettings, plan, score_sample, task_tokenizer
-from workbench.streaming import StreamingSummary
+from workbench.models import load_model, task_tokenizer
+from workbench.recording import StreamingSummary
+from workbench.scoring import ScoreRunSettings, plan, score_sample
 
 
 @dataclass

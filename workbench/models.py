@@ -273,3 +273,14 @@ def _download_hint(name: str, exc: Exception, offline: str | None = None) -> str
         + "Offline, a hub model loads only from the Hugging Face cache (or give its folder). "
         f"Available without any download: {', '.join(known)}"
     )
+
+
+def task_tokenizer(model):
+    """The model's tokenizer, or the zoo's byte tokenizer for models without one (random
+    models: their vocabularies hold its 259 ids)."""
+    tok = getattr(model, "tokenizer", None)
+    if tok is not None:
+        return tok
+    from workbench.zoo.tokenizer import byte_tokenizer
+
+    return byte_tokenizer()

@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from workbench.runs import atomic_write
-from workbench.scores import SCORES
+from workbench.scoring.formulas import SCORES
 
 
 def head_map(head_scores: pd.DataFrame, score: str, clickable: bool = False) -> go.Figure:

@@ -20,9 +20,10 @@ import pandas as pd
 import torch
 
 from kernels import AttentionStats, StatsSpec
+from workbench.adapters import ModelAdapter, adapter_for
 from workbench.errors import WorkbenchError
-from workbench.instrument import adapter_for, instrument
-from workbench.record import record
+from workbench.instrument import instrument, record
+from workbench.models import task_tokenizer
 from workbench.recording import PatternSpec
 
 #: Prompts up to this many tokens also get the explicit O(N^2) pattern of every head.
@@ -113,7 +114,7 @@ def token_labels(tokenizer, ids: torch.Tensor) -> list[str]:
     return out
 
 
-def attend(model, prompt: str | torch.Tensor, *, pattern_tokens: int = PATTERN_TOKENS, sink_tokens: int = 1,
+def attend(model: torch.nn.Module | ModelAdapter, prompt: str | torch.Tensor, *, pattern_tokens: int = PATTERN_TOKENS, sink_tokens: int = 1,
            window: int = 64, backend: str = "auto") -> PromptAttention:
     """Run ``model`` on one prompt (text, or token ids ``[tokens]``) under instrumentation.
 
@@ -121,9 +122,8 @@ def attend(model, prompt: str | torch.Tensor, *, pattern_tokens: int = PATTERN_T
     explicit pattern of every head is added when the prompt has at most ``pattern_tokens``
     tokens (TransformerLens: ``hook_pattern`` through :class:`PatternSpec`; Hugging Face: eager
     attention with ``output_attentions``)."""
-    from workbench.scoring import task_tokenizer
-
-    tokenizer = task_tokenizer(model)
+    adapter = adapter_for(model)
+    tokenizer = task_tokenizer(adapter.model)
     if isinstance(prompt, str):
         if not prompt.strip():
             raise WorkbenchError("the prompt is empty: type some text")
@@ -133,13 +133,12 @@ def attend(model, prompt: str | torch.Tensor, *, pattern_tokens: int = PATTERN_T
     if ids.numel() == 0:
         raise WorkbenchError("the prompt tokenises to no tokens: type some text")
     spec = StatsSpec.all(sink_tokens=sink_tokens, window=window)
-    rec = record(model, ids.view(1, -1), spec, backend=backend, progress=False)  # checks vocabulary and context
-    adapter = adapter_for(model)
+    rec = record(adapter, ids.view(1, -1), spec, backend=backend, progress=False)  # checks vocabulary and context
     stats = {layer: _cpu(rec.layer(layer)) for layer in rec.layers}
     seen = PromptAttention(rec.model_name, ids.cpu(), token_labels(tokenizer, ids), stats,
-                           adapter.head_shape(model)[0], sink_tokens, window)
+                           adapter.head_shape[0], sink_tokens, window)
     if ids.numel() <= pattern_tokens:
-        seen.patterns = _patterns(model, ids.view(1, -1), adapter.n_layers(model), pattern_tokens)
+        seen.patterns = _patterns(adapter, ids.view(1, -1), pattern_tokens)
     return seen
 
 
@@ -149,16 +148,15 @@ def _cpu(st: AttentionStats) -> AttentionStats:
 
 
 @torch.no_grad()
-def _patterns(model, ids: torch.Tensor, n_layers: int, max_tokens: int) -> dict[int, torch.Tensor]:
-    from workbench.hooked import transformer_lens as tl_adapter
-
-    adapter = adapter_for(model)
-    ids = ids.to(next(model.parameters()).device)
-    if adapter is tl_adapter:
-        spec = PatternSpec(layers=tuple(range(n_layers)), max_tokens=max_tokens)
-        with instrument(model, StatsSpec(), patterns=spec) as rec:
-            adapter.run(model, ids, None)
+def _patterns(adapter: ModelAdapter, ids: torch.Tensor, max_tokens: int) -> dict[int, torch.Tensor]:
+    """``{layer: [head, query, key]}`` explicit patterns of one prompt ``ids [1, tokens]``."""
+    ids = ids.to(adapter.device)
+    if adapter.supports_patterns:
+        spec = PatternSpec(layers=tuple(range(adapter.n_layers)), max_tokens=max_tokens)
+        with instrument(adapter, StatsSpec(), patterns=spec) as rec:
+            adapter.run(ids, None)
         return {layer: parts[0][0].float().cpu() for layer, parts in rec.patterns.items()}
+    model = adapter.model  # Hugging Face: eager attention gives the patterns
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:

@@ -35,7 +35,8 @@ def prompt_source(run, key: str):
 def run_sample(run, task: str, length: int):
     """Token ids of the run's first sample of ``task`` at ``length`` (planned as scoring plans them)."""
     from workbench.errors import WorkbenchError
-    from workbench.scoring import ScoreRunSettings, plan, task_tokenizer
+    from workbench.models import task_tokenizer
+    from workbench.scoring import ScoreRunSettings, plan
 
     settings = ScoreRunSettings.from_dict(run.manifest["settings"])
     settings = ScoreRunSettings.from_dict({**settings.to_dict(), "tasks": [task], "lengths": [length], "samples": 1,

@@ -1,78 +1,21 @@
-"""``record(model, inputs)``: the one-call form of :func:`workbench.instrument`."""
+"""Inputs a user hands to :func:`workbench.record`: texts, token-id tensors or lists of id
+sequences, turned into padded batches of token ids."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
-from kernels import StatsSpec
 from workbench.errors import WorkbenchError
-from workbench.instrument import DEFAULT_STATS, adapter_for, instrument
-from workbench.recording import Recording
-from workbench.streaming import StreamingSummary
 
 Inputs = str | Sequence[str] | torch.Tensor | Sequence[Sequence[int]] | Sequence[torch.Tensor]
 
 
-def record(
-    model: torch.nn.Module,
-    inputs: Inputs,
-    stats: StatsSpec | None = None,
-    *,
-    batch_size: int = 8,
-    backend: str = "auto",
-    progress: bool = True,
-    bucket_size: int | None = None,
-) -> Recording | StreamingSummary:
-    """Run ``model`` on ``inputs`` under instrumentation; return the :class:`Recording`.
-
-    ``inputs``: a string or list of strings (tokenised with ``model.tokenizer``, right padding),
-    token ids ``[batch, tokens]`` or ``[tokens]``, or a list of id sequences of any lengths
-    (right-padded per batch). Padded positions are empty rows in the statistics. The token ids
-    of every batch are kept in ``rec.tokens`` with their lengths in ``rec.lengths``.
-
-    With ``bucket_size``, statistics are reduced as batches arrive into a
-    :class:`~workbench.streaming.StreamingSummary` (means per layer, head and position bucket,
-    padding left out), whose memory does not grow with the number of samples.
-
-    Example:
-        >>> rec = record(load_model("minilm"), ["The cat sat.", "Attention sinks."])
-        >>> rec.layer(0).sink_mass.shape  # [batch, head, position]
-    """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise WorkbenchError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    batches = list(_batches(model, inputs, batch_size))
-    adapter = adapter_for(model)
-    vocab, context = adapter.vocab_size(model), adapter.context(model)
-    for ids, _ in batches:
-        if ids.min() < 0 or ids.max() >= vocab:
-            raise WorkbenchError(
-                f"token ids must lie in [0, {vocab}) for this model, got ids from {int(ids.min())} to {int(ids.max())}"
-            )
-        if context is not None and ids.shape[1] > context:
-            raise WorkbenchError(
-                f"input of {ids.shape[1]} tokens is longer than the model's context of {context} tokens"
-            )
-    device = next(model.parameters()).device
-    summary = None
-    if bucket_size is not None:
-        summary = StreamingSummary(stats or DEFAULT_STATS, adapter.n_layers(model), bucket_size)
-    with instrument(model, stats, backend=backend, into=summary) as rec, torch.no_grad():
-        for ids, mask in tqdm(batches, desc="recording", unit="batch", disable=not progress or len(batches) < 2):
-            if summary is not None:
-                summary.set_row_mask(None if mask is None else mask.bool())
-            adapter.run(model, ids.to(device), None if mask is None else mask.to(device))
-            if summary is None:
-                rec.tokens.append(ids.cpu())
-                rec.lengths.append((mask.sum(-1) if mask is not None else torch.full((ids.shape[0],), ids.shape[1])).cpu())
-    return rec
-
-
-def _batches(model, inputs: Inputs, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """``(ids [batch, tokens] int64, padding mask or None)`` per batch; :class:`WorkbenchError`
-    for inputs of any other kind."""
+def batches(tokenizer, inputs: Inputs, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """``(ids [batch, tokens] int64, padding mask [batch, tokens] or None)`` per batch, right
+    padded; texts are tokenised with ``tokenizer``. :class:`WorkbenchError` for inputs of any
+    other kind."""
     if isinstance(inputs, str):
         inputs = [inputs]
     if isinstance(inputs, torch.Tensor):
@@ -88,7 +31,7 @@ def _batches(model, inputs: Inputs, batch_size: int) -> Iterator[tuple[torch.Ten
         raise WorkbenchError("empty input: nothing to record")
     texts = [isinstance(x, str) for x in items]
     if all(texts):
-        yield from _text_batches(model, items, batch_size)
+        yield from _text_batches(tokenizer, items, batch_size)
         return
     if any(texts):
         raise WorkbenchError("the input mixes texts and token ids: pass one kind")
@@ -107,8 +50,7 @@ def _batches(model, inputs: Inputs, batch_size: int) -> Iterator[tuple[torch.Ten
         yield ids, (None if bool(mask.all()) else mask)
 
 
-def _text_batches(model, texts: list[str], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    tokenizer = getattr(model, "tokenizer", None)
+def _text_batches(tokenizer, texts: list[str], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     if tokenizer is None:
         raise WorkbenchError("this model has no tokenizer: pass token ids instead of strings")
     for i in range(0, len(texts), batch_size):

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from kernels import StatsSpec, attention
+from workbench.adapters.base import ZEdit, input_device, model_name
+from workbench.adapters.padding import from_key_mask
 from workbench.errors import WorkbenchError
-from workbench.hooked.padding import from_key_mask
-from workbench.recording import PatternSpec, Recording
 
 _QK_NORM_ARCHS = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
 
@@ -39,38 +39,8 @@ def unsupported_features(cfg) -> list[str]:
     return found
 
 
-def n_layers(model) -> int:
-    return len(model.blocks)
-
-
-def vocab_size(model) -> int:
-    return int(model.cfg.d_vocab)
-
-
-def context(model) -> int | None:
-    return int(model.cfg.n_ctx)
-
-
-def run(model, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
-    """One forward pass on token ids ``[batch, tokens]`` with an optional padding mask."""
-    model(ids, attention_mask=mask)
-
-
-def install(model, rec: Recording, stats: StatsSpec, backend: str, patterns: PatternSpec | None):
-    """Give every block's attention the kernel forward; returns the function that undoes it."""
-    layers = [block.attn for block in model.blocks]
-    for i, attn in enumerate(layers):
-        attn.forward = make_forward(attn, i, rec, stats, patterns, backend)
-
-    def restore() -> None:
-        for attn in layers:
-            vars(attn).pop("forward", None)  # the class's own forward shows through again
-
-    return restore
-
-
 def make_forward(
-    attn, layer: int, rec: Recording, stats: StatsSpec, patterns: PatternSpec | None, backend: str
+    attn, layer: int, rec, stats: StatsSpec, patterns, backend: str
 ) -> Callable[..., torch.Tensor]:
     """The replacement ``forward`` of one TransformerLens attention module."""
     cfg = attn.cfg
@@ -137,55 +107,95 @@ def _project(attn, z: torch.Tensor) -> torch.Tensor:
     return F.linear(z.reshape(z.shape[0], z.shape[1], -1), w, b_o)
 
 
-def is_causal(model) -> bool:
-    return model.cfg.attention_dir == "causal"
+class TransformerLensAdapter:
+    """A TransformerLens ``HookedTransformer`` (see :class:`~workbench.adapters.ModelAdapter`)."""
 
+    supports_patterns = True
 
-def can_generate(model) -> bool:
-    """Whether the model decodes causally (what the retrieval score needs)."""
-    return is_causal(model)
+    def __init__(self, model) -> None:
+        problems = unsupported_features(model.cfg)
+        if problems:
+            raise WorkbenchError("the statistics kernels cannot reproduce this model's attention yet: "
+                                 + ", ".join(problems))
+        self.model = model
 
+    @property
+    def n_layers(self) -> int:
+        return len(self.model.blocks)
 
-def prefill(model, ids: torch.Tensor):
-    """Forward on ``ids [batch, tokens]`` that keeps a KV cache; returns ``(next-token logits
-    [batch, vocab], cache)`` for :func:`decode`."""
-    try:  # TransformerLens 3
-        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache as KeyValueCache
-    except ImportError:  # TransformerLens 2
-        from transformer_lens.past_key_value_caching import HookedTransformerKeyValueCache as KeyValueCache
+    @property
+    def head_shape(self) -> tuple[int, int]:
+        return int(self.model.cfg.n_heads), int(self.model.cfg.d_head)
 
-    cache = KeyValueCache.init_cache(model.cfg, ids.device, ids.shape[0])
-    return model(ids, past_kv_cache=cache)[:, -1], cache
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.cfg.d_vocab)
 
+    @property
+    def context(self) -> int | None:
+        return int(self.model.cfg.n_ctx)
 
-def decode(model, token: torch.Tensor, cache):
-    """One decoding step on ``token [batch, 1]``; returns ``(next-token logits, cache)``."""
-    return model(token, past_kv_cache=cache)[:, -1], cache
+    @property
+    def is_causal(self) -> bool:
+        return self.model.cfg.attention_dir == "causal"
 
+    @property
+    def can_generate(self) -> bool:
+        return self.is_causal
 
-def logits(model, ids: torch.Tensor) -> torch.Tensor:
-    """Next-token logits ``[batch, tokens, vocab]``."""
-    return model(ids)
+    @property
+    def device(self) -> torch.device:
+        return input_device(self.model)
 
+    @property
+    def name(self) -> str:
+        return model_name(self.model)
 
-def z_hooks(model, edit: Callable[[int, torch.Tensor], torch.Tensor | None]):
-    """Call ``edit(layer, z)`` on every layer's per-head output ``z [batch, tokens, head, d_head]``
-    (``hook_z``, before the output projection); a returned tensor replaces ``z``. Returns the
-    function that removes the hooks."""
-    added = []
-    for layer, block in enumerate(model.blocks):
-        point = block.attn.hook_z
-        point.add_hook(lambda z, hook, layer=layer: edit(layer, z))
-        added.append((point, point.fwd_hooks[-1]))
+    def run(self, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
+        self.model(ids, attention_mask=mask)
 
-    def remove() -> None:  # only these hooks: the user's own stay
-        for point, handle in added:
-            handle.hook.remove()
-            point.fwd_hooks.remove(handle)
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids)
 
-    return remove
+    def prefill(self, ids: torch.Tensor):
+        try:  # TransformerLens 3
+            from transformer_lens.cache.key_value_cache import (
+                TransformerLensKeyValueCache as KeyValueCache,
+            )
+        except ImportError:  # TransformerLens 2
+            from transformer_lens.past_key_value_caching import (
+                HookedTransformerKeyValueCache as KeyValueCache,
+            )
 
+        cache = KeyValueCache.init_cache(self.model.cfg, ids.device, ids.shape[0])
+        return self.model(ids, past_kv_cache=cache)[:, -1], cache
 
-def head_shape(model) -> tuple[int, int]:
-    """``(heads, d_head)`` of every layer's ``z``."""
-    return int(model.cfg.n_heads), int(model.cfg.d_head)
+    def decode(self, token: torch.Tensor, cache):
+        return self.model(token, past_kv_cache=cache)[:, -1], cache
+
+    def install(self, collector, stats: StatsSpec, backend: str, patterns=None) -> Callable[[], None]:
+        """Give every block's attention the kernel forward (:func:`make_forward`)."""
+        layers = [block.attn for block in self.model.blocks]
+        for i, attn in enumerate(layers):
+            attn.forward = make_forward(attn, i, collector, stats, patterns, backend)
+
+        def restore() -> None:
+            for attn in layers:
+                vars(attn).pop("forward", None)  # the class's own forward shows through again
+
+        return restore
+
+    def z_hooks(self, edit: ZEdit) -> Callable[[], None]:
+        """Hooks on ``hook_z`` (before the output projection); the user's own hooks stay."""
+        added = []
+        for layer, block in enumerate(self.model.blocks):
+            point = block.attn.hook_z
+            point.add_hook(lambda z, hook, layer=layer: edit(layer, z))
+            added.append((point, point.fwd_hooks[-1]))
+
+        def remove() -> None:
+            for point, handle in added:
+                handle.hook.remove()
+                point.fwd_hooks.remove(handle)
+
+        return remove

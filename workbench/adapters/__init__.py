@@ -1,0 +1,41 @@
+"""Adapters: the one place that knows how each model library builds and runs a model.
+
+Everything above this package talks to a model through :class:`ModelAdapter`; resolve it once
+with :func:`adapter_for` and pass it along. A new library (TransformerLens's TransformerBridge,
+a model spread over devices) joins by implementing the protocol and a branch here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from workbench.adapters.base import ModelAdapter
+from workbench.errors import WorkbenchError
+
+__all__ = ["ModelAdapter", "adapter_for"]
+
+
+def adapter_for(model: torch.nn.Module | ModelAdapter) -> ModelAdapter:
+    """The adapter of ``model`` (a TransformerLens ``HookedTransformer`` or a Hugging Face
+    ``PreTrainedModel``); an adapter passes through unchanged. :class:`WorkbenchError` for any
+    other object, and for TransformerLens configurations the kernels cannot reproduce."""
+    if isinstance(model, ModelAdapter):
+        return model
+    from transformer_lens import HookedTransformer
+
+    if isinstance(model, HookedTransformer):
+        from workbench.adapters.transformer_lens import TransformerLensAdapter
+
+        return TransformerLensAdapter(model)
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover
+        PreTrainedModel = ()
+    if isinstance(model, PreTrainedModel):
+        from workbench.adapters.hugging_face import HuggingFaceAdapter
+
+        return HuggingFaceAdapter(model)
+    raise WorkbenchError(
+        f"cannot instrument a {type(model).__name__}: pass a TransformerLens HookedTransformer "
+        "or a Hugging Face PreTrainedModel"
+    )

@@ -1,0 +1,96 @@
+"""What an adapter provides: :class:`ModelAdapter`, the only interface the layers above use to
+inspect, run and instrument a model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from kernels import StatsSpec
+
+#: ``edit(layer, z)``: sees the per-head attention output ``z [batch, tokens, head, d_head]``;
+#: a returned tensor replaces it.
+ZEdit = Callable[[int, torch.Tensor], "torch.Tensor | None"]
+
+
+@runtime_checkable
+class ModelAdapter(Protocol):
+    """One model of one library, seen the same way whatever the library.
+
+    ``collector`` (in :meth:`install`) is anything with ``add(layer, stats)``: a
+    :class:`~workbench.recording.Recording` or a :class:`~workbench.recording.StreamingSummary`.
+    """
+
+    model: torch.nn.Module
+    #: whether :meth:`install` can fire explicit ``[B, H, Nq, Nk]`` pattern hooks (PatternSpec)
+    supports_patterns: bool
+
+    @property
+    def n_layers(self) -> int: ...
+
+    @property
+    def head_shape(self) -> tuple[int, int]:
+        """``(heads, d_head)`` of the per-head attention output."""
+        ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def context(self) -> int | None:
+        """Longest input in tokens (None: no limit known)."""
+        ...
+
+    @property
+    def is_causal(self) -> bool: ...
+
+    @property
+    def can_generate(self) -> bool:
+        """Whether the model decodes causally (what the retrieval score needs)."""
+        ...
+
+    @property
+    def device(self) -> torch.device:
+        """Where token ids go in."""
+        ...
+
+    @property
+    def name(self) -> str: ...
+
+    def run(self, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """One forward pass on ``ids [batch, tokens]`` with an optional padding mask."""
+        ...
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Next-token logits ``[batch, tokens, vocab]``."""
+        ...
+
+    def prefill(self, ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Forward on ``ids [batch, tokens]`` keeping a KV cache: ``(logits [batch, vocab], cache)``."""
+        ...
+
+    def decode(self, token: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+        """One decoding step on ``token [batch, 1]``: ``(logits [batch, vocab], cache)``."""
+        ...
+
+    def z_hooks(self, edit: ZEdit) -> Callable[[], None]:
+        """Call ``edit`` on every layer's per-head output; returns the function removing the hooks."""
+        ...
+
+    def install(self, collector, stats: StatsSpec, backend: str, patterns=None) -> Callable[[], None]:
+        """Route attention through :func:`kernels.attention` into ``collector``; returns the
+        function that undoes it."""
+        ...
+
+
+def model_name(model: torch.nn.Module) -> str:
+    """The name a model's config gives it, else its class name."""
+    cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
+    return str(getattr(cfg, "model_name", "") or getattr(cfg, "_name_or_path", "") or type(model).__name__)
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (its embedding): where inputs go."""
+    return next(model.parameters()).device

@@ -1,0 +1,189 @@
+"""Hugging Face: attention through ``transformers.AttentionInterface``.
+
+The function :func:`workbench_attention` is registered under the name ``"workbench"``
+(with transformers' flash-attention mask builder, which hands over an O(N) ``[B, Nk]`` padding
+mask instead of an O(N^2) 4-D one) and selected with ``model.set_attn_implementation``, so
+every architecture that routes attention through the interface is covered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from kernels import StatsSpec, attention
+from workbench.adapters.base import ZEdit, input_device, model_name
+from workbench.adapters.padding import KernelMask, from_key_mask
+from workbench.errors import WorkbenchError
+
+IMPLEMENTATION = "workbench"
+# id(attention module) -> (collector, layer index, statistics, backend) while instrumented
+_routes: dict[int, tuple] = {}
+_UNSUPPORTED_KWARGS = {"softcap": "attention-score soft-capping", "sliding_window": "sliding-window attention",
+                       "s_aux": "learned attention sinks"}
+
+
+def workbench_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                        scaling: float | None = None, is_causal: bool | None = None, **kwargs):
+    """``AttentionInterface`` function: query ``[B, Hq, Nq, D]``, key/value ``[B, Hkv, Nk, D]``;
+    returns ``([B, Nq, Hq, D], None)`` and records the statistics of this layer."""
+    route = _routes.get(id(module))
+    if route is None:
+        raise WorkbenchError(
+            f"attn_implementation={IMPLEMENTATION!r} only works inside `with workbench.instrument(model)`"
+        )
+    rec, layer, stats, backend = route
+    used = [name for key_, name in _UNSUPPORTED_KWARGS.items() if kwargs.get(key_) is not None]
+    if used:
+        raise WorkbenchError(f"the statistics kernels cannot reproduce {', '.join(used)} yet (layer {layer})")
+    if dropout and module.training:
+        raise WorkbenchError("instrumented attention has no dropout: put the model in eval mode (model.eval())")
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    pad = _kernel_mask(attention_mask, query.shape[2], key.shape[2])
+    out, st = attention(query, key, value, causal=bool(causal), scale=scaling, stats=stats, **pad.kwargs(backend))
+    rec.add(layer, st)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _kernel_mask(attention_mask: torch.Tensor | None, n_q: int, n_k: int) -> KernelMask:
+    if attention_mask is None or attention_mask.dim() == 2:
+        return from_key_mask(attention_mask, n_q, n_k)
+    # A model that built its own 4-D mask (boolean keep-mask or additive): pass it through.
+    return KernelMask(mask=attention_mask)
+
+
+def register() -> None:
+    """Make ``"workbench"`` a valid ``attn_implementation`` (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register(IMPLEMENTATION, workbench_attention)
+    AttentionMaskInterface.register(IMPLEMENTATION, flash_attention_mask)
+
+
+def attention_modules(model) -> list[tuple[int, torch.nn.Module]]:
+    """``(layer, module)`` for every submodule that carries a layer index."""
+    found = [(m.layer_idx, m) for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+    if not found:
+        raise WorkbenchError(
+            f"found no attention layers (modules with a layer_idx) in {type(model).__name__}"
+        )
+    return found
+
+
+def _remove(modules) -> None:
+    for _, m in modules:
+        _routes.pop(id(m), None)
+
+
+class HuggingFaceAdapter:
+    """A Hugging Face ``PreTrainedModel`` (see :class:`~workbench.adapters.ModelAdapter`)."""
+
+    supports_patterns = False  # eager attention with output_attentions=True gives them
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+    @property
+    def head_shape(self) -> tuple[int, int]:
+        """``(heads, d_head)`` of the attention output entering each layer's output projection."""
+        cfg = self.model.config
+        heads = int(cfg.num_attention_heads)
+        return heads, int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
+
+    @property
+    def context(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    @property
+    def is_causal(self) -> bool:
+        return any(getattr(m, "is_causal", False) for _, m in attention_modules(self.model))
+
+    @property
+    def can_generate(self) -> bool:
+        return bool(getattr(self.model, "can_generate", lambda: False)()) and self.is_causal
+
+    @property
+    def device(self) -> torch.device:
+        return input_device(self.model)
+
+    @property
+    def name(self) -> str:
+        return model_name(self.model)
+
+    def run(self, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
+        self.model(input_ids=ids, attention_mask=mask)
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids).logits
+
+    def prefill(self, ids: torch.Tensor):
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)  # logits of the last position only
+        return out.logits[:, -1], out.past_key_values
+
+    def decode(self, token: torch.Tensor, cache):
+        out = self.model(input_ids=token, past_key_values=cache, use_cache=True)
+        return out.logits[:, -1], out.past_key_values
+
+    def install(self, collector, stats: StatsSpec, backend: str, patterns=None) -> Callable[[], None]:
+        """Select the ``"workbench"`` attention implementation and route every attention module's
+        calls into ``collector``. (``patterns``: :func:`workbench.instrument` refuses them here.)"""
+        model = self.model
+        register()
+        modules = attention_modules(model)
+        previous = model.config._attn_implementation
+        for layer, m in modules:
+            _routes[id(m)] = (collector, layer, stats, backend)
+        try:
+            model.set_attn_implementation(IMPLEMENTATION)
+        except Exception as exc:
+            _remove(modules)
+            raise WorkbenchError(
+                f"{type(model).__name__} does not accept a custom attention implementation: {exc}"
+            ) from exc
+
+        def restore() -> None:
+            _remove(modules)
+            model.set_attn_implementation(previous)
+
+        return restore
+
+    def z_hooks(self, edit: ZEdit) -> Callable[[], None]:
+        """Hooks on the input of each layer's output projection (``o_proj`` and its namesakes)."""
+        heads, d_head = self.head_shape
+        handles = []
+        for layer, module in attention_modules(self.model):
+            proj = next((getattr(module, n) for n in _OUTPUT_PROJECTIONS
+                         if isinstance(getattr(module, n, None), torch.nn.Module)), None)
+            if proj is None:
+                for h in handles:
+                    h.remove()
+                raise WorkbenchError(f"cannot find the output projection of {type(module).__name__} (looked for "
+                                     f"{', '.join(_OUTPUT_PROJECTIONS)}): head ablation does not support this "
+                                     "architecture yet")
+
+            def pre_hook(mod, args, layer=layer):
+                x = args[0]
+                z = x.reshape(*x.shape[:-1], heads, d_head)
+                new = edit(layer, z)
+                return None if new is None else (new.reshape(x.shape), *args[1:])
+
+            handles.append(proj.register_forward_pre_hook(pre_hook))
+
+        def remove() -> None:
+            for h in handles:
+                h.remove()
+
+        return remove
+
+
+_OUTPUT_PROJECTIONS = ("o_proj", "c_proj", "out_proj", "dense")

@@ -1,1 +1,0 @@
-"""Per-library adapters that run a model's attention through :func:`kernels.attention`."""

@@ -1,0 +1,143 @@
+"""One sample through an instrumented model, reduced at once to score tallies and position
+profiles: :func:`score_sample`."""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+
+import pandas as pd
+import torch
+
+from kernels import AttentionStats
+from workbench.adapters import ModelAdapter, adapter_for
+from workbench.errors import WorkbenchError
+from workbench.instrument import instrument
+from workbench.recording import StreamingSummary
+from workbench.scoring.formulas import (
+    SCORES,
+    ScoreSettings,
+    Tally,
+    prefill_tallies,
+    retrieval_hits,
+    stats_spec,
+)
+from workbench.scoring.plan import Unit
+from workbench.scoring.settings import ScoreRunSettings
+from workbench.tasks import TaskSample
+
+#: Statistics kept per position bucket (the profiles).
+PROFILE_STATISTICS = ("entropy", "sink_mass", "local_mass")
+#: Position buckets per profile (bucket size = length / this, rounded up).
+PROFILE_BUCKETS = 64
+
+
+class SampleCollector:
+    """Takes each layer's statistics as the forward pass produces them (``instrument(into=)``)
+    and reduces them at once into score tallies, position profiles and, for retrieval, the
+    most-attended key of the last row; nothing of size O(tokens) outlives its layer."""
+
+    def __init__(self, n_layers: int, scores, settings: ScoreSettings, spec, causal: bool,
+                 sample: TaskSample, repeats: int, bucket_size: int):
+        self.scores, self.settings, self.spec, self.causal = scores, settings, spec, causal
+        self.period, self.repeats = sample.period, repeats
+        self.tallies: dict[tuple[str, int], Tally] = {}
+        self.profile = StreamingSummary(spec, n_layers, bucket_size, statistics=PROFILE_STATISTICS)
+        self.last_keys: list[list[torch.Tensor]] = []  # per forward call, per layer: [head]
+        self.decoding = False
+
+    def add(self, layer: int, st: AttentionStats) -> None:
+        if not self.decoding:
+            for name, tally in prefill_tallies(st, self.scores, self.settings, self.spec, self.causal,
+                                               self.period, self.repeats).items():
+                self.tallies[(name, layer)] = tally
+            self.profile.add(layer, st)
+        if st.argmax is not None:
+            if layer == 0:
+                self.last_keys.append([])
+            self.last_keys[-1].append(st.argmax[0, :, -1])
+
+
+@torch.no_grad()
+def score_sample(model: torch.nn.Module | ModelAdapter, unit: Unit, settings: ScoreRunSettings, *, materialised: bool = False) -> pd.DataFrame:
+    """One sample's tallies: rows ``name, layer, head, bucket, total, count`` (``bucket`` -1 for
+    scores, the bucket's first position for profiles; ``layer`` -1 for per-sample measures:
+    ``needle_accuracy``, ``seconds``).
+
+    ``materialised=True`` (Hugging Face models; a baseline for benchmarks and checks) computes
+    the same tallies from the explicit ``[head, query, key]`` pattern of eager attention, one
+    layer at a time, instead of from the kernel statistics."""
+    start = time.perf_counter()
+    adapter = adapter_for(model)
+    scores = [s for s in settings.scores if unit.task in SCORES[s].tasks]
+    sample, causal = unit.sample, adapter.is_causal
+    spec = stats_spec(scores, settings.score_settings, sample.period, settings.repeats)
+    device = adapter.device
+    n_layers = adapter.n_layers
+    collector = SampleCollector(n_layers, scores, settings.score_settings, spec, causal, sample, settings.repeats,
+                                bucket_size=math.ceil(len(sample.ids) / PROFILE_BUCKETS))
+    ids = sample.ids.to(device).unsqueeze(0)
+    rows: list[tuple[str, int, int, int, float, float]] = []
+    with (_eager_patterns(adapter, spec, collector) if materialised
+          else instrument(adapter, spec, backend=settings.backend, into=collector)):
+        if "retrieval" in scores:
+            logits, cache = adapter.prefill(ids)
+            generated = [int(logits[0].argmax())]
+            collector.decoding = True
+            for _ in range(len(sample.answer) - 1):
+                logits, cache = adapter.decode(torch.tensor([[generated[-1]]], device=device), cache)
+                generated.append(int(logits[0].argmax()))
+            del cache
+        else:
+            adapter.run(ids, None)
+    for (name, layer), (total, count) in collector.tallies.items():
+        rows += [(name, layer, h, -1, float(t), count) for h, t in enumerate(total.tolist())]
+    if "retrieval" in scores:
+        correct = generated == sample.answer.tolist()
+        keys = torch.stack([torch.stack(step) for step in collector.last_keys])  # [step, layer, head]
+        full = torch.cat([sample.ids, torch.tensor(generated[:-1], dtype=torch.long)])
+        hits = retrieval_hits(keys, full, sample.needle, generated) / len(generated)
+        rows += [("retrieval", layer, h, -1, float(hits[layer, h]) * correct, float(correct))
+                 for layer in range(n_layers) for h in range(hits.shape[1])]
+        rows.append(("needle_accuracy", -1, -1, -1, float(correct), 1.0))
+    profile = collector.profile.to_frame()
+    profile = profile[profile["rows"] > 0]
+    frame = pd.DataFrame(rows, columns=["name", "layer", "head", "bucket", "total", "count"])
+    frame = pd.concat([frame, pd.DataFrame({
+        "name": profile["statistic"], "layer": profile["layer"], "head": profile["head"],
+        "bucket": profile["bucket_start"], "total": profile["mean"] * profile["rows"], "count": profile["rows"],
+    }), pd.DataFrame([("seconds", -1, -1, -1, time.perf_counter() - start, 1.0)], columns=frame.columns)],
+        ignore_index=True)
+    frame.insert(0, "sample", unit.index)
+    frame.insert(0, "depth", sample.depth if sample.depth is not None else math.nan)
+    frame.insert(0, "length", unit.length)
+    frame.insert(0, "task", unit.task)
+    return frame.astype({"layer": "int32", "head": "int32", "bucket": "int64"})
+
+
+@contextmanager
+def _eager_patterns(adapter: ModelAdapter, spec, collector: SampleCollector):
+    """Within the block, a Hugging Face model runs eager attention and every layer's pattern
+    goes through :func:`kernels.pattern_stats` into ``collector`` (then is dropped)."""
+    from kernels import pattern_stats
+    from workbench.adapters import hugging_face
+
+    if not isinstance(adapter, hugging_face.HuggingFaceAdapter):
+        raise WorkbenchError("materialised scoring is for Hugging Face models")
+    model = adapter.model
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+
+    def hook(layer):
+        return lambda module, args, output: collector.add(layer, pattern_stats(output[1].float(), spec))
+
+    handles = [m.register_forward_hook(hook(layer)) for layer, m in hugging_face.attention_modules(model)]
+    try:
+        yield collector
+    finally:
+        for h in handles:
+            h.remove()
+        model.set_attn_implementation(previous)
+
+

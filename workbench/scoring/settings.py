@@ -1,0 +1,95 @@
+"""What decides a scoring run's numbers: :class:`ScoreRunSettings`, the defaults a model gets,
+and the refusal of settings a model cannot run."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+from kernels import BACKENDS
+from workbench.adapters import ModelAdapter, adapter_for
+from workbench.errors import WorkbenchError
+from workbench.scoring.formulas import TASKS, ScoreSettings, check_request, scores_for
+
+#: Sample lengths when none are given (those that fit the model's context).
+DEFAULT_LENGTHS = (512, 1024, 2048)
+
+
+@dataclass(frozen=True)
+class ScoreRunSettings:
+    """Everything that decides a run's numbers (the run folder's identity).
+
+    ``lengths``: tokens per sample (for repeats: BOS plus ``repeats`` copies of
+    ``(length - 1) // repeats`` tokens). ``samples``: samples per length (niah: per length and
+    depth). ``text``: a file, a folder or ``hf:DATASET[:CONFIG]`` for the text task and the
+    needle haystack (built-in docstrings when None).
+    """
+
+    model: str
+    tasks: tuple[str, ...] = TASKS
+    scores: tuple[str, ...] = ()
+    lengths: tuple[int, ...] = DEFAULT_LENGTHS
+    samples: int = 4
+    depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
+    repeats: int = 2
+    text: str | None = None
+    sink_tokens: int = 1
+    window: int = 64
+    seed: int = 0
+    dtype: str | None = None
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("tasks", "scores", "lengths", "depths"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if not self.scores:
+            object.__setattr__(self, "scores", tuple(scores_for(self.tasks)))
+        check_request(self.tasks, self.scores)
+        if not self.lengths or any(n < 8 for n in self.lengths):
+            raise WorkbenchError(f"lengths must be at least 8 tokens each, got {list(self.lengths)}")
+        if self.samples < 1 or self.repeats < 2:
+            raise WorkbenchError(f"samples must be >= 1 and repeats >= 2, got {self.samples} and {self.repeats}")
+        if self.dtype not in (None, "float32", "float16", "bfloat16"):
+            raise WorkbenchError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.backend not in BACKENDS:
+            raise WorkbenchError(f"unknown kernel backend {self.backend!r}; choose one of: {', '.join(BACKENDS)}")
+        self.score_settings  # validates sink_tokens and window
+
+    @property
+    def score_settings(self) -> ScoreSettings:
+        return ScoreSettings(self.sink_tokens, self.window)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ScoreRunSettings:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def defaults_for(model: torch.nn.Module | ModelAdapter, tasks) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """The lengths and scores a run of ``model`` uses when none are given: the default lengths
+    that fit its context (else the context itself), and every score the tasks define that the
+    model can compute (retrieval needs a causal language model)."""
+    adapter = adapter_for(model)
+    context = adapter.context
+    lengths = tuple(n for n in DEFAULT_LENGTHS if context is None or n <= context) or (int(context),)
+    generates = adapter.can_generate
+    return lengths, tuple(s for s in scores_for(tasks) if generates or s != "retrieval")
+
+
+def check_model(model: torch.nn.Module | ModelAdapter, settings: ScoreRunSettings) -> None:
+    """Refuse settings this model cannot run: lengths beyond its context, retrieval without a
+    language-model head or causal attention."""
+    adapter = adapter_for(model)
+    context = adapter.context
+    too_long = [n for n in settings.lengths if context is not None and n > context]
+    if too_long:
+        raise WorkbenchError(f"lengths {too_long} exceed the model's context of {context} tokens")
+    if "retrieval" in settings.scores and not adapter.can_generate:
+        raise WorkbenchError("the retrieval score decodes the needle's answer: it needs a causal language model "
+                             f"(this one is a {type(adapter.model).__name__}); leave retrieval out of --scores")
+
+
