@@ -10,13 +10,8 @@ import typer
 from rich.table import Table
 
 from workbench import __version__
-from workbench.console import (
-    ReportingGroup,
-    check_output_folder,
-    console,
-    fail,
-    reports_errors,
-)
+from workbench.console import ReportingGroup, check_output_folder, console, fail, parse_list, reports_errors, token_count
+from workbench.scoring import ScoreRunSettings
 
 app = typer.Typer(help="Attention workbench: attention statistics from fused kernels.", no_args_is_help=True,
                   cls=ReportingGroup)
@@ -49,7 +44,7 @@ def main(
 @reports_errors
 def demo(
     tokens: int = typer.Option(4096, "--tokens", "-n", min=2, help="Sequence length."),
-    backend: str = typer.Option("auto", help="Kernel backend: auto, triton or reference."),
+    backend: str = typer.Option(ScoreRunSettings.backend, help="Kernel backend: auto, triton or reference."),
 ) -> None:
     """Read planted head roles (sink, previous-token, local, diffuse) back from the kernel's statistics."""
     from workbench.demo import HEAD_ROLES, pattern_bytes, run_demo, uniform_entropy
@@ -128,17 +123,9 @@ def bench(ctx: typer.Context) -> None:
     sys.exit(bench_main(ctx.args))
 
 
-def _int_list(text: str, what: str) -> tuple[int, ...]:
-    """``"512,1k,16k"`` -> ``(512, 1024, 16384)`` (k = 1024)."""
-    try:
-        return tuple(int(float(t[:-1]) * 1024) if t.lower().endswith("k") else int(t)
-                     for t in (x.strip() for x in text.split(",")) if t)
-    except ValueError:
-        fail(f"{what} must be comma-separated integers (k = 1024), got {text!r}")
-
-
-def _name_list(text: str | None) -> tuple[str, ...]:
-    return tuple(t.strip() for t in (text or "").split(",") if t.strip())
+def _listed(values) -> str:
+    """A default tuple of :class:`ScoreRunSettings` as the comma list the option takes."""
+    return ",".join(str(v) for v in values)
 
 
 @app.command()
@@ -146,22 +133,23 @@ def _name_list(text: str | None) -> tuple[str, ...]:
 def score(
     model: str = typer.Option(None, "--model", "-m", help="Model name (workbench zoo list, minilm, random:..., "
                               "tl:..., hf:...); default: the default zoo model."),
-    task: str = typer.Option("niah,repeats,text", "--task", "-t", help="Comma-separated tasks: niah, repeats, text."),
+    task: str = typer.Option(_listed(ScoreRunSettings.tasks), "--task", "-t",
+                             help="Comma-separated tasks: niah, repeats, text."),
     scores: str = typer.Option(None, "--scores", help="Comma-separated scores (default: all the tasks define "
                                "that the model can compute)."),
     lengths: str = typer.Option(None, "--lengths", "-n", help="Tokens per sample, comma-separated (k = 1024; "
-                                "default: 512,1k,2k where they fit the model's context)."),
-    samples: int = typer.Option(4, "--samples", "-s", help="Samples per length (niah: per length and depth)."),
-    depths: str = typer.Option("0.1,0.3,0.5,0.7,0.9", help="Needle depths, fractions of the haystack."),
-    repeats: int = typer.Option(2, help="Copies of the random sequence in a repeats sample."),
+                                "default: the lengths of ScoreRunSettings where they fit the model's context)."),
+    samples: int = typer.Option(ScoreRunSettings.samples, "--samples", "-s", help="Samples per length (niah: per length and depth)."),
+    depths: str = typer.Option(_listed(ScoreRunSettings.depths), help="Needle depths, fractions of the haystack."),
+    repeats: int = typer.Option(ScoreRunSettings.repeats, help="Copies of the random sequence in a repeats sample."),
     text: str = typer.Option(None, help="Text file or folder, or hf:DATASET[:CONFIG] (online), for the text "
                              "task and the needle haystack (default: built-in docstrings)."),
-    sink_tokens: int = typer.Option(1, help="Keys that count as the attention sink."),
-    window: int = typer.Option(64, help="Recent-key window of the streaming score."),
-    seed: int = typer.Option(0, help="Seed of the samples (and of random models' weights)."),
+    sink_tokens: int = typer.Option(ScoreRunSettings.sink_tokens, help="Keys that count as the attention sink."),
+    window: int = typer.Option(ScoreRunSettings.window, help="Recent-key window of the streaming score."),
+    seed: int = typer.Option(ScoreRunSettings.seed, help="Seed of the samples (and of random models' weights)."),
     device: str = typer.Option(None, help="cpu, cuda, cuda:1, ... (default: CUDA when available)."),
     dtype: str = typer.Option(None, help="float32, float16 or bfloat16 (default: the model's own)."),
-    backend: str = typer.Option("auto", help="Kernel backend: auto, triton or reference."),
+    backend: str = typer.Option(ScoreRunSettings.backend, help="Kernel backend: auto, triton or reference."),
     out: Path = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<model>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out with its own settings."),
     force: bool = typer.Option(False, "--force", help="Replace the run in --out."),
@@ -173,7 +161,7 @@ def score(
     figures/) and prints the top heads per score. Rerunning the same command resumes an
     interrupted run."""
     from workbench.models import load_model
-    from workbench.scoring import ScoreRunSettings, defaults_for, score_model
+    from workbench.scoring import defaults_for, score_model
     from workbench.zoo import DEFAULT_MODEL
 
     model = model or DEFAULT_MODEL
@@ -184,14 +172,10 @@ def score(
 
         stored = Run.open(out).manifest["settings"]
         model, dtype, seed = stored.get("model", model), stored.get("dtype"), stored.get("seed", seed)
-    try:
-        depth_list = tuple(float(d) for d in depths.split(","))
-    except ValueError:
-        fail(f"--depths must be comma-separated fractions, got {depths!r}")
     settings = ScoreRunSettings(  # checks the names before the model loads
-        model=model, tasks=_name_list(task), scores=_name_list(scores),
-        lengths=_int_list(lengths, "--lengths") if lengths else ScoreRunSettings.lengths,
-        samples=samples, depths=depth_list, repeats=repeats, text=text,
+        model=model, tasks=parse_list(task), scores=parse_list(scores),
+        lengths=parse_list(lengths, token_count, "--lengths", "integers (k = 1024)") if lengths else ScoreRunSettings.lengths,
+        samples=samples, depths=parse_list(depths, float, "--depths", "fractions"), repeats=repeats, text=text,
         sink_tokens=sink_tokens, window=window, seed=seed, dtype=dtype, backend=backend)
     with console.status(f"loading {model}..."):
         loaded = load_model(model, device=device, dtype=dtype, seed=seed)

@@ -1,4 +1,5 @@
-"""What every ``workbench`` command prints through: the console, and one way to report an error.
+"""What every ``workbench`` command shares: the console, one way to report an error, and one
+parser of comma-separated option values.
 
 Errors a user can cause (:class:`~workbench.errors.WorkbenchError`, and the kernels'
 :class:`~kernels.errors.AttentionInputError`) end a command with ``error: <message>`` on
@@ -31,6 +32,7 @@ console = Console()
 _stderr = Console(stderr=True, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable)
+T = TypeVar("T")
 
 
 def fail(message: object) -> NoReturn:
@@ -50,6 +52,23 @@ def check_output_folder(path: Path | None, option: str = "--out") -> None:
                 inside = "" if folder == path else f" (in {option} {path})"
                 raise WorkbenchError(f"{folder}{inside} is a file, not a folder: choose another {option}")
             return
+
+
+def parse_list(text: str | None, item: Callable[[str], T] = str, option: str = "the option",
+               kind: str = "values") -> tuple[T, ...]:
+    """``"a, b,c"`` -> ``(item("a"), item("b"), item("c"))`` (empty items are skipped; ``None``
+    gives ``()``). A value ``item`` refuses with ``ValueError`` raises :class:`WorkbenchError`:
+    ``<option> must be comma-separated <kind>, got '<text>'``."""
+    parts = [t.strip() for t in (text or "").split(",") if t.strip()]
+    try:
+        return tuple(item(t) for t in parts)
+    except ValueError:
+        raise WorkbenchError(f"{option} must be comma-separated {kind}, got {text!r}") from None
+
+
+def token_count(text: str) -> int:
+    """``"512"`` -> 512, ``"16k"`` -> 16384 (k = 1024); ``ValueError`` for anything else."""
+    return int(float(text[:-1]) * 1024) if text.lower().endswith("k") else int(text)
 
 
 def reports_errors(command: F) -> F:
