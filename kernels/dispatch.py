@@ -77,6 +77,9 @@ def attention(
     if use_triton:
         from kernels.triton_attention import triton_attention
 
+        if q.is_cuda:  # Triton launches on the current device: make it the tensors' own (device maps)
+            with torch.cuda.device(q.device):
+                return triton_attention(q, k, v, p, stats, key_lengths, query_lengths)
         return triton_attention(q, k, v, p, stats, key_lengths, query_lengths)
     return reference_attention(q, k, v, p, stats, key_lengths, query_lengths, mask, chunk_size)
 

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from workbench.errors import WorkbenchError
+from workbench.placement import DeviceMap, check_device_map, place_hugging_face, place_transformer_lens
 
 
 def _llama_3_2_1b():
@@ -80,12 +81,33 @@ def available() -> list[str]:
 
 
 def load_model(
-    name: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None, seed: int = 0
+    name: str,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+    *,
+    device_map: DeviceMap | None = None,
+    max_memory: dict | None = None,
 ) -> torch.nn.Module:
-    """A ready model (eval mode, on ``device``; CUDA when available by default)."""
+    """A ready model (eval mode, on ``device``; CUDA when available by default).
+
+    ``device_map`` spreads a model too large for one GPU over several
+    (:mod:`workbench.placement`): ``"auto"``, ``"balanced"``, ``"sequential"``, a GPU count, or
+    (Hugging Face models) an explicit ``{module name: device}``, with optional ``max_memory``
+    (``{gpu index or "cpu": bytes or "40GiB"}``). The weights load on the CPU first.
+
+    Example:
+        >>> model = load_model("random:llama-3.2-1b", device_map="auto")  # over every visible GPU
+    """
     if not isinstance(name, str) or not name.strip():
         raise WorkbenchError(f"model name must be a non-empty string; available offline: {', '.join(available())}")
-    device = resolve_device(device)  # checked before any weights load
+    if device_map is not None:  # checked before any weights load
+        if device is not None:
+            raise WorkbenchError("give device or device_map, not both (device_map places the model itself)")
+        check_device_map(device_map)
+    elif max_memory is not None:
+        raise WorkbenchError("max_memory limits a device_map: give device_map as well (e.g. 'auto')")
+    device = resolve_device(device) if device_map is None else torch.device("cpu")
     dtype = resolve_dtype(dtype)
     from workbench import zoo
 
@@ -101,7 +123,13 @@ def load_model(
         model = _load_hugging_face(name.removeprefix("hf:"))
     if dtype is not None:
         model = model.to(dtype)
-    return model.to(device).eval()
+    if device_map is None:
+        return model.to(device).eval()
+    from transformer_lens import HookedTransformer
+
+    if isinstance(model, HookedTransformer):
+        return place_transformer_lens(model, device_map).eval()
+    return place_hugging_face(model, device_map, max_memory).eval()
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
