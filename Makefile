@@ -1,6 +1,7 @@
 # Two commands on a fresh machine (each sets itself up):
 #   make demo   the main job
-#   make test   the test suite (what CI runs), with the fixed seed of tests/conftest.py
+#   make test   lint, then the test suite (what CI runs), with the fixed seed of tests/conftest.py
+#   make lint   ruff's lint and format checks (make format applies the formatting)
 #   make fuzz   the kernel property and accuracy tests with fresh seeds (ROUNDS=N rounds)
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,7 +10,7 @@ BIN := $(VENV)/bin
 # (installed in the venv beforehand, or TORCH_SPEC=... for another build).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup browser demo app test fuzz bench clean
+.PHONY: setup browser demo app lint format test fuzz bench clean
 
 setup: $(VENV)/.installed
 
@@ -35,7 +36,15 @@ demo: setup browser
 app: setup
 	$(BIN)/workbench app
 
-test: setup browser
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: setup browser lint
 	$(BIN)/python -m pytest -n auto -q
 
 # Fresh random seeds for the kernel tests; a failing round prints its seed (rerun it with

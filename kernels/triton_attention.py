@@ -74,16 +74,20 @@ def _fwd_block(
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, ENTROPY: tl.constexpr, DIST: tl.constexpr,
     ARGMAX: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
-    """One key block of the online softmax with statistics accumulators."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
-    v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    """One key block of the online softmax with statistics accumulators.
+
+    ``acc`` is ``[BLOCK_M, BLOCK_D]``; ``m_i``, ``l_i``, ``t_i``, ``d_i``, ``arg_i`` and
+    ``qpos`` are ``[BLOCK_M]``; ``q`` is ``[BLOCK_M, BLOCK_D]``; ``offs_d`` is ``[BLOCK_D]``.
+    """
+    offs_n = start_n + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
+    k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # [BLOCK_D, BLOCK_N]: K transposed
+    v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd  # [BLOCK_N, BLOCK_D]
     if MASKED:
         kt = tl.load(k_ptrs, mask=(offs_n[None, :] < klen) & (offs_d[:, None] < HEAD_DIM), other=0.0)
         vb = tl.load(v_ptrs, mask=(offs_n[:, None] < klen) & (offs_d[None, :] < HEAD_DIM), other=0.0)
     elif TMA:
-        kt = tl.trans(desc_k.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D))
-        vb = desc_v.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        kt = tl.trans(desc_k.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D))  # [BLOCK_D, BLOCK_N]
+        vb = desc_v.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)  # [BLOCK_N, BLOCK_D]
     elif EVEN_D:
         kt = tl.load(k_ptrs)
         vb = tl.load(v_ptrs)
@@ -93,36 +97,36 @@ def _fwd_block(
     if DOT_F32:
         kt = kt.to(tl.float32)
         vb = vb.to(tl.float32)
-    s = tl.dot(q, kt, input_precision=PREC)
+    s = tl.dot(q, kt, input_precision=PREC)  # [BLOCK_M, BLOCK_N] scores
     if MASKED:
-        ok = offs_n[None, :] < klen
+        ok = offs_n[None, :] < klen  # [1, BLOCK_N]
         if CAUSAL:
-            ok = ok & (offs_n[None, :] <= qpos[:, None])
+            ok = ok & (offs_n[None, :] <= qpos[:, None])  # [BLOCK_M, BLOCK_N]
         s = tl.where(ok, s * qk_scale, _MASKED)
     # Unmasked blocks keep raw scores: qk_scale > 0 (the host makes it so), so the max and
     # argmax of the raw scores are those of the scaled ones.
-    blk_max = tl.max(s, 1)
+    blk_max = tl.max(s, 1)  # [BLOCK_M]
     if ARGMAX:  # the first key holding the block's maximum (cheaper than a (value, index) reduction)
-        cols = tl.arange(0, BLOCK_N)
-        blk_arg = tl.min(tl.where(s == blk_max[:, None], cols[None, :], BLOCK_N), 1)
+        cols = tl.arange(0, BLOCK_N)  # [BLOCK_N]
+        blk_arg = tl.min(tl.where(s == blk_max[:, None], cols[None, :], BLOCK_N), 1)  # [BLOCK_M] index in the block
     if not MASKED:
         blk_max = blk_max * qk_scale
     if ARGMAX:  # strict: on ties the earlier key keeps the argmax
         arg_i = tl.where(blk_max > m_i, start_n + blk_arg, arg_i)
-    m_new = tl.maximum(m_i, blk_max)
-    alpha = tl.math.exp2(m_i - m_new)
+    m_new = tl.maximum(m_i, blk_max)  # [BLOCK_M] running max, log2 domain
+    alpha = tl.math.exp2(m_i - m_new)  # [BLOCK_M] rescale of the old accumulators
     if MASKED:
-        x = s - m_new[:, None]
+        x = s - m_new[:, None]  # [BLOCK_M, BLOCK_N]
     else:
         x = s * qk_scale - m_new[:, None]
-    p = tl.math.exp2(x)
-    l_blk = tl.sum(p, 1)
+    p = tl.math.exp2(x)  # [BLOCK_M, BLOCK_N] unnormalised probabilities
+    l_blk = tl.sum(p, 1)  # [BLOCK_M]
     if ENTROPY:  # t = sum p * (s - m) <= 0, rescaled like l when the max moves
         t_i = alpha * (t_i + (m_i - m_new) * l_i) + tl.sum(p * x, 1)
     l_i = alpha * l_i + l_blk
-    acc = tl.dot(p.to(vb.dtype), vb, acc * alpha[:, None], input_precision=PREC)
+    acc = tl.dot(p.to(vb.dtype), vb, acc * alpha[:, None], input_precision=PREC)  # [BLOCK_M, BLOCK_D]
     if DIST:  # sum p * key position = sum p * (block start + offset in block)
-        local_pos = tl.arange(0, BLOCK_N).to(tl.float32)
+        local_pos = tl.arange(0, BLOCK_N).to(tl.float32)  # [BLOCK_N]
         d_i = alpha * d_i + tl.sum(p * local_pos[None, :], 1) + (start_n * 1.0) * l_blk
     return acc, m_new, l_i, t_i, d_i, arg_i
 
@@ -135,18 +139,22 @@ def _range_mass(
     CAUSAL: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
     """Per row, the exact probability mass on keys with ``key_lo <= key < key_hi`` (per-row
-    bounds ``[BLOCK_M]``), scanning key blocks from ``lo`` to ``hi``."""
-    mass = tl.zeros([BLOCK_M], dtype=tl.float32)
+    bounds ``[BLOCK_M]``), scanning key blocks from ``lo`` to ``hi``.
+
+    ``q`` is ``[BLOCK_M, BLOCK_D]``; ``lse2`` (log2-domain log-sum-exp) and ``qpos`` are
+    ``[BLOCK_M]``; returns ``[BLOCK_M]``.
+    """
+    mass = tl.zeros([BLOCK_M], dtype=tl.float32)  # [BLOCK_M]
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
         kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=(offs_n[None, :] < klen) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+                     mask=(offs_n[None, :] < klen) & (offs_d[:, None] < HEAD_DIM), other=0.0)  # [BLOCK_D, BLOCK_N]
         if DOT_F32:
             kt = kt.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+        s = tl.dot(q, kt, input_precision=PREC) * qk_scale  # [BLOCK_M, BLOCK_N] scores, log2 domain
         ok = (offs_n[None, :] < klen) & (offs_n[None, :] >= key_lo[:, None]) & (offs_n[None, :] < key_hi[:, None])
         if CAUSAL:
-            ok = ok & (offs_n[None, :] <= qpos[:, None])
+            ok = ok & (offs_n[None, :] <= qpos[:, None])  # [BLOCK_M, BLOCK_N]
         mass += tl.sum(tl.math.exp2(tl.where(ok, s - lse2[:, None], -float("inf"))), 1)
     return mass
 
@@ -202,10 +210,10 @@ def _attn_fwd(
         n_kv = Hq // GROUP
         b = pid_h // n_kv
         hk = pid_h % n_kv
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        h = hk * GROUP + rows // Nq
-        qi = rows % Nq
-        row_in = rows < GROUP * Nq
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] (query head, query) pairs
+        h = hk * GROUP + rows // Nq  # [BLOCK_M] query head of each row
+        qi = rows % Nq  # [BLOCK_M] query index
+        row_in = rows < GROUP * Nq  # [BLOCK_M]
         q_first = 0
         q_last = Nq - 1
     else:
@@ -215,19 +223,20 @@ def _attn_fwd(
         blk = tl.program_id(0)
         if CAUSAL:  # the longest rows first, so that short programs fill the tail
             blk = tl.num_programs(0) - 1 - blk
-        qi = blk * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_in = qi < Nq
+        qi = blk * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] query index
+        row_in = qi < Nq  # [BLOCK_M]
         q_first = blk * BLOCK_M
         q_last = q_first + BLOCK_M - 1
     klen, qlen = _valid_lengths(KLen, QLen, b, Nq, Nk, HAS_KLEN, HAS_QLEN)
     q_off = Nk - Nq
-    qpos = qi + q_off
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
+    qpos = qi + q_off  # [BLOCK_M] absolute key position of each query
+    offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    d_ok = offs_d < HEAD_DIM  # [BLOCK_D]
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
 
-    q_rows = b * stride_qb + h * stride_qh + qi * stride_qm
-    q = tl.load(Q + q_rows[:, None] + offs_d[None, :] * stride_qd, mask=row_in[:, None] & d_ok[None, :], other=0.0)
+    q_rows = b * stride_qb + h * stride_qh + qi * stride_qm  # [BLOCK_M]
+    q = tl.load(Q + q_rows[:, None] + offs_d[None, :] * stride_qd, mask=row_in[:, None] & d_ok[None, :],
+                other=0.0)  # [BLOCK_M, BLOCK_D]
     if DOT_F32:
         q = q.to(tl.float32)
     k_base = K + b * stride_kb + hk * stride_kh
@@ -252,39 +261,41 @@ def _attn_fwd(
         k_lo = 0
         k_hi = hi
 
+    # Online accumulators, one per row ([BLOCK_M]): running max (log2 domain), sum of p,
+    # sum of p * (s - m) (entropy), sum of p * key position (distance), running argmax.
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + _M_INIT
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     t_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     d_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     arg_i = tl.zeros([BLOCK_M], dtype=tl.int32) - 1
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # [BLOCK_M, BLOCK_D] unnormalised output
 
     for start_n in range(k_lo, tl.minimum(lo_masked, k_hi), BLOCK_N):
         acc, m_i, l_i, t_i, d_i, arg_i = _fwd_block(
-            acc, m_i, l_i, t_i, d_i, arg_i, q, k_base, v_base, stride_kn, stride_kd,
-            stride_vn, stride_vd, start_n, qpos, klen, offs_d, qk_scale, desc_k, desc_v, b.to(tl.int32), hk.to(tl.int32),
+            acc, m_i, l_i, t_i, d_i, arg_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+            start_n, qpos, klen, offs_d, qk_scale, desc_k, desc_v, b.to(tl.int32), hk.to(tl.int32),
             HEAD_DIM, BLOCK_N, BLOCK_D, EVEN_D, TMA, False, CAUSAL, ENTROPY, DIST, ARGMAX, DOT_F32, PREC)
     for start_n in range(tl.maximum(lo_masked, k_lo), k_hi, BLOCK_N):
         acc, m_i, l_i, t_i, d_i, arg_i = _fwd_block(
-            acc, m_i, l_i, t_i, d_i, arg_i, q, k_base, v_base, stride_kn, stride_kd,
-            stride_vn, stride_vd, start_n, qpos, klen, offs_d, qk_scale, desc_k, desc_v, b.to(tl.int32), hk.to(tl.int32),
+            acc, m_i, l_i, t_i, d_i, arg_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+            start_n, qpos, klen, offs_d, qk_scale, desc_k, desc_v, b.to(tl.int32), hk.to(tl.int32),
             HEAD_DIM, BLOCK_N, BLOCK_D, EVEN_D, False, True, CAUSAL, ENTROPY, DIST, ARGMAX, DOT_F32, PREC)
 
-    row_ok = row_in & (qi < qlen) & (l_i > 0.0)
-    l_safe = tl.where(row_ok, l_i, 1.0)
-    out = tl.where(row_ok[:, None], acc / l_safe[:, None], 0.0)
+    row_ok = row_in & (qi < qlen) & (l_i > 0.0)  # [BLOCK_M] rows with at least one key
+    l_safe = tl.where(row_ok, l_i, 1.0)  # [BLOCK_M]
+    out = tl.where(row_ok[:, None], acc / l_safe[:, None], 0.0)  # [BLOCK_M, BLOCK_D]
     n_rows = b * 0 + rows_total  # int64: field offsets may pass 2^31
     if SPLIT:  # each split writes its own partial results
         part = tl.program_id(2).to(tl.int64)
         Out += part * n_rows * HEAD_DIM
         Stats += part * n_rows * (F_OFF + N_OFF)
         ArgMax += part * n_rows
-    o_rows = b * stride_ob + h * stride_oh + qi * stride_om
+    o_rows = b * stride_ob + h * stride_oh + qi * stride_om  # [BLOCK_M]
     tl.store(Out + o_rows[:, None] + offs_d[None, :] * stride_od, out.to(Out.dtype.element_ty),
              mask=row_in[:, None] & d_ok[None, :])
 
-    srow = (b * Hq + h) * Nq + qi  # rows are flat [B, Hq, Nq]
-    lse2 = m_i + tl.math.log2(l_safe)
+    srow = (b * Hq + h) * Nq + qi  # [BLOCK_M] row indices; rows are flat [B, Hq, Nq]
+    lse2 = m_i + tl.math.log2(l_safe)  # [BLOCK_M] log2-domain log-sum-exp
     if SPLIT:  # the merge needs the log-sum-exp even without statistics
         tl.store(Stats + srow, tl.where(row_ok, lse2, _MASKED), mask=row_in)
     elif STATS:
@@ -292,7 +303,7 @@ def _attn_fwd(
     if STATS:
         lse2 = tl.where(row_ok, lse2, -_MASKED)  # empty rows: every exp2(s - lse2) below is 0
         if ENTROPY:
-            ent = tl.log(l_safe) - _LN2 * t_i / l_safe
+            ent = tl.log(l_safe) - _LN2 * t_i / l_safe  # [BLOCK_M] nats
             tl.store(Stats + F_ENT * n_rows + srow, tl.where(row_ok, tl.maximum(ent, 0.0), 0.0), mask=row_in)
         if F_MAX > 0:
             if SPLIT:
@@ -307,27 +318,27 @@ def _attn_fwd(
             tl.store(Stats + F_DIST * n_rows + srow, tl.where(row_ok, qpos.to(tl.float32) - d_i / l_safe, 0.0),
                      mask=row_in)
         if F_SINK > 0:
-            zero = tl.zeros([BLOCK_M], dtype=tl.int32)
+            zero = tl.zeros([BLOCK_M], dtype=tl.int32)  # [BLOCK_M]
             sink = _range_mass(q, k_base, stride_kn, stride_kd, lse2, qpos, klen, k_lo,
                                tl.minimum(sink_tokens, k_hi), zero, zero + sink_tokens, offs_d,
-                               qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, DOT_F32, PREC)
+                               qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, DOT_F32, PREC)  # [BLOCK_M]
             tl.store(Stats + F_SINK * n_rows + srow, tl.where(row_ok, tl.minimum(sink, 1.0), 0.0), mask=row_in)
         if F_LOCAL > 0:
             loc_lo = tl.maximum((tl.maximum(q_first + q_off - window + 1, 0) // BLOCK_N) * BLOCK_N, k_lo)
             loc_hi = tl.maximum(tl.minimum(k_hi, q_last + q_off + 1), 0)
             loc = _range_mass(q, k_base, stride_kn, stride_kd, lse2, qpos, klen, loc_lo, loc_hi,
                               qpos - window + 1, qpos + 1, offs_d, qk_scale, HEAD_DIM, BLOCK_M,
-                              BLOCK_N, CAUSAL, DOT_F32, PREC)
+                              BLOCK_N, CAUSAL, DOT_F32, PREC)  # [BLOCK_M]
             tl.store(Stats + F_LOCAL * n_rows + srow, tl.where(row_ok, tl.minimum(loc, 1.0), 0.0), mask=row_in)
         if N_OFF > 0:
-            qf = q.to(tl.float32)
+            qf = q.to(tl.float32)  # [BLOCK_M, BLOCK_D]
             for j in tl.static_range(N_OFF):
-                kp = qpos - tl.load(Offsets + j)
-                ok = row_ok & (kp >= k_lo) & (kp < k_hi)
+                kp = qpos - tl.load(Offsets + j)  # [BLOCK_M] the one key of each row
+                ok = row_ok & (kp >= k_lo) & (kp < k_hi)  # [BLOCK_M]
                 kr = tl.load(k_base + kp[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                             mask=ok[:, None] & d_ok[None, :], other=0.0)
-                sc = tl.sum(qf * kr.to(tl.float32), 1) * qk_scale
-                pm = tl.minimum(tl.math.exp2(tl.where(ok, sc - lse2, -float("inf"))), 1.0)
+                             mask=ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D] a key per row
+                sc = tl.sum(qf * kr.to(tl.float32), 1) * qk_scale  # [BLOCK_M] score, log2 domain
+                pm = tl.minimum(tl.math.exp2(tl.where(ok, sc - lse2, -float("inf"))), 1.0)  # [BLOCK_M]
                 tl.store(Stats + F_OFF * n_rows + srow * N_OFF + j, pm, mask=row_in)
 
 
@@ -347,36 +358,36 @@ def _merge_splits(
     is ``sum_s w_s (H_s - ln w_s)``, and the maximum is the largest split maximum (the
     earliest split on ties, so the earliest key). ``MAXP``: store the max probability.
     """
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_ok = r < rows_total
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R] flat rows
+    r_ok = r < rows_total  # [BLOCK_R]
+    offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    d_ok = offs_d < HEAD_DIM  # [BLOCK_D]
     per_split = rows_total * (F_OFF + N_OFF)
-    top = tl.zeros([BLOCK_R], dtype=tl.float32) + _MASKED
+    top = tl.zeros([BLOCK_R], dtype=tl.float32) + _MASKED  # [BLOCK_R] largest split lse, log2 domain
     for s in range(n_splits):
         top = tl.maximum(top, tl.load(StatsP + s * per_split + r, mask=r_ok, other=_MASKED))
     row_ok = r_ok & (top > _M_INIT)
     top = tl.where(row_ok, top, 0.0)
-    total = tl.zeros([BLOCK_R], dtype=tl.float32)
+    total = tl.zeros([BLOCK_R], dtype=tl.float32)  # [BLOCK_R]
     for s in range(n_splits):
         total += tl.math.exp2(tl.load(StatsP + s * per_split + r, mask=r_ok, other=_MASKED) - top)
     total = tl.where(row_ok, total, 1.0)
-    lse2 = top + tl.math.log2(total)
+    lse2 = top + tl.math.log2(total)  # [BLOCK_R] log-sum-exp over all keys, log2 domain
 
-    out = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    ent = tl.zeros([BLOCK_R], dtype=tl.float32)
-    best = tl.zeros([BLOCK_R], dtype=tl.float32) + _MASKED
-    arg = tl.zeros([BLOCK_R], dtype=tl.int64) - 1
+    out = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)  # [BLOCK_R, BLOCK_D]
+    ent = tl.zeros([BLOCK_R], dtype=tl.float32)  # [BLOCK_R]
+    best = tl.zeros([BLOCK_R], dtype=tl.float32) + _MASKED  # [BLOCK_R] largest score so far
+    arg = tl.zeros([BLOCK_R], dtype=tl.int64) - 1  # [BLOCK_R] its key
     for s in range(n_splits):
-        log_w = tl.load(StatsP + s * per_split + r, mask=r_ok, other=_MASKED) - lse2  # log2 of the weight
-        w = tl.math.exp2(log_w)
+        log_w = tl.load(StatsP + s * per_split + r, mask=r_ok, other=_MASKED) - lse2  # [BLOCK_R] log2 of the weight
+        w = tl.math.exp2(log_w)  # [BLOCK_R]
         o = tl.load(OutP + (s * rows_total + r)[:, None] * HEAD_DIM + offs_d[None, :],
-                    mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+                    mask=r_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_D] split output
         out += w[:, None] * o
         if F_ENT > 0:
             ent += w * (tl.load(StatsP + s * per_split + F_ENT * rows_total + r, mask=r_ok, other=0.0) - _LN2 * log_w)
         if F_MAX > 0:
-            m_s = tl.load(StatsP + s * per_split + F_MAX * rows_total + r, mask=r_ok, other=_MASKED)
+            m_s = tl.load(StatsP + s * per_split + F_MAX * rows_total + r, mask=r_ok, other=_MASKED)  # [BLOCK_R]
             if ARGMAX:
                 arg = tl.where(m_s > best, tl.load(ArgP + s * rows_total + r, mask=r_ok, other=-1), arg)
             best = tl.maximum(best, m_s)
@@ -396,7 +407,7 @@ def _merge_splits(
             at = f * rows_total + r
         else:
             at = F_OFF * rows_total + r * N_OFF + (f - F_OFF)
-        mean = tl.zeros([BLOCK_R], dtype=tl.float32)
+        mean = tl.zeros([BLOCK_R], dtype=tl.float32)  # [BLOCK_R]
         for s in range(n_splits):
             w = tl.math.exp2(tl.load(StatsP + s * per_split + r, mask=r_ok, other=_MASKED) - lse2)
             mean += w * tl.load(StatsP + s * per_split + at, mask=r_ok, other=0.0)
@@ -431,32 +442,32 @@ def _key_mass(
     pid_bh, b, h, hk, klen, qlen = _head_and_lengths(KLen, QLen, Hq, Nq, Nk, GROUP, HAS_KLEN, HAS_QLEN)
     q_off = Nk - Nq
     n0 = tl.program_id(0) * BLOCK_N
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
+    offs_n = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] this program's keys
+    offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    d_ok = offs_d < HEAD_DIM  # [BLOCK_D]
 
-    k_ok = offs_n < klen
+    k_ok = offs_n < klen  # [BLOCK_N]
     kb = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                 mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-    kt = tl.trans(kb)
+                 mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+    kt = tl.trans(kb)  # [BLOCK_D, BLOCK_N]
     if DOT_F32:
         kt = kt.to(tl.float32)
-    mass = tl.zeros([BLOCK_N], dtype=tl.float32)
+    mass = tl.zeros([BLOCK_N], dtype=tl.float32)  # [BLOCK_N] mass received by each key
     start_m = 0
     if CAUSAL:
         start_m = (tl.maximum(n0 - q_off, 0) // BLOCK_M) * BLOCK_M
     end_m = qlen * (n0 < klen).to(tl.int32)  # a block of padding keys receives nothing
     q_base = Q + b * stride_qb + h * stride_qh
     for m0 in range(start_m, end_m, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < qlen
+        offs_m = m0 + tl.arange(0, BLOCK_M)  # [BLOCK_M] query rows
+        m_ok = offs_m < qlen  # [BLOCK_M]
         q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
         if DOT_F32:
             q = q.to(tl.float32)
-        lse2 = tl.load(Lse + pid_bh * Nq + offs_m, mask=m_ok, other=0.0) * _LOG2E
-        s = tl.dot(q, kt, input_precision=PREC) * qk_scale
-        ok = m_ok[:, None] & k_ok[None, :]
+        lse2 = tl.load(Lse + pid_bh * Nq + offs_m, mask=m_ok, other=0.0) * _LOG2E  # [BLOCK_M] log2 domain
+        s = tl.dot(q, kt, input_precision=PREC) * qk_scale  # [BLOCK_M, BLOCK_N] scores, log2 domain
+        ok = m_ok[:, None] & k_ok[None, :]  # [BLOCK_M, BLOCK_N]
         if CAUSAL:
             ok = ok & (offs_n[None, :] <= (offs_m + q_off)[:, None])
         mass += tl.sum(tl.math.exp2(tl.where(ok, s - lse2[:, None], -float("inf"))), 0)
@@ -535,13 +546,16 @@ def _tuned(kernel_name: str, block_d: int, block_m: int = 0):
 _best_configs: dict[tuple, dict] = {}
 
 
-def _launch(kernel_name: str, block_d: int, block_m: int, grid, args: tuple, flags: dict,
+def _launch(kernel_name: str, block_d: int, block_m: int, grid, args: dict, flags: dict,
             element_size: int, pinned: dict[str, int] | None, descriptors: tuple = ()) -> None:
     """Launch a kernel with the ``pinned`` blocks (:func:`_pinned_blocks`), or autotuned.
 
-    ``grid`` maps the launch's meta-parameters to the grid; ``args`` end with the two
-    autotuning buckets; ``block_m`` is the packed rows (0 otherwise); ``descriptors`` are the
-    TMA descriptors, whose block shape follows BLOCK_N.
+    ``args`` (runtime values, including the autotuning buckets ``NQ_BUCKET`` and
+    ``NK_BUCKET``) and ``flags`` (constexprs) are keyword arguments named as the kernel's
+    parameters, without the tuned ones (``BLOCK_M``, ``BLOCK_N``, ``num_warps``,
+    ``num_stages``: the config or the pinned blocks give those). ``grid`` maps the launch's
+    meta-parameters to the grid; ``block_m`` is the packed rows (0 otherwise);
+    ``descriptors`` are the TMA descriptors, whose block shape follows BLOCK_N.
     """
     kernel = _key_mass if kernel_name == "key_mass" else _attn_fwd
     if pinned is not None:
@@ -549,17 +563,17 @@ def _launch(kernel_name: str, block_d: int, block_m: int, grid, args: tuple, fla
         if block_m:
             meta["BLOCK_M"] = block_m
     else:
-        key = (kernel_name, block_d, block_m, element_size, args[-2], args[-1], *flags.values())
+        key = (kernel_name, block_d, block_m, element_size, args["NQ_BUCKET"], args["NK_BUCKET"], *flags.values())
         meta = _best_configs.get(key)
         if meta is None:
             tuner = _tuned(kernel_name, block_d, block_m)
-            tuner[grid](*args, **flags)
+            tuner[grid](**args, **flags)
             _best_configs[key] = tuner.best_config.all_kwargs()
             return
     for desc in descriptors:
         if desc is not None:
             desc.block_shape = [1, 1, meta["BLOCK_N"], block_d]
-    kernel[grid(meta)](*args, **flags, **meta)
+    kernel[grid(meta)](**args, **flags, **meta)
 
 
 # Fixed small blocks under the interpreter: autotuning there would only cost time.
@@ -583,6 +597,10 @@ def _pinned_blocks() -> dict[str, int] | None:
     return {"BLOCK_M": m, "BLOCK_N": n}
 
 
+#: The float32 row statistics of one value per row, in the order of their fields.
+_SINGLE_FIELDS = ("lse", "entropy", "max_prob", "sink_mass", "local_mass", "distance")
+
+
 def stat_fields(stats: StatsSpec | None, split: bool) -> dict[str, int]:
     """Layout of the float32 row statistics in the kernels' one buffer: ``{name: field}``.
 
@@ -592,13 +610,12 @@ def stat_fields(stats: StatsSpec | None, split: bool) -> dict[str, int]:
     ``distance``); ``offset_mass`` is where the ``[R, len(offsets)]`` block starts, which is
     also the number of single fields. One buffer means one allocation per call.
     """
-    wanted = [("lse", stats is not None or split)]
-    if stats is not None:
-        wanted += [("entropy", stats.entropy), ("max_prob", stats.max_prob or stats.argmax),
-                   ("sink_mass", stats.sink_tokens > 0), ("local_mass", stats.window > 0),
-                   ("distance", stats.distance)]
-    names = [name for name, on in wanted if on]
-    return {name: i for i, name in enumerate(names + ["offset_mass"])}
+    filled = set(stats.output_fields()) if stats is not None else set()
+    if split:  # the merge needs the log-sum-exp even without statistics
+        filled.add("lse")
+    if "argmax" in filled:  # the split merge finds the argmax by the largest split maximum
+        filled.add("max_prob")
+    return {name: i for i, name in enumerate([*(f for f in _SINGLE_FIELDS if f in filled), "offset_mass"])}
 
 
 def packed_rows(p: Problem) -> int:
@@ -650,6 +667,11 @@ def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, block_d: int
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, block_d]) for t in (k, v))
+
+
+def _strides(names: tuple[str, str, str, str], t: torch.Tensor) -> dict[str, int]:
+    """The strides of a ``[B, H, N, D]`` tensor as keyword arguments of a kernel, named ``names``."""
+    return dict(zip(names, t.stride()))
 
 
 def triton_attention(
@@ -704,7 +726,9 @@ def triton_attention(
     klen = key_lengths if key_lengths is not None else out  # unused pointers get any tensor
     qlen = query_lengths if query_lengths is not None else out
     qk_scale = scale * LOG2E
-    buckets = (_pow2_bucket(nq), _pow2_bucket(nk))
+    buckets = dict(NQ_BUCKET=_pow2_bucket(nq), NK_BUCKET=_pow2_bucket(nk))
+    q_strides = _strides(("stride_qb", "stride_qh", "stride_qm", "stride_qd"), q)
+    k_strides = _strides(("stride_kb", "stride_kh", "stride_kn", "stride_kd"), k)
     common_flags = dict(
         HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=p.causal,
         HAS_KLEN=key_lengths is not None, HAS_QLEN=query_lengths is not None, DOT_F32=dot_f32, PREC=prec,
@@ -715,11 +739,13 @@ def triton_attention(
     # descriptor set-up would only add host time there.
     pinned = _pinned_blocks()
     desc_k, desc_v = (None, None) if rows else _kv_descriptors(k, v, (pinned or {}).get("BLOCK_N", 64), block_d)
-    fwd_args = (
-        q, k, v, desc_k, desc_v, out_part, stats_part, arg_part, offsets, klen, qlen, qk_scale,
-        *q.stride(), *k.stride(), *v.stride(), *out_view.stride(),
-        hq, nq, nk, p.group, stats.sink_tokens if want else 0, stats.window if want else 0,
-        split_len, n_rows, *buckets,
+    fwd_args = dict(
+        Q=q, K=k, V=v, desc_k=desc_k, desc_v=desc_v, Out=out_part, Stats=stats_part, ArgMax=arg_part,
+        Offsets=offsets, KLen=klen, QLen=qlen, qk_scale=qk_scale, **q_strides, **k_strides,
+        **_strides(("stride_vb", "stride_vh", "stride_vn", "stride_vd"), v),
+        **_strides(("stride_ob", "stride_oh", "stride_om", "stride_od"), out_view),
+        Hq=hq, Nq=nq, Nk=nk, GROUP=p.group, sink_tokens=stats.sink_tokens if want else 0,
+        window=stats.window if want else 0, split_len=split_len, rows_total=n_rows, **buckets,
     )
     field_flags = dict(
         F_ENT=fields.get("entropy", 0), F_MAX=fields.get("max_prob", 0), F_SINK=fields.get("sink_mass", 0),
@@ -738,9 +764,10 @@ def triton_attention(
     if split:
         block_r = 16
         _merge_splits[(triton.cdiv(n_rows, block_r),)](
-            out_part, stats_part, arg_part, out, row_stats, argmax, splits, n_rows,
-            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=block_r, ARGMAX=want and stats.argmax,
-            MAXP=want and stats.max_prob, F_ENT=field_flags["F_ENT"], F_MAX=field_flags["F_MAX"],
+            OutP=out_part, StatsP=stats_part, ArgP=arg_part, Out=out, Stats=row_stats, ArgMax=argmax,
+            n_splits=splits, rows_total=n_rows,
+            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=block_r, ARGMAX=want and stats.argmax, MAXP=want and stats.max_prob,
+            F_ENT=field_flags["F_ENT"], F_MAX=field_flags["F_MAX"],
             F_MEAN=1 + ("entropy" in fields) + ("max_prob" in fields), F_DIST=field_flags["F_DIST"],
             F_OFF=fields["offset_mass"], N_OFF=n_off, num_warps=4,
         )
@@ -749,17 +776,16 @@ def triton_attention(
     if not want:
         return out, None
 
+    wanted = stats.output_fields()  # not max_prob when its field served argmax only
     single = row_stats[: fields["offset_mass"] * n_rows].view(-1, b, hq, nq)
-    found = {name: single[i] for name, i in fields.items() if name != "offset_mass"}
+    found = {name: single[i] for name, i in fields.items() if name in wanted and name != "offset_mass"}
     if n_off:
         found["offset_mass"] = row_stats[fields["offset_mass"] * n_rows:].view(b, hq, nq, n_off)
-    if not stats.max_prob:  # the field served argmax only
-        found.pop("max_prob", None)
     key_mass = None
     if stats.key_mass:
         key_mass = torch.empty((b, hq, nk), device=dev, dtype=torch.float32)
-        km_args = (q, k, found["lse"], key_mass, klen, qlen, qk_scale, *q.stride(), *k.stride(),
-                   hq, nq, nk, p.group, *buckets)
+        km_args = dict(Q=q, K=k, Lse=found["lse"], KeyMass=key_mass, KLen=klen, QLen=qlen, qk_scale=qk_scale,
+                       **q_strides, **k_strides, Hq=hq, Nq=nq, Nk=nk, GROUP=p.group, **buckets)
         _launch("key_mass", block_d, 0, lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), b * hq), km_args,
                 common_flags, q.element_size(), pinned)
     return out, AttentionStats(**found, argmax=argmax if stats.argmax else None, key_mass=key_mass)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import subprocess
+import sys
 
 import pytest
 
@@ -31,3 +33,40 @@ def test_sizes_parse_with_suffixes():
     assert benchmark.parse_sizes("1k,4K,128k") == (1024, 4096, 131072)
     with pytest.raises(argparse.ArgumentTypeError):
         benchmark.parse_size("fast")
+
+
+@pytest.mark.parametrize("under", ["afile/b", "afile/deeper/b.csv"])
+def test_out_under_a_file_is_refused_before_the_run(tmp_path, capsys, under):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(["--smoke", "--out", str(tmp_path / under)])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2
+    assert f"{tmp_path / 'afile'} (in --out {tmp_path / under}) is a file, not a folder" in captured.err
+    assert "# kernels.benchmark" not in captured.out  # refused before the header, so before any row
+
+
+def test_out_whose_csv_is_a_folder_is_refused(tmp_path):
+    (tmp_path / "b.csv").mkdir()
+    assert "is a folder, not a file" in benchmark.out_problem(tmp_path / "b")
+    assert benchmark.out_problem(tmp_path / "new" / "b") is None
+
+
+def test_metadata_records_the_full_git_revision_and_every_row_statistic():
+    from kernels import StatsSpec
+    from kernels.benchmark.environment import metadata
+    from kernels.provenance import git_revision
+
+    parser = benchmark.build_parser()
+    meta = metadata(benchmark.resolve_config(parser.parse_args(["--smoke"]), parser))
+    assert meta["git_revision"] == git_revision()
+    assert meta["row_stats"] == repr(StatsSpec.every_row_statistic())
+    assert meta["key_stats"] == repr(StatsSpec.all())
+
+
+def test_python_dash_m_runs_the_package():
+    done = subprocess.run([sys.executable, "-m", "kernels.benchmark", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: python -m kernels.benchmark")
+
