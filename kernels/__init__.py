@@ -3,8 +3,10 @@
 Pure tensor operations; knows nothing of models. See :func:`attention`.
 """
 
+from kernels.context_parallel import context_parallel_attention, shard_indices, shard_ranges
 from kernels.dispatch import BACKENDS, attention
 from kernels.errors import AttentionInputError, KernelFallbackWarning
+from kernels.merge import merge_attention, part_spec
 from kernels.reference import pattern_stats
 from kernels.spec import AttentionStats, StatsSpec
 
@@ -15,5 +17,10 @@ __all__ = [
     "KernelFallbackWarning",
     "StatsSpec",
     "attention",
+    "context_parallel_attention",
+    "merge_attention",
+    "part_spec",
     "pattern_stats",
+    "shard_indices",
+    "shard_ranges",
 ]
