@@ -8,6 +8,8 @@ measure what that does to a metric.
   input (the reference inputs must be at least as long).
 
 Works together with statistics recording (ablate inside ``instrument``, or the other way round).
+Every function takes a model or its :class:`~workbench.adapters.ModelAdapter`; the experiments
+resolve the adapter once and pass it along.
 
 Example:
     >>> metric = needle_accuracy(needle_samples(model.tokenizer, [512], [0.2, 0.5, 0.8], 8))
@@ -15,6 +17,7 @@ Example:
     ...     metric(model)
     >>> scan_heads(model, metric)                    # every head alone: layer, head, value, delta
     >>> cumulative(model, metric, rank_heads(run, "retrieval"), ks=[1, 2, 4])
+    >>> run_ablation(run, model, AblationSettings(rank_by="retrieval", ks=(1, 2)))  # all of it, into the run
 """
 
 from __future__ import annotations
@@ -22,69 +25,76 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from workbench.adapters import adapter_for
+from workbench.adapters import ModelAdapter, adapter_for
 from workbench.errors import WorkbenchError
 from workbench.runs import Run
 from workbench.tasks import TaskSample, second_copy_start
 
 Head = tuple[int, int]
-Metric = Callable[[torch.nn.Module], float]
+Model = torch.nn.Module | ModelAdapter
+#: A function of the model (called with what the experiment was given: a model or its adapter)
+#: that returns one number.
+Metric = Callable[[Model], float]
 METHODS = ("zero", "mean", "resample")
+CONTROLS = ("all", "same_layers")
 
 
-def all_heads(model) -> list[Head]:
+def all_heads(model: Model) -> list[Head]:
+    """Every ``(layer, head)`` of the model, layer by layer."""
     adapter = adapter_for(model)
     n_heads, _ = adapter.head_shape
     return [(layer, head) for layer in range(adapter.n_layers) for head in range(n_heads)]
 
 
-def check_heads(model, heads: Iterable[Head]) -> list[Head]:
+def check_heads(model: Model, heads: Iterable[Head]) -> list[Head]:
     """The heads as ``(layer, head)`` tuples; :class:`WorkbenchError` for an empty set or heads
     out of range."""
     heads = [tuple(int(x) for x in h) for h in heads]
     if not heads:
         raise WorkbenchError("the set of heads to ablate is empty")
-    valid = set(all_heads(model))
+    adapter = adapter_for(model)
+    valid = set(all_heads(adapter))
     bad = [h for h in heads if h not in valid]
     if bad:
-        adapter = adapter_for(model)
         raise WorkbenchError(f"heads {bad} out of range: the model has {adapter.n_layers} layers of "
                              f"{adapter.head_shape[0]} heads (layer and head count from 0)")
     return heads
 
 
 @torch.no_grad()
-def head_outputs(model, ids: torch.Tensor) -> dict[int, torch.Tensor]:
+def head_outputs(model: Model, ids: torch.Tensor) -> dict[int, torch.Tensor]:
     """Every layer's ``z [batch, tokens, head, d_head]`` on ``ids [batch, tokens]``."""
     adapter = adapter_for(model)
     seen: dict[int, torch.Tensor] = {}
     remove = adapter.z_hooks(lambda layer, z: seen.__setitem__(layer, z.detach().clone()))
     try:
-        adapter.logits(ids.to(next(model.parameters()).device))
+        adapter.logits(ids.to(adapter.device))
     finally:
         remove()
     return seen
 
 
 @contextmanager
-def ablate(model, heads: Iterable[Head], method: str = "zero", reference: torch.Tensor | None = None,
+def ablate(model: Model, heads: Iterable[Head], method: str = "zero", reference: torch.Tensor | None = None,
            seed: int = 0) -> Iterator[list[Head]]:
     """Within the block, ``heads`` are ablated with ``method`` in every forward pass.
     ``reference [batch, tokens]``: token ids for ``mean`` and ``resample``."""
-    heads = check_heads(model, heads)
-    if method not in METHODS:
-        raise WorkbenchError(f"unknown ablation method {method!r}; choose one of: {', '.join(METHODS)}")
+    adapter = adapter_for(model)
+    heads = check_heads(adapter, heads)
+    _check_method(method)
     if method != "zero" and reference is None:
         raise WorkbenchError(f"{method} ablation needs reference token ids (reference=[batch, tokens])")
     by_layer: dict[int, list[int]] = {}
     for layer, head in heads:
         by_layer.setdefault(layer, []).append(head)
-    ref = head_outputs(model, reference) if method != "zero" else {}
+    ref = head_outputs(adapter, reference) if method != "zero" else {}
     gen = torch.Generator().manual_seed(seed)
 
     def edit(layer: int, z: torch.Tensor) -> torch.Tensor | None:
@@ -105,11 +115,16 @@ def ablate(model, heads: Iterable[Head], method: str = "zero", reference: torch.
             z[:, :, chosen] = source[rows, : z.shape[1]][:, :, chosen].to(z.dtype)
         return z
 
-    remove = adapter_for(model).z_hooks(edit)
+    remove = adapter.z_hooks(edit)
     try:
         yield heads
     finally:
         remove()
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise WorkbenchError(f"unknown ablation method {method!r}; choose one of: {', '.join(METHODS)}")
 
 
 # Metrics: functions of the model that return one number (higher or lower is better, as named).
@@ -125,12 +140,12 @@ def _groups(keys: Sequence, size: int) -> Iterator[list[int]]:
 
 
 @torch.no_grad()
-def _teacher_forced(model, samples: Sequence[TaskSample], batch_size: int) -> list[tuple[float, bool]]:
+def _teacher_forced(model: Model, samples: Sequence[TaskSample], batch_size: int) -> list[tuple[float, bool]]:
     """For each needle sample: (log-probability of the answer, whether greedy decoding would
     produce it exactly). Greedy decoding reproduces the answer iff the argmax is right at every
     answer position given the right prefix, so one teacher-forced forward decides both."""
     adapter = adapter_for(model)
-    device = next(model.parameters()).device
+    device = adapter.device
     results: list[tuple[float, bool]] = [(0.0, False)] * len(samples)
     for chunk in _groups([(len(s.ids), len(s.answer)) for s in samples], batch_size):
         batch = torch.stack([torch.cat([samples[i].ids, samples[i].answer[:-1]]) for i in chunk])
@@ -174,10 +189,10 @@ def induction_accuracy(samples: Sequence[TaskSample], batch_size: int = 8) -> Me
 
 
 @torch.no_grad()
-def _next_token(model, samples, batch_size: int, first: Callable[[TaskSample], int]) -> tuple[float, float]:
+def _next_token(model: Model, samples, batch_size: int, first: Callable[[TaskSample], int]) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) of next-token prediction on the rows from ``first(sample)``."""
     adapter = adapter_for(model)
-    device = next(model.parameters()).device
+    device = adapter.device
     loss, correct, count = 0.0, 0, 0
     for chunk in _groups([(len(s.ids), first(s)) for s in samples], batch_size):
         batch = torch.stack([samples[i].ids for i in chunk]).to(device)
@@ -193,39 +208,43 @@ def _next_token(model, samples, batch_size: int, first: Callable[[TaskSample], i
 
 def logit_difference(ids: torch.Tensor, token_a: int, token_b: int) -> Metric:
     """Mean over ``ids [batch, tokens]`` of logit(a) - logit(b) at the last position."""
-    def metric(model) -> float:
+    def metric(model: Model) -> float:
+        adapter = adapter_for(model)
         with torch.no_grad():
-            last = adapter_for(model).logits(ids.to(next(model.parameters()).device))[:, -1].float()
+            last = adapter.logits(ids.to(adapter.device))[:, -1].float()
         return float((last[:, token_a] - last[:, token_b]).mean())
     return metric
 
 
 # Experiments.
 
-def scan_heads(model, metric: Metric, method: str = "zero", reference: torch.Tensor | None = None,
+def scan_heads(model: Model, metric: Metric, method: str = "zero", reference: torch.Tensor | None = None,
                progress: bool = True) -> pd.DataFrame:
-    """Every head ablated alone: ``layer, head, value, baseline, delta`` (value - baseline)."""
+    """Every head ablated alone: ``layer, head, value, baseline, delta`` (value - baseline).
+    ``metric`` is called with ``model`` as given."""
+    adapter = adapter_for(model)
     baseline = metric(model)
     rows = []
-    for layer, head in tqdm(all_heads(model), desc="ablating heads", unit="head", disable=not progress):
-        with ablate(model, [(layer, head)], method, reference):
+    for layer, head in tqdm(all_heads(adapter), desc="ablating heads", unit="head", disable=not progress):
+        with ablate(adapter, [(layer, head)], method, reference):
             value = metric(model)
         rows.append((layer, head, value, baseline, value - baseline))
     return pd.DataFrame(rows, columns=["layer", "head", "value", "baseline", "delta"])
 
 
-def cumulative(model, metric: Metric, ranking: Sequence[Head], ks: Sequence[int], draws: int = 5,
+def cumulative(model: Model, metric: Metric, ranking: Sequence[Head], ks: Sequence[int], draws: int = 5,
                method: str = "zero", reference: torch.Tensor | None = None, seed: int = 0,
                control: str = "all", progress: bool = True) -> pd.DataFrame:
     """The masking experiment of Wu et al.: the top-``k`` heads of ``ranking`` ablated together,
     against ``draws`` sets of ``k`` random heads outside the top ``k``: from all layers
     (``control="all"``) or from the layers the top ``k`` sit in (``"same_layers"``, which
     controls for depth: in a small model every early head may feed the later ones).
-    Rows ``k, selection ("top" | "random" | "none"), draw, heads, value``."""
-    if control not in ("all", "same_layers"):
-        raise WorkbenchError(f"control must be 'all' or 'same_layers', got {control!r}")
-    ranking = check_heads(model, ranking)
-    everyone = all_heads(model)
+    Rows ``k, selection ("top" | "random" | "none"), draw, heads, value``; ``metric`` is
+    called with ``model`` as given."""
+    _check_control(control)
+    adapter = adapter_for(model)
+    ranking = check_heads(adapter, ranking)
+    everyone = all_heads(adapter)
     bad = [k for k in ks if not 1 <= k <= len(ranking) or k > len(everyone) - k]
     if bad or not ks:
         raise WorkbenchError(f"k must lie in 1..{min(len(ranking), len(everyone) // 2)} (the ranking has "
@@ -241,9 +260,14 @@ def cumulative(model, metric: Metric, ranking: Sequence[Head], ks: Sequence[int]
                                  "same-layer control; use control='all' or a smaller k")
         jobs += [(k, "random", d, rng.sample(others, k)) for d in range(draws)]
     for k, selection, draw, heads in tqdm(jobs, desc="ablating head sets", unit="set", disable=not progress):
-        with ablate(model, heads, method, reference, seed=seed):
+        with ablate(adapter, heads, method, reference, seed=seed):
             rows.append((k, selection, draw, " ".join(f"{l}.{h}" for l, h in heads), metric(model)))
     return pd.DataFrame(rows, columns=["k", "selection", "draw", "heads", "value"])
+
+
+def _check_control(control: str) -> None:
+    if control not in CONTROLS:
+        raise WorkbenchError(f"control must be 'all' or 'same_layers', got {control!r}")
 
 
 def rank_heads(run: Run, score: str, task: str | None = None) -> list[Head]:
@@ -262,3 +286,159 @@ def rank_heads(run: Run, score: str, task: str | None = None) -> list[Head]:
         raise WorkbenchError(f"{score} was not scored on task {task!r}; it was on: {', '.join(tasks)}")
     rows = rows.sort_values("value", ascending=False, na_position="last")
     return [(int(r.layer), int(r.head)) for r in rows.itertuples()]
+
+
+# The masking experiment as one call (what `workbench ablate` runs).
+
+#: Metric (the function of that name in this module) -> the task whose samples it needs.
+METRICS = {
+    "needle_accuracy": "niah",
+    "answer_logprob": "niah",
+    "induction_accuracy": "repeats",
+    "text_loss": "text",
+}
+#: The metric a task is measured by when none is named.
+DEFAULT_METRIC = {"niah": "needle_accuracy", "repeats": "induction_accuracy", "text": "text_loss"}
+#: Offset of the sample seed from the experiment's seed: fresh samples, not the ones the run's
+#: scores came from.
+FRESH_SAMPLES = 10_000
+
+
+def check_length(model: Model, length: int) -> None:
+    """Refuse samples longer than the model's context (the model would fail on them)."""
+    context = adapter_for(model).context
+    if context is not None and length > context:
+        raise WorkbenchError(f"--length {length} is longer than the model's context of {context} tokens")
+
+
+@dataclass(frozen=True)
+class AblationSettings:
+    """One masking experiment: the top-``k`` heads of a run's ``rank_by`` score ablated
+    together with ``method``, against ``draws`` sets of ``k`` random heads (``control``: from
+    all layers or from the top heads' layers), measured by ``metric`` on fresh ``task``
+    samples; ``scan`` also ablates every head alone.
+
+    ``metric`` None: the task's :data:`DEFAULT_METRIC`. ``length`` None: the run's shortest
+    length. ``samples``: samples (niah: per depth of ``depths``). ``seed`` seeds the samples
+    (offset by :data:`FRESH_SAMPLES`) and the random head sets. Refused at construction
+    (:class:`WorkbenchError`): an unknown task, method or control, a metric of another task,
+    resampling on niah (its reference inputs would be shorter), repeats samples too short to
+    repeat, fewer than one sample or draw.
+    """
+
+    rank_by: str = "retrieval"
+    score_task: str | None = None
+    ks: tuple[int, ...] = (1, 2, 4)
+    task: str = "niah"
+    metric: str | None = None
+    method: str = "zero"
+    length: int | None = None
+    samples: int = 8
+    depths: tuple[float, ...] = (0.2, 0.5, 0.8)
+    draws: int = 5
+    control: str = "all"
+    scan: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ks", tuple(int(k) for k in self.ks))
+        object.__setattr__(self, "depths", tuple(float(d) for d in self.depths))
+        if self.task not in DEFAULT_METRIC:
+            raise WorkbenchError(f"unknown task {self.task!r}; choose from: {', '.join(DEFAULT_METRIC)}")
+        metric = self.metric or DEFAULT_METRIC[self.task]
+        if METRICS.get(metric) != self.task:
+            valid = [m for m, t in METRICS.items() if t == self.task]
+            raise WorkbenchError(f"metric {metric!r} does not fit task {self.task}; choose from: {', '.join(valid)}")
+        object.__setattr__(self, "metric", metric)
+        _check_method(self.method)
+        if self.method == "resample" and self.task == "niah":
+            raise WorkbenchError("resample ablation needs reference inputs as long as the measured ones: use it with "
+                                 "--task repeats or text, or --method mean")
+        _check_control(self.control)
+        if self.samples < 1 or self.draws < 1:
+            raise WorkbenchError(f"samples and draws must be at least 1, got {self.samples} and {self.draws}")
+        if self.length is not None and self.task == "repeats" and (self.length - 1) // 2 < 2:
+            raise WorkbenchError(f"--length {self.length} is too short for repeats samples: give at least 5 tokens")
+
+    @property
+    def config(self) -> dict:
+        """The columns every row of the experiment's tables carries (and its manifest entry)."""
+        return {"rank_by": self.rank_by, "task": self.task, "metric": self.metric, "method": self.method,
+                "length": self.length, "control": self.control}
+
+    @property
+    def table_name(self) -> str:
+        """The run table of the top-k against random experiment."""
+        return f"ablation_{self.rank_by}_{self.metric}_{self.method}_{self.control}"
+
+    @property
+    def scan_name(self) -> str:
+        """The run table of the single-head scan."""
+        return f"scan_{self.metric}_{self.method}"
+
+    def samples_for(self, tokenizer, text: str | None = None) -> list[TaskSample]:
+        """The fresh samples the metric is measured on (``text``: the text source of the text
+        task, as :func:`workbench.tasks.text_samples` takes it); needs ``length`` set."""
+        from workbench.tasks import needle_samples, repeat_samples, text_samples
+
+        if self.length is None:
+            raise WorkbenchError("the ablation's sample length is not set")
+        seed = self.seed + FRESH_SAMPLES
+        if self.task == "niah":
+            return needle_samples(tokenizer, [self.length], list(self.depths), self.samples, seed=seed)
+        if self.task == "repeats":
+            return repeat_samples(tokenizer, (self.length - 1) // 2, 2, self.samples, seed=seed)
+        return text_samples(tokenizer, text, self.length, self.samples)
+
+
+@dataclass
+class AblationResult:
+    """What :func:`run_ablation` wrote: the settings it ran with (``length`` resolved), the
+    top-k table (:func:`cumulative`'s rows plus :attr:`AblationSettings.config`), the scan
+    (or None), and the table's file."""
+
+    settings: AblationSettings
+    table: pd.DataFrame
+    scan: pd.DataFrame | None
+    path: Path
+
+
+def run_ablation(run: Run | str | Path, model: Model, settings: AblationSettings,
+                 progress: bool = True) -> AblationResult:
+    """Wu et al.'s masking experiment on a run folder: rank the heads by the run's score,
+    sample fresh inputs, ablate, and write the tables (:attr:`AblationSettings.table_name`,
+    :attr:`~AblationSettings.scan_name`), their figures (``figures/``) and an entry in the
+    manifest's ``ablations`` (replacing one of the same table) into the run."""
+    from workbench.models import task_tokenizer
+    from workbench.plots import ablation_curve, head_map, save_figures
+
+    run = run if isinstance(run, Run) else Run.open(run)
+    recorded = run.manifest["settings"]
+    ranking = rank_heads(run, settings.rank_by, settings.score_task)
+    adapter = adapter_for(model)
+    if settings.length is None:
+        settings = replace(settings, length=min(recorded["lengths"]))  # checked again
+    check_length(adapter, settings.length)
+    items = settings.samples_for(task_tokenizer(adapter.model), recorded.get("text"))
+    measure = globals()[settings.metric](items)
+    reference = torch.stack([s.ids for s in items]) if settings.method != "zero" else None
+    config = settings.config
+    table = cumulative(adapter, measure, ranking, settings.ks, draws=settings.draws, method=settings.method,
+                       reference=reference, seed=settings.seed, control=settings.control,
+                       progress=progress).assign(**config)
+    name, metric = settings.table_name, settings.metric
+    run.write_table(name, table)
+    figures = {name: ablation_curve(table, metric)}
+    scanned = None
+    if settings.scan:
+        scanned = scan_heads(adapter, measure, settings.method, reference, progress=progress).assign(**config)
+        run.write_table(settings.scan_name, scanned)
+        figures[settings.scan_name] = head_map(
+            scanned.assign(score=f"{metric} change when ablated alone", value=scanned["delta"], task=settings.task),
+            f"{metric} change when ablated alone")
+    warnings = save_figures(figures, run.path / "figures")
+    entries = [a for a in run.manifest.get("ablations", []) if a.get("table") != name]
+    run.manifest["ablations"] = entries + [{**config, "k": list(settings.ks), "draws": settings.draws,
+                                            "samples": len(items), "table": name, "figure_warnings": warnings}]
+    run.save_manifest()
+    return AblationResult(settings, table, scanned, run.path / f"{name}.parquet")

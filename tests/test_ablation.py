@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import inspect
+import json
+import shutil
+
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from probes import ablation
-from probes.cli import register
+from probes.ablation import AblationSettings
+from probes.cli import ablate, register
 from tests.conftest import SEED
 from workbench import WorkbenchError, instrument, load_model
 from workbench.adapters import adapter_for
+from workbench.adapters.transformer_lens import TransformerLensAdapter
 from workbench.cli import app
+from workbench.console import parse_list
 from workbench.runs import Run
 from workbench.scoring import ScoreRunSettings, score_model
 from workbench.scoring.formulas import ScoreSettings, stats_spec
@@ -197,3 +204,85 @@ def test_the_workbench_command_has_the_probes_commands():
                          env={"COLUMNS": "200", "PATH": "", "HOME": "/tmp"})
     assert out.returncode == 0, out.stderr
     assert "ablate" in out.stdout and "sae" in out.stdout and "score" in out.stdout
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"task": "haystack"}, "unknown task 'haystack'; choose from: niah, repeats, text"),
+    ({"task": "niah", "metric": "text_loss"}, "metric 'text_loss' does not fit task niah; choose from: "
+                                              "needle_accuracy, answer_logprob"),
+    ({"task": "repeats", "metric": "nope"}, "choose from: induction_accuracy"),
+    ({"method": "resample"}, "resample ablation needs reference inputs"),
+    ({"method": "shuffle", "task": "text"}, "unknown ablation method 'shuffle'"),
+    ({"control": "nearby"}, "control must be 'all' or 'same_layers'"),
+    ({"task": "repeats", "length": 4}, "--length 4 is too short for repeats samples"),
+    ({"draws": 0}, "samples and draws must be at least 1"),
+    ({"samples": 0}, "samples and draws must be at least 1"),
+], ids=["task", "metric-of-another-task", "metric-unknown", "resample-niah", "method", "control", "repeats-short",
+        "draws", "samples"])
+def test_ablation_settings_refuse_what_the_experiment_cannot_run(kwargs, match):
+    with pytest.raises(WorkbenchError, match=match):
+        AblationSettings(**kwargs)
+
+
+def test_ablation_settings_resolve_defaults_and_build_their_samples(zoo):
+    """The metric defaults to the task's; names and config are what the manifest records; the
+    needle samples come from ``depths``, with the seed offset from the experiment's."""
+    assert [AblationSettings(task=t).metric for t in ("niah", "repeats", "text")] == [
+        "needle_accuracy", "induction_accuracy", "text_loss"]
+    settings = AblationSettings(rank_by="retrieval", ks=[1, 2], length=128, samples=2, depths=[0.25, 0.75])
+    assert settings.ks == (1, 2) and settings.depths == (0.25, 0.75)
+    assert settings.table_name == "ablation_retrieval_needle_accuracy_zero_all"
+    assert settings.scan_name == "scan_needle_accuracy_zero"
+    assert settings.config == {"rank_by": "retrieval", "task": "niah", "metric": "needle_accuracy",
+                               "method": "zero", "length": 128, "control": "all"}
+    items = settings.samples_for(zoo.tokenizer)
+    want = needle_samples(zoo.tokenizer, [128], [0.25, 0.75], 2, seed=ablation.FRESH_SAMPLES)
+    assert len(items) == 4 and all(torch.equal(a.ids, b.ids) for a, b in zip(items, want))
+    with pytest.raises(WorkbenchError, match="length is not set"):
+        AblationSettings().samples_for(zoo.tokenizer)
+
+
+def test_the_ablate_options_default_to_the_settings():
+    """`workbench ablate` takes its defaults from AblationSettings, not from literals of its own."""
+    options = {name: p.default.default for name, p in inspect.signature(ablate).parameters.items()}
+    defaults = AblationSettings()
+    assert parse_list(options["k"], int) == defaults.ks
+    for name in ("rank_by", "score_task", "task", "method", "length", "samples", "draws", "control", "scan", "seed"):
+        assert options[name] == getattr(defaults, name), name
+    assert options["metric"] is None  # the task's default metric, resolved by the settings
+
+
+def test_run_ablation_resolves_the_adapter_once_and_writes_what_the_explorer_reads(zoo, scored, tmp_path,
+                                                                                     monkeypatch):
+    """One adapter for the whole experiment (scan included); the table, scan, figure and
+    manifest entry have the names and columns `workbench ablate` gives them."""
+    run = Run.open(shutil.copytree(scored.path, tmp_path / "run"))
+    built = []
+    init = TransformerLensAdapter.__init__
+
+    def counting(self, model):
+        built.append(model)
+        init(self, model)
+
+    monkeypatch.setattr(TransformerLensAdapter, "__init__", counting)
+    settings = AblationSettings(rank_by="induction", ks=(1,), task="repeats", samples=2, draws=2, scan=True,
+                                seed=SEED)
+    result = ablation.run_ablation(run.path, zoo, settings, progress=False)
+    assert len(built) == 1
+    assert result.settings.length == 256  # the run's shortest
+    name = "ablation_induction_induction_accuracy_zero_all"
+    assert result.path == run.path / f"{name}.parquet"
+    reopened = Run.open(run.path)
+    table = reopened.table(name)
+    assert list(table.columns) == ["k", "selection", "draw", "heads", "value", "rank_by", "task", "metric",
+                                   "method", "length", "control"]
+    assert len(table) == 1 + 1 + 2 and (table["value"].to_numpy() == result.table["value"].to_numpy()).all()
+    assert len(reopened.table("scan_induction_accuracy_zero")) == 8
+    assert (run.path / "figures" / f"{name}.html").exists()
+    entry = reopened.manifest["ablations"][-1]
+    assert {k: entry[k] for k in ("table", "k", "draws", "samples", "metric", "length")} == {
+        "table": name, "k": [1], "draws": 2, "samples": 2, "metric": "induction_accuracy", "length": 256}
+    json.dumps(reopened.manifest)  # the manifest stays plain JSON
+    # running again replaces the entry of the same table instead of adding one
+    ablation.run_ablation(reopened, zoo, settings, progress=False)
+    assert [a["table"] for a in Run.open(run.path).manifest["ablations"]].count(name) == 1

@@ -482,3 +482,49 @@ def test_sae_out_and_eval_refusals(cli, tmp_path):
     refused(cli("sae", "train", "--layer", "0", "--out", afile), "is a file, not a folder")
     refused(cli("sae", "eval", tmp_path, "--layer", "0", "--length", "4096"), "longer than the model's context")
     refused(cli("sae", "eval", tmp_path / "missing", "--layer", "0"), "holds no sae-lens SAE (no cfg.json)")
+
+
+EARLY_ABLATE_REFUSALS = {
+    "method": (["--method", "shuffle"], ["unknown ablation method 'shuffle'"]),
+    "control": (["--control", "nearby"], ["control must be 'all' or 'same_layers'"]),
+    "length-too-short": (["--length", "4"], ["--length 4 is too short for repeats samples"]),
+    "metric-of-another-task": (["--metric", "needle_accuracy"], ["does not fit task repeats"]),
+    "k-not-integers": (["--k", "1,two"], ["--k must be comma-separated integers, got '1,two'"]),
+    "score-missing": (["--rank-by", "retrieval"], ["no 'retrieval' score"]),
+}
+
+
+@pytest.mark.parametrize("args, fragments", EARLY_ABLATE_REFUSALS.values(), ids=EARLY_ABLATE_REFUSALS.keys())
+def test_ablate_refuses_bad_settings_before_the_model_loads(cli, scored_run, monkeypatch, args, fragments):
+    def too_late(*args, **kwargs):
+        raise AssertionError("the model loaded before the bad settings were refused")
+
+    monkeypatch.setattr(workbench.zoo, "load", too_late)
+    before = snapshot(scored_run)
+    refused(cli("ablate", "--run", scored_run, "--rank-by", "induction", "--task", "repeats", "--k", "1",
+                "--samples", "1", "--draws", "1", "--length", "33", *args), *fragments)
+    assert snapshot(scored_run) == before
+
+
+EARLY_SAE_REFUSALS = {
+    "architecture": (["--architecture", "gated"], ["unknown SAE architecture 'gated'; choose one of: standard, topk"]),
+    "k-above-d-sae": (["--k", "9", "--d-sae", "8"], ["--k 9 active features cannot exceed --d-sae 8"]),
+    "out-is-a-file": (["--out", "afile"], ["is a file, not a folder"]),
+}
+
+
+@pytest.mark.parametrize("args, fragments", EARLY_SAE_REFUSALS.values(), ids=EARLY_SAE_REFUSALS.keys())
+def test_sae_train_refuses_bad_settings_before_the_model_loads(cli, tmp_path, monkeypatch, args, fragments):
+    def too_late(*args, **kwargs):
+        raise AssertionError("the model loaded before the bad settings were refused")
+
+    monkeypatch.setattr(workbench.zoo, "load", too_late)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    refused(cli("sae", "train", "--layer", "0", "--out", "sae", *args), *fragments)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"] and (tmp_path / "afile").read_text() == "x"
+
+
+def test_sae_eval_refuses_a_negative_layer_before_the_model_loads(cli, tmp_path, monkeypatch):
+    monkeypatch.setattr(workbench.zoo, "load", lambda *args, **kwargs: pytest.fail("the model loaded"))
+    refused(cli("sae", "eval", tmp_path, "--layer", "-1"), "an SAE evaluation needs layer >= 0")

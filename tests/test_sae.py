@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -9,9 +10,11 @@ import torch
 from typer.testing import CliRunner
 
 from probes import sae as saes
-from probes.cli import register
+from probes.cli import register, sae_eval, sae_train
+from probes.sae import SAE_BATCH, SAEEvalSettings, SAETrainSettings
 from tests.conftest import SEED
 from workbench import WorkbenchError, load_model
+from workbench.adapters.transformer_lens import TransformerLensAdapter
 from workbench.cli import app
 from workbench.tasks import text_samples
 from workbench.zoo import ZOO, build
@@ -105,3 +108,85 @@ def test_sae_commands(tmp_path):
     assert result.exit_code == 0 and "ce_loss_recovered" in result.output, result.output
     result = runner.invoke(app, ["sae", "eval", str(out), "--layer", "0", "--device", "cpu"])
     assert result.exit_code == 2 and "not blocks.0.attn.hook_z" in " ".join(result.output.split())
+
+
+SAE_REFUSALS = {
+    "architecture": ({"architecture": "gated"}, "unknown SAE architecture 'gated'; choose one of: standard, topk"),
+    "d-sae-0": ({"d_sae": 0}, "at least 1 feature, got d_sae 0"),
+    "k-0": ({"k": 0}, "at least 1 active feature, got k 0"),
+    "k-above-d-sae": ({"k": 64, "d_sae": 32}, "--k 64 active features cannot exceed --d-sae 32"),
+    "negative-l1": ({"architecture": "standard", "l1_coefficient": -0.5}, "L1 coefficient must be >= 0"),
+    "nan-l1": ({"architecture": "standard", "l1_coefficient": float("nan")}, "L1 coefficient must be >= 0"),
+    "one-step": ({"training_tokens": 1500}, "fewer than two batches of 1024"),
+    "batch-0": ({"batch": 0}, "the batch must hold at least 1 activation, got 0"),
+    "lr-0": ({"lr": 0.0}, "learning rate must be > 0"),
+}
+
+
+@pytest.mark.parametrize("kwargs, match", SAE_REFUSALS.values(), ids=SAE_REFUSALS.keys())
+def test_train_sae_refuses_bad_settings_before_any_work(zoo, kwargs, match):
+    """train_sae checks its arguments first (no samples: any work would fail otherwise), and
+    SAETrainSettings refuses the same settings."""
+    with pytest.raises(WorkbenchError, match=match):
+        saes.train_sae(zoo, 0, [], **kwargs)
+    with pytest.raises(WorkbenchError, match=match):
+        SAETrainSettings(layer=0, **kwargs)
+
+
+def test_sae_settings_refuse_bad_counts_and_name_their_folder():
+    # a standard SAE ignores k, so k above d_sae is fine there
+    assert SAETrainSettings(layer=0, architecture="standard", d_sae=4, k=8).k == 8
+    for kwargs, match in (({"layer": -1}, "layer must be >= 0"), ({"layer": 0, "samples": 1}, "at least 2 samples"),
+                          ({"layer": 0, "length": 1}, "of at least 2 tokens")):
+        with pytest.raises(WorkbenchError, match=match):
+            SAETrainSettings(**kwargs)
+    for kwargs in ({"layer": -1}, {"layer": 0, "samples": 0}, {"layer": 0, "length": 1}):
+        with pytest.raises(WorkbenchError, match="an SAE evaluation needs"):
+            SAEEvalSettings(**kwargs)
+    settings = SAETrainSettings(layer=1, architecture="standard")
+    assert str(settings.default_folder("org/model:v1")) == "saes/org_model_v1-L1-standard"
+    assert SAETrainSettings(layer=0).batch == SAE_BATCH
+
+
+def test_the_sae_options_default_to_the_settings():
+    """`workbench sae train` and `sae eval` take their defaults from the settings dataclasses."""
+    train = {name: p.default.default for name, p in inspect.signature(sae_train).parameters.items()}
+    defaults = SAETrainSettings(layer=0)
+    for option, field in (("architecture", "architecture"), ("d_sae", "d_sae"), ("k", "k"), ("l1", "l1_coefficient"),
+                          ("samples", "samples"), ("length", "length"), ("tokens", "training_tokens"),
+                          ("text", "text"), ("seed", "seed")):
+        assert train[option] == getattr(defaults, field), option
+    evaluation = {name: p.default.default for name, p in inspect.signature(sae_eval).parameters.items()}
+    for name in ("samples", "length", "text"):
+        assert evaluation[name] == getattr(SAEEvalSettings(layer=0), name), name
+
+
+def test_train_and_evaluate_writes_the_folder_with_one_adapter(zoo, tmp_path, monkeypatch):
+    """The Python API of `workbench sae train`: one adapter for the whole flow; the SAE, its
+    evaluation (the returned metrics) and the three tables; evaluate_saved reads it back."""
+    built = []
+    init = TransformerLensAdapter.__init__
+
+    def counting(self, model):
+        built.append(model)
+        init(self, model)
+
+    monkeypatch.setattr(TransformerLensAdapter, "__init__", counting)
+    settings = SAETrainSettings(layer=1, d_sae=32, k=4, samples=8, length=128, training_tokens=4 * SAE_BATCH,
+                                seed=SEED)
+    out = tmp_path / "sae"
+    metrics = saes.train_and_evaluate(zoo, settings, out)
+    assert len(built) == 1
+    assert json.loads((out / "evaluation.json").read_text()) == pytest.approx(metrics, nan_ok=True)
+    assert {"cfg.json", "sae_weights.safetensors", "evaluation.json", "head_attribution.parquet",
+            "top_contexts.parquet", "direct_attribution.parquet"} <= {p.name for p in out.iterdir()}
+    assert metrics["l0"] == pytest.approx(4) and metrics["tokens"] == 2 * 128  # two held-out samples
+    again = saes.evaluate_saved(zoo, out, SAEEvalSettings(layer=1, samples=2, length=128))
+    assert again["tokens"] == 2 * 128 and again["l0"] == pytest.approx(4)
+    with pytest.raises(WorkbenchError, match="longer than the model's context of 2048"):
+        saes.train_and_evaluate(zoo, SAETrainSettings(layer=1, length=4096), tmp_path / "other")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(WorkbenchError, match="is a file, not a folder"):
+        saes.train_and_evaluate(zoo, settings, afile)
+    assert not (tmp_path / "other").exists() and afile.read_text() == "x"
