@@ -147,7 +147,8 @@ def score(
     sink_tokens: int = typer.Option(ScoreRunSettings.sink_tokens, help="Keys that count as the attention sink."),
     window: int = typer.Option(ScoreRunSettings.window, help="Recent-key window of the streaming score."),
     seed: int = typer.Option(ScoreRunSettings.seed, help="Seed of the samples (and of random models' weights)."),
-    device: str = typer.Option(None, help="cpu, cuda, cuda:1, ... (default: CUDA when available)."),
+    device: str = typer.Option(None, help="cpu, cuda, cuda:1, ... (default: CUDA when available; under torchrun "
+                               "cuda:LOCAL_RANK)."),
     dtype: str = typer.Option(None, help="float32, float16 or bfloat16 (default: the model's own)."),
     backend: str = typer.Option(ScoreRunSettings.backend, help="Kernel backend: auto, triton or reference."),
     out: Path = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<model>)."),
@@ -159,7 +160,12 @@ def score(
 
     Writes a run folder (manifest.json, head_scores.parquet, profiles.parquet, retrieval.parquet,
     figures/) and prints the top heads per score. Rerunning the same command resumes an
-    interrupted run."""
+    interrupted run. Under `torchrun --nproc_per_node=N -m workbench score ...` the N processes
+    share the samples (docs/scale-out.md)."""
+    import io
+    from contextlib import nullcontext, redirect_stdout
+
+    from workbench import distributed
     from workbench.models import load_model
     from workbench.scoring import defaults_for, score_model
     from workbench.zoo import DEFAULT_MODEL
@@ -177,13 +183,17 @@ def score(
         lengths=parse_list(lengths, token_count, "--lengths", "integers (k = 1024)") if lengths else ScoreRunSettings.lengths,
         samples=samples, depths=parse_list(depths, float, "--depths", "fractions"), repeats=repeats, text=text,
         sink_tokens=sink_tokens, window=window, seed=seed, dtype=dtype, backend=backend)
-    with console.status(f"loading {model}..."):
-        loaded = load_model(model, device=device, dtype=dtype, seed=seed)
-    default_lengths, default_scores = defaults_for(loaded, settings.tasks)
-    settings = replace(settings, lengths=settings.lengths if lengths else default_lengths,
-                       scores=settings.scores if scores else default_scores)
-    run = score_model(loaded, settings, out, resume=resume, force=force)
-    print_run(run, top)
+    first = distributed.rank() == 0  # under torchrun only rank 0 prints; errors print on every rank (stderr)
+    with nullcontext() if first else redirect_stdout(io.StringIO()):
+        with console.status(f"loading {model}...") if first else nullcontext():
+            loaded = load_model(model, device=device or distributed.default_device(), dtype=dtype, seed=seed)
+        default_lengths, default_scores = defaults_for(loaded, settings.tasks)
+        settings = replace(settings, lengths=settings.lengths if lengths else default_lengths,
+                           scores=settings.scores if scores else default_scores)
+        with distributed.process_group(next(loaded.parameters()).device):
+            run = score_model(loaded, settings, out, resume=resume, force=force, progress=first)
+    if first:
+        print_run(run, top)
 
 
 def print_run(run, top: int = 3) -> None:

@@ -1,0 +1,226 @@
+"""Data-parallel scoring under ``torchrun`` (issue 17): two CPU processes over gloo score the
+samples of one run between them, and the tables equal a single-process run's bit for bit.
+
+Each test starts ``python -m torch.distributed.run --standalone --nproc_per_node=2`` as a
+subprocess, either on ``-m workbench score`` itself or on a small driver script written to
+``tmp_path``; the driver is how a test changes one rank's behaviour (a rank that kills itself, a
+rank given other settings), since a monkeypatch cannot reach another process. Every launch has a
+timeout, so a rank waiting forever for another fails the test instead of hanging it. The
+reference is a single-process :func:`score_model` of the same settings in the test process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import SEED
+from workbench import distributed
+from workbench.errors import WorkbenchError
+from workbench.runs import SCORING_TABLES, Run
+from workbench.scoring import ScoreRunSettings, score_model
+
+SETTINGS = ScoreRunSettings(model="zoo-2l", tasks=("repeats", "niah"), lengths=(128,), samples=2, depths=(0.5,),
+                            seed=SEED % 10_000)
+#: The command-line form of SETTINGS (the CLI's defaults give the same scores).
+ARGS = ["--model", "zoo-2l", "--task", "repeats,niah", "--lengths", "128", "--samples", "2", "--depths", "0.5",
+        "--seed", str(SETTINGS.seed), "--device", "cpu"]
+KEYS = {"repeats-128-000", "repeats-128-001", "niah-128-d0.50-000", "niah-128-d0.50-001"}
+LAUNCH_TIMEOUT_S = 240  # per torchrun launch; a rank that waits forever fails the test here
+
+
+def _no_png(*args, **kwargs):
+    raise RuntimeError("PNG export switched off in the data-parallel tests")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Run:
+    """The single-process run of SETTINGS."""
+    import plotly.io as pio
+
+    from workbench.models import load_model
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pio, "write_images", _no_png)
+        return score_model(load_model("zoo-2l", device="cpu"), SETTINGS, tmp_path_factory.mktemp("dp") / "single",
+                           progress=False)
+
+
+#: A driver in place of ``-m workbench``: switches PNG export off, applies one rank's change,
+#: then runs the ``workbench`` command with the arguments after the mode.
+DRIVER = textwrap.dedent('''
+    import json, os, sys
+    from pathlib import Path
+
+    import plotly.io as pio
+
+    def no_png(*args, **kwargs):
+        raise RuntimeError("PNG export switched off")
+
+    pio.write_images = no_png
+    mode, log, args = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+    rank, attempt = int(os.environ["RANK"]), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if mode == "kill":  # rank 1 of the first attempt dies at its second sample, after its first part
+        import workbench.scoring.run as scoring
+        from workbench.runs import Run
+
+        score_sample, write_part, started = scoring.score_sample, Run.write_part, []
+
+        def logged(event, key):
+            with open(log, "a") as f:
+                f.write(json.dumps({"event": event, "key": key, "rank": rank, "attempt": attempt}) + "\\n")
+
+        def scoring_sample(adapter, unit, settings):
+            started.append(unit.key)
+            if rank == 1 and attempt == 0 and len(started) == 2:
+                os._exit(1)
+            logged("start", unit.key)
+            return score_sample(adapter, unit, settings)
+
+        def writing_part(self, key, frame):
+            write_part(self, key, frame)
+            logged("wrote", key)
+
+        scoring.score_sample, Run.write_part = scoring_sample, writing_part
+    elif mode == "mismatch" and rank == 1:  # rank 1 asks for another sample count
+        args[args.index("--samples") + 1] = "3"
+    from workbench.cli import main_cli
+
+    sys.argv = ["workbench", "score", *args]
+    main_cli()
+''')
+
+
+def _torchrun(cwd: Path, *command: str, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=2 [launcher options] command`` in ``cwd``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "120"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *launcher, *command]
+    try:
+        return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"torchrun did not end within {LAUNCH_TIMEOUT_S} s (a rank waiting forever?):\n"
+                    f"{exc.stdout}\n{exc.stderr}")
+
+
+def _driver(tmp_path: Path, mode: str, *args: str, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    return _torchrun(tmp_path, str(script), mode, str(tmp_path / "log.jsonl"), *args, launcher=launcher)
+
+
+def _shown(result: subprocess.CompletedProcess) -> str:
+    return f"exit status {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
+
+
+def _assert_same_tables(run: Run, reference: Run) -> None:
+    assert run.complete and run.tables() == reference.tables() == sorted(SCORING_TABLES)
+    for name in SCORING_TABLES:
+        pd.testing.assert_frame_equal(run.table(name), reference.table(name), check_exact=True)
+    assert run.manifest["summary"] == reference.manifest["summary"]
+
+
+def test_two_ranks_score_the_tables_of_one_process(tmp_path, reference):
+    """`torchrun ... -m workbench score` with the single-process arguments: the samples split
+    between the ranks, the same tables bit for bit, the table printed once (by rank 0)."""
+    out = tmp_path / "run"
+    result = _torchrun(tmp_path, "-m", "workbench", "score", *ARGS, "--out", str(out))
+    assert result.returncode == 0, _shown(result)
+    run = Run.open(out)
+    _assert_same_tables(run, reference)
+    assert run.manifest["world_size"] == 2
+    assert run.manifest["scored_by"] == {"repeats-128-000": 0, "repeats-128-001": 1,
+                                         "niah-128-d0.50-000": 0, "niah-128-d0.50-001": 1}
+    assert run.parts_done() == KEYS
+    assert result.stdout.count("top heads per score") == 1, _shown(result)
+    assert "error" not in result.stderr.lower(), _shown(result)
+
+
+def test_a_single_process_records_rank_zero(reference):
+    assert reference.manifest["world_size"] == 1
+    assert reference.manifest["scored_by"] == dict.fromkeys(KEYS, 0)
+
+
+def test_a_killed_rank_is_resumed_by_the_restarted_group(tmp_path, reference):
+    """Rank 1 dies after its first part; torchrun stops rank 0 and, under --max-restarts=1,
+    restarts both: the new group scores only the samples without a committed part, and the
+    tables are the single-process run's."""
+    out = tmp_path / "run"
+    result = _driver(tmp_path, "kill", *ARGS, "--out", str(out), launcher=("--max-restarts=1",))
+    assert result.returncode == 0, _shown(result)
+    events = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    started = [{e["key"] for e in events if e["event"] == "start" and e["attempt"] == a} for a in (0, 1)]
+    wrote_first = {e["key"] for e in events if e["event"] == "wrote" and e["attempt"] == 0}
+    killed_rank_part = {e["key"] for e in events if e["event"] == "wrote" and e["attempt"] == 0 and e["rank"] == 1}
+    assert len(killed_rank_part) == 1, events  # rank 1 committed one part, then died
+    assert started[1] <= KEYS - wrote_first, events  # no committed part is scored again
+    assert started[1] >= KEYS - started[0], events  # every sample never started is scored
+    run = Run.open(out)
+    _assert_same_tables(run, reference)
+    assert run.parts_done() == KEYS and not list(out.rglob(".*.tmp"))
+    assert run.manifest["world_size"] == 2 and set(run.manifest["scored_by"]) == KEYS
+    assert run.manifest["scored_by"][killed_rank_part.pop()] == 1
+
+
+def test_ranks_given_different_settings_stop_with_the_differing_field(tmp_path):
+    """Rank 1 asks for 3 samples, rank 0 for 2: both ranks refuse, naming the field, before
+    anything is written (and neither waits for the other)."""
+    out = tmp_path / "run"
+    result = _driver(tmp_path, "mismatch", *ARGS, "--out", str(out))
+    assert result.returncode != 0, _shown(result)
+    message = "error: the ranks were given different settings: rank 1 differs from rank 0 in samples (3, rank 0: 2)"
+    assert result.stderr.count(message) == 2, _shown(result)  # printed by each rank
+    assert not out.exists()
+
+
+def test_bad_settings_are_refused_before_the_ranks_meet(tmp_path):
+    """An unknown task under torchrun: every rank prints the usual error and exits before
+    joining the process group."""
+    out = tmp_path / "run"
+    result = _torchrun(tmp_path, "-m", "workbench", "score", *ARGS[:2], "--task", "bogus", "--out", str(out))
+    assert result.returncode != 0, _shown(result)
+    assert result.stderr.count("error: unknown task(s) ['bogus']") == 2, _shown(result)
+    assert "WorkbenchError" not in result.stderr, _shown(result)  # an error message, not a traceback
+    assert not out.exists()
+
+
+def test_helpers_without_torchrun_are_one_process(monkeypatch):
+    import torch
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not distributed.launched() and (distributed.rank(), distributed.world_size()) == (0, 1)
+    assert distributed.default_device() is None  # the usual default (CUDA when available) applies
+    with distributed.process_group("cpu") as active:
+        assert not active
+        distributed.barrier()
+        assert distributed.broadcast({"a": 1}) == {"a": 1}
+        assert distributed.all_gather("x") == ["x"] and distributed.gather("x") == ["x"]
+        distributed.agree(None)
+        with pytest.raises(WorkbenchError, match="^disk full$"):
+            distributed.agree("disk full")
+
+
+def test_torchrun_environment_picks_this_ranks_gpu(monkeypatch):
+    """Under torchrun (before the group is joined) rank and world come from the environment,
+    and the default device is ``cuda:LOCAL_RANK`` when CUDA is available."""
+    import torch
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.launched() and (distributed.rank(), distributed.world_size()) == (3, 4)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert distributed.default_device() == "cuda:1"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert distributed.default_device() is None
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(WorkbenchError, match="WORLD_SIZE='two' is not a whole number"):
+        distributed.launched()
