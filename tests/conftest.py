@@ -46,6 +46,15 @@ def _seeded_generators(request):
     torch.manual_seed(seed)
 
 
+@pytest.fixture(scope="module")
+def zoo():
+    """The default zoo model (zoo-2l) on the CPU, one per test module. Tests may hook or ablate it
+    inside a ``with`` block, and must leave it as they found it."""
+    from workbench.models import load_model
+
+    return load_model("zoo-2l", device="cpu")
+
+
 @pytest.fixture
 def device() -> str:
     """Where kernel tests run: CUDA when present, else the CPU (Triton interpreter)."""

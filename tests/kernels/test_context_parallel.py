@@ -1,7 +1,7 @@
 """``kernels.context_parallel``: sharding of a sequence over ranks, and attention over the shards.
 
 The distributed checks run once per module: this file, run as a script (``python -m
-tests.test_context_parallel OUT``), forks 4 gloo ranks on the CPU. Cases of world size 2 run on
+tests.kernels.test_context_parallel OUT``), forks 4 gloo ranks on the CPU. Cases of world size 2 run on
 the two pairs of ranks ``{0, 1}`` and ``{2, 3}`` (process groups other than the default one, so
 group ranks differ from global ranks), cases of world size 4 on all ranks. Each rank saves its
 shard's output and statistics (safetensors) under ``OUT``; the tests put the shards back in
@@ -24,7 +24,7 @@ from kernels import AttentionInputError, StatsSpec, attention
 from kernels.context_parallel import context_parallel_attention, shard_indices, shard_ranges
 from tests.conftest import SEED
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RANKS = 4
 #: Seconds for the whole distributed run (about 15 s on two busy cores) and for a collective.
 RUN_TIMEOUT, COLLECTIVE_TIMEOUT = 240, 90
@@ -120,7 +120,7 @@ def ranks_out(tmp_path_factory) -> Path:
     # The ranks run the Triton kernels on CPU tensors, through the interpreter, GPU or not.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "tests.test_context_parallel", str(out)], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "tests.kernels.test_context_parallel", str(out)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         log, _ = proc.communicate(timeout=RUN_TIMEOUT)

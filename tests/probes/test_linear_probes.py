@@ -7,13 +7,8 @@ import torch
 
 from probes.linear import needle_labels, probe_heads, repeat_labels
 from tests.conftest import SEED
-from workbench import WorkbenchError, load_model
+from workbench import WorkbenchError
 from workbench.tasks import needle_samples, repeat_samples
-
-
-@pytest.fixture(scope="module")
-def zoo():
-    return load_model("zoo-2l", device="cpu")
 
 
 def test_a_head_carries_whether_a_token_was_seen_before(zoo):

@@ -36,9 +36,9 @@ def test_blocks_spread_evenly_in_order(n_layers, n_devices, want):
     assert block_devices(3, 2, torch.device("cpu")) == [torch.device("cpu")] * 3
 
 
-def test_placed_zoo_model_records_what_the_unplaced_one_does():
+def test_placed_zoo_model_records_what_the_unplaced_one_does(zoo):
     ids = torch.randint(3, 250, (2, 48), generator=torch.Generator().manual_seed(SEED))
-    plain = load_model("zoo-2l", device="cpu")
+    plain = zoo
     placed = load_model("zoo-2l", device_map="auto")
     want = "cuda:0" if torch.cuda.is_available() else "cpu"
     assert devices_of(placed)[0] == want

@@ -34,10 +34,6 @@ from workbench.tasks import TaskSample, text_samples
 ROW_SCORES = [s for s in SCORES if s != "retrieval"]
 
 
-@pytest.fixture(scope="module")
-def zoo():
-    return load_model("zoo-2l", device="cpu")
-
 
 def _explicit_pattern(q, k, causal):  # float64 [B, H, N, N]
     s = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(q.shape[-1])

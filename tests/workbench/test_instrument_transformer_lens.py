@@ -9,7 +9,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from kernels import StatsSpec
 from tests.conftest import SEED
-from tests.oracle import stats_from_pattern
+from tests.kernels.oracle import stats_from_pattern
 from workbench.errors import WorkbenchError
 from workbench.instrument import instrument
 from workbench.models import load_model

@@ -18,11 +18,10 @@ from streamlit.testing.v1 import AppTest
 
 from app.main import PAGES
 from probes.sae import SavedSAE
-from workbench.models import load_model
 from workbench.prompt import attend
 from workbench.runs import Run, head_summary
 
-MAIN = Path(__file__).parents[1] / "app" / "main.py"
+MAIN = Path(__file__).parents[2] / "app" / "main.py"
 
 
 def explorer(monkeypatch, runs: Path, saes: Path | None = None, **query: str) -> AppTest:
@@ -79,7 +78,7 @@ def metrics(at: AppTest) -> dict[str, str]:
 
 
 @pytest.fixture
-def zoo(explorer_folders) -> Run:
+def zoo_run(explorer_folders) -> Run:
     return Run.open(explorer_folders.run)
 
 
@@ -98,25 +97,25 @@ def test_every_page_renders_without_errors(app_at, page):
     assert at.header[0].value == page
 
 
-def test_runs_page_lists_runs_with_model_tasks_and_date(app_at, explorer_folders, zoo):
+def test_runs_page_lists_runs_with_model_tasks_and_date(app_at, explorer_folders, zoo_run):
     ok(app_at)
     table = app_at.dataframe[0].value.set_index("run")
     assert set(table.index) == {"zoo", "repeats"}
     assert table.loc["zoo", "model"] == "zoo-2l" and table.loc["zoo", "tasks"] == "niah, repeats, text"
-    assert table.loc["zoo", "created"] == zoo.manifest["created"]
+    assert table.loc["zoo", "created"] == zoo_run.manifest["created"]
     assert table.loc["repeats", "tasks"] == "repeats" and table.loc["repeats", "status"] == "complete"
     shown = metrics(app_at)
-    for name, value in zoo.manifest["summary"].items():
+    for name, value in zoo_run.manifest["summary"].items():
         assert shown[name] == f"{value:.3f}"
 
 
-def test_runs_page_compares_two_runs(app_at, zoo, explorer_folders):
+def test_runs_page_compares_two_runs(app_at, zoo_run, explorer_folders):
     at = app_at.selectbox(key="runs.compare").select("repeats").run()
     at.selectbox(key="runs.compare_score").select("induction").run()
     ok(at)
     other = Run.open(explorer_folders.other).table("head_scores")
     fig = figure_titled(at, "induction: head by head")
-    a = zoo.table("head_scores").query("score == 'induction' and task == 'repeats'").sort_values(["layer", "head"])
+    a = zoo_run.table("head_scores").query("score == 'induction' and task == 'repeats'").sort_values(["layer", "head"])
     b = other.query("score == 'induction' and task == 'repeats'").sort_values(["layer", "head"])
     points = fig["data"][0]
     assert points["name"] == "repeats" and len(arr(points["x"])) == len(a) == 8
@@ -129,11 +128,11 @@ def test_runs_page_compares_two_runs(app_at, zoo, explorer_folders):
 
 
 @pytest.mark.parametrize("score", ["induction", "sink", "retrieval"])
-def test_head_map_shows_the_score_of_every_head(app_at, zoo, score):
+def test_head_map_shows_the_score_of_every_head(app_at, zoo_run, score):
     at = go(app_at, "Head map")
     at.selectbox(key="heads.score").select(score).run()
     ok(at)
-    hs = zoo.table("head_scores").query("score == @score")
+    hs = zoo_run.table("head_scores").query("score == @score")
     fig = figure_titled(at, f"{score}:")
     maps = [t for t in fig["data"] if t["type"] == "heatmap"]
     assert [t for t in fig["layout"]["annotations"]] and len(maps) == hs["task"].nunique()
@@ -144,7 +143,7 @@ def test_head_map_shows_the_score_of_every_head(app_at, zoo, score):
     assert list(listed["value"].dropna()) == sorted(hs["value"].dropna(), reverse=True)
 
 
-def test_choosing_a_head_opens_its_detail(app_at, zoo):
+def test_choosing_a_head_opens_its_detail(app_at, zoo_run):
     at = go(app_at, "Head map")
     at.selectbox(key="heads.pick_layer").select(1).run()
     at.selectbox(key="heads.pick_head").select(2).run()
@@ -153,7 +152,7 @@ def test_choosing_a_head_opens_its_detail(app_at, zoo):
     assert at.sidebar.radio(key="page").value == "Head detail"
     assert at.selectbox(key="detail.pick_layer").value == 1 and at.selectbox(key="detail.pick_head").value == 2
     shown = frame(at, "score", "rank", "heads")
-    want = head_summary(zoo.table("head_scores"), 1, 2)
+    want = head_summary(zoo_run.table("head_scores"), 1, 2)
     pd.testing.assert_frame_equal(shown.reset_index(drop=True), want, check_dtype=False)
     assert at.subheader[0].value == "Head 1.2: every score"
 
@@ -168,12 +167,12 @@ def test_a_clicked_cell_opens_the_head_detail(app_at):
     assert clicked_head(type("Event", (), {"selection": {"points": []}})()) is None
 
 
-def test_head_detail_shows_profiles_and_retrieval_of_the_head(app_at, zoo):
+def test_head_detail_shows_profiles_and_retrieval_of_the_head(app_at, zoo_run):
     at = go(app_at, "Head detail")
     at.selectbox(key="detail.pick_layer").select(1).run()
     at.selectbox(key="detail.pick_head").select(1).run()
     ok(at)
-    profiles = zoo.table("profiles").query("layer == 1 and head == 1 and statistic == 'sink_mass'")
+    profiles = zoo_run.table("profiles").query("layer == 1 and head == 1 and statistic == 'sink_mass'")
     fig = figure_titled(at, "head 1.1 by position")
     lines = {t["name"]: t for t in fig["data"] if t["xaxis"] == "x2"}  # the second panel: sink_mass
     assert set(lines) == {f"{t} {n}" for t in ("niah", "repeats", "text") for n in (128, 256)}
@@ -181,14 +180,14 @@ def test_head_detail_shows_profiles_and_retrieval_of_the_head(app_at, zoo):
     np.testing.assert_allclose(arr(lines["repeats 256"]["y"]), want["value"], rtol=1e-6)
     np.testing.assert_array_equal(arr(lines["repeats 256"]["x"]), want["bucket_start"])
     ret = figure_titled(at, "retrieval score of head 1.1")["data"][0]
-    grid = zoo.table("retrieval").query("layer == 1 and head == 1").pivot(index="depth", columns="length",
+    grid = zoo_run.table("retrieval").query("layer == 1 and head == 1").pivot(index="depth", columns="length",
                                                                            values="value")
     np.testing.assert_allclose(arr(ret["z"]), grid.to_numpy(), equal_nan=True)
     standing = figure_titled(at, "head 1.1 among all heads")
     assert {t["marker"]["color"] for t in standing["data"]} == {"lightgrey", "crimson"}
 
 
-def test_head_detail_shows_the_pattern_and_top_keys_on_typed_text(app_at):
+def test_head_detail_shows_the_pattern_and_top_keys_on_typed_text(app_at, zoo):
     text = "abcabcabc The secret code of Ada is 4711."
     at = go(app_at, "Head detail")
     at.selectbox(key="detail.pick_layer").select(1).run()
@@ -196,7 +195,7 @@ def test_head_detail_shows_the_pattern_and_top_keys_on_typed_text(app_at):
     at.text_area(key="detail.text").input(text).run()
     at.button(key="detail.show").click().run()
     ok(at)
-    seen = attend(load_model("zoo-2l", device="cpu"), text)
+    seen = attend(zoo, text)
     pattern = figure_titled(at, "head 1.0: attention pattern")
     z = arr(pattern["data"][0]["z"])
     assert z.shape == (seen.n_tokens, seen.n_tokens)
@@ -229,14 +228,14 @@ def test_head_detail_on_a_sample_of_the_run(app_at):
 # ----------------------------------------------------------------------------- retrieval, ablation, SAEs, live
 
 
-def test_retrieval_page_shows_needle_accuracy_and_head_scores(app_at, zoo):
+def test_retrieval_page_shows_needle_accuracy_and_head_scores(app_at, zoo_run):
     at = go(app_at, "Retrieval")
     ok(at)
-    summary = zoo.manifest["summary"]
+    summary = zoo_run.manifest["summary"]
     shown = metrics(at)
     assert shown["needle_accuracy"] == f"{summary['needle_accuracy']:.3f}"
     assert shown["needle_accuracy[256]"] == f"{summary['needle_accuracy[256]']:.3f}"
-    retrieval = zoo.table("retrieval")
+    retrieval = zoo_run.table("retrieval")
     cells = retrieval.drop_duplicates(["length", "depth"]).pivot(index="depth", columns="length", values="accuracy")
     np.testing.assert_allclose(at.dataframe[0].value.to_numpy(), cells.to_numpy())
     needles = figure_titled(at, "needle accuracy")["data"][0]
@@ -249,12 +248,12 @@ def test_retrieval_page_shows_needle_accuracy_and_head_scores(app_at, zoo):
     assert figure_titled(at, "retrieval score of head 1.2")
 
 
-def test_ablation_page_shows_what_workbench_ablate_wrote(app_at, zoo):
+def test_ablation_page_shows_what_workbench_ablate_wrote(app_at, zoo_run):
     at = go(app_at, "Ablation")
     ok(at)
-    name = zoo.manifest["ablations"][0]["table"]
+    name = zoo_run.manifest["ablations"][0]["table"]
     assert at.selectbox(key="ablation.table").value == name
-    table = zoo.table(name)
+    table = zoo_run.table(name)
     shown = metrics(at)
     base = float(table.query("selection == 'none'")["value"].iloc[0])
     assert shown["no ablation"] == f"{base:.3f}"
@@ -262,10 +261,10 @@ def test_ablation_page_shows_what_workbench_ablate_wrote(app_at, zoo):
         assert shown[f"top {row.k} ablated ({row.heads})"] == f"{row.value:.3f}"
     curve = figure_titled(at, "needle_accuracy with heads ablated")
     np.testing.assert_allclose(arr(curve["data"][0]["y"]), table.query("selection == 'top'").sort_values("k")["value"])
-    scan_name = [t for t in zoo.tables() if t.startswith("scan_")][0]
+    scan_name = [t for t in zoo_run.tables() if t.startswith("scan_")][0]
     at.selectbox(key="ablation.table").select(scan_name).run()
     ok(at)
-    scan = zoo.table(scan_name)
+    scan = zoo_run.table(scan_name)
     heat = figure_titled(at, "needle_accuracy change when ablated alone")["data"][0]
     np.testing.assert_allclose(arr(heat["z"]),
                                scan.pivot(index="layer", columns="head", values="delta").to_numpy())
@@ -298,7 +297,7 @@ def test_sae_page_shows_evaluation_attribution_and_top_contexts(app_at, explorer
         np.testing.assert_allclose(arr(direct["z"]), want_direct.to_numpy(), rtol=1e-5)
 
 
-def test_live_page_runs_a_typed_prompt(app_at):
+def test_live_page_runs_a_typed_prompt(app_at, zoo):
     text = "The secret code of Bo is 123. The secret code of Bo is"
     at = go(app_at, "Live")
     at.selectbox(key="live.model").select("zoo-2l").run()
@@ -306,7 +305,7 @@ def test_live_page_runs_a_typed_prompt(app_at):
     at.button(key="live.run").click().run()
     at.selectbox(key="live.statistic").select("sink_mass").run()
     ok(at)
-    seen = attend(load_model("zoo-2l", device="cpu"), text)
+    seen = attend(zoo, text)
     assert at.subheader[0].value == f"zoo-2l: {seen.n_tokens} tokens"
     heat = figure_titled(at, "sink_mass")["data"][0]
     want = seen.head_means().query("score == 'sink_mass'").pivot(index="layer", columns="head", values="value")

@@ -2,7 +2,7 @@
 
 A part over keys ``[lo, hi)`` is the call on ``k[:, :, lo:]`` with ``key_lengths = hi - lo``
 (bottom-right alignment keeps every query's position relative to every key, as in
-``tests/test_kernel_merge.py``), with ``part_spec(spec, lo)``. Problems have integer-valued q
+``tests/kernels/test_kernel_merge.py``), with ``part_spec(spec, lo)``. Problems have integer-valued q
 and k (exact scores: ties are exact and distinct scores lie far apart) and come from
 hypothesis, seeded from ``tests.conftest.SEED``; the reference backend computes every call.
 """

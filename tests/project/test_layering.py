@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 #: Layers from the bottom up; a module may import its own layer and those below it.
 LAYERS = ("kernels", "workbench", "probes", "app")
 

@@ -7,7 +7,7 @@ import re
 import subprocess
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 #: Top-level folders whose paths the docs cite.
 FOLDERS = ("kernels", "workbench", "probes", "app", "notebooks", "tests", "docs", ".ci")
 _CODE = re.compile(r"`([^`\s]+)`")

@@ -18,7 +18,7 @@ import workbench.models as models
 import workbench.zoo
 from kernels import AttentionInputError, StatsSpec, attention
 from tests.conftest import SEED
-from tests.test_instrument_transformer_lens import tiny_model
+from tests.workbench.test_instrument_transformer_lens import tiny_model
 from workbench import PatternSpec, Recording, WorkbenchError, instrument, record
 from workbench.models import load_model, resolve_device, resolve_dtype
 
@@ -320,10 +320,6 @@ def test_instrument_refuses_bad_settings_and_leaves_the_model_alone(tiny, kwargs
 
 # ----------------------------------------------------------------------------- the CLI
 
-
-@pytest.fixture(scope="module")
-def zoo():
-    return load_model("zoo-2l", device="cpu")
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 the tables of an uninterrupted run, and damaged parts and tables are never silently used.
 
 The kill test runs a small fork server in a subprocess (``python -c "from
-tests.test_crash_safety import _serve; _serve()"``): it loads zoo-2l once, then for each request
+tests.workbench.test_crash_safety import _serve; _serve()"``): it loads zoo-2l once, then for each request
 forks a child that scores :data:`SETTINGS` into a run folder and is SIGKILLed at the requested
 moment, so twenty kills cost one Python start-up. A moment is a durable-write step (each
 ``os.fsync`` or ``os.replace`` of the run's writes, three per file), not a time on the clock, so
@@ -32,7 +32,7 @@ import pytest
 
 import workbench.scoring.run as scoring
 from tests.conftest import SEED
-from tests.test_runs import interrupt_after
+from tests.workbench.test_runs import interrupt_after
 from workbench.errors import WorkbenchError
 from workbench.models import task_tokenizer
 from workbench.runs import MANIFEST, Run, list_runs
@@ -41,7 +41,7 @@ from workbench.scoring import ScoreRunSettings, plan, score_model
 MODEL = "zoo-2l"
 SETTINGS = ScoreRunSettings(model=MODEL, tasks=("repeats", "niah"), lengths=(128,), samples=4, depths=(0.5,))
 KILLS = 20
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 REPLY_TIMEOUT_S = 180  # a fork server that says nothing for this long is hung: fail, do not wait forever
 
 
@@ -162,7 +162,7 @@ class ForkServer:
     def __init__(self, log: Path):
         self.log_path = log
         self.log = open(log, "w")
-        self.proc = subprocess.Popen([sys.executable, "-c", "from tests.test_crash_safety import _serve; _serve()"],
+        self.proc = subprocess.Popen([sys.executable, "-c", "from tests.workbench.test_crash_safety import _serve; _serve()"],
                                      cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
                                      text=True, bufsize=1)
         assert self._reply() == {"ready": True}
@@ -281,10 +281,9 @@ def test_sigkill_at_random_moments_then_resume_gives_the_same_tables(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def model():
-    from workbench.models import load_model
-
-    return load_model(MODEL, device="cpu")
+def model(zoo):
+    """The model the runs here are scored with (``MODEL``): the shared zoo fixture."""
+    return zoo
 
 
 @pytest.fixture(autouse=True)

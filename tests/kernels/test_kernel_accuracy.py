@@ -14,8 +14,8 @@ import torch
 
 from kernels import attention
 from tests.conftest import SEED
-from tests.kernel_cases import ACCURACY_SIZES, ACCURACY_SIZES_CPU, draw_accuracy_case, draw_case
-from tests.oracle import expected, naive
+from tests.kernels.kernel_cases import ACCURACY_SIZES, ACCURACY_SIZES_CPU, draw_accuracy_case, draw_case
+from tests.kernels.oracle import expected, naive
 
 N_CASES = 160
 OUT_ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -181,7 +181,7 @@ def test_error_within_twice_naive(backend, index, device):
     """FlashAttention's rule for the output and every statistic, over random configurations
     (``WORKBENCH_ACCURACY_CASES`` of them; key counts up to 4097 where CUDA is present, the
     interpreter's affordable sizes on a CPU). ``WORKBENCH_ACCURACY_REPORT=<file>`` records every
-    configuration's errors; ``python -m tests.test_kernel_accuracy <file>`` sums them up."""
+    configuration's errors; ``python -m tests.kernels.test_kernel_accuracy <file>`` sums them up."""
     sizes = ACCURACY_SIZES if device == "cuda" else ACCURACY_SIZES_CPU
     case = draw_accuracy_case(random.Random(f"{SEED}-accuracy-{index}"), device, sizes)
     out, st = attention(case.q, case.k, case.v, backend=backend, **case.kwargs())

@@ -37,8 +37,8 @@ def test_needle_samples_know_their_needle_and_answer(tokenizer):
     assert all(max(a) < min(b) for a, b in zip(starts, starts[1:]))  # deeper needles sit later
 
 
-def test_zoo_model_answers_needle_samples():
-    model = load_model("zoo-2l", device="cpu")
+def test_zoo_model_answers_needle_samples(zoo):
+    model = zoo
     samples = needle_samples(model.tokenizer, lengths=[512], depths=[0.2, 0.8], per_cell=4, seed=SEED)
     correct = 0
     with torch.no_grad():

@@ -16,7 +16,7 @@ from transformers import (
 
 from kernels import StatsSpec
 from tests.conftest import SEED
-from tests.oracle import stats_from_pattern
+from tests.kernels.oracle import stats_from_pattern
 from workbench.errors import WorkbenchError
 from workbench.instrument import instrument
 from workbench.recording import PatternSpec

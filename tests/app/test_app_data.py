@@ -16,10 +16,6 @@ from workbench.runs import Run, head_summary
 TEXT = "The secret code of Ada is 4711. The secret code of Ada is"
 
 
-@pytest.fixture(scope="module")
-def zoo():
-    return load_model("zoo-2l", device="cpu")
-
 
 @pytest.mark.parametrize("which", ["zoo", "minilm"])
 def test_prompt_statistics_agree_with_the_explicit_pattern(zoo, which):

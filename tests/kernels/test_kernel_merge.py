@@ -2,7 +2,7 @@
 
 The Triton backend's own split merge runs inside its kernels (flash-decoding); here the
 identities are checked on what :func:`kernels.attention` returns: attention over keys split
-into contiguous parts, merged by the float64 ``tests.oracle.merge_parts``, equals attention over
+into contiguous parts, merged by the float64 ``tests.kernels.oracle.merge_parts``, equals attention over
 all keys. Bottom-right alignment makes a part easy to express: keys ``[lo, hi)`` are the call
 on ``k[:, :, lo:]`` with ``key_lengths = hi - lo``, which keeps every query's position relative
 to every key (so distance, window, offset and causal masks are unchanged); only absolute
@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from kernels import StatsSpec, attention
 from tests.conftest import SEED
-from tests.oracle import merge_parts
+from tests.kernels.oracle import merge_parts
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 #: Examples per test: the Triton interpreter runs several calls per example.

@@ -13,16 +13,11 @@ from probes import sae as saes
 from probes.cli import register, sae_eval, sae_train
 from probes.sae import SAE_BATCH, SAEEvalSettings, SAETrainSettings
 from tests.conftest import SEED
-from workbench import WorkbenchError, load_model
+from workbench import WorkbenchError
 from workbench.adapters.transformer_lens import TransformerLensAdapter
 from workbench.cli import app
 from workbench.tasks import text_samples
 from workbench.zoo import ZOO, build
-
-
-@pytest.fixture(scope="module")
-def zoo():
-    return load_model("zoo-2l", device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from kernels import StatsSpec
-from tests.oracle import stats_from_pattern
-from tests.test_instrument_transformer_lens import tiny_model
+from tests.kernels.oracle import stats_from_pattern
+from tests.workbench.test_instrument_transformer_lens import tiny_model
 from workbench import Recording, WorkbenchError, load_model, record
 from workbench.models import RANDOM_SHAPES
 

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from kernels import StatsSpec, attention
 from tests.conftest import SEED
-from tests.kernel_cases import Case, draw_case
-from tests.oracle import attention_matrix, expected
-from tests.test_kernel_accuracy import check_against_oracle
+from tests.kernels.kernel_cases import Case, draw_case
+from tests.kernels.oracle import attention_matrix, expected
+from tests.kernels.test_kernel_accuracy import check_against_oracle
 
 BACKENDS = ("reference", "triton")
 SDPA_ATOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}

@@ -14,7 +14,7 @@ from probes import ablation
 from probes.ablation import AblationSettings
 from probes.cli import ablate, register
 from tests.conftest import SEED
-from workbench import WorkbenchError, instrument, load_model
+from workbench import WorkbenchError, instrument
 from workbench.adapters import adapter_for
 from workbench.adapters.transformer_lens import TransformerLensAdapter
 from workbench.cli import app
@@ -23,11 +23,6 @@ from workbench.runs import Run
 from workbench.scoring import ScoreRunSettings, score_model
 from workbench.scoring.formulas import ScoreSettings, stats_spec
 from workbench.tasks import needle_samples, repeat_samples, text_samples
-
-
-@pytest.fixture(scope="module")
-def zoo():
-    return load_model("zoo-2l", device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ import workbench.scoring.run as scoring
 from tests.conftest import SEED
 from workbench.cli import app
 from workbench.errors import WorkbenchError
-from workbench.models import load_model, task_tokenizer
+from workbench.models import task_tokenizer
 from workbench.runs import (
     FORMAT_VERSION,
     MANIFEST,
@@ -55,8 +55,9 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def model():
-    return load_model(MODEL, device="cpu")
+def model(zoo):
+    """The model the runs here are scored with (``MODEL``): the shared zoo fixture."""
+    return zoo
 
 
 @pytest.fixture(scope="module")
