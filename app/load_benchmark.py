@@ -137,11 +137,21 @@ class LoadResult:
         return [f"session {v.session} round {v.round} {v.page}: {p}" for v in self.visits for p in v.problems]
 
     def to_json(self) -> dict:
-        return {"sessions": self.sessions, "rounds": self.rounds, "pages": self.pages, "complete": self.complete,
-                "wall_s": self.wall_s, "server_cpu_s": self.server_cpu_s, "listening": self.listening,
-                "load_average": self.load_average, "cpu_count": os.cpu_count(),
-                "per_page_ms": self.rows(), "rss_mib": self.memory(), "rss_samples": self.rss,
-                "visits": [asdict(v) for v in self.visits]}
+        return {
+            "sessions": self.sessions,
+            "rounds": self.rounds,
+            "pages": self.pages,
+            "complete": self.complete,
+            "wall_s": self.wall_s,
+            "server_cpu_s": self.server_cpu_s,
+            "listening": self.listening,
+            "load_average": self.load_average,
+            "cpu_count": os.cpu_count(),
+            "per_page_ms": self.rows(),
+            "rss_mib": self.memory(),
+            "rss_samples": self.rss,
+            "visits": [asdict(v) for v in self.visits],
+        }
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -153,9 +163,11 @@ def find_chromium() -> str:
         found = shutil.which(name)
         if found:
             return found
-    raise WorkbenchError("no Chromium on this machine (`command -v chromium` finds nothing): install Debian's "
-                         "package with `apt-get install chromium` as root (`make browser` does it), or pass "
-                         "--chromium PATH")
+    raise WorkbenchError(
+        "no Chromium on this machine (`command -v chromium` finds nothing): install Debian's "
+        "package with `apt-get install chromium` as root (`make browser` does it), or pass "
+        "--chromium PATH"
+    )
 
 
 def free_port() -> int:
@@ -186,15 +198,63 @@ def build_runs(root: Path) -> tuple[Path, Path, str]:
 
     with mock.patch.object(pio, "write_images", no_png):
         model = load_model("zoo-2l", device="cpu")
-        score_model(model, ScoreRunSettings(model="zoo-2l", tasks=("niah", "repeats", "text"), lengths=(128, 256),
-                                            samples=1, depths=(0.3, 0.7)), runs / "zoo", progress=False)
-        score_model(model, ScoreRunSettings(model="zoo-2l", tasks=("repeats",), lengths=(128,), samples=2),
-                    runs / "repeats", progress=False)
+        score_model(
+            model,
+            ScoreRunSettings(
+                model="zoo-2l", tasks=("niah", "repeats", "text"), lengths=(128, 256), samples=1, depths=(0.3, 0.7)
+            ),
+            runs / "zoo",
+            progress=False,
+        )
+        score_model(
+            model,
+            ScoreRunSettings(model="zoo-2l", tasks=("repeats",), lengths=(128,), samples=2),
+            runs / "repeats",
+            progress=False,
+        )
         register(app)
-        for args in (["ablate", "--run", str(runs / "zoo"), "--rank-by", "induction", "--k", "1,2", "--task", "niah",
-                      "--length", "128", "--samples", "1", "--draws", "2", "--scan", "--device", "cpu"],
-                     ["sae", "train", "--layer", "1", "--samples", "10", "--length", "128", "--tokens", "20000",
-                      "--d-sae", "32", "--k", "4", "--out", str(saes / "zoo-2l-L1-topk"), "--device", "cpu"]):
+        for args in (
+            [
+                "ablate",
+                "--run",
+                str(runs / "zoo"),
+                "--rank-by",
+                "induction",
+                "--k",
+                "1,2",
+                "--task",
+                "niah",
+                "--length",
+                "128",
+                "--samples",
+                "1",
+                "--draws",
+                "2",
+                "--scan",
+                "--device",
+                "cpu",
+            ],
+            [
+                "sae",
+                "train",
+                "--layer",
+                "1",
+                "--samples",
+                "10",
+                "--length",
+                "128",
+                "--tokens",
+                "20000",
+                "--d-sae",
+                "32",
+                "--k",
+                "4",
+                "--out",
+                str(saes / "zoo-2l-L1-topk"),
+                "--device",
+                "cpu",
+            ],
+        ):
             code = app(args, standalone_mode=False)
             if code:
                 raise WorkbenchError(f"`workbench {' '.join(args)}` failed with exit code {code}")
@@ -253,8 +313,9 @@ def served(runs: Path, saes: Path, log: Path, start_timeout: float = 90):
     port = free_port()
     command = streamlit_command(runs, saes, port)
     with open(log, "w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)  # its own process group: stopped as one below
+        proc = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )  # its own process group: stopped as one below
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + start_timeout
@@ -268,8 +329,9 @@ def served(runs: Path, saes: Path, log: Path, start_timeout: float = 90):
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise WorkbenchError(f"the explorer did not answer in {start_timeout:.0f} s:\n"
-                                     f"{log.read_text()[-3000:]}")
+                raise WorkbenchError(
+                    f"the explorer did not answer in {start_timeout:.0f} s:\n{log.read_text()[-3000:]}"
+                )
             time.sleep(0.2)
         yield base, proc
     finally:
@@ -307,8 +369,16 @@ async def _problems(page, errors: list[str]) -> list[str]:
     return found
 
 
-async def _session(browser, url: str, index: int, rounds: int, deadline: float, page_timeout_s: float,
-                   visits: list[Visit], pages: list[str]) -> bool:
+async def _session(
+    browser,
+    url: str,
+    index: int,
+    rounds: int,
+    deadline: float,
+    page_timeout_s: float,
+    visits: list[Visit],
+    pages: list[str],
+) -> bool:
     """One browser session: load ``url``, then click every page of the sidebar ``rounds`` times
     (each round ends on the first page again). True when it did all its rounds."""
     context = await browser.new_context(viewport={"width": 1400, "height": 1000})
@@ -349,8 +419,9 @@ async def _session(browser, url: str, index: int, rounds: int, deadline: float, 
         await context.close()
 
 
-async def _drive(chromium: str, url: str, sessions: int, rounds: int, deadline: float,
-                 page_timeout_s: float) -> tuple[list[Visit], list[str], bool]:
+async def _drive(
+    chromium: str, url: str, sessions: int, rounds: int, deadline: float, page_timeout_s: float
+) -> tuple[list[Visit], list[str], bool]:
     """``sessions`` concurrent sessions in one headless Chromium (one browser context each)."""
     from playwright.async_api import async_playwright
 
@@ -359,8 +430,9 @@ async def _drive(chromium: str, url: str, sessions: int, rounds: int, deadline: 
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path=chromium, headless=True)
         try:
-            done = await asyncio.gather(*(_session(browser, url, i, rounds, deadline, page_timeout_s, visits, pages)
-                                          for i in range(sessions)))
+            done = await asyncio.gather(
+                *(_session(browser, url, i, rounds, deadline, page_timeout_s, visits, pages) for i in range(sessions))
+            )
         finally:
             await browser.close()
     return visits, pages, all(done)
@@ -369,9 +441,17 @@ async def _drive(chromium: str, url: str, sessions: int, rounds: int, deadline: 
 # ----------------------------------------------------------------------------- the benchmark
 
 
-def run_benchmark(runs: Path, saes: Path, sessions: int = 5, rounds: int = 3, run: str | None = None,
-                  chromium: str | None = None, page_timeout_s: float = 120, time_limit_s: float = 600,
-                  log: Path | None = None) -> LoadResult:
+def run_benchmark(
+    runs: Path,
+    saes: Path,
+    sessions: int = 5,
+    rounds: int = 3,
+    run: str | None = None,
+    chromium: str | None = None,
+    page_timeout_s: float = 120,
+    time_limit_s: float = 600,
+    log: Path | None = None,
+) -> LoadResult:
     """Serve ``runs`` and ``saes`` with the explorer and drive ``sessions`` browser sessions at
     once through every page ``rounds`` times (opening ``run``, else the explorer's first run).
     Stops by itself: no click starts after ``time_limit_s``; a page that does not finish within
@@ -380,11 +460,13 @@ def run_benchmark(runs: Path, saes: Path, sessions: int = 5, rounds: int = 3, ru
         import playwright.async_api  # noqa: F401  (the sessions import it; fail here, before the server starts)
         import psutil
     except ImportError as exc:
-        raise WorkbenchError(f"the load benchmark needs {exc.name}: install the test extra with "
-                             "`pip install -e '.[test]'`") from None
+        raise WorkbenchError(
+            f"the load benchmark needs {exc.name}: install the test extra with `pip install -e '.[test]'`"
+        ) from None
     if not 1 <= sessions <= MAX_SESSIONS or not 1 <= rounds <= MAX_ROUNDS:
-        raise WorkbenchError(f"sessions must be within 1..{MAX_SESSIONS} and rounds within 1..{MAX_ROUNDS}, got "
-                             f"{sessions} and {rounds}")
+        raise WorkbenchError(
+            f"sessions must be within 1..{MAX_SESSIONS} and rounds within 1..{MAX_ROUNDS}, got {sessions} and {rounds}"
+        )
     runs = Path(runs).expanduser().resolve()
     if not runs.is_dir():
         raise WorkbenchError(f"the runs folder {runs} is not a folder: pass --runs DIR, or leave it out to build one")
@@ -399,28 +481,47 @@ def run_benchmark(runs: Path, saes: Path, sessions: int = 5, rounds: int = 3, ru
             server = psutil.Process(proc.pid)
             cpu_before = sum(server.cpu_times()[:2])
             with RssSampler(proc.pid) as rss:
-                visits, pages, complete = asyncio.run(_drive(chromium, base + "/" + query, sessions, rounds,
-                                                             start + time_limit_s, page_timeout_s))
+                visits, pages, complete = asyncio.run(
+                    _drive(chromium, base + "/" + query, sessions, rounds, start + time_limit_s, page_timeout_s)
+                )
             cpu = sum(server.cpu_times()[:2]) - cpu_before
         wall = time.monotonic() - start
-    return LoadResult(sessions, rounds, pages, sorted(visits, key=lambda v: (v.session, v.round)), rss.samples,
-                      round(wall, 2), complete, listening, round(cpu, 2), (load_before, os.getloadavg()[0]))
+    return LoadResult(
+        sessions,
+        rounds,
+        pages,
+        sorted(visits, key=lambda v: (v.session, v.round)),
+        rss.samples,
+        round(wall, 2),
+        complete,
+        listening,
+        round(cpu, 2),
+        (load_before, os.getloadavg()[0]),
+    )
 
 
 def report(result: LoadResult) -> str:
     """The figures as a plain-text table."""
-    lines = [f"{result.sessions} sessions x {result.rounds} rounds, {result.wall_s:.1f} s wall, server CPU "
-             f"{result.server_cpu_s:.1f} s, listening on {', '.join(result.listening)}"
-             + (f", load average {result.load_average[0]:.1f} -> {result.load_average[1]:.1f} on {os.cpu_count()} "
-                "CPUs" if result.load_average else "")
-             + ("" if result.complete else "  (INCOMPLETE: a page timed out or the time limit was reached)"),
-             "", f"{'page':<14} {'count':>5} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8}"]
+    lines = [
+        f"{result.sessions} sessions x {result.rounds} rounds, {result.wall_s:.1f} s wall, server CPU "
+        f"{result.server_cpu_s:.1f} s, listening on {', '.join(result.listening)}"
+        + (
+            f", load average {result.load_average[0]:.1f} -> {result.load_average[1]:.1f} on {os.cpu_count()} CPUs"
+            if result.load_average
+            else ""
+        )
+        + ("" if result.complete else "  (INCOMPLETE: a page timed out or the time limit was reached)"),
+        "",
+        f"{'page':<14} {'count':>5} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8}",
+    ]
     for row in result.rows():
         cells = [f"{row[k]:8.0f}" if row[k] is not None else f"{'-':>8}" for k in ("p50", "p95", "max")]
         lines.append(f"{row['page']:<14} {row['count']:>5} {' '.join(cells)}")
     mem = result.memory()
-    lines += ["", "server RSS (MiB): " + ", ".join(
-        f"{k} {v:.0f}" if v is not None else f"{k} -" for k, v in mem.items())]
+    lines += [
+        "",
+        "server RSS (MiB): " + ", ".join(f"{k} {v:.0f}" if v is not None else f"{k} -" for k, v in mem.items()),
+    ]
     problems = result.problems()
     lines.append(f"problems on pages: {len(problems)}")
     lines += [f"  {p}" for p in problems[:20]]
@@ -434,8 +535,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", help="run to open (default: zoo for the built folder, else the explorer's first)")
     parser.add_argument("--sessions", type=int, default=5, help=f"concurrent browser sessions (1..{MAX_SESSIONS})")
     parser.add_argument("--rounds", type=int, default=3, help=f"times each session visits every page (1..{MAX_ROUNDS})")
-    parser.add_argument("--page-timeout", type=float, default=120,
-                        help="seconds a page may take (then its session stops)")
+    parser.add_argument(
+        "--page-timeout", type=float, default=120, help="seconds a page may take (then its session stops)"
+    )
     parser.add_argument("--time-limit", type=float, default=600, help="seconds after which no new click starts")
     parser.add_argument("--chromium", help="Chromium executable (default: chromium on the PATH)")
     parser.add_argument("--json", type=Path, help="also write the figures and every visit as JSON here")
@@ -449,8 +551,16 @@ def main(argv: list[str] | None = None) -> int:
                 with contextlib.redirect_stdout(sys.stderr):  # the commands' own output is not the figures
                     runs, built_saes, built_run = build_runs(Path(tmp))
                 saes, run = saes or built_saes, run or built_run
-            result = run_benchmark(runs, saes or Path("saes"), args.sessions, args.rounds, run, chromium,
-                                   args.page_timeout, args.time_limit)
+            result = run_benchmark(
+                runs,
+                saes or Path("saes"),
+                args.sessions,
+                args.rounds,
+                run,
+                chromium,
+                args.page_timeout,
+                args.time_limit,
+            )
     except WorkbenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

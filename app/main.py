@@ -35,8 +35,7 @@ def choose_page() -> str:
     if "page" not in st.session_state:
         asked = st.query_params.get("page")
         if asked is not None and asked not in PAGES:
-            st.error(f"{state.shown(asked)} is not a page of the explorer (pages: {', '.join(PAGES)}); "
-                     "showing Runs.")
+            st.error(f"{state.shown(asked)} is not a page of the explorer (pages: {', '.join(PAGES)}); showing Runs.")
         st.session_state["page"] = asked if asked in PAGES else "Runs"
     if state.GOTO in st.session_state:
         st.session_state["page"] = st.session_state.pop(state.GOTO)
@@ -53,11 +52,13 @@ def choose_run(ctx: state.Context) -> None:
     asked = st.query_params.get("run")
     if "run" not in st.session_state or st.session_state["run"] not in names:
         if asked is not None and asked not in names:
-            st.error(f"{state.shown(asked)} is not a run in the runs folder {ctx.folders.runs}; choose one in the "
-                     "sidebar.")
+            st.error(
+                f"{state.shown(asked)} is not a run in the runs folder {ctx.folders.runs}; choose one in the sidebar."
+            )
         st.session_state["run"] = asked if asked in names else names[0]
-    ctx.run_name = st.sidebar.selectbox("Run", names, key="run",
-                                        format_func=lambda n: f"{n} ({ctx.runs[n].manifest['settings'].get('model')})")
+    ctx.run_name = st.sidebar.selectbox(
+        "Run", names, key="run", format_func=lambda n: f"{n} ({ctx.runs[n].manifest['settings'].get('model')})"
+    )
 
 
 def main() -> None:

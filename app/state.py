@@ -53,7 +53,7 @@ def shown(name: str, limit: int = 80) -> str:
     """``name`` as a message quotes it: its ``repr``, cut to ``limit`` characters (names come from
     the address, which anyone can make as long as they like)."""
     text = repr(name)
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def folders_inside(root: Path) -> tuple[list[Path], list[str]]:
@@ -101,8 +101,10 @@ def find_runs(folders: Folders) -> Context:
     ctx = Context(folders)
     root = folders.runs
     if not root.is_dir():
-        ctx.problem = (f"The runs folder {root} does not exist. Start the explorer with `workbench app --runs DIR` "
-                       "on a folder of runs; `workbench score` writes them to runs/<model>.")
+        ctx.problem = (
+            f"The runs folder {root} does not exist. Start the explorer with `workbench app --runs DIR` "
+            "on a folder of runs; `workbench score` writes them to runs/<model>."
+        )
         return ctx
     try:
         kept, outside = folders_inside(root)
@@ -121,8 +123,11 @@ def find_runs(folders: Folders) -> Context:
     ctx.runs = dict(found)
     ctx.broken += [(name, LINKS_OUT.format(what="runs")) for name in outside]
     if not ctx.runs:
-        ctx.problem = (f"No readable runs in {root}" + (" (see the warnings above)" if ctx.broken else "")
-                       + f". Create one with `workbench score --out {root}/<name>`.")
+        ctx.problem = (
+            f"No readable runs in {root}"
+            + (" (see the warnings above)" if ctx.broken else "")
+            + f". Create one with `workbench score --out {root}/<name>`."
+        )
     return ctx
 
 

@@ -112,17 +112,33 @@ def context_parallel_attention(
     for chunk, local in ((early, slice(0, len(early))), (late, slice(len(early), None))):
         q_chunk = q_local[:, :, local]
         if causal:  # keys [0, stop): the chunk's last query sits at the last key, position stop - 1
-            out, st = attention(q_chunk, k[:, :, : chunk.stop], v[:, :, : chunk.stop], causal=True, scale=scale,
-                                stats=stats, backend=backend)
+            out, st = attention(
+                q_chunk,
+                k[:, :, : chunk.stop],
+                v[:, :, : chunk.stop],
+                causal=True,
+                scale=scale,
+                stats=stats,
+                backend=backend,
+            )
         else:  # all keys; empty rows pad the chunk so that it ends at position n_total - 1
             pad = q_chunk.new_zeros(*q_chunk.shape[:2], n_total - chunk.stop, q_chunk.shape[3])
             lengths = torch.full((q_chunk.shape[0],), len(chunk), dtype=torch.int64, device=q_chunk.device)
-            out, st = attention(torch.cat([q_chunk, pad], 2), k, v, causal=False, scale=scale, stats=stats,
-                                backend=backend, query_lengths=lengths)
+            out, st = attention(
+                torch.cat([q_chunk, pad], 2),
+                k,
+                v,
+                causal=False,
+                scale=scale,
+                stats=stats,
+                backend=backend,
+                query_lengths=lengths,
+            )
             out = out[:, :, : len(chunk)]
             if st is not None:  # rows of the chunk only; key mass is per key
-                st = AttentionStats(**{name: t if name == "key_mass" else t[:, :, : len(chunk)]
-                                       for name, t in st.items()})
+                st = AttentionStats(
+                    **{name: t if name == "key_mass" else t[:, :, : len(chunk)] for name, t in st.items()}
+                )
         outs.append(out)
         found.append(st)
     out_local = torch.cat(outs, dim=2)
@@ -140,7 +156,9 @@ def _join_chunks(found: list[AttentionStats], early: range, late: range, n_total
         for st in found:  # [B, Hq, keys the chunk saw]: a prefix of the sequence
             total[:, :, : st.key_mass.shape[2]] += st.key_mass
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-        rows["key_mass"] = torch.cat([total[:, :, early.start:early.stop], total[:, :, late.start:late.stop]], dim=2)
+        rows["key_mass"] = torch.cat(
+            [total[:, :, early.start : early.stop], total[:, :, late.start : late.stop]], dim=2
+        )
     return AttentionStats(**rows)
 
 
@@ -149,8 +167,10 @@ def _check_shard(q, k, v, n_local: int, n_total: int, world: int, rank: int) -> 
     leave the others waiting in the gather)."""
     for name, t in (("q_local", q), ("k_local", k), ("v_local", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise AttentionInputError(f"{name} must be a 4-D tensor [B, heads, n_local, D], got "
-                                      f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            raise AttentionInputError(
+                f"{name} must be a 4-D tensor [B, heads, n_local, D], got "
+                f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
+            )
         if t.shape[2] != n_local:
             raise AttentionInputError(
                 f"{name} holds {t.shape[2]} positions, but rank {rank} of {world} holds {n_local} of the "
@@ -180,7 +200,7 @@ def _gather_kv(k_local: torch.Tensor, v_local: torch.Tensor, n_early: int, n_tot
     for r in range(world):
         for slot, chunk in enumerate(shard_ranges(n_total, world, r)):
             first = (r * 2 + slot) * longest
-            index[chunk.start:chunk.stop] = torch.arange(first, first + len(chunk))
+            index[chunk.start : chunk.stop] = torch.arange(first, first + len(chunk))
     kv = gathered.view(world * 2 * longest, 2, b, hkv, d).index_select(0, index.to(k_local.device))
     return kv[:, 0].permute(1, 2, 0, 3), kv[:, 1].permute(1, 2, 0, 3)  # kv: [n_total, K/V, B, Hkv, D]
 

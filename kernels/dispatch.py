@@ -68,8 +68,14 @@ def attention(
     if backend not in BACKENDS:
         raise AttentionInputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     p = check_inputs(
-        q, k, v, causal=causal, scale=scale, stats=stats,
-        key_lengths=key_lengths, query_lengths=query_lengths,
+        q,
+        k,
+        v,
+        causal=causal,
+        scale=scale,
+        stats=stats,
+        key_lengths=key_lengths,
+        query_lengths=query_lengths,
     )
     use_triton = _choose_triton(q, p, backend, mask, chunk_size)
     if q.numel() == 0 or p.n_k == 0:
@@ -144,8 +150,10 @@ def _degenerate(q: torch.Tensor, p: Problem, stats: StatsSpec | None):
         return out, None
     rows = (p.batch, p.q_heads, p.n_q)
     shapes = {"offset_mass": rows + (len(stats.offsets),), "key_mass": (p.batch, p.q_heads, p.n_k)}
-    found = {name: torch.zeros(shapes.get(name, rows), dtype=torch.float32, device=q.device)
-             for name in stats.output_fields()}
+    found = {
+        name: torch.zeros(shapes.get(name, rows), dtype=torch.float32, device=q.device)
+        for name in stats.output_fields()
+    }
     if "argmax" in found:
         found["argmax"] = torch.full(rows, -1, dtype=torch.int64, device=q.device)
     return out, AttentionStats(**found)

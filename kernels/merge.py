@@ -147,7 +147,7 @@ def _merged_key_mass(stats, offsets, w) -> torch.Tensor:
     mass = torch.zeros(b, h, end, dtype=torch.float64, device=w.device)
     for c, (st, first) in enumerate(zip(stats, offsets)):
         # w[c] is [B, H, Nq] with Nq <= 1: its sum over rows is the row's weight, or 0 without rows.
-        mass[:, :, first:first + st.key_mass.shape[-1]] += w[c].sum(-1, keepdim=True) * st.key_mass.double()
+        mass[:, :, first : first + st.key_mass.shape[-1]] += w[c].sum(-1, keepdim=True) * st.key_mass.double()
     return mass
 
 
@@ -172,8 +172,12 @@ def _check_parts(parts, spec: StatsSpec) -> tuple[list[torch.Tensor], list[Atten
         raise AttentionInputError("merge_attention needs at least one (out, stats) part, got none")
     outs, stats = [], []
     for c, part in enumerate(parts):
-        if not (isinstance(part, tuple | list) and len(part) == 2 and isinstance(part[0], torch.Tensor)
-                and isinstance(part[1], AttentionStats)):
+        if not (
+            isinstance(part, tuple | list)
+            and len(part) == 2
+            and isinstance(part[0], torch.Tensor)
+            and isinstance(part[1], AttentionStats)
+        ):
             raise AttentionInputError(
                 f"part {c} must be an (out, AttentionStats) pair as kernels.attention returns it with stats=, "
                 f"got {type(part).__name__}"

@@ -15,10 +15,12 @@ DISTRIBUTIONS = ("attention-workbench", "torch", "triton", "transformers", "tran
 def git_revision() -> str | None:
     """The source checkout's commit (``+dirty`` with uncommitted changes); None when the
     package is installed outside a checkout or git is missing."""
+
     def git(*args: str) -> str | None:
         try:
-            done = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True,
-                                  text=True, timeout=5)
+            done = subprocess.run(
+                ["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5
+            )
         except (OSError, subprocess.SubprocessError):
             return None
         return done.stdout.strip() if done.returncode == 0 else None

@@ -97,7 +97,10 @@ def reference_attention(
         out[:, :, :, c0:c1] = (prob @ v_c).to(q.dtype)
         if not want:
             continue
-        add = {"lse": torch.where(row_ok, m + torch.log(l_safe), 0), **row_statistics(prob, qpos, kpos, stats, row_ok, s)}
+        add = {
+            "lse": torch.where(row_ok, m + torch.log(l_safe), 0),
+            **row_statistics(prob, qpos, kpos, stats, row_ok, s),
+        }
         for name, value in add.items():
             rows.setdefault(name, []).append(value)
         if key_mass is not None:
@@ -107,8 +110,7 @@ def reference_attention(
     if not want:
         return out, None
     shaped = {
-        name: torch.cat(parts, dim=3).reshape(b, p.q_heads, nq, *parts[0].shape[4:])
-        for name, parts in rows.items()
+        name: torch.cat(parts, dim=3).reshape(b, p.q_heads, nq, *parts[0].shape[4:]) for name, parts in rows.items()
     }
     if key_mass is not None:
         shaped["key_mass"] = key_mass.view(b, p.q_heads, nk)

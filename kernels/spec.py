@@ -48,9 +48,7 @@ class StatsSpec:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise AttentionInputError(f"StatsSpec.{name} must be an int, got {value!r}")
             if value < 0:
-                raise AttentionInputError(
-                    f"StatsSpec.{name} must be >= 0 (0 turns it off), got {value}"
-                )
+                raise AttentionInputError(f"StatsSpec.{name} must be >= 0 (0 turns it off), got {value}")
         for o in self.offsets:
             if isinstance(o, bool) or not isinstance(o, int):
                 raise AttentionInputError(f"StatsSpec.offsets must hold ints, got {o!r}")
@@ -62,14 +60,18 @@ class StatsSpec:
         """Every per-row statistic with the given sink count, local window and offsets; the
         per-key mass (a second pass) only with ``key_mass=True``."""
         return cls(
-            entropy=True, max_prob=True, argmax=True, sink_tokens=sink_tokens, window=window,
-            distance=True, offsets=offsets, key_mass=key_mass,
+            entropy=True,
+            max_prob=True,
+            argmax=True,
+            sink_tokens=sink_tokens,
+            window=window,
+            distance=True,
+            offsets=offsets,
+            key_mass=key_mass,
         )
 
     @classmethod
-    def all(
-        cls, sink_tokens: int = 1, window: int = 64, offsets: tuple[int, ...] = (1,)
-    ) -> StatsSpec:
+    def all(cls, sink_tokens: int = 1, window: int = 64, offsets: tuple[int, ...] = (1,)) -> StatsSpec:
         """Every statistic, row and key, with the given sink count, local window and offsets."""
         return cls.every_row_statistic(sink_tokens, window, offsets, key_mass=True)
 
@@ -77,9 +79,15 @@ class StatsSpec:
         """The :class:`AttentionStats` fields this spec fills, in field order (``lse`` always):
         the one place that says which flag gives which output."""
         wanted = {
-            "lse": True, "entropy": self.entropy, "max_prob": self.max_prob, "argmax": self.argmax,
-            "sink_mass": self.sink_tokens > 0, "local_mass": self.window > 0, "distance": self.distance,
-            "offset_mass": bool(self.offsets), "key_mass": self.key_mass,
+            "lse": True,
+            "entropy": self.entropy,
+            "max_prob": self.max_prob,
+            "argmax": self.argmax,
+            "sink_mass": self.sink_tokens > 0,
+            "local_mass": self.window > 0,
+            "distance": self.distance,
+            "offset_mass": bool(self.offsets),
+            "key_mass": self.key_mass,
         }
         return tuple(name for name, on in wanted.items() if on)
 
@@ -87,8 +95,13 @@ class StatsSpec:
     def row_stats(self) -> bool:
         """Whether any per-row statistic beyond the log-sum-exp is requested."""
         return bool(
-            self.entropy or self.max_prob or self.argmax or self.sink_tokens or self.window
-            or self.distance or self.offsets
+            self.entropy
+            or self.max_prob
+            or self.argmax
+            or self.sink_tokens
+            or self.window
+            or self.distance
+            or self.offsets
         )
 
 

@@ -67,12 +67,40 @@ def interpreting() -> bool:
 
 @triton.jit
 def _fwd_block(
-    acc, m_i, l_i, t_i, d_i, arg_i,
-    q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-    start_n, qpos, klen, offs_d, qk_scale, desc_k, desc_v, b, hk,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, ENTROPY: tl.constexpr, DIST: tl.constexpr,
-    ARGMAX: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    acc,
+    m_i,
+    l_i,
+    t_i,
+    d_i,
+    arg_i,
+    q,
+    k_base,
+    v_base,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    start_n,
+    qpos,
+    klen,
+    offs_d,
+    qk_scale,
+    desc_k,
+    desc_v,
+    b,
+    hk,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    TMA: tl.constexpr,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    ENTROPY: tl.constexpr,
+    DIST: tl.constexpr,
+    ARGMAX: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """One key block of the online softmax with statistics accumulators.
 
@@ -133,10 +161,25 @@ def _fwd_block(
 
 @triton.jit
 def _range_mass(
-    q, k_base, stride_kn, stride_kd, lse2, qpos, klen, lo, hi, key_lo, key_hi, offs_d,
+    q,
+    k_base,
+    stride_kn,
+    stride_kd,
+    lse2,
+    qpos,
+    klen,
+    lo,
+    hi,
+    key_lo,
+    key_hi,
+    offs_d,
     qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """Per row, the exact probability mass on keys with ``key_lo <= key < key_hi`` (per-row
     bounds ``[BLOCK_M]``), scanning key blocks from ``lo`` to ``hi``.
@@ -147,8 +190,11 @@ def _range_mass(
     mass = tl.zeros([BLOCK_M], dtype=tl.float32)  # [BLOCK_M]
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
-        kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=(offs_n[None, :] < klen) & (offs_d[:, None] < HEAD_DIM), other=0.0)  # [BLOCK_D, BLOCK_N]
+        kt = tl.load(
+            k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+            mask=(offs_n[None, :] < klen) & (offs_d[:, None] < HEAD_DIM),
+            other=0.0,
+        )  # [BLOCK_D, BLOCK_N]
         if DOT_F32:
             kt = kt.to(tl.float32)
         s = tl.dot(q, kt, input_precision=PREC) * qk_scale  # [BLOCK_M, BLOCK_N] scores, log2 domain
@@ -173,22 +219,64 @@ def _valid_lengths(KLen, QLen, b, Nq, Nk, HAS_KLEN: tl.constexpr, HAS_QLEN: tl.c
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, desc_k, desc_v, Out, Stats, ArgMax, Offsets, KLen, QLen,
+    Q,
+    K,
+    V,
+    desc_k,
+    desc_v,
+    Out,
+    Stats,
+    ArgMax,
+    Offsets,
+    KLen,
+    QLen,
     qk_scale,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_od,
-    Hq, Nq, Nk, GROUP, sink_tokens, window, split_len, rows_total,
-    NQ_BUCKET, NK_BUCKET,  # autotuning keys only
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_QLEN: tl.constexpr,
-    STATS: tl.constexpr, ARGMAX: tl.constexpr,
-    F_ENT: tl.constexpr, F_MAX: tl.constexpr, F_SINK: tl.constexpr, F_LOCAL: tl.constexpr,
-    F_DIST: tl.constexpr, F_OFF: tl.constexpr, N_OFF: tl.constexpr,
-    PACK: tl.constexpr, SPLIT: tl.constexpr,
-    DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    Hq,
+    Nq,
+    Nk,
+    GROUP,
+    sink_tokens,
+    window,
+    split_len,
+    rows_total,
+    NQ_BUCKET,
+    NK_BUCKET,  # autotuning keys only
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_KLEN: tl.constexpr,
+    HAS_QLEN: tl.constexpr,
+    STATS: tl.constexpr,
+    ARGMAX: tl.constexpr,
+    F_ENT: tl.constexpr,
+    F_MAX: tl.constexpr,
+    F_SINK: tl.constexpr,
+    F_LOCAL: tl.constexpr,
+    F_DIST: tl.constexpr,
+    F_OFF: tl.constexpr,
+    N_OFF: tl.constexpr,
+    PACK: tl.constexpr,
+    SPLIT: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    PREC: tl.constexpr,
     TMA: tl.constexpr,
 ):
     """Output and row statistics of one block of rows (over one split of the keys if SPLIT).
@@ -235,8 +323,9 @@ def _attn_fwd(
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
 
     q_rows = b * stride_qb + h * stride_qh + qi * stride_qm  # [BLOCK_M]
-    q = tl.load(Q + q_rows[:, None] + offs_d[None, :] * stride_qd, mask=row_in[:, None] & d_ok[None, :],
-                other=0.0)  # [BLOCK_M, BLOCK_D]
+    q = tl.load(
+        Q + q_rows[:, None] + offs_d[None, :] * stride_qd, mask=row_in[:, None] & d_ok[None, :], other=0.0
+    )  # [BLOCK_M, BLOCK_D]
     if DOT_F32:
         q = q.to(tl.float32)
     k_base = K + b * stride_kb + hk * stride_kh
@@ -272,14 +361,78 @@ def _attn_fwd(
 
     for start_n in range(k_lo, tl.minimum(lo_masked, k_hi), BLOCK_N):
         acc, m_i, l_i, t_i, d_i, arg_i = _fwd_block(
-            acc, m_i, l_i, t_i, d_i, arg_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-            start_n, qpos, klen, offs_d, qk_scale, desc_k, desc_v, b.to(tl.int32), hk.to(tl.int32),
-            HEAD_DIM, BLOCK_N, BLOCK_D, EVEN_D, TMA, False, CAUSAL, ENTROPY, DIST, ARGMAX, DOT_F32, PREC)
+            acc,
+            m_i,
+            l_i,
+            t_i,
+            d_i,
+            arg_i,
+            q,
+            k_base,
+            v_base,
+            stride_kn,
+            stride_kd,
+            stride_vn,
+            stride_vd,
+            start_n,
+            qpos,
+            klen,
+            offs_d,
+            qk_scale,
+            desc_k,
+            desc_v,
+            b.to(tl.int32),
+            hk.to(tl.int32),
+            HEAD_DIM,
+            BLOCK_N,
+            BLOCK_D,
+            EVEN_D,
+            TMA,
+            False,
+            CAUSAL,
+            ENTROPY,
+            DIST,
+            ARGMAX,
+            DOT_F32,
+            PREC,
+        )
     for start_n in range(tl.maximum(lo_masked, k_lo), k_hi, BLOCK_N):
         acc, m_i, l_i, t_i, d_i, arg_i = _fwd_block(
-            acc, m_i, l_i, t_i, d_i, arg_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-            start_n, qpos, klen, offs_d, qk_scale, desc_k, desc_v, b.to(tl.int32), hk.to(tl.int32),
-            HEAD_DIM, BLOCK_N, BLOCK_D, EVEN_D, False, True, CAUSAL, ENTROPY, DIST, ARGMAX, DOT_F32, PREC)
+            acc,
+            m_i,
+            l_i,
+            t_i,
+            d_i,
+            arg_i,
+            q,
+            k_base,
+            v_base,
+            stride_kn,
+            stride_kd,
+            stride_vn,
+            stride_vd,
+            start_n,
+            qpos,
+            klen,
+            offs_d,
+            qk_scale,
+            desc_k,
+            desc_v,
+            b.to(tl.int32),
+            hk.to(tl.int32),
+            HEAD_DIM,
+            BLOCK_N,
+            BLOCK_D,
+            EVEN_D,
+            False,
+            True,
+            CAUSAL,
+            ENTROPY,
+            DIST,
+            ARGMAX,
+            DOT_F32,
+            PREC,
+        )
 
     row_ok = row_in & (qi < qlen) & (l_i > 0.0)  # [BLOCK_M] rows with at least one key
     l_safe = tl.where(row_ok, l_i, 1.0)  # [BLOCK_M]
@@ -291,8 +444,11 @@ def _attn_fwd(
         Stats += part * n_rows * (F_OFF + N_OFF)
         ArgMax += part * n_rows
     o_rows = b * stride_ob + h * stride_oh + qi * stride_om  # [BLOCK_M]
-    tl.store(Out + o_rows[:, None] + offs_d[None, :] * stride_od, out.to(Out.dtype.element_ty),
-             mask=row_in[:, None] & d_ok[None, :])
+    tl.store(
+        Out + o_rows[:, None] + offs_d[None, :] * stride_od,
+        out.to(Out.dtype.element_ty),
+        mask=row_in[:, None] & d_ok[None, :],
+    )
 
     srow = (b * Hq + h) * Nq + qi  # [BLOCK_M] row indices; rows are flat [B, Hq, Nq]
     lse2 = m_i + tl.math.log2(l_safe)  # [BLOCK_M] log2-domain log-sum-exp
@@ -315,28 +471,68 @@ def _attn_fwd(
         if ARGMAX:
             tl.store(ArgMax + srow, tl.where(row_ok, arg_i, -1).to(tl.int64), mask=row_in)
         if DIST:
-            tl.store(Stats + F_DIST * n_rows + srow, tl.where(row_ok, qpos.to(tl.float32) - d_i / l_safe, 0.0),
-                     mask=row_in)
+            tl.store(
+                Stats + F_DIST * n_rows + srow, tl.where(row_ok, qpos.to(tl.float32) - d_i / l_safe, 0.0), mask=row_in
+            )
         if F_SINK > 0:
             zero = tl.zeros([BLOCK_M], dtype=tl.int32)  # [BLOCK_M]
-            sink = _range_mass(q, k_base, stride_kn, stride_kd, lse2, qpos, klen, k_lo,
-                               tl.minimum(sink_tokens, k_hi), zero, zero + sink_tokens, offs_d,
-                               qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, DOT_F32, PREC)  # [BLOCK_M]
+            sink = _range_mass(
+                q,
+                k_base,
+                stride_kn,
+                stride_kd,
+                lse2,
+                qpos,
+                klen,
+                k_lo,
+                tl.minimum(sink_tokens, k_hi),
+                zero,
+                zero + sink_tokens,
+                offs_d,
+                qk_scale,
+                HEAD_DIM,
+                BLOCK_M,
+                BLOCK_N,
+                CAUSAL,
+                DOT_F32,
+                PREC,
+            )  # [BLOCK_M]
             tl.store(Stats + F_SINK * n_rows + srow, tl.where(row_ok, tl.minimum(sink, 1.0), 0.0), mask=row_in)
         if F_LOCAL > 0:
             loc_lo = tl.maximum((tl.maximum(q_first + q_off - window + 1, 0) // BLOCK_N) * BLOCK_N, k_lo)
             loc_hi = tl.maximum(tl.minimum(k_hi, q_last + q_off + 1), 0)
-            loc = _range_mass(q, k_base, stride_kn, stride_kd, lse2, qpos, klen, loc_lo, loc_hi,
-                              qpos - window + 1, qpos + 1, offs_d, qk_scale, HEAD_DIM, BLOCK_M,
-                              BLOCK_N, CAUSAL, DOT_F32, PREC)  # [BLOCK_M]
+            loc = _range_mass(
+                q,
+                k_base,
+                stride_kn,
+                stride_kd,
+                lse2,
+                qpos,
+                klen,
+                loc_lo,
+                loc_hi,
+                qpos - window + 1,
+                qpos + 1,
+                offs_d,
+                qk_scale,
+                HEAD_DIM,
+                BLOCK_M,
+                BLOCK_N,
+                CAUSAL,
+                DOT_F32,
+                PREC,
+            )  # [BLOCK_M]
             tl.store(Stats + F_LOCAL * n_rows + srow, tl.where(row_ok, tl.minimum(loc, 1.0), 0.0), mask=row_in)
         if N_OFF > 0:
             qf = q.to(tl.float32)  # [BLOCK_M, BLOCK_D]
             for j in tl.static_range(N_OFF):
                 kp = qpos - tl.load(Offsets + j)  # [BLOCK_M] the one key of each row
                 ok = row_ok & (kp >= k_lo) & (kp < k_hi)  # [BLOCK_M]
-                kr = tl.load(k_base + kp[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                             mask=ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D] a key per row
+                kr = tl.load(
+                    k_base + kp[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=ok[:, None] & d_ok[None, :],
+                    other=0.0,
+                )  # [BLOCK_M, BLOCK_D] a key per row
                 sc = tl.sum(qf * kr.to(tl.float32), 1) * qk_scale  # [BLOCK_M] score, log2 domain
                 pm = tl.minimum(tl.math.exp2(tl.where(ok, sc - lse2, -float("inf"))), 1.0)  # [BLOCK_M]
                 tl.store(Stats + F_OFF * n_rows + srow * N_OFF + j, pm, mask=row_in)
@@ -344,10 +540,25 @@ def _attn_fwd(
 
 @triton.jit
 def _merge_splits(
-    OutP, StatsP, ArgP, Out, Stats, ArgMax, n_splits, rows_total,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-    ARGMAX: tl.constexpr, MAXP: tl.constexpr, F_ENT: tl.constexpr, F_MAX: tl.constexpr,
-    F_MEAN: tl.constexpr, F_DIST: tl.constexpr, F_OFF: tl.constexpr, N_OFF: tl.constexpr,
+    OutP,
+    StatsP,
+    ArgP,
+    Out,
+    Stats,
+    ArgMax,
+    n_splits,
+    rows_total,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    ARGMAX: tl.constexpr,
+    MAXP: tl.constexpr,
+    F_ENT: tl.constexpr,
+    F_MAX: tl.constexpr,
+    F_MEAN: tl.constexpr,
+    F_DIST: tl.constexpr,
+    F_OFF: tl.constexpr,
+    N_OFF: tl.constexpr,
 ):
     """Combine the splits of :func:`_attn_fwd` row by row (rows are flat ``B * Hq * Nq``;
     splits happen only for decoding shapes, so every offset here fits in int32).
@@ -381,8 +592,11 @@ def _merge_splits(
     for s in range(n_splits):
         log_w = tl.load(StatsP + s * per_split + r, mask=r_ok, other=_MASKED) - lse2  # [BLOCK_R] log2 of the weight
         w = tl.math.exp2(log_w)  # [BLOCK_R]
-        o = tl.load(OutP + (s * rows_total + r)[:, None] * HEAD_DIM + offs_d[None, :],
-                    mask=r_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_D] split output
+        o = tl.load(
+            OutP + (s * rows_total + r)[:, None] * HEAD_DIM + offs_d[None, :],
+            mask=r_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )  # [BLOCK_R, BLOCK_D] split output
         out += w[:, None] * o
         if F_ENT > 0:
             ent += w * (tl.load(StatsP + s * per_split + F_ENT * rows_total + r, mask=r_ok, other=0.0) - _LN2 * log_w)
@@ -391,8 +605,9 @@ def _merge_splits(
             if ARGMAX:
                 arg = tl.where(m_s > best, tl.load(ArgP + s * rows_total + r, mask=r_ok, other=-1), arg)
             best = tl.maximum(best, m_s)
-    tl.store(Out + r[:, None] * HEAD_DIM + offs_d[None, :], out.to(Out.dtype.element_ty),
-             mask=r_ok[:, None] & d_ok[None, :])
+    tl.store(
+        Out + r[:, None] * HEAD_DIM + offs_d[None, :], out.to(Out.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :]
+    )
     tl.store(Stats + r, tl.where(row_ok, lse2 * _LN2, 0.0), mask=r_ok)
     if F_ENT > 0:
         tl.store(Stats + F_ENT * rows_total + r, tl.where(row_ok, tl.maximum(ent, 0.0), 0.0), mask=r_ok)
@@ -429,15 +644,36 @@ def _head_and_lengths(KLen, QLen, Hq, Nq, Nk, GROUP, HAS_KLEN: tl.constexpr, HAS
 
 @triton.jit
 def _key_mass(
-    Q, K, Lse, KeyMass, KLen, QLen, qk_scale,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    Hq, Nq, Nk, GROUP,
-    NQ_BUCKET, NK_BUCKET,  # autotuning keys only
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, HAS_QLEN: tl.constexpr,
-    DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    Q,
+    K,
+    Lse,
+    KeyMass,
+    KLen,
+    QLen,
+    qk_scale,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    Hq,
+    Nq,
+    Nk,
+    GROUP,
+    NQ_BUCKET,
+    NK_BUCKET,  # autotuning keys only
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_KLEN: tl.constexpr,
+    HAS_QLEN: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     pid_bh, b, h, hk, klen, qlen = _head_and_lengths(KLen, QLen, Hq, Nq, Nk, GROUP, HAS_KLEN, HAS_QLEN)
     q_off = Nk - Nq
@@ -447,8 +683,11 @@ def _key_mass(
     d_ok = offs_d < HEAD_DIM  # [BLOCK_D]
 
     k_ok = offs_n < klen  # [BLOCK_N]
-    kb = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                 mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+    kb = tl.load(
+        K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+        mask=k_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )  # [BLOCK_N, BLOCK_D]
     kt = tl.trans(kb)  # [BLOCK_D, BLOCK_N]
     if DOT_F32:
         kt = kt.to(tl.float32)
@@ -461,8 +700,11 @@ def _key_mass(
     for m0 in range(start_m, end_m, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)  # [BLOCK_M] query rows
         m_ok = offs_m < qlen  # [BLOCK_M]
-        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+        q = tl.load(
+            q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+            mask=m_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )  # [BLOCK_M, BLOCK_D]
         if DOT_F32:
             q = q.to(tl.float32)
         lse2 = tl.load(Lse + pid_bh * Nq + offs_m, mask=m_ok, other=0.0) * _LOG2E  # [BLOCK_M] log2 domain
@@ -492,17 +734,17 @@ def _set_descriptor_blocks(nargs: dict) -> None:
 
 
 def _configs(shapes) -> list[triton.Config]:
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=_set_descriptor_blocks)
-            for m, n, w, s in shapes]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=_set_descriptor_blocks)
+        for m, n, w, s in shapes
+    ]
 
 
 def _fwd_configs(block_d: int) -> list[triton.Config]:
     if block_d <= 64:  # 64 x 128 blocks with 4 warps lead at D = 64 (H100, N = 16K: see docs/benchmarks.md)
-        shapes = [(64, 128, 4, 3), (64, 128, 4, 2), (128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4),
-                  (64, 64, 4, 3)]
+        shapes = [(64, 128, 4, 3), (64, 128, 4, 2), (128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)]
     elif block_d <= 128:
-        shapes = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3),
-                  (128, 64, 8, 4)]
+        shapes = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 4)]
     else:
         shapes = [(64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 4, 3)]
     return _configs(shapes)
@@ -525,9 +767,26 @@ def _key_mass_configs(block_d: int) -> list[triton.Config]:
     return _configs(shapes)
 
 
-_FWD_KEY = ["NQ_BUCKET", "NK_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_KLEN", "HAS_QLEN", "STATS",
-            "ARGMAX", "F_ENT", "F_MAX", "F_SINK", "F_LOCAL", "F_DIST", "F_OFF", "N_OFF", "PACK",
-            "SPLIT", "TMA"]
+_FWD_KEY = [
+    "NQ_BUCKET",
+    "NK_BUCKET",
+    "HEAD_DIM",
+    "CAUSAL",
+    "HAS_KLEN",
+    "HAS_QLEN",
+    "STATS",
+    "ARGMAX",
+    "F_ENT",
+    "F_MAX",
+    "F_SINK",
+    "F_LOCAL",
+    "F_DIST",
+    "F_OFF",
+    "N_OFF",
+    "PACK",
+    "SPLIT",
+    "TMA",
+]
 _KM_KEY = ["NQ_BUCKET", "NK_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_KLEN", "HAS_QLEN"]
 
 
@@ -546,8 +805,17 @@ def _tuned(kernel_name: str, block_d: int, block_m: int = 0):
 _best_configs: dict[tuple, dict] = {}
 
 
-def _launch(kernel_name: str, block_d: int, block_m: int, grid, args: dict, flags: dict,
-            element_size: int, pinned: dict[str, int] | None, descriptors: tuple = ()) -> None:
+def _launch(
+    kernel_name: str,
+    block_d: int,
+    block_m: int,
+    grid,
+    args: dict,
+    flags: dict,
+    element_size: int,
+    pinned: dict[str, int] | None,
+    descriptors: tuple = (),
+) -> None:
     """Launch a kernel with the ``pinned`` blocks (:func:`_pinned_blocks`), or autotuned.
 
     ``args`` (runtime values, including the autotuning buckets ``NQ_BUCKET`` and
@@ -718,7 +986,7 @@ def triton_attention(
     argmax = torch.empty((b, hq, nq), device=dev, dtype=torch.int64) if want and stats.argmax else out
     if split:  # per-split partial results, merged below
         part = torch.empty(splits * n_rows * (d + per_row), device=dev, dtype=torch.float32)
-        out_part, stats_part = part[: splits * n_rows * d].view(splits, b, hq, nq, d), part[splits * n_rows * d:]
+        out_part, stats_part = part[: splits * n_rows * d].view(splits, b, hq, nq, d), part[splits * n_rows * d :]
         arg_part = torch.empty((splits, n_rows), device=dev, dtype=torch.int64) if want and stats.argmax else out
     else:
         out_part, stats_part, arg_part = out, row_stats, argmax
@@ -730,8 +998,13 @@ def triton_attention(
     q_strides = _strides(("stride_qb", "stride_qh", "stride_qm", "stride_qd"), q)
     k_strides = _strides(("stride_kb", "stride_kh", "stride_kn", "stride_kd"), k)
     common_flags = dict(
-        HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=p.causal,
-        HAS_KLEN=key_lengths is not None, HAS_QLEN=query_lengths is not None, DOT_F32=dot_f32, PREC=prec,
+        HEAD_DIM=d,
+        BLOCK_D=block_d,
+        CAUSAL=p.causal,
+        HAS_KLEN=key_lengths is not None,
+        HAS_QLEN=query_lengths is not None,
+        DOT_F32=dot_f32,
+        PREC=prec,
     )
     out_view = out_part[0] if split else out
 
@@ -740,36 +1013,97 @@ def triton_attention(
     pinned = _pinned_blocks()
     desc_k, desc_v = (None, None) if rows else _kv_descriptors(k, v, (pinned or {}).get("BLOCK_N", 64), block_d)
     fwd_args = dict(
-        Q=q, K=k, V=v, desc_k=desc_k, desc_v=desc_v, Out=out_part, Stats=stats_part, ArgMax=arg_part,
-        Offsets=offsets, KLen=klen, QLen=qlen, qk_scale=qk_scale, **q_strides, **k_strides,
+        Q=q,
+        K=k,
+        V=v,
+        desc_k=desc_k,
+        desc_v=desc_v,
+        Out=out_part,
+        Stats=stats_part,
+        ArgMax=arg_part,
+        Offsets=offsets,
+        KLen=klen,
+        QLen=qlen,
+        qk_scale=qk_scale,
+        **q_strides,
+        **k_strides,
         **_strides(("stride_vb", "stride_vh", "stride_vn", "stride_vd"), v),
         **_strides(("stride_ob", "stride_oh", "stride_om", "stride_od"), out_view),
-        Hq=hq, Nq=nq, Nk=nk, GROUP=p.group, sink_tokens=stats.sink_tokens if want else 0,
-        window=stats.window if want else 0, split_len=split_len, rows_total=n_rows, **buckets,
+        Hq=hq,
+        Nq=nq,
+        Nk=nk,
+        GROUP=p.group,
+        sink_tokens=stats.sink_tokens if want else 0,
+        window=stats.window if want else 0,
+        split_len=split_len,
+        rows_total=n_rows,
+        **buckets,
     )
     field_flags = dict(
-        F_ENT=fields.get("entropy", 0), F_MAX=fields.get("max_prob", 0), F_SINK=fields.get("sink_mass", 0),
-        F_LOCAL=fields.get("local_mass", 0), F_DIST=fields.get("distance", 0), F_OFF=fields["offset_mass"],
+        F_ENT=fields.get("entropy", 0),
+        F_MAX=fields.get("max_prob", 0),
+        F_SINK=fields.get("sink_mass", 0),
+        F_LOCAL=fields.get("local_mass", 0),
+        F_DIST=fields.get("distance", 0),
+        F_OFF=fields["offset_mass"],
         N_OFF=n_off,
     )
-    fwd_flags = dict(common_flags, STATS=want, ARGMAX=want and stats.argmax, **field_flags,
-                     PACK=bool(rows), SPLIT=split, TMA=desc_k is not None)
+    fwd_flags = dict(
+        common_flags,
+        STATS=want,
+        ARGMAX=want and stats.argmax,
+        **field_flags,
+        PACK=bool(rows),
+        SPLIT=split,
+        TMA=desc_k is not None,
+    )
     if rows:
         block_m = max(16, triton.next_power_of_2(rows))
-        _launch("packed", block_d, block_m, lambda meta: (1, b * p.kv_heads, splits), fwd_args, fwd_flags,
-                q.element_size(), pinned)
+        _launch(
+            "packed",
+            block_d,
+            block_m,
+            lambda meta: (1, b * p.kv_heads, splits),
+            fwd_args,
+            fwd_flags,
+            q.element_size(),
+            pinned,
+        )
     else:
-        _launch("fwd", block_d, 0, lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * hq, 1), fwd_args,
-                fwd_flags, q.element_size(), pinned, (desc_k, desc_v))
+        _launch(
+            "fwd",
+            block_d,
+            0,
+            lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * hq, 1),
+            fwd_args,
+            fwd_flags,
+            q.element_size(),
+            pinned,
+            (desc_k, desc_v),
+        )
     if split:
         block_r = 16
         _merge_splits[(triton.cdiv(n_rows, block_r),)](
-            OutP=out_part, StatsP=stats_part, ArgP=arg_part, Out=out, Stats=row_stats, ArgMax=argmax,
-            n_splits=splits, rows_total=n_rows,
-            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=block_r, ARGMAX=want and stats.argmax, MAXP=want and stats.max_prob,
-            F_ENT=field_flags["F_ENT"], F_MAX=field_flags["F_MAX"],
-            F_MEAN=1 + ("entropy" in fields) + ("max_prob" in fields), F_DIST=field_flags["F_DIST"],
-            F_OFF=fields["offset_mass"], N_OFF=n_off, num_warps=4,
+            OutP=out_part,
+            StatsP=stats_part,
+            ArgP=arg_part,
+            Out=out,
+            Stats=row_stats,
+            ArgMax=argmax,
+            n_splits=splits,
+            rows_total=n_rows,
+            HEAD_DIM=d,
+            BLOCK_D=block_d,
+            BLOCK_R=block_r,
+            ARGMAX=want and stats.argmax,
+            MAXP=want and stats.max_prob,
+            F_ENT=field_flags["F_ENT"],
+            F_MAX=field_flags["F_MAX"],
+            F_MEAN=1 + ("entropy" in fields) + ("max_prob" in fields),
+            F_DIST=field_flags["F_DIST"],
+            F_OFF=fields["offset_mass"],
+            N_OFF=n_off,
+            num_warps=4,
         )
     if dot_f32:
         out = out.to(q.dtype)
@@ -780,12 +1114,34 @@ def triton_attention(
     single = row_stats[: fields["offset_mass"] * n_rows].view(-1, b, hq, nq)
     found = {name: single[i] for name, i in fields.items() if name in wanted and name != "offset_mass"}
     if n_off:
-        found["offset_mass"] = row_stats[fields["offset_mass"] * n_rows:].view(b, hq, nq, n_off)
+        found["offset_mass"] = row_stats[fields["offset_mass"] * n_rows :].view(b, hq, nq, n_off)
     key_mass = None
     if stats.key_mass:
         key_mass = torch.empty((b, hq, nk), device=dev, dtype=torch.float32)
-        km_args = dict(Q=q, K=k, Lse=found["lse"], KeyMass=key_mass, KLen=klen, QLen=qlen, qk_scale=qk_scale,
-                       **q_strides, **k_strides, Hq=hq, Nq=nq, Nk=nk, GROUP=p.group, **buckets)
-        _launch("key_mass", block_d, 0, lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), b * hq), km_args,
-                common_flags, q.element_size(), pinned)
+        km_args = dict(
+            Q=q,
+            K=k,
+            Lse=found["lse"],
+            KeyMass=key_mass,
+            KLen=klen,
+            QLen=qlen,
+            qk_scale=qk_scale,
+            **q_strides,
+            **k_strides,
+            Hq=hq,
+            Nq=nq,
+            Nk=nk,
+            GROUP=p.group,
+            **buckets,
+        )
+        _launch(
+            "key_mass",
+            block_d,
+            0,
+            lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), b * hq),
+            km_args,
+            common_flags,
+            q.element_size(),
+            pinned,
+        )
     return out, AttentionStats(**found, argmax=argmax if stats.argmax else None, key_mass=key_mass)

@@ -56,21 +56,14 @@ def check_inputs(
             raise AttentionInputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise AttentionInputError(
-                f"{name} must have 4 dimensions [batch, heads, tokens, head_dim], "
-                f"got shape {tuple(t.shape)}"
+                f"{name} must have 4 dimensions [batch, heads, tokens, head_dim], got shape {tuple(t.shape)}"
             )
     if not (q.dtype == k.dtype == v.dtype):
-        raise AttentionInputError(
-            f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
-        )
+        raise AttentionInputError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.dtype not in REFERENCE_DTYPES:
-        raise AttentionInputError(
-            f"dtype {q.dtype} is not supported; use float16, bfloat16, float32 or float64"
-        )
+        raise AttentionInputError(f"dtype {q.dtype} is not supported; use float16, bfloat16, float32 or float64")
     if not (q.device == k.device == v.device):
-        raise AttentionInputError(
-            f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}"
-        )
+        raise AttentionInputError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
     if k.shape != v.shape:
         raise AttentionInputError(
             f"k and v must have the same shape [batch, kv_heads, keys, head_dim], "
@@ -83,11 +76,12 @@ def check_inputs(
     if dk != d:
         raise AttentionInputError(f"q has head_dim {d} but k/v have head_dim {dk}")
     if d == 0 or hkv == 0:
-        raise AttentionInputError(f"head_dim and head counts must be positive, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+        raise AttentionInputError(
+            f"head_dim and head counts must be positive, got q {tuple(q.shape)}, k {tuple(k.shape)}"
+        )
     if hq % hkv != 0:
         raise AttentionInputError(
-            f"query heads ({hq}) must be a multiple of key/value heads ({hkv}) "
-            "for grouped-query attention"
+            f"query heads ({hq}) must be a multiple of key/value heads ({hkv}) for grouped-query attention"
         )
     if causal not in (True, False):  # None or a string would silently mean something
         raise AttentionInputError(f"causal must be True or False, got {causal!r}")
@@ -125,9 +119,7 @@ def _check_scale(scale) -> float:
     return value
 
 
-def _check_lengths(
-    name: str, lengths: torch.Tensor | None, batch: int, limit: int, device: torch.device
-) -> None:
+def _check_lengths(name: str, lengths: torch.Tensor | None, batch: int, limit: int, device: torch.device) -> None:
     if lengths is None:
         return
     if not isinstance(lengths, torch.Tensor) or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:

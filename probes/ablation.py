@@ -63,8 +63,10 @@ def check_heads(model: Model, heads: Iterable[Head]) -> list[Head]:
     valid = set(all_heads(adapter))
     bad = [h for h in heads if h not in valid]
     if bad:
-        raise WorkbenchError(f"heads {bad} out of range: the model has {adapter.n_layers} layers of "
-                             f"{adapter.head_shape[0]} heads (layer and head count from 0)")
+        raise WorkbenchError(
+            f"heads {bad} out of range: the model has {adapter.n_layers} layers of "
+            f"{adapter.head_shape[0]} heads (layer and head count from 0)"
+        )
     return heads
 
 
@@ -82,8 +84,9 @@ def head_outputs(model: Model, ids: torch.Tensor) -> dict[int, torch.Tensor]:
 
 
 @contextmanager
-def ablate(model: Model, heads: Iterable[Head], method: str = "zero", reference: torch.Tensor | None = None,
-           seed: int = 0) -> Iterator[list[Head]]:
+def ablate(
+    model: Model, heads: Iterable[Head], method: str = "zero", reference: torch.Tensor | None = None, seed: int = 0
+) -> Iterator[list[Head]]:
     """Within the block, ``heads`` are ablated with ``method`` in every forward pass.
     ``reference [batch, tokens]``: token ids for ``mean`` and ``resample``."""
     adapter = adapter_for(model)
@@ -109,8 +112,10 @@ def ablate(model: Model, heads: Iterable[Head], method: str = "zero", reference:
         else:
             source = ref[layer]
             if source.shape[1] < z.shape[1]:
-                raise WorkbenchError(f"resample ablation: reference inputs of {source.shape[1]} tokens are shorter "
-                                     f"than the {z.shape[1]}-token input")
+                raise WorkbenchError(
+                    f"resample ablation: reference inputs of {source.shape[1]} tokens are shorter "
+                    f"than the {z.shape[1]}-token input"
+                )
             rows = torch.randint(0, source.shape[0], (z.shape[0],), generator=gen).to(source.device)
             z[:, :, chosen] = source[rows, : z.shape[1]][:, :, chosen].to(z.dtype)
         return z
@@ -129,6 +134,7 @@ def _check_method(method: str) -> None:
 
 # Metrics: functions of the model that return one number (higher or lower is better, as named).
 
+
 def _groups(keys: Sequence, size: int) -> Iterator[list[int]]:
     """Indices of items with equal ``keys`` (so they stack into one batch), ``size`` at a time."""
     by_key: dict = {}
@@ -136,7 +142,7 @@ def _groups(keys: Sequence, size: int) -> Iterator[list[int]]:
         by_key.setdefault(key, []).append(i)
     for group in by_key.values():
         for i in range(0, len(group), size):
-            yield group[i:i + size]
+            yield group[i : i + size]
 
 
 @torch.no_grad()
@@ -151,7 +157,7 @@ def _teacher_forced(model: Model, samples: Sequence[TaskSample], batch_size: int
         batch = torch.stack([torch.cat([samples[i].ids, samples[i].answer[:-1]]) for i in chunk])
         logp = torch.log_softmax(adapter.logits(batch.to(device)).float(), -1)
         for row, i in zip(logp, chunk):
-            steps = row[len(samples[i].ids) - 1:]  # the rows that predict the answer tokens
+            steps = row[len(samples[i].ids) - 1 :]  # the rows that predict the answer tokens
             answer = samples[i].answer.to(device)
             results[i] = (float(steps.gather(-1, answer.view(-1, 1)).sum()), bool((steps.argmax(-1) == answer).all()))
     return results
@@ -198,9 +204,10 @@ def _next_token(model: Model, samples, batch_size: int, first: Callable[[TaskSam
         batch = torch.stack([samples[i].ids for i in chunk]).to(device)
         f = first(samples[chunk[0]])
         logits = adapter.logits(batch).float()[:, f:-1]
-        target = batch[:, f + 1:]
-        loss += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                        reduction="sum"))
+        target = batch[:, f + 1 :]
+        loss += float(
+            torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
+        )
         correct += int((logits.argmax(-1) == target).sum())
         count += target.numel()
     return loss / count, correct / count
@@ -208,18 +215,22 @@ def _next_token(model: Model, samples, batch_size: int, first: Callable[[TaskSam
 
 def logit_difference(ids: torch.Tensor, token_a: int, token_b: int) -> Metric:
     """Mean over ``ids [batch, tokens]`` of logit(a) - logit(b) at the last position."""
+
     def metric(model: Model) -> float:
         adapter = adapter_for(model)
         with torch.no_grad():
             last = adapter.logits(ids.to(adapter.device))[:, -1].float()
         return float((last[:, token_a] - last[:, token_b]).mean())
+
     return metric
 
 
 # Experiments.
 
-def scan_heads(model: Model, metric: Metric, method: str = "zero", reference: torch.Tensor | None = None,
-               progress: bool = True) -> pd.DataFrame:
+
+def scan_heads(
+    model: Model, metric: Metric, method: str = "zero", reference: torch.Tensor | None = None, progress: bool = True
+) -> pd.DataFrame:
     """Every head ablated alone: ``layer, head, value, baseline, delta`` (value - baseline).
     ``metric`` is called with ``model`` as given."""
     adapter = adapter_for(model)
@@ -232,9 +243,18 @@ def scan_heads(model: Model, metric: Metric, method: str = "zero", reference: to
     return pd.DataFrame(rows, columns=["layer", "head", "value", "baseline", "delta"])
 
 
-def cumulative(model: Model, metric: Metric, ranking: Sequence[Head], ks: Sequence[int], draws: int = 5,
-               method: str = "zero", reference: torch.Tensor | None = None, seed: int = 0,
-               control: str = "all", progress: bool = True) -> pd.DataFrame:
+def cumulative(
+    model: Model,
+    metric: Metric,
+    ranking: Sequence[Head],
+    ks: Sequence[int],
+    draws: int = 5,
+    method: str = "zero",
+    reference: torch.Tensor | None = None,
+    seed: int = 0,
+    control: str = "all",
+    progress: bool = True,
+) -> pd.DataFrame:
     """The masking experiment of Wu et al.: the top-``k`` heads of ``ranking`` ablated together,
     against ``draws`` sets of ``k`` random heads outside the top ``k``: from all layers
     (``control="all"``) or from the layers the top ``k`` sit in (``"same_layers"``, which
@@ -247,8 +267,10 @@ def cumulative(model: Model, metric: Metric, ranking: Sequence[Head], ks: Sequen
     everyone = all_heads(adapter)
     bad = [k for k in ks if not 1 <= k <= len(ranking) or k > len(everyone) - k]
     if bad or not ks:
-        raise WorkbenchError(f"k must lie in 1..{min(len(ranking), len(everyone) // 2)} (the ranking has "
-                             f"{len(ranking)} heads, the model {len(everyone)}), got {list(ks) or 'none'}")
+        raise WorkbenchError(
+            f"k must lie in 1..{min(len(ranking), len(everyone) // 2)} (the ranking has "
+            f"{len(ranking)} heads, the model {len(everyone)}), got {list(ks) or 'none'}"
+        )
     rng = random.Random(seed)
     rows = [(0, "none", 0, "", metric(model))]
     jobs = [(k, "top", 0, list(ranking[:k])) for k in ks]
@@ -256,8 +278,10 @@ def cumulative(model: Model, metric: Metric, ranking: Sequence[Head], ks: Sequen
         layers = {layer for layer, _ in ranking[:k]} if control == "same_layers" else {layer for layer, _ in everyone}
         others = [h for h in everyone if h not in ranking[:k] and h[0] in layers]
         if len(others) < k:
-            raise WorkbenchError(f"only {len(others)} heads outside the top {k} in their layers: too few for a "
-                                 "same-layer control; use control='all' or a smaller k")
+            raise WorkbenchError(
+                f"only {len(others)} heads outside the top {k} in their layers: too few for a "
+                "same-layer control; use control='all' or a smaller k"
+            )
         jobs += [(k, "random", d, rng.sample(others, k)) for d in range(draws)]
     for k, selection, draw, heads in tqdm(jobs, desc="ablating head sets", unit="set", disable=not progress):
         with ablate(adapter, heads, method, reference, seed=seed):
@@ -276,8 +300,9 @@ def rank_heads(run: Run, score: str, task: str | None = None) -> list[Head]:
     table = run.table("head_scores")
     rows = table[table["score"] == score]
     if rows.empty:
-        raise WorkbenchError(f"the run in {run.path} has no {score!r} score; it has: "
-                             f"{', '.join(sorted(set(table['score'])))}")
+        raise WorkbenchError(
+            f"the run in {run.path} has no {score!r} score; it has: {', '.join(sorted(set(table['score'])))}"
+        )
     tasks = sorted(set(rows["task"]))
     if task is None and len(tasks) > 1:
         raise WorkbenchError(f"{score} was scored on tasks {tasks}: choose one")
@@ -352,8 +377,10 @@ class AblationSettings:
         object.__setattr__(self, "metric", metric)
         _check_method(self.method)
         if self.method == "resample" and self.task == "niah":
-            raise WorkbenchError("resample ablation needs reference inputs as long as the measured ones: use it with "
-                                 "--task repeats or text, or --method mean")
+            raise WorkbenchError(
+                "resample ablation needs reference inputs as long as the measured ones: use it with "
+                "--task repeats or text, or --method mean"
+            )
         _check_control(self.control)
         if self.samples < 1 or self.draws < 1:
             raise WorkbenchError(f"samples and draws must be at least 1, got {self.samples} and {self.draws}")
@@ -363,8 +390,14 @@ class AblationSettings:
     @property
     def config(self) -> dict:
         """The columns every row of the experiment's tables carries (and its manifest entry)."""
-        return {"rank_by": self.rank_by, "task": self.task, "metric": self.metric, "method": self.method,
-                "length": self.length, "control": self.control}
+        return {
+            "rank_by": self.rank_by,
+            "task": self.task,
+            "metric": self.metric,
+            "method": self.method,
+            "length": self.length,
+            "control": self.control,
+        }
 
     @property
     def table_name(self) -> str:
@@ -403,8 +436,9 @@ class AblationResult:
     path: Path
 
 
-def run_ablation(run: Run | str | Path, model: Model, settings: AblationSettings,
-                 progress: bool = True) -> AblationResult:
+def run_ablation(
+    run: Run | str | Path, model: Model, settings: AblationSettings, progress: bool = True
+) -> AblationResult:
     """Wu et al.'s masking experiment on a run folder: rank the heads by the run's score,
     sample fresh inputs, ablate, and write the tables (:attr:`AblationSettings.table_name`,
     :attr:`~AblationSettings.scan_name`), their figures (``figures/``) and an entry in the
@@ -423,9 +457,18 @@ def run_ablation(run: Run | str | Path, model: Model, settings: AblationSettings
     measure = globals()[settings.metric](items)
     reference = torch.stack([s.ids for s in items]) if settings.method != "zero" else None
     config = settings.config
-    table = cumulative(adapter, measure, ranking, settings.ks, draws=settings.draws, method=settings.method,
-                       reference=reference, seed=settings.seed, control=settings.control,
-                       progress=progress).assign(**config)
+    table = cumulative(
+        adapter,
+        measure,
+        ranking,
+        settings.ks,
+        draws=settings.draws,
+        method=settings.method,
+        reference=reference,
+        seed=settings.seed,
+        control=settings.control,
+        progress=progress,
+    ).assign(**config)
     name, metric = settings.table_name, settings.metric
     run.write_table(name, table)
     figures = {name: ablation_curve(table, metric)}
@@ -435,10 +478,19 @@ def run_ablation(run: Run | str | Path, model: Model, settings: AblationSettings
         run.write_table(settings.scan_name, scanned)
         figures[settings.scan_name] = head_map(
             scanned.assign(score=f"{metric} change when ablated alone", value=scanned["delta"], task=settings.task),
-            f"{metric} change when ablated alone")
+            f"{metric} change when ablated alone",
+        )
     warnings = save_figures(figures, run.path / "figures")
     entries = [a for a in run.manifest.get("ablations", []) if a.get("table") != name]
-    run.manifest["ablations"] = entries + [{**config, "k": list(settings.ks), "draws": settings.draws,
-                                            "samples": len(items), "table": name, "figure_warnings": warnings}]
+    run.manifest["ablations"] = entries + [
+        {
+            **config,
+            "k": list(settings.ks),
+            "draws": settings.draws,
+            "samples": len(items),
+            "table": name,
+            "figure_warnings": warnings,
+        }
+    ]
     run.save_manifest()
     return AblationResult(settings, table, scanned, run.path / f"{name}.parquet")

@@ -25,8 +25,9 @@ from workbench.console import (
 
 TEXT_HELP = "Text file, folder or hf:DATASET (default: built-in docstrings)."
 
-sae_app = typer.Typer(help="Sparse autoencoders on attention outputs (sae-lens format).", no_args_is_help=True,
-                      cls=ReportingGroup)
+sae_app = typer.Typer(
+    help="Sparse autoencoders on attention outputs (sae-lens format).", no_args_is_help=True, cls=ReportingGroup
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -51,22 +52,36 @@ def _load(name: str, device: str | None, dtype: str | None = None):
 def ablate(
     run: Path = typer.Option(..., "--run", "-r", help="Run folder whose scores rank the heads."),
     rank_by: str = typer.Option(AblationSettings.rank_by, "--rank-by", help="Score that ranks the heads."),
-    score_task: str = typer.Option(AblationSettings.score_task,
-                                   help="Task of that score, when it was computed on several."),
-    k: str = typer.Option(",".join(map(str, AblationSettings.ks)), "--k",
-                          help="Comma-separated numbers of top heads to ablate together."),
-    task: str = typer.Option(AblationSettings.task, "--task", "-t",
-                             help="Samples to measure on: niah, repeats or text."),
-    metric: str = typer.Option(AblationSettings.metric, help="needle_accuracy, answer_logprob (niah), "
-                               "induction_accuracy (repeats), text_loss (text); default: the task's first."),
+    score_task: str = typer.Option(
+        AblationSettings.score_task, help="Task of that score, when it was computed on several."
+    ),
+    k: str = typer.Option(
+        ",".join(map(str, AblationSettings.ks)), "--k", help="Comma-separated numbers of top heads to ablate together."
+    ),
+    task: str = typer.Option(
+        AblationSettings.task, "--task", "-t", help="Samples to measure on: niah, repeats or text."
+    ),
+    metric: str = typer.Option(
+        AblationSettings.metric,
+        help="needle_accuracy, answer_logprob (niah), "
+        "induction_accuracy (repeats), text_loss (text); default: the task's first.",
+    ),
     method: str = typer.Option(AblationSettings.method, help="zero, mean or resample."),
-    length: int = typer.Option(AblationSettings.length, "--length", "-n",
-                               help="Tokens per sample (default: the run's shortest)."),
-    samples: int = typer.Option(AblationSettings.samples, "--samples", "-s", min=1,
-                                help=f"Samples (niah: per depth, {len(AblationSettings.depths)} depths)."),
+    length: int = typer.Option(
+        AblationSettings.length, "--length", "-n", help="Tokens per sample (default: the run's shortest)."
+    ),
+    samples: int = typer.Option(
+        AblationSettings.samples,
+        "--samples",
+        "-s",
+        min=1,
+        help=f"Samples (niah: per depth, {len(AblationSettings.depths)} depths).",
+    ),
     draws: int = typer.Option(AblationSettings.draws, min=1, help="Random head sets per k."),
-    control: str = typer.Option(AblationSettings.control, help="Random heads from all layers, or from the top heads' "
-                                "layers (same_layers: controls for depth)."),
+    control: str = typer.Option(
+        AblationSettings.control,
+        help="Random heads from all layers, or from the top heads' layers (same_layers: controls for depth).",
+    ),
     scan: bool = typer.Option(AblationSettings.scan, "--scan", help="Also ablate every head alone."),
     model: str = typer.Option(None, "--model", "-m", help="Model (default: the run's)."),
     device: str = typer.Option(None, help="cpu, cuda, ... (default: CUDA when available)."),
@@ -77,10 +92,20 @@ def ablate(
     from probes.ablation import rank_heads, run_ablation
     from workbench.runs import Run
 
-    settings = AblationSettings(rank_by=rank_by, score_task=score_task,
-                                ks=parse_list(k, int, "--k", "integers"), task=task, metric=metric,
-                                method=method, length=length, samples=samples, draws=draws, control=control,
-                                scan=scan, seed=seed)
+    settings = AblationSettings(
+        rank_by=rank_by,
+        score_task=score_task,
+        ks=parse_list(k, int, "--k", "integers"),
+        task=task,
+        metric=metric,
+        method=method,
+        length=length,
+        samples=samples,
+        draws=draws,
+        control=control,
+        scan=scan,
+        seed=seed,
+    )
     opened = Run.open(run)
     rank_heads(opened, rank_by, score_task)  # a score the run lacks is refused before the model loads
     recorded = opened.manifest["settings"]
@@ -97,7 +122,9 @@ def _print_ablation(result: AblationResult) -> None:
     for k, group in table[table["selection"] != "none"].groupby("k"):
         top = group[group["selection"] == "top"].iloc[0]
         rand = group[group["selection"] == "random"]["value"]
-        out.add_row(str(k), top["heads"], f"{top['value']:.3f}", f"{rand.mean():.3f}", f"{rand.min():.3f}–{rand.max():.3f}")
+        out.add_row(
+            str(k), top["heads"], f"{top['value']:.3f}", f"{rand.mean():.3f}", f"{rand.min():.3f}–{rand.max():.3f}"
+        )
     console.print(out)
     console.print(f"table in {result.path}")
 
@@ -113,8 +140,9 @@ def sae_train(
     l1: float = typer.Option(SAETrainSettings.l1_coefficient, min=0.0, help="L1 coefficient (standard)."),
     samples: int = typer.Option(SAETrainSettings.samples, "--samples", "-s", min=2, help="Text samples to train on."),
     length: int = typer.Option(SAETrainSettings.length, "--length", "-n", min=2, help="Tokens per sample."),
-    tokens: int = typer.Option(SAETrainSettings.training_tokens, min=2 * SAE_BATCH,
-                               help="Training tokens (samples are revisited)."),
+    tokens: int = typer.Option(
+        SAETrainSettings.training_tokens, min=2 * SAE_BATCH, help="Training tokens (samples are revisited)."
+    ),
     text: str = typer.Option(SAETrainSettings.text, help=TEXT_HELP),
     out: Path = typer.Option(None, "--out", "-o", help="Folder (default: saes/<model>-L<layer>-<architecture>)."),
     device: str = typer.Option(None, help="cpu, cuda, ..."),
@@ -126,8 +154,18 @@ def sae_train(
     from workbench.zoo import DEFAULT_MODEL
 
     model = model or DEFAULT_MODEL
-    settings = SAETrainSettings(layer=layer, architecture=architecture, d_sae=d_sae, k=k, l1_coefficient=l1,
-                                samples=samples, length=length, training_tokens=tokens, text=text, seed=seed)
+    settings = SAETrainSettings(
+        layer=layer,
+        architecture=architecture,
+        d_sae=d_sae,
+        k=k,
+        l1_coefficient=l1,
+        samples=samples,
+        length=length,
+        training_tokens=tokens,
+        text=text,
+        seed=seed,
+    )
     out = out or settings.default_folder(model)
     check_output_folder(out)  # before the model loads
     _print_sae(train_and_evaluate(_load(model, device), settings, out), out)

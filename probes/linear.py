@@ -31,7 +31,7 @@ def needle_labels(samples: Sequence[TaskSample]) -> list[torch.Tensor]:
     labels = []
     for s in samples:
         y = torch.zeros(len(s.ids), dtype=torch.bool)
-        y[s.needle.start:s.needle.stop] = True
+        y[s.needle.start : s.needle.stop] = True
         labels.append(y)
     return labels
 
@@ -43,8 +43,16 @@ def repeat_labels(samples: Sequence[TaskSample]) -> list[torch.Tensor]:
     return [torch.arange(len(s.ids)) >= second_copy_start(s) for s in samples]
 
 
-def probe_heads(model, samples: Sequence[TaskSample], labels: Sequence[torch.Tensor], folds: int = 4,
-                max_tokens: int = 2000, shuffle: bool = False, seed: int = 0, progress: bool = True) -> pd.DataFrame:
+def probe_heads(
+    model,
+    samples: Sequence[TaskSample],
+    labels: Sequence[torch.Tensor],
+    folds: int = 4,
+    max_tokens: int = 2000,
+    shuffle: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+) -> pd.DataFrame:
     """Cross-validated balanced accuracy of a logistic-regression probe per head: rows
     ``layer, head, accuracy, std, tokens``. ``shuffle=True`` permutes the labels within each
     sample first (a control that should sit at chance, 0.5). At most ``max_tokens`` tokens per
@@ -57,7 +65,9 @@ def probe_heads(model, samples: Sequence[TaskSample], labels: Sequence[torch.Ten
     if len(samples) != len(labels) or any(len(s.ids) != len(y) for s, y in zip(samples, labels)):
         raise WorkbenchError("labels must hold one boolean per token of each sample")
     if len(samples) < folds:
-        raise WorkbenchError(f"{folds}-fold cross-validation by sample needs at least {folds} samples, got {len(samples)}")
+        raise WorkbenchError(
+            f"{folds}-fold cross-validation by sample needs at least {folds} samples, got {len(samples)}"
+        )
     rng = np.random.default_rng(seed)
     y = torch.cat([torch.as_tensor(l, dtype=torch.bool) for l in labels]).numpy()
     if shuffle:
@@ -71,8 +81,9 @@ def probe_heads(model, samples: Sequence[TaskSample], labels: Sequence[torch.Ten
     for layer, head in tqdm(all_heads(model), desc="probing heads", unit="head", disable=not progress):
         x = features[layer][keep, head].numpy()
         probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
-        scores = cross_val_score(probe, x, y[keep], groups=groups[keep], cv=GroupKFold(n_splits=folds),
-                                 scoring="balanced_accuracy")
+        scores = cross_val_score(
+            probe, x, y[keep], groups=groups[keep], cv=GroupKFold(n_splits=folds), scoring="balanced_accuracy"
+        )
         rows.append((layer, head, float(scores.mean()), float(scores.std()), len(keep)))
     return pd.DataFrame(rows, columns=["layer", "head", "accuracy", "std", "tokens"])
 

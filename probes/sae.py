@@ -64,8 +64,9 @@ def _stream(acts: torch.Tensor, batch: int, seed: int) -> Iterator[torch.Tensor]
                 yield acts[idx]
 
 
-def check_sae_settings(architecture: str, d_sae: int, k: int, l1_coefficient: float, training_tokens: int,
-                       batch: int, lr: float) -> None:
+def check_sae_settings(
+    architecture: str, d_sae: int, k: int, l1_coefficient: float, training_tokens: int, batch: int, lr: float
+) -> None:
     """Refuse SAE settings sae-lens could not train, or would train into nonsense
     (:class:`WorkbenchError`)."""
     if architecture not in ARCHITECTURES:
@@ -81,15 +82,28 @@ def check_sae_settings(architecture: str, d_sae: int, k: int, l1_coefficient: fl
     if batch < 1:
         raise WorkbenchError(f"the batch must hold at least 1 activation, got {batch}")
     if training_tokens < 2 * batch:
-        raise WorkbenchError(f"{training_tokens} training tokens make fewer than two batches of {batch}: training "
-                             "needs at least two steps")
+        raise WorkbenchError(
+            f"{training_tokens} training tokens make fewer than two batches of {batch}: training "
+            "needs at least two steps"
+        )
     if not lr > 0:
         raise WorkbenchError(f"the learning rate must be > 0, got {lr}")
 
 
-def train_sae(model: Model, layer: int, samples: Sequence[TaskSample], architecture: str = "topk",
-              d_sae: int = 128, k: int = 8, l1_coefficient: float = 1.0, training_tokens: int = 400_000,
-              batch: int = SAE_BATCH, lr: float = 1e-3, seed: int = 0, device: str = "cpu"):
+def train_sae(
+    model: Model,
+    layer: int,
+    samples: Sequence[TaskSample],
+    architecture: str = "topk",
+    d_sae: int = 128,
+    k: int = 8,
+    l1_coefficient: float = 1.0,
+    training_tokens: int = 400_000,
+    batch: int = SAE_BATCH,
+    lr: float = 1e-3,
+    seed: int = 0,
+    device: str = "cpu",
+):
     """An sae-lens training SAE (``"standard"``: ReLU with an L1 penalty; ``"topk"``: k active
     features) trained on ``layer``'s concatenated ``hook_z`` over ``samples``;
     :func:`check_sae_settings` refuses bad settings before any work."""
@@ -114,11 +128,18 @@ def train_sae(model: Model, layer: int, samples: Sequence[TaskSample], architect
     else:
         sae = StandardTrainingSAE(StandardTrainingSAEConfig(l1_coefficient=l1_coefficient, **common))
     sae.cfg.metadata.hook_name = hook_name(layer)
-    sae.cfg.metadata.model_name = str(getattr(getattr(adapter.model, "cfg", None), "model_name",
-                                              type(adapter.model).__name__))
-    cfg = SAETrainerConfig(total_training_samples=training_tokens, train_batch_size_samples=batch, lr=lr, lr_end=lr / 10,
-                           lr_scheduler_name="cosineannealing",
-                           lr_warm_up_steps=max(1, training_tokens // batch // 20), device=device)
+    sae.cfg.metadata.model_name = str(
+        getattr(getattr(adapter.model, "cfg", None), "model_name", type(adapter.model).__name__)
+    )
+    cfg = SAETrainerConfig(
+        total_training_samples=training_tokens,
+        train_batch_size_samples=batch,
+        lr=lr,
+        lr_end=lr / 10,
+        lr_scheduler_name="cosineannealing",
+        lr_warm_up_steps=max(1, training_tokens // batch // 20),
+        device=device,
+    )
     trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=_stream(acts.to(device), batch, seed))
     return trainer.fit().eval()
 
@@ -148,8 +169,10 @@ def load_sae(path: str | Path, model: Model, layer: int):
     if found != expected:
         raise WorkbenchError(f"the SAE in {path} reads {found or 'an unnamed hook'}, not {expected}")
     if sae.cfg.d_in != n_heads * d_head:
-        raise WorkbenchError(f"the SAE in {path} reads {sae.cfg.d_in} numbers per token; this model's "
-                             f"{expected} has {n_heads} x {d_head} = {n_heads * d_head}")
+        raise WorkbenchError(
+            f"the SAE in {path} reads {sae.cfg.d_in} numbers per token; this model's "
+            f"{expected} has {n_heads} x {d_head} = {n_heads * d_head}"
+        )
     return sae.eval()
 
 
@@ -202,13 +225,21 @@ def head_attribution(sae, n_heads: int) -> pd.DataFrame:
     per_head = (w.view(w.shape[0], n_heads, -1) ** 2).sum(-1)
     share = per_head / per_head.sum(-1, keepdim=True).clamp_min(1e-12)
     features, heads = torch.meshgrid(torch.arange(w.shape[0]), torch.arange(n_heads), indexing="ij")
-    return pd.DataFrame({"feature": features.reshape(-1).numpy(), "head": heads.reshape(-1).numpy(),
-                         "share": share.reshape(-1).numpy()})
+    return pd.DataFrame(
+        {"feature": features.reshape(-1).numpy(), "head": heads.reshape(-1).numpy(), "share": share.reshape(-1).numpy()}
+    )
 
 
 @torch.no_grad()
-def top_contexts(model: Model, sae, layer: int, samples: Sequence[TaskSample], n: int = 5, window: int = 12,
-                 features: Sequence[int] | None = None) -> pd.DataFrame:
+def top_contexts(
+    model: Model,
+    sae,
+    layer: int,
+    samples: Sequence[TaskSample],
+    n: int = 5,
+    window: int = 12,
+    features: Sequence[int] | None = None,
+) -> pd.DataFrame:
     """The ``n`` tokens that activate each feature most: ``feature, rank, activation, sample,
     position, context`` (``window`` tokens before, the token in ``[[ ]]``), for the app."""
     adapter = adapter_for(model)
@@ -224,15 +255,18 @@ def top_contexts(model: Model, sae, layer: int, samples: Sequence[TaskSample], n
                 break
             i, p = where[t]
             ids = samples[i].ids
-            before, token = ids[max(0, p - window):p].tolist(), [int(ids[p])]
-            text = (tokenizer.decode(before) + "[[" + tokenizer.decode(token) + "]]") if tokenizer else str(before + token)
+            before, token = ids[max(0, p - window) : p].tolist(), [int(ids[p])]
+            text = (
+                (tokenizer.decode(before) + "[[" + tokenizer.decode(token) + "]]") if tokenizer else str(before + token)
+            )
             rows.append((f, rank, v, i, p, text))
     return pd.DataFrame(rows, columns=["feature", "rank", "activation", "sample", "position", "context"])
 
 
 @torch.no_grad()
-def direct_attribution(model: Model, sae, layer: int, samples: Sequence[TaskSample], contexts: pd.DataFrame,
-                       n_heads: int) -> pd.DataFrame:
+def direct_attribution(
+    model: Model, sae, layer: int, samples: Sequence[TaskSample], contexts: pd.DataFrame, n_heads: int
+) -> pd.DataFrame:
     """Direct feature attribution on examples: for each row of :func:`top_contexts`, how much
     each head's output adds to the feature's pre-activation (the input's head block times the
     encoder's head block; the heads' sum plus the encoder bias is the pre-activation, which is
@@ -242,16 +276,18 @@ def direct_attribution(model: Model, sae, layer: int, samples: Sequence[TaskSamp
         return pd.DataFrame(columns=["feature", "rank", "head", "contribution"])
     acts = activations(model, layer, samples).to(sae.device)
     starts = torch.tensor([0] + [len(s.ids) for s in samples]).cumsum(0)
-    rows = torch.as_tensor((starts[contexts["sample"].to_numpy()] + torch.as_tensor(contexts["position"].to_numpy())))
+    rows = torch.as_tensor(starts[contexts["sample"].to_numpy()] + torch.as_tensor(contexts["position"].to_numpy()))
     x = sae.process_sae_in(acts[rows])  # [examples, d_in]
     w = sae.W_enc[:, torch.as_tensor(contexts["feature"].to_numpy())].T  # [examples, d_in]
     contribution = (x.view(len(rows), n_heads, -1) * w.view(len(rows), n_heads, -1)).sum(-1).float().cpu()
-    return pd.DataFrame({
-        "feature": contexts["feature"].to_numpy().repeat(n_heads),
-        "rank": contexts["rank"].to_numpy().repeat(n_heads),
-        "head": torch.arange(n_heads).repeat(len(rows)).numpy(),
-        "contribution": contribution.reshape(-1).numpy(),
-    })
+    return pd.DataFrame(
+        {
+            "feature": contexts["feature"].to_numpy().repeat(n_heads),
+            "rank": contexts["rank"].to_numpy().repeat(n_heads),
+            "head": torch.arange(n_heads).repeat(len(rows)).numpy(),
+            "contribution": contribution.reshape(-1).numpy(),
+        }
+    )
 
 
 # Train, save and evaluate in one call (what ``workbench sae train`` and ``sae eval`` run).
@@ -281,11 +317,13 @@ class SAETrainSettings:
     def __post_init__(self) -> None:
         if self.layer < 0:
             raise WorkbenchError(f"layer must be >= 0, got {self.layer}")
-        check_sae_settings(self.architecture, self.d_sae, self.k, self.l1_coefficient, self.training_tokens,
-                           self.batch, self.lr)
+        check_sae_settings(
+            self.architecture, self.d_sae, self.k, self.l1_coefficient, self.training_tokens, self.batch, self.lr
+        )
         if self.samples < 2 or self.length < 2:
-            raise WorkbenchError(f"an SAE trains on at least 2 samples of at least 2 tokens, got {self.samples} "
-                                 f"of {self.length}")
+            raise WorkbenchError(
+                f"an SAE trains on at least 2 samples of at least 2 tokens, got {self.samples} of {self.length}"
+            )
 
     @property
     def held_out(self) -> int:
@@ -309,8 +347,10 @@ class SAEEvalSettings:
 
     def __post_init__(self) -> None:
         if self.layer < 0 or self.samples < 1 or self.length < 2:
-            raise WorkbenchError(f"an SAE evaluation needs layer >= 0, samples >= 1 and length >= 2, got "
-                                 f"{self.layer}, {self.samples} and {self.length}")
+            raise WorkbenchError(
+                f"an SAE evaluation needs layer >= 0, samples >= 1 and length >= 2, got "
+                f"{self.layer}, {self.samples} and {self.length}"
+            )
 
 
 def train_and_evaluate(model: Model, settings: SAETrainSettings, out: str | Path) -> dict[str, float]:
@@ -327,14 +367,26 @@ def train_and_evaluate(model: Model, settings: SAETrainSettings, out: str | Path
     check_output_folder(out)
     adapter = adapter_for(model)
     check_length(adapter, settings.length)
-    items = text_samples(task_tokenizer(adapter.model), settings.text, settings.length,
-                         settings.samples + settings.held_out)
+    items = text_samples(
+        task_tokenizer(adapter.model), settings.text, settings.length, settings.samples + settings.held_out
+    )
     if len(items) < settings.samples + 2:
         raise WorkbenchError(f"the text holds only {len(items)} samples of {settings.length} tokens; lower --samples")
-    train, held_out = items[:settings.samples], items[settings.samples:]
-    sae = train_sae(adapter, settings.layer, train, settings.architecture, d_sae=settings.d_sae, k=settings.k,
-                    l1_coefficient=settings.l1_coefficient, training_tokens=settings.training_tokens,
-                    batch=settings.batch, lr=settings.lr, seed=settings.seed, device=str(adapter.device))
+    train, held_out = items[: settings.samples], items[settings.samples :]
+    sae = train_sae(
+        adapter,
+        settings.layer,
+        train,
+        settings.architecture,
+        d_sae=settings.d_sae,
+        k=settings.k,
+        l1_coefficient=settings.l1_coefficient,
+        training_tokens=settings.training_tokens,
+        batch=settings.batch,
+        lr=settings.lr,
+        seed=settings.seed,
+        device=str(adapter.device),
+    )
     save_sae(sae, out)
     sae = load_sae(out, adapter, settings.layer)  # the inference form, as every later reader sees it
     metrics = evaluate(adapter, sae, settings.layer, held_out)
@@ -344,7 +396,8 @@ def train_and_evaluate(model: Model, settings: SAETrainSettings, out: str | Path
     contexts = top_contexts(adapter, sae, settings.layer, held_out)
     contexts.to_parquet(out / "top_contexts.parquet", index=False)
     direct_attribution(adapter, sae, settings.layer, held_out, contexts, n_heads).to_parquet(
-        out / "direct_attribution.parquet", index=False)
+        out / "direct_attribution.parquet", index=False
+    )
     return metrics
 
 
@@ -357,7 +410,7 @@ def evaluate_saved(model: Model, path: str | Path, settings: SAEEvalSettings) ->
     adapter = adapter_for(model)
     check_length(adapter, settings.length)
     sae = load_sae(path, adapter, settings.layer)
-    items = text_samples(task_tokenizer(adapter.model), settings.text, settings.length)[-settings.samples:]
+    items = text_samples(task_tokenizer(adapter.model), settings.text, settings.length)[-settings.samples :]
     return evaluate(adapter, sae, settings.layer, items)
 
 
@@ -397,8 +450,9 @@ class SavedSAE:
         """One of :data:`RESULT_TABLES`; :class:`WorkbenchError` when it is missing or unreadable."""
         file = self.path / f"{name}.parquet"
         if not file.is_file():
-            raise WorkbenchError(f"the SAE in {self.path} has no {name} table: train it with `workbench sae train`, "
-                                 "which writes it")
+            raise WorkbenchError(
+                f"the SAE in {self.path} has no {name} table: train it with `workbench sae train`, which writes it"
+            )
         try:
             return pd.read_parquet(file)
         except Exception as exc:  # pyarrow raises several types for damaged files

@@ -94,16 +94,64 @@ def _build_explorer_folders(folders: ExplorerFolders) -> None:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pio, "write_images", no_png)
         model = load_model("zoo-2l", device="cpu")
-        score_model(model, ScoreRunSettings(model="zoo-2l", tasks=("niah", "repeats", "text"), lengths=(128, 256),
-                                            samples=1, depths=(0.3, 0.7)), folders.run, progress=False)
-        score_model(model, ScoreRunSettings(model="zoo-2l", tasks=("repeats",), lengths=(128,), samples=2),
-                    folders.other, progress=False)
+        score_model(
+            model,
+            ScoreRunSettings(
+                model="zoo-2l", tasks=("niah", "repeats", "text"), lengths=(128, 256), samples=1, depths=(0.3, 0.7)
+            ),
+            folders.run,
+            progress=False,
+        )
+        score_model(
+            model,
+            ScoreRunSettings(model="zoo-2l", tasks=("repeats",), lengths=(128,), samples=2),
+            folders.other,
+            progress=False,
+        )
         register(app)
         runner = CliRunner()
-        for args in (["ablate", "--run", str(folders.run), "--rank-by", "induction", "--k", "1,2", "--task", "niah",
-                      "--length", "128", "--samples", "1", "--draws", "2", "--scan", "--device", "cpu"],
-                     ["sae", "train", "--layer", "1", "--samples", "10", "--length", "128", "--tokens", "20000",
-                      "--d-sae", "32", "--k", "4", "--out", str(folders.sae), "--device", "cpu"]):
+        for args in (
+            [
+                "ablate",
+                "--run",
+                str(folders.run),
+                "--rank-by",
+                "induction",
+                "--k",
+                "1,2",
+                "--task",
+                "niah",
+                "--length",
+                "128",
+                "--samples",
+                "1",
+                "--draws",
+                "2",
+                "--scan",
+                "--device",
+                "cpu",
+            ],
+            [
+                "sae",
+                "train",
+                "--layer",
+                "1",
+                "--samples",
+                "10",
+                "--length",
+                "128",
+                "--tokens",
+                "20000",
+                "--d-sae",
+                "32",
+                "--k",
+                "4",
+                "--out",
+                str(folders.sae),
+                "--device",
+                "cpu",
+            ],
+        ):
             result = runner.invoke(app, args)
             assert result.exit_code == 0, (args, result.output, result.exception)
 

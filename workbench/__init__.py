@@ -15,5 +15,13 @@ from workbench.instrument import DEFAULT_STATS, instrument, record  # noqa: E402
 from workbench.models import load_model  # noqa: E402
 from workbench.recording import PatternSpec, Recording  # noqa: E402
 
-__all__ = ["DEFAULT_STATS", "PatternSpec", "Recording", "WorkbenchError", "__version__", "instrument",
-           "load_model", "record"]
+__all__ = [
+    "DEFAULT_STATS",
+    "PatternSpec",
+    "Recording",
+    "WorkbenchError",
+    "__version__",
+    "instrument",
+    "load_model",
+    "record",
+]

@@ -10,11 +10,20 @@ import typer
 from rich.table import Table
 
 from workbench import __version__
-from workbench.console import ReportingGroup, check_output_folder, console, fail, parse_list, reports_errors, token_count
+from workbench.console import (
+    ReportingGroup,
+    check_output_folder,
+    console,
+    fail,
+    parse_list,
+    reports_errors,
+    token_count,
+)
 from workbench.scoring import ScoreRunSettings
 
-app = typer.Typer(help="Attention workbench: attention statistics from fused kernels.", no_args_is_help=True,
-                  cls=ReportingGroup)
+app = typer.Typer(
+    help="Attention workbench: attention statistics from fused kernels.", no_args_is_help=True, cls=ReportingGroup
+)
 
 
 def main_cli() -> None:
@@ -66,8 +75,9 @@ def demo(
     )
 
 
-zoo_app = typer.Typer(help="The model zoo: small models trained by this project.", no_args_is_help=True,
-                      cls=ReportingGroup)
+zoo_app = typer.Typer(
+    help="The model zoo: small models trained by this project.", no_args_is_help=True, cls=ReportingGroup
+)
 app.add_typer(zoo_app, name="zoo")
 
 
@@ -89,8 +99,13 @@ def zoo_list() -> None:
         table.add_column(col)
     for spec in ZOO.values():
         present = (WEIGHTS_DIR / spec.name / "model.safetensors").exists()
-        table.add_row(spec.name, f"{spec.n_layers} x {spec.n_heads}", str(spec.d_model),
-                      "yes" if present else "no", spec.description)
+        table.add_row(
+            spec.name,
+            f"{spec.n_layers} x {spec.n_heads}",
+            str(spec.d_model),
+            "yes" if present else "no",
+            spec.description,
+        )
     console.print(table)
 
 
@@ -106,8 +121,10 @@ def zoo_train(
     _require_zoo_name(name)
     check_output_folder(out)
     metrics = train(ZOO[name], out or WEIGHTS_DIR)
-    console.print(f"trained {name}: loss {metrics['first_loss']:.3f} -> {metrics['final_loss']:.3f} "
-                  f"in {metrics['seconds']:.0f} s on {metrics['device']}; weights in {(out or WEIGHTS_DIR) / name}")
+    console.print(
+        f"trained {name}: loss {metrics['first_loss']:.3f} -> {metrics['final_loss']:.3f} "
+        f"in {metrics['seconds']:.0f} s on {metrics['device']}; weights in {(out or WEIGHTS_DIR) / name}"
+    )
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -131,24 +148,41 @@ def _listed(values) -> str:
 @app.command()
 @reports_errors
 def score(
-    model: str = typer.Option(None, "--model", "-m", help="Model name (workbench zoo list, minilm, random:..., "
-                              "tl:..., hf:...); default: the default zoo model."),
-    task: str = typer.Option(_listed(ScoreRunSettings.tasks), "--task", "-t",
-                             help="Comma-separated tasks: niah, repeats, text."),
-    scores: str = typer.Option(None, "--scores", help="Comma-separated scores (default: all the tasks define "
-                               "that the model can compute)."),
-    lengths: str = typer.Option(None, "--lengths", "-n", help="Tokens per sample, comma-separated (k = 1024; "
-                                "default: the lengths of ScoreRunSettings where they fit the model's context)."),
-    samples: int = typer.Option(ScoreRunSettings.samples, "--samples", "-s", help="Samples per length (niah: per length and depth)."),
+    model: str = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="Model name (workbench zoo list, minilm, random:..., tl:..., hf:...); default: the default zoo model.",
+    ),
+    task: str = typer.Option(
+        _listed(ScoreRunSettings.tasks), "--task", "-t", help="Comma-separated tasks: niah, repeats, text."
+    ),
+    scores: str = typer.Option(
+        None, "--scores", help="Comma-separated scores (default: all the tasks define that the model can compute)."
+    ),
+    lengths: str = typer.Option(
+        None,
+        "--lengths",
+        "-n",
+        help="Tokens per sample, comma-separated (k = 1024; "
+        "default: the lengths of ScoreRunSettings where they fit the model's context).",
+    ),
+    samples: int = typer.Option(
+        ScoreRunSettings.samples, "--samples", "-s", help="Samples per length (niah: per length and depth)."
+    ),
     depths: str = typer.Option(_listed(ScoreRunSettings.depths), help="Needle depths, fractions of the haystack."),
     repeats: int = typer.Option(ScoreRunSettings.repeats, help="Copies of the random sequence in a repeats sample."),
-    text: str = typer.Option(None, help="Text file or folder, or hf:DATASET[:CONFIG] (online), for the text "
-                             "task and the needle haystack (default: built-in docstrings)."),
+    text: str = typer.Option(
+        None,
+        help="Text file or folder, or hf:DATASET[:CONFIG] (online), for the text "
+        "task and the needle haystack (default: built-in docstrings).",
+    ),
     sink_tokens: int = typer.Option(ScoreRunSettings.sink_tokens, help="Keys that count as the attention sink."),
     window: int = typer.Option(ScoreRunSettings.window, help="Recent-key window of the streaming score."),
     seed: int = typer.Option(ScoreRunSettings.seed, help="Seed of the samples (and of random models' weights)."),
-    device: str = typer.Option(None, help="cpu, cuda, cuda:1, ... (default: CUDA when available; under torchrun "
-                               "cuda:LOCAL_RANK)."),
+    device: str = typer.Option(
+        None, help="cpu, cuda, cuda:1, ... (default: CUDA when available; under torchrun cuda:LOCAL_RANK)."
+    ),
     dtype: str = typer.Option(None, help="float32, float16 or bfloat16 (default: the model's own)."),
     backend: str = typer.Option(ScoreRunSettings.backend, help="Kernel backend: auto, triton or reference."),
     out: Path = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<model>)."),
@@ -179,17 +213,32 @@ def score(
         stored = Run.open(out).manifest["settings"]
         model, dtype, seed = stored.get("model", model), stored.get("dtype"), stored.get("seed", seed)
     settings = ScoreRunSettings(  # checks the names before the model loads
-        model=model, tasks=parse_list(task), scores=parse_list(scores),
-        lengths=parse_list(lengths, token_count, "--lengths", "integers (k = 1024)") if lengths else ScoreRunSettings.lengths,
-        samples=samples, depths=parse_list(depths, float, "--depths", "fractions"), repeats=repeats, text=text,
-        sink_tokens=sink_tokens, window=window, seed=seed, dtype=dtype, backend=backend)
+        model=model,
+        tasks=parse_list(task),
+        scores=parse_list(scores),
+        lengths=parse_list(lengths, token_count, "--lengths", "integers (k = 1024)")
+        if lengths
+        else ScoreRunSettings.lengths,
+        samples=samples,
+        depths=parse_list(depths, float, "--depths", "fractions"),
+        repeats=repeats,
+        text=text,
+        sink_tokens=sink_tokens,
+        window=window,
+        seed=seed,
+        dtype=dtype,
+        backend=backend,
+    )
     first = distributed.rank() == 0  # under torchrun only rank 0 prints; errors print on every rank (stderr)
     with nullcontext() if first else redirect_stdout(io.StringIO()):
         with console.status(f"loading {model}...") if first else nullcontext():
             loaded = load_model(model, device=device or distributed.default_device(), dtype=dtype, seed=seed)
         default_lengths, default_scores = defaults_for(loaded, settings.tasks)
-        settings = replace(settings, lengths=settings.lengths if lengths else default_lengths,
-                           scores=settings.scores if scores else default_scores)
+        settings = replace(
+            settings,
+            lengths=settings.lengths if lengths else default_lengths,
+            scores=settings.scores if scores else default_scores,
+        )
         with distributed.process_group(next(loaded.parameters()).device):
             run = score_model(loaded, settings, out, resume=resume, force=force, progress=first)
     if first:
@@ -215,11 +264,17 @@ def print_run(run, top: int = 3) -> None:
     console.print(table)
     summary = m.get("summary", {})
     if summary:
-        console.print("  ".join(f"{escape(k)} [bold]{'nan' if isinstance(v, float) and math.isnan(v) else f'{v:.2f}'}[/bold]"
-                                for k, v in summary.items()))
+        console.print(
+            "  ".join(
+                f"{escape(k)} [bold]{'nan' if isinstance(v, float) and math.isnan(v) else f'{v:.2f}'}[/bold]"
+                for k, v in summary.items()
+            )
+        )
     timings = m.get("timings", {})
-    console.print(f"{m.get('status')}; {timings.get('sample_seconds', 0):.1f} s of model time on {m.get('device')}; "
-                  f"tables and figures in {run.path}")
+    console.print(
+        f"{m.get('status')}; {timings.get('sample_seconds', 0):.1f} s of model time on {m.get('device')}; "
+        f"tables and figures in {run.path}"
+    )
     for warning in m.get("figure_warnings", []):
         console.print(f"[yellow]{warning}[/yellow]")
 
@@ -240,9 +295,15 @@ def runs_list(root: Path = typer.Argument(Path("runs"), help="Folder holding run
         table.add_column(col, overflow="fold")
     for run in runs:
         s = run.manifest["settings"]
-        table.add_row(_relative(run.path, root), str(s.get("model")), ",".join(s.get("tasks", [])),
-                      ",".join(str(n) for n in s.get("lengths", [])), str(s.get("samples")),
-                      run.manifest["status"], str(run.manifest.get("created", "")))
+        table.add_row(
+            _relative(run.path, root),
+            str(s.get("model")),
+            ",".join(s.get("tasks", [])),
+            ",".join(str(n) for n in s.get("lengths", [])),
+            str(s.get("samples")),
+            run.manifest["status"],
+            str(run.manifest.get("created", "")),
+        )
     console.print(table)
     for folder, reason in broken:
         console.print(f"[yellow]skipped {_relative(folder, root)}:[/yellow] {reason}")

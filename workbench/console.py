@@ -12,10 +12,10 @@ unknown option) print the same way, through :class:`ReportingGroup`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, NoReturn, TypeVar
+from typing import NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -54,8 +54,9 @@ def check_output_folder(path: Path | None, option: str = "--out") -> None:
             return
 
 
-def parse_list(text: str | None, item: Callable[[str], T] = str, option: str = "the option",
-               kind: str = "values") -> tuple[T, ...]:
+def parse_list(
+    text: str | None, item: Callable[[str], T] = str, option: str = "the option", kind: str = "values"
+) -> tuple[T, ...]:
     """``"a, b,c"`` -> ``(item("a"), item("b"), item("c"))`` (empty items are skipped; ``None``
     gives ``()``). A value ``item`` refuses with ``ValueError`` raises :class:`WorkbenchError`:
     ``<option> must be comma-separated <kind>, got '<text>'``."""

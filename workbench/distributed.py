@@ -156,5 +156,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(os.environ.get(name, default))
     except ValueError:
-        raise WorkbenchError(f"environment variable {name}={os.environ[name]!r} is not a whole number "
-                             "(torchrun sets it; unset it when running a single process)") from None
+        raise WorkbenchError(
+            f"environment variable {name}={os.environ[name]!r} is not a whole number "
+            "(torchrun sets it; unset it when running a single process)"
+        ) from None

@@ -21,11 +21,13 @@ def batches(tokenizer, inputs: Inputs, batch_size: int) -> Iterator[tuple[torch.
     if isinstance(inputs, torch.Tensor):
         ids = _id_tensor(inputs)
         for i in range(0, ids.shape[0], batch_size):
-            yield ids[i:i + batch_size], None
+            yield ids[i : i + batch_size], None
         return
     if isinstance(inputs, (Mapping, bytes)) or not isinstance(inputs, Iterable):
-        raise WorkbenchError(f"cannot record input of type {type(inputs).__name__}: pass a text, a list of texts, token ids "
-                             "[batch, tokens] or a list of id sequences")
+        raise WorkbenchError(
+            f"cannot record input of type {type(inputs).__name__}: pass a text, a list of texts, token ids "
+            "[batch, tokens] or a list of id sequences"
+        )
     items = list(inputs)
     if not items:
         raise WorkbenchError("empty input: nothing to record")
@@ -36,11 +38,13 @@ def batches(tokenizer, inputs: Inputs, batch_size: int) -> Iterator[tuple[torch.
     if any(texts):
         raise WorkbenchError("the input mixes texts and token ids: pass one kind")
     if all(isinstance(x, int) or (isinstance(x, torch.Tensor) and x.dim() == 0) for x in items):
-        raise WorkbenchError(f"got a flat list of {len(items)} ints: pass [ids] (a list holding one id list) or a "
-                             "1-D tensor for one sequence")
+        raise WorkbenchError(
+            f"got a flat list of {len(items)} ints: pass [ids] (a list holding one id list) or a "
+            "1-D tensor for one sequence"
+        )
     seqs = [_id_sequence(x, i) for i, x in enumerate(items)]
     for i in range(0, len(seqs), batch_size):
-        chunk = seqs[i:i + batch_size]
+        chunk = seqs[i : i + batch_size]
         n = max(s.numel() for s in chunk)
         ids = torch.zeros(len(chunk), n, dtype=torch.long)
         mask = torch.zeros(len(chunk), n, dtype=torch.long)
@@ -54,7 +58,7 @@ def _text_batches(tokenizer, texts: list[str], batch_size: int) -> Iterator[tupl
     if tokenizer is None:
         raise WorkbenchError("this model has no tokenizer: pass token ids instead of strings")
     for i in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[i:i + batch_size], padding=True, return_tensors="pt")
+        enc = tokenizer(texts[i : i + batch_size], padding=True, return_tensors="pt")
         if enc["input_ids"].shape[1] == 0:
             raise WorkbenchError("the texts tokenise to no tokens: nothing to record")
         yield enc["input_ids"], enc["attention_mask"]
@@ -63,8 +67,9 @@ def _text_batches(tokenizer, texts: list[str], batch_size: int) -> Iterator[tupl
 def _id_tensor(inputs: torch.Tensor) -> torch.Tensor:
     """A tensor of token ids ``[tokens]`` or ``[batch, tokens]`` as int64 ``[batch, tokens]``."""
     if _not_ids(inputs.dtype) or inputs.dim() not in (1, 2):
-        raise WorkbenchError(f"token ids must be an integer tensor [tokens] or [batch, tokens], got {inputs.dtype} "
-                             f"{tuple(inputs.shape)}")
+        raise WorkbenchError(
+            f"token ids must be an integer tensor [tokens] or [batch, tokens], got {inputs.dtype} {tuple(inputs.shape)}"
+        )
     if inputs.numel() == 0:
         raise WorkbenchError(f"empty input {tuple(inputs.shape)}: nothing to record")
     if inputs.is_meta:
@@ -81,8 +86,9 @@ def _id_sequence(item, i: int) -> torch.Tensor:
     if ids.dim() == 1 and ids.numel() == 0:
         raise WorkbenchError(f"input {i} is an empty sequence: every sequence needs at least one token")
     if _not_ids(ids.dtype) or ids.dim() != 1:
-        raise WorkbenchError(f"input {i} must be a flat sequence of integer token ids, got {ids.dtype} "
-                             f"{tuple(ids.shape)}")
+        raise WorkbenchError(
+            f"input {i} must be a flat sequence of integer token ids, got {ids.dtype} {tuple(ids.shape)}"
+        )
     return ids.long()
 
 

@@ -52,8 +52,10 @@ def instrument(
     if getattr(model, _MARK, False):
         raise WorkbenchError("this model is already instrumented: leave the outer `with instrument(...)` first")
     if into is not None and not callable(getattr(into, "add", None)):
-        raise WorkbenchError(f"into= takes a Recording, a StreamingSummary or another collector with "
-                             f"add(layer, stats), got {type(into).__name__}")
+        raise WorkbenchError(
+            f"into= takes a Recording, a StreamingSummary or another collector with "
+            f"add(layer, stats), got {type(into).__name__}"
+        )
     if patterns is not None:
         _check_patterns(adapter, patterns)
     rec = into if into is not None else Recording(stats, adapter.n_layers, model_name=adapter.name)
@@ -71,8 +73,10 @@ def _check_patterns(adapter: ModelAdapter, patterns: PatternSpec) -> None:
     if not isinstance(patterns, PatternSpec):
         raise WorkbenchError(f"patterns= takes a workbench.PatternSpec, got {type(patterns).__name__}")
     if not adapter.supports_patterns:
-        raise WorkbenchError("patterns= needs a TransformerLens model; Hugging Face models give "
-                             "patterns through attn_implementation='eager' and output_attentions=True")
+        raise WorkbenchError(
+            "patterns= needs a TransformerLens model; Hugging Face models give "
+            "patterns through attn_implementation='eager' and output_attentions=True"
+        )
     n_layers = adapter.n_layers
     bad = [i for i in patterns.layers if not 0 <= i < n_layers]
     if bad:
@@ -133,5 +137,7 @@ def record(
             adapter.run(ids.to(device), None if mask is None else mask.to(device))
             if summary is None:
                 rec.tokens.append(ids.cpu())
-                rec.lengths.append((mask.sum(-1) if mask is not None else torch.full((ids.shape[0],), ids.shape[1])).cpu())
+                rec.lengths.append(
+                    (mask.sum(-1) if mask is not None else torch.full((ids.shape[0],), ids.shape[1])).cpu()
+                )
     return rec

@@ -41,8 +41,9 @@ def _forward(model, ids: torch.Tensor) -> None:
     model(ids, logits_to_keep=1)
 
 
-def measure_forward(model, tokens: int, variant: str, stats: StatsSpec = DEFAULT_STATS,
-                    repeats: int = 2, seed: int = 0) -> Result:
+def measure_forward(
+    model, tokens: int, variant: str, stats: StatsSpec = DEFAULT_STATS, repeats: int = 2, seed: int = 0
+) -> Result:
     """Time (best of ``repeats``, after one warm-up that also autotunes) and peak memory of a
     forward over ``tokens`` random token ids (batch 1)."""
     gen = torch.Generator().manual_seed(seed)
@@ -91,20 +92,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="random:llama-3.2-1b")
     parser.add_argument("--lengths", default="8192,32768,131072", help="comma-separated token counts")
-    parser.add_argument("--variants", default="sdpa,recorded,streamed",
-                        help="comma-separated: sdpa, recorded, streamed, scored, materialised")
+    parser.add_argument(
+        "--variants",
+        default="sdpa,recorded,streamed",
+        help="comma-separated: sdpa, recorded, streamed, scored, materialised",
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("the model benchmark needs a CUDA GPU")
         return 2
     model = load_model(args.model, device="cuda", dtype=torch.bfloat16)
-    print(f"{args.model} on {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, batch 1, "
-          f"statistics {DEFAULT_STATS}")
+    print(
+        f"{args.model} on {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, batch 1, "
+        f"statistics {DEFAULT_STATS}"
+    )
     variants = args.variants.split(",")
     lengths = [int(x) for x in args.lengths.split(",")]
     if "scored" in variants and "materialised" in variants:
-        print(f"check at {lengths[0]} tokens: largest relative difference between scored and materialised values "
-              f"{check_scoring(model, lengths[0]):.2e}")
+        print(
+            f"check at {lengths[0]} tokens: largest relative difference between scored and materialised values "
+            f"{check_scoring(model, lengths[0]):.2e}"
+        )
     rows = []
     for tokens in lengths:
         base = None
@@ -117,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             base = base or (res if variant == "sdpa" else None)
             ratio = f"{res.peak_gib / base.peak_gib:.2f}x" if base else "-"
-            above = (f"{(res.peak_gib - res.weights_gib) / (base.peak_gib - base.weights_gib):.2f}x"
-                     if base else "-")
+            above = f"{(res.peak_gib - res.weights_gib) / (base.peak_gib - base.weights_gib):.2f}x" if base else "-"
             rows.append((tokens, variant, f"{res.seconds:.3f}", f"{res.peak_gib:.2f}", ratio, above))
             print(*rows[-1], flush=True)
     print("\n| tokens | variant | seconds | peak GiB | peak / SDPA | above weights / SDPA |")

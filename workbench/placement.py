@@ -30,8 +30,10 @@ def check_device_map(device_map: DeviceMap) -> None:
     if isinstance(device_map, dict):
         return
     if device_map not in STRATEGIES:
-        raise WorkbenchError(f"unknown device_map {device_map!r}: use {', '.join(STRATEGIES)}, a GPU count, or a "
-                             "dict of module name -> device")
+        raise WorkbenchError(
+            f"unknown device_map {device_map!r}: use {', '.join(STRATEGIES)}, a GPU count, or a "
+            "dict of module name -> device"
+        )
 
 
 def gpu_count(device_map: DeviceMap) -> int:
@@ -58,8 +60,9 @@ def place_transformer_lens(model, device_map: DeviceMap):
     """Spread a ``HookedTransformer``'s blocks over the GPUs (dict maps are for Hugging Face
     models); returns the model."""
     if isinstance(device_map, dict):
-        raise WorkbenchError("TransformerLens models spread their blocks evenly: give device_map='auto' or a GPU "
-                             "count, not a dict")
+        raise WorkbenchError(
+            "TransformerLens models spread their blocks evenly: give device_map='auto' or a GPU count, not a dict"
+        )
     n = gpu_count(device_map)
     first = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     devices = block_devices(model.cfg.n_layers, n, first)
@@ -90,8 +93,9 @@ def place_hugging_face(model, device_map: DeviceMap, max_memory: dict | None = N
             max_memory = {i: torch.cuda.get_device_properties(i).total_memory for i in range(n)}
         no_split = getattr(model, "_no_split_modules", None) or []
         if device_map != "sequential" and torch.cuda.is_available():
-            max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split,
-                                             low_zero=device_map == "balanced_low_0")
+            max_memory = get_balanced_memory(
+                model, max_memory=max_memory, no_split_module_classes=no_split, low_zero=device_map == "balanced_low_0"
+            )
         plan = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
     try:
         return dispatch_model(model, device_map=plan)

@@ -23,29 +23,50 @@ def head_map(head_scores: pd.DataFrame, score: str, clickable: bool = False) -> 
     Streamlit's ``st.plotly_chart(on_select=...)``, which heatmaps do not report) picks a head."""
     rows = head_scores[head_scores["score"] == score]
     tasks = list(dict.fromkeys(rows["task"]))
-    fig = make_subplots(rows=1, cols=max(1, len(tasks)), subplot_titles=tasks, shared_yaxes=True,
-                        horizontal_spacing=0.06)
+    fig = make_subplots(
+        rows=1, cols=max(1, len(tasks)), subplot_titles=tasks, shared_yaxes=True, horizontal_spacing=0.06
+    )
     lo, hi = rows["value"].min(), rows["value"].max()
     for i, task in enumerate(tasks, start=1):
         grid = rows[rows["task"] == task].pivot(index="layer", columns="head", values="value")
-        fig.add_trace(go.Heatmap(
-            z=grid.to_numpy(), x=[str(h) for h in grid.columns], y=[str(l) for l in grid.index],
-            zmin=lo, zmax=hi, coloraxis="coloraxis",
-            hovertemplate=f"{task}<br>layer %{{y}} head %{{x}}<br>{score} %{{z:.3f}}<extra></extra>",
-        ), row=1, col=i)
+        fig.add_trace(
+            go.Heatmap(
+                z=grid.to_numpy(),
+                x=[str(h) for h in grid.columns],
+                y=[str(l) for l in grid.index],
+                zmin=lo,
+                zmax=hi,
+                coloraxis="coloraxis",
+                hovertemplate=f"{task}<br>layer %{{y}} head %{{x}}<br>{score} %{{z:.3f}}<extra></extra>",
+            ),
+            row=1,
+            col=i,
+        )
         if clickable:
             cells = rows[rows["task"] == task]
-            fig.add_trace(go.Scatter(
-                x=cells["head"].astype(str), y=cells["layer"].astype(str), mode="markers", showlegend=False,
-                marker={"symbol": "square", "size": 28, "opacity": 0}, customdata=cells["value"],
-                hovertemplate=f"{task}<br>layer %{{y}} head %{{x}}<br>{score} %{{customdata:.3f}}<extra></extra>",
-            ), row=1, col=i)
+            fig.add_trace(
+                go.Scatter(
+                    x=cells["head"].astype(str),
+                    y=cells["layer"].astype(str),
+                    mode="markers",
+                    showlegend=False,
+                    marker={"symbol": "square", "size": 28, "opacity": 0},
+                    customdata=cells["value"],
+                    hovertemplate=f"{task}<br>layer %{{y}} head %{{x}}<br>{score} %{{customdata:.3f}}<extra></extra>",
+                ),
+                row=1,
+                col=i,
+            )
         fig.update_xaxes(title_text="head", type="category", row=1, col=i)
     fig.update_yaxes(type="category", autorange="reversed")  # layers and heads are labels, not a scale
     fig.update_yaxes(title_text="layer", row=1, col=1)
-    fig.update_layout(title=f"{score}: {SCORES[score].formula}" if score in SCORES else score,
-                      title_font_size=12, coloraxis={"colorscale": "Viridis"},
-                      width=max(480, 360 * len(tasks)), height=max(320, 90 + 22 * rows["layer"].nunique()))
+    fig.update_layout(
+        title=f"{score}: {SCORES[score].formula}" if score in SCORES else score,
+        title_font_size=12,
+        coloraxis={"colorscale": "Viridis"},
+        width=max(480, 360 * len(tasks)),
+        height=max(320, 90 + 22 * rows["layer"].nunique()),
+    )
     return fig
 
 
@@ -55,28 +76,54 @@ def profile_map(profiles: pd.DataFrame, statistic: str, task: str, length: int) 
     rows = rows.assign(label=rows["layer"].astype(str) + "." + rows["head"].astype(str))
     grid = rows.pivot(index="label", columns="bucket_start", values="value")
     grid = grid.loc[sorted(grid.index, key=lambda s: tuple(int(x) for x in s.split(".")))]
-    fig = go.Figure(go.Heatmap(z=grid.to_numpy(), x=list(grid.columns), y=list(grid.index), colorscale="Viridis",
-                               hovertemplate="head %{y}<br>from position %{x}<br>%{z:.3f}<extra></extra>"))
-    fig.update_layout(title=f"{statistic} by position ({task}, {length} tokens)", xaxis_title="query position",
-                      yaxis={"title": "layer.head", "autorange": "reversed"}, height=max(320, 90 + 14 * len(grid)))
+    fig = go.Figure(
+        go.Heatmap(
+            z=grid.to_numpy(),
+            x=list(grid.columns),
+            y=list(grid.index),
+            colorscale="Viridis",
+            hovertemplate="head %{y}<br>from position %{x}<br>%{z:.3f}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title=f"{statistic} by position ({task}, {length} tokens)",
+        xaxis_title="query position",
+        yaxis={"title": "layer.head", "autorange": "reversed"},
+        height=max(320, 90 + 14 * len(grid)),
+    )
     return fig
 
 
 def needle_map(retrieval: pd.DataFrame) -> go.Figure:
     """Needle accuracy by context length x needle depth."""
     cells = retrieval.drop_duplicates(["length", "depth"]).pivot(index="depth", columns="length", values="accuracy")
-    fig = go.Figure(go.Heatmap(z=cells.to_numpy(), x=[str(c) for c in cells.columns], y=[f"{d:.2f}" for d in cells.index],
-                               zmin=0, zmax=1, colorscale="RdYlGn",
-                               hovertemplate="%{x} tokens, depth %{y}<br>accuracy %{z:.2f}<extra></extra>"))
-    fig.update_layout(title="needle accuracy (greedy, exact answer)", xaxis_title="context length (tokens)",
-                      yaxis_title="needle depth", width=480, height=360)
+    fig = go.Figure(
+        go.Heatmap(
+            z=cells.to_numpy(),
+            x=[str(c) for c in cells.columns],
+            y=[f"{d:.2f}" for d in cells.index],
+            zmin=0,
+            zmax=1,
+            colorscale="RdYlGn",
+            hovertemplate="%{x} tokens, depth %{y}<br>accuracy %{z:.2f}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title="needle accuracy (greedy, exact answer)",
+        xaxis_title="context length (tokens)",
+        yaxis_title="needle depth",
+        width=480,
+        height=360,
+    )
     return fig
 
 
 def run_figures(tables: dict[str, pd.DataFrame]) -> dict[str, go.Figure]:
     """The figures a run folder holds: one head map per score, and the needle map."""
-    figs = {f"heads_{score}": head_map(tables["head_scores"], score)
-            for score in dict.fromkeys(tables["head_scores"]["score"])}
+    figs = {
+        f"heads_{score}": head_map(tables["head_scores"], score)
+        for score in dict.fromkeys(tables["head_scores"]["score"])
+    }
     if "retrieval" in tables:
         figs["needle_accuracy"] = needle_map(tables["retrieval"])
     return figs
@@ -120,22 +167,45 @@ def ablation_curve(cumulative: pd.DataFrame, metric: str) -> go.Figure:
     """Metric after ablating the top-k heads of a ranking against k random heads (mean and
     range over draws), by k; the unablated value as a dashed line."""
     top = cumulative[cumulative["selection"] == "top"].sort_values("k")
-    rand = cumulative[cumulative["selection"] == "random"].groupby("k")["value"].agg(["mean", "min", "max"]).reset_index()
+    rand = (
+        cumulative[cumulative["selection"] == "random"].groupby("k")["value"].agg(["mean", "min", "max"]).reset_index()
+    )
     fig = go.Figure()
-    fig.add_trace(go.Scatter(x=top["k"], y=top["value"], mode="lines+markers", name="top-k heads",
-                             text=top["heads"], hovertemplate="k %{x}: %{y:.3f}<br>%{text}<extra></extra>"))
-    fig.add_trace(go.Scatter(x=rand["k"], y=rand["mean"], mode="lines+markers", name="k random heads (mean, range)",
-                             error_y={"type": "data", "symmetric": False, "array": rand["max"] - rand["mean"],
-                                      "arrayminus": rand["mean"] - rand["min"]}))
+    fig.add_trace(
+        go.Scatter(
+            x=top["k"],
+            y=top["value"],
+            mode="lines+markers",
+            name="top-k heads",
+            text=top["heads"],
+            hovertemplate="k %{x}: %{y:.3f}<br>%{text}<extra></extra>",
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=rand["k"],
+            y=rand["mean"],
+            mode="lines+markers",
+            name="k random heads (mean, range)",
+            error_y={
+                "type": "data",
+                "symmetric": False,
+                "array": rand["max"] - rand["mean"],
+                "arrayminus": rand["mean"] - rand["min"],
+            },
+        )
+    )
     base = cumulative[cumulative["selection"] == "none"]["value"]
     if len(base):
         fig.add_hline(y=float(base.iloc[0]), line_dash="dash", annotation_text="no ablation")
-    fig.update_layout(title=f"{metric} with heads ablated", xaxis_title="heads ablated (k)", yaxis_title=metric,
-                      width=560, height=380)
+    fig.update_layout(
+        title=f"{metric} with heads ablated", xaxis_title="heads ablated (k)", yaxis_title=metric, width=560, height=380
+    )
     return fig
 
 
 # Head detail, prompts, comparison and SAE features (the explorer's pages; notebooks too).
+
 
 def _token_axis(labels: list[str], most: int = 64) -> dict:
     """Axis ticks at token positions labelled with the tokens (every k-th when there are many)."""
@@ -148,11 +218,23 @@ def head_pattern(pattern, labels: list[str], title: str = "attention pattern") -
     """One head's attention pattern ``[query, key]`` on one prompt, tokens labelling both axes
     (e.g. :meth:`workbench.prompt.PromptAttention.pattern`)."""
     n = len(labels)
-    fig = go.Figure(go.Heatmap(z=pattern, x=list(range(n)), y=list(range(n)), colorscale="Blues", zmin=0,
-                               hovertemplate="query %{y}, key %{x}<br>attention %{z:.3f}<extra></extra>"))
-    fig.update_layout(title=title, xaxis={"title": "key", "side": "top", **_token_axis(labels)},
-                      yaxis={"title": "query", "autorange": "reversed", **_token_axis(labels)},
-                      width=min(900, 260 + 14 * n), height=min(900, 220 + 14 * n))
+    fig = go.Figure(
+        go.Heatmap(
+            z=pattern,
+            x=list(range(n)),
+            y=list(range(n)),
+            colorscale="Blues",
+            zmin=0,
+            hovertemplate="query %{y}, key %{x}<br>attention %{z:.3f}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title=title,
+        xaxis={"title": "key", "side": "top", **_token_axis(labels)},
+        yaxis={"title": "query", "autorange": "reversed", **_token_axis(labels)},
+        width=min(900, 260 + 14 * n),
+        height=min(900, 220 + 14 * n),
+    )
     return fig
 
 
@@ -160,11 +242,21 @@ def top_keys(keys: pd.DataFrame, title: str = "keys that receive the most attent
     """Bars of the attention keys receive, summed over queries: rows ``position, token, mass``,
     highest first (e.g. :meth:`workbench.prompt.PromptAttention.top_keys`)."""
     labels = [f"{p}: {t}" for p, t in zip(keys["position"], keys["token"])]
-    fig = go.Figure(go.Bar(x=keys["mass"], y=labels, orientation="h",
-                           hovertemplate="key %{y}<br>attention received %{x:.3f}<extra></extra>"))
-    fig.update_layout(title=title, xaxis_title="attention received (sum over queries)",
-                      yaxis={"autorange": "reversed", "type": "category"}, width=520,
-                      height=max(260, 120 + 22 * len(keys)))
+    fig = go.Figure(
+        go.Bar(
+            x=keys["mass"],
+            y=labels,
+            orientation="h",
+            hovertemplate="key %{y}<br>attention received %{x:.3f}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title=title,
+        xaxis_title="attention received (sum over queries)",
+        yaxis={"autorange": "reversed", "type": "category"},
+        width=520,
+        height=max(260, 120 + 22 * len(keys)),
+    )
     return fig
 
 
@@ -174,15 +266,27 @@ def _lines(panels: list[tuple[str, list[tuple[str, list, list]]]], x_title: str,
     palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
     for col, (_, lines) in enumerate(panels, start=1):
         for i, (name, x, y) in enumerate(lines):
-            fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=name, legendgroup=name, showlegend=col == 1,
-                                     line={"color": palette[i % len(palette)]}), row=1, col=col)
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=y,
+                    mode="lines",
+                    name=name,
+                    legendgroup=name,
+                    showlegend=col == 1,
+                    line={"color": palette[i % len(palette)]},
+                ),
+                row=1,
+                col=col,
+            )
         fig.update_xaxes(title_text=x_title, row=1, col=col)
     fig.update_layout(title=title, width=max(520, 330 * len(panels)), height=360)
     return fig
 
 
-def head_profiles(profiles: pd.DataFrame, layer: int, head: int,
-                  statistics: tuple[str, ...] = ("entropy", "sink_mass", "local_mass")) -> go.Figure:
+def head_profiles(
+    profiles: pd.DataFrame, layer: int, head: int, statistics: tuple[str, ...] = ("entropy", "sink_mass", "local_mass")
+) -> go.Figure:
     """One head's means by query position (a run's ``profiles`` table), one panel per statistic,
     one line per task and length."""
     rows = profiles[(profiles["layer"] == layer) & (profiles["head"] == head)]
@@ -190,13 +294,20 @@ def head_profiles(profiles: pd.DataFrame, layer: int, head: int,
     for statistic in statistics:
         stat = rows[rows["statistic"] == statistic]
         groups = stat.sort_values("bucket_start").groupby(["task", "length"])
-        panels.append((statistic, [(f"{task} {length}", list(g["bucket_start"]), list(g["value"]))
-                                   for (task, length), g in groups]))
+        panels.append(
+            (
+                statistic,
+                [(f"{task} {length}", list(g["bucket_start"]), list(g["value"])) for (task, length), g in groups],
+            )
+        )
     return _lines(panels, "query position", f"head {layer}.{head} by position")
 
 
-def prompt_statistics(frame: pd.DataFrame, statistics: tuple[str, ...] = ("entropy", "sink_mass", "local_mass"),
-                      title: str = "statistics by position") -> go.Figure:
+def prompt_statistics(
+    frame: pd.DataFrame,
+    statistics: tuple[str, ...] = ("entropy", "sink_mass", "local_mass"),
+    title: str = "statistics by position",
+) -> go.Figure:
     """One head's row statistics at every position of one prompt (rows ``position`` plus a
     column per statistic, e.g. :meth:`workbench.prompt.PromptAttention.head_statistics`)."""
     return _lines([(s, [(s, list(frame["position"]), list(frame[s]))]) for s in statistics], "query position", title)
@@ -217,15 +328,27 @@ def head_standing(head_scores: pd.DataFrame, layer: int, head: int) -> go.Figure
         label = f"{score} ({task})"
         for chosen, colour, size in ((False, "lightgrey", 8), (True, "crimson", 13)):
             sel = mine == chosen
-            fig.add_trace(go.Scatter(
-                x=pos[sel], y=[label] * int(sel.sum()), mode="markers", showlegend=False,
-                marker={"color": colour, "size": size},
-                text=[f"{l}.{h}: {v:.3f}"
-                      for l, h, v in zip(group["layer"][sel], group["head"][sel], group["value"][sel])],
-                hovertemplate=f"{label}<br>head %{{text}}<extra></extra>"))
-    fig.update_layout(title=f"head {layer}.{head} among all heads", xaxis={"title": "lowest head → highest head",
-                      "range": [-0.05, 1.05], "showticklabels": False}, yaxis={"autorange": "reversed"},
-                      width=640, height=max(260, 90 + 26 * head_scores.groupby(["score", "task"]).ngroups))
+            fig.add_trace(
+                go.Scatter(
+                    x=pos[sel],
+                    y=[label] * int(sel.sum()),
+                    mode="markers",
+                    showlegend=False,
+                    marker={"color": colour, "size": size},
+                    text=[
+                        f"{l}.{h}: {v:.3f}"
+                        for l, h, v in zip(group["layer"][sel], group["head"][sel], group["value"][sel])
+                    ],
+                    hovertemplate=f"{label}<br>head %{{text}}<extra></extra>",
+                )
+            )
+    fig.update_layout(
+        title=f"head {layer}.{head} among all heads",
+        xaxis={"title": "lowest head → highest head", "range": [-0.05, 1.05], "showticklabels": False},
+        yaxis={"autorange": "reversed"},
+        width=640,
+        height=max(260, 90 + 26 * head_scores.groupby(["score", "task"]).ngroups),
+    )
     return fig
 
 
@@ -235,28 +358,49 @@ def retrieval_map(retrieval: pd.DataFrame, layer: int, head: int) -> go.Figure:
     rows = retrieval[(retrieval["layer"] == layer) & (retrieval["head"] == head)]
     cells = rows.pivot(index="depth", columns="length", values="value")
     answered = rows.pivot(index="depth", columns="length", values="answered")
-    fig = go.Figure(go.Heatmap(z=cells.to_numpy(), x=[str(c) for c in cells.columns],
-                               y=[f"{d:.2f}" for d in cells.index], zmin=0, zmax=1, colorscale="Viridis",
-                               customdata=answered.to_numpy(),
-                               hovertemplate="%{x} tokens, depth %{y}<br>retrieval %{z:.2f} "
-                                             "(%{customdata:.0f} answered)<extra></extra>"))
-    fig.update_layout(title=f"retrieval score of head {layer}.{head}", xaxis_title="context length (tokens)",
-                      yaxis_title="needle depth", width=480, height=360)
+    fig = go.Figure(
+        go.Heatmap(
+            z=cells.to_numpy(),
+            x=[str(c) for c in cells.columns],
+            y=[f"{d:.2f}" for d in cells.index],
+            zmin=0,
+            zmax=1,
+            colorscale="Viridis",
+            customdata=answered.to_numpy(),
+            hovertemplate="%{x} tokens, depth %{y}<br>retrieval %{z:.2f} (%{customdata:.0f} answered)<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title=f"retrieval score of head {layer}.{head}",
+        xaxis_title="context length (tokens)",
+        yaxis_title="needle depth",
+        width=480,
+        height=360,
+    )
     return fig
 
 
-def compare_heads(a: pd.DataFrame, b: pd.DataFrame, score: str,
-                  names: tuple[str, str] = ("run A", "run B")) -> go.Figure:
+def compare_heads(
+    a: pd.DataFrame, b: pd.DataFrame, score: str, names: tuple[str, str] = ("run A", "run B")
+) -> go.Figure:
     """Two runs' values of one score, head by head (heads matched on task, layer and head); the
     diagonal marks equal values."""
     key = ["task", "layer", "head"]
-    both = a[a["score"] == score][key + ["value"]].merge(b[b["score"] == score][key + ["value"]], on=key,
-                                                         suffixes=("_a", "_b"))
+    both = a[a["score"] == score][key + ["value"]].merge(
+        b[b["score"] == score][key + ["value"]], on=key, suffixes=("_a", "_b")
+    )
     fig = go.Figure()
     for task, group in both.groupby("task", sort=False):
-        fig.add_trace(go.Scatter(x=group["value_a"], y=group["value_b"], mode="markers", name=task,
-                                 text=[f"{l}.{h}" for l, h in zip(group["layer"], group["head"])],
-                                 hovertemplate="head %{text}<br>%{x:.3f} → %{y:.3f}<extra>" + task + "</extra>"))
+        fig.add_trace(
+            go.Scatter(
+                x=group["value_a"],
+                y=group["value_b"],
+                mode="markers",
+                name=task,
+                text=[f"{l}.{h}" for l, h in zip(group["layer"], group["head"])],
+                hovertemplate="head %{text}<br>%{x:.3f} → %{y:.3f}<extra>" + task + "</extra>",
+            )
+        )
     if len(both):
         lo = float(min(both["value_a"].min(), both["value_b"].min()))
         hi = float(max(both["value_a"].max(), both["value_b"].max()))
@@ -271,12 +415,24 @@ def feature_heads(attribution: pd.DataFrame, features=None) -> go.Figure:
     if features is not None:
         attribution = attribution[attribution["feature"].isin(list(features))]
     grid = attribution.pivot(index="feature", columns="head", values="share")
-    fig = go.Figure(go.Heatmap(z=grid.to_numpy(), x=[str(h) for h in grid.columns], y=[str(f) for f in grid.index],
-                               zmin=0, zmax=1, colorscale="Viridis",
-                               hovertemplate="feature %{y}, head %{x}<br>share %{z:.2f}<extra></extra>"))
-    fig.update_layout(title="decoder-norm share per head", xaxis_title="head",
-                      yaxis={"title": "feature", "type": "category", "autorange": "reversed"},
-                      width=420, height=max(300, 110 + 16 * len(grid)))
+    fig = go.Figure(
+        go.Heatmap(
+            z=grid.to_numpy(),
+            x=[str(h) for h in grid.columns],
+            y=[str(f) for f in grid.index],
+            zmin=0,
+            zmax=1,
+            colorscale="Viridis",
+            hovertemplate="feature %{y}, head %{x}<br>share %{z:.2f}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title="decoder-norm share per head",
+        xaxis_title="head",
+        yaxis={"title": "feature", "type": "category", "autorange": "reversed"},
+        width=420,
+        height=max(300, 110 + 16 * len(grid)),
+    )
     return fig
 
 
@@ -285,10 +441,21 @@ def feature_contributions(direct: pd.DataFrame, feature: int) -> go.Figure:
     ``feature, rank, head, contribution``, :func:`probes.sae.direct_attribution`)."""
     rows = direct[direct["feature"] == feature]
     grid = rows.pivot(index="rank", columns="head", values="contribution")
-    fig = go.Figure(go.Heatmap(z=grid.to_numpy(), x=[str(h) for h in grid.columns], y=[f"#{r}" for r in grid.index],
-                               colorscale="RdBu", zmid=0,
-                               hovertemplate="example %{y}, head %{x}<br>contribution %{z:.3f}<extra></extra>"))
-    fig.update_layout(title=f"feature {feature}: contribution of each head", xaxis_title="head",
-                      yaxis={"title": "top example", "autorange": "reversed"}, width=420,
-                      height=max(260, 110 + 26 * len(grid)))
+    fig = go.Figure(
+        go.Heatmap(
+            z=grid.to_numpy(),
+            x=[str(h) for h in grid.columns],
+            y=[f"#{r}" for r in grid.index],
+            colorscale="RdBu",
+            zmid=0,
+            hovertemplate="example %{y}, head %{x}<br>contribution %{z:.3f}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title=f"feature {feature}: contribution of each head",
+        xaxis_title="head",
+        yaxis={"title": "top example", "autorange": "reversed"},
+        width=420,
+        height=max(260, 110 + 26 * len(grid)),
+    )
     return fig

@@ -59,8 +59,10 @@ class PromptAttention:
 
     def _check(self, layer: int, head: int) -> None:
         if layer not in self.stats or not 0 <= head < self.n_heads:
-            raise WorkbenchError(f"head {layer}.{head} does not exist: the model has {self.n_layers} layers of "
-                                 f"{self.n_heads} heads (counting from 0)")
+            raise WorkbenchError(
+                f"head {layer}.{head} does not exist: the model has {self.n_layers} layers of "
+                f"{self.n_heads} heads (counting from 0)"
+            )
 
     def pattern(self, layer: int, head: int) -> np.ndarray | None:
         """``[query, key]`` attention probabilities of one head, or None for long prompts."""
@@ -114,8 +116,15 @@ def token_labels(tokenizer, ids: torch.Tensor) -> list[str]:
     return out
 
 
-def attend(model: torch.nn.Module | ModelAdapter, prompt: str | torch.Tensor, *, pattern_tokens: int = PATTERN_TOKENS, sink_tokens: int = 1,
-           window: int = 64, backend: str = "auto") -> PromptAttention:
+def attend(
+    model: torch.nn.Module | ModelAdapter,
+    prompt: str | torch.Tensor,
+    *,
+    pattern_tokens: int = PATTERN_TOKENS,
+    sink_tokens: int = 1,
+    window: int = 64,
+    backend: str = "auto",
+) -> PromptAttention:
     """Run ``model`` on one prompt (text, or token ids ``[tokens]``) under instrumentation.
 
     Statistics (with ``key_mass``) come from the kernels at any length the model takes; the
@@ -135,16 +144,18 @@ def attend(model: torch.nn.Module | ModelAdapter, prompt: str | torch.Tensor, *,
     spec = StatsSpec.all(sink_tokens=sink_tokens, window=window)
     rec = record(adapter, ids.view(1, -1), spec, backend=backend, progress=False)  # checks vocabulary and context
     stats = {layer: _cpu(rec.layer(layer)) for layer in rec.layers}
-    seen = PromptAttention(rec.model_name, ids.cpu(), token_labels(tokenizer, ids), stats,
-                           adapter.head_shape[0], sink_tokens, window)
+    seen = PromptAttention(
+        rec.model_name, ids.cpu(), token_labels(tokenizer, ids), stats, adapter.head_shape[0], sink_tokens, window
+    )
     if ids.numel() <= pattern_tokens:
         seen.patterns = _patterns(adapter, ids.view(1, -1), pattern_tokens)
     return seen
 
 
 def _cpu(st: AttentionStats) -> AttentionStats:
-    return AttentionStats(**{name: (t.float() if t.is_floating_point() else t).detach().cpu()
-                             for name, t in st.items()})
+    return AttentionStats(
+        **{name: (t.float() if t.is_floating_point() else t).detach().cpu() for name, t in st.items()}
+    )
 
 
 @torch.no_grad()

@@ -94,10 +94,7 @@ class Recording:
                 f"layer {i} has calls of different shapes {sorted(shapes)}: read them one by one "
                 "from rec.calls[layer], or record batches of equal length"
             )
-        joined = {
-            name: torch.cat([getattr(p, name) for p in parts], dim=0)
-            for name, _ in parts[0].items()
-        }
+        joined = {name: torch.cat([getattr(p, name) for p in parts], dim=0) for name, _ in parts[0].items()}
         return AttentionStats(**joined)
 
     def to_frame(self) -> pd.DataFrame:
@@ -136,9 +133,14 @@ class Recording:
             tensors[f"lengths.{c}"] = n.contiguous()
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path.with_suffix(".safetensors")))
-        meta = {"spec": asdict(self.spec), "n_layers": self.n_layers, "model_name": self.model_name,
-                "calls": layout, "patterns": {str(i): len(p) for i, p in self.patterns.items()},
-                "token_batches": len(self.tokens)}
+        meta = {
+            "spec": asdict(self.spec),
+            "n_layers": self.n_layers,
+            "model_name": self.model_name,
+            "calls": layout,
+            "patterns": {str(i): len(p) for i, p in self.patterns.items()},
+            "token_batches": len(self.tokens),
+        }
         path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
 
     @classmethod
@@ -155,8 +157,11 @@ class Recording:
         for i, n in meta["calls"].items():
             for c in range(n):
                 prefix = f"{i}.{c}."
-                fields = {k[len(prefix):]: v for k, v in tensors.items()
-                          if k.startswith(prefix) and not k.endswith("pattern")}
+                fields = {
+                    k[len(prefix) :]: v
+                    for k, v in tensors.items()
+                    if k.startswith(prefix) and not k.endswith("pattern")
+                }
                 rec.add(int(i), AttentionStats(**fields))
         for i, n in meta["patterns"].items():
             for c in range(n):
@@ -170,11 +175,16 @@ class Recording:
 def _tidy(layer: int, name: str, t: torch.Tensor) -> pd.DataFrame:
     b, h, n = t.shape
     idx = torch.cartesian_prod(torch.arange(b), torch.arange(h), torch.arange(n))
-    return pd.DataFrame({
-        "layer": layer, "batch": idx[:, 0].numpy(), "head": idx[:, 1].numpy(),
-        "position": idx[:, 2].numpy(), "statistic": name,
-        "value": t.detach().reshape(-1).double().cpu().numpy(),
-    })
+    return pd.DataFrame(
+        {
+            "layer": layer,
+            "batch": idx[:, 0].numpy(),
+            "head": idx[:, 1].numpy(),
+            "position": idx[:, 2].numpy(),
+            "statistic": name,
+            "value": t.detach().reshape(-1).double().cpu().numpy(),
+        }
+    )
 
 
 @dataclass
@@ -260,9 +270,17 @@ class StreamingSummary:
             h, nb = s.shape
             heads = torch.arange(h).repeat_interleave(nb)
             starts = torch.arange(nb).repeat(h) * self.bucket_size
-            frames.append(pd.DataFrame({
-                "layer": layer, "head": heads.numpy(), "bucket_start": starts.numpy(), "statistic": name,
-                "mean": (s / c).reshape(-1).cpu().numpy(), "rows": c.repeat(h).cpu().numpy(),
-            }))
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "layer": layer,
+                        "head": heads.numpy(),
+                        "bucket_start": starts.numpy(),
+                        "statistic": name,
+                        "mean": (s / c).reshape(-1).cpu().numpy(),
+                        "rows": c.repeat(h).cpu().numpy(),
+                    }
+                )
+            )
         columns = ["layer", "head", "bucket_start", "statistic", "mean", "rows"]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)

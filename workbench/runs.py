@@ -63,10 +63,13 @@ _WRITE_PROBLEMS = {  # errno: (what happened, what to do)
 
 def _write_error(path: Path, exc: OSError) -> WorkbenchError:
     """The error for an OSError while writing ``path``: what happened and what to do."""
-    what, todo = _WRITE_PROBLEMS.get(exc.errno, (exc.strerror or str(exc),
-                                                 "check the disk and run the same command again"))
-    return WorkbenchError(f"cannot write {path}: {what} ({exc}); {todo}. Files written before are kept "
-                          "and verified, so a run resumes where it stopped")
+    what, todo = _WRITE_PROBLEMS.get(
+        exc.errno, (exc.strerror or str(exc), "check the disk and run the same command again")
+    )
+    return WorkbenchError(
+        f"cannot write {path}: {what} ({exc}); {todo}. Files written before are kept "
+        "and verified, so a run resumes where it stopped"
+    )
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -164,25 +167,37 @@ class Run:
         try:
             manifest = json.loads(file.read_text())
         except (OSError, ValueError) as exc:
-            raise WorkbenchError(f"the run in {path} is corrupt: {MANIFEST} is not readable JSON ({exc}); "
-                                 "delete the folder or score again with --force") from exc
-        missing = [k for k in ("format", "settings", "status") if k not in manifest] if isinstance(manifest, dict) else ["all"]
+            raise WorkbenchError(
+                f"the run in {path} is corrupt: {MANIFEST} is not readable JSON ({exc}); "
+                "delete the folder or score again with --force"
+            ) from exc
+        missing = (
+            [k for k in ("format", "settings", "status") if k not in manifest]
+            if isinstance(manifest, dict)
+            else ["all"]
+        )
         if not missing and not isinstance(manifest["settings"], dict):
             missing = ["settings as a mapping"]
         if missing or manifest.get("format") != FORMAT:
-            raise WorkbenchError(f"the run in {path} is corrupt: {MANIFEST} is not a workbench run manifest "
-                                 f"(missing {', '.join(missing) or 'format tag'}); delete the folder or use --force")
+            raise WorkbenchError(
+                f"the run in {path} is corrupt: {MANIFEST} is not a workbench run manifest "
+                f"(missing {', '.join(missing) or 'format tag'}); delete the folder or use --force"
+            )
         version = manifest.get("format_version", 0)
         if not isinstance(version, int) or isinstance(version, bool):
             raise WorkbenchError(f"the run in {path} is corrupt: format_version is {version!r}, not a number")
         if version > FORMAT_VERSION:
-            raise WorkbenchError(f"the run in {path} was written by a newer workbench (format "
-                                 f"{manifest['format_version']}); upgrade attention-workbench to read it")
+            raise WorkbenchError(
+                f"the run in {path} was written by a newer workbench (format "
+                f"{manifest['format_version']}); upgrade attention-workbench to read it"
+            )
         for key in ("parts", "tables"):
             problem = _hash_map_problem(manifest[key]) if key in manifest else None
             if problem:
-                raise WorkbenchError(f"the run in {path} is corrupt: {MANIFEST}'s {key!r} ({problem}) is not a "
-                                     "list of sha256 hashes; delete the folder or score again with --force")
+                raise WorkbenchError(
+                    f"the run in {path} is corrupt: {MANIFEST}'s {key!r} ({problem}) is not a "
+                    "list of sha256 hashes; delete the folder or score again with --force"
+                )
         return cls(path, manifest)
 
     @classmethod
@@ -229,8 +244,11 @@ class Run:
     def _part_keys(self) -> set[str]:
         """Keys of the parts in the folder (with a part file or a sidecar) and, once complete, in the manifest."""
         folder = self.path / "parts"
-        found = {p.stem for pattern in ("*.parquet", "*.sha256") for p in folder.glob(pattern)} if folder.is_dir() \
+        found = (
+            {p.stem for pattern in ("*.parquet", "*.sha256") for p in folder.glob(pattern)}
+            if folder.is_dir()
             else set()
+        )
         return found | (set(self.manifest.get("parts", {})) if self.complete else set())
 
     def _recorded_part_hash(self, key: str) -> str | None:
@@ -251,8 +269,9 @@ class Run:
             try:
                 data = file.read_bytes()
             except FileNotFoundError:  # recorded but gone: damaged; a stray or malformed sidecar: uncommitted
-                states[key] = ("damaged" if recorded is not None
-                               else "uncommitted" if self._sidecar(key).exists() else "missing")
+                states[key] = (
+                    "damaged" if recorded is not None else "uncommitted" if self._sidecar(key).exists() else "missing"
+                )
                 continue
             except OSError:
                 states[key] = "damaged"
@@ -289,12 +308,15 @@ class Run:
         missing or was never committed."""
         recorded = self._recorded_part_hash(key)
         if recorded is None and self.verified:
-            raise WorkbenchError(f"the run in {self.path} is corrupt: cannot read parts/{key}.parquet (it was never "
-                                 f"committed: parts/{key}.sha256 is missing or malformed); score again with the same "
-                                 "--out: the sample is scored again")
+            raise WorkbenchError(
+                f"the run in {self.path} is corrupt: cannot read parts/{key}.parquet (it was never "
+                f"committed: parts/{key}.sha256 is missing or malformed); score again with the same "
+                "--out: the sample is scored again"
+            )
         where = MANIFEST if self.complete and key in self.manifest.get("parts", {}) else f"parts/{key}.sha256"
-        return self._read(self._part_file(key), recorded, where,
-                          "score again with the same --out: damaged samples are scored again")
+        return self._read(
+            self._part_file(key), recorded, where, "score again with the same --out: damaged samples are scored again"
+        )
 
     # Tables.
     def _tables(self) -> dict[str, str]:
@@ -318,13 +340,16 @@ class Run:
         file = self.path / f"{name}.parquet"
         recorded = self._tables().get(name)
         if recorded is None and file.is_file() and self.verified:
-            raise WorkbenchError(f"the run in {self.path} is corrupt: cannot read {file.name} (it was never committed: "
-                                 f"{MANIFEST} holds no sha256 for it, so the process writing it stopped); "
-                                 + self._rebuild(name))
+            raise WorkbenchError(
+                f"the run in {self.path} is corrupt: cannot read {file.name} (it was never committed: "
+                f"{MANIFEST} holds no sha256 for it, so the process writing it stopped); " + self._rebuild(name)
+            )
         if recorded is None and not file.is_file():
             have = self.tables()
-            raise WorkbenchError(f"the run in {self.path} has no {name} table (it has: {', '.join(have) or 'none'}); "
-                                 + ("" if self.complete else "the run has not finished: score again to resume it"))
+            raise WorkbenchError(
+                f"the run in {self.path} has no {name} table (it has: {', '.join(have) or 'none'}); "
+                + ("" if self.complete else "the run has not finished: score again to resume it")
+            )
         return self._read(file, recorded, MANIFEST, self._rebuild(name))
 
     def tables(self) -> list[str]:
@@ -357,8 +382,10 @@ class Run:
         except OSError as exc:
             raise WorkbenchError(f"the run in {self.path} is corrupt: cannot read {name} ({exc}); {todo}") from exc
         if recorded is not None and _sha256(data) != recorded:
-            raise WorkbenchError(f"the run in {self.path} is corrupt: cannot read {name} (its sha256 differs from the "
-                                 f"one in {where}: the file was damaged or changed after it was recorded); {todo}")
+            raise WorkbenchError(
+                f"the run in {self.path} is corrupt: cannot read {name} (its sha256 differs from the "
+                f"one in {where}: the file was damaged or changed after it was recorded); {todo}"
+            )
         try:
             return pd.read_parquet(io.BytesIO(data))
         except Exception as exc:  # pyarrow raises several types for damaged files
@@ -388,9 +415,10 @@ class Run:
 def head_summary(head_scores: pd.DataFrame, layer: int, head: int) -> pd.DataFrame:
     """One head's row of every score and task in a ``head_scores`` table, with its rank among
     the heads (1 = highest value): ``score, task, value, rank, heads, samples``."""
-    ranked = head_scores.assign(rank=head_scores.groupby(["score", "task"], sort=False)["value"]
-                                .rank(ascending=False, method="min"),
-                                heads=head_scores.groupby(["score", "task"], sort=False)["value"].transform("size"))
+    ranked = head_scores.assign(
+        rank=head_scores.groupby(["score", "task"], sort=False)["value"].rank(ascending=False, method="min"),
+        heads=head_scores.groupby(["score", "task"], sort=False)["value"].transform("size"),
+    )
     mine = ranked[(ranked["layer"] == layer) & (ranked["head"] == head)]
     return mine.astype({"rank": "Int64"})[["score", "task", "value", "rank", "heads", "samples"]].reset_index(drop=True)
 
@@ -453,8 +481,13 @@ def prepare(out: str | Path, settings: dict, manifest: dict, resume: bool = Fals
         run.clear()
         return new_run()
     if run.manifest["settings"] != settings and not resume:
-        changed = sorted(k for k in set(settings) | set(run.manifest["settings"])
-                         if settings.get(k) != run.manifest["settings"].get(k))
-        raise WorkbenchError(f"{out} holds a different run (settings that differ: {', '.join(changed)}); "
-                             "pass --resume to continue that run, --force to replace it, or another --out")
+        changed = sorted(
+            k
+            for k in set(settings) | set(run.manifest["settings"])
+            if settings.get(k) != run.manifest["settings"].get(k)
+        )
+        raise WorkbenchError(
+            f"{out} holds a different run (settings that differ: {', '.join(changed)}); "
+            "pass --resume to continue that run, --force to replace it, or another --out"
+        )
     return run

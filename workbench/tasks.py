@@ -23,14 +23,63 @@ import torch
 
 from workbench.errors import WorkbenchError
 
-_DOC_MODULES = ("abc", "argparse", "collections", "contextlib", "csv", "dataclasses", "datetime",
-                "decimal", "difflib", "email", "enum", "fractions", "functools", "heapq", "http",
-                "inspect", "itertools", "json", "logging", "pathlib", "pickle", "random", "re",
-                "shutil", "statistics", "string", "textwrap", "threading", "typing", "unittest",
-                "urllib", "uuid", "zipfile")
+_DOC_MODULES = (
+    "abc",
+    "argparse",
+    "collections",
+    "contextlib",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "difflib",
+    "email",
+    "enum",
+    "fractions",
+    "functools",
+    "heapq",
+    "http",
+    "inspect",
+    "itertools",
+    "json",
+    "logging",
+    "pathlib",
+    "pickle",
+    "random",
+    "re",
+    "shutil",
+    "statistics",
+    "string",
+    "textwrap",
+    "threading",
+    "typing",
+    "unittest",
+    "urllib",
+    "uuid",
+    "zipfile",
+)
 #: Names the needles are about.
-NAMES = ("Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Ivan", "Judy",
-         "Mallory", "Niaj", "Olivia", "Peggy", "Rupert", "Sybil", "Trent", "Victor", "Walter")
+NAMES = (
+    "Alice",
+    "Bob",
+    "Carol",
+    "Dave",
+    "Erin",
+    "Frank",
+    "Grace",
+    "Heidi",
+    "Ivan",
+    "Judy",
+    "Mallory",
+    "Niaj",
+    "Olivia",
+    "Peggy",
+    "Rupert",
+    "Sybil",
+    "Trent",
+    "Victor",
+    "Walter",
+)
 
 
 @dataclass(frozen=True)
@@ -79,8 +128,9 @@ def start_tokens(tokenizer) -> list[int]:
     return []
 
 
-def needle_samples(tokenizer, lengths: list[int], depths: list[float], per_cell: int = 1,
-                   haystack: str | None = None, seed: int = 0) -> list[TaskSample]:
+def needle_samples(
+    tokenizer, lengths: list[int], depths: list[float], per_cell: int = 1, haystack: str | None = None, seed: int = 0
+) -> list[TaskSample]:
     """For every length x depth, ``per_cell`` samples: haystack text with "The secret code of NAME
     is DIGITS." at ``depth`` and the question "The secret code of NAME is" at the end;
     ``answer`` holds the tokens of " DIGITS" exactly as in the needle. ``ids`` plus ``answer``
@@ -104,17 +154,26 @@ def needle_samples(tokenizer, lengths: list[int], depths: list[float], per_cell:
                 head = start_tokens(tokenizer)
                 room = length - len(head) - len(needle) - len(question) - len(answer)
                 if room < 1:
-                    raise WorkbenchError(f"a needle sample of {length} tokens does not fit: needle and question "
-                                         f"and answer alone take {length - room} tokens")
+                    raise WorkbenchError(
+                        f"a needle sample of {length} tokens does not fit: needle and question "
+                        f"and answer alone take {length - room} tokens"
+                    )
                 if room > len(hay):
                     raise WorkbenchError(f"the haystack has {len(hay)} tokens, too few for {length}-token samples")
                 start = int(torch.randint(0, len(hay) - room + 1, (), generator=gen))
-                window = hay[start:start + room]
+                window = hay[start : start + room]
                 at = round(depth * room)
                 ids = head + window[:at] + needle + window[at:] + question
                 first = len(head) + at
-                samples.append(TaskSample("niah", torch.tensor(ids), needle=range(first, first + len(needle)),
-                                          answer=torch.tensor(answer), depth=depth))
+                samples.append(
+                    TaskSample(
+                        "niah",
+                        torch.tensor(ids),
+                        needle=range(first, first + len(needle)),
+                        answer=torch.tensor(answer),
+                        depth=depth,
+                    )
+                )
     return samples
 
 
@@ -181,14 +240,18 @@ def dataset_text(name: str, max_chars: int = 4_000_000) -> str:
             if size >= max_chars:
                 break
     except Exception as exc:  # datasets raises many types: offline, unknown name, bad config
-        raise WorkbenchError(f"cannot read the dataset {name!r}: {type(exc).__name__}: {exc}. Offline, give a "
-                             "file or folder instead (--text PATH)") from exc
+        raise WorkbenchError(
+            f"cannot read the dataset {name!r}: {type(exc).__name__}: {exc}. Offline, give a "
+            "file or folder instead (--text PATH)"
+        ) from exc
     if not pieces:
         raise WorkbenchError(f"the dataset {name!r} has no text in its train split")
     return "\n\n".join(pieces)[:max_chars]
 
 
-def text_samples(tokenizer, source: str | Path | None = None, length: int = 1024, n: int | None = None) -> list[TaskSample]:
+def text_samples(
+    tokenizer, source: str | Path | None = None, length: int = 1024, n: int | None = None
+) -> list[TaskSample]:
     """Consecutive ``length``-token windows (BOS included) of the text in a file, of every
     ``.txt``/``.md`` file under a directory, or of the built-in docstrings (``source=None``);
     at most ``n`` windows."""
@@ -198,7 +261,7 @@ def text_samples(tokenizer, source: str | Path | None = None, length: int = 1024
     if body < 1:
         raise WorkbenchError(f"length {length} leaves no room for text")
     ids = _encode(tokenizer, text)
-    windows = [head + ids[i:i + body] for i in range(0, len(ids) - body + 1, body)]
+    windows = [head + ids[i : i + body] for i in range(0, len(ids) - body + 1, body)]
     if not windows:
         raise WorkbenchError(f"the text has {len(ids)} tokens, fewer than one {length}-token sample")
     return [TaskSample("text", torch.tensor(w)) for w in windows[:n]]

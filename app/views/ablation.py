@@ -17,8 +17,10 @@ def render(ctx: Context) -> None:
         return
     names = [t for t in run.tables() if t.startswith(("ablation_", "scan_"))]
     if not names:
-        st.info(f"No ablations in {ctx.run_name} yet: `workbench ablate --run {run.path} --rank-by retrieval "
-                "--task niah --scan` writes them.")
+        st.info(
+            f"No ablations in {ctx.run_name} yet: `workbench ablate --run {run.path} --rank-by retrieval "
+            "--task niah --scan` writes them."
+        )
         return
     about = {a.get("table"): a for a in run.manifest.get("ablations") or [] if isinstance(a, dict)}
     name = st.selectbox("experiment", names, key="ablation.table")

@@ -12,8 +12,10 @@ from workbench import plots
 from workbench.prompt import PATTERN_TOKENS
 from workbench.runs import head_summary
 
-DEFAULT_PROMPT = ("def add(a, b):\n    \"\"\"Return the sum of a and b.\"\"\"\n    return a + b\n\n"
-                  "The secret code of Ada is 4711. The secret code of Ada is")
+DEFAULT_PROMPT = (
+    'def add(a, b):\n    """Return the sum of a and b."""\n    return a + b\n\n'
+    "The secret code of Ada is 4711. The secret code of Ada is"
+)
 
 
 def prompt_source(run, key: str):
@@ -39,8 +41,9 @@ def run_sample(run, task: str, length: int):
     from workbench.scoring import ScoreRunSettings, plan
 
     settings = ScoreRunSettings.from_dict(run.manifest["settings"])
-    settings = ScoreRunSettings.from_dict({**settings.to_dict(), "tasks": [task], "lengths": [length], "samples": 1,
-                                           "scores": []})
+    settings = ScoreRunSettings.from_dict(
+        {**settings.to_dict(), "tasks": [task], "lengths": [length], "samples": 1, "scores": []}
+    )
     model, _ = _model(run)
     for unit in plan(settings, task_tokenizer(model)):
         return unit.sample.ids
@@ -75,8 +78,10 @@ def render(ctx: Context) -> None:
         figure(plots.retrieval_map(run.table("retrieval"), layer, head), key="detail.retrieval")
 
     st.subheader("On a prompt")
-    st.caption(f"The run's model ({run.manifest['settings'].get('model')}) through the kernels; the explicit "
-               f"pattern up to {PATTERN_TOKENS} tokens, statistics and the most-attended keys at any length.")
+    st.caption(
+        f"The run's model ({run.manifest['settings'].get('model')}) through the kernels; the explicit "
+        f"pattern up to {PATTERN_TOKENS} tokens, statistics and the most-attended keys at any length."
+    )
     key, text = prompt_source(run, "detail")
     store = st.session_state.setdefault("detail.seen", {})
     cache_key = (str(run.path), *(key or ()))
@@ -96,11 +101,14 @@ def show_prompt(seen, layer: int, head: int, key: str) -> None:
     st.caption(f"{seen.n_tokens} tokens")
     pattern = seen.pattern(layer, head)
     if pattern is not None:
-        figure(plots.head_pattern(pattern, seen.labels, f"head {layer}.{head}: attention pattern"),
-               key=f"{key}.pattern")
+        figure(
+            plots.head_pattern(pattern, seen.labels, f"head {layer}.{head}: attention pattern"), key=f"{key}.pattern"
+        )
     else:
-        st.caption(f"Pattern not drawn: over {PATTERN_TOKENS} tokens it costs O(N²); the statistics below come from "
-                   "the kernel in O(N).")
+        st.caption(
+            f"Pattern not drawn: over {PATTERN_TOKENS} tokens it costs O(N²); the statistics below come from "
+            "the kernel in O(N)."
+        )
     top = seen.top_keys(layer, head, 15)
     left, right = st.columns(2)
     with left:

@@ -29,8 +29,9 @@ def render(ctx: Context) -> None:
     hs = run.table("head_scores")
     scores = list(dict.fromkeys(hs["score"]))
     score = st.selectbox("score", scores, key="heads.score")
-    event = figure(plots.head_map(hs, score, clickable=True), key=f"heads.map.{score}", on_select="rerun",
-                   selection_mode="points")
+    event = figure(
+        plots.head_map(hs, score, clickable=True), key=f"heads.map.{score}", on_select="rerun", selection_mode="points"
+    )
     hit = clicked_head(event)
     if hit is not None:
         open_head(*hit)

@@ -16,8 +16,10 @@ OTHER = "another model (type its name)"
 
 def render(ctx) -> None:
     st.header("Live")
-    st.caption("Any name `load_model` takes: zoo models and minilm load offline; tl:NAME, hf:ID or a local folder "
-               "need the model in the Hugging Face cache or the network.")
+    st.caption(
+        "Any name `load_model` takes: zoo models and minilm load offline; tl:NAME, hf:ID or a local folder "
+        "need the model in the Hugging Face cache or the network."
+    )
     choice = st.selectbox("model", [*available(), OTHER], key="live.model")
     name = st.text_input("model name", key="live.other").strip() if choice == OTHER else choice
     text = st.text_area("prompt", DEFAULT_PROMPT, key="live.prompt")
@@ -32,8 +34,9 @@ def render(ctx) -> None:
     name, seen = st.session_state["live.seen"]
     st.subheader(f"{name}: {seen.n_tokens} tokens")
     means = seen.head_means()
-    statistic = st.selectbox("statistic (mean over the prompt)", list(dict.fromkeys(means["score"])),
-                             key="live.statistic")
+    statistic = st.selectbox(
+        "statistic (mean over the prompt)", list(dict.fromkeys(means["score"])), key="live.statistic"
+    )
     figure(plots.head_map(means, statistic), key="live.map")
     layer, head = head_picker(seen.n_layers, seen.n_heads, "live")
     show_prompt(seen, layer, head, "live")

@@ -16,9 +16,17 @@ def overview(ctx: Context) -> pd.DataFrame:
     rows = []
     for name, run in ctx.runs.items():
         s = run.manifest["settings"]
-        rows.append({"run": name, "model": str(s.get("model")), "tasks": ", ".join(s.get("tasks", [])),
-                     "lengths": ", ".join(str(n) for n in s.get("lengths", [])), "samples": s.get("samples"),
-                     "status": run.manifest.get("status"), "created": str(run.manifest.get("created", ""))})
+        rows.append(
+            {
+                "run": name,
+                "model": str(s.get("model")),
+                "tasks": ", ".join(s.get("tasks", [])),
+                "lengths": ", ".join(str(n) for n in s.get("lengths", [])),
+                "samples": s.get("samples"),
+                "status": run.manifest.get("status"),
+                "created": str(run.manifest.get("created", "")),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -26,7 +34,7 @@ def summary(run) -> None:
     """The run's model-level numbers (sink rate, needle accuracy) as metrics."""
     items = list((run.manifest.get("summary") or {}).items())
     for start in range(0, len(items), 4):
-        for col, (name, value) in zip(st.columns(4), items[start:start + 4]):
+        for col, (name, value) in zip(st.columns(4), items[start : start + 4]):
             col.metric(name, number(value))
 
 

@@ -42,14 +42,17 @@ def render(ctx: Context) -> None:
     for name, reason in broken:
         st.warning(f"skipped {name}: {reason}")
     if not found:
-        st.info(f"No SAEs in {root}: `workbench sae train --layer 1 --out {root}/<name>` trains one and saves its "
-                "evaluation, head attribution and top contexts there.")
+        st.info(
+            f"No SAEs in {root}: `workbench sae train --layer 1 --out {root}/<name>` trains one and saves its "
+            "evaluation, head attribution and top contexts there."
+        )
         return
     by_name = {s.path.name: s for s in found}
     model = ctx.run.manifest["settings"].get("model") if ctx.run else None
     names = sorted(by_name, key=lambda n: (by_name[n].model_name != model, n))
-    name = st.selectbox("SAE", names, key="sae.name",
-                        format_func=lambda n: f"{n} ({by_name[n].model_name}, layer {by_name[n].layer})")
+    name = st.selectbox(
+        "SAE", names, key="sae.name", format_func=lambda n: f"{n} ({by_name[n].model_name}, layer {by_name[n].layer})"
+    )
     sae = by_name[name]
     st.caption(f"reads {sae.hook_name}; {sae.cfg.get('d_sae')} features of width {sae.cfg.get('d_in')}")
     if sae.evaluation:
@@ -70,8 +73,12 @@ def render(ctx: Context) -> None:
         st.subheader("Head attribution of the most active features")
         figure(plots.feature_heads(attribution, list(strongest.index[:40])), key="sae.heads")
     st.subheader("Feature browser")
-    feature = st.selectbox("feature (most active first)", list(strongest.index), key="sae.feature",
-                           format_func=lambda f: f"{f} (max activation {strongest[f]:.2f})")
+    feature = st.selectbox(
+        "feature (most active first)",
+        list(strongest.index),
+        key="sae.feature",
+        format_func=lambda f: f"{f} (max activation {strongest[f]:.2f})",
+    )
     rows = contexts[contexts["feature"] == feature].sort_values("rank")
     st.markdown("**top activating contexts** (the token in `[[ ]]`)")
     st.dataframe(rows[["rank", "activation", "sample", "position", "context"]], hide_index=True, key="sae.contexts")
@@ -79,8 +86,9 @@ def render(ctx: Context) -> None:
     if attribution is not None:
         with left:
             st.markdown("**decoder-norm share per head**")
-            st.dataframe(attribution[attribution["feature"] == feature][["head", "share"]], hide_index=True,
-                         key="sae.share")
+            st.dataframe(
+                attribution[attribution["feature"] == feature][["head", "share"]], hide_index=True, key="sae.share"
+            )
     if sae.has_table("direct_attribution"):
         with right:
             figure(plots.feature_contributions(sae.table("direct_attribution"), feature), key="sae.direct")

@@ -21,9 +21,12 @@ KEY_STATS = StatsSpec.every_row_statistic(key_mass=True)
 
 #: ``--breakdown``: each statistic alone, to see what each one costs.
 BREAKDOWN = {
-    "entropy": StatsSpec(entropy=True), "argmax": StatsSpec(argmax=True),
-    "distance": StatsSpec(distance=True), "sink": StatsSpec(sink_tokens=1),
-    "local": StatsSpec(window=64), "offset": StatsSpec(offsets=(1,)),
+    "entropy": StatsSpec(entropy=True),
+    "argmax": StatsSpec(argmax=True),
+    "distance": StatsSpec(distance=True),
+    "sink": StatsSpec(sink_tokens=1),
+    "local": StatsSpec(window=64),
+    "offset": StatsSpec(offsets=(1,)),
 }
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -40,13 +43,24 @@ KEY_MASS_SUM_TOL = 5e-3
 
 SUITES = ("mha", "gqa", "decode")
 GPU_DEFAULTS = dict(
-    dims="128,64", heads=32, dtype="bf16", kv_heads="8,4", queries="1,4,16", decode_kv_heads=8,
-    decode_dims="128", lengths={"mha": "1k,2k,4k,8k,16k,32k,64k,128k", "gqa": "8k,32k",
-                                "decode": "8k,32k,128k"},
+    dims="128,64",
+    heads=32,
+    dtype="bf16",
+    kv_heads="8,4",
+    queries="1,4,16",
+    decode_kv_heads=8,
+    decode_dims="128",
+    lengths={"mha": "1k,2k,4k,8k,16k,32k,64k,128k", "gqa": "8k,32k", "decode": "8k,32k,128k"},
 )
 SMOKE_DEFAULTS = dict(
-    dims="32", heads=4, dtype="fp32", kv_heads="2", queries="1,4", decode_kv_heads=2,
-    decode_dims="32", lengths={"mha": "64,128", "gqa": "64", "decode": "128"},
+    dims="32",
+    heads=4,
+    dtype="fp32",
+    kv_heads="2",
+    queries="1,4",
+    decode_kv_heads=2,
+    decode_dims="32",
+    lengths={"mha": "64,128", "gqa": "64", "decode": "128"},
 )
 SMOKE_REPS = 3
 
@@ -122,40 +136,83 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time kernels.attention (plain, with row statistics, with key mass) against "
         "PyTorch SDPA and an eager TransformerLens-style path; causal, one row per (D, N).",
     )
-    parser.add_argument("--suites", default=",".join(SUITES),
-                        help=f"which suites, comma-separated: {', '.join(SUITES)} (default all)")
-    parser.add_argument("--dims", type=parse_sizes, default=None,
-                        help=f"head dims of the mha and gqa suites (default {GPU_DEFAULTS['dims']}; "
-                        f"decode: {GPU_DEFAULTS['decode_dims']})")
-    parser.add_argument("--lengths", type=parse_sizes, default=None,
-                        help="key counts N (= query counts in mha and gqa), comma-separated, k suffix "
-                        "allowed (default: mha " + GPU_DEFAULTS["lengths"]["mha"] + "; gqa "
-                        + GPU_DEFAULTS["lengths"]["gqa"] + "; decode " + GPU_DEFAULTS["lengths"]["decode"] + ")")
-    parser.add_argument("--heads", type=int, default=None,
-                        help=f"query heads (default {GPU_DEFAULTS['heads']})")
-    parser.add_argument("--kv-heads", type=parse_sizes, default=None,
-                        help=f"key/value heads of the gqa suite, each dividing --heads "
-                        f"(default {GPU_DEFAULTS['kv_heads']})")
-    parser.add_argument("--queries", type=parse_sizes, default=None,
-                        help=f"query counts of the decode suite (default {GPU_DEFAULTS['queries']})")
-    parser.add_argument("--decode-kv-heads", type=int, default=None,
-                        help=f"key/value heads of the decode suite (default {GPU_DEFAULTS['decode_kv_heads']})")
+    parser.add_argument(
+        "--suites", default=",".join(SUITES), help=f"which suites, comma-separated: {', '.join(SUITES)} (default all)"
+    )
+    parser.add_argument(
+        "--dims",
+        type=parse_sizes,
+        default=None,
+        help=f"head dims of the mha and gqa suites (default {GPU_DEFAULTS['dims']}; "
+        f"decode: {GPU_DEFAULTS['decode_dims']})",
+    )
+    parser.add_argument(
+        "--lengths",
+        type=parse_sizes,
+        default=None,
+        help="key counts N (= query counts in mha and gqa), comma-separated, k suffix "
+        "allowed (default: mha "
+        + GPU_DEFAULTS["lengths"]["mha"]
+        + "; gqa "
+        + GPU_DEFAULTS["lengths"]["gqa"]
+        + "; decode "
+        + GPU_DEFAULTS["lengths"]["decode"]
+        + ")",
+    )
+    parser.add_argument("--heads", type=int, default=None, help=f"query heads (default {GPU_DEFAULTS['heads']})")
+    parser.add_argument(
+        "--kv-heads",
+        type=parse_sizes,
+        default=None,
+        help=f"key/value heads of the gqa suite, each dividing --heads (default {GPU_DEFAULTS['kv_heads']})",
+    )
+    parser.add_argument(
+        "--queries",
+        type=parse_sizes,
+        default=None,
+        help=f"query counts of the decode suite (default {GPU_DEFAULTS['queries']})",
+    )
+    parser.add_argument(
+        "--decode-kv-heads",
+        type=int,
+        default=None,
+        help=f"key/value heads of the decode suite (default {GPU_DEFAULTS['decode_kv_heads']})",
+    )
     parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help=f"input dtype (default {GPU_DEFAULTS['dtype']}; fp32 with --smoke)")
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help=f"input dtype (default {GPU_DEFAULTS['dtype']}; fp32 with --smoke)",
+    )
     parser.add_argument("--no-eager", action="store_true", help="skip the eager pattern path")
-    parser.add_argument("--breakdown", action="store_true",
-                        help="also time each row statistic alone (entropy, argmax, ...) in the mha suite")
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time each row statistic alone (entropy, argmax, ...) in the mha suite",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed of the inputs (default 0)")
-    parser.add_argument("--time-budget", type=float, default=450.0, metavar="SECONDS",
-                        help="skip rows predicted to end after this many seconds (0: no limit; "
-                        "default 450)")
-    parser.add_argument("--out", type=Path, default=None, metavar="PATH",
-                        help="also write PATH.csv (the table) and PATH.json (metadata + details)")
-    parser.add_argument("--smoke", action="store_true",
-                        help=f"tiny CPU-only run (D={SMOKE_DEFAULTS['dims']}, "
-                        f"H={SMOKE_DEFAULTS['heads']}, N={SMOKE_DEFAULTS['lengths']}, fp32) "
-                        "proving the script works without a GPU")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=450.0,
+        metavar="SECONDS",
+        help="skip rows predicted to end after this many seconds (0: no limit; default 450)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="also write PATH.csv (the table) and PATH.json (metadata + details)",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help=f"tiny CPU-only run (D={SMOKE_DEFAULTS['dims']}, "
+        f"H={SMOKE_DEFAULTS['heads']}, N={SMOKE_DEFAULTS['lengths']}, fp32) "
+        "proving the script works without a GPU",
+    )
     return parser
 
 
@@ -226,10 +283,17 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     else:
         parser.error("CUDA is not available; run with --smoke for the CPU check")
     return Config(
-        shapes=shapes, heads=heads, batch=args.batch,
-        dtype=DTYPES[args.dtype or defaults["dtype"]], device=device,
-        kernel_backend=kernel_backend(device), eager=not args.no_eager, breakdown=args.breakdown, seed=args.seed,
-        time_budget_s=0.0 if args.smoke else args.time_budget, smoke=args.smoke,
+        shapes=shapes,
+        heads=heads,
+        batch=args.batch,
+        dtype=DTYPES[args.dtype or defaults["dtype"]],
+        device=device,
+        kernel_backend=kernel_backend(device),
+        eager=not args.no_eager,
+        breakdown=args.breakdown,
+        seed=args.seed,
+        time_budget_s=0.0 if args.smoke else args.time_budget,
+        smoke=args.smoke,
         out=out_base(args.out) if args.out is not None else None,
     )
 

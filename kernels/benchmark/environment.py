@@ -60,22 +60,30 @@ def metadata(cfg: Config) -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command_line(),
         "dtype": str(cfg.dtype).removeprefix("torch."),
-        "batch": cfg.batch, "heads": cfg.heads, "causal": True,
+        "batch": cfg.batch,
+        "heads": cfg.heads,
+        "causal": True,
         "suites": sorted({sh.suite for sh in cfg.shapes}, key=SUITES.index),
-        "kernel_backend": cfg.kernel_backend, "smoke": cfg.smoke,
+        "kernel_backend": cfg.kernel_backend,
+        "smoke": cfg.smoke,
         "sdpa_backends": sdpa_backends() if cfg.device.type == "cuda" else "cpu",
-        "row_stats": repr(ROW_STATS), "key_stats": repr(KEY_STATS),
+        "row_stats": repr(ROW_STATS),
+        "key_stats": repr(KEY_STATS),
     }
 
 
 def print_header(meta: dict[str, Any]) -> None:
-    print(f"# kernels.benchmark: causal attention, suites {', '.join(meta['suites'])}, "
-          f"B={meta['batch']} H={meta['heads']}, dtype {meta['dtype']}, kernel backend {meta['kernel_backend']}"
-          + (" (SMOKE: tiny CPU run, timings meaningless)" if meta["smoke"] else ""))
+    print(
+        f"# kernels.benchmark: causal attention, suites {', '.join(meta['suites'])}, "
+        f"B={meta['batch']} H={meta['heads']}, dtype {meta['dtype']}, kernel backend {meta['kernel_backend']}"
+        + (" (SMOKE: tiny CPU run, timings meaningless)" if meta["smoke"] else "")
+    )
     revision = meta["git_revision"]
     git = revision[:12] + ("+dirty" if revision.endswith("+dirty") else "") if revision else None
-    print(f"# device: {meta['device']} | torch {meta['torch']} (CUDA {meta['cuda']}) | "
-          f"triton {meta['triton'] or 'not installed'} | python {meta['python']} | git {git}")
+    print(
+        f"# device: {meta['device']} | torch {meta['torch']} (CUDA {meta['cuda']}) | "
+        f"triton {meta['triton'] or 'not installed'} | python {meta['python']} | git {git}"
+    )
     print(f"# sdpa backends enabled: {meta['sdpa_backends']}")
     print(f"# rowstats: {meta['row_stats']}; keymass: the same with key_mass=True")
     print(f"# command: {meta['command']}", flush=True)

@@ -45,7 +45,11 @@ class Measurement:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "name": self.name, "status": self.status, "ms": self.ms, "peak_gib": self.peak_gib, "gpu_ms": self.gpu_ms,
+            "name": self.name,
+            "status": self.status,
+            "ms": self.ms,
+            "peak_gib": self.peak_gib,
+            "gpu_ms": self.gpu_ms,
             "checks": [dict(dataclasses.asdict(c), ok=c.ok) for c in self.checks],
         }
 

@@ -100,8 +100,7 @@ def format_table(rows: Sequence[Row]) -> str:
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
 
     def line(values: Sequence[str]) -> str:
-        padded = [val.ljust(w) if col == "check" else val.rjust(w)
-                  for col, val, w in zip(columns, values, widths)]
+        padded = [val.ljust(w) if col == "check" else val.rjust(w) for col, val, w in zip(columns, values, widths)]
         return "  ".join(padded).rstrip()
 
     rule = "-" * len(line(columns))
@@ -112,15 +111,19 @@ def suite_tables(rows: Sequence[Row]) -> str:
     """One table per suite, without the columns that say nothing there."""
     out = []
     for suite in SUITES:
-        part = [{k: v for k, v in row.items() if k != "suite" and not (k == "Nq" and suite != "decode")}
-                for row in rows if row["suite"] == suite]
+        part = [
+            {k: v for k, v in row.items() if k != "suite" and not (k == "Nq" and suite != "decode")}
+            for row in rows
+            if row["suite"] == suite
+        ]
         if part:
             out.append(f"# {suite}\n{format_table(part)}")
     return "\n".join(out)
 
 
-def write_outputs(base: Path, rows: Sequence[Row], details: list[dict[str, Any]],
-                  meta: dict[str, Any]) -> tuple[Path, Path]:
+def write_outputs(
+    base: Path, rows: Sequence[Row], details: list[dict[str, Any]], meta: dict[str, Any]
+) -> tuple[Path, Path]:
     """``base.csv`` (the table, raw values) and ``base.json`` (metadata, table, details)."""
     base.parent.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = base.with_name(base.name + ".csv"), base.with_name(base.name + ".json")
@@ -136,8 +139,12 @@ def write_outputs(base: Path, rows: Sequence[Row], details: list[dict[str, Any]]
 
 def print_legend(cfg: Config) -> None:
     tol = OUT_TOL[cfg.dtype]
-    print("# <v>_ms: median ms per call; <v>/sdpa: sdpa_ms / <v>_ms (1.0 = as fast as SDPA); "
-          "TFLOP/s from causal FLOPs (4*B*H*D per visible query-key pair); decode GB/s: K and V bytes read")
-    print(f"# max_err: max ||out - sdpa|| / ||sdpa|| (tolerance {tol:g}); statistics checked "
-          f"against backend='reference' for Nq*N <= {STATS_CHECK_MAX_N}^2; eager_peak_gib: peak "
-          "memory above the inputs; OOM (est. X): float32 N x N scores alone need X")
+    print(
+        "# <v>_ms: median ms per call; <v>/sdpa: sdpa_ms / <v>_ms (1.0 = as fast as SDPA); "
+        "TFLOP/s from causal FLOPs (4*B*H*D per visible query-key pair); decode GB/s: K and V bytes read"
+    )
+    print(
+        f"# max_err: max ||out - sdpa|| / ||sdpa|| (tolerance {tol:g}); statistics checked "
+        f"against backend='reference' for Nq*N <= {STATS_CHECK_MAX_N}^2; eager_peak_gib: peak "
+        "memory above the inputs; OOM (est. X): float32 N x N scores alone need X"
+    )

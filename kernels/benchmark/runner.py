@@ -28,6 +28,7 @@ from kernels.benchmark.variants import Variant, build_variants
 
 def make_inputs(cfg: Config, shape: Shape, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
     """``(q, k, v)`` of one row from ``torch.randn``: ``[B, H, Nq, D]`` and ``[B, Hkv, N, D]``."""
+
     def randn(heads: int, n: int) -> torch.Tensor:
         return torch.randn(cfg.batch, heads, n, shape.d, generator=gen, device=cfg.device, dtype=cfg.dtype)
 
@@ -91,10 +92,22 @@ def run(cfg: Config, meta: dict[str, Any]) -> tuple[list[Row], list[dict[str, An
             elapsed = time.perf_counter() - start
             guess = predicted_seconds(history, shape)
             if cfg.time_budget_s > 0 and elapsed + (guess or 0.0) > cfg.time_budget_s:
-                print(f"  {shape.label()} skipped: {elapsed:.0f} s elapsed + {guess or 0.0:.0f} s "
-                      f"predicted > --time-budget {cfg.time_budget_s:g}", flush=True)
-                rows.append({"suite": shape.suite, "D": shape.d, "Hkv": shape.kv_heads, "Nq": shape.n_q,
-                             "N": shape.n, "check": "skipped (time budget)", "_series": shape.series})
+                print(
+                    f"  {shape.label()} skipped: {elapsed:.0f} s elapsed + {guess or 0.0:.0f} s "
+                    f"predicted > --time-budget {cfg.time_budget_s:g}",
+                    flush=True,
+                )
+                rows.append(
+                    {
+                        "suite": shape.suite,
+                        "D": shape.d,
+                        "Hkv": shape.kv_heads,
+                        "Nq": shape.n_q,
+                        "N": shape.n,
+                        "check": "skipped (time budget)",
+                        "_series": shape.series,
+                    }
+                )
                 continue
             t0 = time.perf_counter()
             row, measured = run_row(cfg, shape, gen)
@@ -102,8 +115,9 @@ def run(cfg: Config, meta: dict[str, Any]) -> tuple[list[Row], list[dict[str, An
             history[shape.series] = (shape.n, seconds)
             print(f"  {shape.label()} row took {seconds:.1f} s (total {time.perf_counter() - start:.0f} s)", flush=True)
             rows.append(row | {"_series": shape.series})
-            details.append({**dataclasses.asdict(shape), "seconds": seconds,
-                            "variants": [m.as_dict() for m in measured]})
+            details.append(
+                {**dataclasses.asdict(shape), "seconds": seconds, "variants": [m.as_dict() for m in measured]}
+            )
             if cfg.out is not None:
                 write_outputs(cfg.out, ordered(rows, cfg), details, meta)
     except KeyboardInterrupt:
@@ -117,8 +131,10 @@ def ordered(rows: list[Row], cfg: Config) -> list[Row]:
     first: dict[tuple, int] = {}
     for i, shape in enumerate(cfg.shapes):
         first.setdefault(shape.series, i)
-    return [{k: v for k, v in row.items() if k != "_series"}
-            for row in sorted(rows, key=lambda row: (first[row["_series"]], row["N"]))]
+    return [
+        {k: v for k, v in row.items() if k != "_series"}
+        for row in sorted(rows, key=lambda row: (first[row["_series"]], row["N"]))
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

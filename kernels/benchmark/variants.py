@@ -74,8 +74,9 @@ def eager_attention(
     return out, entropy
 
 
-def eager_variant(cfg: Config, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  ref: AttentionStats | None) -> Variant:
+def eager_variant(
+    cfg: Config, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ref: AttentionStats | None
+) -> Variant:
     """The eager pattern path, or its skip when the float32 ``[B, H, N, N]`` scores alone
     would not fit in the device's memory."""
     b, h, n, d = q.shape
@@ -103,8 +104,9 @@ def sdpa_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Callable[[],
     return lambda: F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
-def build_variants(cfg: Config, shape: Shape, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   ref: AttentionStats | None) -> list[Variant]:
+def build_variants(
+    cfg: Config, shape: Shape, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ref: AttentionStats | None
+) -> list[Variant]:
     """The variants of one row; the first is the reference."""
     backend = cfg.kernel_backend
     variants = [
@@ -115,19 +117,27 @@ def build_variants(cfg: Config, shape: Shape, q: torch.Tensor, k: torch.Tensor, 
         variants.append(unsplit_variant(backend, q, k, v))
         for variant in variants:
             variant.kernel_time = True
-    rowstats = Variant("rowstats", lambda: attention(q, k, v, causal=True, stats=ROW_STATS, backend=backend),
-                       checks=stats_check(ref), tflops=True)
+    rowstats = Variant(
+        "rowstats",
+        lambda: attention(q, k, v, causal=True, stats=ROW_STATS, backend=backend),
+        checks=stats_check(ref),
+        tflops=True,
+    )
     variants += [
         rowstats,
-        Variant("keymass", lambda: attention(q, k, v, causal=True, stats=KEY_STATS, backend=backend),
-                checks=stats_check(ref) + key_mass_sum_check(q.shape[2])),
+        Variant(
+            "keymass",
+            lambda: attention(q, k, v, causal=True, stats=KEY_STATS, backend=backend),
+            checks=stats_check(ref) + key_mass_sum_check(q.shape[2]),
+        ),
     ]
     if shape.suite == "decode":
         variants.append(graphed_variant(cfg, rowstats, ref))
     if cfg.breakdown and shape.suite == "mha":
         for name, spec in BREAKDOWN.items():
-            variants.append(Variant(name, lambda spec=spec: attention(q, k, v, causal=True, stats=spec,
-                                                                     backend=backend)))
+            variants.append(
+                Variant(name, lambda spec=spec: attention(q, k, v, causal=True, stats=spec, backend=backend))
+            )
     if cfg.eager and shape.suite == "mha":
         variants.append(eager_variant(cfg, q, k, v, ref))
     return variants
@@ -141,8 +151,7 @@ def unsplit_variant(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     from kernels.validate import check_inputs
 
     p = check_inputs(q, k, v, causal=True, scale=None, stats=None, key_lengths=None, query_lengths=None)
-    return Variant("unsplit", lambda: triton_attention(q, k, v, p, None, max_splits=1), tflops=True,
-                   kernel_time=True)
+    return Variant("unsplit", lambda: triton_attention(q, k, v, p, None, max_splits=1), tflops=True, kernel_time=True)
 
 
 def graphed_variant(cfg: Config, eager: Variant, ref: AttentionStats | None) -> Variant:

@@ -136,7 +136,7 @@ def test_head_map_shows_the_score_of_every_head(app_at, zoo_run, score):
     fig = figure_titled(at, f"{score}:")
     maps = [t for t in fig["data"] if t["type"] == "heatmap"]
     assert [t for t in fig["layout"]["annotations"]] and len(maps) == hs["task"].nunique()
-    for trace, (task, rows) in zip(maps, hs.groupby("task", sort=False)):
+    for trace, (_task, rows) in zip(maps, hs.groupby("task", sort=False)):
         grid = rows.pivot(index="layer", columns="head", values="value").to_numpy()
         np.testing.assert_allclose(arr(trace["z"]), grid, rtol=1e-6, equal_nan=True)
     listed = at.dataframe[0].value
@@ -180,8 +180,11 @@ def test_head_detail_shows_profiles_and_retrieval_of_the_head(app_at, zoo_run):
     np.testing.assert_allclose(arr(lines["repeats 256"]["y"]), want["value"], rtol=1e-6)
     np.testing.assert_array_equal(arr(lines["repeats 256"]["x"]), want["bucket_start"])
     ret = figure_titled(at, "retrieval score of head 1.1")["data"][0]
-    grid = zoo_run.table("retrieval").query("layer == 1 and head == 1").pivot(index="depth", columns="length",
-                                                                           values="value")
+    grid = (
+        zoo_run.table("retrieval")
+        .query("layer == 1 and head == 1")
+        .pivot(index="depth", columns="length", values="value")
+    )
     np.testing.assert_allclose(arr(ret["z"]), grid.to_numpy(), equal_nan=True)
     standing = figure_titled(at, "head 1.1 among all heads")
     assert {t["marker"]["color"] for t in standing["data"]} == {"lightgrey", "crimson"}
@@ -266,8 +269,7 @@ def test_ablation_page_shows_what_workbench_ablate_wrote(app_at, zoo_run):
     ok(at)
     scan = zoo_run.table(scan_name)
     heat = figure_titled(at, "needle_accuracy change when ablated alone")["data"][0]
-    np.testing.assert_allclose(arr(heat["z"]),
-                               scan.pivot(index="layer", columns="head", values="delta").to_numpy())
+    np.testing.assert_allclose(arr(heat["z"]), scan.pivot(index="layer", columns="head", values="delta").to_numpy())
     assert list(frame(at, "delta")["delta"]) == sorted(scan["delta"])
 
 
@@ -292,8 +294,11 @@ def test_sae_page_shows_evaluation_attribution_and_top_contexts(app_at, explorer
         share = frame(at, "head", "share")
         np.testing.assert_allclose(share["share"], sae.table("head_attribution").query("feature == @feature")["share"])
         direct = figure_titled(at, f"feature {feature}: contribution of each head")["data"][0]
-        want_direct = sae.table("direct_attribution").query("feature == @feature").pivot(
-            index="rank", columns="head", values="contribution")
+        want_direct = (
+            sae.table("direct_attribution")
+            .query("feature == @feature")
+            .pivot(index="rank", columns="head", values="contribution")
+        )
         np.testing.assert_allclose(arr(direct["z"]), want_direct.to_numpy(), rtol=1e-5)
 
 
@@ -414,11 +419,25 @@ def outside_run(mixed_runs) -> Path:
 
 LONG = "a" * 5000
 #: Run names an address may carry that name no run of the runs folder.
-BAD_RUN_NAMES = {"..": "..", "../runs": "../runs", "/etc": "/etc", "good/../../runs": "good/../../runs",
-                 "good/figures": "good/figures", "nothing-here": "nothing-here", "../outside": "../outside",
-                 "good/../../outside": "good/../../outside", "..%2F..%2Fetc": "..%2F..%2Fetc",
-                 "..%2Foutside": "..%2Foutside", "%2e%2e": "%2e%2e", "~": "~", "~/": "~/", "null-after": "good\x00",
-                 "null-before": "\x00../outside", "5000-chars": LONG, "2000-ups": "../" * 2000 + "etc"}
+BAD_RUN_NAMES = {
+    "..": "..",
+    "../runs": "../runs",
+    "/etc": "/etc",
+    "good/../../runs": "good/../../runs",
+    "good/figures": "good/figures",
+    "nothing-here": "nothing-here",
+    "../outside": "../outside",
+    "good/../../outside": "good/../../outside",
+    "..%2F..%2Fetc": "..%2F..%2Fetc",
+    "..%2Foutside": "..%2Foutside",
+    "%2e%2e": "%2e%2e",
+    "~": "~",
+    "~/": "~/",
+    "null-after": "good\x00",
+    "null-before": "\x00../outside",
+    "5000-chars": LONG,
+    "2000-ups": "../" * 2000 + "etc",
+}
 
 
 @pytest.mark.parametrize("name", list(BAD_RUN_NAMES.values()), ids=list(BAD_RUN_NAMES))
@@ -445,8 +464,11 @@ def test_a_run_folder_linked_from_outside_is_not_listed_or_read(monkeypatch, mix
     assert reads == []  # not even its manifest
 
 
-@pytest.mark.parametrize("page", ["Nope", "head map", "../../etc/passwd", "", "Runs\x00", LONG],
-                         ids=["Nope", "lower-case", "traversal", "empty", "null", "5000-chars"])
+@pytest.mark.parametrize(
+    "page",
+    ["Nope", "head map", "../../etc/passwd", "", "Runs\x00", LONG],
+    ids=["Nope", "lower-case", "traversal", "empty", "null", "5000-chars"],
+)
 def test_unknown_pages_in_the_address_are_refused(monkeypatch, explorer_folders, page):
     at = explorer(monkeypatch, explorer_folders.runs, explorer_folders.saes, run="zoo", page=page)
     assert not at.exception
@@ -478,8 +500,9 @@ def test_an_sae_folder_linked_from_outside_is_not_listed_or_read(monkeypatch, ex
         at = go(explorer(monkeypatch, explorer_folders.runs, saes, run="zoo"), "SAE features")
     assert not at.exception and not at.error
     assert at.selectbox(key="sae.name").options == ["own (zoo-2l, layer 1)"]
-    assert [w.value for w in at.warning] == ["skipped linked: it links outside the SAE folder, and the explorer "
-                                             "reads only folders inside it"]
+    assert [w.value for w in at.warning] == [
+        "skipped linked: it links outside the SAE folder, and the explorer reads only folders inside it"
+    ]
     assert reads == []
 
 

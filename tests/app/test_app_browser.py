@@ -26,9 +26,11 @@ def chromium() -> str:
         found = shutil.which(name)
         if found:
             return found
-    pytest.fail("no Chromium on this machine: the browser test needs Debian's chromium package. Install it with "
-                "`make browser` as root (or `apt-get install chromium`), or put a Chromium named "
-                f"{' / '.join(CHROMIUM_NAMES)} on the PATH.")
+    pytest.fail(
+        "no Chromium on this machine: the browser test needs Debian's chromium package. Install it with "
+        "`make browser` as root (or `apt-get install chromium`), or put a Chromium named "
+        f"{' / '.join(CHROMIUM_NAMES)} on the PATH."
+    )
 
 
 def free_port() -> int:
@@ -51,9 +53,21 @@ def served(explorer_folders, tmp_path):
     port = free_port()
     workbench = Path(sys.executable).with_name("workbench")
     log = open(tmp_path / "app.log", "w")
-    proc = subprocess.Popen([str(workbench), "app", "--runs", str(explorer_folders.runs), "--saes",
-                             str(explorer_folders.saes), "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            str(workbench),
+            "app",
+            "--runs",
+            str(explorer_folders.runs),
+            "--saes",
+            str(explorer_folders.saes),
+            "--port",
+            str(port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -116,8 +130,13 @@ def test_head_map_renders_in_chromium(served, tmp_path):
 def test_nothing_outside_the_app_is_served(served, explorer_folders):
     """No static file serving: paths that would reach run files get the app's page, never the files."""
     manifest = (explorer_folders.run / "manifest.json").read_text()
-    for path in ("/app/static/manifest.json", "/app/static/zoo/manifest.json", "/zoo/manifest.json",
-                 "/media/../zoo/manifest.json", "/app/static/../../runs/zoo/manifest.json"):
+    for path in (
+        "/app/static/manifest.json",
+        "/app/static/zoo/manifest.json",
+        "/zoo/manifest.json",
+        "/media/../zoo/manifest.json",
+        "/app/static/../../runs/zoo/manifest.json",
+    ):
         status, body = get(served + path)
         assert "attention-workbench-run" not in body and manifest[:200] not in body, path
 
@@ -131,8 +150,16 @@ def test_the_load_benchmark_visits_every_page_of_a_loopback_server(explorer_fold
     from app.load_benchmark import FIRST_LOAD, report, run_benchmark
     from app.main import PAGES
 
-    result = run_benchmark(explorer_folders.runs, explorer_folders.saes, sessions=2, rounds=1, run="zoo",
-                           chromium=chromium(), page_timeout_s=90, time_limit_s=240)
+    result = run_benchmark(
+        explorer_folders.runs,
+        explorer_folders.saes,
+        sessions=2,
+        rounds=1,
+        run="zoo",
+        chromium=chromium(),
+        page_timeout_s=90,
+        time_limit_s=240,
+    )
     assert result.complete and result.problems() == []
     assert result.pages == list(PAGES)
     times = result.page_times()
@@ -157,8 +184,9 @@ def test_load_benchmark_figures_and_a_missing_chromium(monkeypatch):
 
     visits = [Visit(0, 0, FIRST_LOAD, 1000.0)] + [Visit(0, 1, "Runs", ms) for ms in (100.0, 200.0, 300.0, 400.0)]
     visits.append(Visit(1, 1, "Live", None, ["did not finish: TimeoutError"]))
-    result = LoadResult(2, 1, ["Runs", "Live"], visits, [(0.0, 70.0), (0.2, 300.0), (0.4, 250.0)], 1.0, False,
-                        ["127.0.0.1:1"], 0.5)
+    result = LoadResult(
+        2, 1, ["Runs", "Live"], visits, [(0.0, 70.0), (0.2, 300.0), (0.4, 250.0)], 1.0, False, ["127.0.0.1:1"], 0.5
+    )
     rows = {row["page"]: row for row in result.rows()}
     assert rows["Runs"] == {"page": "Runs", "count": 4, "p50": 250.0, "p95": pytest.approx(385.0), "max": 400.0}
     assert rows["Live"]["count"] == 0 and rows["Live"]["p50"] is None and rows[FIRST_LOAD]["max"] == 1000.0

@@ -54,7 +54,7 @@ def test_app_starts_streamlit_on_localhost(tmp_path, monkeypatch):
     assert options["--server.address"] == "127.0.0.1" and options["--server.port"] == "8600"
     assert options["--server.headless"] == "true" and options["--server.enableStaticServing"] == "false"
     assert options["--browser.gatherUsageStats"] == "false"
-    assert argv[split + 1:] == ["--runs", str(tmp_path.resolve()), "--saes", str((Path.cwd() / "saes").resolve())]
+    assert argv[split + 1 :] == ["--runs", str(tmp_path.resolve()), "--saes", str((Path.cwd() / "saes").resolve())]
     assert argv == streamlit_command(tmp_path.resolve(), (Path.cwd() / "saes").resolve(), 8600)
 
 

@@ -16,7 +16,6 @@ from workbench.runs import Run, head_summary
 TEXT = "The secret code of Ada is 4711. The secret code of Ada is"
 
 
-
 @pytest.mark.parametrize("which", ["zoo", "minilm"])
 def test_prompt_statistics_agree_with_the_explicit_pattern(zoo, which):
     """Key mass = the pattern's column sums, entropy and max probability = those of its rows, for
@@ -43,8 +42,9 @@ def test_prompt_statistics_agree_with_the_explicit_pattern(zoo, which):
     assert set(means["score"]) == {"entropy", "max_prob", "sink_mass", "local_mass", "distance", "previous_token"}
     assert len(means) == 6 * seen.n_layers * seen.n_heads
     fig = plots.head_map(means, "entropy")
-    np.testing.assert_allclose(fig.data[0].z[1], [seen.head_statistics(1, h)["entropy"].mean()
-                                                  for h in range(seen.n_heads)], rtol=1e-5)
+    np.testing.assert_allclose(
+        fig.data[0].z[1], [seen.head_statistics(1, h)["entropy"].mean() for h in range(seen.n_heads)], rtol=1e-5
+    )
 
 
 def test_long_prompts_get_statistics_but_no_pattern(zoo):
@@ -67,8 +67,9 @@ def test_prompt_errors_are_readable(zoo):
 
 def test_run_and_sae_readers(explorer_folders, tmp_path):
     run = Run.open(explorer_folders.run)
-    assert run.tables() == sorted(["head_scores", "profiles", "retrieval", "scan_needle_accuracy_zero",
-                                   run.manifest["ablations"][0]["table"]])
+    assert run.tables() == sorted(
+        ["head_scores", "profiles", "retrieval", "scan_needle_accuracy_zero", run.manifest["ablations"][0]["table"]]
+    )
     hs = run.table("head_scores")
     summary = head_summary(hs, 1, 1)
     assert len(summary) == len(hs.groupby(["score", "task"]))
@@ -82,8 +83,7 @@ def test_run_and_sae_readers(explorer_folders, tmp_path):
     sae = saes[0]
     assert sae.layer == 1 and sae.model_name == "zoo-2l" and sae.hook_name == "blocks.1.attn.hook_z"
     assert {"l0", "explained_variance", "ce_loss_recovered"} <= set(sae.evaluation)
-    assert list(sae.table("top_contexts").columns) == ["feature", "rank", "activation", "sample", "position",
-                                                       "context"]
+    assert list(sae.table("top_contexts").columns) == ["feature", "rank", "activation", "sample", "position", "context"]
     assert list_saes(tmp_path / "missing") == ([], [])
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "cfg.json").write_text("{}")

@@ -26,8 +26,11 @@ class Case:
 
     def kwargs(self) -> dict:
         return dict(
-            causal=self.causal, scale=self.scale, stats=self.spec,
-            key_lengths=self.key_lengths, query_lengths=self.query_lengths,
+            causal=self.causal,
+            scale=self.scale,
+            stats=self.spec,
+            key_lengths=self.key_lengths,
+            query_lengths=self.query_lengths,
         )
 
     def describe(self) -> str:
@@ -50,8 +53,12 @@ def draw_case(rng: random.Random, device: str, max_keys: int = 80, dtypes=DTYPES
     hq = hkv * group
     nk = rng.randint(1, max_keys)
     kind = rng.choice(("square", "square", "decode", "shorter", "longer"))
-    nq = {"square": nk, "decode": rng.randint(1, min(nk, 16)), "shorter": rng.randint(1, nk),
-          "longer": nk + rng.randint(1, 12)}[kind]
+    nq = {
+        "square": nk,
+        "decode": rng.randint(1, min(nk, 16)),
+        "shorter": rng.randint(1, nk),
+        "longer": nk + rng.randint(1, 12),
+    }[kind]
     causal = rng.random() < 0.7
     gen = torch.Generator().manual_seed(rng.randrange(2**31))
     magnitude = rng.choice((0.5, 1.0, 3.0))
@@ -74,8 +81,11 @@ def draw_case(rng: random.Random, device: str, max_keys: int = 80, dtypes=DTYPES
         low = 0 if causal else -(nk - 1)
         n_off = rng.randint(0, 3)
         spec = StatsSpec(
-            entropy=rng.random() < 0.7, max_prob=rng.random() < 0.7, argmax=rng.random() < 0.7,
-            sink_tokens=rng.choice((0, 1, 2, 4, 100)), window=rng.choice((0, 1, 3, 16, 200)),
+            entropy=rng.random() < 0.7,
+            max_prob=rng.random() < 0.7,
+            argmax=rng.random() < 0.7,
+            sink_tokens=rng.choice((0, 1, 2, 4, 100)),
+            window=rng.choice((0, 1, 3, 16, 200)),
             distance=rng.random() < 0.7,
             offsets=tuple(rng.randint(low, nk + 2) for _ in range(n_off)),
             key_mass=rng.random() < 0.6,

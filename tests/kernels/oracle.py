@@ -42,9 +42,9 @@ def validity(b, hq, nq, nk, causal, key_lengths=None, query_lengths=None, device
         valid &= kpos <= qpos
     for i in range(b):
         if key_lengths is not None:
-            valid[i, :, :, int(key_lengths[i]):] = False
+            valid[i, :, :, int(key_lengths[i]) :] = False
         if query_lengths is not None:
-            valid[i, :, int(query_lengths[i]):, :] = False
+            valid[i, :, int(query_lengths[i]) :, :] = False
     return valid
 
 

@@ -16,12 +16,17 @@ def test_smoke_run_checks_every_variant_and_prints_the_table(tmp_path, capsys):
     code = benchmark.main(["--smoke", "--breakdown", "--out", str(tmp_path / "b")])
     out = capsys.readouterr().out
     assert code == 0, out
-    tables = out[out.index("# mha"):]
+    tables = out[out.index("# mha") :]
     assert "# gqa" in tables and "# decode" in tables and "rowstats/sdpa" in tables
     rows = list(csv.DictReader((tmp_path / "b.csv").open()))
     shapes = [(r["suite"], int(r["Hkv"]), int(r["Nq"]), int(r["N"])) for r in rows]
-    assert shapes == [("mha", 4, 64, 64), ("mha", 4, 128, 128), ("gqa", 2, 64, 64),
-                      ("decode", 2, 1, 128), ("decode", 2, 4, 128)]
+    assert shapes == [
+        ("mha", 4, 64, 64),
+        ("mha", 4, 128, 128),
+        ("gqa", 2, 64, 64),
+        ("decode", 2, 1, 128),
+        ("decode", 2, 4, 128),
+    ]
     assert all(r["check"] == "ok" for r in rows)
     assert all(float(r["keymass_ms"]) > 0 for r in rows)
     assert all(float(r["entropy_ms"]) > 0 for r in rows if r["suite"] == "mha")
@@ -65,8 +70,8 @@ def test_metadata_records_the_full_git_revision_and_every_row_statistic():
 
 
 def test_python_dash_m_runs_the_package():
-    done = subprocess.run([sys.executable, "-m", "kernels.benchmark", "--help"], capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "kernels.benchmark", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: python -m kernels.benchmark")
-

@@ -32,20 +32,59 @@ EVERY = StatsSpec.all(sink_tokens=2, window=3, offsets=(0, 1, 4))
 #: name: world size, shapes, flags, dtype, backend, statistics. ``n`` mostly not divisible by 2W.
 CASES = {
     "gqa-causal": dict(world=2, b=2, hq=4, hkv=2, n=11, d=8, causal=True, dtype="float64", spec=EVERY),
-    "gqa-noncausal": dict(world=2, b=1, hq=3, hkv=1, n=10, d=5, causal=False, dtype="float64",
-                          spec=StatsSpec.all(sink_tokens=3, window=2, offsets=(1, -2, 0))),
+    "gqa-noncausal": dict(
+        world=2,
+        b=1,
+        hq=3,
+        hkv=1,
+        n=10,
+        d=5,
+        causal=False,
+        dtype="float64",
+        spec=StatsSpec.all(sink_tokens=3, window=2, offsets=(1, -2, 0)),
+    ),
     "no-stats": dict(world=2, b=1, hq=2, hkv=2, n=8, d=4, causal=True, dtype="float32", spec=None),
-    "float32-rows": dict(world=2, b=1, hq=2, hkv=1, n=9, d=6, causal=False, dtype="float32",
-                         spec=StatsSpec(entropy=True, argmax=True, distance=True)),
-    "list-gather": dict(world=2, b=1, hq=2, hkv=1, n=12, d=4, causal=True, dtype="float64", spec=EVERY,
-                        list_gather=True),
-    "triton-causal": dict(world=2, b=1, hq=2, hkv=1, n=9, d=16, causal=True, dtype="float32", spec=EVERY,
-                          backend="triton"),
-    "triton-noncausal": dict(world=2, b=1, hq=2, hkv=1, n=7, d=16, causal=False, dtype="float32",
-                             spec=StatsSpec.all(sink_tokens=1, window=2, offsets=(1, -1)), backend="triton"),
+    "float32-rows": dict(
+        world=2,
+        b=1,
+        hq=2,
+        hkv=1,
+        n=9,
+        d=6,
+        causal=False,
+        dtype="float32",
+        spec=StatsSpec(entropy=True, argmax=True, distance=True),
+    ),
+    "list-gather": dict(
+        world=2, b=1, hq=2, hkv=1, n=12, d=4, causal=True, dtype="float64", spec=EVERY, list_gather=True
+    ),
+    "triton-causal": dict(
+        world=2, b=1, hq=2, hkv=1, n=9, d=16, causal=True, dtype="float32", spec=EVERY, backend="triton"
+    ),
+    "triton-noncausal": dict(
+        world=2,
+        b=1,
+        hq=2,
+        hkv=1,
+        n=7,
+        d=16,
+        causal=False,
+        dtype="float32",
+        spec=StatsSpec.all(sink_tokens=1, window=2, offsets=(1, -1)),
+        backend="triton",
+    ),
     "world4-causal": dict(world=4, b=1, hq=4, hkv=2, n=13, d=8, causal=True, dtype="float64", spec=EVERY),
-    "world4-noncausal": dict(world=4, b=2, hq=2, hkv=1, n=17, d=4, causal=False, dtype="float64",
-                             spec=StatsSpec.all(sink_tokens=1, window=5, offsets=(-3, 2))),
+    "world4-noncausal": dict(
+        world=4,
+        b=2,
+        hq=2,
+        hkv=1,
+        n=17,
+        d=4,
+        causal=False,
+        dtype="float64",
+        spec=StatsSpec.all(sink_tokens=1, window=5, offsets=(-3, 2)),
+    ),
 }
 
 
@@ -67,8 +106,13 @@ def _rank_main(rank: int, out: str) -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=RANKS,
-                            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{out}/store",
+        rank=rank,
+        world_size=RANKS,
+        timeout=timedelta(seconds=COLLECTIVE_TIMEOUT),
+    )
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
     world2 = [name for name in CASES if CASES[name]["world"] == 2]
     for name, c in CASES.items():
@@ -84,9 +128,16 @@ def _rank_main(rank: int, out: str) -> None:
         else:  # make sure the single-tensor all-gather is the one used
             dist.all_gather = _unsupported
         try:
-            o, st = context_parallel_attention(q[:, :, shard], k[:, :, shard], v[:, :, shard], n_total=c["n"],
-                                               group=group, causal=c["causal"], stats=c["spec"],
-                                               backend=c.get("backend", "reference"))
+            o, st = context_parallel_attention(
+                q[:, :, shard],
+                k[:, :, shard],
+                v[:, :, shard],
+                n_total=c["n"],
+                group=group,
+                causal=c["causal"],
+                stats=c["spec"],
+                backend=c.get("backend", "reference"),
+            )
         finally:
             dist.all_gather_into_tensor, dist.all_gather_single, dist.all_gather = gathers
         found = {"out": o, **dict(st.items() if st is not None else [])}
@@ -118,10 +169,21 @@ def ranks_out(tmp_path_factory) -> Path:
     """Run the ranks once for the module; the folder of their results."""
     out = tmp_path_factory.mktemp("context_parallel")
     # The ranks run the Triton kernels on CPU tensors, through the interpreter, GPU or not.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "tests.kernels.test_context_parallel", str(out)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TRITON_INTERPRET": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.kernels.test_context_parallel", str(out)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         log, _ = proc.communicate(timeout=RUN_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -164,8 +226,13 @@ def test_shards_equal_attention_over_the_whole_sequence(ranks_out, name):
         if key == "argmax":
             assert torch.equal(got[key], t), name
         else:
-            torch.testing.assert_close(got[key], t, rtol=0, atol=tol * (c["n"] if key == "distance" else 1),
-                                       msg=lambda m, key=key: f"{name}: {key}: {m}")
+            torch.testing.assert_close(
+                got[key],
+                t,
+                rtol=0,
+                atol=tol * (c["n"] if key == "distance" else 1),
+                msg=lambda m, key=key: f"{name}: {key}: {m}",
+            )
 
 
 def test_a_shard_of_the_wrong_length_is_refused_on_every_rank(ranks_out):
@@ -198,8 +265,11 @@ def test_shards_partition_the_sequence_in_balanced_chunks(world):
 
 
 def test_too_short_a_sequence_is_refused_with_advice():
-    with pytest.raises(AttentionInputError, match=r"5 positions cannot be split into 2 x 3 ranks = 6 chunks: "
-                                                  r"use at most 2 ranks"):
+    with pytest.raises(
+        AttentionInputError,
+        match=r"5 positions cannot be split into 2 x 3 ranks = 6 chunks: "
+        r"use at most 2 ranks",
+    ):
         shard_indices(5, 3, 0)
     for n, world, rank in ((8, 2, 2), (8, 0, 0), (8, 2, -1), (8.0, 2, 0)):
         with pytest.raises(AttentionInputError):

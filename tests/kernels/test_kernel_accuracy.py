@@ -23,38 +23,61 @@ OUT_ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 def check_against_oracle(case, out, st):
     """Assert that ``out``/``st`` equal the oracle's values within tolerance."""
-    want = expected(case.q.cpu(), case.k.cpu(), case.v.cpu(), causal=case.causal, spec=case.spec,
-                    scale=case.scale, key_lengths=case.key_lengths, query_lengths=case.query_lengths)
+    want = expected(
+        case.q.cpu(),
+        case.k.cpu(),
+        case.v.cpu(),
+        causal=case.causal,
+        spec=case.spec,
+        scale=case.scale,
+        key_lengths=case.key_lengths,
+        query_lengths=case.query_lengths,
+    )
     nq, nk = case.q.shape[2], case.k.shape[2]
     vmax = case.v.abs().max().item() if case.v.numel() else 1.0
     assert out.shape == case.q.shape and out.dtype == case.q.dtype
     # fp32 scores carry an absolute error ~1e-7 x |score| x sqrt(D), and probabilities that
     # error relatively: large scores loosen every tolerance a little.
     slack = 2e-6 * want["score_max"]
-    torch.testing.assert_close(out.cpu().double(), want["out"], rtol=0,
-                               atol=(OUT_ATOL[case.q.dtype] + slack) * max(vmax, 1.0))
+    torch.testing.assert_close(
+        out.cpu().double(), want["out"], rtol=0, atol=(OUT_ATOL[case.q.dtype] + slack) * max(vmax, 1.0)
+    )
     if case.spec is None:
         assert st is None
         return
     spec = case.spec
     requested = {
-        "lse": True, "entropy": spec.entropy, "max_prob": spec.max_prob, "argmax": spec.argmax,
-        "sink_mass": spec.sink_tokens > 0, "local_mass": spec.window > 0,
-        "distance": spec.distance, "offset_mass": bool(spec.offsets), "key_mass": spec.key_mass,
+        "lse": True,
+        "entropy": spec.entropy,
+        "max_prob": spec.max_prob,
+        "argmax": spec.argmax,
+        "sink_mass": spec.sink_tokens > 0,
+        "local_mass": spec.window > 0,
+        "distance": spec.distance,
+        "offset_mass": bool(spec.offsets),
+        "key_mass": spec.key_mass,
     }
     for name, on in requested.items():
         got = getattr(st, name)
         assert (got is not None) == on, f"{name}: requested={on} but got {type(got)}"
-    atol = {"lse": 1e-4 * (1 + want["lse"].abs().max().item()), "entropy": 2e-4 + slack,
-            "max_prob": 1e-4 + slack, "sink_mass": 1e-4 + slack, "local_mass": 1e-4 + slack,
-            "distance": (1e-4 + slack) * (nk + nq), "offset_mass": 1e-4 + slack,
-            "key_mass": (1e-4 + slack) * nq}
+    atol = {
+        "lse": 1e-4 * (1 + want["lse"].abs().max().item()),
+        "entropy": 2e-4 + slack,
+        "max_prob": 1e-4 + slack,
+        "sink_mass": 1e-4 + slack,
+        "local_mass": 1e-4 + slack,
+        "distance": (1e-4 + slack) * (nk + nq),
+        "offset_mass": 1e-4 + slack,
+        "key_mass": (1e-4 + slack) * nq,
+    }
     for name, tol in atol.items():
         got = getattr(st, name)
         if got is None:
             continue
         assert got.dtype == torch.float32
-        torch.testing.assert_close(got.cpu().double(), want[name], rtol=0, atol=tol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            got.cpu().double(), want[name], rtol=0, atol=tol, msg=lambda m, name=name: f"{name}: {m}"
+        )
     if st.argmax is not None:
         arg = st.argmax.cpu()
         assert arg.dtype == torch.int64
@@ -84,8 +107,16 @@ def test_reference_float64_is_exact(device):
         case = draw_case(rng, device, dtypes=(torch.float32,))
         q, k, v = (t.double() for t in (case.q, case.k, case.v))
         out, st = attention(q, k, v, backend="reference", **case.kwargs())
-        want = expected(q.cpu(), k.cpu(), v.cpu(), causal=case.causal, spec=case.spec, scale=case.scale,
-                        key_lengths=case.key_lengths, query_lengths=case.query_lengths)
+        want = expected(
+            q.cpu(),
+            k.cpu(),
+            v.cpu(),
+            causal=case.causal,
+            spec=case.spec,
+            scale=case.scale,
+            key_lengths=case.key_lengths,
+            query_lengths=case.query_lengths,
+        )
         assert out.dtype == torch.float64
         torch.testing.assert_close(out.cpu(), want["out"], rtol=1e-10, atol=1e-10)
         if st is not None:
@@ -101,8 +132,18 @@ def test_reference_float64_is_exact(device):
 N_ACCURACY = int(os.environ.get("WORKBENCH_ACCURACY_CASES") or 20)
 #: File (JSON lines) that receives every configuration's errors, for :func:`summarize`.
 REPORT_ENV = "WORKBENCH_ACCURACY_REPORT"
-QUANTITIES = ("out", "lse", "entropy", "max_prob", "argmax", "sink_mass", "local_mass", "distance",
-              "offset_mass", "key_mass")
+QUANTITIES = (
+    "out",
+    "lse",
+    "entropy",
+    "max_prob",
+    "argmax",
+    "sink_mass",
+    "local_mass",
+    "distance",
+    "offset_mass",
+    "key_mass",
+)
 #: Float32 ulps of slack per unit of (1 + largest |score|) and of the quantity's natural size.
 ATOL_ULPS = 16
 _EPS32 = torch.finfo(torch.float32).eps
@@ -130,8 +171,13 @@ def accuracy_errors(case, out, st) -> dict[str, tuple[float, float, float]]:
     times larger. For ``argmax``, the error is the float64 probability gap between the key
     chosen and the row's maximum, and the naive error that row's largest probability error.
     """
-    kw = dict(causal=case.causal, spec=case.spec, scale=case.scale, key_lengths=case.key_lengths,
-              query_lengths=case.query_lengths)
+    kw = dict(
+        causal=case.causal,
+        spec=case.spec,
+        scale=case.scale,
+        key_lengths=case.key_lengths,
+        query_lengths=case.query_lengths,
+    )
     exact = expected(case.q, case.k, case.v, **kw)
     plain = naive(case.q, case.k, case.v, **kw)
     nq, nk = case.q.shape[2], case.k.shape[2]
@@ -189,8 +235,17 @@ def test_error_within_twice_naive(backend, index, device):
     if device == "cuda":  # the float64 oracle of a large case holds GiBs; give them back to other workers
         del out, st
         torch.cuda.empty_cache()
-    _record({"seed": SEED, "index": index, "backend": backend, "dtype": str(case.q.dtype).removeprefix("torch."),
-             "shape": list(case.q.shape), "n_k": case.k.shape[2], "errors": errors})
+    _record(
+        {
+            "seed": SEED,
+            "index": index,
+            "backend": backend,
+            "dtype": str(case.q.dtype).removeprefix("torch."),
+            "shape": list(case.q.shape),
+            "n_k": case.k.shape[2],
+            "errors": errors,
+        }
+    )
     over = {name: e for name, e in errors.items() if e[0] > 2 * e[1] + e[2]}
     assert not over, (
         "error above 2 x naive + atol (kernel, naive, atol): "
@@ -209,8 +264,10 @@ def summarize(path: str) -> str:
             entry = json.loads(line)
             for name, e in entry["errors"].items():
                 rows.setdefault((entry["backend"], entry["dtype"], name), []).append(tuple(e))
-    lines = ["| backend | dtype | quantity | configurations | worst kernel/naive (naive > atol) | worst budget use |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| backend | dtype | quantity | configurations | worst kernel/naive (naive > atol) | worst budget use |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for (backend, dtype, name), errs in sorted(rows.items()):
         binding = [k / n for k, n, a in errs if n > a]
         worst = f"{max(binding):.3f} ({len(binding)})" if binding else "- (0)"

@@ -12,9 +12,11 @@ from kernels import AttentionInputError, KernelFallbackWarning, StatsSpec, atten
 
 
 def qkv(b=1, hq=4, hkv=2, nq=8, nk=8, d=32, dtype=torch.float32, device="cpu"):
-    return (torch.randn(b, hq, nq, d, dtype=dtype, device=device),
-            torch.randn(b, hkv, nk, d, dtype=dtype, device=device),
-            torch.randn(b, hkv, nk, d, dtype=dtype, device=device))
+    return (
+        torch.randn(b, hq, nq, d, dtype=dtype, device=device),
+        torch.randn(b, hkv, nk, d, dtype=dtype, device=device),
+        torch.randn(b, hkv, nk, d, dtype=dtype, device=device),
+    )
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton", "auto"])

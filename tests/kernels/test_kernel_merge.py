@@ -42,10 +42,17 @@ def problems(draw):
     nq = draw(st.sampled_from((1, 2, 3, 7, 16, 19)))
     cuts = sorted(draw(st.lists(st.integers(0, nk), max_size=3)))
     return dict(
-        b=b, hkv=hkv, group=group, nq=nq, nk=nk, causal=draw(st.booleans()),
+        b=b,
+        hkv=hkv,
+        group=group,
+        nq=nq,
+        nk=nk,
+        causal=draw(st.booleans()),
         key_lengths=draw(st.one_of(st.none(), st.lists(st.integers(0, nk), min_size=b, max_size=b))),
-        sink=draw(st.sampled_from((1, 3, 20))), window=draw(st.sampled_from((1, 4, 30))),
-        bounds=[0, *cuts, nk], seed=draw(st.integers(0, 2**31 - 1)),
+        sink=draw(st.sampled_from((1, 3, 20))),
+        window=draw(st.sampled_from((1, 4, 30))),
+        bounds=[0, *cuts, nk],
+        seed=draw(st.integers(0, 2**31 - 1)),
     )
 
 
@@ -61,8 +68,15 @@ def _tensors(pr: dict, dtype: torch.dtype):
 def _spec(pr: dict, first_key: int = 0) -> StatsSpec:
     """Every statistic the merge covers (key mass is not a row statistic), for keys from ``first_key``."""
     offsets = (1, 3) if pr["causal"] else (1, -2)
-    return StatsSpec(entropy=True, max_prob=True, argmax=True, sink_tokens=max(0, pr["sink"] - first_key),
-                     window=pr["window"], distance=True, offsets=offsets)
+    return StatsSpec(
+        entropy=True,
+        max_prob=True,
+        argmax=True,
+        sink_tokens=max(0, pr["sink"] - first_key),
+        window=pr["window"],
+        distance=True,
+        offsets=offsets,
+    )
 
 
 def _lengths(pr: dict, lo: int, hi: int) -> torch.Tensor:
@@ -75,8 +89,18 @@ def _parts(pr: dict, q, k, v, backend: str) -> list:
     """``(lo, out, stats)`` of attention over each part ``[lo, hi)`` of the keys."""
     bounds = pr["bounds"]
     return [
-        (lo, *attention(q, k[:, :, lo:], v[:, :, lo:], causal=pr["causal"], stats=_spec(pr, lo), backend=backend,
-                        key_lengths=_lengths(pr, lo, hi)))
+        (
+            lo,
+            *attention(
+                q,
+                k[:, :, lo:],
+                v[:, :, lo:],
+                causal=pr["causal"],
+                stats=_spec(pr, lo),
+                backend=backend,
+                key_lengths=_lengths(pr, lo, hi),
+            ),
+        )
         for lo, hi in zip(bounds[:-1], bounds[1:])
     ]
 
@@ -92,8 +116,13 @@ def _assert_matches(merged: dict, out: torch.Tensor, stats, tol: dict, what: str
     assert torch.equal(merged["argmax"].cpu(), stats.argmax.cpu()), f"{what}: argmax"
     for name in MERGED:
         got = out if name == "out" else getattr(stats, name)
-        torch.testing.assert_close(merged[name].cpu(), got.double().cpu(), rtol=0, atol=tol[name],
-                                   msg=lambda m, name=name: f"{what}: {name}: {m}")
+        torch.testing.assert_close(
+            merged[name].cpu(),
+            got.double().cpu(),
+            rtol=0,
+            atol=tol[name],
+            msg=lambda m, name=name: f"{what}: {name}: {m}",
+        )
 
 
 def _check_union(pr: dict, backend: str) -> None:
@@ -149,8 +178,9 @@ def test_merging_with_itself_adds_ln2(backend):
         out2, st2 = attention(q, torch.cat([k, k], 2), torch.cat([v, v], 2), causal=False, stats=twice, backend=backend)
         assert torch.equal(st2.argmax, st1.argmax)
         torch.testing.assert_close(st2.lse.double(), st1.lse.double() + math.log(2), rtol=0, atol=tol["lse"])
-        torch.testing.assert_close(st2.entropy.double(), st1.entropy.double() + math.log(2), rtol=0,
-                                   atol=tol["entropy"])
+        torch.testing.assert_close(
+            st2.entropy.double(), st1.entropy.double() + math.log(2), rtol=0, atol=tol["entropy"]
+        )
         torch.testing.assert_close(st2.max_prob.double(), st1.max_prob.double() / 2, rtol=0, atol=tol["max_prob"])
         torch.testing.assert_close(out2.double(), out1.double(), rtol=0, atol=tol["out"])
 
@@ -171,8 +201,15 @@ def test_empty_part_changes_nothing(backend):
         out, one = attention(q, k, v, causal=pr["causal"], stats=_spec(pr), backend=backend)
         nk = pr["nk"]
         no_keys = attention(q, k[:, :, nk:], v[:, :, nk:], causal=pr["causal"], stats=_spec(pr, nk), backend=backend)
-        padding = attention(q, k, v, causal=pr["causal"], stats=_spec(pr), backend=backend,
-                            key_lengths=torch.zeros(pr["b"], dtype=torch.long, device=DEVICE))
+        padding = attention(
+            q,
+            k,
+            v,
+            causal=pr["causal"],
+            stats=_spec(pr),
+            backend=backend,
+            key_lengths=torch.zeros(pr["b"], dtype=torch.long, device=DEVICE),
+        )
         tol = {name: 0.0 for name in MERGED}
         for parts in ([(0, out, one), (nk, *no_keys)], [(0, *padding), (0, out, one)]):
             _assert_matches(merge_parts(parts), out, one, tol, "with an empty part")

@@ -27,8 +27,9 @@ def test_bounds_sums_and_sdpa(backend, index, device):
     spec = StatsSpec.all(sink_tokens=rng.choice((1, 3)), window=rng.choice((1, 8, 64)))
     case.spec = spec
     out, st = attention(case.q, case.k, case.v, backend=backend, **case.kwargs())
-    scores, valid, _ = attention_matrix(case.q.cpu(), case.k.cpu(), case.causal, case.scale,
-                                        case.key_lengths, case.query_lengths)
+    scores, valid, _ = attention_matrix(
+        case.q.cpu(), case.k.cpu(), case.causal, case.scale, case.key_lengths, case.query_lengths
+    )
     finite = scores[torch.isfinite(scores)]
     slack = 2e-6 * (finite.abs().max().item() if finite.numel() else 0.0)  # see test_kernel_accuracy
     n_valid = valid.sum(-1)  # [B, H, Nq] valid keys per row
@@ -41,19 +42,20 @@ def test_bounds_sums_and_sdpa(backend, index, device):
         assert torch.all((t >= 0) & (t <= 1)), name
     # Each valid row hands out exactly one unit of attention.
     km_total = st.key_mass.cpu().double().sum(-1)
-    torch.testing.assert_close(km_total, row_ok.sum(-1).double(), rtol=0,
-                               atol=(1e-4 + slack) * case.q.shape[2] + 1e-5)
+    torch.testing.assert_close(km_total, row_ok.sum(-1).double(), rtol=0, atol=(1e-4 + slack) * case.q.shape[2] + 1e-5)
     assert torch.all(torch.isfinite(st.lse)) and torch.all(torch.isfinite(st.distance))
     # SDPA on the same mask (it returns NaN on rows with no valid key: compare the others).
     g = case.q.shape[1] // case.k.shape[1]
     ref = F.scaled_dot_product_attention(
-        case.q.float().cpu(), case.k.float().cpu().repeat_interleave(g, 1),
-        case.v.float().cpu().repeat_interleave(g, 1), attn_mask=valid, scale=case.scale,
+        case.q.float().cpu(),
+        case.k.float().cpu().repeat_interleave(g, 1),
+        case.v.float().cpu().repeat_interleave(g, 1),
+        attn_mask=valid,
+        scale=case.scale,
     )
     vmax = max(case.v.abs().max().item(), 1.0)
     ok = row_ok.unsqueeze(-1).expand_as(ref)
-    torch.testing.assert_close(out.cpu().float()[ok], ref[ok], rtol=0,
-                               atol=(SDPA_ATOL[case.q.dtype] + slack) * vmax)
+    torch.testing.assert_close(out.cpu().float()[ok], ref[ok], rtol=0, atol=(SDPA_ATOL[case.q.dtype] + slack) * vmax)
     assert torch.all(out.cpu()[~ok] == 0)
 
 
@@ -152,13 +154,25 @@ def test_exact_ties_go_to_earliest_key(shape, backend, device):
         klen = torch.tensor([300, 160])
     q, k, v = _tied_problem(b, hkv, group, nq, nk, ties, SEED + 7)
     spec = StatsSpec(argmax=True, max_prob=True)
-    runs = ((True, torch.float32, None), (False, torch.float16, 0.3), (True, torch.bfloat16, 0.3),
-            (False, torch.bfloat16, None))
+    runs = (
+        (True, torch.float32, None),
+        (False, torch.float16, 0.3),
+        (True, torch.bfloat16, 0.3),
+        (False, torch.bfloat16, None),
+    )
     for causal, dtype, scale in runs:
         want = _first_max(q, k, causal, klen)
         assert (want[0] > 16).any() and (want[:, -1] == 0).all()  # the problem does tie
-        _, st = attention(q.to(dtype).to(device), k.to(dtype).to(device), v.to(dtype).to(device),
-                          causal=causal, scale=scale, stats=spec, backend=backend, key_lengths=klen.to(device))
+        _, st = attention(
+            q.to(dtype).to(device),
+            k.to(dtype).to(device),
+            v.to(dtype).to(device),
+            causal=causal,
+            scale=scale,
+            stats=spec,
+            backend=backend,
+            key_lengths=klen.to(device),
+        )
         got = st.argmax.cpu()
         wrong = (got != want).nonzero().tolist()[:5]
         assert torch.equal(got, want), f"{dtype} causal={causal} scale={scale}: rows {wrong}"
@@ -195,9 +209,9 @@ def _padded_problem(shape: str, dtype: torch.dtype, fill: float, device: str):
     q = torch.randn(b, hkv * group, nq, 40, generator=gen).to(dtype)
     k, v = (torch.randn(b, hkv, nk, 40, generator=gen).to(dtype) for _ in range(2))
     for i in range(b):
-        k[i, :, klen[i]:] = fill
-        v[i, :, klen[i]:] = fill
-        q[i, :, qlen[i]:] = fill
+        k[i, :, klen[i] :] = fill
+        v[i, :, klen[i] :] = fill
+        q[i, :, qlen[i] :] = fill
     q, k, v = (_inside_padding(t.to(device), fill, heads_last=j == 1) for j, t in enumerate((q, k, v)))
     return q, k, v, klen.to(device), qlen.to(device)
 
@@ -214,8 +228,9 @@ def test_nan_padding_is_never_read(shape, backend, device):
         results = {}
         for fill in (0.0, math.nan):
             q, k, v, klen, qlen = _padded_problem(shape, dtype, fill, device)
-            results[fill] = attention(q, k, v, causal=causal, stats=spec, backend=backend,
-                                      key_lengths=klen, query_lengths=qlen)
+            results[fill] = attention(
+                q, k, v, causal=causal, stats=spec, backend=backend, key_lengths=klen, query_lengths=qlen
+            )
         (clean_out, clean), (out, st) = results[0.0], results[math.nan]
         assert torch.equal(out, clean_out), f"{dtype}: output changed by NaN padding"
         for name, t in st.items():
@@ -296,8 +311,7 @@ def test_reference_chunking_does_not_change_results(device):
             torch.testing.assert_close(parts[0], whole[0], atol=5e-5 * vmax, rtol=1e-5)
             for name, t in whole[1].items():
                 scale = 1 + t.abs().max().item()  # distance and key mass grow with length
-                torch.testing.assert_close(getattr(parts[1], name), t, msg=name,
-                                           atol=(1e-5 + slack) * scale, rtol=1e-5)
+                torch.testing.assert_close(getattr(parts[1], name), t, msg=name, atol=(1e-5 + slack) * scale, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["bool", "additive"])
@@ -309,8 +323,7 @@ def test_reference_takes_arbitrary_masks(kind, device):
     keep = torch.rand(b, 1, nq, nk, generator=gen) < 0.6
     mask = keep if kind == "bool" else torch.where(keep, torch.randn(b, 1, nq, nk, generator=gen), -math.inf)
     spec = StatsSpec.all(sink_tokens=2, window=6, offsets=(1, 2))
-    out, st = attention(q.to(device), k.to(device), v.to(device), stats=spec, backend="reference",
-                        mask=mask.to(device))
+    out, st = attention(q.to(device), k.to(device), v.to(device), stats=spec, backend="reference", mask=mask.to(device))
     want = expected(q, k, v, causal=True, spec=spec, mask=mask.expand(b, h, nq, nk))
     torch.testing.assert_close(out.cpu().double(), want["out"], atol=1e-5, rtol=0)
     for name in ("lse", "entropy", "max_prob", "sink_mass", "local_mass", "distance", "offset_mass", "key_mass"):

@@ -35,11 +35,20 @@ def problems(draw):
         return st.one_of(st.none(), st.lists(st.integers(0, limit), min_size=b, max_size=b))
 
     return dict(
-        b=b, hkv=hkv, group=group, nq=nq, nk=nk, d=draw(st.sampled_from((3, 8, 16))), causal=draw(st.booleans()),
-        key_lengths=draw(opt_lengths(nk)), query_lengths=draw(opt_lengths(nq)),
-        sink=draw(st.sampled_from((1, 3, 20))), window=draw(st.sampled_from((1, 4, 30))),
+        b=b,
+        hkv=hkv,
+        group=group,
+        nq=nq,
+        nk=nk,
+        d=draw(st.sampled_from((3, 8, 16))),
+        causal=draw(st.booleans()),
+        key_lengths=draw(opt_lengths(nk)),
+        query_lengths=draw(opt_lengths(nq)),
+        sink=draw(st.sampled_from((1, 3, 20))),
+        window=draw(st.sampled_from((1, 4, 30))),
         bounds=[0, *sorted(draw(st.lists(st.integers(0, nk), max_size=3))), nk],
-        dtype=draw(st.sampled_from(DTYPES)), seed=draw(st.integers(0, 2**31 - 1)),
+        dtype=draw(st.sampled_from(DTYPES)),
+        seed=draw(st.integers(0, 2**31 - 1)),
     )
 
 
@@ -56,8 +65,16 @@ def _tensors(pr: dict, nk: int | None = None):
 def _spec(pr: dict) -> StatsSpec:
     """Every statistic; key mass only for one query row, the case where it merges."""
     offsets = (1, 3) if pr["causal"] else (1, -2)
-    return StatsSpec(entropy=True, max_prob=True, argmax=True, sink_tokens=pr["sink"], window=pr["window"],
-                     distance=True, offsets=offsets, key_mass=pr["nq"] == 1)
+    return StatsSpec(
+        entropy=True,
+        max_prob=True,
+        argmax=True,
+        sink_tokens=pr["sink"],
+        window=pr["window"],
+        distance=True,
+        offsets=offsets,
+        key_mass=pr["nq"] == 1,
+    )
 
 
 def _lengths(pr: dict, name: str):
@@ -70,9 +87,21 @@ def _parts(pr: dict, q, k, v, spec: StatsSpec) -> list[tuple[int, torch.Tensor, 
     found = []
     for lo, hi in zip(pr["bounds"][:-1], pr["bounds"][1:]):
         lengths = torch.tensor([max(0, min(hi, n) - lo) for n in total])
-        found.append((lo, *attention(q, k[:, :, lo:], v[:, :, lo:], causal=pr["causal"], stats=part_spec(spec, lo),
-                                     backend="reference", key_lengths=lengths,
-                                     query_lengths=_lengths(pr, "query_lengths"))))
+        found.append(
+            (
+                lo,
+                *attention(
+                    q,
+                    k[:, :, lo:],
+                    v[:, :, lo:],
+                    causal=pr["causal"],
+                    stats=part_spec(spec, lo),
+                    backend="reference",
+                    key_lengths=lengths,
+                    query_lengths=_lengths(pr, "query_lengths"),
+                ),
+            )
+        )
     return found
 
 
@@ -103,8 +132,16 @@ def test_merge_of_parts_equals_attention_over_all_keys(pr):
     attention over all keys, for every statistic, in either order of the parts."""
     q, k, v = _tensors(pr)
     spec = _spec(pr)
-    whole = attention(q, k, v, causal=pr["causal"], stats=spec, backend="reference",
-                      key_lengths=_lengths(pr, "key_lengths"), query_lengths=_lengths(pr, "query_lengths"))
+    whole = attention(
+        q,
+        k,
+        v,
+        causal=pr["causal"],
+        stats=spec,
+        backend="reference",
+        key_lengths=_lengths(pr, "key_lengths"),
+        query_lengths=_lengths(pr, "query_lengths"),
+    )
     parts = _parts(pr, q, k, v, spec)
     merged = merge_attention([(o, s) for _, o, s in parts], spec, key_offsets=[lo for lo, _, _ in parts])
     _assert_equal(pr, merged, whole, spec, f"parts {pr['bounds']}")
@@ -121,13 +158,22 @@ def test_merging_a_part_with_itself_adds_ln2(pr):
     output, masses, distance, argmax and key mass stay."""
     q, k, v = _tensors(pr)
     spec = _spec(pr)
-    out, one = attention(q, k, v, causal=pr["causal"], stats=part_spec(spec, 0), backend="reference",
-                         key_lengths=_lengths(pr, "key_lengths"), query_lengths=_lengths(pr, "query_lengths"))
+    out, one = attention(
+        q,
+        k,
+        v,
+        causal=pr["causal"],
+        stats=part_spec(spec, 0),
+        backend="reference",
+        key_lengths=_lengths(pr, "key_lengths"),
+        query_lengths=_lengths(pr, "query_lengths"),
+    )
     twice_out, twice = merge_attention([(out, one), (out, one)], spec)
     has_keys = (one.argmax >= 0).to(one.lse.dtype)
     want = {name: getattr(one, name) for name in spec.output_fields()}
-    want.update(lse=one.lse + has_keys * math.log(2), entropy=one.entropy + has_keys * math.log(2),
-                max_prob=one.max_prob / 2)
+    want.update(
+        lse=one.lse + has_keys * math.log(2), entropy=one.entropy + has_keys * math.log(2), max_prob=one.max_prob / 2
+    )
     _assert_equal(pr, (twice_out, twice), (out, AttentionStats(**want)), spec, "merged with itself")
 
 
@@ -142,8 +188,9 @@ def test_duplicated_keys_merge_like_attention_over_them(pr):
     spec = StatsSpec(entropy=True, max_prob=True, argmax=True, key_mass=pr["nq"] == 1)
     qlen = _lengths(pr, "query_lengths")
     one = attention(q, k, v, causal=False, stats=spec, backend="reference", query_lengths=qlen)
-    both = attention(q, torch.cat([k, k], 2), torch.cat([v, v], 2), causal=False, stats=spec, backend="reference",
-                     query_lengths=qlen)
+    both = attention(
+        q, torch.cat([k, k], 2), torch.cat([v, v], 2), causal=False, stats=spec, backend="reference", query_lengths=qlen
+    )
     nk = pr["nk"]
     _assert_equal(pr, merge_attention([one, one], spec, key_offsets=[0, nk]), both, spec, "copies")
     _assert_equal(pr, merge_attention([one, one], spec, key_offsets=[nk, 0]), both, spec, "copies reversed")
@@ -158,13 +205,36 @@ def test_an_empty_part_changes_nothing(pr):
     q, k, v = _tensors(pr)
     spec = _spec(pr)
     qlen = _lengths(pr, "query_lengths")
-    out = attention(q, k, v, causal=pr["causal"], stats=part_spec(spec, 0), backend="reference",
-                    key_lengths=_lengths(pr, "key_lengths"), query_lengths=qlen)
+    out = attention(
+        q,
+        k,
+        v,
+        causal=pr["causal"],
+        stats=part_spec(spec, 0),
+        backend="reference",
+        key_lengths=_lengths(pr, "key_lengths"),
+        query_lengths=qlen,
+    )
     nk = pr["nk"]
-    no_keys = attention(q, k[:, :, nk:], v[:, :, nk:], causal=pr["causal"], stats=part_spec(spec, nk),
-                        backend="reference", query_lengths=qlen)
-    padding = attention(q, k, v, causal=pr["causal"], stats=part_spec(spec, nk), backend="reference",
-                        key_lengths=torch.zeros(pr["b"], dtype=torch.long), query_lengths=qlen)
+    no_keys = attention(
+        q,
+        k[:, :, nk:],
+        v[:, :, nk:],
+        causal=pr["causal"],
+        stats=part_spec(spec, nk),
+        backend="reference",
+        query_lengths=qlen,
+    )
+    padding = attention(
+        q,
+        k,
+        v,
+        causal=pr["causal"],
+        stats=part_spec(spec, nk),
+        backend="reference",
+        key_lengths=torch.zeros(pr["b"], dtype=torch.long),
+        query_lengths=qlen,
+    )
     want = (out[0], AttentionStats(**{name: getattr(out[1], name) for name in spec.output_fields()}))
     for parts, offsets in (([out], [0]), ([out, no_keys], [0, nk]), ([padding, out], [0, 0])):
         _assert_equal(pr, merge_attention(parts, spec, key_offsets=offsets), want, spec, f"{len(parts)} parts", True)
@@ -196,12 +266,21 @@ def _bad_inputs():
     """``(parts, spec, key_offsets, words of the message)`` of calls merge_attention refuses."""
     spec = StatsSpec(entropy=True, max_prob=True, argmax=True)
     out, stats = _pair(spec=spec)
-    short = (out[:, :, :1], AttentionStats(lse=stats.lse[:, :, :1], entropy=stats.entropy[:, :, :1],
-                                           max_prob=stats.max_prob[:, :, :1], argmax=stats.argmax[:, :, :1]))
+    short = (
+        out[:, :, :1],
+        AttentionStats(
+            lse=stats.lse[:, :, :1],
+            entropy=stats.entropy[:, :, :1],
+            max_prob=stats.max_prob[:, :, :1],
+            argmax=stats.argmax[:, :, :1],
+        ),
+    )
     no_entropy = (out, AttentionStats(lse=stats.lse, max_prob=stats.max_prob, argmax=stats.argmax))
     no_max_prob = (out, AttentionStats(lse=stats.lse, entropy=stats.entropy, argmax=stats.argmax))
-    wrong_lse = (out, AttentionStats(lse=stats.lse[..., None], entropy=stats.entropy, max_prob=stats.max_prob,
-                                     argmax=stats.argmax))
+    wrong_lse = (
+        out,
+        AttentionStats(lse=stats.lse[..., None], entropy=stats.entropy, max_prob=stats.max_prob, argmax=stats.argmax),
+    )
     return [
         ([], spec, None, "at least one"),
         ([(out, stats), short], spec, None, "share one shape"),

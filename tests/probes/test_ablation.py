@@ -28,8 +28,14 @@ from workbench.tasks import needle_samples, repeat_samples, text_samples
 @pytest.fixture(scope="module")
 def scored(zoo, tmp_path_factory):
     """A run of the zoo model with induction and retrieval scores."""
-    settings = ScoreRunSettings(model="zoo-2l", tasks=("niah", "repeats"), scores=("induction", "retrieval"),
-                                lengths=(256,), samples=6, depths=(0.3, 0.7))
+    settings = ScoreRunSettings(
+        model="zoo-2l",
+        tasks=("niah", "repeats"),
+        scores=("induction", "retrieval"),
+        lengths=(256,),
+        samples=6,
+        depths=(0.3, 0.7),
+    )
     return score_model(zoo, settings, tmp_path_factory.mktemp("runs") / "zoo", progress=False)
 
 
@@ -37,8 +43,15 @@ def _tiny_llama():
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(SEED)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    cfg = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
 
 
@@ -61,15 +74,15 @@ def test_zero_ablation_equals_a_model_without_that_head(which, zoo):
         else:
             d = model.config.hidden_size // model.config.num_attention_heads
             w = model.model.layers[layer].self_attn.o_proj.weight
-            saved = w.data[:, head * d:(head + 1) * d].clone()
-            w.data[:, head * d:(head + 1) * d] = 0
+            saved = w.data[:, head * d : (head + 1) * d].clone()
+            w.data[:, head * d : (head + 1) * d] = 0
         try:
             edited = logits(ids)
         finally:
             if which == "zoo":
                 w.data[head] = saved
             else:
-                w.data[:, head * d:(head + 1) * d] = saved
+                w.data[:, head * d : (head + 1) * d] = saved
         assert not torch.allclose(clean, ablated)
         torch.testing.assert_close(ablated, edited, atol=1e-5, rtol=1e-5)
         # the reference is the input itself: a one-token mean, and a resample from the same
@@ -102,8 +115,16 @@ def test_ablating_induction_heads_cuts_induction_more_than_random_heads(zoo, sco
     """Against random heads of the same layer. (Random heads of any layer cut induction almost
     as much in this 2-layer model: every layer-0 head feeds the induction heads; docs/zoo.md.)"""
     metric = ablation.induction_accuracy(repeat_samples(zoo.tokenizer, 80, 2, 12, seed=SEED))
-    table = ablation.cumulative(zoo, metric, ablation.rank_heads(scored, "induction"), ks=[2], draws=6,
-                                seed=SEED, control="same_layers", progress=False)
+    table = ablation.cumulative(
+        zoo,
+        metric,
+        ablation.rank_heads(scored, "induction"),
+        ks=[2],
+        draws=6,
+        seed=SEED,
+        control="same_layers",
+        progress=False,
+    )
     base = table.query("selection == 'none'")["value"].iloc[0]
     top = table.query("selection == 'top'")["value"].iloc[0]
     random_mean = table.query("selection == 'random'")["value"].mean()
@@ -116,8 +137,9 @@ def test_ablating_retrieval_heads_cuts_needle_accuracy_more_than_random_heads(zo
     accuracy, logprob = ablation.needle_accuracy(samples), ablation.answer_logprob(samples)
     ranking = ablation.rank_heads(scored, "retrieval")
     assert ranking[0][0] == 1  # the zoo's retrieval heads are in layer 1
-    table = ablation.cumulative(zoo, accuracy, ranking, ks=[1], draws=8, seed=SEED, control="same_layers",
-                                progress=False)
+    table = ablation.cumulative(
+        zoo, accuracy, ranking, ks=[1], draws=8, seed=SEED, control="same_layers", progress=False
+    )
     top = table.query("selection == 'top'")["value"].iloc[0]
     assert table.query("selection == 'none'")["value"].iloc[0] >= 0.5
     assert top < table.query("selection == 'random'")["value"].mean()
@@ -173,8 +195,28 @@ def test_bad_input(zoo, scored):
 def test_ablate_command(scored):
     register(app)
     runner = CliRunner()
-    result = runner.invoke(app, ["ablate", "--run", str(scored.path), "--rank-by", "induction", "--task", "repeats",
-                                 "--k", "1,2", "--samples", "4", "--draws", "2", "--length", "121", "--device", "cpu"])
+    result = runner.invoke(
+        app,
+        [
+            "ablate",
+            "--run",
+            str(scored.path),
+            "--rank-by",
+            "induction",
+            "--task",
+            "repeats",
+            "--k",
+            "1,2",
+            "--samples",
+            "4",
+            "--draws",
+            "2",
+            "--length",
+            "121",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "induction_accuracy" in result.output and "random" in result.output
     run = Run.open(scored.path)
@@ -182,10 +224,12 @@ def test_ablate_command(scored):
     assert set(table["selection"]) == {"none", "top", "random"} and set(table["k"]) == {0, 1, 2}
     assert (scored.path / "figures" / "ablation_induction_induction_accuracy_zero_all.html").exists()
     assert run.manifest["ablations"][-1]["metric"] == "induction_accuracy"
-    for args, message in ((["--rank-by", "sink"], "no 'sink' score"),
-                          (["--task", "niah", "--metric", "text_loss"], "does not fit task niah"),
-                          (["--k", "x"], "comma-separated integers"),
-                          (["--method", "resample"], "resample ablation needs")):
+    for args, message in (
+        (["--rank-by", "sink"], "no 'sink' score"),
+        (["--task", "niah", "--metric", "text_loss"], "does not fit task niah"),
+        (["--k", "x"], "comma-separated integers"),
+        (["--method", "resample"], "resample ablation needs"),
+    ):
         result = runner.invoke(app, ["ablate", "--run", str(scored.path), *args])
         assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
 
@@ -195,25 +239,45 @@ def test_the_workbench_command_has_the_probes_commands():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "workbench", "--help"], capture_output=True, text=True, timeout=120,
-                         env={"COLUMNS": "200", "PATH": "", "HOME": "/tmp"})
+    out = subprocess.run(
+        [sys.executable, "-m", "workbench", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"COLUMNS": "200", "PATH": "", "HOME": "/tmp"},
+    )
     assert out.returncode == 0, out.stderr
     assert "ablate" in out.stdout and "sae" in out.stdout and "score" in out.stdout
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"task": "haystack"}, "unknown task 'haystack'; choose from: niah, repeats, text"),
-    ({"task": "niah", "metric": "text_loss"}, "metric 'text_loss' does not fit task niah; choose from: "
-                                              "needle_accuracy, answer_logprob"),
-    ({"task": "repeats", "metric": "nope"}, "choose from: induction_accuracy"),
-    ({"method": "resample"}, "resample ablation needs reference inputs"),
-    ({"method": "shuffle", "task": "text"}, "unknown ablation method 'shuffle'"),
-    ({"control": "nearby"}, "control must be 'all' or 'same_layers'"),
-    ({"task": "repeats", "length": 4}, "--length 4 is too short for repeats samples"),
-    ({"draws": 0}, "samples and draws must be at least 1"),
-    ({"samples": 0}, "samples and draws must be at least 1"),
-], ids=["task", "metric-of-another-task", "metric-unknown", "resample-niah", "method", "control", "repeats-short",
-        "draws", "samples"])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"task": "haystack"}, "unknown task 'haystack'; choose from: niah, repeats, text"),
+        (
+            {"task": "niah", "metric": "text_loss"},
+            "metric 'text_loss' does not fit task niah; choose from: needle_accuracy, answer_logprob",
+        ),
+        ({"task": "repeats", "metric": "nope"}, "choose from: induction_accuracy"),
+        ({"method": "resample"}, "resample ablation needs reference inputs"),
+        ({"method": "shuffle", "task": "text"}, "unknown ablation method 'shuffle'"),
+        ({"control": "nearby"}, "control must be 'all' or 'same_layers'"),
+        ({"task": "repeats", "length": 4}, "--length 4 is too short for repeats samples"),
+        ({"draws": 0}, "samples and draws must be at least 1"),
+        ({"samples": 0}, "samples and draws must be at least 1"),
+    ],
+    ids=[
+        "task",
+        "metric-of-another-task",
+        "metric-unknown",
+        "resample-niah",
+        "method",
+        "control",
+        "repeats-short",
+        "draws",
+        "samples",
+    ],
+)
 def test_ablation_settings_refuse_what_the_experiment_cannot_run(kwargs, match):
     with pytest.raises(WorkbenchError, match=match):
         AblationSettings(**kwargs)
@@ -223,13 +287,22 @@ def test_ablation_settings_resolve_defaults_and_build_their_samples(zoo):
     """The metric defaults to the task's; names and config are what the manifest records; the
     needle samples come from ``depths``, with the seed offset from the experiment's."""
     assert [AblationSettings(task=t).metric for t in ("niah", "repeats", "text")] == [
-        "needle_accuracy", "induction_accuracy", "text_loss"]
+        "needle_accuracy",
+        "induction_accuracy",
+        "text_loss",
+    ]
     settings = AblationSettings(rank_by="retrieval", ks=[1, 2], length=128, samples=2, depths=[0.25, 0.75])
     assert settings.ks == (1, 2) and settings.depths == (0.25, 0.75)
     assert settings.table_name == "ablation_retrieval_needle_accuracy_zero_all"
     assert settings.scan_name == "scan_needle_accuracy_zero"
-    assert settings.config == {"rank_by": "retrieval", "task": "niah", "metric": "needle_accuracy",
-                               "method": "zero", "length": 128, "control": "all"}
+    assert settings.config == {
+        "rank_by": "retrieval",
+        "task": "niah",
+        "metric": "needle_accuracy",
+        "method": "zero",
+        "length": 128,
+        "control": "all",
+    }
     items = settings.samples_for(zoo.tokenizer)
     want = needle_samples(zoo.tokenizer, [128], [0.25, 0.75], 2, seed=ablation.FRESH_SAMPLES)
     assert len(items) == 4 and all(torch.equal(a.ids, b.ids) for a, b in zip(items, want))
@@ -247,8 +320,7 @@ def test_the_ablate_options_default_to_the_settings():
     assert options["metric"] is None  # the task's default metric, resolved by the settings
 
 
-def test_run_ablation_resolves_the_adapter_once_and_writes_what_the_explorer_reads(zoo, scored, tmp_path,
-                                                                                     monkeypatch):
+def test_run_ablation_resolves_the_adapter_once_and_writes_what_the_explorer_reads(zoo, scored, tmp_path, monkeypatch):
     """One adapter for the whole experiment (scan included); the table, scan, figure and
     manifest entry have the names and columns `workbench ablate` gives them."""
     run = Run.open(shutil.copytree(scored.path, tmp_path / "run"))
@@ -260,8 +332,7 @@ def test_run_ablation_resolves_the_adapter_once_and_writes_what_the_explorer_rea
         init(self, model)
 
     monkeypatch.setattr(TransformerLensAdapter, "__init__", counting)
-    settings = AblationSettings(rank_by="induction", ks=(1,), task="repeats", samples=2, draws=2, scan=True,
-                                seed=SEED)
+    settings = AblationSettings(rank_by="induction", ks=(1,), task="repeats", samples=2, draws=2, scan=True, seed=SEED)
     result = ablation.run_ablation(run.path, zoo, settings, progress=False)
     assert len(built) == 1
     assert result.settings.length == 256  # the run's shortest
@@ -269,14 +340,31 @@ def test_run_ablation_resolves_the_adapter_once_and_writes_what_the_explorer_rea
     assert result.path == run.path / f"{name}.parquet"
     reopened = Run.open(run.path)
     table = reopened.table(name)
-    assert list(table.columns) == ["k", "selection", "draw", "heads", "value", "rank_by", "task", "metric",
-                                   "method", "length", "control"]
+    assert list(table.columns) == [
+        "k",
+        "selection",
+        "draw",
+        "heads",
+        "value",
+        "rank_by",
+        "task",
+        "metric",
+        "method",
+        "length",
+        "control",
+    ]
     assert len(table) == 1 + 1 + 2 and (table["value"].to_numpy() == result.table["value"].to_numpy()).all()
     assert len(reopened.table("scan_induction_accuracy_zero")) == 8
     assert (run.path / "figures" / f"{name}.html").exists()
     entry = reopened.manifest["ablations"][-1]
     assert {k: entry[k] for k in ("table", "k", "draws", "samples", "metric", "length")} == {
-        "table": name, "k": [1], "draws": 2, "samples": 2, "metric": "induction_accuracy", "length": 256}
+        "table": name,
+        "k": [1],
+        "draws": 2,
+        "samples": 2,
+        "metric": "induction_accuracy",
+        "length": 256,
+    }
     json.dumps(reopened.manifest)  # the manifest stays plain JSON
     # running again replaces the entry of the same table instead of adding one
     ablation.run_ablation(reopened, zoo, settings, progress=False)

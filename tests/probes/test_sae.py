@@ -54,8 +54,12 @@ def test_save_load_attribution_and_contexts(zoo, texts, tmp_path):
     torch.testing.assert_close(loaded.decode(loaded.encode(x)), sae.decode(sae.encode(x)), atol=1e-5, rtol=1e-5)
     shares = saes.head_attribution(loaded, 4)
     assert len(shares) == 4 * loaded.cfg.d_sae
-    torch.testing.assert_close(torch.tensor(shares.groupby("feature")["share"].sum().to_numpy()),
-                               torch.ones(loaded.cfg.d_sae), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor(shares.groupby("feature")["share"].sum().to_numpy()),
+        torch.ones(loaded.cfg.d_sae),
+        atol=1e-5,
+        rtol=0,
+    )
     # a feature that reads a single head has all its attribution there
     with torch.no_grad():
         loaded.W_dec[0] = 0
@@ -93,12 +97,15 @@ def test_sae_commands(tmp_path):
     register(app)
     runner = CliRunner()
     out = tmp_path / "sae"
-    result = runner.invoke(app, ["sae", "train", "--layer", "1", "--samples", "16", "--tokens", "50000",
-                                 "--out", str(out), "--device", "cpu"])
+    result = runner.invoke(
+        app,
+        ["sae", "train", "--layer", "1", "--samples", "16", "--tokens", "50000", "--out", str(out), "--device", "cpu"],
+    )
     assert result.exit_code == 0, result.output
     assert "explained_variance" in result.output and (out / "sae_weights.safetensors").exists()
-    assert {"top_contexts.parquet", "head_attribution.parquet", "direct_attribution.parquet",
-            "evaluation.json"} <= {p.name for p in out.iterdir()}
+    assert {"top_contexts.parquet", "head_attribution.parquet", "direct_attribution.parquet", "evaluation.json"} <= {
+        p.name for p in out.iterdir()
+    }
     result = runner.invoke(app, ["sae", "eval", str(out), "--layer", "1", "--samples", "2", "--device", "cpu"])
     assert result.exit_code == 0 and "ce_loss_recovered" in result.output, result.output
     result = runner.invoke(app, ["sae", "eval", str(out), "--layer", "0", "--device", "cpu"])
@@ -131,8 +138,11 @@ def test_train_sae_refuses_bad_settings_before_any_work(zoo, kwargs, match):
 def test_sae_settings_refuse_bad_counts_and_name_their_folder():
     # a standard SAE ignores k, so k above d_sae is fine there
     assert SAETrainSettings(layer=0, architecture="standard", d_sae=4, k=8).k == 8
-    for kwargs, match in (({"layer": -1}, "layer must be >= 0"), ({"layer": 0, "samples": 1}, "at least 2 samples"),
-                          ({"layer": 0, "length": 1}, "of at least 2 tokens")):
+    for kwargs, match in (
+        ({"layer": -1}, "layer must be >= 0"),
+        ({"layer": 0, "samples": 1}, "at least 2 samples"),
+        ({"layer": 0, "length": 1}, "of at least 2 tokens"),
+    ):
         with pytest.raises(WorkbenchError, match=match):
             SAETrainSettings(**kwargs)
     for kwargs in ({"layer": -1}, {"layer": 0, "samples": 0}, {"layer": 0, "length": 1}):
@@ -147,9 +157,17 @@ def test_the_sae_options_default_to_the_settings():
     """`workbench sae train` and `sae eval` take their defaults from the settings dataclasses."""
     train = {name: p.default.default for name, p in inspect.signature(sae_train).parameters.items()}
     defaults = SAETrainSettings(layer=0)
-    for option, field in (("architecture", "architecture"), ("d_sae", "d_sae"), ("k", "k"), ("l1", "l1_coefficient"),
-                          ("samples", "samples"), ("length", "length"), ("tokens", "training_tokens"),
-                          ("text", "text"), ("seed", "seed")):
+    for option, field in (
+        ("architecture", "architecture"),
+        ("d_sae", "d_sae"),
+        ("k", "k"),
+        ("l1", "l1_coefficient"),
+        ("samples", "samples"),
+        ("length", "length"),
+        ("tokens", "training_tokens"),
+        ("text", "text"),
+        ("seed", "seed"),
+    ):
         assert train[option] == getattr(defaults, field), option
     evaluation = {name: p.default.default for name, p in inspect.signature(sae_eval).parameters.items()}
     for name in ("samples", "length", "text"):
@@ -167,14 +185,19 @@ def test_train_and_evaluate_writes_the_folder_with_one_adapter(zoo, tmp_path, mo
         init(self, model)
 
     monkeypatch.setattr(TransformerLensAdapter, "__init__", counting)
-    settings = SAETrainSettings(layer=1, d_sae=32, k=4, samples=8, length=128, training_tokens=4 * SAE_BATCH,
-                                seed=SEED)
+    settings = SAETrainSettings(layer=1, d_sae=32, k=4, samples=8, length=128, training_tokens=4 * SAE_BATCH, seed=SEED)
     out = tmp_path / "sae"
     metrics = saes.train_and_evaluate(zoo, settings, out)
     assert len(built) == 1
     assert json.loads((out / "evaluation.json").read_text()) == pytest.approx(metrics, nan_ok=True)
-    assert {"cfg.json", "sae_weights.safetensors", "evaluation.json", "head_attribution.parquet",
-            "top_contexts.parquet", "direct_attribution.parquet"} <= {p.name for p in out.iterdir()}
+    assert {
+        "cfg.json",
+        "sae_weights.safetensors",
+        "evaluation.json",
+        "head_attribution.parquet",
+        "top_contexts.parquet",
+        "direct_attribution.parquet",
+    } <= {p.name for p in out.iterdir()}
     assert metrics["l0"] == pytest.approx(4) and metrics["tokens"] == 2 * 128  # two held-out samples
     again = saes.evaluate_saved(zoo, out, SAEEvalSettings(layer=1, samples=2, length=128))
     assert again["tokens"] == 2 * 128 and again["l0"] == pytest.approx(4)

@@ -28,9 +28,11 @@ runner = CliRunner()
 
 def qkv(b=2, hq=4, hkv=2, nq=8, nk=8, d=32, device="cpu", seed=SEED):
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, hq, nq, d, generator=gen).to(device),
-            torch.randn(b, hkv, nk, d, generator=gen).to(device),
-            torch.randn(b, hkv, nk, d, generator=gen).to(device))
+    return (
+        torch.randn(b, hq, nq, d, generator=gen).to(device),
+        torch.randn(b, hkv, nk, d, generator=gen).to(device),
+        torch.randn(b, hkv, nk, d, generator=gen).to(device),
+    )
 
 
 # ----------------------------------------------------------------------------- kernel API
@@ -43,12 +45,18 @@ BAD_KERNEL_CALLS = {
     "complex-dtype": (lambda q, k, v: (q.cfloat(), k.cfloat(), v.cfloat(), {}), "not supported"),
     "head-dim-0": (lambda q, k, v: (q[..., :0], k[..., :0], v[..., :0], {}), "head_dim and head counts must be"),
     "key-lengths-bool": (lambda q, k, v: (q, k, v, {"key_lengths": torch.tensor([True, True])}), "integer tensor"),
-    "key-lengths-negative": (lambda q, k, v: (q, k, v, {"key_lengths": torch.tensor([-1, 3])}),
-                             r"key_lengths must lie in \[0, 8\]"),
-    "query-lengths-negative": (lambda q, k, v: (q, k, v, {"query_lengths": torch.tensor([2, -3])}),
-                               r"query_lengths must lie in \[0, 8\]"),
-    "key-lengths-other-device": (lambda q, k, v: (q, k, v, {"key_lengths": torch.tensor([3, 3], device="meta")}),
-                                 "key_lengths is on meta"),
+    "key-lengths-negative": (
+        lambda q, k, v: (q, k, v, {"key_lengths": torch.tensor([-1, 3])}),
+        r"key_lengths must lie in \[0, 8\]",
+    ),
+    "query-lengths-negative": (
+        lambda q, k, v: (q, k, v, {"query_lengths": torch.tensor([2, -3])}),
+        r"query_lengths must lie in \[0, 8\]",
+    ),
+    "key-lengths-other-device": (
+        lambda q, k, v: (q, k, v, {"key_lengths": torch.tensor([3, 3], device="meta")}),
+        "key_lengths is on meta",
+    ),
     "scale-inf": (lambda q, k, v: (q, k, v, {"scale": math.inf}), "finite"),
     "scale-text": (lambda q, k, v: (q, k, v, {"scale": "0.1"}), "scale must be a real number"),
     "scale-bool": (lambda q, k, v: (q, k, v, {"scale": True}), "scale must be a real number"),
@@ -150,18 +158,23 @@ def test_nan_or_inf_in_one_batch_row_leaves_the_others_alone(backend, device):
 @pytest.fixture
 def no_zoo_loading(monkeypatch):
     """Loading a zoo model fails the test: the refusals below must come before any weights load."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("weights were loaded before the bad argument was refused")
 
     monkeypatch.setattr(workbench.zoo, "load", refuse)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"device": "gpu"}, "unknown device 'gpu': use cpu, cuda or cuda:N"),
-    ({"device": 3.5}, "unknown device 3.5"),
-    ({"dtype": torch.int32}, "dtype must be one of float32, float16, bfloat16, float64"),
-    ({"dtype": "int8"}, "got 'int8'"),
-], ids=["device-name", "device-type", "dtype-int", "dtype-name"])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"device": "gpu"}, "unknown device 'gpu': use cpu, cuda or cuda:N"),
+        ({"device": 3.5}, "unknown device 3.5"),
+        ({"dtype": torch.int32}, "dtype must be one of float32, float16, bfloat16, float64"),
+        ({"dtype": "int8"}, "got 'int8'"),
+    ],
+    ids=["device-name", "device-type", "dtype-int", "dtype-name"],
+)
 def test_bad_device_or_dtype_is_refused_before_loading(no_zoo_loading, kwargs, match):
     with pytest.raises(WorkbenchError, match=match):
         load_model("zoo-2l", **kwargs)
@@ -195,8 +208,16 @@ def hub_env(monkeypatch):
     """No offline switch and no proxy in the environment; huggingface_hub not in offline mode."""
     from huggingface_hub import constants
 
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy",
-                "NO_PROXY", "no_proxy"):
+    for var in (
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+        "NO_PROXY",
+        "no_proxy",
+    ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "https://huggingface.co")
@@ -223,8 +244,11 @@ def test_an_unreachable_hub_fails_at_once_in_offline_mode(hub_env, monkeypatch):
         raise OSError("not in the cache")
 
     monkeypatch.setattr(AutoConfig, "from_pretrained", from_pretrained)
-    with pytest.raises(WorkbenchError, match=r"hub is unreachable \(cannot reach huggingface.co:443: network is "
-                                             r"unreachable\), and from the local cache: not in the cache"):
+    with pytest.raises(
+        WorkbenchError,
+        match=r"hub is unreachable \(cannot reach huggingface.co:443: network is "
+        r"unreachable\), and from the local cache: not in the cache",
+    ):
         load_model("hf:someone/not-a-model-xyz", device="cpu")
     assert hub_env == [("huggingface.co", 443)] and seen == [True] and constants.HF_HUB_OFFLINE is False
 
@@ -290,24 +314,35 @@ def test_record_refuses_batch_and_bucket_sizes_that_are_no_counts(tiny):
         record(tiny, [[1, 2]], bucket_size=0, progress=False)
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda: PatternSpec(layers=3), r"layers must be a sequence of indices, e.g. \(0, 2\)"),
-    (lambda: PatternSpec(layers=(-1,)), r"layers must hold indices >= 0, got \[-1\]"),
-    (lambda: PatternSpec(layers=(0,), heads=(1.5,)), r"heads must hold indices >= 0, got \[1.5\]"),
-    (lambda: PatternSpec(layers=(0,), max_tokens=0), "max_tokens must be an int >= 1"),
-], ids=["layers-int", "layer-negative", "head-float", "max-tokens-0"])
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: PatternSpec(layers=3), r"layers must be a sequence of indices, e.g. \(0, 2\)"),
+        (lambda: PatternSpec(layers=(-1,)), r"layers must hold indices >= 0, got \[-1\]"),
+        (lambda: PatternSpec(layers=(0,), heads=(1.5,)), r"heads must hold indices >= 0, got \[1.5\]"),
+        (lambda: PatternSpec(layers=(0,), max_tokens=0), "max_tokens must be an int >= 1"),
+    ],
+    ids=["layers-int", "layer-negative", "head-float", "max-tokens-0"],
+)
 def test_pattern_spec_refuses_bad_values(make, match):
     with pytest.raises(WorkbenchError, match=match):
         make()
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"patterns": PatternSpec(layers=(0,), heads=(4,))}, r"pattern heads \[4\] out of range: the model has 4 heads"),
-    ({"patterns": {"layers": (0,)}}, "patterns= takes a workbench.PatternSpec, got dict"),
-    ({"stats": "all"}, "stats must be a kernels.StatsSpec"),
-    ({"backend": "fast"}, "unknown kernel backend 'fast'"),
-    ({"into": []}, "into= takes a Recording, a StreamingSummary"),
-], ids=["head-out-of-range", "patterns-dict", "stats-str", "backend", "into-list"])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (
+            {"patterns": PatternSpec(layers=(0,), heads=(4,))},
+            r"pattern heads \[4\] out of range: the model has 4 heads",
+        ),
+        ({"patterns": {"layers": (0,)}}, "patterns= takes a workbench.PatternSpec, got dict"),
+        ({"stats": "all"}, "stats must be a kernels.StatsSpec"),
+        ({"backend": "fast"}, "unknown kernel backend 'fast'"),
+        ({"into": []}, "into= takes a Recording, a StreamingSummary"),
+    ],
+    ids=["head-out-of-range", "patterns-dict", "stats-str", "backend", "into-list"],
+)
 def test_instrument_refuses_bad_settings_and_leaves_the_model_alone(tiny, kwargs, match):
     with pytest.raises(WorkbenchError, match=match):
         with instrument(tiny, **kwargs):
@@ -319,7 +354,6 @@ def test_instrument_refuses_bad_settings_and_leaves_the_model_alone(tiny, kwargs
 
 
 # ----------------------------------------------------------------------------- the CLI
-
 
 
 @pytest.fixture
@@ -350,14 +384,21 @@ def scored_run(zoo, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pio, "write_images", no_png)
-        return score_model(zoo, ScoreRunSettings(model="zoo-2l", tasks=("repeats",), lengths=(128,), samples=1),
-                           tmp_path_factory.mktemp("bad-input") / "run", progress=False).path
+        return score_model(
+            zoo,
+            ScoreRunSettings(model="zoo-2l", tasks=("repeats",), lengths=(128,), samples=1),
+            tmp_path_factory.mktemp("bad-input") / "run",
+            progress=False,
+        ).path
 
 
 def snapshot(folder) -> dict[str, str]:
     """Every file under ``folder`` with the hash of its bytes."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def refused(result, *fragments: str) -> None:
@@ -396,16 +437,20 @@ def test_score_out_must_be_a_folder(cli, tmp_path):
 
 def test_a_refused_request_leaves_an_existing_run_untouched(cli, scored_run):
     before = snapshot(scored_run)
-    refused(cli("score", "--task", "repeats", "--lengths", "128", "--samples", "1", "--device", "gpu",
-                "--out", scored_run), "unknown device")
+    refused(
+        cli("score", "--task", "repeats", "--lengths", "128", "--samples", "1", "--device", "gpu", "--out", scored_run),
+        "unknown device",
+    )
     refused(cli("runs", "show", scored_run, "--top", "0"), "Invalid value for '--top'")
     assert snapshot(scored_run) == before
 
 
 def test_usage_errors_read_the_same_on_any_terminal(cli):
     for columns in ("20", "400"):
-        refused(cli("score", "--samples", "x", env={"COLUMNS": columns}),
-                "error: Invalid value for '--samples' / '-s': Input should be a valid integer")
+        refused(
+            cli("score", "--samples", "x", env={"COLUMNS": columns}),
+            "error: Invalid value for '--samples' / '-s': Input should be a valid integer",
+        )
     refused(cli("demo", "--tokens", "1"), "Invalid value for '--tokens'")
     assert "Usage:" in cli("zoo").output  # a bare group still shows its help
 
@@ -443,8 +488,27 @@ ABLATE_REFUSALS = {
 @pytest.mark.parametrize("args, fragments", ABLATE_REFUSALS.values(), ids=ABLATE_REFUSALS.keys())
 def test_ablate_refusals_leave_the_run_untouched(cli, scored_run, args, fragments):
     before = snapshot(scored_run)
-    refused(cli("ablate", "--run", scored_run, "--rank-by", "induction", "--task", "repeats", "--k", "1",
-                "--samples", "1", "--draws", "1", "--length", "33", *args), *fragments)
+    refused(
+        cli(
+            "ablate",
+            "--run",
+            scored_run,
+            "--rank-by",
+            "induction",
+            "--task",
+            "repeats",
+            "--k",
+            "1",
+            "--samples",
+            "1",
+            "--draws",
+            "1",
+            "--length",
+            "33",
+            *args,
+        ),
+        *fragments,
+    )
     assert snapshot(scored_run) == before
 
 
@@ -467,8 +531,12 @@ SAE_REFUSALS = {
 @pytest.mark.parametrize("args, fragments", SAE_REFUSALS.values(), ids=SAE_REFUSALS.keys())
 def test_sae_train_refusals_write_nothing(cli, tmp_path, args, fragments):
     out = tmp_path / "sae"
-    refused(cli("sae", "train", "--layer", "0", "--samples", "4", "--length", "64", "--tokens", "4096",
-                "--out", out, *args), *fragments)
+    refused(
+        cli(
+            "sae", "train", "--layer", "0", "--samples", "4", "--length", "64", "--tokens", "4096", "--out", out, *args
+        ),
+        *fragments,
+    )
     assert not out.exists()
 
 
@@ -497,8 +565,27 @@ def test_ablate_refuses_bad_settings_before_the_model_loads(cli, scored_run, mon
 
     monkeypatch.setattr(workbench.zoo, "load", too_late)
     before = snapshot(scored_run)
-    refused(cli("ablate", "--run", scored_run, "--rank-by", "induction", "--task", "repeats", "--k", "1",
-                "--samples", "1", "--draws", "1", "--length", "33", *args), *fragments)
+    refused(
+        cli(
+            "ablate",
+            "--run",
+            scored_run,
+            "--rank-by",
+            "induction",
+            "--task",
+            "repeats",
+            "--k",
+            "1",
+            "--samples",
+            "1",
+            "--draws",
+            "1",
+            "--length",
+            "33",
+            *args,
+        ),
+        *fragments,
+    )
     assert snapshot(scored_run) == before
 
 

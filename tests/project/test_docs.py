@@ -58,20 +58,30 @@ def test_a_missing_file_or_test_is_caught(tmp_path):
     (tmp_path / "tests" / "test_runs.py").write_text("def test_resume():\n    pass\n")
     (tmp_path / "docs" / "a.md").write_text(
         "`workbench/runs.py` `workbench/gone.py` `tests/test_runs.py::test_resume` `tests/test_runs.py::test_gone` "
-        "`runs.py` `lost.py` [ok](../workbench/runs.py) [lost](missing.md) `workbench/zoo/weights/NAME/` `runs/<run>`")
-    assert missing_citations(tmp_path) == ["docs/a.md: workbench/gone.py", "docs/a.md: tests/test_runs.py::test_gone",
-                                           "docs/a.md: lost.py", "docs/a.md: missing.md"]
+        "`runs.py` `lost.py` [ok](../workbench/runs.py) [lost](missing.md) `workbench/zoo/weights/NAME/` `runs/<run>`"
+    )
+    assert missing_citations(tmp_path) == [
+        "docs/a.md: workbench/gone.py",
+        "docs/a.md: tests/test_runs.py::test_gone",
+        "docs/a.md: lost.py",
+        "docs/a.md: missing.md",
+    ]
 
 
 def test_every_tracked_python_file_is_in_the_readme_layout():
     """The README's layout tree lists every module of the four packages (and nothing else)."""
     text = (ROOT / "README.md").read_text()
-    tree = text[text.index("## Layout"):]
-    tree = tree[tree.index("```") + 3:]
-    tree = tree[:tree.index("```")]
+    tree = text[text.index("## Layout") :]
+    tree = tree[tree.index("```") + 3 :]
+    tree = tree[: tree.index("```")]
     listed = set(layout_paths(tree))
-    tracked = subprocess.run(["git", "ls-files", "kernels", "workbench", "probes", "app"], cwd=ROOT,
-                             capture_output=True, text=True, check=True).stdout.split()
+    tracked = subprocess.run(
+        ["git", "ls-files", "kernels", "workbench", "probes", "app"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     modules = {p for p in tracked if p.endswith(".py")}
     assert sorted(modules - listed) == [], "modules missing from the README layout"
     assert sorted(p for p in listed - modules if p.endswith(".py")) == [], "README lists modules that do not exist"

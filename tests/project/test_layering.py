@@ -47,12 +47,21 @@ def test_no_import_goes_up_a_layer():
     assert violations(ROOT) == []
 
 
-@pytest.mark.parametrize("layer, module", [("kernels", "workbench.errors"), ("workbench", "probes.ablation"),
-                                           ("probes", "app.state"), ("kernels", "kernels.benchmark.measure")])
+@pytest.mark.parametrize(
+    "layer, module",
+    [
+        ("kernels", "workbench.errors"),
+        ("workbench", "probes.ablation"),
+        ("probes", "app.state"),
+        ("kernels", "kernels.benchmark.measure"),
+    ],
+)
 def test_an_upward_import_is_caught_also_inside_a_function(tmp_path, layer, module):
     for name in LAYERS:
         (tmp_path / name).mkdir()
     (tmp_path / layer / "bad.py").write_text(f"def f():\n    import {module}\n")
     (tmp_path / "app" / "ok.py").write_text("from kernels import attention\nfrom workbench import record\n")
-    assert violations(tmp_path) == [f"{Path(layer) / 'bad.py'}:2 imports {module} "
-                                    f"({'the benchmark sits beside the kernels' if module.startswith('kernels') else 'a higher layer'})"]
+    assert violations(tmp_path) == [
+        f"{Path(layer) / 'bad.py'}:2 imports {module} "
+        f"({'the benchmark sits beside the kernels' if module.startswith('kernels') else 'a higher layer'})"
+    ]

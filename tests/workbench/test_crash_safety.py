@@ -100,8 +100,10 @@ def _cycle(model, out: str, kill_at: int | None, timeline: str | None) -> dict:
     if pid == 0:
         _child(model, Path(out), kill_at, timeline)
     _, status = os.waitpid(pid, 0)
-    reply = {"killed": os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL,
-             "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None}
+    reply = {
+        "killed": os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL,
+        "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+    }
     if timeline and reply["exit"] == 0:
         reply["timeline"] = json.loads(Path(timeline).read_text())
     return reply
@@ -162,9 +164,15 @@ class ForkServer:
     def __init__(self, log: Path):
         self.log_path = log
         self.log = open(log, "w")
-        self.proc = subprocess.Popen([sys.executable, "-c", "from tests.workbench.test_crash_safety import _serve; _serve()"],
-                                     cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
-                                     text=True, bufsize=1)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from tests.workbench.test_crash_safety import _serve; _serve()"],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            bufsize=1,
+        )
         assert self._reply() == {"ready": True}
 
     def _reply(self) -> dict:
@@ -176,8 +184,9 @@ class ForkServer:
         return json.loads(line)
 
     def run(self, out: Path, kill_at: int | None = None, timeline: Path | None = None) -> dict:
-        self.proc.stdin.write(json.dumps({"out": str(out), "kill_at": kill_at,
-                                          "timeline": str(timeline) if timeline else None}) + "\n")
+        self.proc.stdin.write(
+            json.dumps({"out": str(out), "kill_at": kill_at, "timeline": str(timeline) if timeline else None}) + "\n"
+        )
         return self._reply()
 
     def close(self) -> None:
@@ -267,11 +276,13 @@ def test_sigkill_at_random_moments_then_resume_gives_the_same_tables(tmp_path):
     _assert_same_results(run, reference)
     assert _temp_files(out) == []
     rescored = (tmp_path / "server.log").read_text().count("whose part files were damaged or not committed")
-    print(f"\ncrash safety: {kills} SIGKILLs in {cycles} resumes ({landed['part']} while scoring samples, "
-          f"{landed['finish']} while finishing, {landed['start']} before the first manifest, {landed['late']} after "
-          f"the commit; {mid_write} inside a file write, {rescored} resumes discarded an uncommitted part); "
-          f"{completed} runs completed between kills; a clean run makes {end} write steps; "
-          f"whole test {time.monotonic() - began:.1f} s")
+    print(
+        f"\ncrash safety: {kills} SIGKILLs in {cycles} resumes ({landed['part']} while scoring samples, "
+        f"{landed['finish']} while finishing, {landed['start']} before the first manifest, {landed['late']} after "
+        f"the commit; {mid_write} inside a file write, {rescored} resumes discarded an uncommitted part); "
+        f"{completed} runs completed between kills; a clean run makes {end} write steps; "
+        f"whole test {time.monotonic() - began:.1f} s"
+    )
     # the kill steps are spread over the whole run, so kills land both while samples are scored
     # and while the tables and figures are written
     assert landed["part"] >= 1 and landed["finish"] >= 1, landed
@@ -349,9 +360,9 @@ def _damage(run: Run, key: str, how: str, rng: random.Random) -> None:
         _flip_silently(part, rng)
     elif how == "byte-flip":
         i = rng.randrange(len(data))
-        part.write_bytes(data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:])
+        part.write_bytes(data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :])
     elif how == "truncated":
-        part.write_bytes(data[:rng.randrange(1, len(data))])
+        part.write_bytes(data[: rng.randrange(1, len(data))])
     elif how == "emptied":
         part.write_bytes(b"")
     elif how == "no-sidecar":  # killed between the part and its commit record
@@ -372,6 +383,7 @@ def _interrupt(monkeypatch, after: int | None) -> None:
     """Make the next score_model stop (KeyboardInterrupt) after ``after`` samples, or, with None,
     after every sample but before the tables are written."""
     if after is None:
+
         def stop(run, settings):
             raise KeyboardInterrupt("stopped before aggregating")
 
@@ -404,7 +416,7 @@ def _stopped_copy(stopped: dict[str, Path], stage: str, model, tmp_path: Path) -
     out = tmp_path / "run"
     shutil.copytree(stopped[stage], out)
     order = _keys(model)
-    return Run.open(out), order[:STAGES[stage]] if STAGES[stage] is not None else order
+    return Run.open(out), order[: STAGES[stage]] if STAGES[stage] is not None else order
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -416,15 +428,18 @@ def test_a_damaged_part_of_a_stopped_run_is_not_done_and_refuses_to_load(model, 
     _damage(run, victim, how, random.Random(f"{SEED}-{stage}-{how}"))
     reopened = Run.open(run.path)
     assert reopened.parts_done() == set(committed) - {victim}
-    assert reopened.part_states([victim]) == {victim: "uncommitted" if "sidecar" in how and how != "other-sidecar"
-                                              else "damaged"}
+    assert reopened.part_states([victim]) == {
+        victim: "uncommitted" if "sidecar" in how and how != "other-sidecar" else "damaged"
+    }
     for read in (reopened.read_parts, lambda: reopened.read_part(victim)):
         with pytest.raises(WorkbenchError, match=rf"corrupt: cannot read parts/{victim}\.parquet"):
             read()
 
 
-@pytest.mark.parametrize("stage, how", [("in-progress", "silent-bit-flip"), ("not-aggregated", "truncated"),
-                                        ("not-aggregated", "no-sidecar")])
+@pytest.mark.parametrize(
+    "stage, how",
+    [("in-progress", "silent-bit-flip"), ("not-aggregated", "truncated"), ("not-aggregated", "no-sidecar")],
+)
 def test_a_resume_scores_a_damaged_part_again(model, clean, stopped, tmp_path, monkeypatch, stage, how):
     """A resume deletes a damaged or uncommitted part before anything is scored, and scores it
     again, saying so (a RuntimeWarning naming it): the tables equal the clean run's."""
@@ -440,8 +455,9 @@ def test_a_resume_scores_a_damaged_part_again(model, clean, stopped, tmp_path, m
     monkeypatch.setattr(scoring, "score_sample", scoring_sample)
     with pytest.warns(RuntimeWarning, match=rf"scoring 1 sample\(s\) again .*{victim}"):
         resumed = score_model(model, SETTINGS, run.path, progress=False)
-    assert seen == [(victim, [])] + [(k, [f"{victim}.parquet", f"{victim}.sha256"]) for k in _keys(model)
-                                     if k not in committed]
+    assert seen == [(victim, [])] + [
+        (k, [f"{victim}.parquet", f"{victim}.sha256"]) for k in _keys(model) if k not in committed
+    ]
     _assert_same_results(resumed, clean)
     assert _temp_files(run.path) == []
 
@@ -453,8 +469,11 @@ def test_a_damaged_part_of_a_complete_run_is_refused_then_scored_again(model, cl
     _damage(Run.open(out), victim, "silent-bit-flip", random.Random(SEED))
     damaged = Run.open(out)
     assert damaged.complete and victim not in damaged.parts_done()
-    with pytest.raises(WorkbenchError, match=rf"cannot read parts/{victim}\.parquet \(its sha256 differs from the "
-                                             r"one in manifest\.json"):
+    with pytest.raises(
+        WorkbenchError,
+        match=rf"cannot read parts/{victim}\.parquet \(its sha256 differs from the "
+        r"one in manifest\.json",
+    ):
         damaged.read_parts()
     with pytest.warns(RuntimeWarning, match=victim):
         run = score_model(model, SETTINGS, out, progress=False)
@@ -466,7 +485,7 @@ def _damage_table(file: Path, how: str, rng: random.Random) -> None:
     if how == "silent-bit-flip":
         _flip_silently(file, rng)
     elif how == "truncated":
-        file.write_bytes(file.read_bytes()[:rng.randrange(1, file.stat().st_size)])
+        file.write_bytes(file.read_bytes()[: rng.randrange(1, file.stat().st_size)])
     elif how == "emptied":
         file.write_bytes(b"")
     elif how == "deleted":

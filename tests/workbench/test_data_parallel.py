@@ -6,7 +6,8 @@ subprocess, either on ``-m workbench score`` itself or on a small driver script 
 ``tmp_path``; the driver is how a test changes one rank's behaviour (a rank that kills itself, a
 rank given other settings), since a monkeypatch cannot reach another process. Every launch has a
 timeout, so a rank waiting forever for another fails the test instead of hanging it. The
-reference is a single-process :func:`score_model` of the same settings in the test process.
+reference is a single-process run of the same arguments through the same driver, with the same
+thread count (one per process).
 """
 
 from __future__ import annotations
@@ -25,37 +26,50 @@ from tests.conftest import SEED
 from workbench import distributed
 from workbench.errors import WorkbenchError
 from workbench.runs import SCORING_TABLES, Run
-from workbench.scoring import ScoreRunSettings, score_model
+from workbench.scoring import ScoreRunSettings
 
-SETTINGS = ScoreRunSettings(model="zoo-2l", tasks=("repeats", "niah"), lengths=(128,), samples=2, depths=(0.5,),
-                            seed=SEED % 10_000)
+SETTINGS = ScoreRunSettings(
+    model="zoo-2l", tasks=("repeats", "niah"), lengths=(128,), samples=2, depths=(0.5,), seed=SEED % 10_000
+)
 #: The command-line form of SETTINGS (the CLI's defaults give the same scores).
-ARGS = ["--model", "zoo-2l", "--task", "repeats,niah", "--lengths", "128", "--samples", "2", "--depths", "0.5",
-        "--seed", str(SETTINGS.seed), "--device", "cpu"]
+ARGS = [
+    "--model",
+    "zoo-2l",
+    "--task",
+    "repeats,niah",
+    "--lengths",
+    "128",
+    "--samples",
+    "2",
+    "--depths",
+    "0.5",
+    "--seed",
+    str(SETTINGS.seed),
+    "--device",
+    "cpu",
+]
 KEYS = {"repeats-128-000", "repeats-128-001", "niah-128-d0.50-000", "niah-128-d0.50-001"}
 LAUNCH_TIMEOUT_S = 240  # per torchrun launch; a rank that waits forever fails the test here
-
-
-def _no_png(*args, **kwargs):
-    raise RuntimeError("PNG export switched off in the data-parallel tests")
+#: One thread per process, in the ranks and the single-process reference alike.
+_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "120"}
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Run:
-    """The single-process run of SETTINGS."""
-    import plotly.io as pio
-
-    from workbench.models import load_model
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pio, "write_images", _no_png)
-        return score_model(load_model("zoo-2l", device="cpu"), SETTINGS, tmp_path_factory.mktemp("dp") / "single",
-                           progress=False)
+    """The single-process run of SETTINGS, through the same driver and with the same thread
+    count as the ranks (bit-for-bit equality of float sums needs the same threads)."""
+    folder = tmp_path_factory.mktemp("dp")
+    script = folder / "driver.py"
+    script.write_text(DRIVER)
+    cmd = [sys.executable, str(script), "single", str(folder / "log.jsonl"), *ARGS, "--out", str(folder / "single")]
+    result = subprocess.run(cmd, cwd=folder, env=_ENV, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert result.returncode == 0, _shown(result)
+    return Run.open(folder / "single")
 
 
 #: A driver in place of ``-m workbench``: switches PNG export off, applies one rank's change,
 #: then runs the ``workbench`` command with the arguments after the mode.
-DRIVER = textwrap.dedent('''
+DRIVER = textwrap.dedent("""
     import json, os, sys
     from pathlib import Path
 
@@ -66,7 +80,7 @@ DRIVER = textwrap.dedent('''
 
     pio.write_images = no_png
     mode, log, args = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
-    rank, attempt = int(os.environ["RANK"]), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    rank, attempt = int(os.environ.get("RANK", "0")), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if mode == "kill":  # rank 1 of the first attempt dies at its second sample, after its first part
         import workbench.scoring.run as scoring
         from workbench.runs import Run
@@ -95,18 +109,18 @@ DRIVER = textwrap.dedent('''
 
     sys.argv = ["workbench", "score", *args]
     main_cli()
-''')
+""")
 
 
 def _torchrun(cwd: Path, *command: str, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node=2 [launcher options] command`` in ``cwd``."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "120"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *launcher, *command]
     try:
-        return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+        return subprocess.run(cmd, cwd=cwd, env=_ENV, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
     except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"torchrun did not end within {LAUNCH_TIMEOUT_S} s (a rank waiting forever?):\n"
-                    f"{exc.stdout}\n{exc.stderr}")
+        pytest.fail(
+            f"torchrun did not end within {LAUNCH_TIMEOUT_S} s (a rank waiting forever?):\n{exc.stdout}\n{exc.stderr}"
+        )
 
 
 def _driver(tmp_path: Path, mode: str, *args: str, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
@@ -135,8 +149,12 @@ def test_two_ranks_score_the_tables_of_one_process(tmp_path, reference):
     run = Run.open(out)
     _assert_same_tables(run, reference)
     assert run.manifest["world_size"] == 2
-    assert run.manifest["scored_by"] == {"repeats-128-000": 0, "repeats-128-001": 1,
-                                         "niah-128-d0.50-000": 0, "niah-128-d0.50-001": 1}
+    assert run.manifest["scored_by"] == {
+        "repeats-128-000": 0,
+        "repeats-128-001": 1,
+        "niah-128-d0.50-000": 0,
+        "niah-128-d0.50-001": 1,
+    }
     assert run.parts_done() == KEYS
     assert result.stdout.count("top heads per score") == 1, _shown(result)
     assert "error" not in result.stderr.lower(), _shown(result)

@@ -23,13 +23,33 @@ from workbench.recording import PatternSpec
 
 SPEC = StatsSpec.all(sink_tokens=1, window=4, offsets=(1, 2))
 CONFIGS = {
-    "llama-gqa": lambda: LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128),
-    "qwen2-gqa": lambda: Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128),
+    "llama-gqa": lambda: LlamaConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    ),
+    "qwen2-gqa": lambda: Qwen2Config(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+    ),
     "gpt2": lambda: GPT2Config(vocab_size=97, n_embd=64, n_layer=2, n_head=4, n_positions=128),
-    "bert": lambda: BertConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                               num_attention_heads=4, max_position_embeddings=128),
+    "bert": lambda: BertConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+    ),
 }
 
 
@@ -40,7 +60,9 @@ def build(kind: str):
     model = auto.from_config(cfg, attn_implementation="eager").eval()
     with torch.no_grad():  # sharper patterns than the init gives
         for name, p in model.named_parameters():
-            if any(s in name for s in ("q_proj.weight", "k_proj.weight", "query.weight", "key.weight", "c_attn.weight")):
+            if any(
+                s in name for s in ("q_proj.weight", "k_proj.weight", "query.weight", "key.weight", "c_attn.weight")
+            ):
                 p.mul_(4)
     return model
 
@@ -50,7 +72,7 @@ def inputs(n=24, batch=2, vocab=97):
     ids = torch.randint(0, vocab, (batch, n), generator=g)
     mask = torch.ones_like(ids)
     if batch > 1:
-        mask[1, n - 7:] = 0  # right padding on the second sequence
+        mask[1, n - 7 :] = 0  # right padding on the second sequence
     return ids, mask
 
 

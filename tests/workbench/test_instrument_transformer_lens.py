@@ -29,8 +29,16 @@ def tiny_model(kind: str, seed: int = SEED) -> HookedTransformer:
         return load_model("zoo-2l", device="cpu")
     torch.manual_seed(seed)
     cfg = HookedTransformerConfig(
-        n_layers=2, d_model=64, n_heads=4, d_head=16, n_ctx=96, d_vocab=61, act_fn="gelu",
-        normalization_type="LN", seed=seed, **CONFIGS[kind],
+        n_layers=2,
+        d_model=64,
+        n_heads=4,
+        d_head=16,
+        n_ctx=96,
+        d_vocab=61,
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=seed,
+        **CONFIGS[kind],
     )
     model = HookedTransformer(cfg)
     # Larger weights than the init give peaked, varied patterns (a stronger test).

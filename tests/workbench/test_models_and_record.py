@@ -29,6 +29,7 @@ def test_minilm_is_the_real_pretrained_encoder(minilm):
     enc = minilm.tokenizer(["hello world"], return_tensors="pt")
     with torch.no_grad():
         emb = minilm(**enc).last_hidden_state.mean(1)
+
     # Trained weights: a sentence embedding is far from what a random init gives, and two
     # related sentences are closer than two unrelated ones.
     def embed(texts):
@@ -37,6 +38,7 @@ def test_minilm_is_the_real_pretrained_encoder(minilm):
             h = minilm(**e).last_hidden_state
         m = e["attention_mask"].unsqueeze(-1)
         return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+
     a, b, c = embed(["A man is eating food.", "A man is eating a meal.", "The stock market fell sharply."])
     assert (a @ b) > (a @ c) + 0.3
     assert emb.shape == (1, 384)
@@ -60,9 +62,13 @@ def test_minilm_statistics_equal_eager_output_attentions(minilm):
         got = rec.layer(layer)
         for b, n in enumerate(lengths.tolist()):
             for name, t in want.items():
-                torch.testing.assert_close(getattr(got, name)[b, :, :n].double(), t[b, :, :n],
-                                           atol=5e-5 * (n if name == "distance" else 1), rtol=1e-4,
-                                           msg=f"layer {layer} {name}")
+                torch.testing.assert_close(
+                    getattr(got, name)[b, :, :n].double(),
+                    t[b, :, :n],
+                    atol=5e-5 * (n if name == "distance" else 1),
+                    rtol=1e-4,
+                    msg=f"layer {layer} {name}",
+                )
 
 
 def test_random_shapes_are_the_published_ones():

@@ -16,8 +16,15 @@ def _tiny_llama():
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(SEED)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    cfg = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
 
 
@@ -28,8 +35,10 @@ def _same_recordings(a, b) -> None:
             torch.testing.assert_close(x.cpu(), y.cpu(), rtol=0, atol=0, msg=name)
 
 
-@pytest.mark.parametrize("n_layers, n_devices, want", [(5, 2, [0, 0, 0, 1, 1]), (4, 4, [0, 1, 2, 3]),
-                                                       (2, 4, [0, 2]), (7, 3, [0, 0, 0, 1, 1, 2, 2])])
+@pytest.mark.parametrize(
+    "n_layers, n_devices, want",
+    [(5, 2, [0, 0, 0, 1, 1]), (4, 4, [0, 1, 2, 3]), (2, 4, [0, 2]), (7, 3, [0, 0, 0, 1, 1, 2, 2])],
+)
 def test_blocks_spread_evenly_in_order(n_layers, n_devices, want):
     devices = block_devices(n_layers, n_devices, torch.device("cuda", 0))
     assert [d.index for d in devices] == want
@@ -42,8 +51,10 @@ def test_placed_zoo_model_records_what_the_unplaced_one_does(zoo):
     placed = load_model("zoo-2l", device_map="auto")
     want = "cuda:0" if torch.cuda.is_available() else "cpu"
     assert devices_of(placed)[0] == want
-    _same_recordings(record(plain, ids, progress=False, backend="reference"),
-                     record(placed, ids, progress=False, backend="reference"))
+    _same_recordings(
+        record(plain, ids, progress=False, backend="reference"),
+        record(placed, ids, progress=False, backend="reference"),
+    )
 
 
 @pytest.mark.parametrize("device_map", ["auto", "sequential", {"": "cpu"}])
@@ -56,15 +67,18 @@ def test_placed_hugging_face_model_records_what_the_unplaced_one_does(device_map
     _same_recordings(record(plain, ids, progress=False), record(placed, ids, progress=False))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(device="cpu", device_map="auto"), "not both"),
-    (dict(device_map="everywhere"), "unknown device_map"),
-    (dict(device_map=0), ">= 1"),
-    (dict(device_map=True), "device_map must be"),
-    (dict(device_map=64), "GPUs asked for"),
-    (dict(max_memory={0: "10GiB"}), "give device_map as well"),
-    (dict(device_map={"blocks.0": "cpu"}), "not a dict"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(device="cpu", device_map="auto"), "not both"),
+        (dict(device_map="everywhere"), "unknown device_map"),
+        (dict(device_map=0), ">= 1"),
+        (dict(device_map=True), "device_map must be"),
+        (dict(device_map=64), "GPUs asked for"),
+        (dict(max_memory={0: "10GiB"}), "give device_map as well"),
+        (dict(device_map={"blocks.0": "cpu"}), "not a dict"),
+    ],
+)
 def test_bad_device_maps_are_refused(kwargs, message):
     with pytest.raises(WorkbenchError, match=message):
         load_model("zoo-2l", **kwargs)

@@ -162,8 +162,14 @@ def test_complete_run_writes_head_scores(complete_run, shape):
     n_layers, n_heads = shape
     hs = complete_run.table("head_scores")
     assert list(hs.columns) == HEAD_COLUMNS
-    expected = {(task, score, layer, head) for task in ALL.tasks for score in scores_for([task])
-                for layer in range(n_layers) for head in range(n_heads) if score in ALL.scores}
+    expected = {
+        (task, score, layer, head)
+        for task in ALL.tasks
+        for score in scores_for([task])
+        for layer in range(n_layers)
+        for head in range(n_heads)
+        if score in ALL.scores
+    }
     got = list(zip(hs["task"], hs["score"], hs["layer"], hs["head"]))
     assert len(got) == len(set(got)) and set(got) == expected
     assert set(hs["score"]) == set(ALL.scores) == set(SCORES)
@@ -395,25 +401,50 @@ def runs_folder(complete_run, tmp_path):
     return root
 
 
-@pytest.mark.parametrize("content, message", [
-    (b'{"format": "attention-workbench-run", ', "not readable JSON"),
-    (b"\xff\xfe\x00 binary", "not readable JSON"),
-    (b"[1, 2, 3]", "not a workbench run manifest"),
-    (b'{"settings": {}, "status": "complete"}', "not a workbench run manifest"),
-    (b'{"format": "something-else", "settings": {}, "status": "complete"}', "missing format tag"),
-    (b"", "not readable JSON"),
-    (b"null", "not a workbench run manifest"),
-    (b"42", "not a workbench run manifest"),
-    (b'"manifest"', "not a workbench run manifest"),
-    (b'{"format": "attention-workbench-run", "settings": [1], "status": "running"}', "settings as a mapping"),
-    (b'{"format": "attention-workbench-run", "format_version": "2", "settings": {}, "status": "running"}',
-     "format_version is '2', not a number"),
-    (b'{"format": "attention-workbench-run", "format_version": 2, "settings": {}, "status": "complete", '
-     b'"tables": ["head_scores"]}', r"'tables' \(a list, not a mapping\)"),
-    (b'{"format": "attention-workbench-run", "format_version": 2, "settings": {}, "status": "complete", '
-     b'"parts": {"repeats-128-000": "abc"}}', r"'parts' \(no valid sha256 for repeats-128-000\)"),
-], ids=["truncated", "binary", "list", "untagged", "other-format", "empty", "null", "number", "string",
-        "settings-list", "version-text", "tables-list", "bad-part-hash"])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'{"format": "attention-workbench-run", ', "not readable JSON"),
+        (b"\xff\xfe\x00 binary", "not readable JSON"),
+        (b"[1, 2, 3]", "not a workbench run manifest"),
+        (b'{"settings": {}, "status": "complete"}', "not a workbench run manifest"),
+        (b'{"format": "something-else", "settings": {}, "status": "complete"}', "missing format tag"),
+        (b"", "not readable JSON"),
+        (b"null", "not a workbench run manifest"),
+        (b"42", "not a workbench run manifest"),
+        (b'"manifest"', "not a workbench run manifest"),
+        (b'{"format": "attention-workbench-run", "settings": [1], "status": "running"}', "settings as a mapping"),
+        (
+            b'{"format": "attention-workbench-run", "format_version": "2", "settings": {}, "status": "running"}',
+            "format_version is '2', not a number",
+        ),
+        (
+            b'{"format": "attention-workbench-run", "format_version": 2, "settings": {}, "status": "complete", '
+            b'"tables": ["head_scores"]}',
+            r"'tables' \(a list, not a mapping\)",
+        ),
+        (
+            b'{"format": "attention-workbench-run", "format_version": 2, "settings": {}, "status": "complete", '
+            b'"parts": {"repeats-128-000": "abc"}}',
+            r"'parts' \(no valid sha256 for repeats-128-000\)",
+        ),
+    ],
+    ids=[
+        "truncated",
+        "binary",
+        "list",
+        "untagged",
+        "other-format",
+        "empty",
+        "null",
+        "number",
+        "string",
+        "settings-list",
+        "version-text",
+        "tables-list",
+        "bad-part-hash",
+    ],
+)
 def test_a_corrupt_manifest_is_reported(tmp_path, content, message):
     (tmp_path / MANIFEST).write_bytes(content)
     with pytest.raises(WorkbenchError, match=message) as err:
@@ -441,8 +472,12 @@ def test_a_manifest_cut_short_anywhere_is_reported(complete_run, tmp_path):
 
 
 def test_a_run_of_a_newer_format_is_refused(tmp_path):
-    manifest = {"format": "attention-workbench-run", "format_version": FORMAT_VERSION + 1, "settings": {},
-                "status": "complete"}
+    manifest = {
+        "format": "attention-workbench-run",
+        "format_version": FORMAT_VERSION + 1,
+        "settings": {},
+        "status": "complete",
+    }
     (tmp_path / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(WorkbenchError, match=rf"newer workbench \(format {FORMAT_VERSION + 1}\); upgrade"):
         Run.open(tmp_path)
@@ -488,8 +523,7 @@ def test_a_corrupt_run_is_refused_unless_forced(runs_folder):
 
 def test_score_and_runs_commands(tmp_path, no_png):
     out = tmp_path / "runs" / "r1"
-    result = runner.invoke(app, ["score", "--task", "repeats", "--lengths", "128", "--samples", "2",
-                                 "--out", str(out)])
+    result = runner.invoke(app, ["score", "--task", "repeats", "--lengths", "128", "--samples", "2", "--out", str(out)])
     assert result.exit_code == 0, result.output
     for score in scores_for(["repeats"]):
         assert score in result.output
@@ -520,12 +554,15 @@ def test_score_and_runs_commands(tmp_path, no_png):
 BAD_INPUT = {
     "unknown-score": (["--scores", "nope"], ["unknown score", "nope", "induction", "retrieval"]),
     "unknown-task": (["--task", "nope"], ["unknown task", "nope", "niah, repeats, text"]),
-    "score-of-another-task": (["--task", "text", "--scores", "induction"], ["no chosen task defines induction",
-                                                                           "--task repeats"]),
-    "beyond-context": (["--task", "repeats", "--lengths", "4096", "--samples", "1"],
-                       ["4096", f"context of {CONTEXT}"]),
-    "needle-does-not-fit": (["--task", "niah", "--lengths", "16", "--samples", "1", "--depths", "0.5"],
-                            ["needle sample of 16 tokens does not fit"]),
+    "score-of-another-task": (
+        ["--task", "text", "--scores", "induction"],
+        ["no chosen task defines induction", "--task repeats"],
+    ),
+    "beyond-context": (["--task", "repeats", "--lengths", "4096", "--samples", "1"], ["4096", f"context of {CONTEXT}"]),
+    "needle-does-not-fit": (
+        ["--task", "niah", "--lengths", "16", "--samples", "1", "--depths", "0.5"],
+        ["needle sample of 16 tokens does not fit"],
+    ),
     "lengths-not-numbers": (["--lengths", "abc"], ["--lengths must be comma-separated integers", "abc"]),
     "length-too-short": (["--task", "repeats", "--lengths", "4"], ["at least 8 tokens"]),
     "depths-not-numbers": (["--depths", "half"], ["--depths must be comma-separated fractions", "half"]),
@@ -543,12 +580,16 @@ def test_score_rejects_bad_input(tmp_path, args, fragments):
         assert fragment in result.output
 
 
-@pytest.mark.parametrize("command, message", [
-    (["runs", "show", "{tmp}"], "is not a run folder: it has no manifest.json"),
-    (["runs", "show", "{tmp}/missing"], "is not a run folder"),
-    (["runs", "list", "{tmp}/missing"], "does not exist"),
-    (["runs", "list", "{tmp}/file"], "is a file, not a folder"),
-], ids=["show-not-a-run", "show-missing", "list-missing", "list-file"])
+@pytest.mark.parametrize(
+    "command, message",
+    [
+        (["runs", "show", "{tmp}"], "is not a run folder: it has no manifest.json"),
+        (["runs", "show", "{tmp}/missing"], "is not a run folder"),
+        (["runs", "list", "{tmp}/missing"], "does not exist"),
+        (["runs", "list", "{tmp}/file"], "is a file, not a folder"),
+    ],
+    ids=["show-not-a-run", "show-missing", "list-missing", "list-file"],
+)
 def test_runs_commands_reject_bad_folders(tmp_path, command, message):
     (tmp_path / "file").write_text("not a folder")
     result = runner.invoke(app, [c.format(tmp=tmp_path) for c in command])
@@ -583,15 +624,18 @@ def test_resume_scores_with_the_stored_model(tmp_path, monkeypatch, no_png):
 
 
 def _parts(rows: list[tuple]) -> pd.DataFrame:
-    frame = pd.DataFrame(rows, columns=["task", "length", "depth", "sample", "name", "layer", "head", "bucket",
-                                        "total", "count"])
+    frame = pd.DataFrame(
+        rows, columns=["task", "length", "depth", "sample", "name", "layer", "head", "bucket", "total", "count"]
+    )
     return frame.astype({"layer": "int32", "head": "int32", "bucket": "int64"})
 
 
 def test_aggregate_is_total_over_count():
     nan = math.nan
-    sink = {0: [(0, 3.0, 10.0), (1, 5.0, 30.0), (2, 0.0, 0.0)],  # head: (sample, total, count)
-            1: [(0, 7.5, 10.0), (1, 1.25, 30.0), (2, 0.0, 0.0)]}
+    sink = {
+        0: [(0, 3.0, 10.0), (1, 5.0, 30.0), (2, 0.0, 0.0)],  # head: (sample, total, count)
+        1: [(0, 7.5, 10.0), (1, 1.25, 30.0), (2, 0.0, 0.0)],
+    }
     rows = [("repeats", 128, nan, s, "sink", 0, h, -1, t, c) for h, tallies in sink.items() for s, t, c in tallies]
     rows += [("repeats", 128, nan, s, "streaming", 0, 0, -1, 0.0, 0.0) for s in range(3)]  # no row in reach
     rows += [("repeats", 128, nan, s, "seconds", -1, -1, -1, 0.5, 1.0) for s in range(3)]  # not a head score
@@ -648,14 +692,31 @@ def test_default_lengths_and_scores_fit_the_model(tmp_path):
     """Without --lengths and --scores, an encoder with a 512-token context gets the lengths that
     fit and every score but retrieval (which needs a causal language model)."""
     out = tmp_path / "minilm"
-    result = runner.invoke(app, ["score", "--model", "minilm", "--task", "niah", "--samples", "1", "--depths", "0.5",
-                                 "--device", "cpu", "--out", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "score",
+            "--model",
+            "minilm",
+            "--task",
+            "niah",
+            "--samples",
+            "1",
+            "--depths",
+            "0.5",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     run = Run.open(out)
     assert run.manifest["settings"]["lengths"] == [512]
     assert set(run.table("head_scores")["score"]) == set(scores_for(["niah"])) - {"retrieval"}
-    result = runner.invoke(app, ["score", "--model", "minilm", "--task", "niah", "--scores", "retrieval",
-                                 "--out", str(tmp_path / "other")])
+    result = runner.invoke(
+        app, ["score", "--model", "minilm", "--task", "niah", "--scores", "retrieval", "--out", str(tmp_path / "other")]
+    )
     assert result.exit_code == 2 and "causal language model" in " ".join(result.output.split())
 
 
@@ -697,7 +758,7 @@ def fail_once(monkeypatch, where: str, code: int, target) -> list[Path]:
 
     def write_text(self, data, *args, **kwargs):
         if where == "write" and self.name.endswith(".tmp") and armed(final(self)):
-            real_text(self, data[:len(data) // 2], *args, **kwargs)
+            real_text(self, data[: len(data) // 2], *args, **kwargs)
             raise error(final(self))
         return real_text(self, data, *args, **kwargs)
 
@@ -734,10 +795,18 @@ def _final_manifest(monkeypatch):
 DISK_FAULTS = {  # where, errno, which file, what the message says to do
     "full-while-writing-a-part": ("write", errno.ENOSPC, lambda mp: _part(1), "free some space"),
     "read-only-when-renaming-a-part": ("replace", errno.EROFS, lambda mp: _part(1), "writable folder"),
-    "read-only-when-committing-a-part": ("replace", errno.EROFS, lambda mp: lambda p: p.suffix == ".sha256",
-                                         "writable folder"),
-    "full-when-renaming-a-table": ("replace", errno.ENOSPC, lambda mp: lambda p: p.name == "profiles.parquet",
-                                   "free some space"),
+    "read-only-when-committing-a-part": (
+        "replace",
+        errno.EROFS,
+        lambda mp: lambda p: p.suffix == ".sha256",
+        "writable folder",
+    ),
+    "full-when-renaming-a-table": (
+        "replace",
+        errno.ENOSPC,
+        lambda mp: lambda p: p.name == "profiles.parquet",
+        "free some space",
+    ),
     "full-while-writing-the-final-manifest": ("write", errno.ENOSPC, _final_manifest, "free some space"),
     "read-only-when-renaming-the-final-manifest": ("replace", errno.EROFS, _final_manifest, "writable folder"),
     "io-error-in-fsync-of-a-part": ("fsync", errno.EIO, lambda mp: _part(1), "check the disk"),
@@ -745,8 +814,9 @@ DISK_FAULTS = {  # where, errno, which file, what the message says to do
 
 
 @pytest.mark.parametrize("where, code, target, todo", DISK_FAULTS.values(), ids=DISK_FAULTS.keys())
-def test_a_full_or_read_only_disk_stops_the_run_and_loses_nothing(model, repeats_run, tmp_path, monkeypatch, no_png,
-                                                                   where, code, target, todo):
+def test_a_full_or_read_only_disk_stops_the_run_and_loses_nothing(
+    model, repeats_run, tmp_path, monkeypatch, no_png, where, code, target, todo
+):
     """Writing onto a full or read-only disk (we run as root: simulated by OSError from the write,
     the rename or the fsync) raises a WorkbenchError naming the file and what to do, leaves no
     temporary file, and keeps everything committed before readable and verified; the same
@@ -769,7 +839,7 @@ def test_a_full_or_read_only_disk_stops_the_run_and_loses_nothing(model, repeats
         stopped.table(name)  # verified
     uncommitted = [k for k, state in stopped.part_states().items() if state != "done"]
     assert len(uncommitted) == (where == "replace" and failed[0].suffix == ".sha256")  # a part without its record
-    with (pytest.warns(RuntimeWarning, match=uncommitted[0]) if uncommitted else contextlib.nullcontext()):
+    with pytest.warns(RuntimeWarning, match=uncommitted[0]) if uncommitted else contextlib.nullcontext():
         run = score_model(model, REPEATS, out, progress=False)
     for name in ("head_scores", "profiles"):
         pd.testing.assert_frame_equal(run.table(name), repeats_run.table(name), check_exact=True)

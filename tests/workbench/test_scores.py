@@ -34,7 +34,6 @@ from workbench.tasks import TaskSample, text_samples
 ROW_SCORES = [s for s in SCORES if s != "retrieval"]
 
 
-
 def _explicit_pattern(q, k, causal):  # float64 [B, H, N, N]
     s = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(q.shape[-1])
     if causal:
@@ -63,8 +62,15 @@ def _oracle(p: torch.Tensor, settings: ScoreSettings, causal: bool, tokens: torc
     }
     for name in ("previous_token", "duplicate_token", "induction"):
         detection = getattr(head_detector, f"get_{name}_head_detection_pattern")(tokens.view(1, -1)).double()
-        out[name] = torch.tensor([head_detector.compute_head_attention_similarity_score(
-            p[i], detection, exclude_bos=False, exclude_current_token=False, error_measure="mul") for i in range(h)], dtype=torch.float64)
+        out[name] = torch.tensor(
+            [
+                head_detector.compute_head_attention_similarity_score(
+                    p[i], detection, exclude_bos=False, exclude_current_token=False, error_measure="mul"
+                )
+                for i in range(h)
+            ],
+            dtype=torch.float64,
+        )
     return out
 
 
@@ -77,8 +83,9 @@ def test_tallies_match_explicit_patterns(backend, causal, device):
     gen = torch.Generator().manual_seed(SEED)
     for period, repeats, prefix in ((5, 3, 1), (11, 2, 1), (7, 4, 0), (30, 2, 1)):
         n = prefix + period * repeats
-        settings = ScoreSettings(sink_tokens=int(torch.randint(1, 4, (), generator=gen)),
-                                 window=int(torch.randint(1, 9, (), generator=gen)))
+        settings = ScoreSettings(
+            sink_tokens=int(torch.randint(1, 4, (), generator=gen)), window=int(torch.randint(1, 9, (), generator=gen))
+        )
         h, d = 3, 16
         q, k, v = (torch.randn(1, h, n, d, generator=gen) * 2 for _ in range(3))
         # a sharp previous-token / induction-like structure, so the detector scores are not all tiny
@@ -87,13 +94,20 @@ def test_tallies_match_explicit_patterns(backend, causal, device):
         tokens = torch.cat([torch.zeros(prefix, dtype=torch.long), seq.repeat(repeats)])
         spec = stats_spec(ROW_SCORES, settings, period, repeats)
         _, st = attention(q.to(device), k.to(device), v.to(device), causal=causal, stats=spec, backend=backend)
-        got = {name: (total.cpu(), count) for name, (total, count)
-               in prefill_tallies(st, ROW_SCORES, settings, spec, causal, period, repeats).items()}
+        got = {
+            name: (total.cpu(), count)
+            for name, (total, count) in prefill_tallies(st, ROW_SCORES, settings, spec, causal, period, repeats).items()
+        }
         want = _oracle(_explicit_pattern(q, k, causal)[0], settings, causal, tokens)
         for name in ROW_SCORES:
             total, count = got[name]
-            torch.testing.assert_close(total / count, want[name], atol=2e-5, rtol=1e-4,
-                                       msg=lambda m, name=name: f"{name} (period {period}): {m}")
+            torch.testing.assert_close(
+                total / count,
+                want[name],
+                atol=2e-5,
+                rtol=1e-4,
+                msg=lambda m, name=name, period=period: f"{name} (period {period}): {m}",
+            )
 
 
 def test_detector_scores_agree_with_transformer_lens(zoo):
@@ -103,8 +117,12 @@ def test_detector_scores_agree_with_transformer_lens(zoo):
     letters = string.ascii_letters + string.digits
     for period, repeats in ((40, 2), (25, 3)):
         seqs = ["".join(rng.sample(letters, period)) * repeats for _ in range(3)]
-        ours = {name: torch.zeros(2, 4, dtype=torch.float64) for name in ("previous_token", "duplicate_token", "induction")}
-        settings = ScoreRunSettings(model="zoo-2l", tasks=("repeats",), lengths=(1 + period * repeats,), repeats=repeats)
+        ours = {
+            name: torch.zeros(2, 4, dtype=torch.float64) for name in ("previous_token", "duplicate_token", "induction")
+        }
+        settings = ScoreRunSettings(
+            model="zoo-2l", tasks=("repeats",), lengths=(1 + period * repeats,), repeats=repeats
+        )
         for seq in seqs:
             ids = zoo.to_tokens(seq)[0]
             assert len(ids) == 1 + period * repeats
@@ -138,8 +156,10 @@ def test_minilm_sink_matches_hugging_face_eager():
             frame = frame[frame["bucket"] < 0].set_index(["name", "layer", "head"])
             for layer, p in enumerate(patterns):
                 p = p[0].double()
-                for name, want in (("sink", p[..., 0].mean(-1)),
-                                   ("entropy", (-torch.special.xlogy(p, p).sum(-1)).mean(-1))):
+                for name, want in (
+                    ("sink", p[..., 0].mean(-1)),
+                    ("entropy", (-torch.special.xlogy(p, p).sum(-1)).mean(-1)),
+                ):
                     rows = frame.loc[name].loc[layer]
                     got = torch.tensor((rows["total"] / rows["count"]).to_numpy())
                     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
@@ -166,8 +186,15 @@ def _tiny_llama():
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(SEED)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    cfg = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
     model.tokenizer = None
     return model
@@ -204,8 +231,9 @@ def test_default_model_has_the_documented_heads(zoo, tmp_path):
     """The committed zoo-2l, scored the way `workbench score` does (figures in docs/zoo.md):
     previous-token heads in layer 0, induction heads in layer 1, retrieval through the
     layer-1 copying heads, and a head that parks on <bos> when there is nothing to copy yet."""
-    settings = ScoreRunSettings(model="zoo-2l", tasks=("niah", "repeats"), lengths=(75, 512), samples=6,
-                                depths=(0.2, 0.5, 0.8))
+    settings = ScoreRunSettings(
+        model="zoo-2l", tasks=("niah", "repeats"), lengths=(75, 512), samples=6, depths=(0.2, 0.5, 0.8)
+    )
     scores = score_model(zoo, settings, tmp_path / "run", progress=False).table("head_scores")
     value = scores.set_index(["task", "score", "layer", "head"])["value"].sort_index()
     at = lambda task, score, layer: value.loc[(task, score, layer)]  # noqa: E731
@@ -240,8 +268,9 @@ def test_ablating_the_top_retrieval_head_hurts_retrieval_most(zoo, tmp_path):
     """Zero-ablating (hook_z) the layer-1 head with the highest retrieval score costs more needle
     accuracy than ablating any other layer-1 head. (Layer-0 heads are left out: they feed every
     layer-1 copying head, so removing any of them breaks retrieval too; docs/zoo.md.)"""
-    settings = ScoreRunSettings(model="zoo-2l", tasks=("niah",), scores=("retrieval",), lengths=(512,), samples=8,
-                                depths=(0.2, 0.5, 0.8))
+    settings = ScoreRunSettings(
+        model="zoo-2l", tasks=("niah",), scores=("retrieval",), lengths=(512,), samples=8, depths=(0.2, 0.5, 0.8)
+    )
     base = score_model(zoo, settings, tmp_path / "base", progress=False)
     retrieval = base.table("head_scores").query("layer == 1").set_index("head")["value"]
     top = int(retrieval.idxmax())

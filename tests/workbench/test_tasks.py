@@ -26,13 +26,13 @@ def test_needle_samples_know_their_needle_and_answer(tokenizer):
     assert len(samples) == 2 * len(depths) * 2
     for i, s in enumerate(samples):  # ordered by length, then depth
         assert len(s.ids) + len(s.answer) == (300 if i < len(samples) // 2 else 700) and s.ids.dtype == torch.long
-        needle = s.ids[s.needle.start:s.needle.stop]
+        needle = s.ids[s.needle.start : s.needle.stop]
         text = tokenizer.decode(needle).lower()
         assert "secret code of" in text and tokenizer.decode(s.answer).strip() in text
         # the question at the end is the needle up to the answer, so copying it is retrieval
         q = len(s.ids) - (len(needle) - len(s.answer) - 1)
         assert torch.equal(s.ids[q:], needle[: len(s.ids) - q])
-        assert torch.equal(needle[len(s.ids) - q: len(s.ids) - q + len(s.answer)], s.answer)
+        assert torch.equal(needle[len(s.ids) - q : len(s.ids) - q + len(s.answer)], s.answer)
     starts = [[s.needle.start for s in samples if s.depth == d and len(s.ids) + len(s.answer) == 700] for d in depths]
     assert all(max(a) < min(b) for a, b in zip(starts, starts[1:]))  # deeper needles sit later
 
@@ -46,7 +46,7 @@ def test_zoo_model_answers_needle_samples(zoo):
             cur = s.ids[None]
             for _ in range(len(s.answer)):
                 cur = torch.cat([cur, model(cur)[0, -1].argmax().view(1, 1)], 1)
-            correct += torch.equal(cur[0, len(s.ids):], s.answer)
+            correct += torch.equal(cur[0, len(s.ids) :], s.answer)
     assert correct >= 3  # chance is 1e-4 per sample; the model scores ~0.8 at this length
 
 
@@ -54,7 +54,7 @@ def test_repeat_samples(tokenizer):
     samples = repeat_samples(tokenizer, period=23, repeats=3, n=5, seed=SEED)
     special = set(tokenizer.all_special_ids)
     for s in samples:
-        body = s.ids[len(s.ids) - 69:]
+        body = s.ids[len(s.ids) - 69 :]
         assert len(s.ids) in (69, 70) and s.period == 23
         assert torch.equal(body[:23], body[23:46]) and torch.equal(body[:23], body[46:])
         assert not special & set(body.tolist())

@@ -33,10 +33,11 @@ def test_mixture_is_deterministic_and_varies_the_period():
     assert len(periods) > 10
     assert torch.all(ids[:, 0] == byte_tokenizer().bos_token_id)
     for row, mask in zip(ids, loss):  # the unpredictable first period is left out of the loss...
-        period = next(p for p in range(1, 200) if torch.equal(row[1 + p:], row[1:-p]))
-        assert not mask[: period + 1].any() and mask[period + 1:].all()
-    _, loss = sample_batch(40, 300, torch.Generator().manual_seed(1),
-                           Mixture(text=0, repeat=1, needle=0, first_period_loss=True))
+        period = next(p for p in range(1, 200) if torch.equal(row[1 + p :], row[1:-p]))
+        assert not mask[: period + 1].any() and mask[period + 1 :].all()
+    _, loss = sample_batch(
+        40, 300, torch.Generator().manual_seed(1), Mixture(text=0, repeat=1, needle=0, first_period_loss=True)
+    )
     assert loss.all()  # ...unless asked for
     ids, loss = sample_batch(6, 300, torch.Generator().manual_seed(2), Mixture(text=0, repeat=0, needle=1))
     tok = byte_tokenizer()

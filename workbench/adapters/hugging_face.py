@@ -20,12 +20,24 @@ from workbench.errors import WorkbenchError
 IMPLEMENTATION = "workbench"
 # id(attention module) -> (collector, layer index, statistics, backend) while instrumented
 _routes: dict[int, tuple] = {}
-_UNSUPPORTED_KWARGS = {"softcap": "attention-score soft-capping", "sliding_window": "sliding-window attention",
-                       "s_aux": "learned attention sinks"}
+_UNSUPPORTED_KWARGS = {
+    "softcap": "attention-score soft-capping",
+    "sliding_window": "sliding-window attention",
+    "s_aux": "learned attention sinks",
+}
 
 
-def workbench_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
-                        scaling: float | None = None, is_causal: bool | None = None, **kwargs):
+def workbench_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+):
     """``AttentionInterface`` function: query ``[B, Hq, Nq, D]``, key/value ``[B, Hkv, Nk, D]``;
     returns ``([B, Nq, Hq, D], None)`` and records the statistics of this layer."""
     route = _routes.get(id(module))
@@ -66,9 +78,7 @@ def attention_modules(model) -> list[tuple[int, torch.nn.Module]]:
     """``(layer, module)`` for every submodule that carries a layer index."""
     found = [(m.layer_idx, m) for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
     if not found:
-        raise WorkbenchError(
-            f"found no attention layers (modules with a layer_idx) in {type(model).__name__}"
-        )
+        raise WorkbenchError(f"found no attention layers (modules with a layer_idx) in {type(model).__name__}")
     return found
 
 
@@ -162,14 +172,22 @@ class HuggingFaceAdapter:
         heads, d_head = self.head_shape
         handles = []
         for layer, module in attention_modules(self.model):
-            proj = next((getattr(module, n) for n in _OUTPUT_PROJECTIONS
-                         if isinstance(getattr(module, n, None), torch.nn.Module)), None)
+            proj = next(
+                (
+                    getattr(module, n)
+                    for n in _OUTPUT_PROJECTIONS
+                    if isinstance(getattr(module, n, None), torch.nn.Module)
+                ),
+                None,
+            )
             if proj is None:
                 for h in handles:
                     h.remove()
-                raise WorkbenchError(f"cannot find the output projection of {type(module).__name__} (looked for "
-                                     f"{', '.join(_OUTPUT_PROJECTIONS)}): head ablation does not support this "
-                                     "architecture yet")
+                raise WorkbenchError(
+                    f"cannot find the output projection of {type(module).__name__} (looked for "
+                    f"{', '.join(_OUTPUT_PROJECTIONS)}): head ablation does not support this "
+                    "architecture yet"
+                )
 
             def pre_hook(mod, args, layer=layer):
                 x = args[0]

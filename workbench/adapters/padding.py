@@ -22,13 +22,15 @@ class KernelMask:
     mask: torch.Tensor | None = None
 
     def kwargs(self, backend: str) -> dict:
-        return dict(key_lengths=self.key_lengths, query_lengths=self.query_lengths, mask=self.mask,
-                    backend="reference" if self.mask is not None else backend)
+        return dict(
+            key_lengths=self.key_lengths,
+            query_lengths=self.query_lengths,
+            mask=self.mask,
+            backend="reference" if self.mask is not None else backend,
+        )
 
 
-def from_key_mask(
-    keep: torch.Tensor | None, n_q: int, n_k: int, additive: torch.Tensor | None = None
-) -> KernelMask:
+def from_key_mask(keep: torch.Tensor | None, n_q: int, n_k: int, additive: torch.Tensor | None = None) -> KernelMask:
     """``keep``: ``[B, >= Nk]`` 1/True for real tokens (its last ``Nk`` columns are the keys);
     ``additive``: an optional float mask broadcastable to ``[B, 1, 1, Nk]``."""
     if keep is None and additive is None:

@@ -30,8 +30,12 @@ def unsupported_features(cfg) -> list[str]:
         found.append(f"{cfg.positional_embedding_type} position bias")
     if getattr(cfg, "attn_scores_soft_cap", -1.0) > 0:
         found.append("attention-score soft-capping")
-    for flag, name in (("use_attention_sinks", "learned attention sinks"), ("use_logn_attn", "log-n attention"),
-                       ("load_in_4bit", "4-bit weights"), ("use_local_attn", "local (sliding-window) attention")):
+    for flag, name in (
+        ("use_attention_sinks", "learned attention sinks"),
+        ("use_logn_attn", "log-n attention"),
+        ("load_in_4bit", "4-bit weights"),
+        ("use_local_attn", "local (sliding-window) attention"),
+    ):
         if getattr(cfg, flag, False):
             found.append(name)
     if cfg.original_architecture in _QK_NORM_ARCHS:
@@ -39,14 +43,19 @@ def unsupported_features(cfg) -> list[str]:
     return found
 
 
-def make_forward(
-    attn, layer: int, rec, stats: StatsSpec, patterns, backend: str
-) -> Callable[..., torch.Tensor]:
+def make_forward(attn, layer: int, rec, stats: StatsSpec, patterns, backend: str) -> Callable[..., torch.Tensor]:
     """The replacement ``forward`` of one TransformerLens attention module."""
     cfg = attn.cfg
 
-    def forward(query_input, key_input, value_input, past_kv_cache_entry=None,
-                additive_attention_mask=None, attention_mask=None, position_bias=None):
+    def forward(
+        query_input,
+        key_input,
+        value_input,
+        past_kv_cache_entry=None,
+        additive_attention_mask=None,
+        attention_mask=None,
+        position_bias=None,
+    ):
         q, k, v = attn.calculate_qkv_matrices(query_input, key_input, value_input)  # [B, N, H, D]
         if cfg.clip_qkv is not None:
             q, k, v = (t.clamp(min=-cfg.clip_qkv, max=cfg.clip_qkv) for t in (q, k, v))
@@ -60,13 +69,17 @@ def make_forward(
         causal = (getattr(attn, "_attention_dir_override", None) or cfg.attention_dir) == "causal"
 
         if patterns is not None and layer in patterns.layers:
-            _explicit_pattern(attn, layer, rec, patterns, q, k, offset, causal, attention_mask,
-                              additive_attention_mask)
+            _explicit_pattern(attn, layer, rec, patterns, q, k, offset, causal, attention_mask, additive_attention_mask)
 
         pad = from_key_mask(attention_mask, q.shape[1], k.shape[1], additive_attention_mask)
         out, st = attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal,
-            scale=1.0 / attn.attn_scale, stats=stats, **pad.kwargs(backend),
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            causal=causal,
+            scale=1.0 / attn.attn_scale,
+            stats=stats,
+            **pad.kwargs(backend),
         )
         rec.add(layer, st)
         z = attn.hook_z(out.transpose(1, 2))  # [B, Nq, H, D]
@@ -115,8 +128,9 @@ class TransformerLensAdapter:
     def __init__(self, model) -> None:
         problems = unsupported_features(model.cfg)
         if problems:
-            raise WorkbenchError("the statistics kernels cannot reproduce this model's attention yet: "
-                                 + ", ".join(problems))
+            raise WorkbenchError(
+                "the statistics kernels cannot reproduce this model's attention yet: " + ", ".join(problems)
+            )
         self.model = model
 
     @property

@@ -14,12 +14,27 @@ from workbench.scoring.plan import Unit, plan
 from workbench.scoring.run import finish, score_model
 from workbench.scoring.sample import score_sample
 from workbench.scoring.settings import (
-           DEFAULT_LENGTHS,
-           ScoreRunSettings,
-           check_model,
-           defaults_for,
+    DEFAULT_LENGTHS,
+    ScoreRunSettings,
+    check_model,
+    defaults_for,
 )
 from workbench.scoring.tables import aggregate
 
-__all__ = ["DEFAULT_LENGTHS", "SCORES", "TASKS", "Score", "ScoreRunSettings", "ScoreSettings", "Unit", "aggregate",
-           "check_model", "defaults_for", "finish", "plan", "score_model", "score_sample", "scores_for"]
+__all__ = [
+    "DEFAULT_LENGTHS",
+    "SCORES",
+    "TASKS",
+    "Score",
+    "ScoreRunSettings",
+    "ScoreSettings",
+    "Unit",
+    "aggregate",
+    "check_model",
+    "defaults_for",
+    "finish",
+    "plan",
+    "score_model",
+    "score_sample",
+    "scores_for",
+]

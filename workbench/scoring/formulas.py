@@ -39,31 +39,67 @@ class Score:
     source: str
 
 
-SCORES: dict[str, Score] = {s.name: s for s in (
-    Score("sink", TASKS, "mean over query rows of the attention mass on the first `sink_tokens` keys",
-          "Gu et al. 2025, When Attention Sink Emerges in Language Models (a sink head exceeds 0.3)"),
-    Score("entropy", TASKS, "mean over query rows of the row's entropy, in nats", "attention entropy"),
-    Score("entropy_norm", TASKS, "mean over rows that see at least 2 keys of entropy / log(keys seen): "
-          "1 = uniform over the keys, 0 = all mass on one key", "attention entropy, length-normalised"),
-    Score("streaming", TASKS, "mean over rows at positions >= sink_tokens + window - 1 of the mass on the first "
-          "`sink_tokens` keys plus the last `window` keys (up to and including the query)",
-          "Xiao et al. 2024 StreamingLLM; Xiao et al. 2025 DuoAttention (streaming vs retrieval heads)"),
-    Score("distance", TASKS, "mean over query rows of the expected query - key distance, in tokens",
-          "mean attention distance"),
-    Score("previous_token", TASKS, "sum over query rows of the mass on the previous token / number of rows",
-          "TransformerLens head_detector, previous_token_head, error_measure='mul'"),
-    Score("duplicate_token", ("repeats",), "sum over query rows of the mass on earlier occurrences of the "
-          "row's own token / number of rows (BOS row included)",
-          "TransformerLens head_detector, duplicate_token_head, error_measure='mul'"),
-    Score("induction", ("repeats",), "sum over query rows of the mass on the tokens that followed earlier "
-          "occurrences of the row's token / number of rows (BOS row included; with R copies a perfect "
-          "induction head scores about (R-1)/R)",
-          "Olsson et al. 2022; TransformerLens head_detector, induction_head, error_measure='mul'"),
-    Score("retrieval", ("niah",), "while greedily decoding the needle's answer: hits / answer tokens, where a "
-          "step is a hit when the head's most-attended key is inside the needle and holds the token being "
-          "generated; averaged over the samples answered exactly",
-          "Wu et al. 2025, Retrieval Head Mechanistically Explains Long-Context Factuality (heads > 0.1)"),
-)}
+SCORES: dict[str, Score] = {
+    s.name: s
+    for s in (
+        Score(
+            "sink",
+            TASKS,
+            "mean over query rows of the attention mass on the first `sink_tokens` keys",
+            "Gu et al. 2025, When Attention Sink Emerges in Language Models (a sink head exceeds 0.3)",
+        ),
+        Score("entropy", TASKS, "mean over query rows of the row's entropy, in nats", "attention entropy"),
+        Score(
+            "entropy_norm",
+            TASKS,
+            "mean over rows that see at least 2 keys of entropy / log(keys seen): "
+            "1 = uniform over the keys, 0 = all mass on one key",
+            "attention entropy, length-normalised",
+        ),
+        Score(
+            "streaming",
+            TASKS,
+            "mean over rows at positions >= sink_tokens + window - 1 of the mass on the first "
+            "`sink_tokens` keys plus the last `window` keys (up to and including the query)",
+            "Xiao et al. 2024 StreamingLLM; Xiao et al. 2025 DuoAttention (streaming vs retrieval heads)",
+        ),
+        Score(
+            "distance",
+            TASKS,
+            "mean over query rows of the expected query - key distance, in tokens",
+            "mean attention distance",
+        ),
+        Score(
+            "previous_token",
+            TASKS,
+            "sum over query rows of the mass on the previous token / number of rows",
+            "TransformerLens head_detector, previous_token_head, error_measure='mul'",
+        ),
+        Score(
+            "duplicate_token",
+            ("repeats",),
+            "sum over query rows of the mass on earlier occurrences of the "
+            "row's own token / number of rows (BOS row included)",
+            "TransformerLens head_detector, duplicate_token_head, error_measure='mul'",
+        ),
+        Score(
+            "induction",
+            ("repeats",),
+            "sum over query rows of the mass on the tokens that followed earlier "
+            "occurrences of the row's token / number of rows (BOS row included; with R copies a perfect "
+            "induction head scores about (R-1)/R)",
+            "Olsson et al. 2022; TransformerLens head_detector, induction_head, error_measure='mul'",
+        ),
+        Score(
+            "retrieval",
+            ("niah",),
+            "while greedily decoding the needle's answer: hits / answer tokens, where a "
+            "step is a hit when the head's most-attended key is inside the needle and holds the token being "
+            "generated; averaged over the samples answered exactly",
+            "Wu et al. 2025, Retrieval Head Mechanistically Explains Long-Context Factuality (heads > 0.1)",
+        ),
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -102,28 +138,44 @@ def check_request(tasks: Sequence[str], scores: Sequence[str]) -> None:
         raise WorkbenchError(f"no chosen task defines {', '.join(orphans)} ({need})")
 
 
-def stats_spec(scores: Sequence[str], settings: ScoreSettings, period: int | None = None,
-               repeats: int = 2) -> StatsSpec:
+def stats_spec(
+    scores: Sequence[str], settings: ScoreSettings, period: int | None = None, repeats: int = 2
+) -> StatsSpec:
     """The kernel statistics that ``scores`` need (plus entropy, sink and local mass, which the
     position profiles always use). ``period`` and ``repeats`` describe a repeats sample."""
     offsets = _offsets(scores, period, repeats)
-    return StatsSpec(entropy=True, argmax="retrieval" in scores, sink_tokens=settings.sink_tokens,
-                     window=settings.window, distance="distance" in scores, offsets=tuple(offsets))
+    return StatsSpec(
+        entropy=True,
+        argmax="retrieval" in scores,
+        sink_tokens=settings.sink_tokens,
+        window=settings.window,
+        distance="distance" in scores,
+        offsets=tuple(offsets),
+    )
 
 
 def _offsets(scores: Sequence[str], period: int | None, repeats: int) -> list[int]:
     wanted = [1] if "previous_token" in scores else []
     if period is not None:
         for k in range(1, repeats):
-            wanted += ([k * period - 1] if "induction" in scores else []) + ([k * period] if "duplicate_token" in scores else [])
+            wanted += ([k * period - 1] if "induction" in scores else []) + (
+                [k * period] if "duplicate_token" in scores else []
+            )
     return list(dict.fromkeys(wanted))
 
 
 Tally = tuple[torch.Tensor, float]  # (total [head] float64, count)
 
 
-def prefill_tallies(st: AttentionStats, scores: Sequence[str], settings: ScoreSettings, spec: StatsSpec,
-                    causal: bool, period: int | None = None, repeats: int = 2) -> dict[str, Tally]:
+def prefill_tallies(
+    st: AttentionStats,
+    scores: Sequence[str],
+    settings: ScoreSettings,
+    spec: StatsSpec,
+    causal: bool,
+    period: int | None = None,
+    repeats: int = 2,
+) -> dict[str, Tally]:
     """Per-head ``(total, count)`` of every row score in ``scores`` (all but retrieval) from one
     prefill's statistics ``[batch, head, position]`` of one layer, every position a real token.
 

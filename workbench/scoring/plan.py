@@ -35,21 +35,28 @@ def plan(settings: ScoreRunSettings, tokenizer) -> list[Unit]:
     for task in settings.tasks:
         for length in settings.lengths:
             if task == "niah":
-                samples = needle_samples(tokenizer, [length], list(settings.depths), settings.samples,
-                                         haystack=text, seed=settings.seed + length)
+                samples = needle_samples(
+                    tokenizer,
+                    [length],
+                    list(settings.depths),
+                    settings.samples,
+                    haystack=text,
+                    seed=settings.seed + length,
+                )
                 keys = [f"niah-{length}-d{s.depth:.2f}-{i % settings.samples:03d}" for i, s in enumerate(samples)]
             elif task == "repeats":
                 period = (length - len(start_tokens(tokenizer))) // settings.repeats
-                samples = repeat_samples(tokenizer, period, settings.repeats,
-                                         settings.samples, seed=settings.seed + length)
+                samples = repeat_samples(
+                    tokenizer, period, settings.repeats, settings.samples, seed=settings.seed + length
+                )
                 keys = [f"repeats-{length}-{i:03d}" for i in range(len(samples))]
             else:
                 samples = text_samples(tokenizer, settings.text, length, settings.samples)
                 if len(samples) < settings.samples:
-                    raise WorkbenchError(f"the text holds only {len(samples)} samples of {length} tokens; "
-                                         f"lower --samples or give more text with --text")
+                    raise WorkbenchError(
+                        f"the text holds only {len(samples)} samples of {length} tokens; "
+                        f"lower --samples or give more text with --text"
+                    )
                 keys = [f"text-{length}-{i:03d}" for i in range(len(samples))]
             units += [Unit(k, task, length, i, s) for i, (k, s) in enumerate(zip(keys, samples))]
     return units
-
-

@@ -38,8 +38,15 @@ from workbench.scoring.settings import ScoreRunSettings, check_model
 from workbench.scoring.tables import aggregate
 
 
-def score_model(model: torch.nn.Module | ModelAdapter, settings: ScoreRunSettings, out: str | Path, *, resume: bool = False, force: bool = False,
-                progress: bool = True) -> Run:
+def score_model(
+    model: torch.nn.Module | ModelAdapter,
+    settings: ScoreRunSettings,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+) -> Run:
     """Score every head of ``model`` into the run folder ``out`` (see :mod:`workbench.runs`);
     resumes a run with the same settings. ``resume`` continues whatever run ``out`` holds with
     its own settings (``model`` must be the model it was scored with); ``force`` replaces it.
@@ -61,8 +68,15 @@ def score_model(model: torch.nn.Module | ModelAdapter, settings: ScoreRunSetting
         if rank == 0:  # alone: nothing else writes into the folder yet
             try:
                 run, settings, units, shared = _open_for_scoring(
-                    adapter, settings, out, about, resume=resume, force=force, world=world,
-                    units=None if resume else units)
+                    adapter,
+                    settings,
+                    out,
+                    about,
+                    resume=resume,
+                    force=force,
+                    world=world,
+                    units=None if resume else units,
+                )
             except WorkbenchError as exc:
                 if world == 1:
                     raise
@@ -81,8 +95,11 @@ def score_model(model: torch.nn.Module | ModelAdapter, settings: ScoreRunSetting
             return run
         by_key = {u.key: u for u in units}
         mine = [by_key[k] for k in shared["todo"][rank::world]]
-        bar = (dict(initial=len(units) - len(shared["todo"]), total=len(units)) if world == 1
-               else dict(total=len(mine), desc=f"scoring (rank 0 of {world}, its share)"))
+        bar = (
+            dict(initial=len(units) - len(shared["todo"]), total=len(units))
+            if world == 1
+            else dict(total=len(mine), desc=f"scoring (rank 0 of {world}, its share)")
+        )
         for unit in tqdm(mine, **{"desc": "scoring", **bar}, unit="sample", disable=not progress or rank > 0):
             run.write_part(unit.key, score_sample(adapter, unit, settings))
         scored = distributed.gather([u.key for u in mine])  # every rank is done once rank 0 has them all
@@ -108,21 +125,34 @@ def _same_request_on_every_rank(settings: ScoreRunSettings, out: str | Path, *, 
     (Every rank gathers every request, so all of them raise the same error and stop.)"""
     mine = {**settings.to_dict(), "out": str(out), "resume": resume, "force": force}
     requests = distributed.all_gather(mine)
-    differing = {r: sorted(k for k in set(req) | set(requests[0]) if req.get(k) != requests[0].get(k))
-                 for r, req in enumerate(requests)}
+    differing = {
+        r: sorted(k for k in set(req) | set(requests[0]) if req.get(k) != requests[0].get(k))
+        for r, req in enumerate(requests)
+    }
     differing = {r: fields for r, fields in differing.items() if fields}
     if differing:
+
         def field(r: int, k: str) -> str:
             return f"{k} ({requests[r].get(k)!r}, rank 0: {requests[0].get(k)!r})"
 
-        listed = "; ".join(f"rank {r} differs from rank 0 in {', '.join(field(r, k) for k in fields)}"
-                           for r, fields in differing.items())
+        listed = "; ".join(
+            f"rank {r} differs from rank 0 in {', '.join(field(r, k) for k in fields)}"
+            for r, fields in differing.items()
+        )
         raise WorkbenchError(f"the ranks were given different settings: {listed}; give every rank the same command")
 
 
-def _open_for_scoring(adapter: ModelAdapter, settings: ScoreRunSettings, out: str | Path, about: dict, *,
-                      resume: bool, force: bool, world: int,
-                      units: list[Unit] | None) -> tuple[Run, ScoreRunSettings, list[Unit], dict]:
+def _open_for_scoring(
+    adapter: ModelAdapter,
+    settings: ScoreRunSettings,
+    out: str | Path,
+    about: dict,
+    *,
+    resume: bool,
+    force: bool,
+    world: int,
+    units: list[Unit] | None,
+) -> tuple[Run, ScoreRunSettings, list[Unit], dict]:
     """Rank 0 (or the only process): prepare the run folder, clean up after a killed run, and
     decide what is left to score; returns the run, its settings and plan, and what the other
     ranks need (``settings``, ``todo`` keys in plan order, ``finished``, ``created``, ``plan``)."""
@@ -134,13 +164,19 @@ def _open_for_scoring(adapter: ModelAdapter, settings: ScoreRunSettings, out: st
     identity = ("class", "layers", "heads", "dtype")
     stored = {k: run.manifest.get("model_info", {}).get(k) for k in identity}
     if stored != {k: about["model_info"][k] for k in identity}:
-        raise WorkbenchError(f"the run in {run.path} was scored with {settings.model} ({stored}); this model is "
-                             f"{about['model_info']}: load the run's own model to continue it")
+        raise WorkbenchError(
+            f"the run in {run.path} was scored with {settings.model} ({stored}); this model is "
+            f"{about['model_info']}: load the run's own model to continue it"
+        )
     todo = _resume_point(run, units, stacklevel=4)
     damaged = [t for t in run.damaged_tables() if t in SCORING_TABLES] if run.complete else []
     if damaged:
-        warnings.warn(f"the run in {run.path}: {', '.join(f'{t}.parquet' for t in damaged)} damaged (sha256 differs "
-                      "from the manifest's); rebuilding from the parts", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"the run in {run.path}: {', '.join(f'{t}.parquet' for t in damaged)} damaged (sha256 differs "
+            "from the manifest's); rebuilding from the parts",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     finished = not todo and run.complete and not damaged
     if not finished:
         # Who scores what, recorded before scoring starts, so that the parts a killed run committed
@@ -151,8 +187,13 @@ def _open_for_scoring(adapter: ModelAdapter, settings: ScoreRunSettings, out: st
             run.reopen()
         else:
             run.save_manifest()
-    shared = {"settings": settings.to_dict(), "todo": [u.key for u in todo], "finished": finished,
-              "created": run.manifest.get("created"), "plan": _plan_fingerprint(units) if world > 1 else None}
+    shared = {
+        "settings": settings.to_dict(),
+        "todo": [u.key for u in todo],
+        "finished": finished,
+        "created": run.manifest.get("created"),
+        "plan": _plan_fingerprint(units) if world > 1 else None,
+    }
     return run, settings, units, shared
 
 
@@ -162,17 +203,23 @@ def _join(adapter: ModelAdapter, out: str | Path, shared: dict) -> tuple[Run, Sc
     try:
         run = Run.open(out)
     except WorkbenchError as exc:
-        raise WorkbenchError(f"{exc}; every rank must write into the same run folder, on a file system every node "
-                             "shares, at the same path") from exc
+        raise WorkbenchError(
+            f"{exc}; every rank must write into the same run folder, on a file system every node "
+            "shares, at the same path"
+        ) from exc
     if run.manifest.get("created") != shared["created"] or run.manifest["settings"] != shared["settings"]:
-        raise WorkbenchError(f"{run.path} holds another run than the one rank 0 prepared; every rank must write into "
-                             "the same run folder, on a file system every node shares, at the same path")
+        raise WorkbenchError(
+            f"{run.path} holds another run than the one rank 0 prepared; every rank must write into "
+            "the same run folder, on a file system every node shares, at the same path"
+        )
     settings = ScoreRunSettings.from_dict(shared["settings"])
     check_model(adapter, settings)
     units = plan(settings, task_tokenizer(adapter.model))
     if _plan_fingerprint(units) != shared["plan"]:
-        raise WorkbenchError("this rank planned other samples than rank 0 (another --text, tokenizer or workbench "
-                             "version?): give every rank the same inputs")
+        raise WorkbenchError(
+            "this rank planned other samples than rank 0 (another --text, tokenizer or workbench "
+            "version?): give every rank the same inputs"
+        )
     return run, settings, units
 
 
@@ -197,8 +244,12 @@ def _resume_point(run: Run, units: list[Unit], stacklevel: int = 3) -> list[Unit
         run.discard_part(key)
     if bad:
         listed = ", ".join(f"{k} ({s})" for k, s in list(bad.items())[:5]) + (", ..." if len(bad) > 5 else "")
-        warnings.warn(f"the run in {run.path}: scoring {len(bad)} sample(s) again whose part files were damaged or "
-                      f"not committed: {listed}", RuntimeWarning, stacklevel=stacklevel)
+        warnings.warn(
+            f"the run in {run.path}: scoring {len(bad)} sample(s) again whose part files were damaged or "
+            f"not committed: {listed}",
+            RuntimeWarning,
+            stacklevel=stacklevel,
+        )
     return [u for u in units if states[u.key] != "done"]
 
 
@@ -222,8 +273,10 @@ def finish(run: Run, settings: ScoreRunSettings) -> None:
         for length, group in needles.groupby("length"):
             summary[f"needle_accuracy[{length}]"] = float(group["total"].mean())
     seconds = parts[parts["name"] == "seconds"]
-    run.manifest["timings"] = {"sample_seconds": float(seconds["total"].sum()),
-                               **{f"{t}_seconds": float(g["total"].sum()) for t, g in seconds.groupby("task")}}
+    run.manifest["timings"] = {
+        "sample_seconds": float(seconds["total"].sum()),
+        **{f"{t}_seconds": float(g["total"].sum()) for t, g in seconds.groupby("task")},
+    }
     run.manifest["summary"] = summary
     run.manifest["figure_warnings"] = save_figures(run_figures(tables), run.path / "figures")
     run.manifest["finished"] = _now()
@@ -236,8 +289,13 @@ def _manifest(adapter: ModelAdapter) -> dict:
     n_heads = adapter.head_shape[0]
     return {
         "created": _now(),
-        "model_info": {"class": type(model).__name__, "layers": adapter.n_layers, "heads": n_heads,
-                       "context": adapter.context, "dtype": str(param.dtype).removeprefix("torch.")},
+        "model_info": {
+            "class": type(model).__name__,
+            "layers": adapter.n_layers,
+            "heads": n_heads,
+            "context": adapter.context,
+            "dtype": str(param.dtype).removeprefix("torch."),
+        },
         "device": str(param.device) + (f" ({torch.cuda.get_device_name(param.device)})" if param.is_cuda else ""),
         "versions": versions(),
         "git_revision": git_revision(),

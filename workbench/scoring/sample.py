@@ -38,8 +38,17 @@ class SampleCollector:
     and reduces them at once into score tallies, position profiles and, for retrieval, the
     most-attended key of the last row; nothing of size O(tokens) outlives its layer."""
 
-    def __init__(self, n_layers: int, scores, settings: ScoreSettings, spec, causal: bool,
-                 sample: TaskSample, repeats: int, bucket_size: int):
+    def __init__(
+        self,
+        n_layers: int,
+        scores,
+        settings: ScoreSettings,
+        spec,
+        causal: bool,
+        sample: TaskSample,
+        repeats: int,
+        bucket_size: int,
+    ):
         self.scores, self.settings, self.spec, self.causal = scores, settings, spec, causal
         self.period, self.repeats = sample.period, repeats
         self.tallies: dict[tuple[str, int], Tally] = {}
@@ -49,8 +58,9 @@ class SampleCollector:
 
     def add(self, layer: int, st: AttentionStats) -> None:
         if not self.decoding:
-            for name, tally in prefill_tallies(st, self.scores, self.settings, self.spec, self.causal,
-                                               self.period, self.repeats).items():
+            for name, tally in prefill_tallies(
+                st, self.scores, self.settings, self.spec, self.causal, self.period, self.repeats
+            ).items():
                 self.tallies[(name, layer)] = tally
             self.profile.add(layer, st)
         if st.argmax is not None:
@@ -60,7 +70,9 @@ class SampleCollector:
 
 
 @torch.no_grad()
-def score_sample(model: torch.nn.Module | ModelAdapter, unit: Unit, settings: ScoreRunSettings, *, materialised: bool = False) -> pd.DataFrame:
+def score_sample(
+    model: torch.nn.Module | ModelAdapter, unit: Unit, settings: ScoreRunSettings, *, materialised: bool = False
+) -> pd.DataFrame:
     """One sample's tallies: rows ``name, layer, head, bucket, total, count`` (``bucket`` -1 for
     scores, the bucket's first position for profiles; ``layer`` -1 for per-sample measures:
     ``needle_accuracy``, ``seconds``).
@@ -75,12 +87,23 @@ def score_sample(model: torch.nn.Module | ModelAdapter, unit: Unit, settings: Sc
     spec = stats_spec(scores, settings.score_settings, sample.period, settings.repeats)
     device = adapter.device
     n_layers = adapter.n_layers
-    collector = SampleCollector(n_layers, scores, settings.score_settings, spec, causal, sample, settings.repeats,
-                                bucket_size=math.ceil(len(sample.ids) / PROFILE_BUCKETS))
+    collector = SampleCollector(
+        n_layers,
+        scores,
+        settings.score_settings,
+        spec,
+        causal,
+        sample,
+        settings.repeats,
+        bucket_size=math.ceil(len(sample.ids) / PROFILE_BUCKETS),
+    )
     ids = sample.ids.to(device).unsqueeze(0)
     rows: list[tuple[str, int, int, int, float, float]] = []
-    with (_eager_patterns(adapter, spec, collector) if materialised
-          else instrument(adapter, spec, backend=settings.backend, into=collector)):
+    with (
+        _eager_patterns(adapter, spec, collector)
+        if materialised
+        else instrument(adapter, spec, backend=settings.backend, into=collector)
+    ):
         if "retrieval" in scores:
             logits, cache = adapter.prefill(ids)
             generated = [int(logits[0].argmax())]
@@ -98,17 +121,32 @@ def score_sample(model: torch.nn.Module | ModelAdapter, unit: Unit, settings: Sc
         keys = torch.stack([torch.stack(step) for step in collector.last_keys])  # [step, layer, head]
         full = torch.cat([sample.ids, torch.tensor(generated[:-1], dtype=torch.long)])
         hits = retrieval_hits(keys, full, sample.needle, generated) / len(generated)
-        rows += [("retrieval", layer, h, -1, float(hits[layer, h]) * correct, float(correct))
-                 for layer in range(n_layers) for h in range(hits.shape[1])]
+        rows += [
+            ("retrieval", layer, h, -1, float(hits[layer, h]) * correct, float(correct))
+            for layer in range(n_layers)
+            for h in range(hits.shape[1])
+        ]
         rows.append(("needle_accuracy", -1, -1, -1, float(correct), 1.0))
     profile = collector.profile.to_frame()
     profile = profile[profile["rows"] > 0]
     frame = pd.DataFrame(rows, columns=["name", "layer", "head", "bucket", "total", "count"])
-    frame = pd.concat([frame, pd.DataFrame({
-        "name": profile["statistic"], "layer": profile["layer"], "head": profile["head"],
-        "bucket": profile["bucket_start"], "total": profile["mean"] * profile["rows"], "count": profile["rows"],
-    }), pd.DataFrame([("seconds", -1, -1, -1, time.perf_counter() - start, 1.0)], columns=frame.columns)],
-        ignore_index=True)
+    frame = pd.concat(
+        [
+            frame,
+            pd.DataFrame(
+                {
+                    "name": profile["statistic"],
+                    "layer": profile["layer"],
+                    "head": profile["head"],
+                    "bucket": profile["bucket_start"],
+                    "total": profile["mean"] * profile["rows"],
+                    "count": profile["rows"],
+                }
+            ),
+            pd.DataFrame([("seconds", -1, -1, -1, time.perf_counter() - start, 1.0)], columns=frame.columns),
+        ],
+        ignore_index=True,
+    )
     frame.insert(0, "sample", unit.index)
     frame.insert(0, "depth", sample.depth if sample.depth is not None else math.nan)
     frame.insert(0, "length", unit.length)
@@ -139,5 +177,3 @@ def _eager_patterns(adapter: ModelAdapter, spec, collector: SampleCollector):
         for h in handles:
             h.remove()
         model.set_attn_implementation(previous)
-
-

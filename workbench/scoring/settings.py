@@ -54,7 +54,7 @@ class ScoreRunSettings:
             raise WorkbenchError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         if self.backend not in BACKENDS:
             raise WorkbenchError(f"unknown kernel backend {self.backend!r}; choose one of: {', '.join(BACKENDS)}")
-        self.score_settings  # validates sink_tokens and window
+        ScoreSettings(self.sink_tokens, self.window)  # raises on a bad sink_tokens or window
 
     @property
     def score_settings(self) -> ScoreSettings:
@@ -89,7 +89,7 @@ def check_model(model: torch.nn.Module | ModelAdapter, settings: ScoreRunSetting
     if too_long:
         raise WorkbenchError(f"lengths {too_long} exceed the model's context of {context} tokens")
     if "retrieval" in settings.scores and not adapter.can_generate:
-        raise WorkbenchError("the retrieval score decodes the needle's answer: it needs a causal language model "
-                             f"(this one is a {type(adapter.model).__name__}); leave retrieval out of --scores")
-
-
+        raise WorkbenchError(
+            "the retrieval score decodes the needle's answer: it needs a causal language model "
+            f"(this one is a {type(adapter.model).__name__}); leave retrieval out of --scores"
+        )

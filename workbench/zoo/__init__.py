@@ -18,11 +18,27 @@ _LONG = Mixture(text=0.2, repeat=0.4, needle=0.4, min_period=8, max_period=1024,
 ZOO: dict[str, ZooSpec] = {
     spec.name: spec
     for spec in (
-        ZooSpec("tiny", "1 layer, for CI: proves the training code runs", n_layers=1, d_model=32,
-                n_heads=2, d_mlp=None, n_ctx=128, stages=(Stage(40, 128, 8),), lr=3e-3),
-        ZooSpec("zoo-2l", "2 attention-only layers x 4 heads: induction, previous-token, sink and needle heads",
-                n_layers=2, d_model=128, n_heads=4, d_mlp=None, n_ctx=2048,
-                stages=(Stage(3000, 256, 32, _SHORT), Stage(2000, 2048, 4, _LONG))),
+        ZooSpec(
+            "tiny",
+            "1 layer, for CI: proves the training code runs",
+            n_layers=1,
+            d_model=32,
+            n_heads=2,
+            d_mlp=None,
+            n_ctx=128,
+            stages=(Stage(40, 128, 8),),
+            lr=3e-3,
+        ),
+        ZooSpec(
+            "zoo-2l",
+            "2 attention-only layers x 4 heads: induction, previous-token, sink and needle heads",
+            n_layers=2,
+            d_model=128,
+            n_heads=4,
+            d_mlp=None,
+            n_ctx=2048,
+            stages=(Stage(3000, 256, 32, _SHORT), Stage(2000, 2048, 4, _LONG)),
+        ),
     )
 }
 

@@ -70,13 +70,13 @@ def sample_batch(batch: int, length: int, gen: torch.Generator, mix: Mixture = M
         else:
             ids[b, 1:], answer = _needle_sample(body, corpus, gen)
             loss[b] = False
-            loss[b, length - 1 - len(answer): length - 1] = True  # predict the answer digits
+            loss[b, length - 1 - len(answer) : length - 1] = True  # predict the answer digits
     return ids, loss
 
 
 def _window(corpus: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
     start = int(torch.randint(0, len(corpus) - n, (), generator=gen))
-    return corpus[start:start + n]
+    return corpus[start : start + n]
 
 
 def needle_parts(gen: torch.Generator) -> tuple[str, str, str]:

@@ -65,11 +65,21 @@ class ZooSpec:
         from transformer_lens import HookedTransformerConfig
 
         return HookedTransformerConfig(
-            n_layers=self.n_layers, d_model=self.d_model, n_heads=self.n_heads,
-            d_head=self.d_model // self.n_heads, d_mlp=self.d_mlp, attn_only=self.d_mlp is None,
-            n_ctx=self.n_ctx, d_vocab=len(byte_tokenizer()), act_fn="gelu", normalization_type="LN",
-            positional_embedding_type="rotary", rotary_dim=self.d_model // self.n_heads,
-            model_name=self.name, seed=self.seed, default_prepend_bos=True,
+            n_layers=self.n_layers,
+            d_model=self.d_model,
+            n_heads=self.n_heads,
+            d_head=self.d_model // self.n_heads,
+            d_mlp=self.d_mlp,
+            attn_only=self.d_mlp is None,
+            n_ctx=self.n_ctx,
+            d_vocab=len(byte_tokenizer()),
+            act_fn="gelu",
+            normalization_type="LN",
+            positional_embedding_type="rotary",
+            rotary_dim=self.d_model // self.n_heads,
+            model_name=self.name,
+            seed=self.seed,
+            default_prepend_bos=True,
         )
 
 
@@ -101,7 +111,8 @@ def _train(spec: ZooSpec, out_dir: Path, device: str, progress: bool) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.98))
     warmup = max(1, spec.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / spec.steps))))
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / spec.steps)))
+    )
     gen = torch.Generator().manual_seed(spec.seed)
     losses, start = [], time.perf_counter()
     bar = tqdm(total=spec.steps, desc=f"training {spec.name}", disable=not progress)
@@ -114,9 +125,13 @@ def _train(spec: ZooSpec, out_dir: Path, device: str, progress: bool) -> dict:
             bar.update()
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}", seq=stage.seq_len)
     bar.close()
-    metrics = {"first_loss": losses[0], "final_loss": sum(losses[-20:]) / len(losses[-20:]),
-               "seconds": round(time.perf_counter() - start, 1), "device": str(device),
-               "torch": torch.__version__}
+    metrics = {
+        "first_loss": losses[0],
+        "final_loss": sum(losses[-20:]) / len(losses[-20:]),
+        "seconds": round(time.perf_counter() - start, 1),
+        "device": str(device),
+        "torch": torch.__version__,
+    }
     folder = Path(out_dir) / spec.name
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -130,7 +145,8 @@ def _step(model, opt, ids: torch.Tensor, mask: torch.Tensor) -> float:
     """One optimiser step on next-token loss where ``mask`` marks the targets; returns the loss."""
     logits = model(ids)
     per_token = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+        logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+    )
     weights = mask[:, 1:].reshape(-1).float()
     loss = (per_token * weights).sum() / weights.sum()
     opt.zero_grad(set_to_none=True)
@@ -151,5 +167,7 @@ def load(name: str, weights_dir: Path = WEIGHTS_DIR):
     missing, unexpected = model.load_state_dict(state, strict=False)
     real_missing = [k for k in missing if not k.endswith(("IGNORE", "mask", "rotary_sin", "rotary_cos"))]
     if real_missing or unexpected:
-        raise WorkbenchError(f"zoo weights in {folder} do not fit the spec: missing {real_missing}, unexpected {unexpected}")
+        raise WorkbenchError(
+            f"zoo weights in {folder} do not fit the spec: missing {real_missing}, unexpected {unexpected}"
+        )
     return model.eval()
