@@ -72,7 +72,8 @@ class ModelAdapter(Protocol):
         ...
 
     def decode(self, token: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
-        """One decoding step on ``token [batch, 1]``: ``(logits [batch, vocab], cache)``."""
+        """Extend the cache by ``token [batch, n]``: one decoding step (``n = 1``) or a chunk of a
+        chunked prefill; returns ``(next-token logits [batch, vocab], cache)``."""
         ...
 
     def z_hooks(self, edit: ZEdit) -> Callable[[], None]:

@@ -141,7 +141,7 @@ class HuggingFaceAdapter:
         return out.logits[:, -1], out.past_key_values
 
     def decode(self, token: torch.Tensor, cache):
-        out = self.model(input_ids=token, past_key_values=cache, use_cache=True)
+        out = self.model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1], out.past_key_values
 
     def install(self, collector, stats: StatsSpec, backend: str, patterns=None) -> Callable[[], None]:
