@@ -183,6 +183,12 @@ def score(
     device: str = typer.Option(
         None, help="cpu, cuda, cuda:1, ... (default: CUDA when available; under torchrun cuda:LOCAL_RANK)."
     ),
+    device_map: str = typer.Option(
+        None,
+        "--device-map",
+        help="Spread a model too large for one GPU over several: auto, balanced, sequential or a GPU count "
+        "(instead of --device; docs/scale-out.md).",
+    ),
     dtype: str = typer.Option(None, help="float32, float16 or bfloat16 (default: the model's own)."),
     backend: str = typer.Option(ScoreRunSettings.backend, help="Kernel backend: auto, triton or reference."),
     out: Path = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<model>)."),
@@ -229,10 +235,19 @@ def score(
         dtype=dtype,
         backend=backend,
     )
+    if device_map is not None and distributed.launched():
+        fail(
+            "--device-map spreads one model over the GPUs; under torchrun each process holds its own model on "
+            "cuda:LOCAL_RANK: use one or the other"
+        )
+    if device_map is None:
+        placement = {"device": device or distributed.default_device()}
+    else:  # load_model refuses --device with it
+        placement = {"device": device, "device_map": int(device_map) if device_map.isdigit() else device_map}
     first = distributed.rank() == 0  # under torchrun only rank 0 prints; errors print on every rank (stderr)
     with nullcontext() if first else redirect_stdout(io.StringIO()):
         with console.status(f"loading {model}...") if first else nullcontext():
-            loaded = load_model(model, device=device or distributed.default_device(), dtype=dtype, seed=seed)
+            loaded = load_model(model, dtype=dtype, seed=seed, **placement)
         default_lengths, default_scores = defaults_for(loaded, settings.tasks)
         settings = replace(
             settings,

@@ -82,3 +82,18 @@ def test_placed_hugging_face_model_records_what_the_unplaced_one_does(device_map
 def test_bad_device_maps_are_refused(kwargs, message):
     with pytest.raises(WorkbenchError, match=message):
         load_model("zoo-2l", **kwargs)
+
+
+def test_score_command_takes_a_device_map(tmp_path):
+    from typer.testing import CliRunner
+
+    from workbench.cli import app
+    from workbench.runs import Run
+
+    args = ["score", "--task", "repeats", "--lengths", "128", "--samples", "1", "--out", str(tmp_path / "run")]
+    result = CliRunner().invoke(app, [*args, "--device-map", "auto"])
+    assert result.exit_code == 0, result.output
+    want = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert Run.open(tmp_path / "run").manifest["device"].startswith(want)
+    result = CliRunner().invoke(app, [*args, "--device-map", "auto", "--device", "cpu", "--force"])
+    assert result.exit_code == 2 and "not both" in result.output
