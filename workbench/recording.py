@@ -172,6 +172,30 @@ class Recording:
         return rec
 
 
+def join_positions(parts: list[AttentionStats]) -> AttentionStats:
+    """One layer's calls over consecutive query positions of the same sequences (the chunks of
+    a chunked prefill, in order) as one call: row statistics and ``offset_mass`` concatenated
+    along the position axis; ``key_mass`` (chunk ``c`` covers keys ``[0, end_c)``) zero-padded
+    to the longest and summed."""
+    if not parts:
+        raise WorkbenchError("join_positions needs at least one call")
+    if len({p.lse.shape[:2] for p in parts}) > 1:
+        raise WorkbenchError(
+            f"calls joined along positions must share batch and heads, got {sorted({p.lse.shape[:2] for p in parts})}"
+        )
+    joined = {}
+    for name, first in parts[0].items():
+        if name == "key_mass":
+            longest = max(p.key_mass.shape[-1] for p in parts)
+            total = torch.zeros(*first.shape[:-1], longest, dtype=first.dtype, device=first.device)
+            for p in parts:
+                total[..., : p.key_mass.shape[-1]] += p.key_mass
+            joined[name] = total
+        else:
+            joined[name] = torch.cat([getattr(p, name) for p in parts], dim=2)
+    return AttentionStats(**joined)
+
+
 def _tidy(layer: int, name: str, t: torch.Tensor) -> pd.DataFrame:
     b, h, n = t.shape
     idx = torch.cartesian_prod(torch.arange(b), torch.arange(h), torch.arange(n))
@@ -216,34 +240,53 @@ class StreamingSummary:
         """``[batch, tokens]`` True for real tokens of the next forward call (None: all)."""
         self._row_mask = mask
 
-    def add(self, layer: int, stats: AttentionStats) -> None:
+    def add(self, layer: int, stats: AttentionStats, start: int = 0) -> None:
+        """Add one call of ``layer``. ``start``: the position of the call's first query, for
+        the chunks of a chunked prefill after the first (see :class:`workbench.chunked.ChunkPositions`);
+        the row mask then covers the whole sequence, ``[batch, start + queries]``."""
         b, h, n = stats.lse.shape
         mask = self._row_mask
-        if mask is None or mask.shape != (b, n):
-            mask = torch.ones(b, n, dtype=torch.bool)
-        mask = mask.to(stats.lse.device)
+        if mask is None or mask.shape != (b, start + n):
+            mask = torch.ones(b, start + n, dtype=torch.bool)
+        mask = mask[:, start:].to(stats.lse.device)
         if layer == 0:
             self.rows_seen += int(mask.sum())
         for name, t in stats.items():
             if self.statistics is not None and name not in self.statistics:
                 continue
-            if name == "key_mass":  # keys are the query positions in a prefill; else all count
+            if name == "key_mass" and start > 0:
+                # A chunk's queries add mass to every key so far, but each key is counted once:
+                # by the chunk whose queries it is.
+                ones = torch.ones(b, t.shape[-1], dtype=torch.bool, device=t.device)
+                self._accumulate(layer, name, t, ones, counted=torch.arange(t.shape[-1], device=t.device) >= start)
+            elif name == "key_mass":  # keys are the query positions in a prefill; else all count
                 keys = mask if t.shape[-1] == n else torch.ones(b, t.shape[-1], dtype=torch.bool, device=t.device)
                 self._accumulate(layer, name, t, keys)
             elif name == "offset_mass":
                 for j, o in enumerate(self.spec.offsets):
-                    self._accumulate(layer, f"offset_mass[{o}]", t[..., j], mask)
+                    self._accumulate(layer, f"offset_mass[{o}]", t[..., j], mask, first=start)
             else:
-                self._accumulate(layer, name, t, mask)
+                self._accumulate(layer, name, t, mask, first=start)
 
-    def _accumulate(self, layer: int, name: str, t: torch.Tensor, mask: torch.Tensor) -> None:
+    def _accumulate(
+        self,
+        layer: int,
+        name: str,
+        t: torch.Tensor,
+        mask: torch.Tensor,
+        first: int = 0,
+        counted: torch.Tensor | None = None,
+    ) -> None:
+        """Add ``t [B, H, N]`` (positions ``first ..``) under ``mask [B, N]``; ``counted [N]``
+        limits which positions add to the counts (all when None)."""
         n = t.shape[-1]
-        buckets = torch.arange(n, device=t.device) // self.bucket_size
+        buckets = (torch.arange(n, device=t.device) + first) // self.bucket_size
         n_buckets = int(buckets[-1]) + 1 if n else 0
         w = mask.to(torch.float64)  # [B, N]
         s = torch.zeros(t.shape[1], n_buckets, dtype=torch.float64, device=t.device)
         s.index_add_(1, buckets, (t.double() * w[:, None, :]).sum(0))
-        c = torch.zeros(n_buckets, dtype=torch.float64, device=t.device).index_add_(0, buckets, w.sum(0))
+        rows = w.sum(0) if counted is None else w.sum(0) * counted
+        c = torch.zeros(n_buckets, dtype=torch.float64, device=t.device).index_add_(0, buckets, rows)
         key = (layer, name)
         old_s, old_c = self.sums.get(key), self.counts.get(key)
         if old_s is not None and old_s.shape[1] < n_buckets:  # longer inputs than before: grow

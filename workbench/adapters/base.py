@@ -80,9 +80,17 @@ class ModelAdapter(Protocol):
         """Call ``edit`` on every layer's per-head output; returns the function removing the hooks."""
         ...
 
-    def install(self, collector, stats: StatsSpec, backend: str, patterns=None) -> Callable[[], None]:
+    def install(
+        self, collector, stats: StatsSpec, backend: str, patterns=None, context_parallel=None
+    ) -> Callable[[], None]:
         """Route attention through :func:`kernels.attention` into ``collector``; returns the
-        function that undoes it."""
+        function that undoes it.
+
+        ``context_parallel`` (a :class:`~workbench.context_parallel.ContextParallel`; ``None``,
+        the default, for one process): the model then takes this rank's shard of one sequence
+        (``ContextParallel.shard(ids)``) at the shard's global positions, and attention runs
+        :func:`kernels.context_parallel.context_parallel_attention` over the group. An adapter
+        that cannot give a shard its global positions raises :class:`WorkbenchError`."""
         ...
 
 

@@ -9,16 +9,22 @@ every architecture that routes attention through the interface is covered.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from kernels import StatsSpec, attention
+from kernels.context_parallel import context_parallel_attention
 from workbench.adapters.base import ZEdit, input_device, model_name
 from workbench.adapters.padding import KernelMask, from_key_mask
 from workbench.errors import WorkbenchError
 
+if TYPE_CHECKING:
+    from workbench.context_parallel import ContextParallel
+
 IMPLEMENTATION = "workbench"
-# id(attention module) -> (collector, layer index, statistics, backend) while instrumented
+# id(attention module) -> (collector, layer index, statistics, backend, ContextParallel or None)
+# while instrumented
 _routes: dict[int, tuple] = {}
 _UNSUPPORTED_KWARGS = {
     "softcap": "attention-score soft-capping",
@@ -45,17 +51,37 @@ def workbench_attention(
         raise WorkbenchError(
             f"attn_implementation={IMPLEMENTATION!r} only works inside `with workbench.instrument(model)`"
         )
-    rec, layer, stats, backend = route
+    rec, layer, stats, backend, cp = route
     used = [name for key_, name in _UNSUPPORTED_KWARGS.items() if kwargs.get(key_) is not None]
     if used:
         raise WorkbenchError(f"the statistics kernels cannot reproduce {', '.join(used)} yet (layer {layer})")
     if dropout and module.training:
         raise WorkbenchError("instrumented attention has no dropout: put the model in eval mode (model.eval())")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    pad = _kernel_mask(attention_mask, query.shape[2], key.shape[2])
-    out, st = attention(query, key, value, causal=bool(causal), scale=scaling, stats=stats, **pad.kwargs(backend))
+    if cp is not None:
+        out, st = _context_parallel(cp, layer, query, key, value, attention_mask, bool(causal), scaling, stats, backend)
+    else:
+        pad = _kernel_mask(attention_mask, query.shape[2], key.shape[2])
+        out, st = attention(query, key, value, causal=bool(causal), scale=scaling, stats=stats, **pad.kwargs(backend))
     rec.add(layer, st)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _context_parallel(cp: ContextParallel, layer, query, key, value, attention_mask, causal, scaling, stats, backend):
+    """This rank's shard of the layer's attention: every rank's keys, global positions."""
+    if attention_mask is not None and not bool(attention_mask.bool().all()):
+        raise WorkbenchError(
+            f"context parallelism takes no padding (layer {layer}): give sequences of one length, without a "
+            "padding mask"
+        )
+    if key.shape[2] != query.shape[2]:
+        raise WorkbenchError(
+            f"context parallelism runs one whole sequence, without a KV cache (layer {layer} got "
+            f"{query.shape[2]} queries and {key.shape[2]} keys)"
+        )
+    cp.check_local(query.shape[2], f"layer {layer}'s queries")
+    kwargs = dict(n_total=cp.n_total, group=cp.group, causal=causal, scale=scaling, stats=stats, backend=backend)
+    return context_parallel_attention(query, key, value, **kwargs)
 
 
 def _kernel_mask(attention_mask: torch.Tensor | None, n_q: int, n_k: int) -> KernelMask:
@@ -144,15 +170,22 @@ class HuggingFaceAdapter:
         out = self.model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1], out.past_key_values
 
-    def install(self, collector, stats: StatsSpec, backend: str, patterns=None) -> Callable[[], None]:
+    def install(
+        self, collector, stats: StatsSpec, backend: str, patterns=None, context_parallel: ContextParallel | None = None
+    ) -> Callable[[], None]:
         """Select the ``"workbench"`` attention implementation and route every attention module's
-        calls into ``collector``. (``patterns``: :func:`workbench.instrument` refuses them here.)"""
+        calls into ``collector``. (``patterns``: :func:`workbench.instrument` refuses them here.)
+
+        With ``context_parallel``, the model takes this rank's shard of one sequence: a forward
+        pre-hook gives every call ``position_ids = context_parallel.positions`` (global positions
+        for rotary or learned embeddings; ``use_cache=False`` unless given), and attention runs
+        :func:`kernels.context_parallel.context_parallel_attention` over the group."""
         model = self.model
         register()
         modules = attention_modules(model)
         previous = model.config._attn_implementation
         for layer, m in modules:
-            _routes[id(m)] = (collector, layer, stats, backend)
+            _routes[id(m)] = (collector, layer, stats, backend, context_parallel)
         try:
             model.set_attn_implementation(IMPLEMENTATION)
         except Exception as exc:
@@ -160,8 +193,13 @@ class HuggingFaceAdapter:
             raise WorkbenchError(
                 f"{type(model).__name__} does not accept a custom attention implementation: {exc}"
             ) from exc
+        handle = None
+        if context_parallel is not None:
+            handle = model.register_forward_pre_hook(_global_positions(context_parallel), with_kwargs=True)
 
         def restore() -> None:
+            if handle is not None:
+                handle.remove()
             _remove(modules)
             model.set_attn_implementation(previous)
 
@@ -205,3 +243,23 @@ class HuggingFaceAdapter:
 
 
 _OUTPUT_PROJECTIONS = ("o_proj", "c_proj", "out_proj", "dense")
+
+
+def _global_positions(cp: ContextParallel):
+    """Forward pre-hook of the whole model: the shard's global ``position_ids``, no KV cache."""
+
+    def hook(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        if ids is not None:  # checked before any collective: a wrong shard fails on its own rank
+            cp.check_local(ids.shape[1])
+        if kwargs.get("past_key_values") is not None:
+            raise WorkbenchError("context parallelism runs one whole sequence: past_key_values are not supported")
+        if kwargs.get("position_ids") is None:
+            batch = ids.shape[0] if ids is not None else 1
+            kwargs["position_ids"] = cp.positions.to(input_device(module))[None].expand(batch, -1)
+        kwargs.setdefault("use_cache", False)
+        return args, kwargs
+
+    return hook

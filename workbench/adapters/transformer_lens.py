@@ -10,15 +10,20 @@ output, which the kernel computes without them.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import einops
 import torch
 import torch.nn.functional as F
 
 from kernels import StatsSpec, attention
+from kernels.context_parallel import context_parallel_attention
 from workbench.adapters.base import ZEdit, input_device, model_name
 from workbench.adapters.padding import from_key_mask
 from workbench.errors import WorkbenchError
+
+if TYPE_CHECKING:
+    from workbench.context_parallel import ContextParallel
 
 _QK_NORM_ARCHS = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
 
@@ -43,9 +48,24 @@ def unsupported_features(cfg) -> list[str]:
     return found
 
 
-def make_forward(attn, layer: int, rec, stats: StatsSpec, patterns, backend: str) -> Callable[..., torch.Tensor]:
-    """The replacement ``forward`` of one TransformerLens attention module."""
+def context_parallel_problems(cfg) -> list[str]:
+    """What keeps this config from running one sequence's shards at global positions."""
+    found = []
+    if cfg.positional_embedding_type not in ("standard", "shortformer", "rotary"):
+        found.append(f"{cfg.positional_embedding_type} positions")
+    if getattr(cfg, "use_dynamic_ntk_rope", False):
+        found.append("dynamic NTK rotary scaling (it depends on the whole sequence's length)")
+    return found
+
+
+def make_forward(
+    attn, layer: int, rec, stats: StatsSpec, patterns, backend: str, context_parallel: ContextParallel | None = None
+) -> Callable[..., torch.Tensor]:
+    """The replacement ``forward`` of one TransformerLens attention module. With
+    ``context_parallel``, the module takes this rank's shard of one sequence: rotary positions
+    are the shard's global ones, and attention runs over every rank's keys."""
     cfg = attn.cfg
+    cp = context_parallel
 
     def forward(
         query_input,
@@ -56,9 +76,13 @@ def make_forward(attn, layer: int, rec, stats: StatsSpec, patterns, backend: str
         attention_mask=None,
         position_bias=None,
     ):
+        if cp is not None:
+            _check_shard_call(cp, layer, query_input, past_kv_cache_entry, additive_attention_mask, attention_mask)
         q, k, v = attn.calculate_qkv_matrices(query_input, key_input, value_input)  # [B, N, H, D]
         if cfg.clip_qkv is not None:
             q, k, v = (t.clamp(min=-cfg.clip_qkv, max=cfg.clip_qkv) for t in (q, k, v))
+        if cp is not None:
+            return _shard_forward(attn, layer, rec, stats, backend, cp, q, k, v)
         offset = 0
         if past_kv_cache_entry is not None:
             offset = past_kv_cache_entry.past_keys.size(1)
@@ -86,6 +110,72 @@ def make_forward(attn, layer: int, rec, stats: StatsSpec, patterns, backend: str
         return _project(attn, z)
 
     return forward
+
+
+def _check_shard_call(cp: ContextParallel, layer: int, x, past_kv_cache_entry, additive, attention_mask) -> None:
+    """Refuse what a shard cannot take, before any collective."""
+    if past_kv_cache_entry is not None:
+        raise WorkbenchError("context parallelism runs one whole sequence: a KV cache is not supported")
+    if additive is not None or (attention_mask is not None and not bool(attention_mask.bool().all())):
+        raise WorkbenchError(
+            f"context parallelism takes no padding (layer {layer}): give sequences of one length, without a "
+            "padding mask"
+        )
+    cp.check_local(x.shape[1], f"layer {layer}'s input")
+
+
+def _shard_forward(attn, layer: int, rec, stats: StatsSpec, backend: str, cp: ContextParallel, q, k, v):
+    """The module's output for this rank's shard ``q, k, v [B, n_local, H, D]``."""
+    cfg = attn.cfg
+    if cfg.positional_embedding_type == "rotary":
+        q = attn.hook_rot_q(_rotate_shard(attn, q, cp))
+        k = attn.hook_rot_k(_rotate_shard(attn, k, cp))
+    causal = (getattr(attn, "_attention_dir_override", None) or cfg.attention_dir) == "causal"
+    out, st = context_parallel_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        n_total=cp.n_total,
+        group=cp.group,
+        causal=causal,
+        scale=1.0 / attn.attn_scale,
+        stats=stats,
+        backend=backend,
+    )
+    rec.add(layer, st)
+    z = attn.hook_z(out.transpose(1, 2))  # [B, n_local, H, D]
+    return _project(attn, z)
+
+
+def _rotate_shard(attn, x: torch.Tensor, cp: ContextParallel) -> torch.Tensor:
+    """TransformerLens's own rotary on ``x [B, n_local, H, D]`` at the shard's global positions:
+    the shard is two runs of consecutive positions, each rotated from its first position."""
+    parts, start = [], 0
+    for chunk in _runs(cp.positions):
+        parts.append(attn.apply_rotary(x[:, start : start + len(chunk)], chunk.start))
+        start += len(chunk)
+    return torch.cat(parts, dim=1)
+
+
+def _runs(positions: torch.Tensor) -> list[range]:
+    """``positions`` (ascending) as runs of consecutive positions."""
+    runs, values = [], positions.tolist()
+    first = 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[i - 1] + 1:
+            runs.append(range(values[first], values[i - 1] + 1))
+            first = i
+    return runs
+
+
+def _shard_pos_embed(model, cp: ContextParallel):
+    """``hook_pos_embed`` hook: the learned embeddings of the shard's global positions."""
+
+    def hook(pos_embed: torch.Tensor, hook) -> torch.Tensor:  # [B, n_local, d_model]
+        w_pos = model.pos_embed.W_pos
+        return w_pos[cp.positions.to(w_pos.device)].to(pos_embed)[None].expand_as(pos_embed).clone()
+
+    return hook
 
 
 def _explicit_pattern(attn, layer, rec, patterns, q, k, offset, causal, attention_mask, additive):
@@ -187,15 +277,34 @@ class TransformerLensAdapter:
     def decode(self, token: torch.Tensor, cache):
         return self.model(token, past_kv_cache=cache)[:, -1], cache
 
-    def install(self, collector, stats: StatsSpec, backend: str, patterns=None) -> Callable[[], None]:
-        """Give every block's attention the kernel forward (:func:`make_forward`)."""
-        layers = [block.attn for block in self.model.blocks]
+    def install(
+        self, collector, stats: StatsSpec, backend: str, patterns=None, context_parallel: ContextParallel | None = None
+    ) -> Callable[[], None]:
+        """Give every block's attention the kernel forward (:func:`make_forward`).
+
+        With ``context_parallel``, the model takes this rank's shard of one sequence: rotary
+        turns each query and key by its global position, learned position embeddings
+        (``hook_pos_embed``, standard or shortformer) are replaced by the rows of the shard's
+        global positions, and attention runs over the group."""
+        model = self.model
+        pos_handle = None
+        if context_parallel is not None:
+            problems = context_parallel_problems(model.cfg)
+            if problems:
+                raise WorkbenchError("context parallelism cannot shard this model yet: " + ", ".join(problems))
+            if model.cfg.positional_embedding_type in ("standard", "shortformer"):
+                model.hook_pos_embed.add_hook(_shard_pos_embed(model, context_parallel), is_permanent=True)
+                pos_handle = model.hook_pos_embed.fwd_hooks[-1]
+        layers = [block.attn for block in model.blocks]
         for i, attn in enumerate(layers):
-            attn.forward = make_forward(attn, i, collector, stats, patterns, backend)
+            attn.forward = make_forward(attn, i, collector, stats, patterns, backend, context_parallel)
 
         def restore() -> None:
             for attn in layers:
                 vars(attn).pop("forward", None)  # the class's own forward shows through again
+            if pos_handle is not None:
+                pos_handle.hook.remove()
+                model.hook_pos_embed.fwd_hooks.remove(pos_handle)
 
         return restore
 

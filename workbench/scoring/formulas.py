@@ -175,15 +175,23 @@ def prefill_tallies(
     causal: bool,
     period: int | None = None,
     repeats: int = 2,
+    *,
+    start: int = 0,
+    length: int | None = None,
 ) -> dict[str, Tally]:
     """Per-head ``(total, count)`` of every row score in ``scores`` (all but retrieval) from one
     prefill's statistics ``[batch, head, position]`` of one layer, every position a real token.
 
     For repeats samples the last ``repeats * period`` tokens are the copies (anything before,
     such as BOS, is a prefix); rows of copy ``r`` look for targets in copies ``0 .. r-1``.
+
+    One chunk of a chunked prefill: ``start`` is the position of its first row and ``length``
+    the whole sequence's (default: ``start`` plus the rows given); the tallies of the chunks add
+    up to those of the whole prefill.
     """
     b, _, n = st.entropy.shape
-    pos = torch.arange(n, device=st.entropy.device)
+    pos = start + torch.arange(n, device=st.entropy.device)
+    length = start + n if length is None else length
     rows = float(b * n)
     out: dict[str, Tally] = {}
 
@@ -197,7 +205,7 @@ def prefill_tallies(
     if "entropy" in scores:
         out["entropy"] = over(st.entropy)
     if "entropy_norm" in scores:
-        keys = (pos + 1) if causal else torch.full_like(pos, n)
+        keys = (pos + 1) if causal else torch.full_like(pos, length)
         two = keys >= 2
         out["entropy_norm"] = over(st.entropy[..., two] / torch.log(keys[two].double()))
     if "streaming" in scores:  # rows where the sink and the window do not overlap
@@ -209,7 +217,7 @@ def prefill_tallies(
     for name, shift in (("induction", -1), ("duplicate_token", 0)):
         if name not in scores or period is None:
             continue
-        copy = (pos - (n - repeats * period)).div(period, rounding_mode="floor")  # -1 for the prefix
+        copy = (pos - (length - repeats * period)).div(period, rounding_mode="floor")  # -1 for the prefix
         total = torch.zeros(st.entropy.shape[1], dtype=torch.float64, device=pos.device)
         for k in range(1, repeats):
             mass = st.offset_mass[..., spec.offsets.index(k * period + shift)]

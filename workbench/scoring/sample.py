@@ -12,6 +12,7 @@ import torch
 
 from kernels import AttentionStats
 from workbench.adapters import ModelAdapter, adapter_for
+from workbench.chunked import chunked_prefill
 from workbench.errors import WorkbenchError
 from workbench.instrument import instrument
 from workbench.recording import StreamingSummary
@@ -36,7 +37,10 @@ PROFILE_BUCKETS = 64
 class SampleCollector:
     """Takes each layer's statistics as the forward pass produces them (``instrument(into=)``)
     and reduces them at once into score tallies, position profiles and, for retrieval, the
-    most-attended key of the last row; nothing of size O(tokens) outlives its layer."""
+    most-attended key of the last row; nothing of size O(tokens) outlives its layer.
+
+    A chunked prefill calls each layer once per chunk, in order: a call's rows start where the
+    layer's previous call ended, and its tallies add to the earlier chunks'."""
 
     def __init__(
         self,
@@ -50,21 +54,35 @@ class SampleCollector:
         bucket_size: int,
     ):
         self.scores, self.settings, self.spec, self.causal = scores, settings, spec, causal
-        self.period, self.repeats = sample.period, repeats
+        self.period, self.repeats, self.length = sample.period, repeats, len(sample.ids)
         self.tallies: dict[tuple[str, int], Tally] = {}
         self.profile = StreamingSummary(spec, n_layers, bucket_size, statistics=PROFILE_STATISTICS)
         self.last_keys: list[list[torch.Tensor]] = []  # per forward call, per layer: [head]
         self.decoding = False
+        self.rows_done: dict[int, int] = {}  # per layer: prefill rows already added
 
     def add(self, layer: int, st: AttentionStats) -> None:
         if not self.decoding:
-            for name, tally in prefill_tallies(
-                st, self.scores, self.settings, self.spec, self.causal, self.period, self.repeats
+            start = self.rows_done.get(layer, 0)
+            self.rows_done[layer] = start + st.lse.shape[2]
+            for name, (total, count) in prefill_tallies(
+                st,
+                self.scores,
+                self.settings,
+                self.spec,
+                self.causal,
+                self.period,
+                self.repeats,
+                start=start,
+                length=self.length,
             ).items():
-                self.tallies[(name, layer)] = tally
-            self.profile.add(layer, st)
+                old = self.tallies.get((name, layer))
+                self.tallies[(name, layer)] = (total, count) if old is None else (old[0] + total, old[1] + count)
+            self.profile.add(layer, st, start=start)
         if st.argmax is not None:
             if layer == 0:
+                if not self.decoding and self.last_keys:  # a later prefill chunk: its last row predicts
+                    self.last_keys.pop()
                 self.last_keys.append([])
             self.last_keys[-1].append(st.argmax[0, :, -1])
 
@@ -79,7 +97,11 @@ def score_sample(
 
     ``materialised=True`` (Hugging Face models; a baseline for benchmarks and checks) computes
     the same tallies from the explicit ``[head, query, key]`` pattern of eager attention, one
-    layer at a time, instead of from the kernel statistics."""
+    layer at a time, instead of from the kernel statistics.
+
+    With ``settings.prefill_chunk``, the sample is prefilled that many tokens at a time
+    (:func:`workbench.chunked.chunked_prefill`); the retrieval score then decodes the answer
+    from the chunked prefill's cache."""
     start = time.perf_counter()
     adapter = adapter_for(model)
     scores = [s for s in settings.scores if unit.task in SCORES[s].tasks]
@@ -104,13 +126,17 @@ def score_sample(
         if materialised
         else instrument(adapter, spec, backend=settings.backend, into=collector)
     ):
+        chunk = settings.prefill_chunk
         if "retrieval" in scores:
-            logits, cache = adapter.prefill(ids)
+            logits, cache = adapter.prefill(ids) if chunk is None else chunked_prefill(adapter, ids, chunk)
             generated = [int(logits[0].argmax())]
             collector.decoding = True
             for _ in range(len(sample.answer) - 1):
                 logits, cache = adapter.decode(torch.tensor([[generated[-1]]], device=device), cache)
                 generated.append(int(logits[0].argmax()))
+            del cache
+        elif chunk is not None:
+            _, cache = chunked_prefill(adapter, ids, chunk)
             del cache
         else:
             adapter.run(ids, None)

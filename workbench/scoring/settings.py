@@ -23,7 +23,10 @@ class ScoreRunSettings:
     ``lengths``: tokens per sample (for repeats: BOS plus ``repeats`` copies of
     ``(length - 1) // repeats`` tokens). ``samples``: samples per length (niah: per length and
     depth). ``text``: a file, a folder or ``hf:DATASET[:CONFIG]`` for the text task and the
-    needle haystack (built-in docstrings when None).
+    needle haystack (built-in docstrings when None). ``prefill_chunk``: prefill each sample this
+    many tokens at a time against a growing KV cache (activation memory bounded by the chunk;
+    the same numbers up to float rounding); None: in one forward pass. Left out of
+    :meth:`to_dict` when None, so runs made before it existed keep their identity.
     """
 
     model: str
@@ -39,6 +42,7 @@ class ScoreRunSettings:
     seed: int = 0
     dtype: str | None = None
     backend: str = "auto"
+    prefill_chunk: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("tasks", "scores", "lengths", "depths"):
@@ -55,13 +59,20 @@ class ScoreRunSettings:
         if self.backend not in BACKENDS:
             raise WorkbenchError(f"unknown kernel backend {self.backend!r}; choose one of: {', '.join(BACKENDS)}")
         ScoreSettings(self.sink_tokens, self.window)  # raises on a bad sink_tokens or window
+        if self.prefill_chunk is not None and (
+            isinstance(self.prefill_chunk, bool) or not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 1
+        ):
+            raise WorkbenchError(f"prefill_chunk must be an int >= 1 (tokens per chunk) or None, got {self.prefill_chunk!r}")
 
     @property
     def score_settings(self) -> ScoreSettings:
         return ScoreSettings(self.sink_tokens, self.window)
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        if d["prefill_chunk"] is None:  # the identity of runs made before the option existed
+            del d["prefill_chunk"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> ScoreRunSettings:
@@ -81,13 +92,18 @@ def defaults_for(model: torch.nn.Module | ModelAdapter, tasks) -> tuple[tuple[in
 
 
 def check_model(model: torch.nn.Module | ModelAdapter, settings: ScoreRunSettings) -> None:
-    """Refuse settings this model cannot run: lengths beyond its context, retrieval without a
-    language-model head or causal attention."""
+    """Refuse settings this model cannot run: lengths beyond its context, retrieval or a prefill
+    chunk without a language-model head or causal attention."""
     adapter = adapter_for(model)
     context = adapter.context
     too_long = [n for n in settings.lengths if context is not None and n > context]
     if too_long:
         raise WorkbenchError(f"lengths {too_long} exceed the model's context of {context} tokens")
+    if settings.prefill_chunk is not None and not adapter.can_generate:
+        raise WorkbenchError(
+            f"a prefill chunk needs a causal language model with a KV cache (this one is a "
+            f"{type(adapter.model).__name__}): leave out --prefill-chunk"
+        )
     if "retrieval" in settings.scores and not adapter.can_generate:
         raise WorkbenchError(
             "the retrieval score decodes the needle's answer: it needs a causal language model "
