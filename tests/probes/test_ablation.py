@@ -14,6 +14,7 @@ from probes import ablation
 from probes.ablation import AblationSettings
 from probes.cli import ablate, register
 from tests.conftest import SEED
+from tests.tiny_models import tiny_llama
 from workbench import WorkbenchError, instrument
 from workbench.adapters import adapter_for
 from workbench.adapters.transformer_lens import TransformerLensAdapter
@@ -39,27 +40,11 @@ def scored(zoo, tmp_path_factory):
     return score_model(zoo, settings, tmp_path_factory.mktemp("runs") / "zoo", progress=False)
 
 
-def _tiny_llama():
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(SEED)
-    cfg = LlamaConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
-
-
 @pytest.mark.parametrize("which", ["zoo", "llama"])
 def test_zero_ablation_equals_a_model_without_that_head(which, zoo):
     """Zero-ablating head h equals zeroing the columns of the output projection that read h;
     mean and resample ablation put the reference's values in place of h's output."""
-    model = zoo if which == "zoo" else _tiny_llama()
+    model = zoo if which == "zoo" else tiny_llama()
     ids = torch.randint(3, 250, (2, 40), generator=torch.Generator().manual_seed(SEED))
     layer, head = 1, int(torch.randint(0, 4, (), generator=torch.Generator().manual_seed(SEED)))
     logits = adapter_for(model).logits

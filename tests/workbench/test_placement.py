@@ -8,24 +8,9 @@ import pytest
 import torch
 
 from tests.conftest import SEED
+from tests.tiny_models import tiny_llama
 from workbench import WorkbenchError, load_model, record
 from workbench.placement import block_devices, devices_of, place_hugging_face
-
-
-def _tiny_llama():
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(SEED)
-    cfg = LlamaConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
 
 
 def _same_recordings(a, b) -> None:
@@ -60,10 +45,10 @@ def test_placed_zoo_model_records_what_the_unplaced_one_does(zoo):
 @pytest.mark.parametrize("device_map", ["auto", "sequential", {"": "cpu"}])
 def test_placed_hugging_face_model_records_what_the_unplaced_one_does(device_map):
     ids = torch.randint(3, 250, (2, 40), generator=torch.Generator().manual_seed(SEED))
-    placed = place_hugging_face(_tiny_llama(), device_map)
+    placed = place_hugging_face(tiny_llama(layers=3), device_map)
     first = devices_of(placed)[0]  # the CPU here; a GPU where there are some and the map names none
     assert first == ("cuda:0" if torch.cuda.is_available() and not isinstance(device_map, dict) else "cpu")
-    plain = _tiny_llama().to(first)
+    plain = tiny_llama(layers=3).to(first)
     _same_recordings(record(plain, ids, progress=False), record(placed, ids, progress=False))
 
 

@@ -15,6 +15,7 @@ from transformer_lens import head_detector
 
 from kernels import attention
 from tests.conftest import SEED
+from tests.tiny_models import tiny_llama
 from workbench import WorkbenchError, load_model
 from workbench.adapters import adapter_for
 from workbench.instrument import instrument
@@ -182,21 +183,8 @@ def test_retrieval_hits_counts_copies_from_the_needle():
     assert torch.equal(got, want) and got[0, 0] >= 1
 
 
-def _tiny_llama():
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(SEED)
-    cfg = LlamaConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
-    model.tokenizer = None
+def _tokenizerless(model):
+    model.tokenizer = None  # the zoo's byte tokenizer then builds the samples
     return model
 
 
@@ -204,7 +192,7 @@ def _tiny_llama():
 def test_cached_decoding_matches_full_forward(which, zoo):
     """The retrieval score decodes with a KV cache under instrumentation: the logits and the
     last row's most-attended keys equal those of a full forward over the extended sequence."""
-    model = zoo if which == "zoo" else _tiny_llama()
+    model = zoo if which == "zoo" else _tokenizerless(tiny_llama(context=512))
     adapter = adapter_for(model)
     ids = torch.randint(0, 250, (1, 90), generator=torch.Generator().manual_seed(SEED))
     spec = stats_spec(["retrieval"], ScoreSettings())
