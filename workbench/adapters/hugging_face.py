@@ -254,6 +254,9 @@ def _global_positions(cp: ContextParallel):
             ids = kwargs.get("inputs_embeds")
         if ids is not None:  # checked before any collective: a wrong shard fails on its own rank
             cp.check_local(ids.shape[1])
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not bool(mask.bool().all()):
+            raise WorkbenchError("context parallelism takes no padding: call the model without a padding mask")
         if kwargs.get("past_key_values") is not None:
             raise WorkbenchError("context parallelism runs one whole sequence: past_key_values are not supported")
         if kwargs.get("position_ids") is None:

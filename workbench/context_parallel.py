@@ -1,0 +1,140 @@
+"""Context parallelism for whole models: one long sequence's forward pass spread over the ranks
+of a ``torch.distributed`` process group, every layer's attention computed with
+:func:`kernels.context_parallel.context_parallel_attention`.
+
+:class:`ContextParallel` names the group and the sequence length; ``instrument(model, stats,
+context_parallel=cp)`` (:mod:`workbench.instrument`) then makes the model take this rank's
+shard of the tokens, the positions ``cp.positions`` (chunks ``r`` and ``2W - 1 - r`` of ``2W``,
+:func:`kernels.context_parallel.shard_indices`), at their global positions, and gathers each
+layer's statistics back into global position order on every rank (:meth:`ContextParallel.unshard_stats`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from kernels import AttentionStats
+from kernels.context_parallel import shard_indices
+from kernels.errors import AttentionInputError
+from workbench.errors import WorkbenchError
+
+
+@dataclass(frozen=True)
+class ContextParallel:
+    """One sequence of ``n_total`` positions sharded over the ranks of ``group``.
+
+    Attributes:
+        n_total: positions in the whole sequence (at least ``2W`` for ``W`` ranks).
+        group: the process group (``None``: the default group); it must be initialised and hold
+            this process.
+        gather: whether each layer's statistics are all-gathered into global position order on
+            every rank (``True``), or kept as this rank's rows in shard order (``False``: a
+            caller that reduces them itself, then combines the reductions).
+        positions: this rank's global positions (int64 ``[n_local]``, ascending), derived.
+
+    Raises :class:`WorkbenchError` when the group is not initialised, does not hold this
+    process, or ``n_total`` is too short for its ranks: checked on every rank before any
+    collective, so every rank refuses alike.
+
+    Example:
+        >>> cp = ContextParallel(ids.shape[1])  # the default group, launched by torchrun
+        >>> with instrument(model, stats, context_parallel=cp) as rec:
+        ...     logits = model(cp.shard(ids))  # [batch, n_local, vocab], positions cp.positions
+        >>> rec.layer(0).entropy.shape  # [batch, head, n_total]: global order, on every rank
+    """
+
+    n_total: int
+    group: dist.ProcessGroup | None = None
+    gather: bool = True
+    positions: torch.Tensor = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n_total, bool) or not isinstance(self.n_total, int):
+            raise WorkbenchError(f"context parallelism needs n_total as an int, got {self.n_total!r}")
+        if not dist.is_available() or not dist.is_initialized():
+            raise WorkbenchError(
+                "context parallelism needs torch.distributed initialised: launch with torchrun and join "
+                "the process group first (workbench.distributed.process_group, or "
+                "torch.distributed.init_process_group)"
+            )
+        rank = dist.get_rank(self.group)
+        if rank < 0:
+            raise WorkbenchError("this process is not a member of the context-parallel process group")
+        try:
+            positions = shard_indices(self.n_total, self.world, rank)
+        except AttentionInputError as exc:
+            raise WorkbenchError(f"context parallelism: {exc}") from None
+        object.__setattr__(self, "positions", positions)
+
+    @property
+    def world(self) -> int:
+        """Ranks in the group."""
+        return dist.get_world_size(self.group)
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in the group."""
+        return dist.get_rank(self.group)
+
+    @property
+    def n_local(self) -> int:
+        """Positions this rank holds."""
+        return len(self.positions)
+
+    def shard(self, ids: torch.Tensor) -> torch.Tensor:
+        """This rank's columns of the whole sequence's ``ids [batch, n_total]`` (or any
+        ``[batch, n_total, ...]`` tensor): ``[batch, n_local, ...]``, in position order."""
+        if ids.dim() < 2 or ids.shape[1] != self.n_total:
+            raise WorkbenchError(
+                f"expected the whole sequence, [batch, {self.n_total}, ...], got shape {tuple(ids.shape)}"
+            )
+        return ids[:, self.positions.to(ids.device)]
+
+    def check_local(self, n_local: int, what: str = "the input") -> None:
+        """Refuse a shard whose length is not this rank's: before any collective."""
+        if n_local != self.n_local:
+            raise WorkbenchError(
+                f"{what} holds {n_local} positions, but rank {self.rank} of {self.world} holds {self.n_local} "
+                f"of the {self.n_total}: give the model ContextParallel.shard(ids)"
+            )
+
+    def unshard(self, t: torch.Tensor, dim: int = 2) -> torch.Tensor:
+        """Every rank's shard of ``t`` (``n_local`` positions along ``dim``) put together in global
+        position order: ``n_total`` positions along ``dim``, on every rank (a collective)."""
+        world, n_total = self.world, self.n_total
+        shards = [shard_indices(n_total, world, r) for r in range(world)]
+        longest = max(len(s) for s in shards)
+        moved = t.movedim(dim, 0).contiguous()  # [n_local, ...]
+        send = moved.new_zeros(longest, *moved.shape[1:])
+        send[: moved.shape[0]] = moved
+        parts = [torch.empty_like(send) for _ in range(world)]
+        dist.all_gather(parts, send, group=self.group)
+        out = moved.new_empty(n_total, *moved.shape[1:])
+        for where, part in zip(shards, parts):
+            out[where.to(out.device)] = part[: len(where)]
+        return out.movedim(0, dim)
+
+    def unshard_stats(self, st: AttentionStats) -> AttentionStats:
+        """A layer's shard statistics (row statistics ``[B, H, n_local]``, ``offset_mass
+        [B, H, n_local, O]``, ``key_mass [B, H, n_local]`` for this rank's keys) in global
+        position order, ``n_total`` along the position axis, on every rank."""
+        return AttentionStats(**{name: self.unshard(t, dim=2) for name, t in st.items()})
+
+
+class ShardCollector:
+    """A collector (``add(layer, stats)``) in front of another: each layer's shard statistics
+    are gathered into global position order (:meth:`ContextParallel.unshard_stats`) before they
+    reach ``into``, or passed on as they are when ``cp.gather`` is off. Every rank adds the
+    same layers in the same order (one forward pass), so the gathers line up."""
+
+    def __init__(self, into, cp: ContextParallel) -> None:
+        self.into, self.cp = into, cp
+
+    def add(self, layer: int, stats: AttentionStats) -> None:
+        self.into.add(layer, self.cp.unshard_stats(stats) if self.cp.gather else stats)
+
+    def add_pattern(self, layer: int, pattern: torch.Tensor) -> None:  # pragma: no cover (refused earlier)
+        raise WorkbenchError("explicit patterns are not available under context parallelism")
