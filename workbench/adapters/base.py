@@ -94,6 +94,21 @@ class ModelAdapter(Protocol):
         ...
 
 
+class BoundAdapter:
+    """What every adapter class shares: the model it is bound to, where inputs go, its name."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    @property
+    def device(self) -> torch.device:
+        return input_device(self.model)
+
+    @property
+    def name(self) -> str:
+        return model_name(self.model)
+
+
 def model_name(model: torch.nn.Module) -> str:
     """The name a model's config gives it, else its class name."""
     cfg = getattr(model, "cfg", None) or getattr(model, "config", None)

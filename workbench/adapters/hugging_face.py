@@ -15,7 +15,7 @@ import torch
 
 from kernels import StatsSpec, attention
 from kernels.context_parallel import context_parallel_attention
-from workbench.adapters.base import ZEdit, input_device, model_name
+from workbench.adapters.base import BoundAdapter, ZEdit, input_device
 from workbench.adapters.padding import KernelMask, from_key_mask
 from workbench.errors import WorkbenchError
 
@@ -113,13 +113,10 @@ def _remove(modules) -> None:
         _routes.pop(id(m), None)
 
 
-class HuggingFaceAdapter:
+class HuggingFaceAdapter(BoundAdapter):
     """A Hugging Face ``PreTrainedModel`` (see :class:`~workbench.adapters.ModelAdapter`)."""
 
     supports_patterns = False  # eager attention with output_attentions=True gives them
-
-    def __init__(self, model) -> None:
-        self.model = model
 
     @property
     def n_layers(self) -> int:
@@ -147,14 +144,6 @@ class HuggingFaceAdapter:
     @property
     def can_generate(self) -> bool:
         return bool(getattr(self.model, "can_generate", lambda: False)()) and self.is_causal
-
-    @property
-    def device(self) -> torch.device:
-        return input_device(self.model)
-
-    @property
-    def name(self) -> str:
-        return model_name(self.model)
 
     def run(self, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
         self.model(input_ids=ids, attention_mask=mask)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from kernels import StatsSpec, attention
 from kernels.context_parallel import context_parallel_attention
-from workbench.adapters.base import ZEdit, input_device, model_name
+from workbench.adapters.base import BoundAdapter, ZEdit
 from workbench.adapters.padding import from_key_mask
 from workbench.errors import WorkbenchError
 
@@ -210,7 +210,7 @@ def _project(attn, z: torch.Tensor) -> torch.Tensor:
     return F.linear(z.reshape(z.shape[0], z.shape[1], -1), w, b_o)
 
 
-class TransformerLensAdapter:
+class TransformerLensAdapter(BoundAdapter):
     """A TransformerLens ``HookedTransformer`` (see :class:`~workbench.adapters.ModelAdapter`)."""
 
     supports_patterns = True
@@ -221,7 +221,7 @@ class TransformerLensAdapter:
             raise WorkbenchError(
                 "the statistics kernels cannot reproduce this model's attention yet: " + ", ".join(problems)
             )
-        self.model = model
+        super().__init__(model)
 
     @property
     def n_layers(self) -> int:
@@ -246,14 +246,6 @@ class TransformerLensAdapter:
     @property
     def can_generate(self) -> bool:
         return self.is_causal
-
-    @property
-    def device(self) -> torch.device:
-        return input_device(self.model)
-
-    @property
-    def name(self) -> str:
-        return model_name(self.model)
 
     def run(self, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
         self.model(ids, attention_mask=mask)
