@@ -177,6 +177,13 @@ def score(
         help="Text file or folder, or hf:DATASET[:CONFIG] (online), for the text "
         "task and the needle haystack (default: built-in docstrings).",
     ),
+    prefill_chunk: int = typer.Option(
+        None,
+        "--prefill-chunk",
+        min=1,
+        help="Prefill in chunks of this many tokens against a KV cache (bounds activation memory at long "
+        "lengths; same scores).",
+    ),
     sink_tokens: int = typer.Option(ScoreRunSettings.sink_tokens, help="Keys that count as the attention sink."),
     window: int = typer.Option(ScoreRunSettings.window, help="Recent-key window of the streaming score."),
     seed: int = typer.Option(ScoreRunSettings.seed, help="Seed of the samples (and of random models' weights)."),
@@ -234,6 +241,7 @@ def score(
         seed=seed,
         dtype=dtype,
         backend=backend,
+        prefill_chunk=prefill_chunk,
     )
     if device_map is not None and distributed.launched():
         fail(

@@ -5,20 +5,29 @@ of scoring every head on one needle sample (``scored``: from the kernel statisti
 
     python -m workbench.model_benchmark --model random:llama-3.2-1b --lengths 32768,131072
     python -m workbench.model_benchmark --variants sdpa,scored,materialised --lengths 4096,32768
+    python -m workbench.model_benchmark --variants sdpa,sdpa-chunked,recorded,streamed,scored \
+        --lengths 131072,1048576 --prefill-chunk 8192
 
 Every forward computes only the last position's logits (``logits_to_keep=1``), so that the
 ``[tokens, vocabulary]`` logits, which are the same in every variant, do not dominate the peak.
+
+``--prefill-chunk N`` runs every variant but ``sdpa`` as a chunked prefill
+(:mod:`workbench.chunked`: ``N`` queries at a time against a growing KV cache); ``sdpa`` stays
+the one-pass forward and ``sdpa-chunked`` is SDPA through the same chunked prefill. Lengths
+past the model's context are allowed (random weights: only time and memory count here).
+Without a GPU the benchmark runs on the CPU in float32 (a smoke test; no peak memory).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from kernels import StatsSpec
+from workbench.chunked import ChunkJoiner, ChunkPositions, check_chunk, chunked_prefill
 from workbench.instrument import DEFAULT_STATS, instrument
 from workbench.models import load_model, task_tokenizer
 from workbench.recording import StreamingSummary
@@ -27,61 +36,112 @@ from workbench.scoring import ScoreRunSettings, plan, score_sample
 
 @dataclass
 class Result:
-    """One measurement: ``variant`` is ``sdpa``, ``recorded``, ``streamed`` (one forward pass),
-    ``scored`` or ``materialised`` (all niah scores of one needle sample, answer decoding included)."""
+    """One measurement: ``variant`` is ``sdpa``, ``sdpa-chunked``, ``recorded``, ``streamed``
+    (one forward pass), ``scored`` or ``materialised`` (all niah scores of one needle sample,
+    answer decoding included); ``chunk`` the prefill chunk (None: one pass). Memory is NaN on
+    the CPU."""
 
     variant: str
     tokens: int
     seconds: float
     peak_gib: float
     weights_gib: float
+    chunk: int | None = None
 
 
-def _forward(model, ids: torch.Tensor) -> None:
-    model(ids, logits_to_keep=1)
+VARIANTS = ("sdpa", "sdpa-chunked", "recorded", "streamed", "scored", "materialised")
+
+
+def _forward(model, ids: torch.Tensor, chunk: int | None) -> None:
+    if chunk is None:
+        model(ids, logits_to_keep=1)
+    else:
+        _, cache = chunked_prefill(model, ids, chunk)
+        del cache
+
+
+def _cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def _synchronize() -> None:
+    if _cuda():
+        torch.cuda.synchronize()
 
 
 def measure_forward(
-    model, tokens: int, variant: str, stats: StatsSpec = DEFAULT_STATS, repeats: int = 2, seed: int = 0
+    model,
+    tokens: int,
+    variant: str,
+    stats: StatsSpec = DEFAULT_STATS,
+    repeats: int = 2,
+    seed: int = 0,
+    chunk: int | None = None,
 ) -> Result:
     """Time (best of ``repeats``, after one warm-up that also autotunes) and peak memory of a
-    forward over ``tokens`` random token ids (batch 1)."""
+    forward over ``tokens`` random token ids (batch 1); ``chunk``: prefill that many tokens at a
+    time (every variant but ``sdpa``; ``sdpa-chunked`` needs one)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    if variant == "sdpa":
+        chunk = None
+    elif chunk is not None:
+        check_chunk(chunk)
+    elif variant == "sdpa-chunked":
+        raise ValueError("the sdpa-chunked variant needs a prefill chunk (--prefill-chunk)")
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=gen).to(model.device)
-    weights = torch.cuda.memory_allocated()
-    settings = ScoreRunSettings(model="benchmark", tasks=("niah",), lengths=(tokens,), samples=1, depths=(0.5,))
+    weights = torch.cuda.memory_allocated() if _cuda() else float("nan")
+    settings = ScoreRunSettings(
+        model="benchmark", tasks=("niah",), lengths=(tokens,), samples=1, depths=(0.5,), prefill_chunk=chunk
+    )
     unit = plan(settings, task_tokenizer(model))[0] if variant in ("scored", "materialised") else None
+    n_layers = model.config.num_hidden_layers
 
     def once() -> float:
-        torch.cuda.synchronize()
+        _synchronize()
         start = time.perf_counter()
-        if variant == "sdpa":
-            _forward(model, ids)
+        if variant in ("sdpa", "sdpa-chunked"):
+            _forward(model, ids, chunk)
         elif variant in ("scored", "materialised"):
             score_sample(model, unit, settings, materialised=variant == "materialised")
-        else:
-            n_layers = model.config.num_hidden_layers
-            into = StreamingSummary(stats, n_layers, bucket_size=1024) if variant == "streamed" else None
-            with instrument(model, stats, into=into):
-                _forward(model, ids)
-        torch.cuda.synchronize()
+        elif variant == "streamed":
+            summary = StreamingSummary(stats, n_layers, bucket_size=1024)
+            with instrument(model, stats, into=summary if chunk is None else ChunkPositions(summary)):
+                _forward(model, ids, chunk)
+        elif chunk is None:  # recorded
+            with instrument(model, stats):
+                _forward(model, ids, chunk)
+        else:  # recorded, joined into one call per layer as record_chunked returns it
+            joiner = ChunkJoiner()
+            with instrument(model, stats, into=joiner):
+                _forward(model, ids, chunk)
+            joiner.recording(stats, n_layers)
+        _synchronize()
         return time.perf_counter() - start
 
     with torch.no_grad():
         once()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        if _cuda():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         best = min(once() for _ in range(repeats))
-    return Result(variant, tokens, best, torch.cuda.max_memory_allocated() / 2**30, weights / 2**30)
+    peak = torch.cuda.max_memory_allocated() if _cuda() else float("nan")
+    return Result(variant, tokens, best, peak / 2**30, weights / 2**30, chunk)
 
 
-def check_scoring(model, tokens: int) -> float:
-    """Largest relative difference ``|a - b| / max(|b|, 1)`` between the two scoring paths'
-    per-sample values (scores and profile means; distances are in tokens, hence the floor)."""
+def check_scoring(model, tokens: int, chunk: int | None = None) -> float:
+    """Largest relative difference ``|a - b| / max(|b|, 1)`` between two scoring paths'
+    per-sample values (scores and profile means; distances are in tokens, hence the floor):
+    from the kernel statistics against materialised patterns, or, with ``chunk``, a chunked
+    prefill against one pass (both from the kernel statistics)."""
     settings = ScoreRunSettings(model="benchmark", tasks=("niah",), lengths=(tokens,), samples=1, depths=(0.5,))
     unit = plan(settings, task_tokenizer(model))[0]
     keys = ["name", "layer", "head", "bucket"]
-    a, b = (score_sample(model, unit, settings, materialised=m) for m in (False, True))
+    if chunk is None:
+        a, b = (score_sample(model, unit, settings, materialised=m) for m in (False, True))
+    else:
+        a, b = (score_sample(model, unit, replace(settings, prefill_chunk=c)) for c in (chunk, None))
     joined = a[a["name"] != "seconds"].merge(b, on=keys)
     ratio_a = joined["total_x"] / joined["count_x"].where(joined["count_x"] > 0)
     ratio_b = joined["total_y"] / joined["count_y"].where(joined["count_y"] > 0)
@@ -95,38 +155,63 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--variants",
         default="sdpa,recorded,streamed",
-        help="comma-separated: sdpa, recorded, streamed, scored, materialised",
+        help=f"comma-separated: {', '.join(VARIANTS)}",
     )
+    parser.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=None,
+        metavar="N",
+        help="prefill N tokens at a time against a growing KV cache (every variant but sdpa)",
+    )
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per measurement (the best counts)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("the model benchmark needs a CUDA GPU")
-        return 2
-    model = load_model(args.model, device="cuda", dtype=torch.bfloat16)
-    print(
-        f"{args.model} on {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, batch 1, "
-        f"statistics {DEFAULT_STATS}"
-    )
     variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        parser.error(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
+    if "sdpa-chunked" in variants and args.prefill_chunk is None:
+        parser.error("the sdpa-chunked variant needs --prefill-chunk")
+    if _cuda():
+        device, dtype, where = "cuda", torch.bfloat16, f"{torch.cuda.get_device_name()}, bf16"
+    else:
+        device, dtype, where = "cpu", torch.float32, "the CPU (no GPU: a smoke run, no peak memory), float32"
+    model = load_model(args.model, device=device, dtype=dtype)
+    chunked = f", prefill chunk {args.prefill_chunk}" if args.prefill_chunk else ""
+    print(f"{args.model} on {where}, torch {torch.__version__}, batch 1{chunked}, statistics {DEFAULT_STATS}")
     lengths = [int(x) for x in args.lengths.split(",")]
     if "scored" in variants and "materialised" in variants:
         print(
             f"check at {lengths[0]} tokens: largest relative difference between scored and materialised values "
             f"{check_scoring(model, lengths[0]):.2e}"
         )
+    if "scored" in variants and args.prefill_chunk is not None:
+        print(
+            f"check at {lengths[0]} tokens: largest relative difference between chunked and one-pass scored values "
+            f"{check_scoring(model, lengths[0], args.prefill_chunk):.2e}"
+        )
     rows = []
     for tokens in lengths:
         base = None
         for variant in variants:
+            chunk = None if variant == "sdpa" else args.prefill_chunk
+            label = variant if chunk is None or variant.endswith("-chunked") else f"{variant}-chunked"
             try:
-                res = measure_forward(model, tokens, variant)
+                res = measure_forward(model, tokens, variant, repeats=args.repeats, chunk=chunk)
             except torch.cuda.OutOfMemoryError:
-                print(f"{tokens:>7} {variant:>9}  out of memory")
+                print(f"{tokens:>7} {label:>9}  out of memory")
                 torch.cuda.empty_cache()
                 continue
             base = base or (res if variant == "sdpa" else None)
-            ratio = f"{res.peak_gib / base.peak_gib:.2f}x" if base else "-"
-            above = f"{(res.peak_gib - res.weights_gib) / (base.peak_gib - base.weights_gib):.2f}x" if base else "-"
-            rows.append((tokens, variant, f"{res.seconds:.3f}", f"{res.peak_gib:.2f}", ratio, above))
+            ratio = f"{res.peak_gib / base.peak_gib:.2f}x" if base and _cuda() else "-"
+            above = (
+                f"{(res.peak_gib - res.weights_gib) / (base.peak_gib - base.weights_gib):.2f}x"
+                if base and _cuda()
+                else "-"
+            )
+            rows.append((tokens, label, f"{res.seconds:.3f}", f"{res.peak_gib:.2f}", ratio, above))
             print(*rows[-1], flush=True)
     print("\n| tokens | variant | seconds | peak GiB | peak / SDPA | above weights / SDPA |")
     print("| --- | --- | --- | --- | --- | --- |")

@@ -73,3 +73,14 @@ def test_kernel_input_errors_end_commands_cleanly(tmp_path, monkeypatch):
     result = runner.invoke(app, ["demo", "--tokens", "64"])
     assert result.exit_code == 2 and "error: q must be a 4-d tensor" in result.output
     assert "Traceback" not in result.output
+
+
+def test_score_prefills_in_chunks_when_asked(tmp_path):
+    from workbench.runs import Run
+
+    args = ["score", "--task", "repeats", "--lengths", "128", "--samples", "1", "--device", "cpu"]
+    result = runner.invoke(app, [*args, "--prefill-chunk", "48", "--out", str(tmp_path / "chunked")])
+    assert result.exit_code == 0, result.output
+    assert Run.open(tmp_path / "chunked").manifest["settings"]["prefill_chunk"] == 48
+    result = runner.invoke(app, [*args, "--prefill-chunk", "0", "--out", str(tmp_path / "zero")])
+    assert result.exit_code == 2 and "--prefill-chunk" in result.output

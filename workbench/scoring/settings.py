@@ -62,7 +62,9 @@ class ScoreRunSettings:
         if self.prefill_chunk is not None and (
             isinstance(self.prefill_chunk, bool) or not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 1
         ):
-            raise WorkbenchError(f"prefill_chunk must be an int >= 1 (tokens per chunk) or None, got {self.prefill_chunk!r}")
+            raise WorkbenchError(
+                f"prefill_chunk must be an int >= 1 (tokens per chunk) or None, got {self.prefill_chunk!r}"
+            )
 
     @property
     def score_settings(self) -> ScoreSettings:
