@@ -21,8 +21,10 @@ def adapter_for(model: torch.nn.Module | ModelAdapter) -> ModelAdapter:
     other object, and for TransformerLens configurations the kernels cannot reproduce."""
     if isinstance(model, ModelAdapter):
         return model
-    from transformer_lens import HookedTransformer
-
+    try:
+        from transformer_lens import HookedTransformer
+    except ImportError:  # pragma: no cover - a dependency, but Hugging Face models do not need it
+        HookedTransformer = ()
     if isinstance(model, HookedTransformer):
         from workbench.adapters.transformer_lens import TransformerLensAdapter
 
