@@ -77,8 +77,10 @@ def measure_forward(
     repeats: int = 2,
     seed: int = 0,
     chunk: int | None = None,
+    warmup: bool = True,
 ) -> Result:
-    """Time (best of ``repeats``, after one warm-up that also autotunes) and peak memory of a
+    """Time (best of ``repeats``, after one warm-up that also autotunes, unless ``warmup`` is
+    False) and peak memory of a
     forward over ``tokens`` random token ids (batch 1); ``chunk``: prefill that many tokens at a
     time (every variant but ``sdpa``; ``sdpa-chunked`` needs one)."""
     if variant not in VARIANTS:
@@ -121,7 +123,8 @@ def measure_forward(
         return time.perf_counter() - start
 
     with torch.no_grad():
-        once()
+        if warmup:
+            once()
         if _cuda():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -165,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         help="prefill N tokens at a time against a growing KV cache (every variant but sdpa)",
     )
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per measurement (the best counts)")
+    parser.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="time the first run (it autotunes the kernels too): for lengths where one pass takes minutes",
+    )
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
@@ -199,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
             chunk = None if variant == "sdpa" else args.prefill_chunk
             label = variant if chunk is None or variant.endswith("-chunked") else f"{variant}-chunked"
             try:
-                res = measure_forward(model, tokens, variant, repeats=args.repeats, chunk=chunk)
+                res = measure_forward(
+                    model, tokens, variant, repeats=args.repeats, chunk=chunk, warmup=not args.no_warmup
+                )
             except torch.cuda.OutOfMemoryError:
                 print(f"{tokens:>7} {label:>9}  out of memory")
                 torch.cuda.empty_cache()

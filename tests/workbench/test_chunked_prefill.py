@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from kernels import AttentionStats, StatsSpec
+from tests.tiny_models import tiny_llama
 from workbench import WorkbenchError, record
 from workbench.adapters import adapter_for
 from workbench.chunked import chunk_bounds, chunked_prefill, record_chunked
@@ -27,19 +28,7 @@ ALL_STATS = StatsSpec(
 
 
 def _tiny_llama(context: int = 64):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=context,
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(context=context, seed=0)
     model.tokenizer = None
     return model
 
@@ -222,6 +211,10 @@ def test_model_benchmark_smoke_with_prefill_chunk(monkeypatch, capsys):
         assert f"| 96 | {label} |" in out, label
     check = next(line for line in out.splitlines() if "chunked and one-pass" in line)
     assert float(check.rsplit(" ", 1)[1]) < 1e-4
+    assert (
+        bench.main(["--model", "tiny", "--lengths", "32", "--variants", "sdpa", "--repeats", "1", "--no-warmup"]) == 0
+    )
+    assert "| 32 | sdpa |" in capsys.readouterr().out
     with pytest.raises(ValueError, match="needs a prefill chunk"):
         bench.measure_forward(_tiny_llama(), 16, "sdpa-chunked", repeats=1)
     with pytest.raises(SystemExit):

@@ -30,6 +30,7 @@ import torch
 from kernels import StatsSpec
 from kernels.context_parallel import shard_indices
 from tests.conftest import SEED
+from tests.tiny_models import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[2]
 WORLD = 2
@@ -48,19 +49,7 @@ CASES = {
 def build(kind: str):
     """The model of a case, the same weights in every process (fixed seed)."""
     if kind == "llama":
-        from transformers import AutoModelForCausalLM, LlamaConfig
-
-        cfg = LlamaConfig(
-            vocab_size=300,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-        )
-        torch.manual_seed(SEED)
-        return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+        return tiny_llama(context=512)
     if kind == "zoo":
         from workbench.models import load_model
 
