@@ -180,7 +180,7 @@ def free_port() -> int:
 def build_runs(root: Path) -> tuple[Path, Path, str]:
     """A small explorer folder in ``root``: ``runs/zoo`` (zoo-2l scored on niah, repeats and text
     at 128 and 256 tokens, ablated with a scan), ``runs/repeats`` and ``saes/zoo-2l-L1-topk``.
-    The same settings as the tests' ``explorer_folders`` (about 20 s on a CPU). Returns
+    The tests' ``explorer_folders`` fixture is built by this function too (about 20 s on a CPU). Returns
     ``(runs, saes, run to open)``."""
     from unittest import mock
 

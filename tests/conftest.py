@@ -79,81 +79,11 @@ class ExplorerFolders:
 
 
 def _build_explorer_folders(folders: ExplorerFolders) -> None:
-    """Score, ablate and train for real (zoo-2l on the CPU, small settings, about 15 s)."""
-    import plotly.io as pio
-    from typer.testing import CliRunner
+    """Score, ablate and train for real (zoo-2l on the CPU, small settings, about 15 s), as the
+    explorer's load benchmark builds its folder: one builder for both."""
+    from app.load_benchmark import build_runs
 
-    from probes.cli import register
-    from workbench.cli import app
-    from workbench.models import load_model
-    from workbench.scoring import ScoreRunSettings, score_model
-
-    def no_png(*args, **kwargs):  # PNG export starts a Chromium: seconds each, and the app draws its own figures
-        raise RuntimeError("PNG export switched off in the explorer fixture")
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pio, "write_images", no_png)
-        model = load_model("zoo-2l", device="cpu")
-        score_model(
-            model,
-            ScoreRunSettings(
-                model="zoo-2l", tasks=("niah", "repeats", "text"), lengths=(128, 256), samples=1, depths=(0.3, 0.7)
-            ),
-            folders.run,
-            progress=False,
-        )
-        score_model(
-            model,
-            ScoreRunSettings(model="zoo-2l", tasks=("repeats",), lengths=(128,), samples=2),
-            folders.other,
-            progress=False,
-        )
-        register(app)
-        runner = CliRunner()
-        for args in (
-            [
-                "ablate",
-                "--run",
-                str(folders.run),
-                "--rank-by",
-                "induction",
-                "--k",
-                "1,2",
-                "--task",
-                "niah",
-                "--length",
-                "128",
-                "--samples",
-                "1",
-                "--draws",
-                "2",
-                "--scan",
-                "--device",
-                "cpu",
-            ],
-            [
-                "sae",
-                "train",
-                "--layer",
-                "1",
-                "--samples",
-                "10",
-                "--length",
-                "128",
-                "--tokens",
-                "20000",
-                "--d-sae",
-                "32",
-                "--k",
-                "4",
-                "--out",
-                str(folders.sae),
-                "--device",
-                "cpu",
-            ],
-        ):
-            result = runner.invoke(app, args)
-            assert result.exit_code == 0, (args, result.output, result.exception)
+    build_runs(folders.root)
 
 
 @pytest.fixture(scope="session")
