@@ -50,7 +50,8 @@ test: setup browser lint
 # Fresh random seeds for the kernel tests; a failing round prints its seed (rerun it with
 # WORKBENCH_TEST_SEED=<seed> make fuzz, or with make test).
 ROUNDS ?= 1
-FUZZ_TESTS ?= tests/kernels/test_kernel_accuracy.py tests/kernels/test_kernel_properties.py tests/kernels/test_kernel_merge.py
+FUZZ_TESTS ?= tests/kernels/test_kernel_accuracy.py tests/kernels/test_kernel_properties.py tests/kernels/test_kernel_merge.py \
+              tests/kernels/test_merge.py
 fuzz: setup
 	@for round in $$(seq $(ROUNDS)); do \
 	  seed=$${WORKBENCH_TEST_SEED:-$$($(BIN)/python -c 'import secrets; print(secrets.randbits(31))')}; \
