@@ -150,10 +150,8 @@ def _degenerate(q: torch.Tensor, p: Problem, stats: StatsSpec | None):
         return out, None
     rows = (p.batch, p.q_heads, p.n_q)
     shapes = {"offset_mass": rows + (len(stats.offsets),), "key_mass": (p.batch, p.q_heads, p.n_k)}
-    found = {
-        name: torch.zeros(shapes.get(name, rows), dtype=torch.float32, device=q.device)
-        for name in stats.output_fields()
-    }
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32  # as the backends return them
+    found = {name: torch.zeros(shapes.get(name, rows), dtype=dtype, device=q.device) for name in stats.output_fields()}
     if "argmax" in found:
         found["argmax"] = torch.full(rows, -1, dtype=torch.int64, device=q.device)
     return out, AttentionStats(**found)

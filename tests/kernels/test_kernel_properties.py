@@ -295,6 +295,9 @@ def test_zero_size_inputs(backend, device):
     assert out.shape == (1, 2, 0, 32) and st.key_mass.shape == (1, 2, 5) and torch.all(st.key_mass == 0)
     out, st = attention(k, q, q, stats=StatsSpec.all(), backend=backend)
     assert torch.all(out == 0) and torch.all(st.argmax == -1)
+    if backend == "reference":  # float64 statistics for float64 inputs, empty problems too
+        _, st = attention(k.double(), q.double(), q.double(), stats=StatsSpec.all(), backend=backend)
+        assert {t.dtype for name, t in st.items() if name != "argmax"} == {torch.float64}
 
 
 def test_reference_chunking_does_not_change_results(device):
