@@ -4,6 +4,7 @@ decoding with a KV cache, and the zoo model's documented heads."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import string
@@ -213,6 +214,22 @@ def test_cached_decoding_matches_full_forward(which, zoo):
         for layer in range(n_layers):
             cached = rec.calls[layer][step].argmax[0, :, -1]
             assert torch.equal(cached, full.layer(layer).argmax[0, :, 89 + step])
+
+
+@pytest.mark.parametrize("instrumented", [False, True])
+def test_a_decoded_pad_token_is_a_token_like_any_other(zoo, instrumented):
+    """A generated token that happens to be the tokenizer's pad id stays visible to later steps:
+    the cached steps equal a full forward (TransformerLens masks pad ids in its cache unless the
+    adapter passes its own all-ones mask)."""
+    adapter = adapter_for(zoo)
+    pad = zoo.tokenizer.pad_token_id
+    ids = torch.randint(3, 250, (1, 40), generator=torch.Generator().manual_seed(SEED))
+    with torch.no_grad(), instrument(zoo) if instrumented else contextlib.nullcontext():
+        _, cache = adapter.prefill(ids)
+        adapter.decode(torch.tensor([[pad]]), cache)
+        logits, _ = adapter.decode(torch.tensor([[7]]), cache)
+        full = adapter.logits(torch.cat([ids, torch.tensor([[pad, 7]])], 1))[0, -1]
+    torch.testing.assert_close(logits[0], full, atol=1e-4, rtol=1e-4)
 
 
 def test_default_model_has_the_documented_heads(zoo, tmp_path):

@@ -264,10 +264,12 @@ class TransformerLensAdapter(BoundAdapter):
             )
 
         cache = KeyValueCache.init_cache(self.model.cfg, ids.device, ids.shape[0])
-        return self.model(ids, past_kv_cache=cache)[:, -1], cache
+        # an explicit all-ones mask: from the ids alone TransformerLens would mask every token that
+        # equals the pad id (a generated one too), and cannot build a mask without a tokenizer
+        return self.model(ids, past_kv_cache=cache, attention_mask=torch.ones_like(ids))[:, -1], cache
 
     def decode(self, token: torch.Tensor, cache):
-        return self.model(token, past_kv_cache=cache)[:, -1], cache
+        return self.model(token, past_kv_cache=cache, attention_mask=torch.ones_like(token))[:, -1], cache
 
     def install(
         self, collector, stats: StatsSpec, backend: str, patterns=None, context_parallel: ContextParallel | None = None
