@@ -131,12 +131,13 @@ def zoo_train(
 @reports_errors
 def bench(ctx: typer.Context) -> None:
     """Kernel benchmark (GPU); options as in `python -m kernels.benchmark --help`."""
-    from kernels.benchmark import build_parser
+    from kernels.benchmark import build_parser, out_problem
     from kernels.benchmark import main as bench_main
 
     out = build_parser().parse_args(ctx.args).out  # argparse reports bad options itself (exit 2)
-    if out is not None:  # refused before the benchmark runs, not when it writes at the end
-        check_output_folder(out.parent)
+    problem = out_problem(out) if out is not None else None
+    if problem:  # the benchmark's own check, reported like every workbench error
+        fail(problem)
     sys.exit(bench_main(ctx.args))
 
 

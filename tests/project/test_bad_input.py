@@ -474,6 +474,23 @@ def test_zoo_and_bench_refusals(cli, tmp_path, monkeypatch):
     assert "Traceback" not in result.output
 
 
+#: A small ablation of the scored run (its folder goes between the two), each refusal's arguments after.
+ABLATE_ARGS = ("ablate", "--run")
+ABLATE_SETTINGS = (
+    "--rank-by",
+    "induction",
+    "--task",
+    "repeats",
+    "--k",
+    "1",
+    "--samples",
+    "1",
+    "--draws",
+    "1",
+    "--length",
+    "33",
+)
+
 ABLATE_REFUSALS = {
     "length-beyond-context": (["--length", "4096"], ["--length 4096 is longer than the model's context of 2048"]),
     "k-zero": (["--k", "0"], ["k must lie in 1..4"]),
@@ -489,24 +506,7 @@ ABLATE_REFUSALS = {
 def test_ablate_refusals_leave_the_run_untouched(cli, scored_run, args, fragments):
     before = snapshot(scored_run)
     refused(
-        cli(
-            "ablate",
-            "--run",
-            scored_run,
-            "--rank-by",
-            "induction",
-            "--task",
-            "repeats",
-            "--k",
-            "1",
-            "--samples",
-            "1",
-            "--draws",
-            "1",
-            "--length",
-            "33",
-            *args,
-        ),
+        cli(*ABLATE_ARGS, scored_run, *ABLATE_SETTINGS, *args),
         *fragments,
     )
     assert snapshot(scored_run) == before
@@ -566,24 +566,7 @@ def test_ablate_refuses_bad_settings_before_the_model_loads(cli, scored_run, mon
     monkeypatch.setattr(workbench.zoo, "load", too_late)
     before = snapshot(scored_run)
     refused(
-        cli(
-            "ablate",
-            "--run",
-            scored_run,
-            "--rank-by",
-            "induction",
-            "--task",
-            "repeats",
-            "--k",
-            "1",
-            "--samples",
-            "1",
-            "--draws",
-            "1",
-            "--length",
-            "33",
-            *args,
-        ),
+        cli(*ABLATE_ARGS, scored_run, *ABLATE_SETTINGS, *args),
         *fragments,
     )
     assert snapshot(scored_run) == before
