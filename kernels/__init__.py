@@ -3,10 +3,15 @@
 Pure tensor operations; knows nothing of models. See :func:`attention`.
 """
 
-from kernels.context_parallel import context_parallel_attention, shard_indices, shard_ranges
+from kernels.context_parallel import (
+    context_parallel_attention,
+    context_parallel_decode,
+    shard_indices,
+    shard_ranges,
+)
 from kernels.dispatch import BACKENDS, attention
 from kernels.errors import AttentionInputError, KernelFallbackWarning
-from kernels.merge import merge_attention, part_spec
+from kernels.merge import attend_part, merge_attention, part_spec
 from kernels.reference import pattern_stats
 from kernels.spec import AttentionStats, StatsSpec
 
@@ -16,8 +21,10 @@ __all__ = [
     "AttentionStats",
     "KernelFallbackWarning",
     "StatsSpec",
+    "attend_part",
     "attention",
     "context_parallel_attention",
+    "context_parallel_decode",
     "merge_attention",
     "part_spec",
     "pattern_stats",

@@ -5,15 +5,22 @@ and ``2W - 1 - r`` (an early and a late chunk, so every rank has about the same 
 Each rank all-gathers K and V, then computes its queries against the keys they see with
 :func:`kernels.attention`; bottom-right alignment puts each query at its global position, so
 the row statistics are exact without any merge (DESIGN.md, Scale-out).
+
+Decoding after such a prefill keeps the KV cache split: :func:`context_parallel_decode` has
+every rank attend the new row to the keys it holds and merges the parts exactly
+(:func:`kernels.merge.merge_attention`), so no rank ever holds the whole cache.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 
 from kernels.dispatch import attention
 from kernels.errors import AttentionInputError
+from kernels.merge import attend_part, merge_attention, part_spec
 from kernels.spec import AttentionStats, StatsSpec
 
 
@@ -145,6 +152,137 @@ def context_parallel_attention(
     if stats is None:
         return out_local, None
     return out_local, _join_chunks(found, early, late, n_total, group)
+
+
+def context_parallel_decode(
+    q: torch.Tensor,
+    k_local: torch.Tensor,
+    v_local: torch.Tensor,
+    *,
+    n_total: int,
+    group: dist.ProcessGroup | None = None,
+    scale: float | None = None,
+    stats: StatsSpec | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, AttentionStats | None]:
+    """One causal decoding row over a KV cache split over ``group`` (split-KV decoding).
+
+    After a context-parallel prefill of ``n_total`` positions, rank ``r`` holds the keys of its
+    shard (:func:`shard_indices`) and, after them, the keys of every token decoded since
+    (the same on every rank; rank 0 counts them). Every rank calls this with the same query, the
+    token at global position ``n_total + n_new - 1``; each attends it to the keys it holds
+    (:func:`kernels.merge.attend_part`, its two chunks and on rank 0 the decoded keys), the
+    parts' outputs and row statistics are all-gathered (a few numbers per head), and every rank
+    merges them (:func:`kernels.merge.merge_attention`) into the same result.
+
+    Args:
+        q: the new token's query ``[B, Hq, 1, D]``, the same on every rank.
+        k_local, v_local: this rank's cache ``[B, Hkv, n_local + n_new, D]``: its shard of the
+            prefill in position order, then the ``n_new >= 1`` decoded keys (the last is the
+            query's own).
+        n_total, group: the prefill's sequence length and process group.
+        scale, stats, backend: as in :func:`kernels.attention`.
+
+    Returns:
+        ``(out [B, Hq, 1, D], stats)`` equal on every rank to :func:`kernels.attention` over the
+        whole cache at this position (within float rounding): row statistics ``[B, Hq, 1]``,
+        ``argmax`` a global key index, ``key_mass [B, Hq, n_total + n_new]`` in global key order
+        (the parts' masses, weighted by the merge, put together with an ``all_reduce``).
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise AttentionInputError(
+            "context_parallel_decode needs torch.distributed initialised (or use kernels.attention on one process)"
+        )
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    early, late = shard_ranges(n_total, world, rank)
+    n_local = len(early) + len(late)
+    _check_decode(q, k_local, v_local, n_local, rank, world)
+    n_new = k_local.shape[2] - n_local
+    position = n_total + n_new - 1
+    spec = stats if stats is not None else StatsSpec()
+    pieces = [(slice(0, len(early)), early.start), (slice(len(early), n_local), late.start)]
+    if rank == 0:
+        pieces.append((slice(n_local, None), n_total))
+    mine = [
+        attend_part(
+            q,
+            k_local[:, :, where],
+            v_local[:, :, where],
+            spec=spec,
+            first_key=first,
+            query_position=position,
+            scale=scale,
+            backend=backend,
+        )
+        for where, first in pieces
+    ]
+    row_spec = replace(spec, key_mass=False)
+    names = list(part_spec(row_spec, 0).output_fields())
+    parts = _exchange_rows(mine, names, world, group)  # every rank's parts, 3 slots per rank
+    firsts = [first for r in range(world) for first in (*(c.start for c in shard_ranges(n_total, world, r)), n_total)]
+    out, merged = merge_attention(parts, row_spec, key_offsets=firsts)
+    if stats is None:
+        return out, None
+    if spec.key_mass:
+        merged.key_mass = _merged_key_mass(mine, pieces, merged.lse, n_total + n_new, group)
+    return out, merged
+
+
+def _check_decode(q, k, v, n_local: int, rank: int, world: int) -> None:
+    """Shapes of a split-KV decoding call, checked before any collective."""
+    for name, t in (("q", q), ("k_local", k), ("v_local", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise AttentionInputError(
+                f"{name} must be a 4-D tensor [B, heads, positions, D], got "
+                f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
+            )
+    if q.shape[2] != 1:
+        raise AttentionInputError(
+            f"context_parallel_decode takes one new token's query [B, Hq, 1, D], got {q.shape[2]} rows: "
+            "decode one token at a time under context parallelism"
+        )
+    if k.shape != v.shape:
+        raise AttentionInputError(f"k_local and v_local must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[2] <= n_local:
+        raise AttentionInputError(
+            f"the cache of rank {rank} of {world} holds {k.shape[2]} keys: its {n_local} prefill positions "
+            "and then at least the new token's own key were expected"
+        )
+
+
+def _exchange_rows(mine, names: list[str], world: int, group) -> list[tuple[torch.Tensor, AttentionStats]]:
+    """Every rank's parts (``out`` and the row statistics ``names``), in rank order, three slots
+    per rank (a missing third part: an empty row, weight 0 in the merge), on every rank: one
+    all-gather of the parts packed into float64 ``[3, B, H, 1, F]``."""
+    out0, st0 = mine[0]
+    widths = [out0.shape[-1]] + [getattr(st0, n).shape[-1] if n == "offset_mass" else 1 for n in names]
+    send = torch.zeros(3, *out0.shape[:3], sum(widths), dtype=torch.float64, device=out0.device)
+    for slot, (out, st) in enumerate(mine):
+        columns = [out] + [getattr(st, n) if n == "offset_mass" else getattr(st, n).unsqueeze(-1) for n in names]
+        send[slot] = torch.cat([c.double() for c in columns], dim=-1)
+    gathered = send.new_empty(world * 3, *send.shape[1:])
+    _all_gather(gathered, send, world, group)
+    stat_dtype = st0.lse.dtype
+    parts = []
+    for packed in gathered:
+        columns = packed.split(widths, dim=-1)
+        fields = {
+            n: c.long()[..., 0] if n == "argmax" else (c if n == "offset_mass" else c[..., 0]).to(stat_dtype)
+            for n, c in zip(names, columns[1:])
+        }
+        parts.append((columns[0].to(out0.dtype), AttentionStats(**fields)))
+    return parts
+
+
+def _merged_key_mass(mine, pieces, lse: torch.Tensor, n_keys: int, group) -> torch.Tensor:
+    """Key mass ``[B, H, n_keys]`` of the merged row: each part's, weighted by its share
+    ``exp(lse_c - lse)`` of the row, put at its global keys; summed over ranks."""
+    total = torch.zeros(*lse.shape[:2], n_keys, dtype=torch.float64, device=lse.device)
+    for (_, st), (_, first) in zip(mine, pieces):
+        share = torch.where(st.max_prob > 0, torch.exp(st.lse.double() - lse.double()), 0.0)  # [B, H, 1]
+        total[:, :, first : first + st.key_mass.shape[-1]] += share * st.key_mass.double()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return total.to(lse.dtype)
 
 
 def _join_chunks(found: list[AttentionStats], early: range, late: range, n_total: int, group) -> AttentionStats:

@@ -10,7 +10,9 @@ them exactly (DESIGN.md, Scale-out, normalised form). With ``lse`` the merged lo
 - ``max_prob = max_c w_c p_c``; ``argmax`` comes from the part with the largest ``w_c p_c``;
 - a part's row without keys (the sentinels ``lse = 0``, ``max_prob = 0``) has ``w_c = 0``.
 
-:func:`part_spec` gives the :class:`StatsSpec` each part must be computed with.
+:func:`part_spec` gives the :class:`StatsSpec` each part must be computed with;
+:func:`attend_part` computes one decoding row's part from the part's keys alone (no padding
+keys), translating the positional statistics to the row's global position.
 """
 
 from __future__ import annotations
@@ -41,6 +43,79 @@ def part_spec(spec: StatsSpec, first_key: int) -> StatsSpec:
     if isinstance(first_key, bool) or not isinstance(first_key, int) or first_key < 0:
         raise AttentionInputError(f"first_key must be an int >= 0, got {first_key!r}")
     return replace(spec, sink_tokens=max(0, spec.sink_tokens - first_key), max_prob=True)
+
+
+def attend_part(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    spec: StatsSpec,
+    first_key: int,
+    query_position: int,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, AttentionStats]:
+    """One decoding row over one part of its keys, as :func:`merge_attention` takes it.
+
+    The part holds the global keys ``[first_key, first_key + Nk)``, all at or before the row's
+    global position ``query_position``. It is computed on those keys alone, with the row placed
+    at the part's last key, and the statistics that depend on the row's position are moved back
+    by the gap ``s = query_position - (first_key + Nk - 1)``: the window shrinks by ``s`` (none of
+    the part's keys is in it when ``s >= window``), each offset ``o`` becomes ``o - s`` (0 when
+    its key lies after the part), and ``s`` is added to the distance. Sink keys come from
+    :func:`part_spec`. (One row only: with several rows the window's upper end, the row's own
+    position, would not move with them.)
+
+    Args:
+        q: the row's query ``[B, Hq, 1, D]``.
+        k, v: the part's keys and values ``[B, Hkv, Nk, D]``.
+        spec: the statistics of the merged result, over all keys.
+        first_key: the global index of the part's first key.
+        query_position: the row's global position (``>= first_key + Nk - 1``).
+        scale, backend: as in :func:`kernels.attention`.
+
+    Returns:
+        ``(out [B, Hq, 1, D], stats)``: the fields of ``part_spec(spec, first_key)`` with every
+        mass of ``spec`` present (zeros where the part holds none of its keys), ``argmax`` and
+        ``key_mass [B, Hq, Nk]`` indexed within the part (give ``key_offsets`` to the merge).
+    """
+    from kernels.dispatch import attention
+
+    for name, value in (("first_key", first_key), ("query_position", query_position)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise AttentionInputError(f"{name} must be an int >= 0, got {value!r}")
+    if not isinstance(spec, StatsSpec):
+        raise AttentionInputError(f"spec must be a kernels.StatsSpec, got {type(spec).__name__}")
+    if not isinstance(q, torch.Tensor) or q.dim() != 4 or q.shape[2] != 1:
+        shape = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
+        raise AttentionInputError(f"attend_part takes one decoding row, q [B, Hq, 1, D]; got {shape}")
+    n_k = k.shape[2] if isinstance(k, torch.Tensor) and k.dim() == 4 else None
+    if n_k is not None and first_key + n_k - 1 > query_position:
+        raise AttentionInputError(
+            f"the part's keys [{first_key}, {first_key + n_k}) must all lie at or before the row's position "
+            f"{query_position}"
+        )
+    gap = query_position - (first_key + (n_k or 0) - 1)
+    offsets = [o - gap for o in spec.offsets]
+    local = replace(
+        part_spec(spec, first_key),
+        window=max(0, spec.window - gap),
+        offsets=tuple(o for o in offsets if o >= 0),
+    )
+    out, st = attention(q, k, v, causal=True, scale=scale, stats=local, backend=backend)
+    zeros = torch.zeros_like(st.lse)
+    found = dict(st.items())
+    if spec.sink_tokens and st.sink_mass is None:
+        found["sink_mass"] = zeros
+    if spec.window and st.local_mass is None:
+        found["local_mass"] = zeros
+    if spec.distance:  # rows without keys keep the sentinel 0 (their weight is 0 in the merge)
+        found["distance"] = torch.where(st.max_prob > 0, st.distance + gap, st.distance)
+    if spec.offsets:
+        columns = [st.offset_mass[..., local.offsets.index(o)] if o >= 0 else zeros for o in offsets]
+        found["offset_mass"] = torch.stack(columns, dim=-1)
+    return out, AttentionStats(**found)
 
 
 def merge_attention(

@@ -1,4 +1,5 @@
-"""``kernels.context_parallel``: sharding of a sequence over ranks, and attention over the shards.
+"""``kernels.context_parallel``: sharding of a sequence over ranks, attention over the shards, and
+decoding against a KV cache split over the ranks.
 
 The distributed checks run once per module: this file, run as a script (``python -m
 tests.kernels.test_context_parallel OUT``), forks 4 gloo ranks on the CPU. Cases of world size 2 run on
@@ -6,6 +7,7 @@ the two pairs of ranks ``{0, 1}`` and ``{2, 3}`` (process groups other than the 
 group ranks differ from global ranks), cases of world size 4 on all ranks. Each rank saves its
 shard's output and statistics (safetensors) under ``OUT``; the tests put the shards back in
 position order and compare them with one :func:`kernels.attention` call over the whole sequence.
+Decoding cases save every rank's row of each step, to compare with one call over the whole cache.
 """
 
 from __future__ import annotations
@@ -21,7 +23,12 @@ import pytest
 import torch
 
 from kernels import AttentionInputError, StatsSpec, attention
-from kernels.context_parallel import context_parallel_attention, shard_indices, shard_ranges
+from kernels.context_parallel import (
+    context_parallel_attention,
+    context_parallel_decode,
+    shard_indices,
+    shard_ranges,
+)
 from tests.conftest import SEED
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,15 +94,51 @@ CASES = {
     ),
 }
 
+#: Decoding cases: a prefill of ``n`` positions sharded over ``world`` ranks, then ``steps``
+#: tokens decoded one at a time (every rank holds every decoded key). The sink, window and
+#: offsets reach into the decoded keys, the last chunks, and the early chunks.
+DECODE_CASES = {
+    "decode-gqa": dict(
+        world=2, b=2, hq=4, hkv=2, n=11, steps=3, d=8, dtype="float64", spec=StatsSpec.all(2, 4, (0, 1, 5, 12))
+    ),
+    "decode-no-stats": dict(world=2, b=1, hq=2, hkv=1, n=8, steps=2, d=4, dtype="float32", spec=None),
+    "decode-triton": dict(
+        world=2,
+        b=1,
+        hq=2,
+        hkv=1,
+        n=9,
+        steps=2,
+        d=16,
+        dtype="float32",
+        spec=StatsSpec.all(1, 3, (1, 4)),
+        backend="triton",
+    ),
+    "decode-world4": dict(
+        world=4, b=1, hq=3, hkv=1, n=13, steps=2, d=4, dtype="float64", spec=StatsSpec.all(3, 9, (2, 7, 14))
+    ),
+}
+
 
 def case_inputs(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The whole sequence's q ``[B, Hq, n, D]``, k, v ``[B, Hkv, n, D]`` of a case (same on every rank)."""
-    c = CASES[name]
-    gen = torch.Generator().manual_seed(SEED + sorted(CASES).index(name))
+    """The whole sequence's q ``[B, Hq, n, D]``, k, v ``[B, Hkv, n, D]`` of a case (same on every
+    rank); a decoding case's sequence runs on through its decoded tokens (``n + steps``)."""
+    c = {**CASES, **DECODE_CASES}[name]
+    gen = torch.Generator().manual_seed(SEED + sorted({**CASES, **DECODE_CASES}).index(name))
     dtype = getattr(torch, c["dtype"])
-    q = torch.randn(c["b"], c["hq"], c["n"], c["d"], generator=gen, dtype=dtype)
-    k = torch.randn(c["b"], c["hkv"], c["n"], c["d"], generator=gen, dtype=dtype)
+    n = c["n"] + c.get("steps", 0)
+    q = torch.randn(c["b"], c["hq"], n, c["d"], generator=gen, dtype=dtype)
+    k = torch.randn(c["b"], c["hkv"], n, c["d"], generator=gen, dtype=dtype)
     return q, k, torch.randn(k.shape, generator=gen, dtype=dtype)
+
+
+def _pair_of(name: str, pairs: list, rank: int, cases: dict):
+    """The group a case of ``cases`` runs on (None: every rank), and whether this rank is in it."""
+    c = cases[name]
+    if c["world"] == RANKS:
+        return None, True
+    index = [n for n in cases if cases[n]["world"] == 2].index(name) % 2
+    return pairs[index], rank // 2 == index
 
 
 # ----------------------------------------------------------------------------- the ranks (script side)
@@ -114,10 +157,9 @@ def _rank_main(rank: int, out: str) -> None:
         timeout=timedelta(seconds=COLLECTIVE_TIMEOUT),
     )
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
-    world2 = [name for name in CASES if CASES[name]["world"] == 2]
     for name, c in CASES.items():
-        group = None if c["world"] == RANKS else pairs[world2.index(name) % 2]
-        if group is not None and rank // 2 != world2.index(name) % 2:
+        group, member = _pair_of(name, pairs, rank, CASES)
+        if not member:
             continue
         q, k, v = case_inputs(name)
         me = dist.get_rank(group)
@@ -142,6 +184,10 @@ def _rank_main(rank: int, out: str) -> None:
             dist.all_gather_into_tensor, dist.all_gather_single, dist.all_gather = gathers
         found = {"out": o, **dict(st.items() if st is not None else [])}
         save_file({key: t.contiguous() for key, t in found.items()}, f"{out}/{name}-{me}.safetensors")
+    for name, c in DECODE_CASES.items():
+        group, member = _pair_of(name, pairs, rank, DECODE_CASES)
+        if member:
+            _decode_case(name, c, group, out)
     try:  # a shard of the wrong length (the whole sequence) is refused before any collective
         whole = torch.zeros(1, 2, 13, 4)
         context_parallel_attention(whole, whole, whole, n_total=13)
@@ -149,6 +195,29 @@ def _rank_main(rank: int, out: str) -> None:
         Path(f"{out}/wrong-shard-{rank}.txt").write_text(str(exc))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _decode_case(name: str, c: dict, group, out: str) -> None:
+    """Decode ``steps`` tokens against this rank's split cache; save each step's row."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    q, k, v = case_inputs(name)
+    me, n = dist.get_rank(group), c["n"]
+    shard = shard_indices(n, c["world"], me)
+    for step in range(1, c["steps"] + 1):
+        cache = torch.cat([shard, torch.arange(n, n + step)])  # the shard, then the decoded keys
+        o, st = context_parallel_decode(
+            q[:, :, n + step - 1 : n + step],
+            k[:, :, cache],
+            v[:, :, cache],
+            n_total=n,
+            group=group,
+            stats=c["spec"],
+            backend=c.get("backend", "reference"),
+        )
+        found = {"out": o, **dict(st.items() if st is not None else [])}
+        save_file({key: t.contiguous() for key, t in found.items()}, f"{out}/{name}-{step}-{me}.safetensors")
 
 
 def _unsupported(*args, **kwargs):
@@ -235,6 +304,36 @@ def test_shards_equal_attention_over_the_whole_sequence(ranks_out, name):
             )
 
 
+@pytest.mark.parametrize("name", list(DECODE_CASES))
+def test_decoding_against_a_split_cache_equals_attention_over_the_whole_cache(ranks_out, name):
+    """Each decoded token's output and statistics (global argmax, key mass over every key) are the
+    same on every rank, bit for bit, and equal one call over the whole cache at its position."""
+    from safetensors.torch import load_file
+
+    c = DECODE_CASES[name]
+    q, k, v = case_inputs(name)
+    backend = c.get("backend", "reference") if os.environ.get("TRITON_INTERPRET") == "1" else "reference"
+    tol = 1e-12 if c["dtype"] == "float64" else 2e-5 if "backend" in c else 2e-6
+    for step in range(1, c["steps"] + 1):
+        end = c["n"] + step
+        out, st = attention(q[:, :, end - 1 : end], k[:, :, :end], v[:, :, :end], stats=c["spec"], backend=backend)
+        want = {"out": out, **dict(st.items() if st is not None else [])}
+        ranks = [load_file(ranks_out / f"{name}-{step}-{r}.safetensors") for r in range(c["world"])]
+        for got in ranks:
+            assert sorted(got) == sorted(want)
+            for key in got:
+                assert torch.equal(got[key], ranks[0][key]), f"{name} step {step}: ranks differ in {key}"
+        for key, t in want.items():
+            got = ranks[0][key]
+            assert got.dtype == t.dtype and got.shape == t.shape, (name, step, key)
+            if key == "argmax":
+                assert torch.equal(got, t), (name, step)
+            else:
+                torch.testing.assert_close(
+                    got, t, rtol=0, atol=tol * (end if key == "distance" else 1), msg=lambda m, key=key: f"{key}: {m}"
+                )
+
+
 def test_a_shard_of_the_wrong_length_is_refused_on_every_rank(ranks_out):
     for r in range(RANKS):
         message = (ranks_out / f"wrong-shard-{r}.txt").read_text()
@@ -284,6 +383,8 @@ def test_padding_and_missing_process_group_are_refused():
             context_parallel_attention(q, q, q, n_total=8, **extra)
     with pytest.raises(AttentionInputError, match="needs torch.distributed initialised"):
         context_parallel_attention(q, q, q, n_total=8)
+    with pytest.raises(AttentionInputError, match="needs torch.distributed initialised"):
+        context_parallel_decode(q[:, :, :1], q, q, n_total=8)
 
 
 if __name__ == "__main__":

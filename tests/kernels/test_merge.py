@@ -10,6 +10,7 @@ hypothesis, seeded from ``tests.conftest.SEED``; the reference backend computes 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from hypothesis import given, seed, settings
 from hypothesis import strategies as st
 
 from kernels import AttentionInputError, AttentionStats, StatsSpec, attention
-from kernels.merge import merge_attention, part_spec
+from kernels.merge import attend_part, merge_attention, part_spec
 from tests.conftest import SEED
 
 _SETTINGS = dict(deadline=None, database=None)  # examples from SEED alone
@@ -238,6 +239,41 @@ def test_an_empty_part_changes_nothing(pr):
     want = (out[0], AttentionStats(**{name: getattr(out[1], name) for name in spec.output_fields()}))
     for parts, offsets in (([out], [0]), ([out, no_keys], [0, nk]), ([padding, out], [0, 0])):
         _assert_equal(pr, merge_attention(parts, spec, key_offsets=offsets), want, spec, f"{len(parts)} parts", True)
+
+
+@seed(SEED)
+@settings(max_examples=60, **_SETTINGS)
+@given(pr=problems(), offsets=st.lists(st.integers(0, 45), min_size=1, max_size=3))
+def test_decoding_row_over_parts_of_its_keys_alone_merges_into_attention(pr, offsets):
+    """A decoding row (the last of ``Nk`` positions) attended by ``attend_part`` to each
+    contiguous part of its keys, every part given only its own keys, merges into attention over
+    all keys: the window, offsets, distance and sinks move with the gap between a part's last
+    key and the row. Windows, offsets and sinks range over parts they miss, cut and cover."""
+    pr = {**pr, "nq": 1, "causal": True, "key_lengths": None, "query_lengths": None}
+    q, k, v = _tensors(pr)
+    spec = replace(_spec(pr), offsets=tuple(offsets))
+    whole = attention(q, k, v, causal=True, stats=spec, backend="reference")
+    position = pr["nk"] - 1
+    bounds = pr["bounds"]
+    parts = [
+        attend_part(
+            q, k[:, :, lo:hi], v[:, :, lo:hi], spec=spec, first_key=lo, query_position=position, backend="reference"
+        )
+        for lo, hi in zip(bounds[:-1], bounds[1:])
+    ]
+    merged = merge_attention(parts, spec, key_offsets=bounds[:-1])
+    _assert_equal(pr, merged, whole, spec, f"parts {bounds}")
+
+
+def test_attend_part_refuses_keys_after_the_row_and_several_rows():
+    q, k = torch.randn(1, 2, 1, 4), torch.randn(1, 1, 5, 4)
+    spec = StatsSpec(entropy=True)
+    with pytest.raises(AttentionInputError, match=r"keys \[3, 8\) must all lie at or before the row's position 6"):
+        attend_part(q, k, k, spec=spec, first_key=3, query_position=6)
+    with pytest.raises(AttentionInputError, match="one decoding row"):
+        attend_part(q.expand(1, 2, 2, 4), k, k, spec=spec, first_key=0, query_position=9)
+    with pytest.raises(AttentionInputError, match="query_position must be an int >= 0"):
+        attend_part(q, k, k, spec=spec, first_key=0, query_position=-1)
 
 
 def test_argmax_ties_between_parts_go_to_the_lowest_global_index():
