@@ -1,12 +1,14 @@
 """Context parallelism for whole models: one long sequence's forward pass spread over the ranks
 of a ``torch.distributed`` process group, every layer's attention computed with
-:func:`kernels.context_parallel.context_parallel_attention`.
+:func:`kernels.context_parallel.context_parallel_attention`, and decoding after it against the
+KV cache left split over the ranks (:func:`kernels.context_parallel.context_parallel_decode`).
 
 :class:`ContextParallel` names the group and the sequence length; ``instrument(model, stats,
 context_parallel=cp)`` (:mod:`workbench.instrument`) then makes the model take this rank's
 shard of the tokens, the positions ``cp.positions`` (chunks ``r`` and ``2W - 1 - r`` of ``2W``,
 :func:`kernels.context_parallel.shard_indices`), at their global positions, and gathers each
 layer's statistics back into global position order on every rank (:meth:`ContextParallel.unshard_stats`).
+The adapters route every layer's attention through :meth:`ContextParallel.attend`.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from kernels import AttentionStats
-from kernels.context_parallel import shard_indices
+from kernels import AttentionStats, StatsSpec
+from kernels.context_parallel import context_parallel_attention, context_parallel_decode, shard_indices
 from kernels.errors import AttentionInputError
 from workbench.errors import WorkbenchError
 
@@ -38,6 +40,11 @@ class ContextParallel:
     Raises :class:`WorkbenchError` when the group is not initialised, does not hold this
     process, or ``n_total`` is too short for its ranks: checked on every rank before any
     collective, so every rank refuses alike.
+
+    A model under ``instrument(..., context_parallel=cp)`` can also decode after the prefill
+    of its shard, one token at a time, every rank given the same token: the KV cache stays
+    split (each rank holds its shard's keys, and every decoded token's), and each decoded
+    token's logits and statistics are those of a single process, on every rank.
 
     Example:
         >>> cp = ContextParallel(ids.shape[1])  # the default group, launched by torchrun
@@ -101,6 +108,69 @@ class ContextParallel:
                 f"of the {self.n_total}: give the model ContextParallel.shard(ids)"
             )
 
+    def check_call(self, n_new: int, n_cached: int, what: str = "the input") -> None:
+        """Refuse, before any collective, a model call that is neither the prefill of this rank's
+        shard (``n_cached == 0``, ``n_new == n_local``) nor one decoded token after it
+        (``n_cached >= n_local``, ``n_new == 1``)."""
+        if n_cached == 0:
+            self.check_local(n_new, what)
+        elif n_cached < self.n_local:
+            raise WorkbenchError(
+                f"the KV cache holds {n_cached} positions, fewer than the {self.n_local} of rank {self.rank}'s "
+                "shard: under context parallelism, prefill the shard first, then decode"
+            )
+        elif n_new != 1:
+            raise WorkbenchError(
+                f"{what} holds {n_new} new positions after a context-parallel prefill: decode one token at a time"
+            )
+
+    def query_positions(self, n_cached: int) -> torch.Tensor:
+        """Global positions (int64) of a call's new tokens after ``n_cached`` cached ones: the
+        shard's (a prefill), or the one decoded token's, ``n_total + n_cached - n_local``."""
+        if n_cached == 0:
+            return self.positions
+        return torch.tensor([self.n_total + n_cached - self.n_local])
+
+    def key_positions(self, n_keys: int) -> torch.Tensor:
+        """Global positions (int64 ``[n_keys]``) of a cache of ``n_keys`` keys on this rank: the
+        shard's, then the decoded tokens' from ``n_total`` on."""
+        return torch.cat([self.positions, torch.arange(self.n_total, self.n_total + n_keys - self.n_local)])
+
+    def attend(
+        self,
+        into,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        causal: bool,
+        scale: float | None,
+        stats: StatsSpec,
+        backend: str,
+    ) -> torch.Tensor:
+        """This rank's share of one layer's attention, its statistics added to ``into`` (a
+        collector, ``add(layer, stats)``); returns the output ``[B, Hq, n, D]``.
+
+        A prefill (``q`` and ``k [B, H, n_local, D]``, the shard) runs the shard's queries
+        against every rank's keys, and its statistics are gathered into global position order
+        (unless ``gather`` is off). A decoded token (``q [B, Hq, 1, D]``, ``k`` this rank's cache:
+        the shard's keys, then every decoded token's) is attended to the split cache, and its
+        statistics, the same on every rank, are added as they are."""
+        n_q, n_k = q.shape[2], k.shape[2]
+        kwargs = dict(n_total=self.n_total, group=self.group, scale=scale, stats=stats, backend=backend)
+        if n_q == n_k:
+            self.check_local(n_q, f"layer {layer}'s queries")
+            out, st = context_parallel_attention(q, k, v, causal=causal, **kwargs)
+            into.add(layer, self.unshard_stats(st) if self.gather else st)
+            return out
+        if not causal:
+            raise WorkbenchError(f"layer {layer}: decoding with a KV cache needs causal attention")
+        self.check_call(n_q, n_k - n_q, f"layer {layer}'s queries")
+        out, st = context_parallel_decode(q, k, v, **kwargs)
+        into.add(layer, st)
+        return out
+
     def unshard(self, t: torch.Tensor, dim: int = 2) -> torch.Tensor:
         """Every rank's shard of ``t`` (``n_local`` positions along ``dim``) put together in global
         position order: ``n_total`` positions along ``dim``, on every rank (a collective)."""
@@ -122,19 +192,3 @@ class ContextParallel:
         [B, H, n_local, O]``, ``key_mass [B, H, n_local]`` for this rank's keys) in global
         position order, ``n_total`` along the position axis, on every rank."""
         return AttentionStats(**{name: self.unshard(t, dim=2) for name, t in st.items()})
-
-
-class ShardCollector:
-    """A collector (``add(layer, stats)``) in front of another: each layer's shard statistics
-    are gathered into global position order (:meth:`ContextParallel.unshard_stats`) before they
-    reach ``into``, or passed on as they are when ``cp.gather`` is off. Every rank adds the
-    same layers in the same order (one forward pass), so the gathers line up."""
-
-    def __init__(self, into, cp: ContextParallel) -> None:
-        self.into, self.cp = into, cp
-
-    def add(self, layer: int, stats: AttentionStats) -> None:
-        self.into.add(layer, self.cp.unshard_stats(stats) if self.cp.gather else stats)
-
-    def add_pattern(self, layer: int, pattern: torch.Tensor) -> None:  # pragma: no cover (refused earlier)
-        raise WorkbenchError("explicit patterns are not available under context parallelism")

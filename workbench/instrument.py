@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from kernels import BACKENDS, StatsSpec
 from workbench.adapters import ModelAdapter, adapter_for
-from workbench.context_parallel import ContextParallel, ShardCollector
+from workbench.context_parallel import ContextParallel
 from workbench.errors import WorkbenchError
 from workbench.inputs import Inputs
 from workbench.inputs import batches as input_batches
@@ -51,7 +51,10 @@ def instrument(
     statistics are all-gathered as they arrive, so the recording holds the whole sequence in
     global position order on every rank, equal to a single-process recording (within float
     rounding); ``ContextParallel(gather=False)`` keeps each rank's rows in shard order instead.
-    Patterns are refused.
+    After a prefill with a KV cache (``adapter.prefill(cp.shard(ids))``), the model decodes one
+    token at a time against the cache left split over the ranks (``adapter.decode``, the same
+    token on every rank): logits and statistics of each decoded token are those of one process,
+    on every rank. Patterns are refused.
 
     Example:
         >>> with instrument(model, stats=StatsSpec(entropy=True, sink_tokens=1)) as rec:
@@ -85,9 +88,7 @@ def instrument(
             )
         if patterns is not None:
             raise WorkbenchError("patterns= are not available under context parallelism (each rank holds a shard)")
-        restore = adapter.install(
-            ShardCollector(rec, context_parallel), stats, backend, context_parallel=context_parallel
-        )
+        restore = adapter.install(rec, stats, backend, context_parallel=context_parallel)
     setattr(model, _MARK, True)
     try:
         yield rec

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from kernels import StatsSpec, attention
-from kernels.context_parallel import context_parallel_attention
 from workbench.adapters.base import BoundAdapter, ZEdit, input_device
 from workbench.adapters.padding import KernelMask, from_key_mask
 from workbench.errors import WorkbenchError
@@ -59,29 +58,17 @@ def workbench_attention(
         raise WorkbenchError("instrumented attention has no dropout: put the model in eval mode (model.eval())")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if cp is not None:
-        out, st = _context_parallel(cp, layer, query, key, value, attention_mask, bool(causal), scaling, stats, backend)
-    else:
-        pad = _kernel_mask(attention_mask, query.shape[2], key.shape[2])
-        out, st = attention(query, key, value, causal=bool(causal), scale=scaling, stats=stats, **pad.kwargs(backend))
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise WorkbenchError(
+                f"context parallelism takes no padding (layer {layer}): give sequences of one length, without a "
+                "padding mask"
+            )
+        kwargs = dict(causal=bool(causal), scale=scaling, stats=stats, backend=backend)
+        return cp.attend(rec, layer, query, key, value, **kwargs).transpose(1, 2).contiguous(), None
+    pad = _kernel_mask(attention_mask, query.shape[2], key.shape[2])
+    out, st = attention(query, key, value, causal=bool(causal), scale=scaling, stats=stats, **pad.kwargs(backend))
     rec.add(layer, st)
     return out.transpose(1, 2).contiguous(), None
-
-
-def _context_parallel(cp: ContextParallel, layer, query, key, value, attention_mask, causal, scaling, stats, backend):
-    """This rank's shard of the layer's attention: every rank's keys, global positions."""
-    if attention_mask is not None and not bool(attention_mask.bool().all()):
-        raise WorkbenchError(
-            f"context parallelism takes no padding (layer {layer}): give sequences of one length, without a "
-            "padding mask"
-        )
-    if key.shape[2] != query.shape[2]:
-        raise WorkbenchError(
-            f"context parallelism runs one whole sequence, without a KV cache (layer {layer} got "
-            f"{query.shape[2]} queries and {key.shape[2]} keys)"
-        )
-    cp.check_local(query.shape[2], f"layer {layer}'s queries")
-    kwargs = dict(n_total=cp.n_total, group=cp.group, causal=causal, scale=scaling, stats=stats, backend=backend)
-    return context_parallel_attention(query, key, value, **kwargs)
 
 
 def _kernel_mask(attention_mask: torch.Tensor | None, n_q: int, n_k: int) -> KernelMask:
@@ -166,9 +153,9 @@ class HuggingFaceAdapter(BoundAdapter):
         calls into ``collector``. (``patterns``: :func:`workbench.instrument` refuses them here.)
 
         With ``context_parallel``, the model takes this rank's shard of one sequence: a forward
-        pre-hook gives every call ``position_ids = context_parallel.positions`` (global positions
-        for rotary or learned embeddings; ``use_cache=False`` unless given), and attention runs
-        :func:`kernels.context_parallel.context_parallel_attention` over the group."""
+        pre-hook gives every call the global ``position_ids`` of its tokens (the shard's, or
+        after it one decoded token's; ``use_cache=False`` unless given), and attention runs
+        through :meth:`~workbench.context_parallel.ContextParallel.attend`."""
         model = self.model
         register()
         modules = attention_modules(model)
@@ -235,22 +222,23 @@ _OUTPUT_PROJECTIONS = ("o_proj", "c_proj", "out_proj", "dense")
 
 
 def _global_positions(cp: ContextParallel):
-    """Forward pre-hook of the whole model: the shard's global ``position_ids``, no KV cache."""
+    """Forward pre-hook of the whole model: the global ``position_ids`` of the call's tokens (the
+    shard's, or one decoded token's after it)."""
 
     def hook(module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             ids = kwargs.get("inputs_embeds")
+        cache = kwargs.get("past_key_values")
+        cached = int(cache.get_seq_length()) if cache is not None else 0
         if ids is not None:  # checked before any collective: a wrong shard fails on its own rank
-            cp.check_local(ids.shape[1])
+            cp.check_call(ids.shape[1], cached)
         mask = kwargs.get("attention_mask")
         if mask is not None and not bool(mask.bool().all()):
             raise WorkbenchError("context parallelism takes no padding: call the model without a padding mask")
-        if kwargs.get("past_key_values") is not None:
-            raise WorkbenchError("context parallelism runs one whole sequence: past_key_values are not supported")
         if kwargs.get("position_ids") is None:
             batch = ids.shape[0] if ids is not None else 1
-            kwargs["position_ids"] = cp.positions.to(input_device(module))[None].expand(batch, -1)
+            kwargs["position_ids"] = cp.query_positions(cached).to(input_device(module))[None].expand(batch, -1)
         kwargs.setdefault("use_cache", False)
         return args, kwargs
 

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from kernels import StatsSpec, attention
-from kernels.context_parallel import context_parallel_attention
 from workbench.adapters.base import BoundAdapter, ZEdit
 from workbench.adapters.padding import from_key_mask
 from workbench.errors import WorkbenchError
@@ -62,8 +61,8 @@ def make_forward(
     attn, layer: int, rec, stats: StatsSpec, patterns, backend: str, context_parallel: ContextParallel | None = None
 ) -> Callable[..., torch.Tensor]:
     """The replacement ``forward`` of one TransformerLens attention module. With
-    ``context_parallel``, the module takes this rank's shard of one sequence: rotary positions
-    are the shard's global ones, and attention runs over every rank's keys."""
+    ``context_parallel``, the module takes this rank's shard of one sequence (or one decoded
+    token after it): rotary positions are global ones, and attention runs over every rank's keys."""
     cfg = attn.cfg
     cp = context_parallel
 
@@ -82,7 +81,7 @@ def make_forward(
         if cfg.clip_qkv is not None:
             q, k, v = (t.clamp(min=-cfg.clip_qkv, max=cfg.clip_qkv) for t in (q, k, v))
         if cp is not None:
-            return _shard_forward(attn, layer, rec, stats, backend, cp, q, k, v)
+            return _shard_forward(attn, layer, rec, stats, backend, cp, q, k, v, past_kv_cache_entry)
         offset = 0
         if past_kv_cache_entry is not None:
             offset = past_kv_cache_entry.past_keys.size(1)
@@ -114,44 +113,47 @@ def make_forward(
 
 def _check_shard_call(cp: ContextParallel, layer: int, x, past_kv_cache_entry, additive, attention_mask) -> None:
     """Refuse what a shard cannot take, before any collective."""
-    if past_kv_cache_entry is not None:
-        raise WorkbenchError("context parallelism runs one whole sequence: a KV cache is not supported")
     if additive is not None or (attention_mask is not None and not bool(attention_mask.bool().all())):
         raise WorkbenchError(
             f"context parallelism takes no padding (layer {layer}): give sequences of one length, without a "
             "padding mask"
         )
-    cp.check_local(x.shape[1], f"layer {layer}'s input")
+    cached = past_kv_cache_entry.past_keys.size(1) if past_kv_cache_entry is not None else 0
+    cp.check_call(x.shape[1], cached, f"layer {layer}'s input")
 
 
-def _shard_forward(attn, layer: int, rec, stats: StatsSpec, backend: str, cp: ContextParallel, q, k, v):
-    """The module's output for this rank's shard ``q, k, v [B, n_local, H, D]``."""
+def _shard_forward(attn, layer: int, rec, stats: StatsSpec, backend: str, cp: ContextParallel, q, k, v, cache_entry):
+    """The module's output for this rank's shard ``q, k, v [B, n_local, H, D]``, or for one
+    decoded token after it (``q, k, v [B, 1, H, D]``, ``cache_entry`` holding the shard's keys
+    and the tokens decoded before it)."""
     cfg = attn.cfg
+    if cache_entry is not None:
+        k, v = cache_entry.append(k, v)  # [B, keys so far, H, D], unrotated as TransformerLens keeps them
     if cfg.positional_embedding_type == "rotary":
-        q = attn.hook_rot_q(_rotate_shard(attn, q, cp))
-        k = attn.hook_rot_k(_rotate_shard(attn, k, cp))
+        keys = cp.key_positions(k.shape[1])
+        q = attn.hook_rot_q(_rotate_at(attn, q, keys[k.shape[1] - q.shape[1] :]))
+        k = attn.hook_rot_k(_rotate_at(attn, k, keys))
     causal = (getattr(attn, "_attention_dir_override", None) or cfg.attention_dir) == "causal"
-    out, st = context_parallel_attention(
+    out = cp.attend(
+        rec,
+        layer,
         q.transpose(1, 2),
         k.transpose(1, 2),
         v.transpose(1, 2),
-        n_total=cp.n_total,
-        group=cp.group,
         causal=causal,
         scale=1.0 / attn.attn_scale,
         stats=stats,
         backend=backend,
     )
-    rec.add(layer, st)
-    z = attn.hook_z(out.transpose(1, 2))  # [B, n_local, H, D]
+    z = attn.hook_z(out.transpose(1, 2))  # [B, n, H, D]
     return _project(attn, z)
 
 
-def _rotate_shard(attn, x: torch.Tensor, cp: ContextParallel) -> torch.Tensor:
-    """TransformerLens's own rotary on ``x [B, n_local, H, D]`` at the shard's global positions:
-    the shard is two runs of consecutive positions, each rotated from its first position."""
+def _rotate_at(attn, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """TransformerLens's own rotary on ``x [B, n, H, D]`` at the global ``positions [n]``
+    (ascending): each run of consecutive positions is rotated from its first position."""
     parts, start = [], 0
-    for chunk in _runs(cp.positions):
+    for chunk in _runs(positions):
         parts.append(attn.apply_rotary(x[:, start : start + len(chunk)], chunk.start))
         start += len(chunk)
     return torch.cat(parts, dim=1)
@@ -168,14 +170,22 @@ def _runs(positions: torch.Tensor) -> list[range]:
     return runs
 
 
-def _shard_pos_embed(model, cp: ContextParallel):
-    """``hook_pos_embed`` hook: the learned embeddings of the shard's global positions."""
+def _shard_pos_embed(model, cp: ContextParallel) -> tuple[Callable, Callable]:
+    """A forward pre-hook of the model that notes how many positions its KV cache holds, and a
+    ``hook_pos_embed`` hook: the learned embeddings of the call's global positions (the shard's,
+    or one decoded token's after it)."""
+    cached = [0]
 
-    def hook(pos_embed: torch.Tensor, hook) -> torch.Tensor:  # [B, n_local, d_model]
+    def note_cache(module, args, kwargs):
+        cache = kwargs.get("past_kv_cache")
+        cached[0] = cache.entries[0].past_keys.size(1) if cache is not None else 0
+
+    def hook(pos_embed: torch.Tensor, hook) -> torch.Tensor:  # [B, n, d_model]
         w_pos = model.pos_embed.W_pos
-        return w_pos[cp.positions.to(w_pos.device)].to(pos_embed)[None].expand_as(pos_embed).clone()
+        rows = w_pos[cp.query_positions(cached[0]).to(w_pos.device)]
+        return rows.to(pos_embed)[None].expand_as(pos_embed).clone()
 
-    return hook
+    return note_cache, hook
 
 
 def _explicit_pattern(attn, layer, rec, patterns, q, k, offset, causal, attention_mask, additive):
@@ -276,18 +286,20 @@ class TransformerLensAdapter(BoundAdapter):
     ) -> Callable[[], None]:
         """Give every block's attention the kernel forward (:func:`make_forward`).
 
-        With ``context_parallel``, the model takes this rank's shard of one sequence: rotary
-        turns each query and key by its global position, learned position embeddings
-        (``hook_pos_embed``, standard or shortformer) are replaced by the rows of the shard's
-        global positions, and attention runs over the group."""
+        With ``context_parallel``, the model takes this rank's shard of one sequence (then, with
+        a KV cache, one decoded token at a time): rotary turns each query and key by its global
+        position, learned position embeddings (``hook_pos_embed``, standard or shortformer) are
+        replaced by the rows of the global positions, and attention runs over the group."""
         model = self.model
-        pos_handle = None
+        pos_handle = cache_handle = None
         if context_parallel is not None:
             problems = context_parallel_problems(model.cfg)
             if problems:
                 raise WorkbenchError("context parallelism cannot shard this model yet: " + ", ".join(problems))
             if model.cfg.positional_embedding_type in ("standard", "shortformer"):
-                model.hook_pos_embed.add_hook(_shard_pos_embed(model, context_parallel), is_permanent=True)
+                note_cache, pos_hook = _shard_pos_embed(model, context_parallel)
+                cache_handle = model.register_forward_pre_hook(note_cache, with_kwargs=True)
+                model.hook_pos_embed.add_hook(pos_hook, is_permanent=True)
                 pos_handle = model.hook_pos_embed.fwd_hooks[-1]
         layers = [block.attn for block in model.blocks]
         for i, attn in enumerate(layers):
@@ -299,6 +311,7 @@ class TransformerLensAdapter(BoundAdapter):
             if pos_handle is not None:
                 pos_handle.hook.remove()
                 model.hook_pos_embed.fwd_hooks.remove(pos_handle)
+                cache_handle.remove()
 
         return restore
 
