@@ -197,6 +197,13 @@ def score(
         help="Spread a model too large for one GPU over several: auto, balanced, sequential or a GPU count "
         "(instead of --device; docs/scale-out.md).",
     ),
+    context_parallel: int = typer.Option(
+        1,
+        "--context-parallel",
+        min=1,
+        help="Under torchrun: spread each sample's tokens over groups of this many processes (long contexts; "
+        "the groups share the samples; docs/scale-out.md).",
+    ),
     dtype: str = typer.Option(None, help="float32, float16 or bfloat16 (default: the model's own)."),
     backend: str = typer.Option(ScoreRunSettings.backend, help="Kernel backend: auto, triton or reference."),
     out: Path = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<model>)."),
@@ -209,7 +216,8 @@ def score(
     Writes a run folder (manifest.json, head_scores.parquet, profiles.parquet, retrieval.parquet,
     figures/) and prints the top heads per score. Rerunning the same command resumes an
     interrupted run. Under `torchrun --nproc_per_node=N -m workbench score ...` the N processes
-    share the samples (docs/scale-out.md)."""
+    share the samples; with `--context-parallel C` each sample's tokens are spread over groups of
+    C of them (docs/scale-out.md)."""
     import io
     from contextlib import nullcontext, redirect_stdout
 
@@ -244,6 +252,7 @@ def score(
         backend=backend,
         prefill_chunk=prefill_chunk,
     )
+    distributed.check_context_parallel(context_parallel)  # before the model loads
     if device_map is not None and distributed.launched():
         fail(
             "--device-map spreads one model over the GPUs; under torchrun each process holds its own model on "
@@ -264,7 +273,9 @@ def score(
             scores=settings.scores if scores else default_scores,
         )
         with distributed.process_group(next(loaded.parameters()).device):
-            run = score_model(loaded, settings, out, resume=resume, force=force, progress=first)
+            run = score_model(
+                loaded, settings, out, resume=resume, force=force, progress=first, context_parallel=context_parallel
+            )
     if first:
         print_run(run, top)
 

@@ -171,6 +171,14 @@ class ContextParallel:
         into.add(layer, st)
         return out
 
+    def from_last_position(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` (a tensor of the same shape on every rank) as computed by the rank that holds
+        the sequence's last position, the group's rank 0 (whose shard ends with chunk ``2W - 1``):
+        the next token after a prefill, say. A collective."""
+        sent = value.reshape(-1).contiguous()
+        dist.broadcast(sent, src=dist.get_global_rank(self.group, 0) if self.group is not None else 0, group=self.group)
+        return sent.reshape(value.shape)
+
     def unshard(self, t: torch.Tensor, dim: int = 2) -> torch.Tensor:
         """Every rank's shard of ``t`` (``n_local`` positions along ``dim``) put together in global
         position order: ``n_total`` positions along ``dim``, on every rank (a collective)."""

@@ -6,6 +6,7 @@ Without ``torchrun`` (``WORLD_SIZE`` unset or 1) every helper is a no-op: :func:
 input. Under ``torchrun --nproc_per_node=N`` (or its multi-node rendezvous) :func:`process_group`
 joins the default process group: NCCL when the model is on a CUDA device (that device becomes
 the process's current one; :func:`default_device` gives ``cuda:LOCAL_RANK``), gloo otherwise.
+:func:`layout` splits the processes into data- and context-parallel groups (a 2-D device mesh).
 
 Errors. A collective waits for every rank, so a rank that stops before one would leave the others
 waiting. Three rules keep that from hanging a run:
@@ -24,6 +25,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -105,6 +107,72 @@ def _init(backend: str) -> None:
         dist.init_process_group(backend=backend, store=store, rank=rank_, world_size=world, timeout=TIMEOUT)
     else:
         dist.init_process_group(backend=backend, timeout=TIMEOUT)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the processes of a run share its work: ``data_world`` groups of ``context_world``
+    ranks each (global rank ``data_rank * context_world + context_rank``, the row-major
+    ``(data, context)`` device mesh). Each group takes its share of the samples; the ranks of a
+    group spread each sample's tokens over themselves (context parallelism, through
+    ``context_group``) and its ``context_rank`` 0 writes the results."""
+
+    data_rank: int = 0
+    data_world: int = 1
+    context_rank: int = 0
+    context_world: int = 1
+    context_group: dist.ProcessGroup | None = None
+
+    @property
+    def writes(self) -> bool:
+        """Whether this rank writes its group's results (the group's rank 0)."""
+        return self.context_rank == 0
+
+    @property
+    def writers(self) -> list[int]:
+        """The global rank that writes for each data-parallel group, in group order."""
+        return [d * self.context_world for d in range(self.data_world)]
+
+
+def check_context_parallel(context_parallel: int) -> None:
+    """Refuse a context-parallel size that this launch cannot give (before any collective): not
+    an int >= 1, more than one without ``torchrun``, or not dividing the number of processes."""
+    if isinstance(context_parallel, bool) or not isinstance(context_parallel, int) or context_parallel < 1:
+        raise WorkbenchError(f"context parallelism takes a number of ranks >= 1, got {context_parallel!r}")
+    world = world_size()
+    if context_parallel > 1 and world == 1:
+        raise WorkbenchError(
+            f"context parallelism over {context_parallel} ranks needs {context_parallel} processes (or a multiple): "
+            f"launch with torchrun --nproc_per_node={context_parallel} (docs/scale-out.md)"
+        )
+    if world % context_parallel:
+        raise WorkbenchError(
+            f"{world} processes cannot be split into groups of {context_parallel} for context parallelism: "
+            f"launch a multiple of {context_parallel} processes"
+        )
+
+
+def layout(context_parallel: int = 1) -> Layout:
+    """This rank's place in the ``(data, context)`` mesh of the running processes (a collective
+    when ``context_parallel > 1``: every rank calls it, after the process group is joined).
+    ``context_parallel``: ranks per context-parallel group, dividing the world size."""
+    check_context_parallel(context_parallel)
+    world = world_size()
+    if context_parallel == 1:
+        return Layout(data_rank=rank(), data_world=world)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    mesh = init_device_mesh(
+        device_type, (world // context_parallel, context_parallel), mesh_dim_names=("data", "context")
+    )
+    return Layout(
+        data_rank=mesh.get_local_rank("data"),
+        data_world=world // context_parallel,
+        context_rank=mesh.get_local_rank("context"),
+        context_world=context_parallel,
+        context_group=mesh.get_group("context"),
+    )
 
 
 def barrier() -> None:

@@ -1,5 +1,8 @@
 """Data-parallel scoring under ``torchrun`` (issue 17): two CPU processes over gloo score the
-samples of one run between them, and the tables equal a single-process run's bit for bit.
+samples of one run between them, and the tables equal a single-process run's bit for bit. With
+``--context-parallel 2`` two processes spread each sample's tokens between them (tables equal
+within float rounding), and four form a 2 x 2 mesh of data- and context-parallel groups (tables
+equal the two-process context-parallel run's bit for bit).
 
 Each test starts ``python -m torch.distributed.run --standalone --nproc_per_node=2`` as a
 subprocess, either on ``-m workbench score`` itself or on a small driver script written to
@@ -91,12 +94,12 @@ DRIVER = textwrap.dedent("""
             with open(log, "a") as f:
                 f.write(json.dumps({"event": event, "key": key, "rank": rank, "attempt": attempt}) + "\\n")
 
-        def scoring_sample(adapter, unit, settings):
+        def scoring_sample(adapter, unit, settings, **options):
             started.append(unit.key)
             if rank == 1 and attempt == 0 and len(started) == 2:
                 os._exit(1)
             logged("start", unit.key)
-            return score_sample(adapter, unit, settings)
+            return score_sample(adapter, unit, settings, **options)
 
         def writing_part(self, key, frame):
             write_part(self, key, frame)
@@ -112,9 +115,12 @@ DRIVER = textwrap.dedent("""
 """)
 
 
-def _torchrun(cwd: Path, *command: str, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node=2 [launcher options] command`` in ``cwd``."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *launcher, *command]
+def _torchrun(
+    cwd: Path, *command: str, launcher: tuple[str, ...] = (), processes: int = 2
+) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=PROCESSES [launcher options] command`` in ``cwd``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    cmd += [*launcher, *command]
     try:
         return subprocess.run(cmd, cwd=cwd, env=_ENV, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
     except subprocess.TimeoutExpired as exc:
@@ -206,6 +212,88 @@ def test_bad_settings_are_refused_before_the_ranks_meet(tmp_path):
     assert result.stderr.count("error: unknown task(s) ['bogus']") == 2, _shown(result)
     assert "WorkbenchError" not in result.stderr, _shown(result)  # an error message, not a traceback
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def context_parallel_run(tmp_path_factory) -> Run:
+    """The run of ARGS on two processes with ``--context-parallel 2``."""
+    folder = tmp_path_factory.mktemp("cp")
+    result = _torchrun(
+        folder, "-m", "workbench", "score", *ARGS, "--context-parallel", "2", "--out", str(folder / "run")
+    )
+    assert result.returncode == 0, _shown(result)
+    assert result.stdout.count("top heads per score") == 1, _shown(result)
+    return Run.open(folder / "run")
+
+
+def test_context_parallel_scoring_gives_the_tables_of_one_process(context_parallel_run, reference):
+    """Each sample's tokens spread over two ranks (the needle's answer decoded against the KV
+    cache split between them): every score and profile within float rounding of one process's
+    (float32 sums in other shapes and orders), the needle accuracy and retrieval hits exactly."""
+    run = context_parallel_run
+    assert run.complete and run.tables() == reference.tables()
+    for name in SCORING_TABLES:
+        got, want = run.table(name), reference.table(name)
+        floats = [c for c in want.columns if want[c].dtype.kind == "f"]
+        pd.testing.assert_frame_equal(got.drop(columns=floats), want.drop(columns=floats), check_exact=True)
+        pd.testing.assert_frame_equal(got[floats], want[floats], check_exact=False, rtol=1e-5, atol=1e-5)
+    assert run.manifest["summary"] == reference.manifest["summary"]
+    assert run.manifest["summary"]["needle_accuracy"] > 0  # the decoded answers were retrieved
+    assert (run.manifest["world_size"], run.manifest["context_parallel"]) == (2, 2)
+    assert run.manifest["scored_by"] == dict.fromkeys(KEYS, 0)  # one group: its rank 0 writes
+
+
+def test_a_data_by_context_mesh_gives_the_context_parallel_tables(tmp_path, context_parallel_run):
+    """Four processes with --context-parallel 2: two groups of two share the samples; each
+    sample is computed as in the two-process run, so the tables are that run's bit for bit."""
+    out = tmp_path / "run"
+    result = _torchrun(
+        tmp_path, "-m", "workbench", "score", *ARGS, "--context-parallel", "2", "--out", str(out), processes=4
+    )
+    assert result.returncode == 0, _shown(result)
+    run = Run.open(out)
+    _assert_same_tables(run, context_parallel_run)
+    assert (run.manifest["world_size"], run.manifest["context_parallel"]) == (4, 2)
+    assert run.manifest["scored_by"] == {
+        "repeats-128-000": 0,
+        "repeats-128-001": 2,
+        "niah-128-d0.50-000": 0,
+        "niah-128-d0.50-001": 2,
+    }
+    assert result.stdout.count("top heads per score") == 1, _shown(result)
+
+
+def test_context_parallel_sizes_the_launch_cannot_give_are_refused(tmp_path):
+    """--context-parallel 3 over 2 processes: every rank refuses before the model loads."""
+    out = tmp_path / "run"
+    result = _torchrun(tmp_path, "-m", "workbench", "score", *ARGS, "--context-parallel", "3", "--out", str(out))
+    assert result.returncode != 0, _shown(result)
+    message = "error: 2 processes cannot be split into groups of 3 for context parallelism"
+    assert result.stderr.count(message) == 2, _shown(result)
+    assert not out.exists()
+
+
+def test_context_parallel_settings_are_checked_before_any_collective(monkeypatch, zoo):
+    from workbench.scoring import check_model
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(WorkbenchError, match="needs 2 processes .*torchrun --nproc_per_node=2"):
+        distributed.check_context_parallel(2)
+    for bad in (0, 1.5, True):
+        with pytest.raises(WorkbenchError, match="context parallelism takes a number of ranks >= 1"):
+            distributed.check_context_parallel(bad)
+    monkeypatch.setenv("WORLD_SIZE", "6")
+    distributed.check_context_parallel(3)
+    with pytest.raises(WorkbenchError, match="6 processes cannot be split into groups of 4"):
+        distributed.check_context_parallel(4)
+    short = ScoreRunSettings(model="zoo-2l", tasks=("repeats",), lengths=(8, 64))
+    with pytest.raises(WorkbenchError, match=r"lengths \[8\] are too short to split over 6 context-parallel ranks"):
+        check_model(zoo, short, context_parallel=6)
+    check_model(zoo, short, context_parallel=4)
+    chunked = ScoreRunSettings(model="zoo-2l", tasks=("repeats",), lengths=(64,), prefill_chunk=16)
+    with pytest.raises(WorkbenchError, match="context parallelism and a prefill chunk do not combine"):
+        check_model(zoo, chunked, context_parallel=2)
 
 
 def test_helpers_without_torchrun_are_one_process(monkeypatch):

@@ -5,7 +5,9 @@ figures and manifest.
 Under ``torchrun`` (see :mod:`workbench.distributed` and docs/scale-out.md) the same call on
 every rank scores the samples data-parallel: rank 0 alone prepares the run folder, each rank
 scores its share of the samples still to do (``todo[rank::world]``, in plan order) into its own
-part files, and rank 0 then writes the tables, figures and, last, the manifest. The per-sample
+part files, and rank 0 then writes the tables, figures and, last, the manifest. With context
+parallelism the ranks form groups that each spread one sample's tokens over themselves, and the
+groups share the samples in the same way. The per-sample
 numbers do not depend on the rank and the tables are aggregated in key order, so the tables are
 those of a single-process run.
 
@@ -46,6 +48,7 @@ def score_model(
     resume: bool = False,
     force: bool = False,
     progress: bool = True,
+    context_parallel: int = 1,
 ) -> Run:
     """Score every head of ``model`` into the run folder ``out`` (see :mod:`workbench.runs`);
     resumes a run with the same settings. ``resume`` continues whatever run ``out`` holds with
@@ -54,14 +57,22 @@ def score_model(
     Under ``torchrun`` every rank makes this same call (same settings, ``out``, ``resume`` and
     ``force``, else every rank raises a :class:`WorkbenchError` naming what differs); each scores
     its share of the samples and every rank returns the finished run. The manifest records
-    ``world_size`` and ``scored_by`` (sample key -> the rank that scored it)."""
+    ``world_size``, ``context_parallel`` and ``scored_by`` (sample key -> the rank that wrote it).
+
+    ``context_parallel=N`` (under ``torchrun``, N dividing the number of processes) spreads each
+    sample's tokens over groups of N ranks (:mod:`workbench.context_parallel`; the retrieval
+    score decodes against the KV cache split over them); the groups share the samples as
+    above, each group's rank 0 writing its parts. The tables equal a single process's within
+    float rounding."""
     adapter = adapter_for(model)  # resolved once, passed to everything below
+    distributed.check_context_parallel(context_parallel)  # before any collective
     if not resume:  # refuse a bad request before anything is written (and before any collective)
-        check_model(adapter, settings)
+        check_model(adapter, settings, context_parallel=context_parallel)
         units = plan(settings, task_tokenizer(adapter.model))
     about = _manifest(adapter)
     with distributed.process_group(next(adapter.model.parameters()).device):
         rank, world = distributed.rank(), distributed.world_size()
+        layout = distributed.layout(context_parallel)
         if world > 1:
             _same_request_on_every_rank(settings, out, resume=resume, force=force)
         shared, problem = None, None
@@ -74,7 +85,7 @@ def score_model(
                     about,
                     resume=resume,
                     force=force,
-                    world=world,
+                    layout=layout,
                     units=None if resume else units,
                 )
             except WorkbenchError as exc:
@@ -87,22 +98,26 @@ def score_model(
                 raise WorkbenchError(f"{problem} (rank 0 of {world})")
             if rank > 0:
                 try:
-                    run, settings, units = _join(adapter, out, shared)
+                    run, settings, units = _join(adapter, out, shared, context_parallel)
                 except WorkbenchError as exc:
                     problem = str(exc)
             distributed.agree(problem)  # every rank stops if one cannot join
         if shared["finished"]:
             return run
         by_key = {u.key: u for u in units}
-        mine = [by_key[k] for k in shared["todo"][rank::world]]
+        mine = [by_key[k] for k in shared["todo"][layout.data_rank :: layout.data_world]]
         bar = (
             dict(initial=len(units) - len(shared["todo"]), total=len(units))
-            if world == 1
-            else dict(total=len(mine), desc=f"scoring (rank 0 of {world}, its share)")
+            if layout.data_world == 1
+            else dict(total=len(mine), desc=f"scoring (group 0 of {layout.data_world}, its share)")
         )
+        group = layout.context_group if context_parallel > 1 else None
         for unit in tqdm(mine, **{"desc": "scoring", **bar}, unit="sample", disable=not progress or rank > 0):
-            run.write_part(unit.key, score_sample(adapter, unit, settings))
-        scored = distributed.gather([u.key for u in mine])  # every rank is done once rank 0 has them all
+            frame = score_sample(adapter, unit, settings, context_parallel=group)
+            if layout.writes:
+                run.write_part(unit.key, frame)
+        # every rank is done once rank 0 has them all
+        scored = distributed.gather([u.key for u in mine] if layout.writes else [])
         if rank == 0:
             try:
                 run.manifest["scored_by"].update({key: r for r, keys in enumerate(scored) for key in keys})
@@ -150,7 +165,7 @@ def _open_for_scoring(
     *,
     resume: bool,
     force: bool,
-    world: int,
+    layout: distributed.Layout,
     units: list[Unit] | None,
 ) -> tuple[Run, ScoreRunSettings, list[Unit], dict]:
     """Rank 0 (or the only process): prepare the run folder, clean up after a killed run, and
@@ -159,7 +174,7 @@ def _open_for_scoring(
     run = prepare(out, settings.to_dict(), about, resume=resume, force=force)
     if resume:  # the stored run's settings, checked and planned now
         settings = ScoreRunSettings.from_dict(run.manifest["settings"])
-        check_model(adapter, settings)
+        check_model(adapter, settings, context_parallel=layout.context_world)
         units = plan(settings, task_tokenizer(adapter.model))
     identity = ("class", "layers", "heads", "dtype")
     stored = {k: run.manifest.get("model_info", {}).get(k) for k in identity}
@@ -181,8 +196,10 @@ def _open_for_scoring(
     if not finished:
         # Who scores what, recorded before scoring starts, so that the parts a killed run committed
         # keep their entry; the keys each rank really wrote replace it at the end.
-        run.manifest["world_size"] = world
-        run.manifest.setdefault("scored_by", {}).update({u.key: i % world for i, u in enumerate(todo)})
+        writers = layout.writers
+        run.manifest["world_size"] = layout.data_world * layout.context_world
+        run.manifest["context_parallel"] = layout.context_world
+        run.manifest.setdefault("scored_by", {}).update({u.key: writers[i % len(writers)] for i, u in enumerate(todo)})
         if run.complete:
             run.reopen()
         else:
@@ -192,12 +209,14 @@ def _open_for_scoring(
         "todo": [u.key for u in todo],
         "finished": finished,
         "created": run.manifest.get("created"),
-        "plan": _plan_fingerprint(units) if world > 1 else None,
+        "plan": _plan_fingerprint(units) if layout.data_world * layout.context_world > 1 else None,
     }
     return run, settings, units, shared
 
 
-def _join(adapter: ModelAdapter, out: str | Path, shared: dict) -> tuple[Run, ScoreRunSettings, list[Unit]]:
+def _join(
+    adapter: ModelAdapter, out: str | Path, shared: dict, context_parallel: int
+) -> tuple[Run, ScoreRunSettings, list[Unit]]:
     """A rank other than 0: open the run folder rank 0 prepared (``shared``: what it broadcast)
     and plan the same samples; :class:`WorkbenchError` when this rank cannot."""
     try:
@@ -213,7 +232,7 @@ def _join(adapter: ModelAdapter, out: str | Path, shared: dict) -> tuple[Run, Sc
             "the same run folder, on a file system every node shares, at the same path"
         )
     settings = ScoreRunSettings.from_dict(shared["settings"])
-    check_model(adapter, settings)
+    check_model(adapter, settings, context_parallel=context_parallel)
     units = plan(settings, task_tokenizer(adapter.model))
     if _plan_fingerprint(units) != shared["plan"]:
         raise WorkbenchError(

@@ -9,10 +9,12 @@ from contextlib import contextmanager
 
 import pandas as pd
 import torch
+import torch.distributed as dist
 
 from kernels import AttentionStats
 from workbench.adapters import ModelAdapter, adapter_for
 from workbench.chunked import chunked_prefill
+from workbench.context_parallel import ContextParallel
 from workbench.errors import WorkbenchError
 from workbench.instrument import instrument
 from workbench.recording import StreamingSummary
@@ -89,7 +91,12 @@ class SampleCollector:
 
 @torch.no_grad()
 def score_sample(
-    model: torch.nn.Module | ModelAdapter, unit: Unit, settings: ScoreRunSettings, *, materialised: bool = False
+    model: torch.nn.Module | ModelAdapter,
+    unit: Unit,
+    settings: ScoreRunSettings,
+    *,
+    materialised: bool = False,
+    context_parallel: dist.ProcessGroup | bool | None = None,
 ) -> pd.DataFrame:
     """One sample's tallies: rows ``name, layer, head, bucket, total, count`` (``bucket`` -1 for
     scores, the bucket's first position for profiles; ``layer`` -1 for per-sample measures:
@@ -101,7 +108,15 @@ def score_sample(
 
     With ``settings.prefill_chunk``, the sample is prefilled that many tokens at a time
     (:func:`workbench.chunked.chunked_prefill`); the retrieval score then decodes the answer
-    from the chunked prefill's cache."""
+    from the chunked prefill's cache.
+
+    ``context_parallel`` (``True``: the default process group, or a group; every rank of it
+    makes this call) spreads the sample's tokens over the group's ranks
+    (:class:`~workbench.context_parallel.ContextParallel`): each rank runs its shard, the
+    statistics are gathered into position order on every rank, and the retrieval score decodes
+    against the KV cache split over the ranks, each token taken from the group's rank 0 (which
+    holds the last position). Every rank returns the same tallies, within float rounding of a
+    single process's."""
     start = time.perf_counter()
     adapter = adapter_for(model)
     scores = [s for s in settings.scores if unit.task in SCORES[s].tasks]
@@ -120,20 +135,29 @@ def score_sample(
         bucket_size=math.ceil(len(sample.ids) / PROFILE_BUCKETS),
     )
     ids = sample.ids.to(device).unsqueeze(0)
+    cp = None
+    if context_parallel not in (None, False):
+        cp = ContextParallel(ids.shape[1], None if context_parallel is True else context_parallel)
+        ids = cp.shard(ids)
     rows: list[tuple[str, int, int, int, float, float]] = []
     with (
         _eager_patterns(adapter, spec, collector)
         if materialised
-        else instrument(adapter, spec, backend=settings.backend, into=collector)
+        else instrument(adapter, spec, backend=settings.backend, into=collector, context_parallel=cp)
     ):
         chunk = settings.prefill_chunk
+
+        def next_token(logits: torch.Tensor) -> int:  # greedy; under context parallelism, rank 0's
+            token = logits[0].argmax()
+            return int(token if cp is None else cp.from_last_position(token))
+
         if "retrieval" in scores:
             logits, cache = adapter.prefill(ids) if chunk is None else chunked_prefill(adapter, ids, chunk)
-            generated = [int(logits[0].argmax())]
+            generated = [next_token(logits)]
             collector.decoding = True
             for _ in range(len(sample.answer) - 1):
                 logits, cache = adapter.decode(torch.tensor([[generated[-1]]], device=device), cache)
-                generated.append(int(logits[0].argmax()))
+                generated.append(next_token(logits))
             del cache
         elif chunk is not None:
             _, cache = chunked_prefill(adapter, ids, chunk)

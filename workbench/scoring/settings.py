@@ -93,10 +93,25 @@ def defaults_for(model: torch.nn.Module | ModelAdapter, tasks) -> tuple[tuple[in
     return lengths, tuple(s for s in scores_for(tasks) if generates or s != "retrieval")
 
 
-def check_model(model: torch.nn.Module | ModelAdapter, settings: ScoreRunSettings) -> None:
+def check_model(
+    model: torch.nn.Module | ModelAdapter, settings: ScoreRunSettings, *, context_parallel: int = 1
+) -> None:
     """Refuse settings this model cannot run: lengths beyond its context, retrieval or a prefill
-    chunk without a language-model head or causal attention."""
+    chunk without a language-model head or causal attention; with ``context_parallel`` ranks
+    per sample, lengths too short to split over them (2 chunks per rank) and a prefill chunk."""
     adapter = adapter_for(model)
+    if context_parallel > 1:
+        short = [n for n in settings.lengths if n < 2 * context_parallel]
+        if short:
+            raise WorkbenchError(
+                f"lengths {short} are too short to split over {context_parallel} context-parallel ranks "
+                f"(2 chunks per rank): use lengths of at least {2 * context_parallel} tokens"
+            )
+        if settings.prefill_chunk is not None:
+            raise WorkbenchError(
+                "context parallelism and a prefill chunk do not combine yet: the shards already bound each "
+                "rank's memory; leave out --prefill-chunk"
+            )
     context = adapter.context
     too_long = [n for n in settings.lengths if context is not None and n > context]
     if too_long:
