@@ -136,3 +136,24 @@ def test_bad_use():
         with instrument(model):
             model(input_ids=torch.zeros(1, 4, dtype=torch.long))
     assert model.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("kind", ["bloom", "falcon"])
+def test_models_that_compute_attention_themselves_are_refused_naming_the_layers(kind):
+    """BLOOM (ALiBi) and Falcon do not route attention through AttentionInterface: instrumented,
+    they would run and record nothing, so instrument() refuses them, naming their layers."""
+    from transformers import BloomConfig, BloomForCausalLM, FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(SEED)
+    if kind == "bloom":
+        model = BloomForCausalLM(BloomConfig(n_layer=2, hidden_size=32, n_head=4, vocab_size=64))
+        layer = "transformer.h.1.self_attention"
+    else:
+        model = FalconForCausalLM(
+            FalconConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=64)
+        )
+        layer = "transformer.h.1.self_attention"
+    with pytest.raises(WorkbenchError, match=f"computes attention in its own code.*{layer}"):
+        with instrument(model.eval()):
+            pass
+    assert model.config._attn_implementation != "workbench"  # left as it was

@@ -95,6 +95,21 @@ def attention_modules(model) -> list[tuple[int, torch.nn.Module]]:
     return found
 
 
+def _check_routes_attention(model) -> None:
+    """Refuse a model whose attention does not go through ``AttentionInterface`` (BLOOM and
+    Falcon compute it in their own code): instrumented, it would run and record nothing."""
+    if getattr(type(model), "_supports_attention_backend", True):
+        return
+    layers = [name for name, m in model.named_modules() if type(m).__name__.endswith("Attention")]
+    shown = ", ".join(layers[:4]) + (f", ... ({len(layers)} in all)" if len(layers) > 4 else "")
+    raise WorkbenchError(
+        f"{type(model).__name__} computes attention in its own code, not through transformers' "
+        f"AttentionInterface, so its attention layers ({shown or 'none found'}) cannot be instrumented; "
+        "instrumenting it would record nothing. Models that route attention through the interface "
+        "are listed in docs/coverage.md"
+    )
+
+
 def _remove(modules) -> None:
     for _, m in modules:
         _routes.pop(id(m), None)
@@ -157,6 +172,7 @@ class HuggingFaceAdapter(BoundAdapter):
         after it one decoded token's; ``use_cache=False`` unless given), and attention runs
         through :meth:`~workbench.context_parallel.ContextParallel.attend`."""
         model = self.model
+        _check_routes_attention(model)
         register()
         modules = attention_modules(model)
         previous = model.config._attn_implementation
