@@ -30,6 +30,10 @@ def attention(
     query_lengths: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, AttentionStats | None]:
     """Scaled dot-product attention that optionally returns per-row and per-key statistics.
 
@@ -53,6 +57,18 @@ def attention(
         mask: reference backend only: boolean (True = attend) or additive float mask that
             broadcasts to ``[B, Hq, Nq, Nk]``, applied on top of ``causal`` and the lengths.
         chunk_size: reference backend only: query rows per chunk (memory ``chunk x Nk``).
+        window: sliding-window attention (Mistral, Gemma, gpt-oss local layers): a query at
+            position ``i`` sees only keys ``j > i - window`` (``window`` keys, itself included,
+            when causal); ``None``: no window.
+        softcap: logit soft-capping (Gemma 2): each scaled score ``s`` becomes
+            ``softcap * tanh(s / softcap)`` before the softmax.
+        sinks: learned sink logits ``[Hq]`` (gpt-oss): one logit per query head that joins each
+            row's softmax denominator and carries no value, so a row's key probabilities sum to
+            ``1 - learned_sink_mass`` (``StatsSpec(learned_sink=True)`` reports it). ``lse`` and
+            ``entropy`` are those of the whole distribution, the sink included; ``max_prob``,
+            ``argmax``, the masses and ``distance`` are over the keys alone (not renormalised).
+        alibi_slopes: ALiBi ``[Hq]``: each score gets ``-slope * |i - j|`` (query position ``i``,
+            key ``j``), after any soft-capping.
 
     Returns:
         ``(out, stats)``: ``out [B, Hq, Nq, D]`` in the input dtype, equal to
@@ -76,8 +92,13 @@ def attention(
         stats=stats,
         key_lengths=key_lengths,
         query_lengths=query_lengths,
+        window=window,
+        softcap=softcap,
+        sinks=sinks,
+        alibi_slopes=alibi_slopes,
     )
-    use_triton = _choose_triton(q, p, backend, mask, chunk_size)
+    per_head = dict(sinks=sinks, alibi_slopes=alibi_slopes)
+    use_triton = _choose_triton(q, p, backend, mask, chunk_size, _variants(p, stats, **per_head))
     if q.numel() == 0 or p.n_k == 0:
         return _degenerate(q, p, stats)
     if use_triton:
@@ -85,12 +106,23 @@ def attention(
 
         if q.is_cuda:  # Triton launches on the current device: make it the tensors' own (device maps)
             with torch.cuda.device(q.device):
-                return triton_attention(q, k, v, p, stats, key_lengths, query_lengths)
-        return triton_attention(q, k, v, p, stats, key_lengths, query_lengths)
-    return reference_attention(q, k, v, p, stats, key_lengths, query_lengths, mask, chunk_size)
+                return triton_attention(q, k, v, p, stats, key_lengths, query_lengths, **per_head)
+        return triton_attention(q, k, v, p, stats, key_lengths, query_lengths, **per_head)
+    return reference_attention(q, k, v, p, stats, key_lengths, query_lengths, mask, chunk_size, **per_head)
 
 
-def _choose_triton(q: torch.Tensor, p: Problem, backend: str, mask, chunk_size) -> bool:
+def _variants(p: Problem, stats: StatsSpec | None, sinks, alibi_slopes) -> list[str]:
+    """The attention variants a call uses (names as in :data:`kernels.triton_attention.VARIANTS`)."""
+    used = {
+        "window": p.window > 0,
+        "softcap": p.softcap > 0,
+        "sinks": sinks is not None or (stats is not None and stats.learned_sink),
+        "alibi_slopes": alibi_slopes is not None,
+    }
+    return [name for name, on in used.items() if on]
+
+
+def _choose_triton(q: torch.Tensor, p: Problem, backend: str, mask, chunk_size, variants: list[str]) -> bool:
     if backend == "reference":
         return False
     if backend == "auto":
@@ -98,7 +130,7 @@ def _choose_triton(q: torch.Tensor, p: Problem, backend: str, mask, chunk_size) 
             return False
         if q.dtype not in TRITON_DTYPES:
             return False
-        return _head_dim_ok(p.head_dim)
+        return _head_dim_ok(p.head_dim) and _variants_ok(variants)
     # backend == "triton"
     if mask is not None or chunk_size is not None:
         raise AttentionInputError(
@@ -123,7 +155,33 @@ def _choose_triton(q: torch.Tensor, p: Problem, backend: str, mask, chunk_size) 
             f"backend='triton' takes CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; got {q.device} "
             "tensors: use backend='reference' (on the meta device it returns outputs of the right shapes)"
         )
+    from kernels.triton_attention import VARIANTS
+
+    missing = [name for name in variants if name not in VARIANTS]
+    if missing:
+        raise AttentionInputError(
+            f"the Triton kernels do not implement {', '.join(missing)} yet: use backend='reference' or 'auto'"
+        )
     return _head_dim_ok(p.head_dim)
+
+
+def _variants_ok(variants: list[str]) -> bool:
+    """Whether the Triton kernels implement every variant used (else a warning, once per kind)."""
+    from kernels.triton_attention import VARIANTS
+
+    missing = [name for name in variants if name not in VARIANTS]
+    if not missing:
+        return True
+    key = "variants=" + ",".join(missing)
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(
+            f"the Triton kernels do not implement {', '.join(missing)} yet; using the reference backend "
+            "(exact, slower)",
+            KernelFallbackWarning,
+            stacklevel=4,
+        )
+    return False
 
 
 def _head_dim_ok(d: int) -> bool:

@@ -8,7 +8,10 @@ them exactly (DESIGN.md, Scale-out, normalised form). With ``lse`` the merged lo
 - ``out = sum_c w_c out_c``; masses and means (sink, local, offset mass, distance) likewise;
 - ``entropy = sum_c w_c (H_c - ln w_c)``;
 - ``max_prob = max_c w_c p_c``; ``argmax`` comes from the part with the largest ``w_c p_c``;
-- a part's row without keys (the sentinels ``lse = 0``, ``max_prob = 0``) has ``w_c = 0``.
+- a part's row without keys (the sentinels ``lse = 0``, ``max_prob = 0``) has ``w_c = 0``;
+- learned sinks (``attention(sinks=...)``) belong to one part only, whose ``lse`` counts the
+  sink: ``learned_sink_mass = sum_c w_c x_c`` is then exact (each part's softmax would count
+  a sink given to every part once more).
 
 :func:`part_spec` gives the :class:`StatsSpec` each part must be computed with;
 :func:`attend_part` computes one decoding row's part from the part's keys alone (no padding
@@ -26,10 +29,10 @@ import torch
 from kernels.errors import AttentionInputError
 from kernels.spec import AttentionStats, StatsSpec
 
-#: Masses over a subset of the keys: a part that holds none of those keys may omit them (0 there).
-_MASSES = ("sink_mass", "local_mass", "offset_mass")
+#: Masses over a subset of the keys (or the learned sink): a part that holds none may omit them (0 there).
+_MASSES = ("sink_mass", "local_mass", "offset_mass", "learned_sink_mass")
 #: Row statistics merged as ``sum_c w_c x_c``.
-_WEIGHTED = ("sink_mass", "local_mass", "distance", "offset_mass")
+_WEIGHTED = ("sink_mass", "local_mass", "distance", "offset_mass", "learned_sink_mass")
 #: Largest scores of two parts within this many roundings (of the statistics' dtype) of each
 #: other count as tied: the parts carry their largest score only as ``lse_c + ln max_prob_c``.
 _TIE_ULPS = 16

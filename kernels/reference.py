@@ -44,10 +44,14 @@ def reference_attention(
     query_lengths: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    sinks: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, AttentionStats | None]:
     """Attention output ``[B, Hq, Nq, D]`` and statistics, computed exactly chunk by chunk.
 
-    Computes in float32 (float64 for float64 inputs); statistics come back in that dtype.
+    Computes in float32 (float64 for float64 inputs); statistics come back in that dtype. The
+    variants (``p.window``, ``p.softcap``, ``sinks``, ``alibi_slopes``) are those of
+    :func:`kernels.attention`.
     """
     b, hkv, g, nq, nk, d = p.batch, p.kv_heads, p.group, p.n_q, p.n_k, p.head_dim
     dev = q.device
@@ -67,6 +71,8 @@ def reference_attention(
         # uninitialised cache, say) into ``prob @ v``. Scores need nothing: they are masked.
         v_c = v_c.masked_fill(kpos.view(1, 1, 1, -1, 1) >= klen, 0)
 
+    slopes = alibi_slopes.to(cd).view(1, hkv, g, 1, 1) if alibi_slopes is not None else None
+    sink = sinks.to(cd).view(1, hkv, g, 1) if sinks is not None else None  # per query head
     out = torch.empty(b, hkv, g, nq, d, device=dev, dtype=q.dtype)
     want = stats is not None
     rows: dict[str, list[torch.Tensor]] = {}
@@ -76,11 +82,18 @@ def reference_attention(
         c1 = min(nq, c0 + chunk_size)
         qc = q[:, :, c0:c1].to(cd).view(b, hkv, g, c1 - c0, d)
         s = (qc @ k_c.transpose(-1, -2)) * p.scale  # [B, Hkv, G, C, Nk]
+        if p.softcap:
+            s = p.softcap * torch.tanh(s / p.softcap)
         rows_i = torch.arange(c0, c1, device=dev)
         qpos = (rows_i + p.q_offset).view(1, 1, 1, -1, 1)
+        rel = qpos - kpos.view(1, 1, 1, 1, -1)  # query position - key position
+        if slopes is not None:
+            s = s - slopes * rel.abs().to(cd)
         valid = (kpos.view(1, 1, 1, 1, -1) < klen) & (rows_i.view(1, 1, -1, 1) < qlen).unsqueeze(1)
         if p.causal:
-            valid = valid & (kpos.view(1, 1, 1, 1, -1) <= qpos)
+            valid = valid & (rel >= 0)
+        if p.window:
+            valid = valid & (rel < p.window)
         if mask is not None:
             mc = mask[:, :, c0:c1].reshape(b, hkv, g, c1 - c0, nk)
             if mc.dtype == torch.bool:
@@ -89,17 +102,24 @@ def reference_attention(
                 s = s + mc.to(cd)
         s = s.masked_fill(~valid, float("-inf"))
         m = s.amax(-1)
-        row_ok = m > float("-inf")
-        e = torch.exp(s - torch.where(row_ok, m, 0).unsqueeze(-1))
+        row_ok = m > float("-inf")  # rows with a visible key; the others are empty, learned sink or not
+        if sink is not None:
+            m = torch.maximum(m, sink)
+        m = torch.where(row_ok, m, 0)
+        e = torch.exp(s - m.unsqueeze(-1))
         l = e.sum(-1)
+        sink_e = torch.where(row_ok, torch.exp(sink - m), 0) if sink is not None else None
+        if sink_e is not None:
+            l = l + sink_e
         l_safe = torch.where(row_ok, l, 1)
         prob = e / l_safe.unsqueeze(-1)
         out[:, :, :, c0:c1] = (prob @ v_c).to(q.dtype)
         if not want:
             continue
+        sink_prob = sink_e / l_safe if sink_e is not None else None
         add = {
             "lse": torch.where(row_ok, m + torch.log(l_safe), 0),
-            **row_statistics(prob, qpos, kpos, stats, row_ok, s),
+            **row_statistics(prob, qpos, kpos, stats, row_ok, s, sink_prob),
         }
         for name, value in add.items():
             rows.setdefault(name, []).append(value)
@@ -124,16 +144,21 @@ def row_statistics(
     stats: StatsSpec,
     row_ok: torch.Tensor,
     scores: torch.Tensor | None = None,
+    sink_prob: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Row statistics (all but ``lse``) of explicit attention probabilities ``prob [..., Nq, Nk]``:
     query positions ``qpos`` broadcast to ``[..., Nq, 1]``, key positions ``kpos [Nk]``,
     ``row_ok [..., Nq]`` False for rows with no valid key. ``argmax`` is taken on the scores when
-    given (so ties resolve as in the kernels), else on ``prob``."""
+    given (so ties resolve as in the kernels), else on ``prob``. ``sink_prob [..., Nq]``: the
+    learned sink's probability (in the entropy, and ``learned_sink_mass``); None: no sink."""
     zero = torch.zeros((), device=prob.device, dtype=prob.dtype)
     nk = prob.shape[-1]
     out: dict[str, torch.Tensor] = {}
     if stats.entropy:
-        out["entropy"] = (-torch.special.xlogy(prob, prob).sum(-1)).clamp_min(0)
+        entropy = -torch.special.xlogy(prob, prob).sum(-1)
+        if sink_prob is not None:
+            entropy = entropy - torch.special.xlogy(sink_prob, sink_prob)
+        out["entropy"] = entropy.clamp_min(0)
     if stats.max_prob:
         out["max_prob"] = prob.amax(-1)
     if stats.argmax:
@@ -151,18 +176,26 @@ def row_statistics(
         inside = (target >= 0) & (target < nk)
         picked = prob.gather(-1, target.clamp(0, nk - 1).expand(*prob.shape[:-1], -1))
         out["offset_mass"] = torch.where(inside, picked, zero)
+    if stats.learned_sink:
+        out["learned_sink_mass"] = sink_prob if sink_prob is not None else torch.zeros_like(prob[..., 0])
     return out
 
 
 def pattern_stats(pattern: torch.Tensor, stats: StatsSpec) -> AttentionStats:
     """The row statistics (and ``key_mass``) of an explicit attention pattern ``[B, H, Nq, Nk]``
     (rows summing to 1, causal bottom-right aligned), as :func:`kernels.attention` returns them;
-    ``lse`` is 0 (a pattern has no scores). For baselines that materialise attention, and tests."""
+    ``lse`` is 0 (a pattern has no scores). For baselines that materialise attention, and tests.
+
+    With ``stats.learned_sink``, a row summing to less than 1 (the eager pattern of a model with
+    learned sinks, which drops the sink's column) gives the rest to the learned sink, in
+    ``learned_sink_mass`` and in the entropy."""
     nq, nk = pattern.shape[-2:]
     qpos = (torch.arange(nq, device=pattern.device) + nk - nq).view(-1, 1)
     kpos = torch.arange(nk, device=pattern.device)
-    row_ok = pattern.sum(-1) > 0
-    rows = {"lse": torch.zeros_like(pattern[..., 0]), **row_statistics(pattern, qpos, kpos, stats, row_ok)}
+    total = pattern.sum(-1)
+    row_ok = total > 0
+    sink_prob = torch.where(row_ok, (1 - total).clamp(0, 1), 0) if stats.learned_sink else None
+    rows = {"lse": torch.zeros_like(total), **row_statistics(pattern, qpos, kpos, stats, row_ok, None, sink_prob)}
     if stats.key_mass:
         rows["key_mass"] = pattern.sum(-2)
     return AttentionStats(**rows)

@@ -30,6 +30,8 @@ class StatsSpec:
             target key does not exist (or is masked) get 0. Causal attention needs offsets >= 0;
             negative offsets (later keys) are for non-causal attention.
         key_mass: attention each key receives, summed over query rows (a second pass).
+        learned_sink: probability of the learned sink logit (``attention(sinks=...)``, gpt-oss)
+            in each row: the attention that goes to no key; 0 without ``sinks``.
     """
 
     entropy: bool = False
@@ -40,6 +42,7 @@ class StatsSpec:
     distance: bool = False
     offsets: tuple[int, ...] = ()
     key_mass: bool = False
+    learned_sink: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "offsets", tuple(self.offsets))
@@ -88,6 +91,7 @@ class StatsSpec:
             "distance": self.distance,
             "offset_mass": bool(self.offsets),
             "key_mass": self.key_mass,
+            "learned_sink_mass": self.learned_sink,
         }
         return tuple(name for name, on in wanted.items() if on)
 
@@ -102,6 +106,7 @@ class StatsSpec:
             or self.window
             or self.distance
             or self.offsets
+            or self.learned_sink
         )
 
 
@@ -116,6 +121,7 @@ class AttentionStats:
       ``distance``: ``[B, H, Nq]``
     - ``offset_mass``: ``[B, H, Nq, len(offsets)]``
     - ``key_mass``: ``[B, H, Nk]``, attention received by each key, summed over query rows.
+    - ``learned_sink_mass``: ``[B, H, Nq]``, the learned sink logit's probability.
 
     A row with no valid key (causal row before the first key, a padded query, or a batch
     entry with no keys) has a zero output and the finite sentinels ``lse = 0``,
@@ -132,6 +138,7 @@ class AttentionStats:
     distance: torch.Tensor | None = None
     offset_mass: torch.Tensor | None = None
     key_mass: torch.Tensor | None = None
+    learned_sink_mass: torch.Tensor | None = None
 
     def items(self) -> list[tuple[str, torch.Tensor]]:
         """``(name, tensor)`` for every statistic present."""

@@ -28,6 +28,12 @@ host time.
 Key-mass kernel: one program per block of keys, looping over the query blocks that can see
 them, summing ``exp(s - lse)`` over rows.
 
+Attention variants (:data:`VARIANTS`, compile-time flags, so plain calls compile as before):
+soft-capping and ALiBi transform the scores wherever they are computed (blocks using them
+always scale first); a sliding window starts the key loop at the window's first block and
+masks the blocks it cuts; a learned sink is folded into the softmax after the key loop (one
+more logit, no value), or, with split keys, by the merge, so it counts once.
+
 Masked scores are the finite ``_MASKED`` and the running max starts at ``_M_INIT`` (greater
 than ``_MASKED``): fully masked rows then give ``p = 0`` without ever forming ``inf - inf``.
 """
@@ -58,11 +64,57 @@ DECODE_MAX_Q = 16
 PACK_MAX_ROWS = 128
 #: Most splits of one row's keys.
 MAX_SPLITS = 128
+#: The attention variants of :func:`kernels.attention` these kernels implement (``window``,
+#: ``softcap``, ``sinks``, ``alibi_slopes``); calls with others run on the reference backend.
+VARIANTS: tuple[str, ...] = ("window", "softcap", "sinks", "alibi_slopes")
 
 
 def interpreting() -> bool:
     """Whether Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _softcap(s, cap2):
+    """``cap2 * tanh(s / cap2)``, elementwise; tanh(y) = sign(y) (1 - e) / (1 + e) with
+    e = exp(-2 |y|) <= 1, which cannot overflow (Triton has no tanh of its own)."""
+    y = s / cap2
+    e = tl.math.exp2(tl.abs(y) * _LOG2E * -2.0)
+    th = (1.0 - e) / (1.0 + e)
+    return tl.where(y < 0.0, -th, th) * cap2
+
+
+@triton.jit
+def _variant_scores(s, qpos, offs_n, cap2, slope2, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+    """Scaled scores ``s [BLOCK_M, BLOCK_N]`` (log2 domain) soft-capped to ``cap2 * tanh(s / cap2)``
+    (SOFTCAP), then less ``slope2 * |query position - key position|`` (ALIBI; ``qpos`` and
+    ``slope2`` are ``[BLOCK_M]``, ``offs_n`` the key positions ``[BLOCK_N]``)."""
+    if SOFTCAP:
+        s = _softcap(s, cap2)
+    if ALIBI:
+        rel = qpos[:, None] - offs_n[None, :]  # [BLOCK_M, BLOCK_N]
+        s = s - slope2[:, None] * tl.abs(rel).to(tl.float32)
+    return s
+
+
+@triton.jit
+def _visible(offs_n, qpos, klen, attn_window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """Which keys ``offs_n [BLOCK_N]`` the queries at ``qpos [BLOCK_M]`` see: inside the keys'
+    length, not after the query (CAUSAL), less than ``attn_window`` before it (WINDOW)."""
+    ok = offs_n[None, :] < klen  # [1, BLOCK_N]
+    if CAUSAL:
+        ok = ok & (offs_n[None, :] <= qpos[:, None])  # [BLOCK_M, BLOCK_N]
+    if WINDOW:
+        ok = ok & (qpos[:, None] - offs_n[None, :] < attn_window)
+    return ok
+
+
+@triton.jit
+def _per_row(ptr, h, row_in, BLOCK_M: tl.constexpr):
+    """``ptr[h]`` (a per-head float: sink, slope) for each row as ``[BLOCK_M]`` float32;
+    ``h`` is the rows' query head, one scalar or ``[BLOCK_M]``."""
+    hh = h + tl.zeros([BLOCK_M], dtype=tl.int64)  # [BLOCK_M]
+    return tl.load(ptr + hh, mask=row_in, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -89,6 +141,9 @@ def _fwd_block(
     desc_v,
     b,
     hk,
+    attn_window,
+    cap2,
+    slope2,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -96,6 +151,9 @@ def _fwd_block(
     TMA: tl.constexpr,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
     ENTROPY: tl.constexpr,
     DIST: tl.constexpr,
     ARGMAX: tl.constexpr,
@@ -104,8 +162,10 @@ def _fwd_block(
 ):
     """One key block of the online softmax with statistics accumulators.
 
-    ``acc`` is ``[BLOCK_M, BLOCK_D]``; ``m_i``, ``l_i``, ``t_i``, ``d_i``, ``arg_i`` and
-    ``qpos`` are ``[BLOCK_M]``; ``q`` is ``[BLOCK_M, BLOCK_D]``; ``offs_d`` is ``[BLOCK_D]``.
+    ``acc`` is ``[BLOCK_M, BLOCK_D]``; ``m_i``, ``l_i``, ``t_i``, ``d_i``, ``arg_i``,
+    ``qpos`` and ``slope2`` are ``[BLOCK_M]``; ``q`` is ``[BLOCK_M, BLOCK_D]``; ``offs_d`` is
+    ``[BLOCK_D]``. MASKED blocks mask keys past ``klen``, after the query (CAUSAL) and before
+    the sliding window (WINDOW); the others are visible to every row.
     """
     offs_n = start_n + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
     k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # [BLOCK_D, BLOCK_N]: K transposed
@@ -126,24 +186,25 @@ def _fwd_block(
         kt = kt.to(tl.float32)
         vb = vb.to(tl.float32)
     s = tl.dot(q, kt, input_precision=PREC)  # [BLOCK_M, BLOCK_N] scores
+    SCALED: tl.constexpr = MASKED or SOFTCAP or ALIBI
+    if SCALED:
+        s = _variant_scores(s * qk_scale, qpos, offs_n, cap2, slope2, SOFTCAP, ALIBI)
     if MASKED:
-        ok = offs_n[None, :] < klen  # [1, BLOCK_N]
-        if CAUSAL:
-            ok = ok & (offs_n[None, :] <= qpos[:, None])  # [BLOCK_M, BLOCK_N]
-        s = tl.where(ok, s * qk_scale, _MASKED)
-    # Unmasked blocks keep raw scores: qk_scale > 0 (the host makes it so), so the max and
+        ok = _visible(offs_n, qpos, klen, attn_window, CAUSAL, WINDOW)  # [BLOCK_M or 1, BLOCK_N]
+        s = tl.where(ok, s, _MASKED)
+    # Unscaled blocks keep raw scores: qk_scale > 0 (the host makes it so), so the max and
     # argmax of the raw scores are those of the scaled ones.
     blk_max = tl.max(s, 1)  # [BLOCK_M]
     if ARGMAX:  # the first key holding the block's maximum (cheaper than a (value, index) reduction)
         cols = tl.arange(0, BLOCK_N)  # [BLOCK_N]
         blk_arg = tl.min(tl.where(s == blk_max[:, None], cols[None, :], BLOCK_N), 1)  # [BLOCK_M] index in the block
-    if not MASKED:
+    if not SCALED:
         blk_max = blk_max * qk_scale
     if ARGMAX:  # strict: on ties the earlier key keeps the argmax
         arg_i = tl.where(blk_max > m_i, start_n + blk_arg, arg_i)
     m_new = tl.maximum(m_i, blk_max)  # [BLOCK_M] running max, log2 domain
     alpha = tl.math.exp2(m_i - m_new)  # [BLOCK_M] rescale of the old accumulators
-    if MASKED:
+    if SCALED:
         x = s - m_new[:, None]  # [BLOCK_M, BLOCK_N]
     else:
         x = s * qk_scale - m_new[:, None]
@@ -174,18 +235,24 @@ def _range_mass(
     key_hi,
     offs_d,
     qk_scale,
+    attn_window,
+    cap2,
+    slope2,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
     DOT_F32: tl.constexpr,
     PREC: tl.constexpr,
 ):
     """Per row, the exact probability mass on keys with ``key_lo <= key < key_hi`` (per-row
     bounds ``[BLOCK_M]``), scanning key blocks from ``lo`` to ``hi``.
 
-    ``q`` is ``[BLOCK_M, BLOCK_D]``; ``lse2`` (log2-domain log-sum-exp) and ``qpos`` are
-    ``[BLOCK_M]``; returns ``[BLOCK_M]``.
+    ``q`` is ``[BLOCK_M, BLOCK_D]``; ``lse2`` (log2-domain log-sum-exp), ``qpos`` and
+    ``slope2`` are ``[BLOCK_M]``; returns ``[BLOCK_M]``.
     """
     mass = tl.zeros([BLOCK_M], dtype=tl.float32)  # [BLOCK_M]
     for start_n in range(lo, hi, BLOCK_N):
@@ -198,9 +265,9 @@ def _range_mass(
         if DOT_F32:
             kt = kt.to(tl.float32)
         s = tl.dot(q, kt, input_precision=PREC) * qk_scale  # [BLOCK_M, BLOCK_N] scores, log2 domain
-        ok = (offs_n[None, :] < klen) & (offs_n[None, :] >= key_lo[:, None]) & (offs_n[None, :] < key_hi[:, None])
-        if CAUSAL:
-            ok = ok & (offs_n[None, :] <= qpos[:, None])  # [BLOCK_M, BLOCK_N]
+        s = _variant_scores(s, qpos, offs_n, cap2, slope2, SOFTCAP, ALIBI)
+        ok = _visible(offs_n, qpos, klen, attn_window, CAUSAL, WINDOW)
+        ok = ok & (offs_n[None, :] >= key_lo[:, None]) & (offs_n[None, :] < key_hi[:, None])  # [BLOCK_M, BLOCK_N]
         mass += tl.sum(tl.math.exp2(tl.where(ok, s - lse2[:, None], -float("inf"))), 1)
     return mass
 
@@ -230,6 +297,8 @@ def _attn_fwd(
     Offsets,
     KLen,
     QLen,
+    Sinks,
+    Slopes,
     qk_scale,
     stride_qb,
     stride_qh,
@@ -253,7 +322,10 @@ def _attn_fwd(
     GROUP,
     sink_tokens,
     window,
+    attn_window,
+    cap2,
     split_len,
+    split_base,
     rows_total,
     NQ_BUCKET,
     NK_BUCKET,  # autotuning keys only
@@ -264,10 +336,15 @@ def _attn_fwd(
     CAUSAL: tl.constexpr,
     HAS_KLEN: tl.constexpr,
     HAS_QLEN: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    SINKS: tl.constexpr,
+    ALIBI: tl.constexpr,
     STATS: tl.constexpr,
     ARGMAX: tl.constexpr,
     F_ENT: tl.constexpr,
     F_MAX: tl.constexpr,
+    F_LSINK: tl.constexpr,
     F_SINK: tl.constexpr,
     F_LOCAL: tl.constexpr,
     F_DIST: tl.constexpr,
@@ -290,6 +367,13 @@ def _attn_fwd(
     split has its own ``Stats`` and ``ArgMax``, the lse field holds the log2-domain log-sum-exp
     (``_MASKED`` for rows without keys) and the max field the row's largest score (log2
     domain) instead of a probability.
+
+    Variants (:func:`kernels.attention`): WINDOW sees keys ``qpos - key < attn_window`` only
+    and skips the key blocks before the window (with SPLIT, splits start at ``split_base``);
+    SOFTCAP caps the log2-domain scores to ``cap2 * tanh(s / cap2)``; ALIBI subtracts
+    ``Slopes[h] * |qpos - key|``; SINKS folds the logit ``Sinks[h]`` into the softmax of rows
+    with keys after the key loop (the merge does it instead with SPLIT), so the loop's running
+    max stays the key maximum (``max_prob``, ``argmax``).
     """
     ENTROPY: tl.constexpr = F_ENT > 0
     DIST: tl.constexpr = F_DIST > 0
@@ -331,7 +415,8 @@ def _attn_fwd(
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
 
-    # Keys [0, lo_masked) are visible to every row of this block: no mask needed there.
+    # Keys [0, lo_masked) are visible to every row of this block (a sliding window aside, see
+    # below): no mask needed there.
     if CAUSAL:
         hi = tl.minimum(klen, q_last + q_off + 1)
         lo_masked = tl.minimum(klen, q_first + q_off + 1)
@@ -343,12 +428,17 @@ def _attn_fwd(
         lo_masked = tl.where(q_first < qlen, lo_masked, 0)
     hi = tl.maximum(hi, 0)
     lo_masked = (tl.maximum(lo_masked, 0) // BLOCK_N) * BLOCK_N
-    if SPLIT:  # split_len is a multiple of BLOCK_N
+    if SPLIT:  # split_len (and split_base) are multiples of BLOCK_N
         k_lo = tl.program_id(2) * split_len
+        if WINDOW:
+            k_lo += split_base
         k_hi = tl.minimum(hi, k_lo + split_len)
     else:
         k_lo = 0
         k_hi = hi
+    slope2 = tl.zeros([BLOCK_M], dtype=tl.float32)  # [BLOCK_M] ALiBi slope per row, log2 domain
+    if ALIBI:
+        slope2 = _per_row(Slopes, h, row_in, BLOCK_M) * _LOG2E
 
     # Online accumulators, one per row ([BLOCK_M]): running max (log2 domain), sum of p,
     # sum of p * (s - m) (entropy), sum of p * key position (distance), running argmax.
@@ -359,7 +449,56 @@ def _attn_fwd(
     arg_i = tl.zeros([BLOCK_M], dtype=tl.int32) - 1
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # [BLOCK_M, BLOCK_D] unnormalised output
 
-    for start_n in range(k_lo, tl.minimum(lo_masked, k_hi), BLOCK_N):
+    k_start = k_lo
+    if WINDOW:  # skip the blocks before the window; mask those it starts inside
+        win_lo = (tl.maximum(q_first + q_off - attn_window + 1, 0) // BLOCK_N) * BLOCK_N
+        win_full = tl.cdiv(tl.maximum(q_last + q_off - attn_window + 1, 0), BLOCK_N) * BLOCK_N
+        win_lo = tl.maximum(win_lo, k_lo)
+        k_start = tl.minimum(tl.maximum(win_full, win_lo), k_hi)
+        for start_n in range(win_lo, k_start, BLOCK_N):
+            acc, m_i, l_i, t_i, d_i, arg_i = _fwd_block(
+                acc,
+                m_i,
+                l_i,
+                t_i,
+                d_i,
+                arg_i,
+                q,
+                k_base,
+                v_base,
+                stride_kn,
+                stride_kd,
+                stride_vn,
+                stride_vd,
+                start_n,
+                qpos,
+                klen,
+                offs_d,
+                qk_scale,
+                desc_k,
+                desc_v,
+                b.to(tl.int32),
+                hk.to(tl.int32),
+                attn_window,
+                cap2,
+                slope2,
+                HEAD_DIM,
+                BLOCK_N,
+                BLOCK_D,
+                EVEN_D,
+                False,
+                True,
+                CAUSAL,
+                WINDOW,
+                SOFTCAP,
+                ALIBI,
+                ENTROPY,
+                DIST,
+                ARGMAX,
+                DOT_F32,
+                PREC,
+            )
+    for start_n in range(k_start, tl.minimum(lo_masked, k_hi), BLOCK_N):
         acc, m_i, l_i, t_i, d_i, arg_i = _fwd_block(
             acc,
             m_i,
@@ -383,6 +522,9 @@ def _attn_fwd(
             desc_v,
             b.to(tl.int32),
             hk.to(tl.int32),
+            attn_window,
+            cap2,
+            slope2,
             HEAD_DIM,
             BLOCK_N,
             BLOCK_D,
@@ -390,13 +532,16 @@ def _attn_fwd(
             TMA,
             False,
             CAUSAL,
+            WINDOW,
+            SOFTCAP,
+            ALIBI,
             ENTROPY,
             DIST,
             ARGMAX,
             DOT_F32,
             PREC,
         )
-    for start_n in range(tl.maximum(lo_masked, k_lo), k_hi, BLOCK_N):
+    for start_n in range(tl.maximum(lo_masked, k_start), k_hi, BLOCK_N):
         acc, m_i, l_i, t_i, d_i, arg_i = _fwd_block(
             acc,
             m_i,
@@ -420,6 +565,9 @@ def _attn_fwd(
             desc_v,
             b.to(tl.int32),
             hk.to(tl.int32),
+            attn_window,
+            cap2,
+            slope2,
             HEAD_DIM,
             BLOCK_N,
             BLOCK_D,
@@ -427,6 +575,9 @@ def _attn_fwd(
             False,
             True,
             CAUSAL,
+            WINDOW,
+            SOFTCAP,
+            ALIBI,
             ENTROPY,
             DIST,
             ARGMAX,
@@ -436,7 +587,17 @@ def _attn_fwd(
 
     row_ok = row_in & (qi < qlen) & (l_i > 0.0)  # [BLOCK_M] rows with at least one key
     l_safe = tl.where(row_ok, l_i, 1.0)  # [BLOCK_M]
-    out = tl.where(row_ok[:, None], acc / l_safe[:, None], 0.0)  # [BLOCK_M, BLOCK_D]
+    FOLD: tl.constexpr = SINKS and not SPLIT
+    if FOLD:  # the learned sink: one more logit, no value; m_i stays the key maximum
+        sink2 = _per_row(Sinks, h, row_in, BLOCK_M) * _LOG2E  # [BLOCK_M] log2 domain
+        m_all = tl.where(row_ok, tl.maximum(m_i, sink2), m_i)  # [BLOCK_M]
+        alpha = tl.math.exp2(m_i - m_all)  # [BLOCK_M] rescale of the key sums
+        p_sink = tl.math.exp2(tl.where(row_ok, sink2 - m_all, _MASKED))  # [BLOCK_M] 0 for empty rows
+        l_all = alpha * l_safe + p_sink  # [BLOCK_M] the denominator, sink included
+        key_share = alpha / l_all  # [BLOCK_M] exp2(m_i - lse2): turns key sums into probabilities
+        out = tl.where(row_ok[:, None], acc * key_share[:, None], 0.0)  # [BLOCK_M, BLOCK_D]
+    else:
+        out = tl.where(row_ok[:, None], acc / l_safe[:, None], 0.0)  # [BLOCK_M, BLOCK_D]
     n_rows = b * 0 + rows_total  # int64: field offsets may pass 2^31
     if SPLIT:  # each split writes its own partial results
         part = tl.program_id(2).to(tl.int64)
@@ -451,7 +612,10 @@ def _attn_fwd(
     )
 
     srow = (b * Hq + h) * Nq + qi  # [BLOCK_M] row indices; rows are flat [B, Hq, Nq]
-    lse2 = m_i + tl.math.log2(l_safe)  # [BLOCK_M] log2-domain log-sum-exp
+    if FOLD:
+        lse2 = m_all + tl.math.log2(l_all)  # [BLOCK_M] log2-domain log-sum-exp, sink included
+    else:
+        lse2 = m_i + tl.math.log2(l_safe)  # [BLOCK_M] log2-domain log-sum-exp
     if SPLIT:  # the merge needs the log-sum-exp even without statistics
         tl.store(Stats + srow, tl.where(row_ok, lse2, _MASKED), mask=row_in)
     elif STATS:
@@ -459,11 +623,17 @@ def _attn_fwd(
     if STATS:
         lse2 = tl.where(row_ok, lse2, -_MASKED)  # empty rows: every exp2(s - lse2) below is 0
         if ENTROPY:
-            ent = tl.log(l_safe) - _LN2 * t_i / l_safe  # [BLOCK_M] nats
+            if FOLD:  # the sink is one more term of t = sum p * (s - m), with m moved to m_all
+                t_all = alpha * (t_i + (m_i - m_all) * l_safe) + p_sink * (sink2 - m_all)
+                ent = tl.log(l_all) - _LN2 * t_all / l_all  # [BLOCK_M] nats
+            else:
+                ent = tl.log(l_safe) - _LN2 * t_i / l_safe  # [BLOCK_M] nats
             tl.store(Stats + F_ENT * n_rows + srow, tl.where(row_ok, tl.maximum(ent, 0.0), 0.0), mask=row_in)
         if F_MAX > 0:
             if SPLIT:
                 top = tl.where(row_ok, m_i, _MASKED)
+            elif FOLD:
+                top = tl.where(row_ok, tl.minimum(key_share, 1.0), 0.0)
             else:
                 # l >= 1 in exact arithmetic; the GPU's approximate exp2 can leave it a hair below
                 top = tl.where(row_ok, tl.minimum(1.0 / l_safe, 1.0), 0.0)
@@ -471,9 +641,17 @@ def _attn_fwd(
         if ARGMAX:
             tl.store(ArgMax + srow, tl.where(row_ok, arg_i, -1).to(tl.int64), mask=row_in)
         if DIST:
-            tl.store(
-                Stats + F_DIST * n_rows + srow, tl.where(row_ok, qpos.to(tl.float32) - d_i / l_safe, 0.0), mask=row_in
-            )
+            if FOLD:  # sum p * (qpos - key) over the keys, whose probabilities sum to less than 1
+                dist = (qpos.to(tl.float32) * l_safe - d_i) * key_share
+            else:
+                dist = qpos.to(tl.float32) - d_i / l_safe
+            tl.store(Stats + F_DIST * n_rows + srow, tl.where(row_ok, dist, 0.0), mask=row_in)
+        if F_LSINK > 0 and not SPLIT:  # (the merge writes it for splits)
+            if SINKS:
+                lsink = tl.where(row_ok, tl.minimum(p_sink / l_all, 1.0), 0.0)
+            else:
+                lsink = tl.zeros([BLOCK_M], dtype=tl.float32)
+            tl.store(Stats + F_LSINK * n_rows + srow, lsink, mask=row_in)
         if F_SINK > 0:
             zero = tl.zeros([BLOCK_M], dtype=tl.int32)  # [BLOCK_M]
             sink = _range_mass(
@@ -490,10 +668,16 @@ def _attn_fwd(
                 zero + sink_tokens,
                 offs_d,
                 qk_scale,
+                attn_window,
+                cap2,
+                slope2,
                 HEAD_DIM,
                 BLOCK_M,
                 BLOCK_N,
                 CAUSAL,
+                WINDOW,
+                SOFTCAP,
+                ALIBI,
                 DOT_F32,
                 PREC,
             )  # [BLOCK_M]
@@ -515,10 +699,16 @@ def _attn_fwd(
                 qpos + 1,
                 offs_d,
                 qk_scale,
+                attn_window,
+                cap2,
+                slope2,
                 HEAD_DIM,
                 BLOCK_M,
                 BLOCK_N,
                 CAUSAL,
+                WINDOW,
+                SOFTCAP,
+                ALIBI,
                 DOT_F32,
                 PREC,
             )  # [BLOCK_M]
@@ -528,12 +718,18 @@ def _attn_fwd(
             for j in tl.static_range(N_OFF):
                 kp = qpos - tl.load(Offsets + j)  # [BLOCK_M] the one key of each row
                 ok = row_ok & (kp >= k_lo) & (kp < k_hi)  # [BLOCK_M]
+                if WINDOW:
+                    ok = ok & (qpos - kp < attn_window)
                 kr = tl.load(
                     k_base + kp[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                     mask=ok[:, None] & d_ok[None, :],
                     other=0.0,
                 )  # [BLOCK_M, BLOCK_D] a key per row
                 sc = tl.sum(qf * kr.to(tl.float32), 1) * qk_scale  # [BLOCK_M] score, log2 domain
+                if SOFTCAP:
+                    sc = _softcap(sc, cap2)
+                if ALIBI:
+                    sc = sc - slope2 * tl.abs(qpos - kp).to(tl.float32)
                 pm = tl.minimum(tl.math.exp2(tl.where(ok, sc - lse2, -float("inf"))), 1.0)  # [BLOCK_M]
                 tl.store(Stats + F_OFF * n_rows + srow * N_OFF + j, pm, mask=row_in)
 
@@ -546,15 +742,20 @@ def _merge_splits(
     Out,
     Stats,
     ArgMax,
+    Sinks,
     n_splits,
     rows_total,
+    Hq,
+    Nq,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr,
     ARGMAX: tl.constexpr,
     MAXP: tl.constexpr,
+    SINKS: tl.constexpr,
     F_ENT: tl.constexpr,
     F_MAX: tl.constexpr,
+    F_LSINK: tl.constexpr,
     F_MEAN: tl.constexpr,
     F_DIST: tl.constexpr,
     F_OFF: tl.constexpr,
@@ -568,6 +769,10 @@ def _merge_splits(
     (fields ``F_MEAN`` up to the offsets, and the offsets) are ``sum_s w_s x_s``, the entropy
     is ``sum_s w_s (H_s - ln w_s)``, and the maximum is the largest split maximum (the
     earliest split on ties, so the earliest key). ``MAXP``: store the max probability.
+
+    SINKS: the learned sink ``Sinks[h]`` of a row with keys is one more part, counted once
+    here: log-sum-exp ``sink``, no output, entropy 0, no mass; its weight is the row's
+    ``learned_sink_mass`` (field ``F_LSINK``, 0 without SINKS), and ``lse`` includes it.
     """
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R] flat rows
     r_ok = r < rows_total  # [BLOCK_R]
@@ -579,11 +784,16 @@ def _merge_splits(
         top = tl.maximum(top, tl.load(StatsP + s * per_split + r, mask=r_ok, other=_MASKED))
     row_ok = r_ok & (top > _M_INIT)
     top = tl.where(row_ok, top, 0.0)
+    if SINKS:  # rows without keys stay empty: no sink for them
+        sink2 = tl.load(Sinks + (r // Nq) % Hq, mask=r_ok, other=0.0).to(tl.float32) * _LOG2E  # [BLOCK_R]
+        top = tl.where(row_ok, tl.maximum(top, sink2), top)
     total = tl.zeros([BLOCK_R], dtype=tl.float32)  # [BLOCK_R]
     for s in range(n_splits):
         total += tl.math.exp2(tl.load(StatsP + s * per_split + r, mask=r_ok, other=_MASKED) - top)
+    if SINKS:
+        total += tl.where(row_ok, tl.math.exp2(sink2 - top), 0.0)
     total = tl.where(row_ok, total, 1.0)
-    lse2 = top + tl.math.log2(total)  # [BLOCK_R] log-sum-exp over all keys, log2 domain
+    lse2 = top + tl.math.log2(total)  # [BLOCK_R] log-sum-exp over all keys (and the sink), log2 domain
 
     out = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)  # [BLOCK_R, BLOCK_D]
     ent = tl.zeros([BLOCK_R], dtype=tl.float32)  # [BLOCK_R]
@@ -609,6 +819,13 @@ def _merge_splits(
         Out + r[:, None] * HEAD_DIM + offs_d[None, :], out.to(Out.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :]
     )
     tl.store(Stats + r, tl.where(row_ok, lse2 * _LN2, 0.0), mask=r_ok)
+    if SINKS:
+        w_sink = tl.where(row_ok, tl.math.exp2(sink2 - lse2), 0.0)  # [BLOCK_R] learned_sink_mass
+        ent -= w_sink * _LN2 * tl.where(row_ok, sink2 - lse2, 0.0)
+    else:
+        w_sink = tl.zeros([BLOCK_R], dtype=tl.float32)
+    if F_LSINK > 0:
+        tl.store(Stats + F_LSINK * rows_total + r, tl.minimum(w_sink, 1.0), mask=r_ok)
     if F_ENT > 0:
         tl.store(Stats + F_ENT * rows_total + r, tl.where(row_ok, tl.maximum(ent, 0.0), 0.0), mask=r_ok)
     if MAXP:
@@ -617,6 +834,7 @@ def _merge_splits(
     if ARGMAX:
         tl.store(ArgMax + r, tl.where(row_ok, arg, -1), mask=r_ok)
     # Weighted means: sink and local mass, distance (fields F_MEAN..F_OFF-1), then the offsets.
+    # (With SINKS, the weights of the key splits sum to 1 - learned_sink_mass, as they should.)
     for f in tl.static_range(F_MEAN, F_OFF + N_OFF):
         if f < F_OFF:
             at = f * rows_total + r
@@ -650,6 +868,7 @@ def _key_mass(
     KeyMass,
     KLen,
     QLen,
+    Slopes,
     qk_scale,
     stride_qb,
     stride_qh,
@@ -663,6 +882,8 @@ def _key_mass(
     Nq,
     Nk,
     GROUP,
+    attn_window,
+    cap2,
     NQ_BUCKET,
     NK_BUCKET,  # autotuning keys only
     HEAD_DIM: tl.constexpr,
@@ -672,9 +893,15 @@ def _key_mass(
     CAUSAL: tl.constexpr,
     HAS_KLEN: tl.constexpr,
     HAS_QLEN: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
     DOT_F32: tl.constexpr,
     PREC: tl.constexpr,
 ):
+    """Attention each key of one block receives, summed over the query rows that see it:
+    ``exp(s - lse)`` with the scores of :func:`_attn_fwd` (variants included) and its ``Lse``
+    (which includes any learned sink). Query blocks that cannot see the keys are skipped."""
     pid_bh, b, h, hk, klen, qlen = _head_and_lengths(KLen, QLen, Hq, Nq, Nk, GROUP, HAS_KLEN, HAS_QLEN)
     q_off = Nk - Nq
     n0 = tl.program_id(0) * BLOCK_N
@@ -696,6 +923,11 @@ def _key_mass(
     if CAUSAL:
         start_m = (tl.maximum(n0 - q_off, 0) // BLOCK_M) * BLOCK_M
     end_m = qlen * (n0 < klen).to(tl.int32)  # a block of padding keys receives nothing
+    if WINDOW:  # rows past the window of the block's last key see none of it
+        end_m = tl.minimum(end_m, tl.maximum(n0 + BLOCK_N - 1 + attn_window - q_off, 0))
+    slope2 = tl.zeros([BLOCK_M], dtype=tl.float32)  # [BLOCK_M] ALiBi slope, log2 domain
+    if ALIBI:
+        slope2 = _per_row(Slopes, h, tl.full([BLOCK_M], 1, tl.int1), BLOCK_M) * _LOG2E
     q_base = Q + b * stride_qb + h * stride_qh
     for m0 in range(start_m, end_m, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)  # [BLOCK_M] query rows
@@ -709,9 +941,9 @@ def _key_mass(
             q = q.to(tl.float32)
         lse2 = tl.load(Lse + pid_bh * Nq + offs_m, mask=m_ok, other=0.0) * _LOG2E  # [BLOCK_M] log2 domain
         s = tl.dot(q, kt, input_precision=PREC) * qk_scale  # [BLOCK_M, BLOCK_N] scores, log2 domain
-        ok = m_ok[:, None] & k_ok[None, :]  # [BLOCK_M, BLOCK_N]
-        if CAUSAL:
-            ok = ok & (offs_n[None, :] <= (offs_m + q_off)[:, None])
+        qpos = offs_m + q_off  # [BLOCK_M]
+        s = _variant_scores(s, qpos, offs_n, cap2, slope2, SOFTCAP, ALIBI)
+        ok = m_ok[:, None] & _visible(offs_n, qpos, klen, attn_window, CAUSAL, WINDOW)  # [BLOCK_M, BLOCK_N]
         mass += tl.sum(tl.math.exp2(tl.where(ok, s - lse2[:, None], -float("inf"))), 0)
     tl.store(KeyMass + pid_bh * Nk + offs_n, mass, mask=offs_n < Nk)
 
@@ -774,10 +1006,15 @@ _FWD_KEY = [
     "CAUSAL",
     "HAS_KLEN",
     "HAS_QLEN",
+    "WINDOW",
+    "SOFTCAP",
+    "SINKS",
+    "ALIBI",
     "STATS",
     "ARGMAX",
     "F_ENT",
     "F_MAX",
+    "F_LSINK",
     "F_SINK",
     "F_LOCAL",
     "F_DIST",
@@ -787,7 +1024,7 @@ _FWD_KEY = [
     "SPLIT",
     "TMA",
 ]
-_KM_KEY = ["NQ_BUCKET", "NK_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_KLEN", "HAS_QLEN"]
+_KM_KEY = ["NQ_BUCKET", "NK_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_KLEN", "HAS_QLEN", "WINDOW", "SOFTCAP", "ALIBI"]
 
 
 @functools.cache
@@ -866,7 +1103,7 @@ def _pinned_blocks() -> dict[str, int] | None:
 
 
 #: The float32 row statistics of one value per row, in the order of their fields.
-_SINGLE_FIELDS = ("lse", "entropy", "max_prob", "sink_mass", "local_mass", "distance")
+_SINGLE_FIELDS = ("lse", "entropy", "max_prob", "learned_sink_mass", "sink_mass", "local_mass", "distance")
 
 
 def stat_fields(stats: StatsSpec | None, split: bool) -> dict[str, int]:
@@ -874,7 +1111,7 @@ def stat_fields(stats: StatsSpec | None, split: bool) -> dict[str, int]:
 
     Field ``f`` holds rows ``[f * R, (f + 1) * R)`` (``R = B * Hq * Nq``, rows flat): ``lse``
     is field 0, then the fields the split merge treats specially (``entropy``, ``max_prob``,
-    which also serves argmax), then the weighted means (``sink_mass``, ``local_mass``,
+    which also serves argmax, ``learned_sink_mass``), then the weighted means (``sink_mass``, ``local_mass``,
     ``distance``); ``offset_mass`` is where the ``[R, len(offsets)]`` block starts, which is
     also the number of single fields. One buffer means one allocation per call.
     """
@@ -893,18 +1130,32 @@ def packed_rows(p: Problem) -> int:
     return rows if p.n_q <= DECODE_MAX_Q and rows <= PACK_MAX_ROWS else 0
 
 
+#: Splits of the keys start at multiples of this (of every BLOCK_N) on GPUs.
+_SPLIT_ALIGN = 256
+
+
 def key_splits(programs: int, n_k: int, device: torch.device, limit: int = MAX_SPLITS) -> tuple[int, int]:
     """``(splits, keys per split)``: enough splits of the keys that ``programs`` programs per
     split fill the GPU (two per SM), each split at least a few key blocks long."""
     if interpreting():  # tiny, so that the tests' small shapes exercise the merge
         target, min_keys, align = 8, 16, _INTERPRET_BLOCKS["BLOCK_N"]
     else:
-        target, min_keys, align = 2 * _sm_count(device), 512, 256
+        target, min_keys, align = 2 * _sm_count(device), 512, _SPLIT_ALIGN
     splits = min(triton.cdiv(target, programs), n_k // min_keys, limit)
     if splits <= 1:
         return 1, n_k
     per_split = triton.cdiv(triton.cdiv(n_k, splits), align) * align
     return triton.cdiv(n_k, per_split), per_split
+
+
+def window_start(p: Problem, device: torch.device) -> int:
+    """The first key that a sliding window (``p.window``) lets any query see, rounded down to
+    the split alignment of :func:`key_splits` (0 without a window): split decoding skips the
+    keys before it."""
+    if not p.window:
+        return 0
+    align = _INTERPRET_BLOCKS["BLOCK_N"] if interpreting() else _SPLIT_ALIGN
+    return max(0, p.n_k - p.n_q - p.window + 1) // align * align
 
 
 @functools.cache
@@ -951,10 +1202,14 @@ def triton_attention(
     key_lengths: torch.Tensor | None = None,
     query_lengths: torch.Tensor | None = None,
     max_splits: int = MAX_SPLITS,
+    sinks: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, AttentionStats | None]:
     """Run the Triton kernels (autotuned, or with the blocks of :func:`_pinned_blocks`).
 
-    ``max_splits=1`` turns off key splitting for decoding shapes (for benchmarks).
+    ``max_splits=1`` turns off key splitting for decoding shapes (for benchmarks). The
+    variants are ``p.window``, ``p.softcap``, ``sinks`` and ``alibi_slopes`` (``[Hq]`` each),
+    as in :func:`kernels.attention`.
     """
     b, hq, nq, nk, d = p.batch, p.q_heads, p.n_q, p.n_k, p.head_dim
     dev = q.device
@@ -973,9 +1228,10 @@ def triton_attention(
     n_off = len(stats.offsets) if want else 0
 
     rows = packed_rows(p)
-    splits, split_len = (1, nk)
+    splits, split_len, split_base = 1, nk, 0
     if rows:
-        splits, split_len = key_splits(b * p.kv_heads, nk, dev, max_splits)
+        split_base = window_start(p, dev)  # splits cover the window's keys only
+        splits, split_len = key_splits(b * p.kv_heads, nk - split_base, dev, max_splits)
     split = splits > 1
     n_rows = b * hq * nq
     fields = stat_fields(stats, split)
@@ -993,6 +1249,10 @@ def triton_attention(
     offsets = _offsets_tensor(stats.offsets, dev) if n_off else out
     klen = key_lengths if key_lengths is not None else out  # unused pointers get any tensor
     qlen = query_lengths if query_lengths is not None else out
+    sinks_f = sinks.float().contiguous() if sinks is not None else out
+    slopes_f = alibi_slopes.float().contiguous() if alibi_slopes is not None else out
+    variant_args = dict(attn_window=p.window, cap2=(p.softcap or 1.0) * LOG2E)
+    variant_flags = dict(WINDOW=p.window > 0, SOFTCAP=p.softcap > 0, ALIBI=alibi_slopes is not None)
     qk_scale = scale * LOG2E
     buckets = dict(NQ_BUCKET=_pow2_bucket(nq), NK_BUCKET=_pow2_bucket(nk))
     q_strides = _strides(("stride_qb", "stride_qh", "stride_qm", "stride_qd"), q)
@@ -1024,6 +1284,8 @@ def triton_attention(
         Offsets=offsets,
         KLen=klen,
         QLen=qlen,
+        Sinks=sinks_f,
+        Slopes=slopes_f,
         qk_scale=qk_scale,
         **q_strides,
         **k_strides,
@@ -1035,13 +1297,16 @@ def triton_attention(
         GROUP=p.group,
         sink_tokens=stats.sink_tokens if want else 0,
         window=stats.window if want else 0,
+        **variant_args,
         split_len=split_len,
+        split_base=split_base,
         rows_total=n_rows,
         **buckets,
     )
     field_flags = dict(
         F_ENT=fields.get("entropy", 0),
         F_MAX=fields.get("max_prob", 0),
+        F_LSINK=fields.get("learned_sink_mass", 0),
         F_SINK=fields.get("sink_mass", 0),
         F_LOCAL=fields.get("local_mass", 0),
         F_DIST=fields.get("distance", 0),
@@ -1050,6 +1315,8 @@ def triton_attention(
     )
     fwd_flags = dict(
         common_flags,
+        **variant_flags,
+        SINKS=sinks is not None,
         STATS=want,
         ARGMAX=want and stats.argmax,
         **field_flags,
@@ -1090,16 +1357,21 @@ def triton_attention(
             Out=out,
             Stats=row_stats,
             ArgMax=argmax,
+            Sinks=sinks_f,
             n_splits=splits,
             rows_total=n_rows,
+            Hq=hq,
+            Nq=nq,
             HEAD_DIM=d,
             BLOCK_D=block_d,
             BLOCK_R=block_r,
             ARGMAX=want and stats.argmax,
             MAXP=want and stats.max_prob,
+            SINKS=sinks is not None,
             F_ENT=field_flags["F_ENT"],
             F_MAX=field_flags["F_MAX"],
-            F_MEAN=1 + ("entropy" in fields) + ("max_prob" in fields),
+            F_LSINK=field_flags["F_LSINK"],
+            F_MEAN=1 + ("entropy" in fields) + ("max_prob" in fields) + ("learned_sink_mass" in fields),
             F_DIST=field_flags["F_DIST"],
             F_OFF=fields["offset_mass"],
             N_OFF=n_off,
@@ -1125,6 +1397,7 @@ def triton_attention(
             KeyMass=key_mass,
             KLen=klen,
             QLen=qlen,
+            Slopes=slopes_f,
             qk_scale=qk_scale,
             **q_strides,
             **k_strides,
@@ -1132,6 +1405,7 @@ def triton_attention(
             Nq=nq,
             Nk=nk,
             GROUP=p.group,
+            **variant_args,
             **buckets,
         )
         _launch(
@@ -1140,7 +1414,7 @@ def triton_attention(
             0,
             lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), b * hq),
             km_args,
-            common_flags,
+            dict(common_flags, **variant_flags),
             q.element_size(),
             pinned,
         )

@@ -27,6 +27,8 @@ class Problem:
     head_dim: int
     scale: float
     causal: bool
+    window: int = 0  # sliding window: keys with query_position - key < window (0: none)
+    softcap: float = 0.0  # scores soft-capped to cap * tanh(score / cap) (0: none)
 
     @property
     def group(self) -> int:
@@ -49,8 +51,13 @@ def check_inputs(
     stats: StatsSpec | None,
     key_lengths: torch.Tensor | None,
     query_lengths: torch.Tensor | None,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> Problem:
-    """Validate shapes, dtypes, devices and statistics settings; return the problem sizes."""
+    """Validate shapes, dtypes, devices, attention variants and statistics settings; return the
+    problem sizes."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise AttentionInputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -101,7 +108,42 @@ def check_inputs(
                 )
             if abs(o) >= 2**31:
                 raise AttentionInputError(f"offset {o} is out of range: |offset| must be < 2**31")
-    return Problem(b, hq, hkv, nq, nk, d, float(scale), bool(causal))
+    window = _check_window(window)
+    softcap = _check_softcap(softcap)
+    for name, t in (("sinks", sinks), ("alibi_slopes", alibi_slopes)):
+        _check_per_head(name, t, hq, q.device)
+    return Problem(b, hq, hkv, nq, nk, d, float(scale), bool(causal), window, softcap)
+
+
+def _check_window(window) -> int:
+    if window is None:
+        return 0
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
+        raise AttentionInputError(
+            f"window must be an int >= 1 (the keys a query sees, itself included) or None, got {window!r}"
+        )
+    return int(window)
+
+
+def _check_softcap(softcap) -> float:
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not math.isfinite(softcap) or softcap <= 0:
+        raise AttentionInputError(f"softcap must be a finite number > 0 or None, got {softcap!r}")
+    return float(softcap)
+
+
+def _check_per_head(name: str, t: torch.Tensor | None, heads: int, device: torch.device) -> None:
+    """``sinks`` and ``alibi_slopes``: one finite float per query head, on q's device."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point or t.shape != (heads,):
+        shape = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise AttentionInputError(f"{name} must be a float tensor of shape [{heads}] (one per query head), got {shape}")
+    if t.device != device:
+        raise AttentionInputError(f"{name} is on {t.device} but q is on {device}")
+    if not t.is_cuda and not bool(torch.isfinite(t).all()):
+        raise AttentionInputError(f"{name} must be finite, got {t.tolist()}")
 
 
 def _check_scale(scale) -> float:

@@ -149,3 +149,53 @@ def merge_parts(parts) -> dict[str, torch.Tensor]:
         weight = w if stacked.dim() == w.dim() else w.unsqueeze(-1)
         res[name] = (weight * stacked).sum(0)
     return res
+
+
+def expected_variant(
+    q,
+    k,
+    v,
+    *,
+    causal,
+    spec,
+    scale=None,
+    key_lengths=None,
+    query_lengths=None,
+    window=None,
+    softcap=None,
+    sinks=None,
+    alibi_slopes=None,
+):
+    """Output and statistics by definition, in float64, for the attention variants of
+    :func:`kernels.attention`: soft-capped scores, an ALiBi bias, a sliding window, and learned
+    sinks as one more column of the softmax (then dropped), all on the full matrix."""
+    b, hq, nq, d = q.shape
+    nk = k.shape[2]
+    scale = 1 / math.sqrt(d) if scale is None else scale
+    kr = k.double().repeat_interleave(hq // k.shape[1], dim=1)
+    s = torch.einsum("bhqd,bhkd->bhqk", q.double(), kr) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    rel = (torch.arange(nq).view(nq, 1) + nk - nq) - torch.arange(nk).view(1, nk)
+    if alibi_slopes is not None:
+        s = s - alibi_slopes.double().view(1, hq, 1, 1) * rel.abs().double()
+    valid = validity(b, hq, nq, nk, causal, key_lengths, query_lengths, q.device)
+    if window:
+        valid &= rel < window
+    s = s.masked_fill(~valid, -math.inf)
+    row_ok = valid.any(-1)
+    column = torch.full((b, hq, nq, 1), -math.inf, dtype=torch.float64)
+    if sinks is not None:
+        column = sinks.double().view(1, hq, 1, 1).expand(b, hq, nq, 1)
+    full = torch.cat([s, column], dim=-1)
+    full_prob = torch.softmax(torch.where(row_ok.unsqueeze(-1), full, 0.0), dim=-1)
+    full_prob = torch.where(row_ok.unsqueeze(-1), full_prob, 0.0)
+    prob, sink_prob = full_prob[..., :nk] * valid, full_prob[..., nk]
+    vr = v.double().repeat_interleave(hq // v.shape[1], dim=1)
+    res = {"out": prob @ vr, "prob": prob}
+    res["lse"] = torch.where(row_ok, torch.logsumexp(torch.where(row_ok.unsqueeze(-1), full, 0.0), dim=-1), 0.0)
+    res.update(stats_from_pattern(prob, spec))
+    res["entropy"] = res["entropy"] - torch.special.xlogy(sink_prob, sink_prob)
+    res["argmax"] = torch.where(row_ok, s.argmax(-1), -1)
+    res["learned_sink_mass"] = sink_prob
+    return res

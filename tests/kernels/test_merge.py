@@ -346,3 +346,26 @@ def test_part_spec_holds_the_sink_keys_of_the_part_and_max_prob():
     assert part_spec(spec, 9).sink_tokens == 0
     with pytest.raises(AttentionInputError, match="first_key"):
         part_spec(spec, -1)
+
+
+def test_a_learned_sink_given_to_one_part_merges_exactly():
+    """Keys split into two parts, the learned sinks given to the first only: the merge equals one
+    call over all keys with the sinks (learned_sink_mass, lse and entropy count the sink once)."""
+    gen = torch.Generator().manual_seed(SEED)
+    q, k, v = (
+        torch.randn(1, 4, 1, 8, generator=gen),
+        torch.randn(1, 2, 9, 8, generator=gen),
+        torch.randn(1, 2, 9, 8, generator=gen),
+    )
+    sinks = torch.randn(4, generator=gen, dtype=torch.float64).float() * 2
+    spec = StatsSpec(entropy=True, max_prob=True, argmax=True, sink_tokens=2, learned_sink=True)
+    whole = attention(q, k, v, stats=spec, sinks=sinks, backend="reference")
+    first = attention(
+        q, k[:, :, :5], v[:, :, :5], stats=part_spec(spec, 0), sinks=sinks, backend="reference", causal=False
+    )
+    rest = attention(q, k[:, :, 5:], v[:, :, 5:], stats=part_spec(spec, 5), backend="reference", causal=False)
+    out, st = merge_attention([first, rest], spec, key_offsets=[0, 5])
+    torch.testing.assert_close(out, whole[0], atol=1e-6, rtol=1e-5)
+    for name in spec.output_fields():
+        torch.testing.assert_close(getattr(st, name), getattr(whole[1], name), atol=1e-6, rtol=1e-5, msg=name)
+    assert float(st.learned_sink_mass.min()) > 0.01

@@ -3,6 +3,8 @@ of the uninstrumented model's own ``hook_pattern``."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -21,6 +23,17 @@ CONFIGS = {
     "rotary": dict(positional_embedding_type="rotary", rotary_dim=16),
     "rotary-gqa": dict(positional_embedding_type="rotary", rotary_dim=16, n_key_value_heads=2),
     "bidirectional": dict(positional_embedding_type="standard", attention_dir="bidirectional"),
+    # the variants of issue 22: Gemma 2's local layers and soft-capping, gpt-oss's learned sinks, ALiBi
+    "local-softcap": dict(
+        positional_embedding_type="rotary",
+        rotary_dim=16,
+        use_local_attn=True,
+        attn_types=["local", "global"],
+        window_size=6,
+        attn_scores_soft_cap=30.0,
+    ),
+    "sinks": dict(positional_embedding_type="rotary", rotary_dim=16, use_attention_sinks=True),
+    "alibi": dict(positional_embedding_type="alibi"),
 }
 
 
@@ -46,7 +59,20 @@ def tiny_model(kind: str, seed: int = SEED) -> HookedTransformer:
         for block in model.blocks:
             block.attn.W_Q.mul_(6)
             block.attn.W_K.mul_(6)
+            if cfg.use_attention_sinks:  # zeros at init; sinks of either sign, some large
+                block.attn.sinks.copy_(torch.randn(cfg.n_heads) * 3)
     return model.eval()
+
+
+def stats_of_plain_pattern(pattern: torch.Tensor, spec: StatsSpec, sinks: bool) -> dict[str, torch.Tensor]:
+    """The statistics of TransformerLens's own ``hook_pattern``: with learned sinks its rows sum
+    to less than 1, and the rest is the sink's (``learned_sink_mass``, and in the entropy)."""
+    want = stats_from_pattern(pattern, spec)
+    if sinks:
+        sink = (1 - pattern.double().sum(-1)).clamp_min(0)
+        want["entropy"] = want["entropy"] - torch.special.xlogy(sink, sink)
+        want["learned_sink_mass"] = sink
+    return want
 
 
 @pytest.fixture(params=[*sorted(CONFIGS), "zoo-2l"])
@@ -68,12 +94,14 @@ def tokens(model, batch=3, n=40):
 def test_outputs_and_statistics_match_the_plain_model(model):
     toks = tokens(model)
     plain_logits, cache = model.run_with_cache(toks)
-    with instrument(model, stats=SPEC, backend="reference") as rec:
+    sinks = model.cfg.use_attention_sinks
+    spec = replace(SPEC, learned_sink=sinks)
+    with instrument(model, stats=spec, backend="reference") as rec:
         logits = model(toks)
     torch.testing.assert_close(logits, plain_logits, atol=1e-4, rtol=1e-4)
     assert rec.layers == list(range(model.cfg.n_layers))
     for layer in rec.layers:
-        want = stats_from_pattern(cache["pattern", layer], SPEC)
+        want = stats_of_plain_pattern(cache["pattern", layer], spec, sinks)
         got = rec.layer(layer)
         for name, t in want.items():
             torch.testing.assert_close(getattr(got, name).double(), t, atol=atol(name, toks), rtol=1e-4, msg=name)
@@ -90,6 +118,31 @@ def test_triton_backend_through_the_model(model):
         model(toks)
     for name, t in ref.layer(1).items():
         torch.testing.assert_close(getattr(rec.layer(1), name), t, atol=5 * atol(name, toks), rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["local-softcap", "sinks", "alibi"])
+def test_explicit_patterns_of_the_variants_are_the_plain_models(kind):
+    """Patterns asked for through PatternSpec carry the variant (window, soft-cap, sinks, ALiBi)
+    exactly as TransformerLens's own forward computes them."""
+    model = tiny_model(kind)
+    toks = tokens(model, batch=2, n=24)
+    _, plain = model.run_with_cache(toks)
+    with instrument(model, stats=SPEC, patterns=PatternSpec(layers=(0, 1))) as rec:
+        model(toks)
+    for layer in (0, 1):
+        # layer 1 reads layer 0's output, equal to the plain model's within float32 rounding
+        torch.testing.assert_close(rec.patterns[layer][0], plain["pattern", layer], atol=2e-5, rtol=1e-4)
+
+
+def test_local_layers_see_only_their_window():
+    """The local layer of the Gemma-2-style config attends to the last 6 keys at most; the
+    global layer reaches further."""
+    model = tiny_model("local-softcap")
+    with torch.no_grad(), instrument(model, stats=StatsSpec(distance=True, argmax=True), backend="reference") as rec:
+        model(tokens(model, batch=1, n=40))
+    rows = torch.arange(40)
+    assert bool(((rows - rec.layer(0).argmax) < 6).all()) and float(rec.layer(0).distance.max()) <= 5
+    assert bool(((rows - rec.layer(1).argmax) >= 6).any())
 
 
 def test_hooks_keep_firing_and_patterns_only_when_asked():

@@ -36,22 +36,29 @@ from workbench.tasks import TaskSample, text_samples
 ROW_SCORES = [s for s in SCORES if s != "retrieval"]
 
 
-def _explicit_pattern(q, k, causal):  # float64 [B, H, N, N]
+def _explicit_pattern(q, k, causal, sinks=None):  # float64 [B, H, N, N], and the learned sink's [B, H, N]
     s = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(q.shape[-1])
     if causal:
         n = q.shape[-2]
         s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
-    return torch.softmax(s, -1)
+    column = torch.full((*s.shape[:-1], 1), float("-inf"), dtype=torch.float64)
+    if sinks is not None:  # one more softmax column per head, dropped after it
+        column = sinks.double().view(1, -1, 1, 1).expand_as(column)
+    p = torch.softmax(torch.cat([s, column], -1), -1)
+    return p[..., :-1], p[..., -1]
 
 
-def _oracle(p: torch.Tensor, settings: ScoreSettings, causal: bool, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every row score of one explicit pattern ``p [H, N, N]``, written out naively; the
-    detector scores with TransformerLens's own detection patterns and similarity score."""
+def _oracle(
+    p: torch.Tensor, sink: torch.Tensor, settings: ScoreSettings, causal: bool, tokens: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Every row score of one explicit pattern ``p [H, N, N]`` (``sink [H, N]``: the learned
+    sink's probability), written out naively; the detector scores with TransformerLens's own
+    detection patterns and similarity score."""
     h, n, _ = p.shape
     s, w = settings.sink_tokens, settings.window
     pos = torch.arange(n)
     rel = pos.view(-1, 1) - pos.view(1, -1)
-    ent = -torch.special.xlogy(p, p).sum(-1)  # [H, N]
+    ent = -torch.special.xlogy(p, p).sum(-1) - torch.special.xlogy(sink, sink)  # [H, N]
     keys = (pos + 1) if causal else torch.full((n,), n)
     far = pos >= s + w - 1
     local = (p * ((rel >= 0) & (rel < w))).sum(-1)
@@ -61,8 +68,9 @@ def _oracle(p: torch.Tensor, settings: ScoreSettings, causal: bool, tokens: torc
         "entropy_norm": (ent[:, keys >= 2] / torch.log(keys[keys >= 2].double())).mean(-1),
         "streaming": (p[..., :s].sum(-1) + local)[:, far].mean(-1),
         "distance": (p * rel).sum(-1).mean(-1),
+        "learned_sink": sink.mean(-1),
     }
-    for name in ("previous_token", "duplicate_token", "induction"):
+    for name in ("previous_token", "duplicate_token", "induction"):  # with sinks: divided by the keys' share
         detection = getattr(head_detector, f"get_{name}_head_detection_pattern")(tokens.view(1, -1)).double()
         out[name] = torch.tensor(
             [
@@ -81,9 +89,9 @@ def _oracle(p: torch.Tensor, settings: ScoreSettings, causal: bool, tokens: torc
 def test_tallies_match_explicit_patterns(backend, causal, device):
     """Random q/k/v of several shapes and repeat layouts: every row score from the kernel's
     statistics equals the naive formula on the float64 pattern (TransformerLens's detector for
-    previous-token, duplicate-token and induction)."""
+    previous-token, duplicate-token and induction); half the shapes with learned sinks."""
     gen = torch.Generator().manual_seed(SEED)
-    for period, repeats, prefix in ((5, 3, 1), (11, 2, 1), (7, 4, 0), (30, 2, 1)):
+    for period, repeats, prefix, with_sinks in ((5, 3, 1, False), (11, 2, 1, True), (7, 4, 0, True), (30, 2, 1, False)):
         n = prefix + period * repeats
         settings = ScoreSettings(
             sink_tokens=int(torch.randint(1, 4, (), generator=gen)), window=int(torch.randint(1, 9, (), generator=gen))
@@ -95,12 +103,22 @@ def test_tallies_match_explicit_patterns(backend, causal, device):
         seq = torch.randperm(50, generator=gen)[:period] + 10
         tokens = torch.cat([torch.zeros(prefix, dtype=torch.long), seq.repeat(repeats)])
         spec = stats_spec(ROW_SCORES, settings, period, repeats)
-        _, st = attention(q.to(device), k.to(device), v.to(device), causal=causal, stats=spec, backend=backend)
+        sinks = torch.randn(h, generator=gen) * 2 if with_sinks else None
+        _, st = attention(
+            q.to(device),
+            k.to(device),
+            v.to(device),
+            causal=causal,
+            stats=spec,
+            backend=backend,
+            sinks=None if sinks is None else sinks.to(device),
+        )
         got = {
             name: (total.cpu(), count)
             for name, (total, count) in prefill_tallies(st, ROW_SCORES, settings, spec, causal, period, repeats).items()
         }
-        want = _oracle(_explicit_pattern(q, k, causal)[0], settings, causal, tokens)
+        pattern, sink = _explicit_pattern(q, k, causal, sinks)
+        want = _oracle(pattern[0], sink[0], settings, causal, tokens)
         for name in ROW_SCORES:
             total, count = got[name]
             torch.testing.assert_close(
@@ -258,7 +276,9 @@ def test_bad_requests_name_the_valid_choices():
         check_request(["text"], ["induction"])
     with pytest.raises(WorkbenchError, match="sink_tokens"):
         ScoreSettings(sink_tokens=0)
-    assert set(scores_for(["text"])) == {s for s, d in SCORES.items() if "text" in d.tasks}
+    on_text = {s for s, d in SCORES.items() if "text" in d.tasks}
+    assert set(scores_for(["text"])) == on_text - {"learned_sink"}
+    assert set(scores_for(["text"], learned_sinks=True)) == on_text
     assert sink_rate(torch.tensor([0.9, 0.1, 0.31, float("nan")]), 0.3) == pytest.approx(2 / 3)
 
 
@@ -292,3 +312,37 @@ def test_ablating_the_top_retrieval_head_hurts_retrieval_most(zoo, tmp_path):
     accuracy = {head: accuracy_without(head) for head in range(4)}
     assert base.manifest["summary"]["needle_accuracy"] >= 0.5
     assert accuracy[top] < min(a for h, a in accuracy.items() if h != top)
+
+
+def test_learned_sink_score_is_the_sinks_share_of_each_row(zoo, tmp_path):
+    """A model with learned sinks (gpt-oss style, TransformerLens) gets the learned_sink score by
+    default: per head, the mean over rows of what its own pattern leaves to the sink (rows of
+    TransformerLens's hook_pattern sum to less than 1). Other models do not, and asking is refused."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from workbench.models import task_tokenizer
+    from workbench.scoring import check_model, defaults_for, plan
+
+    torch.manual_seed(SEED)
+    cfg = HookedTransformerConfig(
+        n_layers=2, d_model=32, n_heads=4, d_head=8, n_ctx=64, d_vocab=300, act_fn="gelu", use_attention_sinks=True
+    )
+    model = HookedTransformer(cfg).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.sinks.copy_(torch.randn(cfg.n_heads) * 2)
+    _, scores = defaults_for(model, ("repeats",))
+    assert "learned_sink" in scores and "learned_sink" not in defaults_for(zoo, ("repeats",))[1]
+    settings = ScoreRunSettings(model="tiny-sinks", tasks=("repeats",), lengths=(33,), samples=2, scores=scores)
+    run = score_model(model, settings, tmp_path / "run", progress=False)
+    table = run.table("head_scores").query("score == 'learned_sink'").sort_values(["layer", "head"])
+    share = torch.zeros(model.cfg.n_layers, model.cfg.n_heads, dtype=torch.float64)
+    units = plan(settings, task_tokenizer(model))
+    for unit in units:
+        _, cache = model.run_with_cache(unit.sample.ids.unsqueeze(0))
+        for layer in range(model.cfg.n_layers):
+            share[layer] += (1 - cache["pattern", layer][0].double().sum(-1)).mean(-1) / len(units)
+    assert float(share.min()) > 0.01  # the sinks do take attention
+    torch.testing.assert_close(torch.tensor(table["value"].to_numpy()), share.flatten(), atol=1e-5, rtol=1e-5)
+    with pytest.raises(WorkbenchError, match="this model has none"):
+        check_model(zoo, ScoreRunSettings(model="zoo-2l", tasks=("repeats",), scores=("learned_sink",)))

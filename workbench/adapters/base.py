@@ -47,6 +47,11 @@ class ModelAdapter(Protocol):
     def is_causal(self) -> bool: ...
 
     @property
+    def learned_sinks(self) -> bool:
+        """Whether its attention has learned sink logits (gpt-oss): the ``learned_sink`` score."""
+        ...
+
+    @property
     def can_generate(self) -> bool:
         """Whether the model decodes causally (what the retrieval score needs)."""
         ...

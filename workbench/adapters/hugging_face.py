@@ -25,11 +25,6 @@ IMPLEMENTATION = "workbench"
 # id(attention module) -> (collector, layer index, statistics, backend, ContextParallel or None)
 # while instrumented
 _routes: dict[int, tuple] = {}
-_UNSUPPORTED_KWARGS = {
-    "softcap": "attention-score soft-capping",
-    "sliding_window": "sliding-window attention",
-    "s_aux": "learned attention sinks",
-}
 
 
 def workbench_attention(
@@ -51,13 +46,16 @@ def workbench_attention(
             f"attn_implementation={IMPLEMENTATION!r} only works inside `with workbench.instrument(model)`"
         )
     rec, layer, stats, backend, cp = route
-    used = [name for key_, name in _UNSUPPORTED_KWARGS.items() if kwargs.get(key_) is not None]
-    if used:
-        raise WorkbenchError(f"the statistics kernels cannot reproduce {', '.join(used)} yet (layer {layer})")
     if dropout and module.training:
         raise WorkbenchError("instrumented attention has no dropout: put the model in eval mode (model.eval())")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    variants = _variants(kwargs)
     if cp is not None:
+        if variants:
+            raise WorkbenchError(
+                f"context parallelism does not take {', '.join(variants)} yet (layer {layer}): run this model "
+                "on one process, or with a prefill chunk"
+            )
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise WorkbenchError(
                 f"context parallelism takes no padding (layer {layer}): give sequences of one length, without a "
@@ -66,9 +64,25 @@ def workbench_attention(
         kwargs = dict(causal=bool(causal), scale=scaling, stats=stats, backend=backend)
         return cp.attend(rec, layer, query, key, value, **kwargs).transpose(1, 2).contiguous(), None
     pad = _kernel_mask(attention_mask, query.shape[2], key.shape[2])
-    out, st = attention(query, key, value, causal=bool(causal), scale=scaling, stats=stats, **pad.kwargs(backend))
+    out, st = attention(
+        query, key, value, causal=bool(causal), scale=scaling, stats=stats, **pad.kwargs(backend), **variants
+    )
     rec.add(layer, st)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _variants(kwargs: dict) -> dict:
+    """The attention variants a model passes to its attention function, as :func:`kernels.attention`
+    takes them: ``sliding_window`` (Mistral, Gemma 2/3, gpt-oss), ``softcap`` (Gemma 2) and
+    ``s_aux``, learned sink logits per head (gpt-oss)."""
+    found = {}
+    if kwargs.get("sliding_window") is not None:
+        found["window"] = int(kwargs["sliding_window"])
+    if kwargs.get("softcap") is not None:
+        found["softcap"] = float(kwargs["softcap"])
+    if kwargs.get("s_aux") is not None:
+        found["sinks"] = kwargs["s_aux"]
+    return found
 
 
 def _kernel_mask(attention_mask: torch.Tensor | None, n_q: int, n_k: int) -> KernelMask:
@@ -88,26 +102,60 @@ def register() -> None:
 
 
 def attention_modules(model) -> list[tuple[int, torch.nn.Module]]:
-    """``(layer, module)`` for every submodule that carries a layer index."""
+    """``(layer, module)`` for every submodule that carries a layer index (at most one attention
+    module per index)."""
     found = [(m.layer_idx, m) for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
     if not found:
         raise WorkbenchError(f"found no attention layers (modules with a layer_idx) in {type(model).__name__}")
+    layers = [layer for layer, m in found if type(m).__name__.endswith("Attention")]
+    if len(set(layers)) != len(layers):
+        raise WorkbenchError(
+            f"{type(model).__name__} has several attention stacks that share layer indices (an encoder, a "
+            "global and a decoder stack?): the workbench instruments one stack of numbered layers"
+        )
     return found
 
 
-def _check_routes_attention(model) -> None:
-    """Refuse a model whose attention does not go through ``AttentionInterface`` (BLOOM and
-    Falcon compute it in their own code): instrumented, it would run and record nothing."""
-    if getattr(type(model), "_supports_attention_backend", True):
-        return
-    layers = [name for name, m in model.named_modules() if type(m).__name__.endswith("Attention")]
-    shown = ", ".join(layers[:4]) + (f", ... ({len(layers)} in all)" if len(layers) > 4 else "")
-    raise WorkbenchError(
-        f"{type(model).__name__} computes attention in its own code, not through transformers' "
-        f"AttentionInterface, so its attention layers ({shown or 'none found'}) cannot be instrumented; "
-        "instrumenting it would record nothing. Models that route attention through the interface "
-        "are listed in docs/coverage.md"
-    )
+#: Attention that goes through ``AttentionInterface`` but is more than one softmax over the keys
+#: the kernels are given, by ``model_type``: instrumented, such a model would run with other numbers.
+_OTHER_ATTENTION = {"diffllama": "differential attention (two softmax maps per head, subtracted)"}
+
+
+def _check_instrumentable(model) -> None:
+    """Refuse, naming the reason, a model whose attention the kernels would not reproduce:
+    attention computed in the model's own code, not through ``AttentionInterface`` (BLOOM,
+    Falcon: it would run and record nothing), sparse attention whose keys a learned indexer picks
+    (DeepSeek V3.2), chunked attention (Llama 4), or another kind of attention
+    (:data:`_OTHER_ATTENTION`). docs/coverage.md lists the architectures and what they get."""
+    name, cfg = type(model).__name__, _text_config(model)
+    if not getattr(type(model), "_supports_attention_backend", True):
+        layers = [n for n, m in model.named_modules() if type(m).__name__.endswith("Attention")]
+        if not layers:
+            raise WorkbenchError(f"{name} has no attention layers to instrument (a recurrent or state-space model?)")
+        shown = ", ".join(layers[:4]) + (f", ... ({len(layers)} in all)" if len(layers) > 4 else "")
+        raise WorkbenchError(
+            f"{name} computes attention in its own code, not through transformers' AttentionInterface, so its "
+            f"attention layers ({shown}) cannot be instrumented; instrumenting it would record nothing. Models "
+            "that route attention through the interface are listed in docs/coverage.md"
+        )
+    kind = _OTHER_ATTENTION.get(getattr(cfg, "model_type", None))
+    if getattr(cfg, "index_topk", None) is not None:
+        kind = "sparse attention whose keys a learned indexer picks (DeepSeek sparse attention)"
+    elif getattr(cfg, "attention_chunk_size", None) is not None or "chunked_attention" in (
+        getattr(cfg, "layer_types", None) or ()
+    ):
+        kind = "chunked attention (each query sees only its own chunk of keys)"
+    if kind is not None:
+        raise WorkbenchError(
+            f"{name} uses {kind}, which the statistics kernels do not reproduce yet: it cannot be instrumented "
+            "(docs/coverage.md lists the architectures that can)"
+        )
+
+
+def _text_config(model):
+    """The config of the language model (the text config of a multimodal model's composite one)."""
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
 def _remove(modules) -> None:
@@ -122,26 +170,36 @@ class HuggingFaceAdapter(BoundAdapter):
 
     @property
     def n_layers(self) -> int:
-        return int(self.model.config.num_hidden_layers)
+        layers = getattr(_text_config(self.model), "num_hidden_layers", None)
+        if layers is None:  # BLT: an encoder, a global and a decoder stack
+            raise WorkbenchError(
+                f"{type(self.model).__name__}'s config names no num_hidden_layers: the workbench instruments "
+                "one stack of numbered layers"
+            )
+        return int(layers)
 
     @property
     def head_shape(self) -> tuple[int, int]:
         """``(heads, d_head)`` of the attention output entering each layer's output projection."""
-        cfg = self.model.config
+        cfg = _text_config(self.model)
         heads = int(cfg.num_attention_heads)
         return heads, int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
 
     @property
     def vocab_size(self) -> int:
-        return int(self.model.config.vocab_size)
+        return int(_text_config(self.model).vocab_size)
 
     @property
     def context(self) -> int | None:
-        return getattr(self.model.config, "max_position_embeddings", None)
+        return getattr(_text_config(self.model), "max_position_embeddings", None)
 
     @property
     def is_causal(self) -> bool:
         return any(getattr(m, "is_causal", False) for _, m in attention_modules(self.model))
+
+    @property
+    def learned_sinks(self) -> bool:
+        return any(isinstance(getattr(m, "sinks", None), torch.Tensor) for _, m in attention_modules(self.model))
 
     @property
     def can_generate(self) -> bool:
@@ -172,7 +230,7 @@ class HuggingFaceAdapter(BoundAdapter):
         after it one decoded token's; ``use_cache=False`` unless given), and attention runs
         through :meth:`~workbench.context_parallel.ContextParallel.attend`."""
         model = self.model
-        _check_routes_attention(model)
+        _check_instrumentable(model)
         register()
         modules = attention_modules(model)
         previous = model.config._attn_implementation

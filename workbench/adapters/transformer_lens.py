@@ -30,15 +30,13 @@ _QK_NORM_ARCHS = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
 def unsupported_features(cfg) -> list[str]:
     """Attention features of this config that the kernels cannot reproduce yet."""
     found = []
-    if cfg.positional_embedding_type in ("alibi", "relative_positional_bias"):
-        found.append(f"{cfg.positional_embedding_type} position bias")
-    if getattr(cfg, "attn_scores_soft_cap", -1.0) > 0:
-        found.append("attention-score soft-capping")
+    if cfg.positional_embedding_type == "relative_positional_bias":
+        found.append("relative_positional_bias position bias")
+    if cfg.positional_embedding_type == "alibi" and cfg.attention_dir != "causal":
+        found.append("bidirectional ALiBi (TransformerLens biases only the keys before a query)")
     for flag, name in (
-        ("use_attention_sinks", "learned attention sinks"),
         ("use_logn_attn", "log-n attention"),
         ("load_in_4bit", "4-bit weights"),
-        ("use_local_attn", "local (sliding-window) attention"),
     ):
         if getattr(cfg, flag, False):
             found.append(name)
@@ -103,6 +101,7 @@ def make_forward(
             scale=1.0 / attn.attn_scale,
             stats=stats,
             **pad.kwargs(backend),
+            **variants(attn, q.device),
         )
         rec.add(layer, st)
         z = attn.hook_z(out.transpose(1, 2))  # [B, Nq, H, D]
@@ -127,6 +126,11 @@ def _shard_forward(attn, layer: int, rec, stats: StatsSpec, backend: str, cp: Co
     decoded token after it (``q, k, v [B, 1, H, D]``, ``cache_entry`` holding the shard's keys
     and the tokens decoded before it)."""
     cfg = attn.cfg
+    if variants(attn, q.device):
+        raise WorkbenchError(
+            f"context parallelism does not take {', '.join(variants(attn, q.device))} yet (layer {layer}): run "
+            "this model on one process"
+        )
     if cache_entry is not None:
         k, v = cache_entry.append(k, v)  # [B, keys so far, H, D], unrotated as TransformerLens keeps them
     if cfg.positional_embedding_type == "rotary":
@@ -188,6 +192,23 @@ def _shard_pos_embed(model, cp: ContextParallel) -> tuple[Callable, Callable]:
     return note_cache, hook
 
 
+def variants(attn, device: torch.device) -> dict:
+    """The attention variants of one TransformerLens attention module, as :func:`kernels.attention`
+    takes them: local attention (``attn_type == "local"``, ``cfg.window_size``), score
+    soft-capping (``cfg.attn_scores_soft_cap``), learned sinks (``cfg.use_attention_sinks``) and
+    causal ALiBi (``create_alibi_multipliers``: TransformerLens's bias ``-m_h (i - j)``)."""
+    cfg, found = attn.cfg, {}
+    if getattr(attn, "attn_type", "global") == "local":
+        found["window"] = int(cfg.window_size)
+    if getattr(cfg, "attn_scores_soft_cap", -1.0) > 0:
+        found["softcap"] = float(cfg.attn_scores_soft_cap)
+    if getattr(cfg, "use_attention_sinks", False):
+        found["sinks"] = attn.sinks.to(device)
+    if cfg.positional_embedding_type == "alibi":
+        found["alibi_slopes"] = attn.create_alibi_multipliers(cfg.n_heads, device).to(cfg.dtype)
+    return found
+
+
 def _explicit_pattern(attn, layer, rec, patterns, q, k, offset, causal, attention_mask, additive):
     """TransformerLens's own scores / pattern for this layer: fires the two O(N^2) hooks."""
     if k.shape[1] > patterns.max_tokens:
@@ -196,13 +217,21 @@ def _explicit_pattern(attn, layer, rec, patterns, q, k, offset, causal, attentio
             f"{patterns.max_tokens}: the pattern costs O(N^2) memory; raise PatternSpec.max_tokens "
             "or use the statistics instead"
         )
-    scores = attn.calculate_attention_scores(q, k)
+    scores = attn.calculate_attention_scores(q, k)  # soft-capped
+    if attn.cfg.positional_embedding_type == "alibi":
+        n_q, n_k = scores.shape[-2:]
+        bias = attn.create_alibi_bias(attn.cfg.n_heads, n_k, scores.device)[:, -n_q:, :n_k]
+        scores = scores + bias.to(scores.dtype)
     if causal:
-        scores = attn.apply_causal_mask(scores, offset, attention_mask)
+        scores = attn.apply_causal_mask(scores, offset, attention_mask)  # local attention's window too
     if additive is not None:
         scores = scores + additive
     scores = attn.hook_attn_scores(scores)
-    pattern = torch.softmax(scores, dim=-1)
+    if attn.cfg.use_attention_sinks:  # one more column in the softmax, dropped after it
+        sink = attn.sinks.reshape(1, -1, 1, 1).to(scores).expand(*scores.shape[:-1], 1)
+        pattern = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        pattern = torch.softmax(scores, dim=-1)
     pattern = attn.hook_pattern(torch.where(torch.isnan(pattern), 0.0, pattern))
     heads = list(patterns.heads) if patterns.heads is not None else slice(None)
     rec.add_pattern(layer, pattern[:, heads].detach())
@@ -252,6 +281,10 @@ class TransformerLensAdapter(BoundAdapter):
     @property
     def is_causal(self) -> bool:
         return self.model.cfg.attention_dir == "causal"
+
+    @property
+    def learned_sinks(self) -> bool:
+        return bool(getattr(self.model.cfg, "use_attention_sinks", False))
 
     @property
     def can_generate(self) -> bool:

@@ -48,6 +48,13 @@ SCORES: dict[str, Score] = {
             "mean over query rows of the attention mass on the first `sink_tokens` keys",
             "Gu et al. 2025, When Attention Sink Emerges in Language Models (a sink head exceeds 0.3)",
         ),
+        Score(
+            "learned_sink",
+            TASKS,
+            "mean over query rows of the probability of the head's learned sink logit, the attention "
+            "that goes to no key (models with learned sinks only)",
+            "OpenAI 2025, gpt-oss model card (learned attention sinks); Xiao et al. 2024 StreamingLLM",
+        ),
         Score("entropy", TASKS, "mean over query rows of the row's entropy, in nats", "attention entropy"),
         Score(
             "entropy_norm",
@@ -119,9 +126,12 @@ class ScoreSettings:
             raise WorkbenchError(f"sink_threshold must lie in (0, 1), got {self.sink_threshold}")
 
 
-def scores_for(tasks: Sequence[str]) -> list[str]:
-    """Every score defined on at least one of ``tasks``, in :data:`SCORES` order."""
-    return [name for name, s in SCORES.items() if set(s.tasks) & set(tasks)]
+def scores_for(tasks: Sequence[str], learned_sinks: bool = False) -> list[str]:
+    """Every score defined on at least one of ``tasks``, in :data:`SCORES` order; ``learned_sink``
+    only for a model with learned sinks (``learned_sinks=True``)."""
+    return [
+        name for name, s in SCORES.items() if set(s.tasks) & set(tasks) and (learned_sinks or name != "learned_sink")
+    ]
 
 
 def check_request(tasks: Sequence[str], scores: Sequence[str]) -> None:
@@ -151,6 +161,7 @@ def stats_spec(
         window=settings.window,
         distance="distance" in scores,
         offsets=tuple(offsets),
+        learned_sink=True,  # 0 without learned sinks; the detector scores divide by the keys' share
     )
 
 
@@ -164,7 +175,7 @@ def _offsets(scores: Sequence[str], period: int | None, repeats: int) -> list[in
     return list(dict.fromkeys(wanted))
 
 
-Tally = tuple[torch.Tensor, float]  # (total [head] float64, count)
+Tally = tuple[torch.Tensor, float | torch.Tensor]  # (total [head] float64, count or count [head])
 
 
 def prefill_tallies(
@@ -193,6 +204,8 @@ def prefill_tallies(
     pos = start + torch.arange(n, device=st.entropy.device)
     length = start + n if length is None else length
     rows = float(b * n)
+    if st.learned_sink_mass is not None:  # TransformerLens's detectors divide by the pattern's sum
+        rows = (1 - st.learned_sink_mass.double()).sum((0, 2))  # [head]: the keys' share of the rows
     out: dict[str, Tally] = {}
 
     def over(values: torch.Tensor, keep: torch.Tensor | None = None) -> Tally:  # values [B, H, N]
@@ -202,6 +215,8 @@ def prefill_tallies(
 
     if "sink" in scores:
         out["sink"] = over(st.sink_mass)
+    if "learned_sink" in scores:
+        out["learned_sink"] = over(st.learned_sink_mass)
     if "entropy" in scores:
         out["entropy"] = over(st.entropy)
     if "entropy_norm" in scores:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 
 import pandas as pd
 import torch
@@ -165,7 +166,8 @@ def score_sample(
         else:
             adapter.run(ids, None)
     for (name, layer), (total, count) in collector.tallies.items():
-        rows += [(name, layer, h, -1, float(t), count) for h, t in enumerate(total.tolist())]
+        counts = count.tolist() if isinstance(count, torch.Tensor) else [count] * len(total)  # per head, or one
+        rows += [(name, layer, h, -1, float(t), float(c)) for h, (t, c) in enumerate(zip(total.tolist(), counts))]
     if "retrieval" in scores:
         correct = generated == sample.answer.tolist()
         keys = torch.stack([torch.stack(step) for step in collector.last_keys])  # [step, layer, head]
@@ -216,6 +218,8 @@ def _eager_patterns(adapter: ModelAdapter, spec, collector: SampleCollector):
     model = adapter.model
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
+    # rows of an eager pattern sum to 1 within rounding, or to 1 - the learned sink's share
+    spec = replace(spec, learned_sink=adapter.learned_sinks)
 
     def hook(layer):
         return lambda module, args, output: collector.add(layer, pattern_stats(output[1].float(), spec))

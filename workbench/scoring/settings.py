@@ -85,12 +85,12 @@ class ScoreRunSettings:
 def defaults_for(model: torch.nn.Module | ModelAdapter, tasks) -> tuple[tuple[int, ...], tuple[str, ...]]:
     """The lengths and scores a run of ``model`` uses when none are given: the default lengths
     that fit its context (else the context itself), and every score the tasks define that the
-    model can compute (retrieval needs a causal language model)."""
+    model can compute (retrieval needs a causal language model, learned_sink learned sinks)."""
     adapter = adapter_for(model)
     context = adapter.context
     lengths = tuple(n for n in DEFAULT_LENGTHS if context is None or n <= context) or (int(context),)
     generates = adapter.can_generate
-    return lengths, tuple(s for s in scores_for(tasks) if generates or s != "retrieval")
+    return lengths, tuple(s for s in scores_for(tasks, adapter.learned_sinks) if generates or s != "retrieval")
 
 
 def check_model(
@@ -120,6 +120,11 @@ def check_model(
         raise WorkbenchError(
             f"a prefill chunk needs a causal language model with a KV cache (this one is a "
             f"{type(adapter.model).__name__}): leave out --prefill-chunk"
+        )
+    if "learned_sink" in settings.scores and not adapter.learned_sinks:
+        raise WorkbenchError(
+            "the learned_sink score reads a model's learned sink logits (gpt-oss); this model has none: "
+            "leave learned_sink out of --scores (its first-token sink is the sink score)"
         )
     if "retrieval" in settings.scores and not adapter.can_generate:
         raise WorkbenchError(
