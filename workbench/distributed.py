@@ -124,6 +124,11 @@ class Layout:
     context_group: dist.ProcessGroup | None = None
 
     @property
+    def world(self) -> int:
+        """Every process of the run."""
+        return self.data_world * self.context_world
+
+    @property
     def writes(self) -> bool:
         """Whether this rank writes its group's results (the group's rank 0)."""
         return self.context_rank == 0

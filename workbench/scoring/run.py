@@ -5,11 +5,10 @@ figures and manifest.
 Under ``torchrun`` (see :mod:`workbench.distributed` and docs/scale-out.md) the same call on
 every rank scores the samples data-parallel: rank 0 alone prepares the run folder, each rank
 scores its share of the samples still to do (``todo[rank::world]``, in plan order) into its own
-part files, and rank 0 then writes the tables, figures and, last, the manifest. With context
-parallelism the ranks form groups that each spread one sample's tokens over themselves, and the
-groups share the samples in the same way. The per-sample
+part files, and rank 0 then writes the tables, figures and, last, the manifest. The per-sample
 numbers do not depend on the rank and the tables are aggregated in key order, so the tables are
-those of a single-process run.
+those of a single-process run. With context parallelism the ranks form groups that each spread
+one sample's tokens over themselves, and the groups share the samples in the same way.
 
 Example:
     >>> settings = ScoreRunSettings(model="zoo-2l", tasks=("repeats",), lengths=(256,), samples=4)
@@ -111,9 +110,8 @@ def score_model(
             if layout.data_world == 1
             else dict(total=len(mine), desc=f"scoring (group 0 of {layout.data_world}, its share)")
         )
-        group = layout.context_group if context_parallel > 1 else None
         for unit in tqdm(mine, **{"desc": "scoring", **bar}, unit="sample", disable=not progress or rank > 0):
-            frame = score_sample(adapter, unit, settings, context_parallel=group)
+            frame = score_sample(adapter, unit, settings, context_parallel=layout.context_group)
             if layout.writes:
                 run.write_part(unit.key, frame)
         # every rank is done once rank 0 has them all
@@ -197,7 +195,7 @@ def _open_for_scoring(
         # Who scores what, recorded before scoring starts, so that the parts a killed run committed
         # keep their entry; the keys each rank really wrote replace it at the end.
         writers = layout.writers
-        run.manifest["world_size"] = layout.data_world * layout.context_world
+        run.manifest["world_size"] = layout.world
         run.manifest["context_parallel"] = layout.context_world
         run.manifest.setdefault("scored_by", {}).update({u.key: writers[i % len(writers)] for i, u in enumerate(todo)})
         if run.complete:
@@ -209,7 +207,7 @@ def _open_for_scoring(
         "todo": [u.key for u in todo],
         "finished": finished,
         "created": run.manifest.get("created"),
-        "plan": _plan_fingerprint(units) if layout.data_world * layout.context_world > 1 else None,
+        "plan": _plan_fingerprint(units) if layout.world > 1 else None,
     }
     return run, settings, units, shared
 
