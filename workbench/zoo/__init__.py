@@ -5,6 +5,8 @@ retrains one (deterministic seed). See ``workbench zoo list`` / ``workbench zoo 
 """
 
 from workbench.zoo.data import Mixture
+from workbench.zoo.planted import ROLES as PLANTED_ROLES
+from workbench.zoo.planted import planted
 from workbench.zoo.train import WEIGHTS_DIR, Stage, ZooSpec, build, load, train
 
 #: Stage 1, 256-token samples, many repeats with periods up to 96: induction forms (after
@@ -45,4 +47,16 @@ ZOO: dict[str, ZooSpec] = {
 #: The model that commands use when none is named.
 DEFAULT_MODEL = "zoo-2l"
 
-__all__ = ["DEFAULT_MODEL", "WEIGHTS_DIR", "ZOO", "Mixture", "Stage", "ZooSpec", "build", "load", "train"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "PLANTED_ROLES",
+    "WEIGHTS_DIR",
+    "ZOO",
+    "Mixture",
+    "Stage",
+    "ZooSpec",
+    "build",
+    "load",
+    "planted",
+    "train",
+]
