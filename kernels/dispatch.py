@@ -98,7 +98,7 @@ def attention(
         alibi_slopes=alibi_slopes,
     )
     per_head = dict(sinks=sinks, alibi_slopes=alibi_slopes)
-    use_triton = _choose_triton(q, p, backend, mask, chunk_size, _variants(p, stats, **per_head))
+    use_triton = _choose_triton(q, p, backend, mask, chunk_size)
     if q.numel() == 0 or p.n_k == 0:
         return _degenerate(q, p, stats)
     if use_triton:
@@ -111,18 +111,7 @@ def attention(
     return reference_attention(q, k, v, p, stats, key_lengths, query_lengths, mask, chunk_size, **per_head)
 
 
-def _variants(p: Problem, stats: StatsSpec | None, sinks, alibi_slopes) -> list[str]:
-    """The attention variants a call uses (names as in :data:`kernels.triton_attention.VARIANTS`)."""
-    used = {
-        "window": p.window > 0,
-        "softcap": p.softcap > 0,
-        "sinks": sinks is not None or (stats is not None and stats.learned_sink),
-        "alibi_slopes": alibi_slopes is not None,
-    }
-    return [name for name, on in used.items() if on]
-
-
-def _choose_triton(q: torch.Tensor, p: Problem, backend: str, mask, chunk_size, variants: list[str]) -> bool:
+def _choose_triton(q: torch.Tensor, p: Problem, backend: str, mask, chunk_size) -> bool:
     if backend == "reference":
         return False
     if backend == "auto":
@@ -130,7 +119,7 @@ def _choose_triton(q: torch.Tensor, p: Problem, backend: str, mask, chunk_size, 
             return False
         if q.dtype not in TRITON_DTYPES:
             return False
-        return _head_dim_ok(p.head_dim) and _variants_ok(variants)
+        return _head_dim_ok(p.head_dim)
     # backend == "triton"
     if mask is not None or chunk_size is not None:
         raise AttentionInputError(
@@ -155,33 +144,7 @@ def _choose_triton(q: torch.Tensor, p: Problem, backend: str, mask, chunk_size, 
             f"backend='triton' takes CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; got {q.device} "
             "tensors: use backend='reference' (on the meta device it returns outputs of the right shapes)"
         )
-    from kernels.triton_attention import VARIANTS
-
-    missing = [name for name in variants if name not in VARIANTS]
-    if missing:
-        raise AttentionInputError(
-            f"the Triton kernels do not implement {', '.join(missing)} yet: use backend='reference' or 'auto'"
-        )
     return _head_dim_ok(p.head_dim)
-
-
-def _variants_ok(variants: list[str]) -> bool:
-    """Whether the Triton kernels implement every variant used (else a warning, once per kind)."""
-    from kernels.triton_attention import VARIANTS
-
-    missing = [name for name in variants if name not in VARIANTS]
-    if not missing:
-        return True
-    key = "variants=" + ",".join(missing)
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(
-            f"the Triton kernels do not implement {', '.join(missing)} yet; using the reference backend "
-            "(exact, slower)",
-            KernelFallbackWarning,
-            stacklevel=4,
-        )
-    return False
 
 
 def _head_dim_ok(d: int) -> bool:

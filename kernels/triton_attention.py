@@ -28,7 +28,8 @@ host time.
 Key-mass kernel: one program per block of keys, looping over the query blocks that can see
 them, summing ``exp(s - lse)`` over rows.
 
-Attention variants (:data:`VARIANTS`, compile-time flags, so plain calls compile as before):
+Attention variants (``window``, ``softcap``, ``sinks``, ``alibi_slopes``; compile-time flags, so
+plain calls compile as before):
 soft-capping and ALiBi transform the scores wherever they are computed (blocks using them
 always scale first); a sliding window starts the key loop at the window's first block and
 masks the blocks it cuts; a learned sink is folded into the softmax after the key loop (one
@@ -64,9 +65,6 @@ DECODE_MAX_Q = 16
 PACK_MAX_ROWS = 128
 #: Most splits of one row's keys.
 MAX_SPLITS = 128
-#: The attention variants of :func:`kernels.attention` these kernels implement (``window``,
-#: ``softcap``, ``sinks``, ``alibi_slopes``); calls with others run on the reference backend.
-VARIANTS: tuple[str, ...] = ("window", "softcap", "sinks", "alibi_slopes")
 
 
 def interpreting() -> bool:

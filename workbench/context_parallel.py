@@ -148,6 +148,7 @@ class ContextParallel:
         scale: float | None,
         stats: StatsSpec,
         backend: str,
+        **variants,
     ) -> torch.Tensor:
         """This rank's share of one layer's attention, its statistics added to ``into`` (a
         collector, ``add(layer, stats)``); returns the output ``[B, Hq, n, D]``.
@@ -156,7 +157,13 @@ class ContextParallel:
         against every rank's keys, and its statistics are gathered into global position order
         (unless ``gather`` is off). A decoded token (``q [B, Hq, 1, D]``, ``k`` this rank's cache:
         the shard's keys, then every decoded token's) is attended to the split cache, and its
-        statistics, the same on every rank, are added as they are."""
+        statistics, the same on every rank, are added as they are. ``variants`` (the attention
+        variants of :func:`kernels.attention`: window, softcap, sinks, ALiBi) are refused for now."""
+        if variants:
+            raise WorkbenchError(
+                f"context parallelism does not take {', '.join(variants)} yet (layer {layer}): run this model on "
+                "one process"
+            )
         n_q, n_k = q.shape[2], k.shape[2]
         kwargs = dict(n_total=self.n_total, group=self.group, scale=scale, stats=stats, backend=backend)
         if n_q == n_k:

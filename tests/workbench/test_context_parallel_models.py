@@ -363,3 +363,25 @@ def test_transformer_lens_configs_without_global_positions_are_named():
 
 if __name__ == "__main__":
     _rank_main(Path(sys.argv[1]))
+
+
+def test_attention_variants_are_refused_under_context_parallelism(tmp_path):
+    """A layer with a window, soft-cap, sinks or ALiBi is refused by ContextParallel.attend (the
+    one place both adapters route through), before any collective: a one-process gloo group."""
+    import torch.distributed as dist
+
+    from workbench.context_parallel import ContextParallel
+    from workbench.errors import WorkbenchError
+    from workbench.recording import Recording
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        cp = ContextParallel(8)
+        q = torch.randn(1, 2, 8, 4)
+        kwargs = dict(causal=True, scale=None, stats=SPEC, backend="reference")
+        with pytest.raises(WorkbenchError, match=r"does not take window, softcap yet \(layer 3\)"):
+            cp.attend(Recording(SPEC, 4), 3, q, q, q, window=4, softcap=5.0, **kwargs)
+        rec = Recording(SPEC, 4)
+        assert cp.attend(rec, 3, q, q, q, **kwargs).shape == q.shape and rec.layers == [3]
+    finally:
+        dist.destroy_process_group()

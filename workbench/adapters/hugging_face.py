@@ -51,17 +51,12 @@ def workbench_attention(
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     variants = _variants(kwargs)
     if cp is not None:
-        if variants:
-            raise WorkbenchError(
-                f"context parallelism does not take {', '.join(variants)} yet (layer {layer}): run this model "
-                "on one process, or with a prefill chunk"
-            )
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise WorkbenchError(
                 f"context parallelism takes no padding (layer {layer}): give sequences of one length, without a "
                 "padding mask"
             )
-        kwargs = dict(causal=bool(causal), scale=scaling, stats=stats, backend=backend)
+        kwargs = dict(causal=bool(causal), scale=scaling, stats=stats, backend=backend, **variants)
         return cp.attend(rec, layer, query, key, value, **kwargs).transpose(1, 2).contiguous(), None
     pad = _kernel_mask(attention_mask, query.shape[2], key.shape[2])
     out, st = attention(

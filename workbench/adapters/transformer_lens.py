@@ -126,11 +126,6 @@ def _shard_forward(attn, layer: int, rec, stats: StatsSpec, backend: str, cp: Co
     decoded token after it (``q, k, v [B, 1, H, D]``, ``cache_entry`` holding the shard's keys
     and the tokens decoded before it)."""
     cfg = attn.cfg
-    if variants(attn, q.device):
-        raise WorkbenchError(
-            f"context parallelism does not take {', '.join(variants(attn, q.device))} yet (layer {layer}): run "
-            "this model on one process"
-        )
     if cache_entry is not None:
         k, v = cache_entry.append(k, v)  # [B, keys so far, H, D], unrotated as TransformerLens keeps them
     if cfg.positional_embedding_type == "rotary":
@@ -148,6 +143,7 @@ def _shard_forward(attn, layer: int, rec, stats: StatsSpec, backend: str, cp: Co
         scale=1.0 / attn.attn_scale,
         stats=stats,
         backend=backend,
+        **variants(attn, q.device),
     )
     z = attn.hook_z(out.transpose(1, 2))  # [B, n, H, D]
     return _project(attn, z)
