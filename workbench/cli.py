@@ -114,17 +114,35 @@ def zoo_list() -> None:
 def zoo_train(
     name: str = typer.Argument(..., help="Zoo model to (re)train."),
     out: Path = typer.Option(None, help="Weights folder (default: the package's zoo/weights)."),
+    corpus: Path = typer.Option(None, help="Corpus folder (`workbench zoo corpus`), for zoo-long."),
+    max_seconds: float = typer.Option(None, help="Stop early after this long; the weights so far are kept."),
 ) -> None:
     """Retrain a zoo model from its recipe (deterministic seed)."""
     from workbench.zoo import WEIGHTS_DIR, ZOO, train
 
     _require_zoo_name(name)
     check_output_folder(out)
-    metrics = train(ZOO[name], out or WEIGHTS_DIR)
+    metrics = train(ZOO[name], out or WEIGHTS_DIR, corpus_dir=corpus, max_seconds=max_seconds)
+    stopped = f" (stopped early at step {metrics['stopped_at']})" if "stopped_at" in metrics else ""
     console.print(
         f"trained {name}: loss {metrics['first_loss']:.3f} -> {metrics['final_loss']:.3f} "
-        f"in {metrics['seconds']:.0f} s on {metrics['device']}; weights in {(out or WEIGHTS_DIR) / name}"
+        f"in {metrics['seconds']:.0f} s on {metrics['device']}{stopped}; weights in {(out or WEIGHTS_DIR) / name}"
     )
+
+
+@zoo_app.command("corpus")
+@reports_errors
+def zoo_corpus(
+    out: Path = typer.Option(..., help="Folder for corpus.txt and manifest.json."),
+    max_mb: float = typer.Option(130.0, help="Keep this many MB (= million tokens) of the shuffled documents."),
+    min_mb: float = typer.Option(100.0, help="Refuse a corpus smaller than this."),
+) -> None:
+    """Build the offline training corpus of zoo-long from installed documentation (minutes)."""
+    from workbench.zoo.corpus import build_corpus
+
+    manifest = build_corpus(out, min_bytes=int(min_mb * 1e6), max_bytes=int(max_mb * 1e6))
+    parts = ", ".join(f"{name} {src['bytes'] / 1e6:.0f} MB" for name, src in manifest["sources"].items())
+    console.print(f"corpus of {manifest['bytes'] / 1e6:.1f} MB in {out} (found before the cut: {parts})")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -1,6 +1,7 @@
 """Training data of the zoo: a mixture that makes sinks, induction and retrieval heads appear.
 
-- ``text``: natural-ish text, Python standard-library docstrings (available offline);
+- ``text``: natural-ish text: Python standard-library docstrings (available offline), or a
+  larger corpus (:mod:`workbench.zoo.corpus`) given as token ids;
 - ``repeat``: a random token sequence repeated; the period varies per sample (a fixed period
   lets a rotary model learn a fixed-offset head that only looks like induction), up to half
   the sample so that copying is learnt over long distances too;
@@ -19,13 +20,23 @@ import torch
 
 from workbench.errors import WorkbenchError
 from workbench.tasks import NAMES, docstring_text
-from workbench.zoo.tokenizer import byte_tokenizer
+from workbench.zoo.tokenizer import byte_ids, byte_tokenizer
 
 
 @cache
 def corpus_ids() -> torch.Tensor:
     """The standard-library docstrings of :func:`workbench.tasks.docstring_text`, tokenised."""
     return torch.tensor(byte_tokenizer()(docstring_text(), add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def bytes_to_ids(data: bytes) -> torch.Tensor:
+    """``[len(data)]`` token ids of UTF-8 ``data`` (one per byte), as ``int16`` to save memory
+    on large corpora (ids are below 259)."""
+    table = byte_ids().to(torch.int16)
+    if not data:
+        return table[:0]
+    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return torch.cat([table[part.long()] for part in raw.split(1 << 24)])
 
 
 @dataclass(frozen=True)
@@ -41,16 +52,19 @@ class Mixture:
     first_period_loss: bool = False  # also train on a repeat's unpredictable first period
 
 
-def sample_batch(batch: int, length: int, gen: torch.Generator, mix: Mixture = Mixture()):
+def sample_batch(
+    batch: int, length: int, gen: torch.Generator, mix: Mixture = Mixture(), corpus: torch.Tensor | None = None
+):
     """``(ids, loss_mask)``, both ``[batch, length]``; the loss applies to next-token targets
-    where ``loss_mask`` is True.
+    where ``loss_mask`` is True. Text and haystacks are windows of ``corpus`` (token ids
+    ``[tokens]``; default: :func:`corpus_ids`).
 
     With ``first_period_loss``, repeats keep the loss on their unpredictable first period: to
     predict "anything" there, a head that copies from earlier occurrences must stay silent,
     which it learns to do by attending to ``<bos>`` (attention-sink behaviour).
     """
     tok = byte_tokenizer()
-    corpus = corpus_ids()
+    corpus = corpus_ids() if corpus is None else corpus
     ids = torch.empty(batch, length, dtype=torch.long)
     loss = torch.ones(batch, length, dtype=torch.bool)
     weights = torch.tensor([mix.text, mix.repeat, mix.needle], dtype=torch.float64)
@@ -76,7 +90,7 @@ def sample_batch(batch: int, length: int, gen: torch.Generator, mix: Mixture = M
 
 def _window(corpus: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
     start = int(torch.randint(0, len(corpus) - n, (), generator=gen))
-    return corpus[start : start + n]
+    return corpus[start : start + n].long()
 
 
 def needle_parts(gen: torch.Generator) -> tuple[str, str, str]:
