@@ -5,7 +5,11 @@ measure what that does to a metric.
 - ``zero``: ``z = 0``;
 - ``mean``: ``z`` = the head's mean over every position of a reference batch;
 - ``resample``: ``z`` = the head's output at the same position on a randomly drawn reference
-  input (the reference inputs must be at least as long).
+  input (the reference inputs must be at least as long; not while decoding);
+- ``uniform``: Wu et al.'s masking: the head's attention scores set to 0 before the softmax, so
+  equal weight on every key it sees (``z`` = the mean of the visible values), in decoding steps
+  only (forwards that extend a non-empty KV cache; the prompt's prefill is unchanged).
+  TransformerLens models only (the values come from its KV cache).
 
 Works together with statistics recording (ablate inside ``instrument``, or the other way round).
 Every function takes a model or its :class:`~workbench.adapters.ModelAdapter`; the experiments
@@ -13,10 +17,10 @@ resolve the adapter once and pass it along.
 
 Example:
     >>> metric = needle_accuracy(needle_samples(model.tokenizer, [512], [0.2, 0.5, 0.8], 8))
-    >>> with ablate(model, [(1, 1)]):
+    >>> with ablate(model, [(1, 1)], "uniform"):
     ...     metric(model)
-    >>> scan_heads(model, metric)                    # every head alone: layer, head, value, delta
-    >>> cumulative(model, metric, rank_heads(run, "retrieval"), ks=[1, 2, 4])
+    >>> scan_heads(model, metric, "uniform")        # every head alone: layer, head, value, delta
+    >>> cumulative(model, metric, rank_heads(run, "retrieval"), ks=[1, 2, 4], method="uniform")
     >>> run_ablation(run, model, AblationSettings(rank_by="retrieval", ks=(1, 2)))  # all of it, into the run
 """
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -35,6 +40,7 @@ from tqdm.auto import tqdm
 from workbench.adapters import ModelAdapter, adapter_for
 from workbench.errors import WorkbenchError
 from workbench.runs import Run
+from workbench.scoring.formulas import answer_budget, answer_retrieved, answer_text, ends_answer
 from workbench.tasks import TaskSample, second_copy_start
 
 Head = tuple[int, int]
@@ -42,8 +48,13 @@ Model = torch.nn.Module | ModelAdapter
 #: A function of the model (called with what the experiment was given: a model or its adapter)
 #: that returns one number.
 Metric = Callable[[Model], float]
-METHODS = ("zero", "mean", "resample")
-CONTROLS = ("all", "same_layers")
+METHODS = ("zero", "mean", "resample", "uniform")
+#: Where the random heads of the masking experiment come from: outside the top ``max(ks)`` heads
+#: of the ranking (``non_top``, Wu et al.'s control), outside the top ``k`` (``all``), or outside
+#: the top ``k`` within their layers (``same_layers``).
+CONTROLS = ("non_top", "all", "same_layers")
+#: True while :func:`greedy_answers` decodes (``resample`` cannot: its positions start at 0).
+_DECODING: ContextVar[bool] = ContextVar("decoding", default=False)
 
 
 def all_heads(model: Model) -> list[Head]:
@@ -87,16 +98,21 @@ def head_outputs(model: Model, ids: torch.Tensor) -> dict[int, torch.Tensor]:
 def ablate(
     model: Model, heads: Iterable[Head], method: str = "zero", reference: torch.Tensor | None = None, seed: int = 0
 ) -> Iterator[list[Head]]:
-    """Within the block, ``heads`` are ablated with ``method`` in every forward pass.
+    """Within the block, ``heads`` are ablated with ``method`` in every forward pass (``uniform``:
+    in every forward that extends a non-empty KV cache, i.e. decoding steps).
     ``reference [batch, tokens]``: token ids for ``mean`` and ``resample``."""
     adapter = adapter_for(model)
     heads = check_heads(adapter, heads)
     _check_method(method)
-    if method != "zero" and reference is None:
+    if method in ("mean", "resample") and reference is None:
         raise WorkbenchError(f"{method} ablation needs reference token ids (reference=[batch, tokens])")
     by_layer: dict[int, list[int]] = {}
     for layer, head in heads:
         by_layer.setdefault(layer, []).append(head)
+    if method == "uniform":
+        with _uniform_attention(adapter, by_layer):
+            yield heads
+        return
     ref = head_outputs(adapter, reference) if method != "zero" else {}
     gen = torch.Generator().manual_seed(seed)
 
@@ -110,6 +126,11 @@ def ablate(
         elif method == "mean":
             z[:, :, chosen] = ref[layer][:, :, chosen].mean((0, 1)).to(z.dtype)
         else:
+            if _DECODING.get():
+                raise WorkbenchError(
+                    "resample ablation replaces z position by position from a full forward; decoding "
+                    "(needle_accuracy) runs one position at a time: use zero, mean or uniform"
+                )
             source = ref[layer]
             if source.shape[1] < z.shape[1]:
                 raise WorkbenchError(
@@ -125,6 +146,75 @@ def ablate(
         yield heads
     finally:
         remove()
+
+
+@contextmanager
+def _uniform_attention(adapter: ModelAdapter, by_layer: dict[int, list[int]]) -> Iterator[None]:
+    """Wu et al.'s masking of the heads ``by_layer`` (layer -> heads) on a TransformerLens model:
+    in a forward that extends a non-empty KV cache, each chosen head's ``z`` at every row becomes
+    the mean of the values of the keys the row sees (its attention scores set to 0 before the
+    softmax); other forwards (a prefill, a plain forward) are unchanged.
+
+    A forward pre-hook on the model notes the KV cache it extends (``past_kv_cache``); the
+    ``hook_z`` edit reads that layer's values from it (TransformerLens appends the forward's own
+    keys and values before attending). Grouped-query heads read their key-value head's values; a
+    local (sliding-window) layer averages the last ``window_size`` keys."""
+    from workbench.adapters.transformer_lens import TransformerLensAdapter
+
+    if not isinstance(adapter, TransformerLensAdapter):
+        raise WorkbenchError(
+            "uniform masking (Wu et al.) reads the masked heads' values from TransformerLens's KV cache: it is "
+            f"implemented for TransformerLens models only, not for {type(adapter.model).__name__}; use "
+            "--method zero or mean on this model"
+        )
+    model, cfg = adapter.model, adapter.model.cfg
+    if cfg.attention_dir != "causal":
+        raise WorkbenchError("uniform masking acts while decoding: it needs a causal language model")
+    if getattr(cfg, "use_attention_sinks", False):
+        raise WorkbenchError(
+            "uniform masking of a model with learned attention sinks is not defined here (Wu et al. set the "
+            "key scores to 0; the sink logit would still take its share): use --method zero or mean"
+        )
+    windows = {
+        layer: int(cfg.window_size) if getattr(model.blocks[layer].attn, "attn_type", "global") == "local" else None
+        for layer in by_layer
+    }
+    extending: list = [None]  # the KV cache the current forward extends, when it held keys before it
+
+    def note(module, args, kwargs) -> None:
+        cache = kwargs.get("past_kv_cache")
+        extending[0] = cache if cache is not None and cache.entries[0].past_keys.shape[1] > 0 else None
+
+    def done(module, args, output) -> None:
+        extending[0] = None
+
+    def edit(layer: int, z: torch.Tensor) -> torch.Tensor | None:  # z [B, n, H, D]
+        chosen, cache = by_layer.get(layer), extending[0]
+        if not chosen or cache is None:
+            return None
+        values = cache.entries[layer].past_values  # [B, keys so far (this forward's included), H_kv, D]
+        group = z.shape[2] // values.shape[2]
+        kv = [h // group for h in chosen]
+        n, total = z.shape[1], values.shape[1]
+        z = z.clone()
+        for i in range(n):
+            pos = total - n + i  # the row's own key
+            first = 0 if windows[layer] is None else max(0, pos - windows[layer] + 1)
+            mean = values[:, first : pos + 1, kv].float().mean(1)  # [B, chosen, D]
+            z[:, i, chosen] = mean.to(z.dtype)
+        return z
+
+    handles = [
+        model.register_forward_pre_hook(note, with_kwargs=True),
+        model.register_forward_hook(done),
+    ]
+    remove = adapter.z_hooks(edit)
+    try:
+        yield
+    finally:
+        remove()
+        for handle in handles:
+            handle.remove()
 
 
 def _check_method(method: str) -> None:
@@ -146,33 +236,80 @@ def _groups(keys: Sequence, size: int) -> Iterator[list[int]]:
 
 
 @torch.no_grad()
-def _teacher_forced(model: Model, samples: Sequence[TaskSample], batch_size: int) -> list[tuple[float, bool]]:
-    """For each needle sample: (log-probability of the answer, whether greedy decoding would
-    produce it exactly). Greedy decoding reproduces the answer iff the argmax is right at every
-    answer position given the right prefix, so one teacher-forced forward decides both."""
+def _answer_logprobs(model: Model, samples: Sequence[TaskSample], batch_size: int) -> list[float]:
+    """For each needle sample, the log-probability of its answer, teacher-forced."""
     adapter = adapter_for(model)
     device = adapter.device
-    results: list[tuple[float, bool]] = [(0.0, False)] * len(samples)
+    results = [0.0] * len(samples)
     for chunk in _groups([(len(s.ids), len(s.answer)) for s in samples], batch_size):
         batch = torch.stack([torch.cat([samples[i].ids, samples[i].answer[:-1]]) for i in chunk])
         logp = torch.log_softmax(adapter.logits(batch.to(device)).float(), -1)
         for row, i in zip(logp, chunk):
             steps = row[len(samples[i].ids) - 1 :]  # the rows that predict the answer tokens
             answer = samples[i].answer.to(device)
-            results[i] = (float(steps.gather(-1, answer.view(-1, 1)).sum()), bool((steps.argmax(-1) == answer).all()))
+            results[i] = float(steps.gather(-1, answer.view(-1, 1)).sum())
+    return results
+
+
+@torch.no_grad()
+def greedy_answers(model: Model, samples: Sequence[TaskSample], batch_size: int = 8) -> list[list[int]]:
+    """Each sample's greedy continuation, decoded as Wu et al. decode it: the prompt but its last
+    token prefilled into a KV cache, then one decoding step at a time from the last prompt token
+    (so the row that predicts the first answer token is a decoding step, which ``uniform``
+    masking reaches), until a token whose text holds a newline, 50 tokens, or the model's context
+    (:func:`~workbench.scoring.formulas.answer_budget`). Samples of equal length decode together,
+    ``batch_size`` at a time."""
+    from workbench.models import task_tokenizer
+
+    adapter = adapter_for(model)
+    tokenizer = task_tokenizer(adapter.model)
+    results: list[list[int]] = [[] for _ in samples]
+    if any(len(s.ids) < 2 for s in samples):
+        raise WorkbenchError("greedy_answers needs prompts of at least 2 tokens")
+    token = _DECODING.set(True)
+    try:
+        for chunk in _groups([len(s.ids) for s in samples], batch_size):
+            ids = torch.stack([samples[i].ids for i in chunk]).to(adapter.device)
+            budget = answer_budget(ids.shape[1], adapter.context)
+            _, cache = adapter.prefill(ids[:, :-1])
+            step, done = ids[:, -1:], [False] * len(chunk)
+            while not all(done):
+                logits, cache = adapter.decode(step, cache)
+                step = logits.argmax(-1, keepdim=True)  # [batch, 1]
+                for row, (i, t) in enumerate(zip(chunk, step[:, 0].tolist())):
+                    if not done[row]:
+                        results[i].append(t)
+                        done[row] = len(results[i]) >= budget or ends_answer(tokenizer, t)
+            del cache
+    finally:
+        _DECODING.reset(token)
     return results
 
 
 def needle_accuracy(samples: Sequence[TaskSample], batch_size: int = 8) -> Metric:
-    """Share of needle samples whose answer greedy decoding reproduces exactly."""
+    """Share of needle samples whose answer greedy decoding retrieves: ROUGE-1 recall of the
+    generated text (:func:`greedy_answers`) against the answer above 0.5, the rule of Wu et al.
+    and of the scoring runs' ``needle_accuracy``. For our one-word answers: the generated text
+    holds the digits as a word."""
     _needles(samples)
-    return lambda model: sum(ok for _, ok in _teacher_forced(model, samples, batch_size)) / len(samples)
+
+    def metric(model: Model) -> float:
+        from workbench.models import task_tokenizer
+
+        tokenizer = task_tokenizer(adapter_for(model).model)
+        answers = greedy_answers(model, samples, batch_size)
+        return sum(
+            answer_retrieved(answer_text(tokenizer, got), answer_text(tokenizer, s.answer))
+            for got, s in zip(answers, samples)
+        ) / len(samples)
+
+    return metric
 
 
 def answer_logprob(samples: Sequence[TaskSample], batch_size: int = 8) -> Metric:
     """Mean log-probability of the needle's answer tokens (teacher-forced)."""
     _needles(samples)
-    return lambda model: sum(lp for lp, _ in _teacher_forced(model, samples, batch_size)) / len(samples)
+    return lambda model: sum(_answer_logprobs(model, samples, batch_size)) / len(samples)
 
 
 def _needles(samples: Sequence[TaskSample]) -> None:
@@ -252,15 +389,18 @@ def cumulative(
     method: str = "zero",
     reference: torch.Tensor | None = None,
     seed: int = 0,
-    control: str = "all",
+    control: str = "non_top",
     progress: bool = True,
 ) -> pd.DataFrame:
     """The masking experiment of Wu et al.: the top-``k`` heads of ``ranking`` ablated together,
-    against ``draws`` sets of ``k`` random heads outside the top ``k``: from all layers
-    (``control="all"``) or from the layers the top ``k`` sit in (``"same_layers"``, which
-    controls for depth: in a small model every early head may feed the later ones).
+    against ``draws`` sets of ``k`` random heads: from outside the top ``max(ks)`` heads of the
+    ranking (``control="non_top"``: Wu et al. draw them outside their list of top heads, so no
+    random set holds a top head of any k), from outside the top ``k`` (``"all"``), or from outside
+    the top ``k`` in the layers the top ``k`` sit in (``"same_layers"``, which controls for depth:
+    in a small model every early head may feed the later ones).
     Rows ``k, selection ("top" | "random" | "none"), draw, heads, value``; ``metric`` is
-    called with ``model`` as given."""
+    called with ``model`` as given. Wu et al.'s experiment: ``method="uniform"`` with
+    :func:`needle_accuracy`."""
     _check_control(control)
     adapter = adapter_for(model)
     ranking = check_heads(adapter, ranking)
@@ -276,11 +416,13 @@ def cumulative(
     jobs = [(k, "top", 0, list(ranking[:k])) for k in ks]
     for k in ks:
         layers = {layer for layer, _ in ranking[:k]} if control == "same_layers" else {layer for layer, _ in everyone}
-        others = [h for h in everyone if h not in ranking[:k] and h[0] in layers]
+        top = set(ranking[: max(ks)] if control == "non_top" else ranking[:k])
+        others = [h for h in everyone if h not in top and h[0] in layers]
         if len(others) < k:
+            where = f"the top {len(top)}" + (" in their layers" if control == "same_layers" else "")
             raise WorkbenchError(
-                f"only {len(others)} heads outside the top {k} in their layers: too few for a "
-                "same-layer control; use control='all' or a smaller k"
+                f"only {len(others)} heads outside {where}: too few to draw {k} random heads for the "
+                f"{control} control; use another control or a smaller k"
             )
         jobs += [(k, "random", d, rng.sample(others, k)) for d in range(draws)]
     for k, selection, draw, heads in tqdm(jobs, desc="ablating head sets", unit="set", disable=not progress):
@@ -291,7 +433,7 @@ def cumulative(
 
 def _check_control(control: str) -> None:
     if control not in CONTROLS:
-        raise WorkbenchError(f"control must be 'all' or 'same_layers', got {control!r}")
+        raise WorkbenchError(f"control must be one of {', '.join(repr(c) for c in CONTROLS)}, got {control!r}")
 
 
 def rank_heads(run: Run, score: str, task: str | None = None) -> list[Head]:
@@ -324,6 +466,11 @@ METRICS = {
 }
 #: The metric a task is measured by when none is named.
 DEFAULT_METRIC = {"niah": "needle_accuracy", "repeats": "induction_accuracy", "text": "text_loss"}
+#: Metrics that decode (greedy generation with a KV cache): the ones uniform masking changes.
+DECODING_METRICS = ("needle_accuracy",)
+#: The ablation method a metric is measured with when none is named: Wu et al.'s uniform masking
+#: for the needle accuracy, zero ablation for the metrics of one forward pass.
+DEFAULT_METHOD = {metric: "uniform" if metric in DECODING_METRICS else "zero" for metric in METRICS}
 #: Offset of the sample seed from the experiment's seed: fresh samples, not the ones the run's
 #: scores came from.
 FRESH_SAMPLES = 10_000
@@ -339,16 +486,18 @@ def check_length(model: Model, length: int) -> None:
 @dataclass(frozen=True)
 class AblationSettings:
     """One masking experiment: the top-``k`` heads of a run's ``rank_by`` score ablated
-    together with ``method``, against ``draws`` sets of ``k`` random heads (``control``: from
-    all layers or from the top heads' layers), measured by ``metric`` on fresh ``task``
-    samples; ``scan`` also ablates every head alone.
+    together with ``method``, against ``draws`` sets of ``k`` random heads (``control``, see
+    :data:`CONTROLS`: by default from outside the top ``max(ks)`` heads, as Wu et al.), measured
+    by ``metric`` on fresh ``task`` samples; ``scan`` also ablates every head alone.
 
-    ``metric`` None: the task's :data:`DEFAULT_METRIC`. ``length`` None: the run's shortest
-    length. ``samples``: samples (niah: per depth of ``depths``). ``seed`` seeds the samples
-    (offset by :data:`FRESH_SAMPLES`) and the random head sets. Refused at construction
+    ``metric`` None: the task's :data:`DEFAULT_METRIC`. ``method`` None: the metric's
+    :data:`DEFAULT_METHOD` (``uniform``, Wu et al.'s masking, for needle_accuracy, which decodes;
+    ``zero`` for the others). ``length`` None: the run's shortest length. ``samples``: samples
+    (niah: per depth of ``depths``). ``seed`` seeds the samples (offset by
+    :data:`FRESH_SAMPLES`) and the random head sets. Refused at construction
     (:class:`WorkbenchError`): an unknown task, method or control, a metric of another task,
-    resampling on niah (its reference inputs would be shorter), repeats samples too short to
-    repeat, fewer than one sample or draw.
+    resampling on niah (its reference inputs would be shorter), uniform masking with a metric
+    that does not decode, repeats samples too short to repeat, fewer than one sample or draw.
     """
 
     rank_by: str = "retrieval"
@@ -356,12 +505,12 @@ class AblationSettings:
     ks: tuple[int, ...] = (1, 2, 4)
     task: str = "niah"
     metric: str | None = None
-    method: str = "zero"
+    method: str | None = None
     length: int | None = None
     samples: int = 8
     depths: tuple[float, ...] = (0.2, 0.5, 0.8)
     draws: int = 5
-    control: str = "all"
+    control: str = "non_top"
     scan: bool = False
     seed: int = 0
 
@@ -375,7 +524,14 @@ class AblationSettings:
             valid = [m for m, t in METRICS.items() if t == self.task]
             raise WorkbenchError(f"metric {metric!r} does not fit task {self.task}; choose from: {', '.join(valid)}")
         object.__setattr__(self, "metric", metric)
-        _check_method(self.method)
+        method = self.method or DEFAULT_METHOD[metric]
+        _check_method(method)
+        object.__setattr__(self, "method", method)
+        if method == "uniform" and metric not in DECODING_METRICS:
+            raise WorkbenchError(
+                f"uniform masking acts on decoding steps only (Wu et al.); the metric {metric} does not decode: "
+                f"use --metric {' or '.join(DECODING_METRICS)}, or another --method"
+            )
         if self.method == "resample" and self.task == "niah":
             raise WorkbenchError(
                 "resample ablation needs reference inputs as long as the measured ones: use it with "
@@ -455,7 +611,7 @@ def run_ablation(
     check_length(adapter, settings.length)
     items = settings.samples_for(task_tokenizer(adapter.model), recorded.get("text"))
     measure = globals()[settings.metric](items)
-    reference = torch.stack([s.ids for s in items]) if settings.method != "zero" else None
+    reference = torch.stack([s.ids for s in items]) if settings.method in ("mean", "resample") else None
     config = settings.config
     table = cumulative(
         adapter,

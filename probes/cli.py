@@ -66,7 +66,11 @@ def ablate(
         help="needle_accuracy, answer_logprob (niah), "
         "induction_accuracy (repeats), text_loss (text); default: the task's first.",
     ),
-    method: str = typer.Option(AblationSettings.method, help="zero, mean or resample."),
+    method: str = typer.Option(
+        AblationSettings.method,
+        help="uniform (Wu et al.: attention scores 0 in decoding steps; TransformerLens models), zero, mean or "
+        "resample; default: uniform for needle_accuracy, zero for the other metrics.",
+    ),
     length: int = typer.Option(
         AblationSettings.length, "--length", "-n", help="Tokens per sample (default: the run's shortest)."
     ),
@@ -80,7 +84,8 @@ def ablate(
     draws: int = typer.Option(AblationSettings.draws, min=1, help="Random head sets per k."),
     control: str = typer.Option(
         AblationSettings.control,
-        help="Random heads from all layers, or from the top heads' layers (same_layers: controls for depth).",
+        help="Random heads from outside the top max(k) heads (non_top, Wu et al.), outside the top k (all), or "
+        "outside the top k in the top heads' layers (same_layers: controls for depth).",
     ),
     scan: bool = typer.Option(AblationSettings.scan, "--scan", help="Also ablate every head alone."),
     model: str = typer.Option(None, "--model", "-m", help="Model (default: the run's)."),
@@ -88,7 +93,8 @@ def ablate(
     seed: int = typer.Option(AblationSettings.seed, help="Seed of the samples and the random head sets."),
 ) -> None:
     """Ablate the top-k heads of a run's score against k random heads (Wu et al.'s masking
-    experiment); tables and figures go into the run folder."""
+    experiment: by default uniform attention in decoding steps, measured by needle accuracy);
+    tables and figures go into the run folder."""
     from probes.ablation import rank_heads, run_ablation
     from workbench.runs import Run
 

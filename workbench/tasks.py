@@ -177,6 +177,19 @@ def needle_samples(
     return samples
 
 
+def answer_span(sample: TaskSample) -> range:
+    """Token positions of the answer inside a needle sample's needle (the digits of "The secret
+    code of NAME is DIGITS."): the last place inside ``needle`` that holds ``answer``'s tokens."""
+    if sample.needle is None or sample.answer is None:
+        raise WorkbenchError("answer_span needs a needle sample (workbench.tasks.needle_samples)")
+    inside = sample.ids[sample.needle.start : sample.needle.stop]
+    n = len(sample.answer)
+    for at in range(len(inside) - n, -1, -1):
+        if torch.equal(inside[at : at + n], sample.answer.to(inside.device)):
+            return range(sample.needle.start + at, sample.needle.start + at + n)
+    raise WorkbenchError("the needle does not hold the answer's tokens: not a needle sample of workbench.tasks")
+
+
 def repeat_samples(tokenizer, period: int, repeats: int = 2, n: int = 8, seed: int = 0) -> list[TaskSample]:
     """``n`` samples of ``repeats`` copies of a random sequence of ``period`` tokens (after BOS),
     drawn from the tokenizer's ordinary (non-special) tokens, all different within a period

@@ -68,7 +68,7 @@ def test_prompt_errors_are_readable(zoo):
 def test_run_and_sae_readers(explorer_folders, tmp_path):
     run = Run.open(explorer_folders.run)
     assert run.tables() == sorted(
-        ["head_scores", "profiles", "retrieval", "scan_needle_accuracy_zero", run.manifest["ablations"][0]["table"]]
+        ["head_scores", "profiles", "retrieval", "scan_needle_accuracy_uniform", run.manifest["ablations"][0]["table"]]
     )
     hs = run.table("head_scores")
     summary = head_summary(hs, 1, 1)

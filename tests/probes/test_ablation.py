@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import json
 import shutil
@@ -163,7 +165,7 @@ def test_bad_input(zoo, scored):
     with pytest.raises(WorkbenchError, match=r"out of range: the model has 2 layers of 4 heads"):
         with ablation.ablate(zoo, [(2, 0)]):
             pass
-    with pytest.raises(WorkbenchError, match="choose one of: zero, mean, resample"):
+    with pytest.raises(WorkbenchError, match="choose one of: zero, mean, resample, uniform"):
         with ablation.ablate(zoo, [(0, 0)], "nope"):
             pass
     with pytest.raises(WorkbenchError, match="needs reference token ids"):
@@ -205,9 +207,9 @@ def test_ablate_command(scored):
     assert result.exit_code == 0, result.output
     assert "induction_accuracy" in result.output and "random" in result.output
     run = Run.open(scored.path)
-    table = run.table("ablation_induction_induction_accuracy_zero_all")
+    table = run.table("ablation_induction_induction_accuracy_zero_non_top")
     assert set(table["selection"]) == {"none", "top", "random"} and set(table["k"]) == {0, 1, 2}
-    assert (scored.path / "figures" / "ablation_induction_induction_accuracy_zero_all.html").exists()
+    assert (scored.path / "figures" / "ablation_induction_induction_accuracy_zero_non_top.html").exists()
     assert run.manifest["ablations"][-1]["metric"] == "induction_accuracy"
     for args, message in (
         (["--rank-by", "sink"], "no 'sink' score"),
@@ -246,7 +248,7 @@ def test_the_workbench_command_has_the_probes_commands():
         ({"task": "repeats", "metric": "nope"}, "choose from: induction_accuracy"),
         ({"method": "resample"}, "resample ablation needs reference inputs"),
         ({"method": "shuffle", "task": "text"}, "unknown ablation method 'shuffle'"),
-        ({"control": "nearby"}, "control must be 'all' or 'same_layers'"),
+        ({"control": "nearby"}, "control must be one of 'non_top', 'all', 'same_layers'"),
         ({"task": "repeats", "length": 4}, "--length 4 is too short for repeats samples"),
         ({"draws": 0}, "samples and draws must be at least 1"),
         ({"samples": 0}, "samples and draws must be at least 1"),
@@ -278,15 +280,15 @@ def test_ablation_settings_resolve_defaults_and_build_their_samples(zoo):
     ]
     settings = AblationSettings(rank_by="retrieval", ks=[1, 2], length=128, samples=2, depths=[0.25, 0.75])
     assert settings.ks == (1, 2) and settings.depths == (0.25, 0.75)
-    assert settings.table_name == "ablation_retrieval_needle_accuracy_zero_all"
-    assert settings.scan_name == "scan_needle_accuracy_zero"
+    assert settings.table_name == "ablation_retrieval_needle_accuracy_uniform_non_top"  # Wu et al.'s experiment
+    assert settings.scan_name == "scan_needle_accuracy_uniform"
     assert settings.config == {
         "rank_by": "retrieval",
         "task": "niah",
         "metric": "needle_accuracy",
-        "method": "zero",
+        "method": "uniform",
         "length": 128,
-        "control": "all",
+        "control": "non_top",
     }
     items = settings.samples_for(zoo.tokenizer)
     want = needle_samples(zoo.tokenizer, [128], [0.25, 0.75], 2, seed=ablation.FRESH_SAMPLES)
@@ -300,9 +302,10 @@ def test_the_ablate_options_default_to_the_settings():
     options = {name: p.default.default for name, p in inspect.signature(ablate).parameters.items()}
     defaults = AblationSettings()
     assert parse_list(options["k"], int) == defaults.ks
-    for name in ("rank_by", "score_task", "task", "method", "length", "samples", "draws", "control", "scan", "seed"):
+    for name in ("rank_by", "score_task", "task", "length", "samples", "draws", "control", "scan", "seed"):
         assert options[name] == getattr(defaults, name), name
     assert options["metric"] is None  # the task's default metric, resolved by the settings
+    assert options["method"] is None  # the metric's default method, resolved by the settings
 
 
 def test_run_ablation_resolves_the_adapter_once_and_writes_what_the_explorer_reads(zoo, scored, tmp_path, monkeypatch):
@@ -321,7 +324,7 @@ def test_run_ablation_resolves_the_adapter_once_and_writes_what_the_explorer_rea
     result = ablation.run_ablation(run.path, zoo, settings, progress=False)
     assert len(built) == 1
     assert result.settings.length == 256  # the run's shortest
-    name = "ablation_induction_induction_accuracy_zero_all"
+    name = "ablation_induction_induction_accuracy_zero_non_top"
     assert result.path == run.path / f"{name}.parquet"
     reopened = Run.open(run.path)
     table = reopened.table(name)
@@ -354,3 +357,120 @@ def test_run_ablation_resolves_the_adapter_once_and_writes_what_the_explorer_rea
     # running again replaces the entry of the same table instead of adding one
     ablation.run_ablation(reopened, zoo, settings, progress=False)
     assert [a["table"] for a in Run.open(run.path).manifest["ablations"]].count(name) == 1
+
+
+# Wu et al.'s masking: uniform attention in decoding steps, the non-top control, ROUGE-scored decoding.
+
+
+def _decode_steps(model, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Wu et al.'s decoding on a TransformerLens model: prefill all but the last prompt token,
+    then ``steps`` greedy decoding steps from it. Returns the prefill's logits and each step's."""
+    adapter = adapter_for(model)
+    with torch.no_grad():
+        prefill, cache = adapter.prefill(ids[:, :-1])
+        token, out = ids[:, -1:], []
+        for _ in range(steps):
+            logits, cache = adapter.decode(token, cache)
+            out.append(logits)
+            token = logits.argmax(-1, keepdim=True)
+    return prefill, out
+
+
+@pytest.mark.parametrize("instrumented", [False, True])
+def test_uniform_masking_equals_uniform_pattern_rows_in_decoding_steps(zoo, instrumented):
+    """Masking heads the uniform way equals, computed independently, TransformerLens's own
+    forward with those heads' pattern rows replaced by 1 / (keys the row sees) in the decoding
+    steps only: the prefill is unchanged, every decoding step's logits agree (also while the
+    statistics are recorded), and the masking changes them."""
+    heads = [(1, 1), (0, 2)]
+    ids = torch.randint(3, 250, (2, 48), generator=torch.Generator().manual_seed(SEED))
+    clean_prefill, clean = _decode_steps(zoo, ids, 4)
+    recording = instrument(zoo) if instrumented else contextlib.nullcontext()
+    with recording, ablation.ablate(zoo, heads, "uniform"):
+        masked_prefill, masked = _decode_steps(zoo, ids, 4)
+
+    def uniform_rows(pattern, hook, head):  # [B, H, Nq, Nk]; a decoding step has one row, seeing every key
+        n_q, n_k = pattern.shape[-2:]
+        if n_q != 1:  # the prefill: unchanged
+            return pattern
+        pattern = pattern.clone()
+        pattern[:, head] = 1.0 / n_k
+        return pattern
+
+    hooks = [(f"blocks.{l}.attn.hook_pattern", functools.partial(uniform_rows, head=h)) for l, h in heads]
+    with zoo.hooks(fwd_hooks=hooks):
+        by_hand_prefill, by_hand = _decode_steps(zoo, ids, 4)
+    torch.testing.assert_close(masked_prefill, clean_prefill, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(by_hand_prefill, clean_prefill, atol=1e-4, rtol=1e-4)
+    for step, (got, want, plain) in enumerate(zip(masked, by_hand, clean)):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=f"step {step}")
+        assert (got - plain).abs().max() > 1e-2, f"step {step}: the masking changed nothing"
+
+
+def test_uniform_masking_of_the_planted_heads():
+    """On the planted model (docs/planted.md), masking the copying head the uniform way destroys
+    needle accuracy; masking the dormant head (writes nothing) or the uniform head (already
+    uniform) leaves every generated token as it was."""
+    from workbench.models import task_tokenizer
+    from workbench.zoo.planted import ROLES, planted
+
+    model = planted(context=1024, seed=SEED % 1000)
+    samples = needle_samples(task_tokenizer(model), [300], [0.2, 0.8], 3, seed=SEED)
+    accuracy = ablation.needle_accuracy(samples)
+    clean = ablation.greedy_answers(model, samples)
+    assert accuracy(model) == 1.0
+    with ablation.ablate(model, [ROLES["induction"]], "uniform"):
+        assert accuracy(model) == 0.0
+    for role in ("dormant", "uniform"):
+        with ablation.ablate(model, [ROLES[role]], "uniform"):
+            assert ablation.greedy_answers(model, samples) == clean, role
+
+
+def test_greedy_answers_stop_at_a_newline_or_the_budget(zoo):
+    """Decoding stops after the first token whose text holds a newline, else after 50 tokens or
+    where the context ends; what it generates is what plain greedy decoding generates."""
+    from workbench.scoring.formulas import MAX_ANSWER_TOKENS
+
+    samples = needle_samples(zoo.tokenizer, [256], [0.1, 0.5, 0.9], 3, seed=SEED)
+    answers = ablation.greedy_answers(zoo, samples, batch_size=4)
+    newline = [a for a in answers if "\n" in zoo.tokenizer.decode(a)]
+    assert newline and all(
+        "\n" in zoo.tokenizer.decode(a[-1:]) and "\n" not in zoo.tokenizer.decode(a[:-1]) for a in newline
+    )
+    assert all(len(a) == MAX_ANSWER_TOKENS for a in answers if a not in newline)
+    with torch.no_grad():  # the first answer again, by full forwards
+        ids = samples[0].ids.unsqueeze(0)
+        for token in answers[0]:
+            assert int(zoo(ids)[0, -1].argmax()) == token
+            ids = torch.cat([ids, torch.tensor([[token]])], 1)
+    near_end = needle_samples(zoo.tokenizer, [zoo.cfg.n_ctx], [0.5], 1, seed=SEED)
+    budget = zoo.cfg.n_ctx - len(near_end[0].ids) + 1  # the row predicting a token must lie in the context
+    assert budget == len(near_end[0].answer) + 1
+    assert len(ablation.greedy_answers(zoo, near_end)[0]) <= budget
+
+
+def test_the_non_top_control_never_draws_a_top_head(zoo):
+    """Wu et al.'s control: random heads from outside the top max(k) heads, for every k."""
+    ranking = [(1, 2), (1, 1), (0, 3), (0, 0), (1, 0), (0, 1), (0, 2), (1, 3)]
+    table = ablation.cumulative(zoo, lambda m: 0.0, ranking, ks=[1, 3], draws=20, seed=SEED, progress=False)
+    drawn = {h for heads in table.query("selection == 'random'")["heads"] for h in heads.split()}
+    assert drawn == {"0.0", "1.0", "0.1", "0.2", "1.3"}  # every head outside the top 3, and only those
+    assert list(table.query("selection == 'top'")["heads"]) == ["1.2", "1.2 1.1 0.3"]
+    for selection, heads in table.query("selection == 'random'")[["k", "heads"]].itertuples(index=False):
+        assert len(heads.split()) == selection
+
+
+def test_uniform_masking_refusals(zoo):
+    with pytest.raises(WorkbenchError, match="TransformerLens models only"):
+        with ablation.ablate(tiny_llama(), [(0, 0)], "uniform"):
+            pass
+    with pytest.raises(WorkbenchError, match="does not decode"):
+        AblationSettings(metric="answer_logprob", method="uniform")
+    assert AblationSettings().method == "uniform" and AblationSettings().control == "non_top"
+    assert AblationSettings(metric="answer_logprob").method == "zero"
+    assert AblationSettings(task="repeats").method == "zero"
+    samples = needle_samples(zoo.tokenizer, [128], [0.5], 1, seed=SEED)
+    ids = torch.stack([s.ids for s in samples])
+    with pytest.raises(WorkbenchError, match="resample ablation replaces z position by position"):
+        with ablation.ablate(zoo, [(1, 1)], "resample", reference=ids):
+            ablation.needle_accuracy(samples)(zoo)

@@ -145,7 +145,8 @@ def _tables(run) -> dict[str, pd.DataFrame]:
 
 
 def test_chunked_scoring_run_equals_one_pass(zoo, tmp_path):
-    base = ScoreRunSettings(model="zoo-2l", lengths=(256,), samples=1, depths=(0.5,), backend="reference")
+    # depth 0.1: zoo-2l retrieves this sample's answer (ROUGE-1 recall > 0.5), so the retrieval table holds values
+    base = ScoreRunSettings(model="zoo-2l", lengths=(256,), samples=1, depths=(0.1,), backend="reference")
     chunked = dataclasses.replace(base, prefill_chunk=100)
     a = _tables(score_model(zoo, base, tmp_path / "whole", progress=False))
     b = _tables(score_model(zoo, chunked, tmp_path / "chunked", progress=False))

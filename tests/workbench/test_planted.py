@@ -16,6 +16,7 @@ from workbench.instrument import instrument
 from workbench.models import task_tokenizer
 from workbench.scoring import ScoreRunSettings, score_model
 from workbench.scoring.plan import plan
+from workbench.scoring.tables import sink_values
 from workbench.tasks import needle_samples, repeat_samples
 from workbench.zoo.planted import LOCAL_SLOPE, MATCH, ROLES, planted
 
@@ -36,12 +37,13 @@ def model():
     return planted(context=CONTEXT, seed=SEED % 1000)
 
 
-def score(model, settings: ScoreRunSettings, out) -> tuple[pd.DataFrame, dict]:
-    """``head_scores`` and the summary of a scoring run (figures left out: they are slow)."""
+def score(model, settings: ScoreRunSettings, out) -> tuple[pd.DataFrame, dict, pd.DataFrame]:
+    """``head_scores``, the summary and the per-(sample, layer, head) sink scores
+    (:func:`~workbench.scoring.tables.sink_values`) of a scoring run (figures left out: they are slow)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("workbench.plots.save_figures", lambda figures, folder: [])
         run = score_model(model, settings, out, progress=False)
-    return run.table("head_scores"), run.manifest["summary"]
+    return run.table("head_scores"), run.manifest["summary"], sink_values(run.read_parts())
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +74,15 @@ def expected(settings: ScoreRunSettings, model, task: str) -> dict[str, float]:
 
 
 def role_problems(
-    head_scores: pd.DataFrame, summary: dict, want: dict[str, dict[str, float]] | None = None
+    head_scores: pd.DataFrame,
+    summary: dict,
+    sinks: pd.DataFrame,
+    want: dict[str, dict[str, float]] | None = None,
 ) -> list[str]:
     """Each way the scores miss the planted roles (:data:`ROLES`), as sentences; [] when every
     score ranks its planted head first with the value the construction implies. Checks only
-    the scores and tasks that ``head_scores`` holds; ``want``: per task, :func:`expected`."""
+    the scores and tasks that ``head_scores`` holds; ``sinks``: the run's per-(sample, layer,
+    head) sink scores; ``want``: per task, :func:`expected`."""
     problems, wanted = [], want or {}
     n_heads = head_scores.groupby(["layer", "head"]).ngroups
 
@@ -109,9 +115,13 @@ def role_problems(
                     )
             if sink[ROLES["sink"]] < sink.max() - 1e-6:
                 problems.append(f"{task} sink: the sink head is not first ({sink.idxmax()} is)")
-            rate = summary.get(f"sink_rate[{task}]")
-            if rate is None or abs(rate - float((sink > 0.3).sum()) / n_heads) > 1e-9 or rate < 2 / n_heads:
-                problems.append(f"{task}: sink rate {rate} does not count the sink heads {(sink > 0.3).sum()}")
+            # Gu et al.: the share of (sample, layer, head) above 0.3, the sink and dormant heads in every sample
+            rate, triples = summary.get(f"sink_rate[{task}]"), sinks[sinks["task"] == task]
+            planted_sinks = triples.set_index(["layer", "head"]).loc[[ROLES["sink"], ROLES["dormant"]], "value"]
+            if rate is None or abs(rate - float((triples["value"] > 0.3).mean())) > 1e-9 or rate < 2 / n_heads:
+                problems.append(f"{task}: sink rate {rate} is not the share of (sample, layer, head) above 0.3")
+            if not (planted_sinks > 0.999).all():
+                problems.append(f"{task}: the sink and dormant heads are not sinks in every sample")
         ent, norm = values(task, "entropy"), values(task, "entropy_norm")
         if ent is not None:
             mine, best = float(ent[ROLES["uniform"]]), ent.drop(ROLES["uniform"]).max()
@@ -153,10 +163,10 @@ def role_problems(
 
 
 def test_every_score_finds_its_planted_head(scored, model):
-    head_scores, summary = scored
+    head_scores, summary, sinks = scored
     want = {task: expected(SETTINGS, model, task) for task in SETTINGS.tasks}
     print(summary, want)
-    assert role_problems(head_scores, summary, want) == []
+    assert role_problems(head_scores, summary, sinks, want) == []
 
 
 def test_a_broken_previous_token_head_is_reported(model, tmp_path):
@@ -168,7 +178,7 @@ def test_a_broken_previous_token_head_is_reported(model, tmp_path):
         model="planted", tasks=("repeats",), lengths=(256,), samples=1, backend="reference", seed=SEED % 1000
     )
     want = {"repeats": expected(settings, model, "repeats")}
-    problems = role_problems(*score(broken, settings, tmp_path / "broken"), want)
+    problems = role_problems(*score(broken, settings, tmp_path / "broken"), want=want)
     assert any("previous_token" in p for p in problems), problems  # the intact model passes: the first test
 
 

@@ -310,7 +310,9 @@ def test_ablating_the_top_retrieval_head_hurts_retrieval_most(zoo, tmp_path):
         return run.manifest["summary"]["needle_accuracy"]
 
     accuracy = {head: accuracy_without(head) for head in range(4)}
-    assert base.manifest["summary"]["needle_accuracy"] >= 0.5
+    # Wu et al.'s rule (ROUGE-1 recall > 0.5) does not count a code the model runs on into more
+    # digits: 8 of these 24 are retrieved (the old exact-prefix rule counted 17; docs/scores.md)
+    assert base.manifest["summary"]["needle_accuracy"] >= 0.25
     assert accuracy[top] < min(a for h, a in accuracy.items() if h != top)
 
 

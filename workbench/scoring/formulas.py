@@ -17,6 +17,8 @@ Example:
 from __future__ import annotations
 
 import math
+import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -45,8 +47,10 @@ SCORES: dict[str, Score] = {
         Score(
             "sink",
             TASKS,
-            "mean over query rows of the attention mass on the first `sink_tokens` keys",
-            "Gu et al. 2025, When Attention Sink Emerges in Language Models (a sink head exceeds 0.3)",
+            "mean over query rows of the attention mass on the first `sink_tokens` keys (with one sink "
+            "token: the mean attention the first token receives over the queries that see it)",
+            "Gu et al. 2025, When Attention Sink Emerges in Language Models (sink rate: the share of "
+            "(sample, layer, head) whose first-token score exceeds 0.3)",
         ),
         Score(
             "learned_sink",
@@ -100,30 +104,64 @@ SCORES: dict[str, Score] = {
         Score(
             "retrieval",
             ("niah",),
-            "while greedily decoding the needle's answer: hits / answer tokens, where a "
-            "step is a hit when the head's most-attended key is inside the needle and holds the token being "
-            "generated; averaged over the samples answered exactly",
-            "Wu et al. 2025, Retrieval Head Mechanistically Explains Long-Context Factuality (heads > 0.1)",
+            "greedy decoding after the question until a newline token or 50 tokens; per generated token, "
+            "+1/|answer| when the head's most-attended key (in the row that predicted the token) lies inside "
+            "the needle's answer span and holds that token; averaged over the samples whose answer is "
+            "retrieved (ROUGE-1 recall > 0.5), the others dropped",
+            "Wu et al. 2025, Retrieval Head Mechanistically Explains Long-Context Factuality, and their "
+            "retrieval_head_detection.py (a retrieval head scores > 0.1)",
         ),
     )
 }
 
 
+#: Gu et al.'s epsilon: a (sample, layer, head) whose first-token score exceeds it is a sink.
+SINK_THRESHOLD = 0.3
+#: Wu et al.: a head whose retrieval score exceeds it is a retrieval head.
+RETRIEVAL_THRESHOLD = 0.1
+#: Wu et al.: a sample counts (its answer is retrieved) when the ROUGE-1 recall of the generated
+#: text against the answer exceeds it.
+ROUGE_THRESHOLD = 0.5
+#: Wu et al.: greedy decoding after the question stops after this many generated tokens (or at a
+#: newline token, whichever comes first).
+MAX_ANSWER_TOKENS = 50
+#: The version of the score definitions above; run manifests record it (``score_definitions``).
+#: 2: retrieval decodes to a newline or 50 tokens and counts samples by ROUGE-1 recall; the sink
+#: rate counts (sample, layer, head) triples. 1 (runs without the entry): exactly ``len(answer)``
+#: tokens decoded, samples counted when answered exactly, sink rate over per-head means.
+SCORE_DEFINITIONS = 2
+
+
 @dataclass(frozen=True)
 class ScoreSettings:
     """``sink_tokens``: keys that count as the sink; ``window``: the recent-key window of the
-    streaming score; ``sink_threshold``: sink score above which a head is a sink head (the
-    model's sink rate is the share of such heads; Gu et al. use 0.3)."""
+    streaming score; ``sink_threshold``: first-token score above which a (sample, layer, head)
+    is a sink (the model's sink rate is the share of such triples; Gu et al. use 0.3);
+    ``retrieval_threshold``: retrieval score above which a head is a retrieval head (Wu et al.
+    use 0.1)."""
 
     sink_tokens: int = 1
     window: int = 64
-    sink_threshold: float = 0.3
+    sink_threshold: float = SINK_THRESHOLD
+    retrieval_threshold: float = RETRIEVAL_THRESHOLD
 
     def __post_init__(self) -> None:
         if self.sink_tokens < 1 or self.window < 1:
             raise WorkbenchError(f"sink_tokens and window must be >= 1, got {self.sink_tokens} and {self.window}")
         if not 0.0 < self.sink_threshold < 1.0:
             raise WorkbenchError(f"sink_threshold must lie in (0, 1), got {self.sink_threshold}")
+        if not 0.0 <= self.retrieval_threshold:
+            raise WorkbenchError(f"retrieval_threshold must be >= 0, got {self.retrieval_threshold}")
+
+    def definitions(self) -> dict:
+        """What decides the model-level numbers, as run manifests record it."""
+        return {
+            "version": SCORE_DEFINITIONS,
+            "sink_threshold": self.sink_threshold,
+            "retrieval_threshold": self.retrieval_threshold,
+            "rouge1_recall_threshold": ROUGE_THRESHOLD,
+            "max_answer_tokens": MAX_ANSWER_TOKENS,
+        }
 
 
 def scores_for(tasks: Sequence[str], learned_sinks: bool = False) -> list[str]:
@@ -241,20 +279,80 @@ def prefill_tallies(
     return out
 
 
-def retrieval_hits(keys: torch.Tensor, ids: torch.Tensor, needle: range, generated: Sequence[int]) -> torch.Tensor:
-    """Per head ``[layer, head]``: the decoding steps whose most-attended key lies inside
-    ``needle`` and holds the token generated at that step.
+def retrieval_hits(keys: torch.Tensor, ids: torch.Tensor, span: range, generated: Sequence[int]) -> torch.Tensor:
+    """Per head ``[layer, head]``: the generated tokens whose row's most-attended key lies inside
+    ``span`` (the needle's answer) and holds the token generated (Wu et al.'s hit; the score adds
+    ``1 / len(span)`` per hit).
 
-    ``keys [step, layer, head]``: argmax key of the row that predicted each generated token;
-    ``ids [tokens]``: the prompt followed by the generated tokens (keys index into it).
+    ``keys [step, layer, head]``: argmax key of the row that predicted each generated token (step
+    0: the prompt's last row); ``ids [tokens]``: the prompt followed by the generated tokens (keys
+    index into it); ``generated``: the generated tokens, one per step.
     """
-    inside = (keys >= needle.start) & (keys < needle.stop)
+    inside = (keys >= span.start) & (keys < span.stop)
     held = ids.to(keys.device)[keys.clamp(0, len(ids) - 1)]
     target = torch.as_tensor(list(generated), device=keys.device).view(-1, 1, 1)
     return (inside & (held == target)).sum(0).double()
 
 
-def sink_rate(sink: torch.Tensor, threshold: float) -> float:
-    """Share of heads whose sink score exceeds ``threshold`` (Gu et al.'s sink rate)."""
-    finite = sink[~torch.isnan(sink)]
+def share_above(values: torch.Tensor, threshold: float) -> float:
+    """Share of the non-NaN ``values`` (any shape) that exceed ``threshold``; NaN when none.
+
+    The sink rate (Gu et al.): ``values`` = first-token scores, one per (sample, layer, head),
+    threshold 0.3. The retrieval-head rate (Wu et al.): ``values`` = retrieval scores, one per
+    head, threshold 0.1."""
+    finite = values[~torch.isnan(values)]
     return float((finite > threshold).double().mean()) if finite.numel() else math.nan
+
+
+def sink_rate(sink: torch.Tensor, threshold: float = SINK_THRESHOLD) -> float:
+    """Gu et al.'s sink rate: the share of ``sink`` values (first-token scores, one per
+    (sample, layer, head)) that exceed ``threshold``."""
+    return share_above(sink, threshold)
+
+
+_NON_ALPHANUMERIC = re.compile(r"[^a-z0-9]+")
+
+
+def rouge_tokens(text: str) -> list[str]:
+    """ROUGE's words: lower-cased, every run of characters other than ``a-z0-9`` a separator.
+    This is rouge_score's tokenisation without its optional stemmer (``use_stemmer=False``, its
+    default); Wu et al. stem (Porter, words longer than 3 letters), which leaves digit strings
+    unchanged."""
+    return _NON_ALPHANUMERIC.sub(" ", text.lower()).split()
+
+
+def rouge1_recall(generated: str, reference: str) -> float:
+    """ROUGE-1 recall: the reference's words that the generated text holds (each word counted at
+    most as often as the generated text has it) / the reference's words; 0 for an empty
+    reference, as rouge_score gives."""
+    want, got = Counter(rouge_tokens(reference)), Counter(rouge_tokens(generated))
+    total = sum(want.values())
+    return sum(min(n, got[w]) for w, n in want.items()) / total if total else 0.0
+
+
+def answer_retrieved(generated: str, answer: str) -> bool:
+    """Wu et al.'s success rule: ROUGE-1 recall of the generated text against the answer above
+    :data:`ROUGE_THRESHOLD`. For a one-word answer (our needle's digits) it means the generated
+    text holds the answer as a whole word."""
+    return rouge1_recall(generated, answer) > ROUGE_THRESHOLD
+
+
+def answer_budget(prompt_tokens: int, context: int | None) -> int:
+    """How many tokens greedy decoding may generate after a prompt: :data:`MAX_ANSWER_TOKENS`,
+    or fewer where the model's ``context`` ends (the row predicting a token must lie inside it:
+    ``context - prompt_tokens + 1``). Needle samples leave room for the answer, so this is at
+    least ``len(answer) + 1`` on them."""
+    if context is None:
+        return MAX_ANSWER_TOKENS
+    return max(1, min(MAX_ANSWER_TOKENS, context - prompt_tokens + 1))
+
+
+def ends_answer(tokenizer, token: int) -> bool:
+    """Whether decoding stops after ``token``: its text holds a newline (Wu et al. stop at the
+    newline token; this also covers tokens such as ``"\\n\\n"`` or ``".\\n"``)."""
+    return "\n" in tokenizer.decode([int(token)])
+
+
+def answer_text(tokenizer, tokens: Sequence[int]) -> str:
+    """The text of generated tokens as Wu et al. score it: special tokens skipped, stripped."""
+    return tokenizer.decode([int(t) for t in tokens], skip_special_tokens=True).strip()

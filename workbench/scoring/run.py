@@ -32,11 +32,11 @@ from workbench.adapters import ModelAdapter, adapter_for
 from workbench.errors import WorkbenchError
 from workbench.models import task_tokenizer
 from workbench.runs import SCORING_TABLES, Run, prepare
-from workbench.scoring.formulas import sink_rate
+from workbench.scoring.formulas import SCORE_DEFINITIONS, ScoreSettings
 from workbench.scoring.plan import Unit, plan
 from workbench.scoring.sample import score_sample
 from workbench.scoring.settings import ScoreRunSettings, check_model
-from workbench.scoring.tables import aggregate
+from workbench.scoring.tables import aggregate, model_summary
 
 
 def score_model(
@@ -183,6 +183,15 @@ def _open_for_scoring(
         )
     todo = _resume_point(run, units, stacklevel=4)
     damaged = [t for t in run.damaged_tables() if t in SCORING_TABLES] if run.complete else []
+    if todo or damaged or not run.complete:  # a finished run of any definitions opens as it is
+        check_definitions(run, settings)
+    elif _definitions(run) < SCORE_DEFINITIONS:
+        warnings.warn(
+            f"the run in {run.path} was scored with the score definitions of version {_definitions(run)} "
+            f"(docs/scores.md); these are version {SCORE_DEFINITIONS}: use --force to score it again",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     if damaged:
         warnings.warn(
             f"the run in {run.path}: {', '.join(f'{t}.parquet' for t in damaged)} damaged (sha256 differs "
@@ -270,31 +279,49 @@ def _resume_point(run: Run, units: list[Unit], stacklevel: int = 3) -> list[Unit
     return [u for u in units if states[u.key] != "done"]
 
 
+def _definitions(run: Run) -> int:
+    """The version of the score definitions a run was scored with (1: before the manifest said)."""
+    recorded = run.manifest.get("score_definitions")
+    return int(recorded.get("version", 1)) if isinstance(recorded, dict) else 1
+
+
+def check_definitions(run: Run, settings: ScoreRunSettings) -> None:
+    """Refuse to add to or rebuild a needle run scored with earlier definitions (its parts hold
+    the old retrieval and needle numbers: exactly ``len(answer)`` decoded tokens, samples counted
+    when answered exactly). Runs without the needle task read the same as before (the sink rate
+    is recomputed from their per-sample parts) and pass."""
+    version = _definitions(run)
+    if version < SCORE_DEFINITIONS and "niah" in settings.tasks:
+        raise WorkbenchError(
+            f"the run in {run.path} was scored with the score definitions of version {version}: its needle "
+            "samples decoded exactly len(answer) tokens and counted only exact answers, where these decode to a "
+            "newline or 50 tokens and count answers by ROUGE-1 recall (docs/scores.md). Its tables still open "
+            "(workbench runs show), but it cannot be continued or rebuilt: score it again with --force, or "
+            "into another folder"
+        )
+
+
 def finish(run: Run, settings: ScoreRunSettings) -> None:
-    """Aggregate the parts into the tables, draw the figures, mark the run complete."""
+    """Aggregate the parts into the tables, draw the figures, mark the run complete (the
+    manifest's ``summary``: :func:`~workbench.scoring.tables.model_summary`; its
+    ``score_definitions``: the definitions they follow). Refuses a needle run scored with
+    earlier definitions (:func:`check_definitions`)."""
     from workbench.plots import run_figures, save_figures
 
+    check_definitions(run, settings)
     parts = run.read_parts()
     tables = aggregate(parts)
     for name, table in tables.items():
         run.write_table(name, table)
-    head_scores = tables["head_scores"]
-    summary: dict = {}
-    threshold = settings.score_settings.sink_threshold
-    sinks = head_scores[head_scores["score"] == "sink"]
-    for task, group in sinks.groupby("task"):
-        summary[f"sink_rate[{task}]"] = sink_rate(torch.tensor(group["value"].to_numpy()), threshold)
-    needles = parts[parts["name"] == "needle_accuracy"]
-    if len(needles):
-        summary["needle_accuracy"] = float(needles["total"].mean())
-        for length, group in needles.groupby("length"):
-            summary[f"needle_accuracy[{length}]"] = float(group["total"].mean())
+    score_settings = settings.score_settings
+    summary = model_summary(parts, tables["head_scores"], score_settings)
     seconds = parts[parts["name"] == "seconds"]
     run.manifest["timings"] = {
         "sample_seconds": float(seconds["total"].sum()),
         **{f"{t}_seconds": float(g["total"].sum()) for t, g in seconds.groupby("task")},
     }
     run.manifest["summary"] = summary
+    run.manifest["score_definitions"] = score_settings.definitions()
     run.manifest["figure_warnings"] = save_figures(run_figures(tables), run.path / "figures")
     run.manifest["finished"] = _now()
     run.mark_complete()  # the manifest, written last, commits the run
@@ -313,6 +340,7 @@ def _manifest(adapter: ModelAdapter) -> dict:
             "context": adapter.context,
             "dtype": str(param.dtype).removeprefix("torch."),
         },
+        "score_definitions": ScoreSettings().definitions(),
         "device": str(param.device) + (f" ({torch.cuda.get_device_name(param.device)})" if param.is_cuda else ""),
         "versions": versions(),
         "git_revision": git_revision(),

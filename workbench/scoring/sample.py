@@ -18,18 +18,23 @@ from workbench.chunked import chunked_prefill
 from workbench.context_parallel import ContextParallel
 from workbench.errors import WorkbenchError
 from workbench.instrument import instrument
+from workbench.models import task_tokenizer
 from workbench.recording import StreamingSummary
 from workbench.scoring.formulas import (
     SCORES,
     ScoreSettings,
     Tally,
+    answer_budget,
+    answer_retrieved,
+    answer_text,
+    ends_answer,
     prefill_tallies,
     retrieval_hits,
     stats_spec,
 )
 from workbench.scoring.plan import Unit
 from workbench.scoring.settings import ScoreRunSettings
-from workbench.tasks import TaskSample
+from workbench.tasks import TaskSample, answer_span
 
 #: Statistics kept per position bucket (the profiles).
 PROFILE_STATISTICS = ("entropy", "sink_mass", "local_mass")
@@ -101,7 +106,14 @@ def score_sample(
 ) -> pd.DataFrame:
     """One sample's tallies: rows ``name, layer, head, bucket, total, count`` (``bucket`` -1 for
     scores, the bucket's first position for profiles; ``layer`` -1 for per-sample measures:
-    ``needle_accuracy``, ``seconds``).
+    ``needle_accuracy``, ``answer_tokens`` (tokens decoded), ``seconds``). A score's row of one
+    layer and head is that sample's own value ``total / count`` (the sink rate counts them).
+
+    The retrieval score (Wu et al.) decodes greedily after the prompt until a token holding a
+    newline, :data:`~workbench.scoring.formulas.MAX_ANSWER_TOKENS` tokens or the model's context;
+    a head's row is ``hits / len(answer)`` with count 1 when the generated text retrieves the
+    answer (ROUGE-1 recall > 0.5), total and count 0 when not (the sample is dropped); the
+    ``needle_accuracy`` row is 1 or 0 by the same rule.
 
     ``materialised=True`` (Hugging Face models; a baseline for benchmarks and checks) computes
     the same tallies from the explicit ``[head, query, key]`` pattern of eager attention, one
@@ -152,11 +164,13 @@ def score_sample(
             token = logits[0].argmax()
             return int(token if cp is None else cp.from_last_position(token))
 
-        if "retrieval" in scores:
+        if "retrieval" in scores:  # greedy decoding, as Wu et al.: to a newline token or 50 tokens
+            tokenizer = task_tokenizer(adapter.model)
+            budget = answer_budget(len(sample.ids), adapter.context)
             logits, cache = adapter.prefill(ids) if chunk is None else chunked_prefill(adapter, ids, chunk)
             generated = [next_token(logits)]
             collector.decoding = True
-            for _ in range(len(sample.answer) - 1):
+            while len(generated) < budget and not ends_answer(tokenizer, generated[-1]):
                 logits, cache = adapter.decode(torch.tensor([[generated[-1]]], device=device), cache)
                 generated.append(next_token(logits))
             del cache
@@ -169,16 +183,19 @@ def score_sample(
         counts = count.tolist() if isinstance(count, torch.Tensor) else [count] * len(total)  # per head, or one
         rows += [(name, layer, h, -1, float(t), float(c)) for h, (t, c) in enumerate(zip(total.tolist(), counts))]
     if "retrieval" in scores:
-        correct = generated == sample.answer.tolist()
+        # the sample counts when its answer is retrieved; the others are dropped (count 0), not scored 0
+        retrieved = answer_retrieved(answer_text(tokenizer, generated), answer_text(tokenizer, sample.answer))
         keys = torch.stack([torch.stack(step) for step in collector.last_keys])  # [step, layer, head]
         full = torch.cat([sample.ids, torch.tensor(generated[:-1], dtype=torch.long)])
-        hits = retrieval_hits(keys, full, sample.needle, generated) / len(generated)
+        span = answer_span(sample)
+        score = retrieval_hits(keys, full, span, generated) / len(span)
         rows += [
-            ("retrieval", layer, h, -1, float(hits[layer, h]) * correct, float(correct))
+            ("retrieval", layer, h, -1, float(score[layer, h]) * retrieved, float(retrieved))
             for layer in range(n_layers)
-            for h in range(hits.shape[1])
+            for h in range(score.shape[1])
         ]
-        rows.append(("needle_accuracy", -1, -1, -1, float(correct), 1.0))
+        rows.append(("needle_accuracy", -1, -1, -1, float(retrieved), 1.0))
+        rows.append(("answer_tokens", -1, -1, -1, float(len(generated)), 1.0))
     profile = collector.profile.to_frame()
     profile = profile[profile["rows"] > 0]
     frame = pd.DataFrame(rows, columns=["name", "layer", "head", "bucket", "total", "count"])

@@ -1,11 +1,15 @@
 """The run's tables from its part files: :func:`aggregate` turns per-sample tallies into
-``head_scores``, ``profiles`` and ``retrieval``."""
+``head_scores``, ``profiles`` and ``retrieval``; :func:`model_summary` gives the model-level
+numbers (sink rate, retrieval heads, needle accuracy) of a run's manifest."""
 
 from __future__ import annotations
 
-import pandas as pd
+import math
 
-from workbench.scoring.formulas import SCORES
+import pandas as pd
+import torch
+
+from workbench.scoring.formulas import SCORES, ScoreSettings, share_above
 
 
 def aggregate(parts: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -42,3 +46,45 @@ def aggregate(parts: pd.DataFrame) -> dict[str, pd.DataFrame]:
             ["length", "depth", "layer", "head", "value", "answered", "samples_total", "accuracy"]
         ].rename(columns={"samples_total": "samples"})
     return tables
+
+
+def sink_values(parts: pd.DataFrame) -> pd.DataFrame:
+    """One row per (task, sample, layer, head) with its own sink score ``value = total / count``
+    (Gu et al.'s first-token score of that sample, layer and head): columns ``task, length,
+    sample, layer, head, value``."""
+    rows = parts[(parts["name"] == "sink") & (parts["layer"] >= 0) & (parts["bucket"] < 0)]
+    keys = ["task", "length", "sample", "layer", "head"]
+    if rows.duplicated(keys).any():  # one row per sample, layer and head: else the rate would mix samples
+        raise ValueError("the parts hold more than one sink row per (task, length, sample, layer, head)")
+    out = rows[keys].copy()
+    out["value"] = rows["total"] / rows["count"].where(rows["count"] > 0)
+    return out.reset_index(drop=True)
+
+
+def model_summary(parts: pd.DataFrame, head_scores: pd.DataFrame, settings: ScoreSettings) -> dict:
+    """The model-level numbers of a run:
+
+    - ``sink_rate[task]``: the share of (sample, layer, head) whose sink score exceeds
+      ``settings.sink_threshold`` (Gu et al.);
+    - ``retrieval_heads``, ``retrieval_head_rate``: the heads whose retrieval score exceeds
+      ``settings.retrieval_threshold`` (Wu et al.), their number and share of all heads (NaN
+      when no sample retrieved its answer);
+    - ``needle_accuracy``, ``needle_accuracy[length]``: the share of needle samples whose
+      generated answer is retrieved (ROUGE-1 recall > 0.5), overall and per length.
+    """
+    summary: dict = {}
+    for task, group in sink_values(parts).groupby("task"):
+        summary[f"sink_rate[{task}]"] = share_above(torch.tensor(group["value"].to_numpy()), settings.sink_threshold)
+    retrieval = head_scores[head_scores["score"] == "retrieval"]
+    if len(retrieval):
+        values = torch.tensor(retrieval["value"].to_numpy(dtype=float))
+        rate = share_above(values, settings.retrieval_threshold)
+        count = int((values > settings.retrieval_threshold).sum())
+        summary["retrieval_heads"] = math.nan if math.isnan(rate) else count
+        summary["retrieval_head_rate"] = rate
+    needles = parts[parts["name"] == "needle_accuracy"]
+    if len(needles):
+        summary["needle_accuracy"] = float(needles["total"].mean())
+        for length, group in needles.groupby("length"):
+            summary[f"needle_accuracy[{length}]"] = float(group["total"].mean())
+    return summary
