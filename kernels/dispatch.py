@@ -34,6 +34,8 @@ def attention(
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
+    keep_first: int | None = None,
+    window_heads: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, AttentionStats | None]:
     """Scaled dot-product attention that optionally returns per-row and per-key statistics.
 
@@ -69,6 +71,14 @@ def attention(
             ``argmax``, the masses and ``distance`` are over the keys alone (not renormalised).
         alibi_slopes: ALiBi ``[Hq]``: each score gets ``-slope * |i - j|`` (query position ``i``,
             key ``j``), after any soft-capping.
+        keep_first: with ``window``, the first ``keep_first`` keys stay visible as well
+            (StreamingLLM's kept initial tokens, "attention sinks" as tokens; not the learned
+            logits of ``sinks``): key ``j`` is visible to the query at position ``i`` iff it is
+            visible without a window (causal, lengths) and ``i - j < window or j < keep_first``.
+            ``0`` or ``None``: the window alone. Needs ``window``.
+        window_heads: boolean ``[Hq]``: the query heads that ``window`` (and ``keep_first``)
+            restrict; the other heads attend to every key visible without a window (DuoAttention's
+            streaming and full heads). ``None``: every head. Needs ``window``.
 
     Returns:
         ``(out, stats)``: ``out [B, Hq, Nq, D]`` in the input dtype, equal to
@@ -96,8 +106,10 @@ def attention(
         softcap=softcap,
         sinks=sinks,
         alibi_slopes=alibi_slopes,
+        keep_first=keep_first,
+        window_heads=window_heads,
     )
-    per_head = dict(sinks=sinks, alibi_slopes=alibi_slopes)
+    per_head = dict(sinks=sinks, alibi_slopes=alibi_slopes, window_heads=window_heads)
     use_triton = _choose_triton(q, p, backend, mask, chunk_size)
     if q.numel() == 0 or p.n_k == 0:
         return _degenerate(q, p, stats)

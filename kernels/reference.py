@@ -46,12 +46,13 @@ def reference_attention(
     chunk_size: int | None = None,
     sinks: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
+    window_heads: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, AttentionStats | None]:
     """Attention output ``[B, Hq, Nq, D]`` and statistics, computed exactly chunk by chunk.
 
     Computes in float32 (float64 for float64 inputs); statistics come back in that dtype. The
-    variants (``p.window``, ``p.softcap``, ``sinks``, ``alibi_slopes``) are those of
-    :func:`kernels.attention`.
+    variants (``p.window``, ``p.keep_first``, ``p.softcap``, ``sinks``, ``alibi_slopes``,
+    ``window_heads``) are those of :func:`kernels.attention`.
     """
     b, hkv, g, nq, nk, d = p.batch, p.kv_heads, p.group, p.n_q, p.n_k, p.head_dim
     dev = q.device
@@ -73,6 +74,8 @@ def reference_attention(
 
     slopes = alibi_slopes.to(cd).view(1, hkv, g, 1, 1) if alibi_slopes is not None else None
     sink = sinks.to(cd).view(1, hkv, g, 1) if sinks is not None else None  # per query head
+    # Heads the window leaves alone (attending to every key), [1, Hkv, G, 1, 1]; None: none.
+    unwindowed = ~window_heads.view(1, hkv, g, 1, 1) if window_heads is not None else None
     out = torch.empty(b, hkv, g, nq, d, device=dev, dtype=q.dtype)
     want = stats is not None
     rows: dict[str, list[torch.Tensor]] = {}
@@ -93,7 +96,12 @@ def reference_attention(
         if p.causal:
             valid = valid & (rel >= 0)
         if p.window:
-            valid = valid & (rel < p.window)
+            inside = rel < p.window
+            if p.keep_first:
+                inside = inside | (kpos.view(1, 1, 1, 1, -1) < p.keep_first)
+            if unwindowed is not None:
+                inside = inside | unwindowed
+            valid = valid & inside
         if mask is not None:
             mc = mask[:, :, c0:c1].reshape(b, hkv, g, c1 - c0, nk)
             if mc.dtype == torch.bool:

@@ -28,12 +28,15 @@ host time.
 Key-mass kernel: one program per block of keys, looping over the query blocks that can see
 them, summing ``exp(s - lse)`` over rows.
 
-Attention variants (``window``, ``softcap``, ``sinks``, ``alibi_slopes``; compile-time flags, so
-plain calls compile as before):
+Attention variants (``window``, ``keep_first``, ``window_heads``, ``softcap``, ``sinks``,
+``alibi_slopes``; compile-time flags, so plain calls compile as before):
 soft-capping and ALiBi transform the scores wherever they are computed (blocks using them
 always scale first); a sliding window starts the key loop at the window's first block and
-masks the blocks it cuts; a learned sink is folded into the softmax after the key loop (one
-more logit, no value), or, with split keys, by the merge, so it counts once.
+masks the blocks it cuts; kept first keys (``keep_first``, StreamingLLM) add a masked loop over
+their own blocks before the window's, so the blocks between them are skipped; with
+``window_heads`` each row gets its head's window (heads without one see every key); a learned
+sink is folded into the softmax after the key loop (one more logit, no value), or, with split
+keys, by the merge, so it counts once.
 
 Masked scores are the finite ``_MASKED`` and the running max starts at ``_M_INIT`` (greater
 than ``_MASKED``): fully masked rows then give ``p = 0`` without ever forming ``inf - inf``.
@@ -96,15 +99,48 @@ def _variant_scores(s, qpos, offs_n, cap2, slope2, SOFTCAP: tl.constexpr, ALIBI:
 
 
 @triton.jit
-def _visible(offs_n, qpos, klen, attn_window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+def _visible(
+    offs_n,
+    qpos,
+    klen,
+    attn_window,
+    keep,
+    CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr,
+    KEEP: tl.constexpr,
+    ROWS: tl.constexpr,
+):
     """Which keys ``offs_n [BLOCK_N]`` the queries at ``qpos [BLOCK_M]`` see: inside the keys'
-    length, not after the query (CAUSAL), less than ``attn_window`` before it (WINDOW)."""
+    length, not after the query (CAUSAL), less than ``attn_window`` before it (WINDOW) or among
+    the first ``keep`` keys (KEEP). ``attn_window`` and ``keep`` are scalars, or ``[BLOCK_M]``
+    per row with ROWS (heads that the window restricts or not, :func:`_row_window`)."""
     ok = offs_n[None, :] < klen  # [1, BLOCK_N]
     if CAUSAL:
         ok = ok & (offs_n[None, :] <= qpos[:, None])  # [BLOCK_M, BLOCK_N]
     if WINDOW:
-        ok = ok & (qpos[:, None] - offs_n[None, :] < attn_window)
+        if ROWS:
+            inside = qpos[:, None] - offs_n[None, :] < attn_window[:, None]  # [BLOCK_M, BLOCK_N]
+            if KEEP:
+                inside = inside | (offs_n[None, :] < keep[:, None])
+        else:
+            inside = qpos[:, None] - offs_n[None, :] < attn_window  # [BLOCK_M, BLOCK_N]
+            if KEEP:
+                inside = inside | (offs_n[None, :] < keep)
+        ok = ok & inside
     return ok
+
+
+@triton.jit
+def _row_window(WinHeads, h, row_in, attn_window, keep_first, Nk, BLOCK_M: tl.constexpr):
+    """Per row ``[BLOCK_M]``: the window and kept first keys of the row's query head ``h`` (one
+    scalar or ``[BLOCK_M]``): ``attn_window`` and ``keep_first`` where ``WinHeads[h]`` is set,
+    else a window wider than any row (``Nk + 1``) and none kept. Rows outside ``row_in`` count
+    as windowed (they must not widen a program's key range)."""
+    hh = h + tl.zeros([BLOCK_M], dtype=tl.int64)  # [BLOCK_M]
+    on = tl.load(WinHeads + hh, mask=row_in, other=1) != 0  # [BLOCK_M]
+    win = tl.where(on, attn_window, Nk + 1)  # [BLOCK_M]
+    keep = tl.where(on, keep_first, 0)  # [BLOCK_M]
+    return win, keep
 
 
 @triton.jit
@@ -140,6 +176,7 @@ def _fwd_block(
     b,
     hk,
     attn_window,
+    keep,
     cap2,
     slope2,
     HEAD_DIM: tl.constexpr,
@@ -150,6 +187,8 @@ def _fwd_block(
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     WINDOW: tl.constexpr,
+    KEEP: tl.constexpr,
+    ROWS: tl.constexpr,
     SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr,
     ENTROPY: tl.constexpr,
@@ -163,7 +202,8 @@ def _fwd_block(
     ``acc`` is ``[BLOCK_M, BLOCK_D]``; ``m_i``, ``l_i``, ``t_i``, ``d_i``, ``arg_i``,
     ``qpos`` and ``slope2`` are ``[BLOCK_M]``; ``q`` is ``[BLOCK_M, BLOCK_D]``; ``offs_d`` is
     ``[BLOCK_D]``. MASKED blocks mask keys past ``klen``, after the query (CAUSAL) and before
-    the sliding window (WINDOW); the others are visible to every row.
+    the sliding window (WINDOW) unless kept (KEEP: keys ``< keep``); the others are visible to
+    every row. ``attn_window`` and ``keep`` are scalars, or ``[BLOCK_M]`` with ROWS.
     """
     offs_n = start_n + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
     k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # [BLOCK_D, BLOCK_N]: K transposed
@@ -188,7 +228,7 @@ def _fwd_block(
     if SCALED:
         s = _variant_scores(s * qk_scale, qpos, offs_n, cap2, slope2, SOFTCAP, ALIBI)
     if MASKED:
-        ok = _visible(offs_n, qpos, klen, attn_window, CAUSAL, WINDOW)  # [BLOCK_M or 1, BLOCK_N]
+        ok = _visible(offs_n, qpos, klen, attn_window, keep, CAUSAL, WINDOW, KEEP, ROWS)  # [BLOCK_M or 1, BLOCK_N]
         s = tl.where(ok, s, _MASKED)
     # Unscaled blocks keep raw scores: qk_scale > 0 (the host makes it so), so the max and
     # argmax of the raw scores are those of the scaled ones.
@@ -234,6 +274,7 @@ def _range_mass(
     offs_d,
     qk_scale,
     attn_window,
+    keep,
     cap2,
     slope2,
     HEAD_DIM: tl.constexpr,
@@ -241,6 +282,8 @@ def _range_mass(
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
     WINDOW: tl.constexpr,
+    KEEP: tl.constexpr,
+    ROWS: tl.constexpr,
     SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr,
     DOT_F32: tl.constexpr,
@@ -264,7 +307,7 @@ def _range_mass(
             kt = kt.to(tl.float32)
         s = tl.dot(q, kt, input_precision=PREC) * qk_scale  # [BLOCK_M, BLOCK_N] scores, log2 domain
         s = _variant_scores(s, qpos, offs_n, cap2, slope2, SOFTCAP, ALIBI)
-        ok = _visible(offs_n, qpos, klen, attn_window, CAUSAL, WINDOW)
+        ok = _visible(offs_n, qpos, klen, attn_window, keep, CAUSAL, WINDOW, KEEP, ROWS)
         ok = ok & (offs_n[None, :] >= key_lo[:, None]) & (offs_n[None, :] < key_hi[:, None])  # [BLOCK_M, BLOCK_N]
         mass += tl.sum(tl.math.exp2(tl.where(ok, s - lse2[:, None], -float("inf"))), 1)
     return mass
@@ -297,6 +340,7 @@ def _attn_fwd(
     QLen,
     Sinks,
     Slopes,
+    WinHeads,
     qk_scale,
     stride_qb,
     stride_qh,
@@ -321,6 +365,7 @@ def _attn_fwd(
     sink_tokens,
     window,
     attn_window,
+    keep_first,
     cap2,
     split_len,
     split_base,
@@ -335,6 +380,8 @@ def _attn_fwd(
     HAS_KLEN: tl.constexpr,
     HAS_QLEN: tl.constexpr,
     WINDOW: tl.constexpr,
+    KEEP: tl.constexpr,
+    HEADS: tl.constexpr,
     SOFTCAP: tl.constexpr,
     SINKS: tl.constexpr,
     ALIBI: tl.constexpr,
@@ -368,6 +415,9 @@ def _attn_fwd(
 
     Variants (:func:`kernels.attention`): WINDOW sees keys ``qpos - key < attn_window`` only
     and skips the key blocks before the window (with SPLIT, splits start at ``split_base``);
+    KEEP keeps keys ``< keep_first`` visible as well, scanning their blocks first (with SPLIT,
+    split 0 takes those below ``split_base``); HEADS applies the window to the query heads ``h``
+    with ``WinHeads[h] != 0`` only, the others seeing every key (per row in packed programs);
     SOFTCAP caps the log2-domain scores to ``cap2 * tanh(s / cap2)``; ALIBI subtracts
     ``Slopes[h] * |qpos - key|``; SINKS folds the logit ``Sinks[h]`` into the softmax of rows
     with keys after the key loop (the merge does it instead with SPLIT), so the loop's running
@@ -437,6 +487,21 @@ def _attn_fwd(
     slope2 = tl.zeros([BLOCK_M], dtype=tl.float32)  # [BLOCK_M] ALiBi slope per row, log2 domain
     if ALIBI:
         slope2 = _per_row(Slopes, h, row_in, BLOCK_M) * _LOG2E
+    # The window of the rows and the first keys kept besides it: scalars, or [BLOCK_M] with HEADS
+    # (rows of heads the window leaves alone get one wider than any row, and keep nothing).
+    win = attn_window
+    keep = keep_first
+    win_big = attn_window  # the widest window of the rows: where their keys start
+    win_small = attn_window  # the narrowest: from where every row sees every key
+    keep_big = keep_first
+    if HEADS:
+        win, keep = _row_window(WinHeads, h, row_in, attn_window, keep_first, Nk, BLOCK_M)
+        win_big = tl.max(win, 0)
+        win_small = tl.min(win, 0)
+        keep_big = tl.max(keep, 0)
+    own_lo = k_lo  # the first key of this program's share
+    if SPLIT and KEEP:  # split 0 also takes the kept keys before split_base
+        own_lo = tl.where(tl.program_id(2) == 0, 0, k_lo)
 
     # Online accumulators, one per row ([BLOCK_M]): running max (log2 domain), sum of p,
     # sum of p * (s - m) (entropy), sum of p * key position (distance), running argmax.
@@ -449,8 +514,56 @@ def _attn_fwd(
 
     k_start = k_lo
     if WINDOW:  # skip the blocks before the window; mask those it starts inside
-        win_lo = (tl.maximum(q_first + q_off - attn_window + 1, 0) // BLOCK_N) * BLOCK_N
-        win_full = tl.cdiv(tl.maximum(q_last + q_off - attn_window + 1, 0), BLOCK_N) * BLOCK_N
+        win_lo = (tl.maximum(q_first + q_off - win_big + 1, 0) // BLOCK_N) * BLOCK_N
+        win_full = tl.cdiv(tl.maximum(q_last + q_off - win_small + 1, 0), BLOCK_N) * BLOCK_N
+        if KEEP:  # the blocks of the kept first keys before the window's blocks, masked; the rest skipped
+            keep_end = tl.minimum(tl.cdiv(keep_big, BLOCK_N) * BLOCK_N, win_lo)
+            for start_n in range(own_lo, tl.minimum(keep_end, k_hi), BLOCK_N):
+                acc, m_i, l_i, t_i, d_i, arg_i = _fwd_block(
+                    acc,
+                    m_i,
+                    l_i,
+                    t_i,
+                    d_i,
+                    arg_i,
+                    q,
+                    k_base,
+                    v_base,
+                    stride_kn,
+                    stride_kd,
+                    stride_vn,
+                    stride_vd,
+                    start_n,
+                    qpos,
+                    klen,
+                    offs_d,
+                    qk_scale,
+                    desc_k,
+                    desc_v,
+                    b.to(tl.int32),
+                    hk.to(tl.int32),
+                    win,
+                    keep,
+                    cap2,
+                    slope2,
+                    HEAD_DIM,
+                    BLOCK_N,
+                    BLOCK_D,
+                    EVEN_D,
+                    False,
+                    True,
+                    CAUSAL,
+                    WINDOW,
+                    KEEP,
+                    HEADS,
+                    SOFTCAP,
+                    ALIBI,
+                    ENTROPY,
+                    DIST,
+                    ARGMAX,
+                    DOT_F32,
+                    PREC,
+                )
         win_lo = tl.maximum(win_lo, k_lo)
         k_start = tl.minimum(tl.maximum(win_full, win_lo), k_hi)
         for start_n in range(win_lo, k_start, BLOCK_N):
@@ -477,7 +590,8 @@ def _attn_fwd(
                 desc_v,
                 b.to(tl.int32),
                 hk.to(tl.int32),
-                attn_window,
+                win,
+                keep,
                 cap2,
                 slope2,
                 HEAD_DIM,
@@ -488,6 +602,8 @@ def _attn_fwd(
                 True,
                 CAUSAL,
                 WINDOW,
+                KEEP,
+                HEADS,
                 SOFTCAP,
                 ALIBI,
                 ENTROPY,
@@ -520,7 +636,8 @@ def _attn_fwd(
             desc_v,
             b.to(tl.int32),
             hk.to(tl.int32),
-            attn_window,
+            win,
+            keep,
             cap2,
             slope2,
             HEAD_DIM,
@@ -531,6 +648,8 @@ def _attn_fwd(
             False,
             CAUSAL,
             WINDOW,
+            KEEP,
+            HEADS,
             SOFTCAP,
             ALIBI,
             ENTROPY,
@@ -563,7 +682,8 @@ def _attn_fwd(
             desc_v,
             b.to(tl.int32),
             hk.to(tl.int32),
-            attn_window,
+            win,
+            keep,
             cap2,
             slope2,
             HEAD_DIM,
@@ -574,6 +694,8 @@ def _attn_fwd(
             True,
             CAUSAL,
             WINDOW,
+            KEEP,
+            HEADS,
             SOFTCAP,
             ALIBI,
             ENTROPY,
@@ -660,13 +782,14 @@ def _attn_fwd(
                 lse2,
                 qpos,
                 klen,
-                k_lo,
+                own_lo,
                 tl.minimum(sink_tokens, k_hi),
                 zero,
                 zero + sink_tokens,
                 offs_d,
                 qk_scale,
-                attn_window,
+                win,
+                keep,
                 cap2,
                 slope2,
                 HEAD_DIM,
@@ -674,6 +797,8 @@ def _attn_fwd(
                 BLOCK_N,
                 CAUSAL,
                 WINDOW,
+                KEEP,
+                HEADS,
                 SOFTCAP,
                 ALIBI,
                 DOT_F32,
@@ -681,7 +806,7 @@ def _attn_fwd(
             )  # [BLOCK_M]
             tl.store(Stats + F_SINK * n_rows + srow, tl.where(row_ok, tl.minimum(sink, 1.0), 0.0), mask=row_in)
         if F_LOCAL > 0:
-            loc_lo = tl.maximum((tl.maximum(q_first + q_off - window + 1, 0) // BLOCK_N) * BLOCK_N, k_lo)
+            loc_lo = tl.maximum((tl.maximum(q_first + q_off - window + 1, 0) // BLOCK_N) * BLOCK_N, own_lo)
             loc_hi = tl.maximum(tl.minimum(k_hi, q_last + q_off + 1), 0)
             loc = _range_mass(
                 q,
@@ -697,7 +822,8 @@ def _attn_fwd(
                 qpos + 1,
                 offs_d,
                 qk_scale,
-                attn_window,
+                win,
+                keep,
                 cap2,
                 slope2,
                 HEAD_DIM,
@@ -705,6 +831,8 @@ def _attn_fwd(
                 BLOCK_N,
                 CAUSAL,
                 WINDOW,
+                KEEP,
+                HEADS,
                 SOFTCAP,
                 ALIBI,
                 DOT_F32,
@@ -715,9 +843,12 @@ def _attn_fwd(
             qf = q.to(tl.float32)  # [BLOCK_M, BLOCK_D]
             for j in tl.static_range(N_OFF):
                 kp = qpos - tl.load(Offsets + j)  # [BLOCK_M] the one key of each row
-                ok = row_ok & (kp >= k_lo) & (kp < k_hi)  # [BLOCK_M]
+                ok = row_ok & (kp >= own_lo) & (kp < k_hi)  # [BLOCK_M]
                 if WINDOW:
-                    ok = ok & (qpos - kp < attn_window)
+                    inside = qpos - kp < win  # [BLOCK_M]
+                    if KEEP:
+                        inside = inside | (kp < keep)
+                    ok = ok & inside
                 kr = tl.load(
                     k_base + kp[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                     mask=ok[:, None] & d_ok[None, :],
@@ -867,6 +998,7 @@ def _key_mass(
     KLen,
     QLen,
     Slopes,
+    WinHeads,
     qk_scale,
     stride_qb,
     stride_qh,
@@ -881,6 +1013,7 @@ def _key_mass(
     Nk,
     GROUP,
     attn_window,
+    keep_first,
     cap2,
     NQ_BUCKET,
     NK_BUCKET,  # autotuning keys only
@@ -892,6 +1025,8 @@ def _key_mass(
     HAS_KLEN: tl.constexpr,
     HAS_QLEN: tl.constexpr,
     WINDOW: tl.constexpr,
+    KEEP: tl.constexpr,
+    HEADS: tl.constexpr,
     SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr,
     DOT_F32: tl.constexpr,
@@ -899,7 +1034,9 @@ def _key_mass(
 ):
     """Attention each key of one block receives, summed over the query rows that see it:
     ``exp(s - lse)`` with the scores of :func:`_attn_fwd` (variants included) and its ``Lse``
-    (which includes any learned sink). Query blocks that cannot see the keys are skipped."""
+    (which includes any learned sink). Query blocks that cannot see the keys are skipped: past
+    the window of the block's last key, unless the block holds kept first keys (KEEP); with
+    HEADS, a head the window leaves alone (``WinHeads[h] == 0``) has no window."""
     pid_bh, b, h, hk, klen, qlen = _head_and_lengths(KLen, QLen, Hq, Nq, Nk, GROUP, HAS_KLEN, HAS_QLEN)
     q_off = Nk - Nq
     n0 = tl.program_id(0) * BLOCK_N
@@ -921,8 +1058,17 @@ def _key_mass(
     if CAUSAL:
         start_m = (tl.maximum(n0 - q_off, 0) // BLOCK_M) * BLOCK_M
     end_m = qlen * (n0 < klen).to(tl.int32)  # a block of padding keys receives nothing
-    if WINDOW:  # rows past the window of the block's last key see none of it
-        end_m = tl.minimum(end_m, tl.maximum(n0 + BLOCK_N - 1 + attn_window - q_off, 0))
+    win = attn_window
+    keep = keep_first
+    if HEADS:  # this program's head: windowed, or every key visible (a window wider than any row)
+        on = tl.load(WinHeads + h) != 0
+        win = tl.where(on, attn_window, Nk + 1)
+        keep = tl.where(on, keep_first, 0)
+    if WINDOW:  # rows past the window of the block's last key see none of it (unless kept)
+        win_end = tl.maximum(n0 + BLOCK_N - 1 + win - q_off, 0)
+        if KEEP:
+            win_end = tl.where(n0 < keep, end_m, win_end)
+        end_m = tl.minimum(end_m, win_end)
     slope2 = tl.zeros([BLOCK_M], dtype=tl.float32)  # [BLOCK_M] ALiBi slope, log2 domain
     if ALIBI:
         slope2 = _per_row(Slopes, h, tl.full([BLOCK_M], 1, tl.int1), BLOCK_M) * _LOG2E
@@ -941,7 +1087,7 @@ def _key_mass(
         s = tl.dot(q, kt, input_precision=PREC) * qk_scale  # [BLOCK_M, BLOCK_N] scores, log2 domain
         qpos = offs_m + q_off  # [BLOCK_M]
         s = _variant_scores(s, qpos, offs_n, cap2, slope2, SOFTCAP, ALIBI)
-        ok = m_ok[:, None] & _visible(offs_n, qpos, klen, attn_window, CAUSAL, WINDOW)  # [BLOCK_M, BLOCK_N]
+        ok = m_ok[:, None] & _visible(offs_n, qpos, klen, win, keep, CAUSAL, WINDOW, KEEP, False)  # [BLOCK_M, BLOCK_N]
         mass += tl.sum(tl.math.exp2(tl.where(ok, s - lse2[:, None], -float("inf"))), 0)
     tl.store(KeyMass + pid_bh * Nk + offs_n, mass, mask=offs_n < Nk)
 
@@ -1005,6 +1151,8 @@ _FWD_KEY = [
     "HAS_KLEN",
     "HAS_QLEN",
     "WINDOW",
+    "KEEP",
+    "HEADS",
     "SOFTCAP",
     "SINKS",
     "ALIBI",
@@ -1022,7 +1170,19 @@ _FWD_KEY = [
     "SPLIT",
     "TMA",
 ]
-_KM_KEY = ["NQ_BUCKET", "NK_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_KLEN", "HAS_QLEN", "WINDOW", "SOFTCAP", "ALIBI"]
+_KM_KEY = [
+    "NQ_BUCKET",
+    "NK_BUCKET",
+    "HEAD_DIM",
+    "CAUSAL",
+    "HAS_KLEN",
+    "HAS_QLEN",
+    "WINDOW",
+    "KEEP",
+    "HEADS",
+    "SOFTCAP",
+    "ALIBI",
+]
 
 
 @functools.cache
@@ -1149,7 +1309,7 @@ def key_splits(programs: int, n_k: int, device: torch.device, limit: int = MAX_S
 def window_start(p: Problem, device: torch.device) -> int:
     """The first key that a sliding window (``p.window``) lets any query see, rounded down to
     the split alignment of :func:`key_splits` (0 without a window): split decoding skips the
-    keys before it."""
+    keys before it, but for the kept first keys (``p.keep_first``), which split 0 takes."""
     if not p.window:
         return 0
     align = _INTERPRET_BLOCKS["BLOCK_N"] if interpreting() else _SPLIT_ALIGN
@@ -1202,12 +1362,13 @@ def triton_attention(
     max_splits: int = MAX_SPLITS,
     sinks: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
+    window_heads: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, AttentionStats | None]:
     """Run the Triton kernels (autotuned, or with the blocks of :func:`_pinned_blocks`).
 
     ``max_splits=1`` turns off key splitting for decoding shapes (for benchmarks). The
-    variants are ``p.window``, ``p.softcap``, ``sinks`` and ``alibi_slopes`` (``[Hq]`` each),
-    as in :func:`kernels.attention`.
+    variants are ``p.window``, ``p.keep_first``, ``p.softcap``, ``sinks``, ``alibi_slopes``
+    (``[Hq]`` floats) and ``window_heads`` (``[Hq]`` booleans), as in :func:`kernels.attention`.
     """
     b, hq, nq, nk, d = p.batch, p.q_heads, p.n_q, p.n_k, p.head_dim
     dev = q.device
@@ -1228,7 +1389,9 @@ def triton_attention(
     rows = packed_rows(p)
     splits, split_len, split_base = 1, nk, 0
     if rows:
-        split_base = window_start(p, dev)  # splits cover the window's keys only
+        # Splits cover the window's keys only (split 0 takes the kept first keys too), unless some
+        # heads have no window: which ones, the host does not read (that would synchronise).
+        split_base = window_start(p, dev) if window_heads is None else 0
         splits, split_len = key_splits(b * p.kv_heads, nk - split_base, dev, max_splits)
     split = splits > 1
     n_rows = b * hq * nq
@@ -1249,8 +1412,16 @@ def triton_attention(
     qlen = query_lengths if query_lengths is not None else out
     sinks_f = sinks.float().contiguous() if sinks is not None else out
     slopes_f = alibi_slopes.float().contiguous() if alibi_slopes is not None else out
-    variant_args = dict(attn_window=p.window, cap2=(p.softcap or 1.0) * LOG2E)
-    variant_flags = dict(WINDOW=p.window > 0, SOFTCAP=p.softcap > 0, ALIBI=alibi_slopes is not None)
+    heads_i8 = window_heads.to(torch.int8) if window_heads is not None else out
+    # (keep_first past the keys changes nothing; capped, it stays an int32)
+    variant_args = dict(attn_window=p.window, keep_first=min(p.keep_first, nk), cap2=(p.softcap or 1.0) * LOG2E)
+    variant_flags = dict(
+        WINDOW=p.window > 0,
+        KEEP=p.keep_first > 0,
+        HEADS=window_heads is not None,
+        SOFTCAP=p.softcap > 0,
+        ALIBI=alibi_slopes is not None,
+    )
     qk_scale = scale * LOG2E
     buckets = dict(NQ_BUCKET=_pow2_bucket(nq), NK_BUCKET=_pow2_bucket(nk))
     q_strides = _strides(("stride_qb", "stride_qh", "stride_qm", "stride_qd"), q)
@@ -1284,6 +1455,7 @@ def triton_attention(
         QLen=qlen,
         Sinks=sinks_f,
         Slopes=slopes_f,
+        WinHeads=heads_i8,
         qk_scale=qk_scale,
         **q_strides,
         **k_strides,
@@ -1396,6 +1568,7 @@ def triton_attention(
             KLen=klen,
             QLen=qlen,
             Slopes=slopes_f,
+            WinHeads=heads_i8,
             qk_scale=qk_scale,
             **q_strides,
             **k_strides,

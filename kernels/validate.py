@@ -29,6 +29,7 @@ class Problem:
     causal: bool
     window: int = 0  # sliding window: keys with query_position - key < window (0: none)
     softcap: float = 0.0  # scores soft-capped to cap * tanh(score / cap) (0: none)
+    keep_first: int = 0  # with a window: keys < keep_first stay visible too (StreamingLLM; 0: none)
 
     @property
     def group(self) -> int:
@@ -55,6 +56,8 @@ def check_inputs(
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
+    keep_first: int | None = None,
+    window_heads: torch.Tensor | None = None,
 ) -> Problem:
     """Validate shapes, dtypes, devices, attention variants and statistics settings; return the
     problem sizes."""
@@ -112,7 +115,9 @@ def check_inputs(
     softcap = _check_softcap(softcap)
     for name, t in (("sinks", sinks), ("alibi_slopes", alibi_slopes)):
         _check_per_head(name, t, hq, q.device)
-    return Problem(b, hq, hkv, nq, nk, d, float(scale), bool(causal), window, softcap)
+    keep_first = _check_keep_first(keep_first, window)
+    _check_window_heads(window_heads, window, hq, q.device)
+    return Problem(b, hq, hkv, nq, nk, d, float(scale), bool(causal), window, softcap, keep_first)
 
 
 def _check_window(window) -> int:
@@ -123,6 +128,39 @@ def _check_window(window) -> int:
             f"window must be an int >= 1 (the keys a query sees, itself included) or None, got {window!r}"
         )
     return int(window)
+
+
+def _check_keep_first(keep_first, window: int) -> int:
+    """``keep_first`` (StreamingLLM's kept first tokens) as an int >= 0; it widens a window."""
+    if keep_first is None:
+        return 0
+    if isinstance(keep_first, bool) or not isinstance(keep_first, numbers.Integral) or keep_first < 0:
+        raise AttentionInputError(
+            f"keep_first must be an int >= 0 (the first keys that stay visible besides the window) or None, "
+            f"got {keep_first!r}"
+        )
+    if not window:
+        raise AttentionInputError(
+            "keep_first= keeps the first keys visible besides a sliding window: pass window= as well "
+            "(without a window every key is visible already)"
+        )
+    return int(keep_first)
+
+
+def _check_window_heads(heads: torch.Tensor | None, window: int, n_heads: int, device: torch.device) -> None:
+    """``window_heads``: a boolean ``[Hq]`` on q's device, and only with a window."""
+    if heads is None:
+        return
+    if not isinstance(heads, torch.Tensor) or heads.dtype != torch.bool or heads.shape != (n_heads,):
+        shape = f"{heads.dtype} {tuple(heads.shape)}" if isinstance(heads, torch.Tensor) else type(heads).__name__
+        raise AttentionInputError(
+            f"window_heads must be a boolean tensor of shape [{n_heads}] (True: the query head attends within the "
+            f"window, False: to every key), got {shape}"
+        )
+    if heads.device != device:
+        raise AttentionInputError(f"window_heads is on {heads.device} but q is on {device}")
+    if not window:
+        raise AttentionInputError("window_heads= picks the heads that a window restricts: pass window= as well")
 
 
 def _check_softcap(softcap) -> float:

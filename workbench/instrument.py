@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from kernels import BACKENDS, StatsSpec
 from workbench.adapters import ModelAdapter, adapter_for
+from workbench.adapters.streaming import LayerStreaming, StreamingAttention
 from workbench.context_parallel import ContextParallel
 from workbench.errors import WorkbenchError
 from workbench.inputs import Inputs
@@ -32,6 +33,7 @@ def instrument(
     backend: str = "auto",
     into: Recording | StreamingSummary | None = None,
     context_parallel: ContextParallel | None = None,
+    streaming: StreamingAttention | None = None,
 ) -> Iterator[Recording | StreamingSummary]:
     """Within the block, the model's attention runs through :func:`kernels.attention` and
     every forward pass adds its per-layer statistics to the yielded :class:`Recording`.
@@ -56,6 +58,12 @@ def instrument(
     token on every rank): logits and statistics of each decoded token are those of one process,
     on every rank. Patterns are refused.
 
+    ``streaming`` (:class:`~workbench.adapters.streaming.StreamingAttention`) runs the model with
+    StreamingLLM-style attention: its heads (every head, or the chosen ones) see only the first
+    ``keep_first`` tokens and the last ``window`` ones, in prefill and decoding; the outputs and
+    the statistics are those of the restricted attention. Explicit patterns show it too. A layer
+    with its own sliding window, and context parallelism, are refused with it.
+
     Example:
         >>> with instrument(model, stats=StatsSpec(entropy=True, sink_tokens=1)) as rec:
         ...     model(tokens)
@@ -77,9 +85,14 @@ def instrument(
         )
     if patterns is not None:
         _check_patterns(adapter, patterns)
+    plan = None
+    if streaming is not None:
+        if context_parallel is not None:
+            raise WorkbenchError("streaming= is not available under context parallelism yet: run on one process")
+        plan = LayerStreaming(streaming, adapter.n_layers, adapter.head_shape[0])
     rec = into if into is not None else Recording(stats, adapter.n_layers, model_name=adapter.name)
     if context_parallel is None:
-        restore = adapter.install(rec, stats, backend, patterns)
+        restore = adapter.install(rec, stats, backend, patterns, streaming=plan)
     else:
         if not isinstance(context_parallel, ContextParallel):
             raise WorkbenchError(

@@ -204,6 +204,64 @@ def ablation_curve(cumulative: pd.DataFrame, metric: str) -> go.Figure:
     return fig
 
 
+def streaming_curve(table: pd.DataFrame) -> go.Figure:
+    """StreamingLLM's perplexity experiment (``probes.streaming.streaming_perplexity``'s table):
+    perplexity by position bucket (log scale), one line per variant (full attention, the window
+    alone, window + S first tokens), the window's size as a dotted line; overall perplexity in
+    the legend."""
+    fig = go.Figure()
+    buckets = table[table["bucket"] != "all"]
+    for variant, rows in buckets.groupby("variant", sort=False):
+        overall = table[(table["variant"] == variant) & (table["bucket"] == "all")]["perplexity"]
+        label = f"{variant} ({float(overall.iloc[0]):.2f})" if len(overall) else str(variant)
+        rows = rows.sort_values("start")
+        fig.add_trace(
+            go.Scatter(
+                x=(rows["start"] + rows["end"] - 1) / 2,
+                y=rows["perplexity"],
+                mode="lines+markers",
+                name=label,
+                text=rows["bucket"],
+                hovertemplate="positions %{text}<br>perplexity %{y:.3f}<extra>" + str(variant) + "</extra>",
+            )
+        )
+    windows = table["window"].unique()
+    if len(windows) == 1:
+        fig.add_vline(x=float(windows[0]), line_dash="dot", annotation_text=f"window {int(windows[0])}")
+    fig.update_layout(
+        title="perplexity with the first tokens kept besides a window (StreamingLLM)",
+        xaxis_title="query position",
+        yaxis={"title": "perplexity (overall in the legend)", "type": "log"},
+        width=640,
+        height=400,
+    )
+    return fig
+
+
+def sink_emergence(table: pd.DataFrame, threshold: float = 0.3) -> go.Figure:
+    """Sink rate and the largest head's sink score against training tokens
+    (``probes.emergence.sink_rate_over_training``'s table; Gu et al. 2025, Fig. 4); the
+    threshold that makes a head a sink as a dotted line."""
+    fig = go.Figure()
+    hover = "step %{text}, %{x:.3s} tokens: %{y:.3f}<extra></extra>"
+    for column, label in (("sink_rate", "sink rate"), ("max_sink", "largest head's sink score")):
+        fig.add_trace(
+            go.Scatter(
+                x=table["tokens"], y=table[column], mode="lines+markers", name=label, text=table["step"],
+                hovertemplate=hover,
+            )
+        )  # fmt: skip
+    fig.add_hline(y=threshold, line_dash="dot", annotation_text=f"sink threshold {threshold}")
+    fig.update_layout(
+        title="attention sinks over training",
+        xaxis_title="training tokens",
+        yaxis={"title": "share of (sample, layer, head) / score", "range": [0, 1]},
+        width=600,
+        height=380,
+    )
+    return fig
+
+
 # Head detail, prompts, comparison and SAE features (the explorer's pages; notebooks too).
 
 

@@ -86,10 +86,14 @@ class ModelAdapter(Protocol):
         ...
 
     def install(
-        self, collector, stats: StatsSpec, backend: str, patterns=None, context_parallel=None
+        self, collector, stats: StatsSpec, backend: str, patterns=None, context_parallel=None, streaming=None
     ) -> Callable[[], None]:
         """Route attention through :func:`kernels.attention` into ``collector``; returns the
         function that undoes it.
+
+        ``streaming`` (a :class:`~workbench.adapters.streaming.LayerStreaming`; ``None``: full
+        attention): its streaming heads see only the kept first and the recent keys, through
+        :meth:`LayerStreaming.merge` of each layer's own variants.
 
         ``context_parallel`` (a :class:`~workbench.context_parallel.ContextParallel`; ``None``,
         the default, for one process): the model then takes this rank's shard of one sequence

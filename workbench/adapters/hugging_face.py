@@ -19,11 +19,12 @@ from workbench.adapters.padding import KernelMask, from_key_mask
 from workbench.errors import WorkbenchError
 
 if TYPE_CHECKING:
+    from workbench.adapters.streaming import LayerStreaming
     from workbench.context_parallel import ContextParallel
 
 IMPLEMENTATION = "workbench"
-# id(attention module) -> (collector, layer index, statistics, backend, ContextParallel or None)
-# while instrumented
+# id(attention module) -> (collector, layer index, statistics, backend, ContextParallel or None,
+# LayerStreaming or None) while instrumented
 _routes: dict[int, tuple] = {}
 
 
@@ -45,11 +46,13 @@ def workbench_attention(
         raise WorkbenchError(
             f"attn_implementation={IMPLEMENTATION!r} only works inside `with workbench.instrument(model)`"
         )
-    rec, layer, stats, backend, cp = route
+    rec, layer, stats, backend, cp, streaming = route
     if dropout and module.training:
         raise WorkbenchError("instrumented attention has no dropout: put the model in eval mode (model.eval())")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     variants = _variants(kwargs)
+    if streaming is not None:
+        variants = streaming.merge(layer, variants, query.device)
     if cp is not None:
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise WorkbenchError(
@@ -215,10 +218,17 @@ class HuggingFaceAdapter(BoundAdapter):
         return out.logits[:, -1], out.past_key_values
 
     def install(
-        self, collector, stats: StatsSpec, backend: str, patterns=None, context_parallel: ContextParallel | None = None
+        self,
+        collector,
+        stats: StatsSpec,
+        backend: str,
+        patterns=None,
+        context_parallel: ContextParallel | None = None,
+        streaming: LayerStreaming | None = None,
     ) -> Callable[[], None]:
         """Select the ``"workbench"`` attention implementation and route every attention module's
         calls into ``collector``. (``patterns``: :func:`workbench.instrument` refuses them here.)
+        ``streaming`` restricts its streaming heads to the kept first and the recent keys.
 
         With ``context_parallel``, the model takes this rank's shard of one sequence: a forward
         pre-hook gives every call the global ``position_ids`` of its tokens (the shard's, or
@@ -230,7 +240,7 @@ class HuggingFaceAdapter(BoundAdapter):
         modules = attention_modules(model)
         previous = model.config._attn_implementation
         for layer, m in modules:
-            _routes[id(m)] = (collector, layer, stats, backend, context_parallel)
+            _routes[id(m)] = (collector, layer, stats, backend, context_parallel, streaming)
         try:
             model.set_attn_implementation(IMPLEMENTATION)
         except Exception as exc:

@@ -22,6 +22,7 @@ from workbench.adapters.padding import from_key_mask
 from workbench.errors import WorkbenchError
 
 if TYPE_CHECKING:
+    from workbench.adapters.streaming import LayerStreaming
     from workbench.context_parallel import ContextParallel
 
 _QK_NORM_ARCHS = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
@@ -56,13 +57,25 @@ def context_parallel_problems(cfg) -> list[str]:
 
 
 def make_forward(
-    attn, layer: int, rec, stats: StatsSpec, patterns, backend: str, context_parallel: ContextParallel | None = None
+    attn,
+    layer: int,
+    rec,
+    stats: StatsSpec,
+    patterns,
+    backend: str,
+    context_parallel: ContextParallel | None = None,
+    streaming: LayerStreaming | None = None,
 ) -> Callable[..., torch.Tensor]:
     """The replacement ``forward`` of one TransformerLens attention module. With
     ``context_parallel``, the module takes this rank's shard of one sequence (or one decoded
-    token after it): rotary positions are global ones, and attention runs over every rank's keys."""
+    token after it): rotary positions are global ones, and attention runs over every rank's keys.
+    With ``streaming``, the layer's streaming heads see only the kept first and the recent keys."""
     cfg = attn.cfg
     cp = context_parallel
+
+    def layer_variants(device: torch.device) -> dict:
+        found = variants(attn, device)
+        return found if streaming is None else streaming.merge(layer, found, device)
 
     def forward(
         query_input,
@@ -79,7 +92,7 @@ def make_forward(
         if cfg.clip_qkv is not None:
             q, k, v = (t.clamp(min=-cfg.clip_qkv, max=cfg.clip_qkv) for t in (q, k, v))
         if cp is not None:
-            return _shard_forward(attn, layer, rec, stats, backend, cp, q, k, v, past_kv_cache_entry)
+            return _shard_forward(attn, layer, rec, stats, backend, cp, q, k, v, past_kv_cache_entry, layer_variants)
         offset = 0
         if past_kv_cache_entry is not None:
             offset = past_kv_cache_entry.past_keys.size(1)
@@ -90,7 +103,9 @@ def make_forward(
         causal = (getattr(attn, "_attention_dir_override", None) or cfg.attention_dir) == "causal"
 
         if patterns is not None and layer in patterns.layers:
-            _explicit_pattern(attn, layer, rec, patterns, q, k, offset, causal, attention_mask, additive_attention_mask)
+            _explicit_pattern(
+                attn, layer, rec, patterns, q, k, offset, causal, attention_mask, additive_attention_mask, streaming
+            )
 
         pad = from_key_mask(attention_mask, q.shape[1], k.shape[1], additive_attention_mask)
         out, st = attention(
@@ -101,7 +116,7 @@ def make_forward(
             scale=1.0 / attn.attn_scale,
             stats=stats,
             **pad.kwargs(backend),
-            **variants(attn, q.device),
+            **layer_variants(q.device),
         )
         rec.add(layer, st)
         z = attn.hook_z(out.transpose(1, 2))  # [B, Nq, H, D]
@@ -121,7 +136,9 @@ def _check_shard_call(cp: ContextParallel, layer: int, x, past_kv_cache_entry, a
     cp.check_call(x.shape[1], cached, f"layer {layer}'s input")
 
 
-def _shard_forward(attn, layer: int, rec, stats: StatsSpec, backend: str, cp: ContextParallel, q, k, v, cache_entry):
+def _shard_forward(
+    attn, layer: int, rec, stats: StatsSpec, backend: str, cp: ContextParallel, q, k, v, cache_entry, layer_variants
+):
     """The module's output for this rank's shard ``q, k, v [B, n_local, H, D]``, or for one
     decoded token after it (``q, k, v [B, 1, H, D]``, ``cache_entry`` holding the shard's keys
     and the tokens decoded before it)."""
@@ -143,7 +160,7 @@ def _shard_forward(attn, layer: int, rec, stats: StatsSpec, backend: str, cp: Co
         scale=1.0 / attn.attn_scale,
         stats=stats,
         backend=backend,
-        **variants(attn, q.device),
+        **layer_variants(q.device),
     )
     z = attn.hook_z(out.transpose(1, 2))  # [B, n, H, D]
     return _project(attn, z)
@@ -205,8 +222,9 @@ def variants(attn, device: torch.device) -> dict:
     return found
 
 
-def _explicit_pattern(attn, layer, rec, patterns, q, k, offset, causal, attention_mask, additive):
-    """TransformerLens's own scores / pattern for this layer: fires the two O(N^2) hooks."""
+def _explicit_pattern(attn, layer, rec, patterns, q, k, offset, causal, attention_mask, additive, streaming=None):
+    """TransformerLens's own scores / pattern for this layer: fires the two O(N^2) hooks (with
+    ``streaming``, the keys its streaming heads do not see are masked as well)."""
     if k.shape[1] > patterns.max_tokens:
         raise WorkbenchError(
             f"patterns asked for layer {layer} at {k.shape[1]} keys, over max_tokens="
@@ -222,6 +240,9 @@ def _explicit_pattern(attn, layer, rec, patterns, q, k, offset, causal, attentio
         scores = attn.apply_causal_mask(scores, offset, attention_mask)  # local attention's window too
     if additive is not None:
         scores = scores + additive
+    inside = streaming.visible(layer, scores.shape[-2], scores.shape[-1], scores.device) if streaming else None
+    if inside is not None:  # [Hq, Nq, Nk]
+        scores = scores.masked_fill(~inside, float("-inf"))
     scores = attn.hook_attn_scores(scores)
     if attn.cfg.use_attention_sinks:  # one more column in the softmax, dropped after it
         sink = attn.sinks.reshape(1, -1, 1, 1).to(scores).expand(*scores.shape[:-1], 1)
@@ -311,9 +332,16 @@ class TransformerLensAdapter(BoundAdapter):
         return self.model(token, past_kv_cache=cache, attention_mask=torch.ones_like(token))[:, -1], cache
 
     def install(
-        self, collector, stats: StatsSpec, backend: str, patterns=None, context_parallel: ContextParallel | None = None
+        self,
+        collector,
+        stats: StatsSpec,
+        backend: str,
+        patterns=None,
+        context_parallel: ContextParallel | None = None,
+        streaming: LayerStreaming | None = None,
     ) -> Callable[[], None]:
-        """Give every block's attention the kernel forward (:func:`make_forward`).
+        """Give every block's attention the kernel forward (:func:`make_forward`); ``streaming``
+        restricts its streaming heads to the kept first and the recent keys.
 
         With ``context_parallel``, the model takes this rank's shard of one sequence (then, with
         a KV cache, one decoded token at a time): rotary turns each query and key by its global
@@ -332,7 +360,7 @@ class TransformerLensAdapter(BoundAdapter):
                 pos_handle = model.hook_pos_embed.fwd_hooks[-1]
         layers = [block.attn for block in model.blocks]
         for i, attn in enumerate(layers):
-            attn.forward = make_forward(attn, i, collector, stats, patterns, backend, context_parallel)
+            attn.forward = make_forward(attn, i, collector, stats, patterns, backend, context_parallel, streaming)
 
         def restore() -> None:
             for attn in layers:
