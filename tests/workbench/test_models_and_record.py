@@ -93,7 +93,7 @@ def test_unknown_and_unreachable_names(monkeypatch, tmp_path):
     with pytest.raises(WorkbenchError, match="random:llama-3.2-1b"):
         load_model("random:llama-9b")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(WorkbenchError, match="Available without any download: zoo-2l, planted, minilm"):
+    with pytest.raises(WorkbenchError, match="Available without any download: zoo-2l, zoo-long, planted, minilm"):
         load_model("hf:someone/not-a-model-xyz")
     with pytest.raises(WorkbenchError, match="non-empty"):
         load_model("")

@@ -18,9 +18,9 @@ _SHORT = Mixture(text=0.2, repeat=0.6, needle=0.2, min_period=8, max_period=96)
 _LONG = Mixture(text=0.2, repeat=0.4, needle=0.4, min_period=8, max_period=1024, first_period_loss=True)
 
 #: zoo-long: mostly natural text (sinks need about 100M training tokens of it, Gu et al. 2025),
-#: 512-token samples first, then 4608-token ones so that 4K needles fit with their answers.
-_TEXT_SHORT = Mixture(text=0.7, repeat=0.2, needle=0.1, min_period=8, max_period=128)
-_TEXT_LONG = Mixture(text=0.6, repeat=0.2, needle=0.2, min_period=8, max_period=2048, first_period_loss=True)
+#: 1024-token samples first, then 4608-token ones so that 4K needles fit with their answers.
+_TEXT_SHORT = Mixture(text=0.7, repeat=0.2, needle=0.1, min_period=8, max_period=256)
+_TEXT_LONG = Mixture(text=0.35, repeat=0.15, needle=0.5, min_period=8, max_period=2048, first_period_loss=True)
 
 ZOO: dict[str, ZooSpec] = {
     spec.name: spec
@@ -48,17 +48,18 @@ ZOO: dict[str, ZooSpec] = {
         ),
         ZooSpec(
             "zoo-long",
-            "4 layers x 8 heads with MLPs, 285M training tokens (installed documentation, repeats, needles): "
+            "6 layers x 8 heads with MLPs, 385M training tokens (installed documentation, repeats, needles): "
             "sinks, induction, retrieval to 4K tokens",
-            n_layers=4,
+            n_layers=6,
             d_model=256,
             n_heads=8,
-            d_mlp=512,
+            d_mlp=192,
             n_ctx=8192,
-            stages=(Stage(3000, 512, 128, _TEXT_SHORT), Stage(1200, 4608, 16, _TEXT_LONG)),
+            stages=(Stage(2500, 1024, 64, _TEXT_SHORT), Stage(3000, 4608, 16, _TEXT_LONG)),
             lr=2e-3,
+            weight_decay=0.1,
             corpus="installed",
-            checkpoints=(300, 1000, 2000),
+            checkpoints=(250, 1000, 2500),
         ),
     )
 }
