@@ -128,7 +128,7 @@ def test_ablating_retrieval_heads_cuts_needle_accuracy_more_than_random_heads(zo
         zoo, accuracy, ranking, ks=[1], draws=8, seed=SEED, control="same_layers", progress=False
     )
     top = table.query("selection == 'top'")["value"].iloc[0]
-    assert table.query("selection == 'none'")["value"].iloc[0] >= 0.5
+    assert table.query("selection == 'none'")["value"].iloc[0] >= 0.25  # Wu et al.'s rule: 8 of 24 (test_scores)
     assert top < table.query("selection == 'random'")["value"].mean()
     base_lp = logprob(zoo)
     with ablation.ablate(zoo, ranking[:1]):
@@ -434,10 +434,25 @@ def test_greedy_answers_stop_at_a_newline_or_the_budget(zoo):
     samples = needle_samples(zoo.tokenizer, [256], [0.1, 0.5, 0.9], 3, seed=SEED)
     answers = ablation.greedy_answers(zoo, samples, batch_size=4)
     newline = [a for a in answers if "\n" in zoo.tokenizer.decode(a)]
-    assert newline and all(
-        "\n" in zoo.tokenizer.decode(a[-1:]) and "\n" not in zoo.tokenizer.decode(a[:-1]) for a in newline
-    )
+    assert all("\n" in zoo.tokenizer.decode(a[-1:]) and "\n" not in zoo.tokenizer.decode(a[:-1]) for a in newline)
     assert all(len(a) == MAX_ANSWER_TOKENS for a in answers if a not in newline)
+    # forced: a newline after three generated tokens (zoo-2l's own choice varies with float rounding)
+    nl = zoo.tokenizer("\n", add_special_tokens=False)["input_ids"][0]
+    x = zoo.tokenizer("x", add_special_tokens=False)["input_ids"][0]
+    steps = []  # decoding steps so far (one-row forwards; the prefill restarts the count)
+
+    def force(logits, hook):  # [B, N, vocab]
+        if logits.shape[1] > 1:
+            steps.clear()
+            return logits
+        logits = logits.clone()
+        logits[:, -1, x if len(steps) < 3 else nl] += 1e4
+        steps.append(1)
+        return logits
+
+    with zoo.hooks(fwd_hooks=[("unembed.hook_out", force)]):
+        forced = ablation.greedy_answers(zoo, samples[:1])[0]
+    assert forced == [x, x, x, nl]
     with torch.no_grad():  # the first answer again, by full forwards
         ids = samples[0].ids.unsqueeze(0)
         for token in answers[0]:

@@ -497,7 +497,7 @@ ABLATE_REFUSALS = {
     "draws-zero": (["--draws", "0"], ["Invalid value for '--draws'"]),
     "device-name": (["--device", "gpu"], ["unknown device 'gpu'"]),
     "model-typo-offline": (["--model", "zoo-3l"], ["Did you mean 'zoo-2l'?"]),
-    "control": (["--control", "nearby"], ["control must be 'all' or 'same_layers'"]),
+    "control": (["--control", "nearby"], ["control must be one of 'non_top', 'all', 'same_layers'"]),
     "length-too-short": (["--length", "4"], ["--length 4 is too short for repeats samples"]),
 }
 
@@ -550,7 +550,7 @@ def test_sae_out_and_eval_refusals(cli, tmp_path):
 
 EARLY_ABLATE_REFUSALS = {
     "method": (["--method", "shuffle"], ["unknown ablation method 'shuffle'"]),
-    "control": (["--control", "nearby"], ["control must be 'all' or 'same_layers'"]),
+    "control": (["--control", "nearby"], ["control must be one of 'non_top', 'all', 'same_layers'"]),
     "length-too-short": (["--length", "4"], ["--length 4 is too short for repeats samples"]),
     "metric-of-another-task": (["--metric", "needle_accuracy"], ["does not fit task repeats"]),
     "k-not-integers": (["--k", "1,two"], ["--k must be comma-separated integers, got '1,two'"]),

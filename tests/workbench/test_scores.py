@@ -313,7 +313,8 @@ def test_ablating_the_top_retrieval_head_hurts_retrieval_most(zoo, tmp_path):
     # Wu et al.'s rule (ROUGE-1 recall > 0.5) does not count a code the model runs on into more
     # digits: 8 of these 24 are retrieved (the old exact-prefix rule counted 17; docs/scores.md)
     assert base.manifest["summary"]["needle_accuracy"] >= 0.25
-    assert accuracy[top] < min(a for h, a in accuracy.items() if h != top)
+    assert accuracy[top] <= min(a for h, a in accuracy.items() if h != top)  # no head costs more
+    assert accuracy[top] < base.manifest["summary"]["needle_accuracy"]
 
 
 def test_learned_sink_score_is_the_sinks_share_of_each_row(zoo, tmp_path):
