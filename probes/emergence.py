@@ -50,7 +50,7 @@ def sink_rate_over_training(
     if name not in ZOO:
         raise WorkbenchError(f"unknown zoo model {name!r}; choose one of: {', '.join(ZOO)}")
     spec = ZOO[name]
-    load(name, weights_dir)  # refuses a model without weights, with the command that trains it
+    final = load(name, weights_dir)  # first: refuses a model without weights, naming the command that trains it
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix=f"workbench-{name}-emergence-"))
     points = [0, *checkpoint_steps(name, weights_dir), spec.steps]
     settings = ScoreRunSettings(model=name, tasks=("text",), scores=("sink",), lengths=tuple(lengths), samples=samples)
@@ -59,7 +59,7 @@ def sink_rate_over_training(
         if step == 0:
             model = build(spec).eval()
         else:
-            model = load(name, weights_dir, step=None if step == spec.steps else step)
+            model = final if step == spec.steps else load(name, weights_dir, step=step)
         run = score_model(model, settings, out / f"step-{step}", progress=False)
         sinks = run.table("head_scores").query("score == 'sink'")["value"]
         rows.append(
