@@ -26,7 +26,7 @@ from workbench.zoo.tokenizer import byte_ids, byte_tokenizer
 @cache
 def corpus_ids() -> torch.Tensor:
     """The standard-library docstrings of :func:`workbench.tasks.docstring_text`, tokenised."""
-    return torch.tensor(byte_tokenizer()(docstring_text(), add_special_tokens=False)["input_ids"], dtype=torch.long)
+    return bytes_to_ids(docstring_text().encode())
 
 
 def bytes_to_ids(data: bytes) -> torch.Tensor:
