@@ -116,7 +116,8 @@ def _check_patterns(adapter: ModelAdapter, patterns: PatternSpec) -> None:
         raise WorkbenchError(f"patterns= takes a workbench.PatternSpec, got {type(patterns).__name__}")
     if not adapter.supports_patterns:
         raise WorkbenchError(
-            "patterns= needs a TransformerLens model; Hugging Face models give "
+            getattr(adapter, "patterns_hint", None)
+            or "patterns= needs a TransformerLens model; Hugging Face models give "
             "patterns through attn_implementation='eager' and output_attentions=True"
         )
     n_layers = adapter.n_layers

@@ -13,6 +13,9 @@ Names:
   benchmarks (see :data:`RANDOM_SHAPES`); no download.
 - ``"tl:<name>"``: a TransformerLens ``HookedTransformer`` (``from_pretrained``; needs the hub
   or its cache).
+- ``"bridge:<id or folder>"``: a TransformerLens ``TransformerBridge`` around the Hugging Face
+  model (``TransformerBridge.boot_transformers``, transformer-lens 3; needs the hub or its cache,
+  or a folder holding the model and its tokenizer, as ``save_pretrained`` writes them).
 - ``"hf:<id>"``, a local directory, or any other name: a Hugging Face model (``from_pretrained``;
   needs the hub or its cache).
 
@@ -134,6 +137,8 @@ def load_model(
         if device is not None:
             raise WorkbenchError("give device or device_map, not both (device_map places the model itself)")
         check_device_map(device_map)
+        if name.startswith("bridge:"):
+            raise WorkbenchError("device_map is not available for bridge: models yet: give device= instead")
     elif max_memory is not None:
         raise WorkbenchError("max_memory limits a device_map: give device_map as well (e.g. 'auto')")
     device = resolve_device(device) if device_map is None else torch.device("cpu")
@@ -150,6 +155,8 @@ def load_model(
         model = _random_model(name.removeprefix("random:"), seed)
     elif name.startswith("tl:"):
         model = _load_transformer_lens(name.removeprefix("tl:"), device)
+    elif name.startswith("bridge:"):  # loaded on the device, in the dtype
+        return _load_transformer_bridge(name.removeprefix("bridge:"), device, dtype).eval()
     else:
         model = _load_hugging_face(name.removeprefix("hf:"))
     if dtype is not None:
@@ -225,6 +232,50 @@ def _load_transformer_lens(name: str, device: torch.device):
             return HookedTransformer.from_pretrained(name, device=str(device))
         except (OSError, ValueError) as exc:
             raise WorkbenchError(_download_hint(f"tl:{name}", exc, offline)) from exc
+
+
+#: Files of which a saved tokenizer has at least one.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def _load_transformer_bridge(name: str, device: torch.device, dtype: torch.dtype | None):
+    """``TransformerBridge.boot_transformers`` from a folder or the hub (or its cache)."""
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError as exc:
+        from workbench.adapters.transformer_bridge import TESTED_WITH, transformer_lens_version
+
+        raise WorkbenchError(
+            f"bridge: models need TransformerLens 3 (transformer_lens.model_bridge); the installed transformer-lens "
+            f"is {transformer_lens_version()}: pip install 'transformer-lens>=3.9' (tested with {TESTED_WITH})"
+        ) from exc
+    path = Path(name).expanduser()
+    if not name.strip():
+        raise WorkbenchError("bridge: takes a hub id or a folder, as in bridge:gpt2 or bridge:./my-model")
+    if not path.exists() and name.startswith(("/", "./", "../", "~")):
+        raise WorkbenchError(f"no folder {path}: give the folder of a saved model (and its tokenizer) or a hub id")
+    if path.is_dir() and not any((path / f).exists() for f in _TOKENIZER_FILES):
+        raise WorkbenchError(
+            f"{path} holds no tokenizer (transformers would make an empty one): save it beside the model "
+            "(tokenizer.save_pretrained(folder)), or boot the bridge yourself with "
+            "TransformerBridge.boot_transformers(name, hf_model=model, tokenizer=tokenizer)"
+        )
+    options = dict(device=str(device), dtype=dtype or torch.float32)
+    offline_reason = None
+    try:
+        if path.exists():
+            return TransformerBridge.boot_transformers(str(path), **options)
+        with _hub_access() as offline_reason:
+            return TransformerBridge.boot_transformers(name, **options)
+    except ValueError as exc:
+        if str(exc).startswith("Could not determine supported architecture"):
+            raise WorkbenchError(
+                f"TransformerLens has no TransformerBridge adapter for {name!r}: load it as a Hugging Face model "
+                f"(hf:{name}) instead"
+            ) from exc
+        raise WorkbenchError(_download_hint(f"bridge:{name}", exc, offline_reason)) from exc
+    except OSError as exc:
+        raise WorkbenchError(_download_hint(f"bridge:{name}", exc, offline_reason)) from exc
 
 
 def _load_hugging_face(name: str):
