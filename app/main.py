@@ -15,7 +15,7 @@ import sys
 import streamlit as st
 
 from app import state
-from app.views import ablation, head_detail, heads, live, retrieval, runs, saes
+from app.views import ablation, compression, head_detail, heads, live, retrieval, runs, saes
 from workbench.errors import WorkbenchError
 
 PAGES = {
@@ -24,6 +24,7 @@ PAGES = {
     "Head detail": head_detail.render,
     "Retrieval": retrieval.render,
     "Ablation": ablation.render,
+    "Compression": compression.render,
     "SAE features": saes.render,
     "Live": live.render,
 }

@@ -1,9 +1,9 @@
-"""``workbench ablate`` and ``workbench sae``: join the ``workbench`` CLI through the
+"""``workbench ablate``, ``workbench compress`` and ``workbench sae``: join the ``workbench`` CLI through the
 ``workbench.commands`` entry-point group (see ``pyproject.toml``), so that ``workbench`` never
 imports ``probes``.
 
 Thin: options (their defaults from the experiments' settings), model loading, one call into
-:mod:`probes.ablation` or :mod:`probes.sae`, printing.
+:mod:`probes.ablation`, :mod:`probes.compress` or :mod:`probes.sae`, printing.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import typer
 from rich.table import Table
 
 from probes.ablation import AblationResult, AblationSettings
+from probes.compress import Compression, CompressionSettings
 from probes.sae import SAE_BATCH, SAEEvalSettings, SAETrainSettings
 from workbench.console import (
     ReportingGroup,
@@ -34,6 +35,8 @@ def register(app: typer.Typer) -> None:
     """Add the probes' commands to the ``workbench`` CLI (idempotent)."""
     if not any(c.name == "ablate" for c in app.registered_commands):
         app.command("ablate")(ablate)
+    if not any(c.name == "compress" for c in app.registered_commands):
+        app.command("compress")(compress)
     if not any(g.name == "sae" for g in app.registered_groups):
         app.add_typer(sae_app, name="sae")
 
@@ -133,6 +136,110 @@ def _print_ablation(result: AblationResult) -> None:
         )
     console.print(out)
     console.print(f"table in {result.path}")
+
+
+@reports_errors
+def compress(
+    run: Path = typer.Option(..., "--run", "-r", help="Run folder whose scores rank the heads."),
+    rank_by: str = typer.Option(CompressionSettings.rank_by, "--rank-by", help="Score that ranks the heads."),
+    score_task: str = typer.Option(
+        CompressionSettings.score_task, help="Task of that score, when it was computed on several."
+    ),
+    stream: str = typer.Option(
+        CompressionSettings.stream,
+        "--stream",
+        help="Which end of the ranking streams first: highest or lowest (default: the score's own direction, "
+        "e.g. lowest retrieval, highest streaming; see docs/compression.md).",
+    ),
+    share: str = typer.Option(
+        ",".join(map(str, CompressionSettings.shares)),
+        "--share",
+        help="Comma-separated shares of the KV heads made streaming (0: the uncompressed model, always measured).",
+    ),
+    sink: int = typer.Option(CompressionSettings.sink, "--sink", min=0, help="First tokens a streaming head keeps."),
+    window: int = typer.Option(
+        CompressionSettings.window, "--window", min=1, help="Recent tokens a streaming head keeps."
+    ),
+    task: str = typer.Option(",".join(CompressionSettings.tasks), "--task", "-t", help="niah, text or both."),
+    length: str = typer.Option(
+        None, "--length", "-n", help="Comma-separated needle lengths in tokens (default: the run's)."
+    ),
+    depths: str = typer.Option(",".join(map(str, CompressionSettings.depths)), help="Comma-separated needle depths."),
+    samples: int = typer.Option(
+        CompressionSettings.samples, "--samples", "-s", min=1, help="Needle samples per length and depth."
+    ),
+    text_samples: int = typer.Option(CompressionSettings.text_samples, min=1, help="Text samples."),
+    text_length: int = typer.Option(
+        CompressionSettings.text_length, min=2, help="Tokens per text sample (default: the longest needle length)."
+    ),
+    draws: int = typer.Option(CompressionSettings.draws, min=0, help="Random draws of the KV heads per share."),
+    model: str = typer.Option(None, "--model", "-m", help="Model (default: the run's)."),
+    device: str = typer.Option(None, help="cpu, cuda, ... (default: CUDA when available)."),
+    backend: str = typer.Option(CompressionSettings.backend, help="Kernel backend: auto, triton or reference."),
+    seed: int = typer.Option(CompressionSettings.seed, help="Seed of the samples and the random draws."),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier compression of other settings."),
+) -> None:
+    """KV-cache compression what-if: make a share of the KV heads streaming heads (first --sink and
+    last --window keys only, in prefill and decoding), chosen by a run's ranking and at random;
+    needle accuracy, text loss and the KV cache saved go into the run's compress/ folder."""
+    from probes.compress import check_rerun, head_values, run_compression
+    from workbench.runs import Run
+
+    settings = CompressionSettings(
+        rank_by=rank_by,
+        score_task=score_task,
+        stream=stream,
+        shares=parse_list(share, float, "--share", "numbers"),
+        sink=sink,
+        window=window,
+        tasks=parse_list(task, str, "--task", "task names"),
+        lengths=parse_list(length, int, "--length", "integers") or None,
+        depths=parse_list(depths, float, "--depths", "numbers"),
+        samples=samples,
+        text_samples=text_samples,
+        text_length=text_length,
+        draws=draws,
+        seed=seed,
+        backend=backend,
+    )
+    opened = Run.open(run)
+    head_values(opened, rank_by, score_task)  # refused before the model loads: a score the run lacks,
+    check_rerun(opened, settings, force)  # an earlier compression of other settings
+    recorded = opened.manifest["settings"]
+    loaded = _load(model or recorded["model"], device, recorded.get("dtype"))
+    _print_compression(run_compression(opened, loaded, settings, force=force))
+
+
+def _print_compression(found: Compression) -> None:
+    s, summary, memory = found.settings, found.summary, found.memory
+    base = summary[summary["policy"] == "none"].iloc[0]
+    longest = int(memory["length"].max())
+    measures = [(c, n) for c, n in (("needle_accuracy", "needle acc."), ("text_loss_past_window", "loss past window"))
+                if summary[c].notna().any()]  # fmt: skip
+    out = Table(
+        title=f"{s.sink} first + {s.window} last keys on a share of KV heads, chosen by {s.rank_by} "
+        f"({s.direction} first) or at random (mean, min-max); uncompressed: "
+        + ", ".join(f"{n} {float(base[c]):.3f}" for c, n in measures)
+    )
+    out.add_column("share")
+    out.add_column("KV heads", justify="right")
+    for _, name in measures:
+        out.add_column(f"{name} ranked", justify="right")
+        out.add_column(f"{name} random", justify="right")
+    out.add_column(f"KV saved, {longest} tok.", justify="right")
+    for share, group in summary[summary["policy"] != "none"].groupby("share"):
+        ranked, rand = group[group["policy"] == "ranked"].iloc[0], group[group["policy"] == "random"]
+        cells = []
+        for c, _ in measures:
+            spread = f"{rand[c].mean():.3f} ({rand[c].min():.2f}-{rand[c].max():.2f})" if len(rand) else "-"
+            cells += [f"{ranked[c]:.3f}", spread]
+        mem = memory[(memory["share"] == share) & (memory["length"] == longest)].iloc[0]
+        saved = f"{mem['saved_fraction']:.1%}, {mem['bytes_saved'] / 2**20:.3g} MiB"
+        out.add_row(f"{share:g}", str(int(ranked["kv_heads"])), *cells, saved)
+    console.print(out)
+    for note in found.notes:
+        console.print(note)
+    console.print(f"tables and figure in {found.path}")
 
 
 @sae_app.command("train")

@@ -108,6 +108,34 @@ def sample_ids(model: torch.nn.Module | ModelAdapter, settings: StreamingSetting
 
 
 @torch.no_grad()
+def streaming_losses(
+    model: torch.nn.Module | ModelAdapter,
+    ids: torch.Tensor,
+    streaming: StreamingAttention | None,
+    backend: str = "auto",
+    batch_size: int = 4,
+) -> torch.Tensor:
+    """Next-token loss ``[samples, L-1]`` (nats, float32, on the CPU) of ``ids [samples, L]``
+    with the model instrumented under ``streaming`` (None: full attention through the same
+    kernel path); entry ``[s, t]`` is the loss of token ``t + 1`` given the logits at ``t``.
+    What :func:`token_losses` computes for each variant, and :mod:`probes.compress` for each
+    set of streaming heads."""
+    adapter = adapter_for(model)
+    if not adapter.is_causal:
+        raise WorkbenchError("the streaming experiment needs a causal language model")
+    if ids.dim() != 2 or ids.shape[1] < 2:
+        raise WorkbenchError(f"ids must be [samples, tokens] with at least 2 tokens, got {tuple(ids.shape)}")
+    losses = []
+    with instrument(adapter, StatsSpec(), backend=backend, into=_Discard(), streaming=streaming):
+        for start in range(0, ids.shape[0], batch_size):
+            batch = ids[start : start + batch_size].to(adapter.device)
+            logits = adapter.logits(batch).float()[:, :-1]  # [b, L-1, vocab]
+            loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
+            losses.append(loss.cpu())
+    return torch.cat(losses)
+
+
+@torch.no_grad()
 def token_losses(model: torch.nn.Module | ModelAdapter, ids: torch.Tensor, settings: StreamingSettings) -> pd.DataFrame:
     """Next-token loss of every position of ``ids [samples, L]`` under each variant.
 
@@ -115,21 +143,10 @@ def token_losses(model: torch.nn.Module | ModelAdapter, ids: torch.Tensor, setti
     (``-1`` for full attention), ``window``, ``sample``, ``position`` (the predicting token ``t``,
     ``0 .. L-2``) and ``loss`` (nats, for token ``t + 1``)."""
     adapter = adapter_for(model)
-    if not adapter.is_causal:
-        raise WorkbenchError("the streaming experiment needs a causal language model")
-    if ids.dim() != 2 or ids.shape[1] < 2:
-        raise WorkbenchError(f"ids must be [samples, tokens] with at least 2 tokens, got {tuple(ids.shape)}")
     frames = []
     for keep in settings.variants():
         streaming = None if keep is None else StreamingAttention(window=settings.window, keep_first=keep)
-        losses = []
-        with instrument(adapter, StatsSpec(), backend=settings.backend, into=_Discard(), streaming=streaming):
-            for start in range(0, ids.shape[0], settings.batch_size):
-                batch = ids[start : start + settings.batch_size].to(adapter.device)
-                logits = adapter.logits(batch).float()[:, :-1]  # [b, L-1, vocab]
-                loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
-                losses.append(loss.cpu())
-        loss = torch.cat(losses)  # [samples, L-1]
+        loss = streaming_losses(adapter, ids, streaming, settings.backend, settings.batch_size)
         n, positions = loss.shape
         frames.append(
             pd.DataFrame(

@@ -13,10 +13,22 @@ import zlib
 
 import pytest
 
+# pytest-xdist workers share the machine's cores: each gets its share of them for torch's intra-op
+# threads (set before torch is imported; inherited by the processes tests start). With a worker
+# per core, every worker's default thread pool would take every core: on a 2-core CI machine 4
+# threads on 2 cores, where the pools' barriers on the many small ops of small models made
+# decoding and small forwards many times slower. An explicit OMP_NUM_THREADS wins.
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+if _XDIST_WORKERS:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores // _XDIST_WORKERS)))
+
 try:  # GPU machines test the compiled kernels; everywhere else the interpreter runs them.
     import torch as _torch
 
     _HAS_CUDA = _torch.cuda.is_available()
+    if _XDIST_WORKERS and os.environ["OMP_NUM_THREADS"].isdigit():  # in case torch came in before
+        _torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 except ImportError:  # pragma: no cover
     _HAS_CUDA = False
 if not _HAS_CUDA:

@@ -20,6 +20,7 @@ from workbench.console import (
     token_count,
 )
 from workbench.scoring import ScoreRunSettings
+from workbench.scoring.duo import DuoSettings
 
 app = typer.Typer(
     help="Attention workbench: attention statistics from fused kernels.", no_args_is_help=True, cls=ReportingGroup
@@ -228,6 +229,17 @@ def score(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out with its own settings."),
     force: bool = typer.Option(False, "--force", help="Replace the run in --out."),
     top: int = typer.Option(3, min=1, help="Heads shown per score."),
+    duo_steps: int = typer.Option(DuoSettings.steps, "--duo-steps", min=1, help="duo: training steps."),
+    duo_lr: float = typer.Option(DuoSettings.lr, "--duo-lr", help="duo: peak learning rate (AdamW)."),
+    duo_reg: float = typer.Option(DuoSettings.reg_weight, "--duo-reg", help="duo: weight of mean |gate| in the loss."),
+    duo_sink: int = typer.Option(DuoSettings.sink, "--duo-sink", min=0, help="duo: first keys kept."),
+    duo_recent: int = typer.Option(DuoSettings.recent, "--duo-recent", min=1, help="duo: recent keys kept."),
+    duo_lengths: str = typer.Option(
+        None,
+        "--duo-lengths",
+        help=f"duo: tokens per training sample, comma-separated (default: {_listed(DuoSettings.lengths)} where they "
+        "fit the model's context).",
+    ),
 ) -> None:
     """Score every attention head: sinks, entropy, streaming, retrieval, induction and more.
 
@@ -235,13 +247,16 @@ def score(
     figures/) and prints the top heads per score. Rerunning the same command resumes an
     interrupted run. Under `torchrun --nproc_per_node=N -m workbench score ...` the N processes
     share the samples; with `--context-parallel C` each sample's tokens are spread over groups of
-    C of them (docs/scale-out.md)."""
+    C of them (docs/scale-out.md). `--scores duo` trains DuoAttention's gates once per run
+    (TransformerLens models; docs/scores.md, "DuoAttention gates")."""
     import io
     from contextlib import nullcontext, redirect_stdout
 
     from workbench import distributed
+    from workbench.adapters import adapter_for
     from workbench.models import load_model
     from workbench.scoring import defaults_for, score_model
+    from workbench.scoring.duo import default_lengths as default_lengths_duo
     from workbench.zoo import DEFAULT_MODEL
 
     model = model or DEFAULT_MODEL
@@ -270,6 +285,18 @@ def score(
         backend=backend,
         prefill_chunk=prefill_chunk,
     )
+    duo = None
+    if "duo" in settings.scores:
+        duo = DuoSettings(
+            steps=duo_steps,
+            lr=duo_lr,
+            reg_weight=duo_reg,
+            sink=duo_sink,
+            recent=duo_recent,
+            lengths=parse_list(duo_lengths, token_count, "--duo-lengths", "integers (k = 1024)")
+            if duo_lengths
+            else DuoSettings.lengths,
+        )
     distributed.check_context_parallel(context_parallel)  # before the model loads
     if device_map is not None and distributed.launched():
         fail(
@@ -290,6 +317,9 @@ def score(
             lengths=settings.lengths if lengths else default_lengths,
             scores=settings.scores if scores else default_scores,
         )
+        if duo is not None:  # default training lengths: those that fit the model's context
+            fit = duo if duo_lengths else replace(duo, lengths=default_lengths_duo(adapter_for(loaded).context))
+            settings = replace(settings, duo=fit)
         with distributed.process_group(next(loaded.parameters()).device):
             run = score_model(
                 loaded, settings, out, resume=resume, force=force, progress=first, context_parallel=context_parallel
@@ -298,8 +328,9 @@ def score(
         print_run(run, top)
 
 
-def print_run(run, top: int = 3) -> None:
-    """The top heads per score and the model-level summary of a run."""
+def print_run(run, top: int = 3, per: str = "head", agg: str = "max", kv_heads: int | None = None) -> None:
+    """The top heads per score and the model-level summary of a run; ``per="kv-group"``: the top
+    KV groups, each scored by the ``agg`` of its query heads (docs/interop.md)."""
     import math
 
     from rich.markup import escape
@@ -307,12 +338,26 @@ def print_run(run, top: int = 3) -> None:
     m = run.manifest
     s = m["settings"]
     hs = run.table("head_scores")
-    table = Table(title=f"{s['model']}: top heads per score (layer.head value), {run.path}")
+    what = "heads per score (layer.head value)"
+    if per == "kv-group":
+        from workbench.scoring.kv_groups import as_head_table, run_kv_group_scores
+
+        hs = as_head_table(run_kv_group_scores(run, kv_heads), agg)
+        what = f"KV groups per score (layer.kv_head {agg} over its query heads)"
+    elif per != "head":
+        from workbench.errors import WorkbenchError
+
+        raise WorkbenchError(f"unknown --per {per!r}: choose head or kv-group")
+    table = Table(title=f"{s['model']}: top {what}, {run.path}")
     for col in ("score", "task", "top heads", "samples"):
         table.add_column(col, justify="right" if col == "samples" else "left")
     for (score_name, task), group in hs.groupby(["score", "task"], sort=False):
         best = group.dropna(subset=["value"]).nlargest(top, "value")
-        heads = "  ".join(f"{r.layer}.{r.head} [bold]{r.value:.2f}[/bold]" for r in best.itertuples()) or "no samples"
+        heads = "  ".join(
+            f"{r.layer}.{r.head} [bold]{r.value:.2f}[/bold]" + (f" (q {r.query_heads})" if per != "head" else "")
+            for r in best.itertuples()
+        )
+        heads = heads or "no samples"
         table.add_row(score_name, task, heads, str(int(group["samples"].max())))
     console.print(table)
     summary = m.get("summary", {})
@@ -373,11 +418,99 @@ def _relative(folder: Path, root: Path) -> str:
 def runs_show(
     run: Path = typer.Argument(..., help="Run folder."),
     top: int = typer.Option(3, min=1, help="Heads shown per score."),
+    per: str = typer.Option(
+        "head", "--per", help="head, or kv-group: each key/value head scored over its query heads (GQA models)."
+    ),
+    agg: str = typer.Option("max", "--agg", help="With --per kv-group: max or mean over the group's query heads."),
+    kv_heads: int = typer.Option(
+        None, "--kv-heads", min=1, help="Key/value heads per layer, for runs that do not record it."
+    ),
 ) -> None:
-    """A run's settings, top heads per score and summary."""
+    """A run's settings, top heads (or KV groups) per score and summary."""
     from workbench.runs import Run
 
     opened = Run.open(run)
     settings = opened.manifest["settings"]
     console.print(" ".join(f"{k}={v}" for k, v in settings.items()))
-    print_run(opened, top)
+    print_run(opened, top, per=per, agg=agg, kv_heads=kv_heads)
+
+
+_FORMATS_HELP = (
+    "duo (DuoAttention's pattern folder), retrieval-head (Retrieval_Head's JSON) or kv-table (.csv/.parquet)."
+)
+
+
+@app.command("export")
+@reports_errors
+def export_command(
+    run: Path = typer.Option(..., "--run", help="Run folder."),
+    score: str = typer.Option(..., "--score", help="The score to export (as `workbench runs show` lists them)."),
+    fmt: str = typer.Option(..., "--format", help=_FORMATS_HELP),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder (duo) or file (.json; .csv or .parquet) to write."),
+    task: str = typer.Option(None, "--task", help="The task whose values to export, when the score has several."),
+    agg: str = typer.Option(None, "--agg", help="duo, kv-table: max (default) or mean over each KV group."),
+    invert: bool = typer.Option(False, "--invert", help="Export 1 - value (scores where high means compressible)."),
+    rescale: bool = typer.Option(False, "--rescale", help="Map the score's range onto [0, 1] first."),
+    threshold: float = typer.Option(None, "--threshold", help="Full-attention KV heads: value >= this."),
+    sparsity: float = typer.Option(
+        None, "--sparsity", help="Full-attention KV heads: all but this share of lowest values (kv-table default 0.5)."
+    ),
+    sink_size: int = typer.Option(
+        None, "--sink-size", min=0, help="duo: config.json's sink_size (default: the run's)."
+    ),
+    recent_size: int = typer.Option(
+        None, "--recent-size", min=1, help="duo: config.json's recent_size (default: the run's window)."
+    ),
+    kv_heads: int = typer.Option(None, "--kv-heads", min=1, help="Key/value heads per layer, for older runs."),
+) -> None:
+    """Write a run's score in a format other tools read (docs/interop.md)."""
+    from workbench.interop import export_scores
+    from workbench.runs import Run
+
+    path, what = export_scores(
+        Run.open(run),
+        score,
+        fmt,
+        out,
+        task=task,
+        agg=agg,
+        invert=invert,
+        rescale=rescale,
+        threshold=threshold,
+        sparsity=sparsity,
+        sink_size=sink_size,
+        recent_size=recent_size,
+        kv_heads=kv_heads,
+    )
+    console.print(f"wrote {path}: {what}")
+
+
+@app.command("import")
+@reports_errors
+def import_command(
+    path: Path = typer.Argument(..., help="The file (or DuoAttention pattern folder) to read."),
+    fmt: str = typer.Option(..., "--format", help=_FORMATS_HELP),
+    run: Path = typer.Option(..., "--run", help="Run folder of the same model."),
+    name: str = typer.Option(..., "--name", help="Name of the imported score (in the run's imported_scores table)."),
+    agg: str = typer.Option("max", "--agg", help="Per-KV-head imports are compared with this aggregate of each group."),
+    kv_heads: int = typer.Option(None, "--kv-heads", min=1, help="Key/value heads per layer, for older runs."),
+) -> None:
+    """Read another tool's head scores into a run, beside its own, and compare them (docs/interop.md)."""
+    import math
+
+    from workbench.interop import compare_imported, import_scores
+    from workbench.runs import Run
+
+    opened = Run.open(run)
+    rows = import_scores(opened, path, fmt, name, kv_heads=kv_heads)
+    level = opened.manifest["imports"][name]["level"]
+    console.print(
+        f"imported {name} ({fmt}, per {level.replace('_', ' ')}) for {len(rows)} query heads into {opened.path}"
+    )
+    table = Table(title=f"{name} against the run's scores (per {level.replace('_', ' ')})")
+    for col in ("score", "task", "heads", "pearson", "spearman"):
+        table.add_column(col, justify="left" if col in ("score", "task") else "right")
+    for r in compare_imported(opened, name, agg=agg, kv_heads=kv_heads).itertuples():
+        cells = ("n/a" if math.isnan(v) else f"{v:+.2f}" for v in (r.pearson, r.spearman))
+        table.add_row(r.score, r.task, str(r.heads), *cells)
+    console.print(table)

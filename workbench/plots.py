@@ -16,11 +16,13 @@ from workbench.runs import atomic_write
 from workbench.scoring.formulas import SCORES
 
 
-def head_map(head_scores: pd.DataFrame, score: str, clickable: bool = False) -> go.Figure:
+def head_map(head_scores: pd.DataFrame, score: str, clickable: bool = False, head_label: str = "head") -> go.Figure:
     """Layer x head heatmap of one score, one panel per task it was computed on.
 
     ``clickable``: an invisible marker on every cell, so that point selection (a click in
-    Streamlit's ``st.plotly_chart(on_select=...)``, which heatmaps do not report) picks a head."""
+    Streamlit's ``st.plotly_chart(on_select=...)``, which heatmaps do not report) picks a head.
+    ``head_label``: what the columns are (``"kv head"`` for a KV-group view,
+    :func:`workbench.scoring.kv_groups.as_head_table`)."""
     rows = head_scores[head_scores["score"] == score]
     tasks = list(dict.fromkeys(rows["task"]))
     fig = make_subplots(
@@ -37,7 +39,7 @@ def head_map(head_scores: pd.DataFrame, score: str, clickable: bool = False) -> 
                 zmin=lo,
                 zmax=hi,
                 coloraxis="coloraxis",
-                hovertemplate=f"{task}<br>layer %{{y}} head %{{x}}<br>{score} %{{z:.3f}}<extra></extra>",
+                hovertemplate=f"{task}<br>layer %{{y}} {head_label} %{{x}}<br>{score} %{{z:.3f}}<extra></extra>",
             ),
             row=1,
             col=i,
@@ -52,12 +54,13 @@ def head_map(head_scores: pd.DataFrame, score: str, clickable: bool = False) -> 
                     showlegend=False,
                     marker={"symbol": "square", "size": 28, "opacity": 0},
                     customdata=cells["value"],
-                    hovertemplate=f"{task}<br>layer %{{y}} head %{{x}}<br>{score} %{{customdata:.3f}}<extra></extra>",
+                    hovertemplate=f"{task}<br>layer %{{y}} {head_label} %{{x}}<br>{score} %{{customdata:.3f}}"
+                    "<extra></extra>",
                 ),
                 row=1,
                 col=i,
             )
-        fig.update_xaxes(title_text="head", type="category", row=1, col=i)
+        fig.update_xaxes(title_text=head_label, type="category", row=1, col=i)
     fig.update_yaxes(type="category", autorange="reversed")  # layers and heads are labels, not a scale
     fig.update_yaxes(title_text="layer", row=1, col=1)
     fig.update_layout(
@@ -233,6 +236,61 @@ def streaming_curve(table: pd.DataFrame) -> go.Figure:
         xaxis_title="query position",
         yaxis={"title": "perplexity (overall in the legend)", "type": "log"},
         width=640,
+        height=400,
+    )
+    return fig
+
+
+def compression_curve(summary: pd.DataFrame, rank_by: str = "the ranking") -> go.Figure:
+    """KV-cache compression what-if (``probes.compress``'s ``summary`` table): needle accuracy
+    and text loss on the positions past sink + window, one panel each (those the table has), by
+    the share of KV heads made streaming; the heads chosen by ``rank_by`` against random heads
+    (mean over the draws, their range as error bars); both start at the uncompressed model
+    (share 0), also drawn as a dashed line."""
+    panels = [
+        (c, label)
+        for c, label in (("needle_accuracy", "needle accuracy"), ("text_loss_past_window", "text loss past window"))
+        if c in summary and summary[c].notna().any()
+    ]
+    fig = make_subplots(rows=1, cols=max(1, len(panels)), subplot_titles=[label for _, label in panels])
+    base = summary[summary["policy"] == "none"]
+    colors = {"ranked": "#1f77b4", "random": "#ff7f0e"}
+    for col, (column, label) in enumerate(panels, start=1):
+        start = base[["share", column]].assign(share=0.0)
+        ranked = pd.concat([start, summary[summary["policy"] == "ranked"][["share", column]]]).sort_values("share")
+        rand = summary[summary["policy"] == "random"].groupby("share")[column].agg(["mean", "min", "max"])
+        if len(base):
+            b = float(base[column].iloc[0])
+            rand = pd.concat([pd.DataFrame({"mean": [b], "min": [b], "max": [b]}, index=[0.0]), rand])
+            fig.add_hline(y=b, line_dash="dash", line_color="gray", row=1, col=col)
+        rand = rand.reset_index(names="share").sort_values("share")
+        fig.add_trace(
+            go.Scatter(
+                x=ranked["share"], y=ranked[column], mode="lines+markers", name=f"by {rank_by}",
+                line={"color": colors["ranked"]}, showlegend=col == 1, legendgroup="ranked",
+                hovertemplate=f"share %{{x:.3f}}<br>{label} %{{y:.3f}}<extra>by {rank_by}</extra>",
+            ),
+            row=1, col=col,
+        )  # fmt: skip
+        if len(rand) > int(len(base) > 0):
+            fig.add_trace(
+                go.Scatter(
+                    x=rand["share"], y=rand["mean"], mode="lines+markers", name="random (mean, range)",
+                    line={"color": colors["random"], "dash": "dot"}, showlegend=col == 1, legendgroup="random",
+                    error_y={"type": "data", "symmetric": False, "array": rand["max"] - rand["mean"],
+                             "arrayminus": rand["mean"] - rand["min"]},
+                    hovertemplate=f"share %{{x:.3f}}<br>{label} %{{y:.3f}} (mean)<extra>random</extra>",
+                ),
+                row=1, col=col,
+            )  # fmt: skip
+        fig.update_xaxes(title_text="share of KV heads streaming", range=[-0.03, 1.03], row=1, col=col)
+        fig.update_yaxes(title_text=label, row=1, col=col)
+        if column == "needle_accuracy":
+            fig.update_yaxes(range=[-0.05, 1.05], row=1, col=col)
+    fig.update_layout(
+        title=f"streaming heads chosen by {rank_by} vs at random (dashed: uncompressed)",
+        title_font_size=13,
+        width=max(480, 430 * len(panels)),
         height=400,
     )
     return fig

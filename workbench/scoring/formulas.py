@@ -4,7 +4,8 @@ O(N) statistics of :func:`kernels.attention` (never from the attention matrix).
 Every score is a ratio ``sum(total) / sum(count)`` of per-sample tallies, so samples of any
 length combine, and an interrupted run resumes by adding the samples it had not done.
 :data:`SCORES` holds each score's formula and the paper or tool it follows; ``docs/scores.md``
-explains them at length.
+explains them at length. :data:`TRAINED_SCORES` holds the scores trained once per run instead
+(DuoAttention's gates, :mod:`workbench.scoring.duo`).
 
 Example:
     >>> spec = stats_spec(["sink", "induction"], ScoreSettings(), period=50, repeats=2)
@@ -115,6 +116,23 @@ SCORES: dict[str, Score] = {
 }
 
 
+#: Scores that are trained once per run rather than tallied per sample: their numbers come from
+#: their own part (``workbench.scoring.duo``), never from :func:`prefill_tallies`, and no run
+#: computes them unless asked for (``--scores duo``). A run's tasks do not matter to them.
+TRAINED_SCORES: dict[str, Score] = {
+    "duo": Score(
+        "duo",
+        TASKS,
+        "DuoAttention's gate alpha in [0, 1] of the head's KV head, trained with the model frozen so that heads "
+        "outputting alpha * full + (1 - alpha) * streaming attention (the first `sink` and last `recent` keys) keep "
+        "the final hidden states of needle samples' question and answer (MSE), plus 0.05 * mean |alpha|; higher = "
+        "needs full attention (rows of task niah: the training data)",
+        "Xiao et al. 2025, DuoAttention: Efficient Long-Context LLM Inference with Retrieval and Streaming Heads, "
+        "and their code (mit-han-lab/duo-attention, duo_attn/train.py)",
+    ),
+}
+
+
 #: Gu et al.'s epsilon: a (sample, layer, head) whose first-token score exceeds it is a sink.
 SINK_THRESHOLD = 0.3
 #: Wu et al.: a head whose retrieval score exceeds it is a retrieval head.
@@ -177,12 +195,13 @@ def check_request(tasks: Sequence[str], scores: Sequence[str]) -> None:
     bad_tasks = [t for t in tasks if t not in TASKS]
     if bad_tasks or not tasks:
         raise WorkbenchError(f"unknown task(s) {bad_tasks or '(none)'}; choose from: {', '.join(TASKS)}")
-    unknown = [s for s in scores if s not in SCORES]
+    known = {**SCORES, **TRAINED_SCORES}
+    unknown = [s for s in scores if s not in known]
     if unknown or not scores:
-        raise WorkbenchError(f"unknown score(s) {unknown or '(none)'}; choose from: {', '.join(SCORES)}")
-    orphans = [s for s in scores if not set(SCORES[s].tasks) & set(tasks)]
+        raise WorkbenchError(f"unknown score(s) {unknown or '(none)'}; choose from: {', '.join(known)}")
+    orphans = [s for s in scores if not set(known[s].tasks) & set(tasks)]
     if orphans:
-        need = "; ".join(f"{s} needs --task {'|'.join(SCORES[s].tasks)}" for s in orphans)
+        need = "; ".join(f"{s} needs --task {'|'.join(known[s].tasks)}" for s in orphans)
         raise WorkbenchError(f"no chosen task defines {', '.join(orphans)} ({need})")
 
 

@@ -32,7 +32,9 @@ from workbench.adapters import ModelAdapter, adapter_for
 from workbench.errors import WorkbenchError
 from workbench.models import task_tokenizer
 from workbench.runs import SCORING_TABLES, Run, prepare
+from workbench.scoring.duo import ensure_gates
 from workbench.scoring.formulas import SCORE_DEFINITIONS, ScoreSettings
+from workbench.scoring.kv_groups import kv_heads_of
 from workbench.scoring.plan import Unit, plan
 from workbench.scoring.sample import score_sample
 from workbench.scoring.settings import ScoreRunSettings, check_model
@@ -119,6 +121,7 @@ def score_model(
         if rank == 0:
             try:
                 run.manifest["scored_by"].update({key: r for r, keys in enumerate(scored) for key in keys})
+                ensure_gates(run, adapter.model, settings, progress)  # trained scores (duo), once per run
                 finish(run, settings)
             except WorkbenchError as exc:
                 if world == 1:
@@ -337,6 +340,7 @@ def _manifest(adapter: ModelAdapter) -> dict:
             "class": type(model).__name__,
             "layers": adapter.n_layers,
             "heads": n_heads,
+            "kv_heads": kv_heads_of(adapter),  # query head h reads K/V head h // (heads // kv_heads)
             "context": adapter.context,
             "dtype": str(param.dtype).removeprefix("torch."),
         },

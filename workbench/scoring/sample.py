@@ -132,7 +132,7 @@ def score_sample(
     single process's."""
     start = time.perf_counter()
     adapter = adapter_for(model)
-    scores = [s for s in settings.scores if unit.task in SCORES[s].tasks]
+    scores = [s for s in settings.scores if s in SCORES and unit.task in SCORES[s].tasks]  # not trained ones
     sample, causal = unit.sample, adapter.is_causal
     spec = stats_spec(scores, settings.score_settings, sample.period, settings.repeats)
     device = adapter.device

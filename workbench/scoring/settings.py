@@ -10,6 +10,7 @@ import torch
 from kernels import BACKENDS
 from workbench.adapters import ModelAdapter, adapter_for
 from workbench.errors import WorkbenchError
+from workbench.scoring.duo import DuoSettings
 from workbench.scoring.formulas import TASKS, ScoreSettings, check_request, scores_for
 
 #: Sample lengths when none are given (those that fit the model's context).
@@ -26,7 +27,9 @@ class ScoreRunSettings:
     needle haystack (built-in docstrings when None). ``prefill_chunk``: prefill each sample this
     many tokens at a time against a growing KV cache (activation memory bounded by the chunk;
     the same numbers up to float rounding); None: in one forward pass. Left out of
-    :meth:`to_dict` when None, so runs made before it existed keep their identity.
+    :meth:`to_dict` when None, so runs made before it existed keep their identity. ``duo``: how
+    the ``duo`` score's gates are trained (:class:`~workbench.scoring.duo.DuoSettings`; the
+    defaults when ``duo`` is scored, None otherwise; left out of :meth:`to_dict` when None).
     """
 
     model: str
@@ -43,6 +46,7 @@ class ScoreRunSettings:
     dtype: str | None = None
     backend: str = "auto"
     prefill_chunk: int | None = None
+    duo: DuoSettings | None = None
 
     def __post_init__(self) -> None:
         for name in ("tasks", "scores", "lengths", "depths"):
@@ -65,6 +69,14 @@ class ScoreRunSettings:
             raise WorkbenchError(
                 f"prefill_chunk must be an int >= 1 (tokens per chunk) or None, got {self.prefill_chunk!r}"
             )
+        if isinstance(self.duo, dict):  # from a manifest
+            object.__setattr__(self, "duo", DuoSettings.from_dict(self.duo))
+        if "duo" in self.scores and self.duo is None:
+            object.__setattr__(self, "duo", DuoSettings())
+        if self.duo is not None and "duo" not in self.scores:
+            raise WorkbenchError("duo settings were given but duo is not among the scores: add duo to --scores")
+        if self.duo is not None and not isinstance(self.duo, DuoSettings):
+            raise WorkbenchError(f"duo takes a workbench.scoring.duo.DuoSettings, got {type(self.duo).__name__}")
 
     @property
     def score_settings(self) -> ScoreSettings:
@@ -74,6 +86,10 @@ class ScoreRunSettings:
         d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
         if d["prefill_chunk"] is None:  # the identity of runs made before the option existed
             del d["prefill_chunk"]
+        if self.duo is None:  # likewise
+            del d["duo"]
+        else:
+            d["duo"] = self.duo.to_dict()
         return d
 
     @classmethod
@@ -126,6 +142,10 @@ def check_model(
             "the learned_sink score reads a model's learned sink logits (gpt-oss); this model has none: "
             "leave learned_sink out of --scores (its first-token sink is the sink score)"
         )
+    if "duo" in settings.scores:
+        from workbench.scoring import duo
+
+        duo.check_model(adapter.model, settings.duo)
     if "retrieval" in settings.scores and not adapter.can_generate:
         raise WorkbenchError(
             "the retrieval score decodes the needle's answer: it needs a causal language model "

@@ -1,0 +1,351 @@
+"""The KV-cache compression what-if (``probes.compress``): the direction rule and its refusals;
+KV groups of a grouped-query model stream whole (the group's score is its max / min, and the
+streaming heads equal a float64 model with the restriction as an explicit mask); a set of
+streaming KV heads equals ``instrument(model, streaming=StreamingAttention(heads=mask))`` and
+share 0 equals the uninstrumented model; the random control is seeded, nested and differs
+between draws; the memory table matches an explicit count; the planted model as the known case
+(streaming its copying head destroys needle accuracy, streaming by the retrieval ranking keeps
+it); the figure; ``workbench compress``."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from probes.cli import register
+from probes.compress import (
+    DIRECTIONS,
+    CompressionSettings,
+    KVLayout,
+    choices,
+    compress,
+    compressions,
+    direction_for,
+    kv_count,
+    kv_layout,
+    kv_memory,
+    read_compression,
+    run_compression,
+    stream_order,
+    streaming_for,
+    text_ids,
+)
+from tests.workbench.test_instrument_transformer_lens import tiny_model
+from tests.workbench.test_streaming_models import tl_float64_logits
+from workbench import instrument
+from workbench.adapters.streaming import StreamingAttention
+from workbench.cli import app
+from workbench.errors import WorkbenchError
+from workbench.plots import compression_curve
+from workbench.runs import Run
+from workbench.scoring import ScoreRunSettings, score_model
+from workbench.tasks import needle_samples
+from workbench.zoo.planted import ROLES, planted
+
+CONTEXT = 256  # the planted model's context = the needle length: decoding stops after the answer
+COPYING = ROLES["induction"]  # the planted copying (retrieval) head; every KV head is one query head
+NEEDLES = dict(tasks=("niah",), lengths=(CONTEXT,), depths=(0.25, 0.5), samples=1, sink=4, window=32)
+
+
+@pytest.fixture(autouse=True)
+def _no_png(monkeypatch):
+    """PNG export starts a browser per call (seconds); the HTML figures are still written."""
+    import plotly.io as pio
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("PNG export switched off in these tests")
+
+    monkeypatch.setattr(pio, "write_images", refuse)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return planted(context=CONTEXT)
+
+
+@pytest.fixture(scope="module")
+def scored(model, tmp_path_factory):
+    """The planted model scored on needles (retrieval and streaming)."""
+    settings = ScoreRunSettings(
+        model=f"planted:{CONTEXT}",
+        tasks=("niah",),
+        scores=("retrieval", "streaming"),
+        lengths=(CONTEXT,),
+        samples=1,
+        depths=(0.3,),
+        backend="reference",
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("workbench.plots.save_figures", lambda figures, folder: [])
+        return score_model(model, settings, tmp_path_factory.mktemp("planted") / "run", progress=False)
+
+
+# ----------------------------------------------------------------------------- direction and settings
+
+
+def test_the_direction_rule_and_its_refusals():
+    assert direction_for("retrieval") == direction_for("induction") == "lowest"
+    assert direction_for("streaming") == direction_for("sink") == "highest"
+    assert direction_for("retrieval", "highest") == "highest" and direction_for("entropy", "lowest") == "lowest"
+    assert direction_for("duo") == "lowest"  # DuoAttention's gate: low gates stream
+    assert {d for d, _ in DIRECTIONS.values()} == {"highest", "lowest"} and "entropy" not in DIRECTIONS
+    with pytest.raises(WorkbenchError, match="'entropy' has no defined compression direction.*--stream highest"):
+        CompressionSettings(rank_by="entropy")
+    assert CompressionSettings(rank_by="entropy", stream="lowest").name == "entropy_lowest"
+    assert CompressionSettings().name == "retrieval_lowest"
+    for kwargs, match in (
+        ({"stream": "up"}, "stream must be 'highest' or 'lowest'"),
+        ({"shares": (0.5, 1.5)}, r"shares are fractions of the KV heads in \[0, 1\]"),
+        ({"shares": ()}, "shares are fractions"),
+        ({"tasks": ("repeats",)}, "tasks must be among niah, text"),
+        ({"draws": -1}, "draws must be an integer >= 0"),
+        ({"window": 0}, "window must be an integer >= 1"),
+        ({"lengths": (4,)}, "lengths must be at least 8 tokens"),
+        ({"backend": "cuda"}, "unknown kernel backend"),
+    ):
+        with pytest.raises(WorkbenchError, match=match):
+            CompressionSettings(**kwargs)
+    assert CompressionSettings(shares=(0.5, 0.25, 0.5)).shares == (0.25, 0.5)
+    assert [kv_count(s, 12) for s in (0.0, 1 / 24, 0.25, 0.5, 1.0)] == [0, 1, 3, 6, 12]
+
+
+def test_the_ranking_direction_decides_which_heads_stream_first():
+    layout = KVLayout(layers=2, heads=2, kv_heads=2, d_head=4, dtype="float32", itemsize=4)
+    scores = pd.DataFrame(
+        {"layer": [0, 0, 1, 1], "head": [0, 1, 0, 1], "value": [0.9, 0.1, float("nan"), 0.5]}
+    )  # fmt: skip
+    low = stream_order(scores, layout, "lowest")
+    assert list(zip(low["layer"], low["kv_head"])) == [(0, 1), (1, 1), (0, 0), (1, 0)]  # NaN last
+    high = stream_order(scores, layout, "highest")
+    assert list(zip(high["layer"], high["kv_head"])) == [(0, 0), (1, 1), (0, 1), (1, 0)]
+    assert list(low["rank"]) == [0, 1, 2, 3]
+    with pytest.raises(WorkbenchError, match="every head of the model once"):
+        stream_order(scores.iloc[:3], layout, "lowest")
+    with pytest.raises(WorkbenchError, match="NaN for every head"):
+        stream_order(scores.assign(value=float("nan")), layout, "lowest")
+
+
+# ----------------------------------------------------------------------------- grouped-query attention
+
+
+def test_kv_groups_stream_whole_and_rank_by_their_max_or_min():
+    """A TransformerLens model with 4 query heads on 2 KV heads per layer: a KV group's value is
+    the max (lowest first) or min (highest first) of its query heads'; streaming KV head k makes
+    query heads 2k and 2k+1 streaming heads, and the logits equal a float64 model hiding those
+    heads' keys by an explicit mask."""
+    gqa = tiny_model("rotary-gqa")
+    layout = kv_layout(gqa)
+    assert (layout.layers, layout.heads, layout.kv_heads, layout.group, layout.d_head) == (2, 4, 2, 2, 16)
+    assert layout.dtype == "float32" and layout.itemsize == 4
+    values = [0.3, 0.8, 0.5, 0.4, 0.1, 0.2, 0.9, 0.0]  # [layer 0 heads 0-3, layer 1 heads 0-3]
+    scores = pd.DataFrame({"layer": [0] * 4 + [1] * 4, "head": [0, 1, 2, 3] * 2, "value": values})
+    low = stream_order(scores, layout, "lowest")  # group max: (0,0) 0.8, (0,1) 0.5, (1,0) 0.2, (1,1) 0.9
+    assert list(zip(low["layer"], low["kv_head"], low["value"])) == [(1, 0, 0.2), (0, 1, 0.5), (0, 0, 0.8), (1, 1, 0.9)]
+    high = stream_order(scores, layout, "highest")  # group min: 0.3, 0.4, 0.1, 0.0
+    assert list(zip(high["layer"], high["kv_head"])) == [(0, 1), (0, 0), (1, 0), (1, 1)]
+    assert list(low["query_heads"]) == ["0 1", "2 3", "0 1", "2 3"]
+
+    chosen = [(0, 1), (1, 0)]
+    explicit = torch.zeros(2, 4, dtype=torch.bool)
+    explicit[0, 2] = explicit[0, 3] = explicit[1, 0] = explicit[1, 1] = True
+    streaming = streaming_for(layout, chosen, sink=2, window=6)
+    assert torch.equal(streaming.head_mask(2, 4), explicit)
+    ids = torch.randint(0, gqa.cfg.d_vocab, (2, 40), generator=torch.Generator().manual_seed(1))
+    want = tl_float64_logits(gqa, ids, StreamingAttention(window=6, keep_first=2, heads=explicit))
+    with torch.no_grad(), instrument(gqa, backend="reference", streaming=streaming):
+        got = gqa(ids)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-4)
+    assert streaming_for(layout, [], 2, 6) is None
+    with pytest.raises(WorkbenchError, match="out of range"):
+        layout.mask([(0, 2)])
+
+
+# ----------------------------------------------------------------------------- a set of heads = instrument
+
+
+def test_each_set_equals_instrument_with_its_mask_and_share_zero_the_plain_model(zoo):
+    settings = CompressionSettings(
+        rank_by="streaming", shares=(0.5,), tasks=("text",), lengths=(96,), text_samples=2,
+        sink=2, window=16, draws=2, backend="reference", seed=3,
+    )  # fmt: skip
+    layout = kv_layout(zoo)
+    scores = pd.DataFrame(
+        [(layer, head, float(v)) for (layer, head), v in zip(
+            [(l, h) for l in range(layout.layers) for h in range(layout.heads)],
+            torch.rand(layout.layers * layout.heads, generator=torch.Generator().manual_seed(0)),
+        )],
+        columns=["layer", "head", "value"],
+    )  # fmt: skip
+    found = compress(zoo, scores, settings, progress=False)
+    ids = text_ids(zoo, settings.resolved())
+    assert ids.shape == (2, 96)
+    summary = found.summary.set_index(["policy", "draw", "share"])
+    assert len(summary) == 1 + 1 + 2
+    with torch.no_grad():
+        plain = zoo(ids).double()
+    plain_loss = torch.nn.functional.cross_entropy(plain[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    base = summary.loc[("none", 0, 0.0)]
+    assert base["kv_heads"] == 0 and abs(base["text_loss"] - float(plain_loss.mean())) < 1e-4
+    assert abs(base["text_loss_past_window"] - float(plain_loss[:, 18:].mean())) < 1e-4
+    differs = 0
+    for (policy, draw, share), group in found.heads.groupby(["policy", "draw", "share"]):
+        mask = torch.zeros(layout.layers, layout.heads, dtype=torch.bool)
+        for row in group.itertuples():
+            mask[row.layer, [int(h) for h in row.query_heads.split()]] = True
+        assert int(mask.sum()) == kv_count(share, layout.total) * layout.group
+        with torch.no_grad(), instrument(zoo, backend="reference", streaming=StreamingAttention(16, 2, heads=mask)):
+            logits = zoo(ids).float()
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+        row = summary.loc[(policy, draw, share)]
+        assert abs(row["text_loss"] - float(loss.double().mean())) < 1e-5
+        assert abs(row["text_loss_past_window"] - float(loss[:, 18:].double().mean())) < 1e-5
+        differs += abs(row["text_loss_past_window"] - base["text_loss_past_window"]) > 1e-3
+    assert differs > 0, "streaming changes the loss"
+    text = found.text.set_index(["policy", "draw", "share", "region"])
+    assert text.loc[("none", 0, 0.0, "past_window"), "tokens"] == 2 * (95 - 18)
+    ranked = found.heads[found.heads["policy"] == "ranked"]
+    order = list(zip(found.order["layer"], found.order["kv_head"]))
+    for share, group in ranked.groupby("share"):  # the ranking's prefix: highest streaming score first
+        assert list(zip(group["layer"], group["kv_head"])) == order[: kv_count(share, layout.total)]
+    assert found.order["value"].is_monotonic_decreasing
+
+
+def test_random_draws_are_seeded_nested_and_differ():
+    layout = KVLayout(layers=3, heads=8, kv_heads=4, d_head=8, dtype="float32", itemsize=4)
+    order = layout.all_kv()[::-1]
+    sets = choices(order, layout, (0.25, 0.5, 1.0), draws=4, seed=7)
+    assert sets == choices(order, layout, (0.25, 0.5, 1.0), draws=4, seed=7)
+    assert sets != choices(order, layout, (0.25, 0.5, 1.0), draws=4, seed=8)
+    assert sets[0].policy == "none" and sets[0].kv_heads == ()
+    random = [c for c in sets if c.policy == "random"]
+    assert {(c.draw, c.seed) for c in random} == {(d, 7 + d) for d in range(4)}
+    quarter = [frozenset(c.kv_heads) for c in random if c.share == 0.25]
+    assert len(set(quarter)) > 1 and all(len(s) == 3 for s in quarter)
+    for d in range(4):
+        mine = {c.share: set(c.kv_heads) for c in random if c.draw == d}
+        assert mine[0.25] <= mine[0.5] <= mine[1.0] == set(layout.all_kv())
+    ranked = {c.share: c.kv_heads for c in sets if c.policy == "ranked"}
+    assert ranked[0.5] == tuple(order[:6])
+    with pytest.raises(WorkbenchError, match="rounds to none"):
+        choices(order, layout, (0.01,), draws=1, seed=0)
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def test_memory_saved_matches_an_explicit_count():
+    layout = KVLayout(layers=3, heads=8, kv_heads=2, d_head=16, dtype="bfloat16", itemsize=2)
+    sink, window, lengths = 4, 64, (10, 68, 69, 300)
+    table = kv_memory(layout, [(0.0, 0), (0.5, 3)], lengths, sink, window).set_index(["share", "length"])
+    streaming = {(0, 0), (1, 1), (2, 0)}
+    for length in lengths:
+        kept = 0
+        for layer in range(3):
+            for kv in range(2):
+                for j in range(length):  # the cache at the end of the sequence: key j still held?
+                    kept += (layer, kv) not in streaming or j < sink or length - 1 - j < window
+        row = table.loc[(0.5, length)]
+        assert row["entries"] == 3 * 2 * length and row["entries_kept"] == kept
+        assert math.isclose(row["saved_fraction"], 1 - kept / (6 * length))
+        assert row["bytes_saved"] == (6 * length - kept) * 2 * 16 * 2 and row["bytes"] == 6 * length * 64
+        assert table.loc[(0.0, length), "saved_fraction"] == 0
+    assert table.loc[(0.5, 10), "saved_fraction"] == 0 and table.loc[(0.5, 300), "kept_per_head"] == 68
+
+
+# ----------------------------------------------------------------------------- the planted model
+
+
+def test_planted_model_streaming_its_copying_head_destroys_the_needle(model, scored):
+    """The copying head (2, 0) is the only head the needle needs: streaming by the retrieval
+    ranking (lowest first) keeps it to the last and keeps accuracy 1; a random set fails exactly
+    when it holds that head; streaming the highest retrieval head alone fails every needle."""
+    for sample in needle_samples(model.tokenizer, [CONTEXT], [0.25, 0.5], 1, seed=10_000):
+        assert len(sample.ids) - sample.needle.stop > NEEDLES["sink"] + NEEDLES["window"], "needle inside the window"
+    settings = CompressionSettings(rank_by="retrieval", shares=(0.25, 0.75), draws=2, backend="reference", **NEEDLES)
+    found = run_compression(scored, model, settings, progress=False)
+    assert found.order.iloc[-1][["layer", "kv_head", "value"]].tolist() == [*COPYING, 1.0]
+    summary = found.summary
+    assert summary[summary["policy"] != "random"]["needle_accuracy"].tolist() == [1.0, 1.0, 1.0]
+    random = found.heads[found.heads["policy"] == "random"]
+    holds = random.groupby(["draw", "share"]).apply(
+        lambda g: bool(((g["layer"] == COPYING[0]) & (g["kv_head"] == COPYING[1])).any()), include_groups=False
+    )
+    for row in summary[summary["policy"] == "random"].itertuples():
+        assert row.needle_accuracy == (0.0 if holds[(row.draw, row.share)] else 1.0)
+    assert holds.any(), "some random draw streams the copying head"
+    assert summary["text_loss"].isna().all() and found.text.empty
+    needles = found.needles
+    assert set(needles["length"]) == {CONTEXT} and set(needles["depth"]) == {0.25, 0.5}
+
+    run = Run.open(scored.path)
+    assert [c["name"] for c in compressions(run)] == ["retrieval_lowest"]
+    tables = read_compression(run, "retrieval_lowest")
+    pd.testing.assert_frame_equal(tables["summary"], found.summary)
+    assert (scored.path / "compress" / "retrieval_lowest.html").exists()
+    assert (scored.path / "compress" / "retrieval_lowest_summary.csv").exists()
+
+    worst = CompressionSettings(rank_by="retrieval", stream="highest", shares=(1 / 12,), draws=0, **NEEDLES)
+    found = run_compression(scored, model, worst, progress=False)
+    (streamed,) = found.heads[["layer", "kv_head"]].itertuples(index=False)
+    assert tuple(streamed) == COPYING
+    assert found.summary["needle_accuracy"].tolist() == [1.0, 0.0]
+    assert [c["name"] for c in compressions(Run.open(scored.path))] == ["retrieval_lowest", "retrieval_highest"]
+
+    with pytest.raises(WorkbenchError, match="already holds the compression 'retrieval_highest'.*--force"):
+        run_compression(scored, model, CompressionSettings(**{**worst.to_dict(), "seed": 1}), progress=False)
+    again = run_compression(scored, model, worst, progress=False)
+    assert again.notes and "replaced" in again.notes[0]
+
+
+# ----------------------------------------------------------------------------- figure and command
+
+
+def test_the_figure_draws_ranked_against_random_from_the_uncompressed_model():
+    summary = pd.DataFrame(
+        [("none", 0, 0.0, 0, 1.0, 2.0, 2.5), ("ranked", 0, 0.5, 2, 0.9, 2.1, 2.6),
+         ("random", 0, 0.5, 2, 0.4, 2.4, 3.0), ("random", 1, 0.5, 2, 0.6, 2.2, 2.8)],
+        columns=["policy", "draw", "share", "kv_heads", "needle_accuracy", "text_loss", "text_loss_past_window"],
+    )  # fmt: skip
+    fig = compression_curve(summary, "retrieval")
+    traces = {(t.name, t.xaxis): t for t in fig.data}
+    ranked, rand = traces[("by retrieval", "x")], traces[("random (mean, range)", "x")]
+    assert list(ranked.x) == [0.0, 0.5] and list(ranked.y) == [1.0, 0.9]
+    assert list(rand.y) == [1.0, 0.5] and list(rand.error_y.array) == pytest.approx([0.0, 0.1])
+    assert list(traces[("random (mean, range)", "x2")].y) == pytest.approx([2.5, 2.9])
+    assert [a.text for a in fig.layout.annotations] == ["needle accuracy", "text loss past window"]
+    only_text = compression_curve(summary.assign(needle_accuracy=float("nan")), "retrieval")
+    assert [a.text for a in only_text.layout.annotations] == ["text loss past window"]
+
+
+def test_compress_command(scored, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(scored.path, run, ignore=shutil.ignore_patterns("compress"))
+    copy = Run.open(run)  # without the compressions another test may have added
+    copy.manifest.pop("compressions", None)
+    copy.manifest["tables"] = {k: v for k, v in copy.manifest["tables"].items() if not k.startswith("compress/")}
+    copy.save_manifest()
+    register(app)
+    runner = CliRunner()
+    base = ["compress", "--run", str(run), "--device", "cpu", "--backend", "reference", "--window", "32"]
+    needles = ["--task", "niah", "--length", str(CONTEXT), "--depths", "0.25", "--samples", "1"]
+    result = runner.invoke(app, [*base, *needles, "--share", "0.25", "--draws", "1"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "needle acc. ranked" in text and "uncompressed: needle acc. 1.000" in text and "compress" in text
+    summary = Run.open(run).table("compress/retrieval_lowest_summary")
+    assert list(summary["policy"]) == ["none", "ranked", "random"] and list(summary["kv_heads"]) == [0, 3, 3]
+    for args, message in (
+        (["--rank-by", "entropy"], "'entropy' has no defined compression direction"),
+        (["--rank-by", "sink", "--stream", "highest"], "no 'sink' score"),
+        (["--share", "1.5"], "shares are fractions"),
+        (["--share", "x"], "--share must be comma-separated numbers"),
+        ([*needles, "--share", "0.5"], "pass --force to replace it"),
+        (["--task", "text", "--text-length", "30", "--force"], "no position past sink + window"),
+    ):
+        result = runner.invoke(app, [*base, *args])
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), (args, result.output)
