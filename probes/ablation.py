@@ -252,13 +252,16 @@ def _answer_logprobs(model: Model, samples: Sequence[TaskSample], batch_size: in
 
 
 @torch.no_grad()
-def greedy_answers(model: Model, samples: Sequence[TaskSample], batch_size: int = 8) -> list[list[int]]:
+def greedy_answers(
+    model: Model, samples: Sequence[TaskSample], batch_size: int = 8, max_new_tokens: int | None = None
+) -> list[list[int]]:
     """Each sample's greedy continuation, decoded as Wu et al. decode it: the prompt but its last
     token prefilled into a KV cache, then one decoding step at a time from the last prompt token
     (so the row that predicts the first answer token is a decoding step, which ``uniform``
     masking reaches), until a token whose text holds a newline, 50 tokens, or the model's context
-    (:func:`~workbench.scoring.formulas.answer_budget`). Samples of equal length decode together,
-    ``batch_size`` at a time."""
+    (:func:`~workbench.scoring.formulas.answer_budget`). ``max_new_tokens`` lowers the 50 (a
+    shorter, cheaper budget: the answer is a prefix of the full one). Samples of equal length
+    decode together, ``batch_size`` at a time."""
     from workbench.models import task_tokenizer
 
     adapter = adapter_for(model)
@@ -266,11 +269,14 @@ def greedy_answers(model: Model, samples: Sequence[TaskSample], batch_size: int 
     results: list[list[int]] = [[] for _ in samples]
     if any(len(s.ids) < 2 for s in samples):
         raise WorkbenchError("greedy_answers needs prompts of at least 2 tokens")
+    _check_max_new_tokens(max_new_tokens)
     token = _DECODING.set(True)
     try:
         for chunk in _groups([len(s.ids) for s in samples], batch_size):
             ids = torch.stack([samples[i].ids for i in chunk]).to(adapter.device)
             budget = answer_budget(ids.shape[1], adapter.context)
+            if max_new_tokens is not None:
+                budget = min(budget, max_new_tokens)
             _, cache = adapter.prefill(ids[:, :-1])
             step, done = ids[:, -1:], [False] * len(chunk)
             while not all(done):
@@ -286,18 +292,19 @@ def greedy_answers(model: Model, samples: Sequence[TaskSample], batch_size: int 
     return results
 
 
-def needle_accuracy(samples: Sequence[TaskSample], batch_size: int = 8) -> Metric:
+def needle_accuracy(samples: Sequence[TaskSample], batch_size: int = 8, max_new_tokens: int | None = None) -> Metric:
     """Share of needle samples whose answer greedy decoding retrieves: ROUGE-1 recall of the
-    generated text (:func:`greedy_answers`) against the answer above 0.5, the rule of Wu et al.
-    and of the scoring runs' ``needle_accuracy``. For our one-word answers: the generated text
-    holds the digits as a word."""
+    generated text (:func:`greedy_answers`, ``max_new_tokens`` its budget) against the answer
+    above 0.5, the rule of Wu et al. and of the scoring runs' ``needle_accuracy``. For our
+    one-word answers: the generated text holds the digits as a word."""
     _needles(samples)
+    _check_max_new_tokens(max_new_tokens)
 
     def metric(model: Model) -> float:
         from workbench.models import task_tokenizer
 
         tokenizer = task_tokenizer(adapter_for(model).model)
-        answers = greedy_answers(model, samples, batch_size)
+        answers = greedy_answers(model, samples, batch_size, max_new_tokens)
         return sum(
             answer_retrieved(answer_text(tokenizer, got), answer_text(tokenizer, s.answer))
             for got, s in zip(answers, samples)
@@ -310,6 +317,14 @@ def answer_logprob(samples: Sequence[TaskSample], batch_size: int = 8) -> Metric
     """Mean log-probability of the needle's answer tokens (teacher-forced)."""
     _needles(samples)
     return lambda model: sum(_answer_logprobs(model, samples, batch_size)) / len(samples)
+
+
+def _check_max_new_tokens(max_new_tokens: int | None) -> None:
+    """``max_new_tokens``: None (the budget of 50) or an int of at least 1."""
+    if max_new_tokens is not None and (
+        not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1
+    ):
+        raise WorkbenchError(f"max_new_tokens must be an int of at least 1 (or None: 50), got {max_new_tokens!r}")
 
 
 def _needles(samples: Sequence[TaskSample]) -> None:

@@ -7,9 +7,13 @@ that ``make test`` gives the same verdict on every machine, and fresh in ``make 
 environment, never drawn here: every pytest-xdist worker imports this file and must agree.
 """
 
+import contextlib
+import functools
 import os
 import random
+import re
 import zlib
+from pathlib import Path
 
 import pytest
 
@@ -56,6 +60,90 @@ def _seeded_generators(request):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- pytest-xdist scheduling
+
+#: Tests that take from 20 s to a minute on a CPU (node id prefixes): started before the others so
+#: that pytest-xdist's workers do not end on one of them while the other worker idles.
+SLOW_FIRST = (
+    "tests/project/test_notebooks.py::test_notebook_runs",
+    "tests/workbench/test_scores.py::test_ablating_the_top_retrieval_head_hurts_retrieval_most",
+    "tests/workbench/test_scores.py::test_default_model_has_the_documented_heads",
+    "tests/kernels/test_benchmark.py::test_smoke_run_checks_every_variant_and_prints_the_table",
+)
+_MODULE_FIXTURE = re.compile(r"fixture\(\s*scope\s*=\s*[\"']module[\"']")
+
+
+def pytest_collection_modifyitems(config, items):
+    """:data:`SLOW_FIRST` tests first, the rest as collected."""
+    items.sort(key=lambda item: not item.nodeid.startswith(SLOW_FIRST))  # a stable sort
+
+
+@functools.cache
+def shares_module_fixtures(module: str) -> bool:
+    """Whether the test module (a path from the repository root) defines a module-scoped fixture:
+    a scored run, a model, launched processes that its tests share."""
+    try:
+        return bool(_MODULE_FIXTURE.search((Path(__file__).parents[1] / module).read_text()))
+    except OSError:
+        return False
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``-n N`` (``--dist load``): the tests of a module with module-scoped fixtures go to one
+    worker together, so that one worker builds each fixture once (under plain ``load`` both
+    workers build it); every other test is scheduled alone. Groups first (largest first), then
+    single tests in collection order (pytest-xdist's LoadScopeScheduling). Other ``--dist``
+    modes are left as they are."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if shares_module_fixtures(module) else nodeid
+
+    return ModuleFixtureScheduling(config, log)
+
+
+# ----------------------------------------------------------------------------- PNG export
+
+#: plotly's ``write_images`` as the session found it (set by :func:`_png_export_off`).
+_WRITE_IMAGES: list = []
+
+
+def _png_switched_off(*args, **kwargs):
+    raise RuntimeError("PNG export switched off in the tests (tests.conftest.png_export turns it on)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _png_export_off():
+    """PNG export (``workbench.plots.save_figures``) starts a Chromium per run folder, seconds
+    each: off for the session, as on a machine without one (the HTML figures are still written,
+    and the run's ``figure_warnings`` say why the PNGs are missing). :func:`png_export` turns it
+    back on where a test checks the PNGs. Processes the tests start keep it."""
+    import plotly.io as pio
+
+    _WRITE_IMAGES.append(pio.write_images)
+    pio.write_images = _png_switched_off
+    yield
+    pio.write_images = _WRITE_IMAGES.pop()
+
+
+@contextlib.contextmanager
+def png_export():
+    """Within the block, PNG export works as outside the tests (when a Chromium is there)."""
+    import plotly.io as pio
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pio, "write_images", _WRITE_IMAGES[-1] if _WRITE_IMAGES else pio.write_images)
+        yield
+
+
+# ----------------------------------------------------------------------------- models
 
 
 @pytest.fixture(scope="module")

@@ -8,25 +8,37 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from kernels import benchmark
 
 
-def test_smoke_run_checks_every_variant_and_prints_the_table(tmp_path, capsys):
-    code = benchmark.main(["--smoke", "--breakdown", "--out", str(tmp_path / "b")])
+def test_smoke_defaults_plan_these_rows():
+    parser = benchmark.build_parser()
+    cfg = benchmark.resolve_config(parser.parse_args(["--smoke"]), parser)
+    assert [(s.suite, s.d, s.kv_heads, s.n_q, s.n) for s in cfg.shapes] == [
+        ("mha", 32, 4, 64, 64),
+        ("mha", 32, 4, 128, 128),
+        ("gqa", 32, 2, 64, 64),
+        ("decode", 32, 2, 1, 128),
+        ("decode", 32, 2, 4, 128),
+    ]
+    assert (cfg.heads, cfg.dtype, cfg.device.type, cfg.time_budget_s) == (4, torch.float32, "cpu", 0.0)
+
+
+def test_smoke_run_checks_every_variant_and_prints_the_table(tmp_path, capsys, monkeypatch):
+    """Every suite, variant and check end to end, on the smoke defaults but for N = 32 keys (two
+    16-key blocks under the interpreter, two key splits in decoding), with one timed call per
+    variant: the interpreter takes about a second per call, and smoke timings mean nothing."""
+    monkeypatch.setattr("kernels.benchmark.measure.SMOKE_REPS", 1)
+    code = benchmark.main(["--smoke", "--breakdown", "--lengths", "32", "--out", str(tmp_path / "b")])
     out = capsys.readouterr().out
     assert code == 0, out
     tables = out[out.index("# mha") :]
     assert "# gqa" in tables and "# decode" in tables and "rowstats/sdpa" in tables
     rows = list(csv.DictReader((tmp_path / "b.csv").open()))
     shapes = [(r["suite"], int(r["Hkv"]), int(r["Nq"]), int(r["N"])) for r in rows]
-    assert shapes == [
-        ("mha", 4, 64, 64),
-        ("mha", 4, 128, 128),
-        ("gqa", 2, 64, 64),
-        ("decode", 2, 1, 128),
-        ("decode", 2, 4, 128),
-    ]
+    assert shapes == [("mha", 4, 32, 32), ("gqa", 2, 32, 32), ("decode", 2, 1, 32), ("decode", 2, 4, 32)]
     assert all(r["check"] == "ok" for r in rows)
     assert all(float(r["keymass_ms"]) > 0 for r in rows)
     assert all(float(r["entropy_ms"]) > 0 for r in rows if r["suite"] == "mha")

@@ -119,9 +119,16 @@ def test_ablating_induction_heads_cuts_induction_more_than_random_heads(zoo, sco
     assert base - top > 2 * (base - random_mean)
 
 
+#: A decoding budget for the needle metrics of the experiments below: the answer (a space and four
+#: digits, 5 tokens) and what follows it, which is where zoo-2l says the code when it retrieves it
+#: (a budget of 6 or 8 gives the same tables here as the default 50, at a fifth of the decoding).
+NEEDLE_BUDGET = 8
+
+
 def test_ablating_retrieval_heads_cuts_needle_accuracy_more_than_random_heads(zoo, scored):
     samples = needle_samples(zoo.tokenizer, [256], [0.2, 0.5, 0.8], 6, seed=SEED + 1)
-    accuracy, logprob = ablation.needle_accuracy(samples), ablation.answer_logprob(samples)
+    accuracy = ablation.needle_accuracy(samples, batch_size=len(samples), max_new_tokens=NEEDLE_BUDGET)
+    logprob = ablation.answer_logprob(samples)
     ranking = ablation.rank_heads(scored, "retrieval")
     assert ranking[0][0] == 1  # the zoo's retrieval heads are in layer 1
     table = ablation.cumulative(
@@ -153,7 +160,8 @@ def test_scan_finds_the_head_that_matters(zoo):
     # 32 samples: with 8, an unlucky draw left the unablated accuracy at 0.25, too low for any
     # drop to pass 0.3 (over seeds 1-8 it is 0.59-0.88 with 32)
     samples = needle_samples(zoo.tokenizer, [256], [0.3, 0.7], 16, seed=SEED)
-    table = ablation.scan_heads(zoo, ablation.needle_accuracy(samples), progress=False)
+    metric = ablation.needle_accuracy(samples, batch_size=len(samples), max_new_tokens=NEEDLE_BUDGET)
+    table = ablation.scan_heads(zoo, metric, progress=False)
     assert len(table) == 8 and (table["value"] - table["baseline"] == table["delta"]).all()
     assert table["delta"].min() < -0.3
 
@@ -410,13 +418,14 @@ def test_uniform_masking_equals_uniform_pattern_rows_in_decoding_steps(zoo, inst
 def test_uniform_masking_of_the_planted_heads():
     """On the planted model (docs/planted.md), masking the copying head the uniform way destroys
     needle accuracy; masking the dormant head (writes nothing) or the uniform head (already
-    uniform) leaves every generated token as it was."""
+    uniform) leaves every generated token as it was (the full budget: to the newline, which the
+    planted model reaches after 11 to 48 tokens here, or 50 tokens)."""
     from workbench.models import task_tokenizer
     from workbench.zoo.planted import ROLES, planted
 
     model = planted(context=1024, seed=SEED % 1000)
     samples = needle_samples(task_tokenizer(model), [300], [0.2, 0.8], 3, seed=SEED)
-    accuracy = ablation.needle_accuracy(samples)
+    accuracy = ablation.needle_accuracy(samples, max_new_tokens=NEEDLE_BUDGET)
     clean = ablation.greedy_answers(model, samples)
     assert accuracy(model) == 1.0
     with ablation.ablate(model, [ROLES["induction"]], "uniform"):
@@ -453,6 +462,9 @@ def test_greedy_answers_stop_at_a_newline_or_the_budget(zoo):
     with zoo.hooks(fwd_hooks=[("unembed.hook_out", force)]):
         forced = ablation.greedy_answers(zoo, samples[:1])[0]
     assert forced == [x, x, x, nl]
+    # a lower budget (max_new_tokens) cuts every answer to a prefix of its full one
+    short = ablation.greedy_answers(zoo, samples, batch_size=4, max_new_tokens=3)
+    assert short == [a[:3] for a in answers] and any(len(a) > 3 for a in answers)
     with torch.no_grad():  # the first answer again, by full forwards
         ids = samples[0].ids.unsqueeze(0)
         for token in answers[0]:
@@ -486,6 +498,9 @@ def test_uniform_masking_refusals(zoo):
     assert AblationSettings(task="repeats").method == "zero"
     samples = needle_samples(zoo.tokenizer, [128], [0.5], 1, seed=SEED)
     ids = torch.stack([s.ids for s in samples])
+    for budget in (0, 2.5, True):
+        with pytest.raises(WorkbenchError, match="max_new_tokens must be an int of at least 1"):
+            ablation.needle_accuracy(samples, max_new_tokens=budget)
     with pytest.raises(WorkbenchError, match="resample ablation replaces z position by position"):
         with ablation.ablate(zoo, [(1, 1)], "resample", reference=ids):
             ablation.needle_accuracy(samples)(zoo)

@@ -129,10 +129,16 @@ def _torchrun(
         )
 
 
-def _driver(tmp_path: Path, mode: str, *args: str, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def _driver(
+    tmp_path: Path, mode: str, *args: str, launcher: tuple[str, ...] = (), processes: int = 2
+) -> subprocess.CompletedProcess:
+    """The driver under torchrun: ``mode`` kill or mismatch changes a rank, plain (or any other)
+    runs ``workbench score`` as it is, without PNG export."""
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
-    return _torchrun(tmp_path, str(script), mode, str(tmp_path / "log.jsonl"), *args, launcher=launcher)
+    return _torchrun(
+        tmp_path, str(script), mode, str(tmp_path / "log.jsonl"), *args, launcher=launcher, processes=processes
+    )
 
 
 def _shown(result: subprocess.CompletedProcess) -> str:
@@ -218,9 +224,7 @@ def test_bad_settings_are_refused_before_the_ranks_meet(tmp_path):
 def context_parallel_run(tmp_path_factory) -> Run:
     """The run of ARGS on two processes with ``--context-parallel 2``."""
     folder = tmp_path_factory.mktemp("cp")
-    result = _torchrun(
-        folder, "-m", "workbench", "score", *ARGS, "--context-parallel", "2", "--out", str(folder / "run")
-    )
+    result = _driver(folder, "plain", *ARGS, "--context-parallel", "2", "--out", str(folder / "run"))
     assert result.returncode == 0, _shown(result)
     assert result.stdout.count("top heads per score") == 1, _shown(result)
     return Run.open(folder / "run")
@@ -247,9 +251,7 @@ def test_a_data_by_context_mesh_gives_the_context_parallel_tables(tmp_path, cont
     """Four processes with --context-parallel 2: two groups of two share the samples; each
     sample is computed as in the two-process run, so the tables are that run's bit for bit."""
     out = tmp_path / "run"
-    result = _torchrun(
-        tmp_path, "-m", "workbench", "score", *ARGS, "--context-parallel", "2", "--out", str(out), processes=4
-    )
+    result = _driver(tmp_path, "plain", *ARGS, "--context-parallel", "2", "--out", str(out), processes=4)
     assert result.returncode == 0, _shown(result)
     run = Run.open(out)
     _assert_same_tables(run, context_parallel_run)

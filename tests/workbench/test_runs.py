@@ -2,9 +2,9 @@
 runs, the ``score`` / ``runs`` commands, and the tally arithmetic of :func:`aggregate`.
 
 The committed zoo-2l model scores a 128-token sample in a fraction of a second on a CPU; what
-costs time is the PNG export (it starts a Chromium), so it runs once, in ``complete_run``, and
-every other test replaces it with a failing stub (``no_png``): the HTML figures and the
-figure warnings are still written.
+costs time is the PNG export (it starts a Chromium), so it runs once, in ``complete_run``
+(``tests.conftest`` switches it off for every other test, and ``no_png`` says so where a test
+relies on it): the HTML figures and the figure warnings are still written.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pytest
 from typer.testing import CliRunner
 
 import workbench.scoring.run as scoring
-from tests.conftest import SEED
+from tests.conftest import SEED, png_export
 from workbench.cli import app
 from workbench.errors import WorkbenchError
 from workbench.models import task_tokenizer
@@ -68,7 +68,8 @@ def shape(model):
 @pytest.fixture(scope="module")
 def complete_run(model, tmp_path_factory):
     """An uninterrupted run of all three tasks, PNG export included (when a Chromium is there)."""
-    return score_model(model, ALL, tmp_path_factory.mktemp("complete") / "run", progress=False)
+    with png_export():
+        return score_model(model, ALL, tmp_path_factory.mktemp("complete") / "run", progress=False)
 
 
 _REAL_SCORE_SAMPLE = scoring.score_sample
