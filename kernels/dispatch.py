@@ -7,12 +7,13 @@ import warnings
 
 import torch
 
+from kernels.cpu import cpu_attention
 from kernels.errors import AttentionInputError, KernelFallbackWarning
 from kernels.reference import reference_attention
 from kernels.spec import AttentionStats, StatsSpec
 from kernels.validate import TRITON_DTYPES, Problem, check_inputs
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "cpu", "reference")
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 _warned: set[str] = set()
 
@@ -49,16 +50,19 @@ def attention(
             keys); ``1 / sqrt(D)`` by default.
         stats: which statistics to compute (:class:`StatsSpec`); ``None`` for plain attention.
         backend: ``"triton"`` (fused kernels; CUDA, or CPU under ``TRITON_INTERPRET=1``),
-            ``"reference"`` (exact chunked PyTorch, any device, float64 capable) or ``"auto"``
-            (Triton on CUDA, the reference elsewhere).
+            ``"cpu"`` (chunked PyTorch in the input's precision, one pass per chunk; CPU tensors),
+            ``"reference"`` (exact chunked PyTorch, any device, float64 capable: the oracle) or
+            ``"auto"`` (Triton on CUDA; on the CPU ``"cpu"`` for float16/bfloat16/float32 and the
+            reference for float64; the reference on other devices).
         key_lengths: ``[B]`` ints; keys at positions ``>= key_lengths[b]`` are padding.
         query_lengths: ``[B]`` ints; query rows ``>= query_lengths[b]`` are padding (empty rows).
             Lengths must lie in ``[0, Nk]`` / ``[0, Nq]``. CPU tensors are checked; CUDA
             tensors are not (that would synchronise the device on every call), and values
             outside the range act as clamped to it.
-        mask: reference backend only: boolean (True = attend) or additive float mask that
-            broadcasts to ``[B, Hq, Nq, Nk]``, applied on top of ``causal`` and the lengths.
-        chunk_size: reference backend only: query rows per chunk (memory ``chunk x Nk``).
+        mask: reference and cpu backends only: boolean (True = attend) or additive float mask
+            that broadcasts to ``[B, Hq, Nq, Nk]``, applied on top of ``causal`` and the lengths
+            (the cpu backend hands calls with an additive mask to the reference).
+        chunk_size: reference and cpu backends only: query rows per chunk (memory ``chunk x Nk``).
         window: sliding-window attention (Mistral, Gemma, gpt-oss local layers): a query at
             position ``i`` sees only keys ``j > i - window`` (``window`` keys, itself included,
             when causal); ``None``: no window.
@@ -110,10 +114,12 @@ def attention(
         window_heads=window_heads,
     )
     per_head = dict(sinks=sinks, alibi_slopes=alibi_slopes, window_heads=window_heads)
-    use_triton = _choose_triton(q, p, backend, mask, chunk_size)
+    chosen = _choose(q, p, backend, mask, chunk_size)
     if q.numel() == 0 or p.n_k == 0:
         return _degenerate(q, p, stats)
-    if use_triton:
+    if chosen == "cpu":
+        return cpu_attention(q, k, v, p, stats, key_lengths, query_lengths, mask, chunk_size, **per_head)
+    if chosen == "triton":
         from kernels.triton_attention import triton_attention
 
         if q.is_cuda:  # Triton launches on the current device: make it the tensors' own (device maps)
@@ -123,19 +129,34 @@ def attention(
     return reference_attention(q, k, v, p, stats, key_lengths, query_lengths, mask, chunk_size, **per_head)
 
 
-def _choose_triton(q: torch.Tensor, p: Problem, backend: str, mask, chunk_size) -> bool:
+def _choose(q: torch.Tensor, p: Problem, backend: str, mask, chunk_size) -> str:
+    """The backend that runs the call: ``"triton"``, ``"cpu"`` or ``"reference"``."""
     if backend == "reference":
-        return False
+        return backend
+    if backend == "cpu":
+        if q.device.type != "cpu":
+            raise AttentionInputError(
+                f"backend='cpu' takes CPU tensors, got {q.device} tensors: use backend='auto' "
+                "(Triton on CUDA) or backend='reference'"
+            )
+        return backend
     if backend == "auto":
+        if q.device.type == "cpu":
+            return "cpu" if q.dtype in TRITON_DTYPES else "reference"  # float64: the exact reference
         if mask is not None or chunk_size is not None or not (q.is_cuda and TRITON_AVAILABLE):
-            return False
+            return "reference"
         if q.dtype not in TRITON_DTYPES:
-            return False
-        return _head_dim_ok(p.head_dim)
-    # backend == "triton"
+            return "reference"
+        return "triton" if _head_dim_ok(p.head_dim) else "reference"
+    return "triton" if _choose_triton(q, p, mask, chunk_size) else "reference"
+
+
+def _choose_triton(q: torch.Tensor, p: Problem, mask, chunk_size) -> bool:
+    """``backend="triton"``: refuse what it cannot run; False (the reference) for a head dim it lacks."""
     if mask is not None or chunk_size is not None:
         raise AttentionInputError(
-            "mask= and chunk_size= are reference-backend options; use backend='reference' "
+            "mask= and chunk_size= are reference-backend options (the cpu backend takes them too); "
+            "use backend='reference' or backend='cpu' "
             "(or key_lengths/query_lengths for padding with the Triton backend)"
         )
     if not TRITON_AVAILABLE:

@@ -54,7 +54,7 @@ def main(
 @reports_errors
 def demo(
     tokens: int = typer.Option(4096, "--tokens", "-n", min=2, help="Sequence length."),
-    backend: str = typer.Option(ScoreRunSettings.backend, help="Kernel backend: auto, triton or reference."),
+    backend: str = typer.Option(ScoreRunSettings.backend, help="Kernel backend: auto, triton, cpu or reference."),
 ) -> None:
     """Read planted head roles (sink, previous-token, local, diffuse) back from the kernel's statistics."""
     from workbench.demo import HEAD_ROLES, pattern_bytes, run_demo, uniform_entropy
@@ -224,7 +224,7 @@ def score(
         "the groups share the samples; docs/scale-out.md).",
     ),
     dtype: str = typer.Option(None, help="float32, float16 or bfloat16 (default: the model's own)."),
-    backend: str = typer.Option(ScoreRunSettings.backend, help="Kernel backend: auto, triton or reference."),
+    backend: str = typer.Option(ScoreRunSettings.backend, help="Kernel backend: auto, triton, cpu or reference."),
     out: Path = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<model>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out with its own settings."),
     force: bool = typer.Option(False, "--force", help="Replace the run in --out."),

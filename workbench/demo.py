@@ -62,7 +62,7 @@ def run_demo(n: int = 4096, device: str | None = None, backend: str = "auto") ->
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    used = "triton" if (backend == "triton" or (backend == "auto" and q.is_cuda)) else "reference"
+    used = backend if backend != "auto" else ("triton" if q.is_cuda else "cpu")
     summary = {
         "entropy (nats)": st.entropy[0].mean(-1).tolist(),
         "max prob": st.max_prob[0].mean(-1).tolist(),

@@ -7,6 +7,15 @@ of scoring every head on one needle sample (``scored``: from the kernel statisti
     python -m workbench.model_benchmark --variants sdpa,scored,materialised --lengths 4096,32768
     python -m workbench.model_benchmark --variants sdpa,sdpa-chunked,recorded,streamed,scored \
         --lengths 131072,1048576 --prefill-chunk 8192
+    python -m workbench.model_benchmark --model random:gpt2-small --lengths 1024 \
+        --overhead reference,cpu --threads 2 --repeats 7
+
+``--overhead BACKENDS`` measures what instrumenting costs per kernel backend: in each of
+``--repeats`` rounds, a plain forward and then one forward instrumented with every statistic
+(``StatsSpec.all()``) per backend, interleaved in one process so that a shared machine's load
+falls on all of them alike; each round gives a ratio instrumented / plain, and the table shows
+their median and minimum (:func:`measure_overhead`). It runs wherever the model does (the CPU
+backend comparison of docs/benchmarks.md).
 
 Every forward computes only the last position's logits (``logits_to_keep=1``), so that the
 ``[tokens, vocabulary]`` logits, which are the same in every variant, do not dominate the peak.
@@ -21,12 +30,13 @@ Without a GPU the benchmark runs on the CPU in float32 (a smoke test; no peak me
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from dataclasses import dataclass, replace
 
 import torch
 
-from kernels import StatsSpec
+from kernels import BACKENDS, StatsSpec
 from workbench.chunked import ChunkJoiner, ChunkPositions, check_chunk, chunked_prefill
 from workbench.instrument import DEFAULT_STATS, instrument
 from workbench.models import load_model, task_tokenizer
@@ -133,6 +143,87 @@ def measure_forward(
     return Result(variant, tokens, best, peak / 2**30, weights / 2**30, chunk)
 
 
+@dataclass
+class Overhead:
+    """Instrumented against plain forwards over ``tokens`` tokens with one kernel ``backend``:
+    seconds of each round's plain and instrumented forward, in round order."""
+
+    backend: str
+    tokens: int
+    plain: list[float]
+    instrumented: list[float]
+
+    @property
+    def ratios(self) -> list[float]:
+        """Instrumented / plain, round by round."""
+        return [i / p for i, p in zip(self.instrumented, self.plain)]
+
+    def row(self) -> dict:
+        """The table row: median seconds, and the median and minimum of the per-round ratios."""
+        return {
+            "tokens": self.tokens,
+            "backend": self.backend,
+            "plain s": round(statistics.median(self.plain), 3),
+            "instrumented s": round(statistics.median(self.instrumented), 3),
+            "ratio median": round(statistics.median(self.ratios), 2),
+            "ratio min": round(min(self.ratios), 2),
+        }
+
+
+def _plain_forward(model, ids: torch.Tensor) -> None:
+    """One forward without logits beyond what the model needs: Hugging Face models compute the
+    last position's only, TransformerLens models none."""
+    if hasattr(model, "cfg") and not hasattr(model, "config"):  # HookedTransformer
+        model(ids, return_type=None)
+    else:
+        model(ids, logits_to_keep=1)
+
+
+def measure_overhead(
+    model,
+    tokens: int,
+    backends: tuple[str, ...] = ("reference", "cpu"),
+    stats: StatsSpec | None = None,
+    repeats: int = 5,
+    seed: int = 0,
+) -> list[Overhead]:
+    """Time a plain forward over ``tokens`` random token ids (batch 1) and the same forward
+    instrumented with ``stats`` (every statistic, key mass included, by default) through each
+    kernel backend, interleaved: ``repeats`` rounds after one warm-up round, each running the
+    plain forward then every backend (in reverse order every other round). One
+    :class:`Overhead` per backend. Works for Hugging Face and TransformerLens models."""
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise ValueError(f"unknown kernel backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
+    stats = stats or StatsSpec.all()
+    vocab = model.cfg.d_vocab if hasattr(model, "cfg") and not hasattr(model, "config") else model.config.vocab_size
+    device = next(model.parameters()).device
+    ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(seed)).to(device)
+
+    def timed(backend: str | None) -> float:
+        _synchronize()
+        start = time.perf_counter()
+        if backend is None:
+            _plain_forward(model, ids)
+        else:
+            with instrument(model, stats, backend=backend):
+                _plain_forward(model, ids)
+        _synchronize()
+        return time.perf_counter() - start
+
+    found = {b: Overhead(b, tokens, [], []) for b in backends}
+    with torch.no_grad():
+        for round_ in range(repeats + 1):
+            plain = timed(None)
+            order = backends if round_ % 2 else backends[::-1]
+            seconds = {b: timed(b) for b in order}
+            if round_:  # the first round warms up
+                for b in backends:
+                    found[b].plain.append(plain)
+                    found[b].instrumented.append(seconds[b])
+    return list(found.values())
+
+
 def check_scoring(model, tokens: int, chunk: int | None = None) -> float:
     """Largest relative difference ``|a - b| / max(|b|, 1)`` between two scoring paths'
     per-sample values (scores and profile means; distances are in tokens, hence the floor):
@@ -173,7 +264,21 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="time the first run (it autotunes the kernels too): for lengths where one pass takes minutes",
     )
+    parser.add_argument(
+        "--overhead",
+        default=None,
+        metavar="BACKENDS",
+        help="comma-separated kernel backends (e.g. reference,cpu): instead of --variants, time a plain forward "
+        "against one instrumented with every statistic per backend, interleaved over --repeats rounds",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N) first (CPU runs)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.overhead is not None:
+        return _overhead_main(parser, args)
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -227,6 +332,32 @@ def main(argv: list[str] | None = None) -> int:
     print("| --- | --- | --- | --- | --- | --- |")
     for row in rows:
         print("| " + " | ".join(str(x) for x in row) + " |")
+    return 0
+
+
+def _overhead_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``--overhead``: the instrumented / plain table per length and backend."""
+    backends = tuple(args.overhead.split(","))
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        parser.error(f"unknown kernel backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
+    device, dtype = ("cuda", torch.bfloat16) if _cuda() else ("cpu", torch.float32)
+    model = load_model(args.model, device=device, dtype=dtype)
+    print(
+        f"{args.model} on {device} ({dtype}), torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, "
+        f"statistics {StatsSpec.all()}, {args.repeats} interleaved rounds after one warm-up"
+    )
+    rows = []
+    for tokens in (int(x) for x in args.lengths.split(",")):
+        for i, found in enumerate(measure_overhead(model, tokens, backends, repeats=args.repeats)):
+            rows.append(found.row())
+            if i == 0:
+                print(f"{tokens} tokens, plain: {[round(s, 3) for s in found.plain]}", flush=True)
+            print(f"{tokens} tokens, {found.backend}: {[round(s, 3) for s in found.instrumented]}", flush=True)
+    print("\n| " + " | ".join(rows[0]) + " |")
+    print("| " + " | ".join("---" for _ in rows[0]) + " |")
+    for row in rows:
+        print("| " + " | ".join(str(x) for x in row.values()) + " |")
     return 0
 
 

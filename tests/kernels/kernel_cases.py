@@ -45,7 +45,21 @@ def _lst(t):
     return None if t is None else t.tolist()
 
 
-def draw_case(rng: random.Random, device: str, max_keys: int = 80, dtypes=DTYPES) -> Case:
+#: Largest key count of :func:`draw_case`; under the Triton interpreter, where each program costs
+#: milliseconds, the Triton backend's cases stop at three 16-key blocks (still several query and key
+#: blocks, and up to three key splits in decoding).
+MAX_KEYS = 80
+MAX_KEYS_INTERPRETED = 48
+
+
+def max_keys_for(backend: str) -> int:
+    """:data:`MAX_KEYS`, or :data:`MAX_KEYS_INTERPRETED` for ``backend="triton"`` under the interpreter."""
+    from kernels.triton_attention import interpreting
+
+    return MAX_KEYS_INTERPRETED if backend == "triton" and interpreting() else MAX_KEYS
+
+
+def draw_case(rng: random.Random, device: str, max_keys: int = MAX_KEYS, dtypes=DTYPES) -> Case:
     """One random problem; every size, flag and value comes from ``rng``."""
     dtype = rng.choice(dtypes)
     d = rng.choice(HEAD_DIMS)

@@ -19,7 +19,7 @@ from tests.kernels.oracle import expected_variant
 
 SPEC = StatsSpec.all(sink_tokens=2, window=5, offsets=(0, 1, 3))
 SPEC_SINK = StatsSpec(**{**SPEC.__dict__, "learned_sink": True})
-BACKENDS = ("reference", "triton")
+BACKENDS = ("reference", "triton", "cpu")
 
 
 def draw_case(rng: random.Random) -> dict:
@@ -84,7 +84,7 @@ def check_against_definition(c: dict, backend: str, device: str = "cpu") -> None
     if backend == "triton" and c["dtype"] == "float64":
         c = {**c, "dtype": "float32"}
     t = case_tensors(c)
-    extra = dict(chunk_size=c["chunk"]) if backend == "reference" and c["chunk"] else {}
+    extra = dict(chunk_size=c["chunk"]) if backend in ("reference", "cpu") and c["chunk"] else {}
     run_on = device if backend == "triton" else "cpu"
     out, st = attention(stats=SPEC_SINK, backend=backend, **on_device(t, run_on), **extra)
     out, st = out.cpu(), AttentionStats(**{name: x.cpu() for name, x in st.items()})

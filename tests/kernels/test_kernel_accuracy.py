@@ -14,7 +14,13 @@ import torch
 
 from kernels import attention
 from tests.conftest import SEED
-from tests.kernels.kernel_cases import ACCURACY_SIZES, ACCURACY_SIZES_CPU, draw_accuracy_case, draw_case
+from tests.kernels.kernel_cases import (
+    ACCURACY_SIZES,
+    ACCURACY_SIZES_CPU,
+    draw_accuracy_case,
+    draw_case,
+    max_keys_for,
+)
 from tests.kernels.oracle import expected, naive
 
 N_CASES = 160
@@ -89,12 +95,13 @@ def check_against_oracle(case, out, st):
         assert torch.all((chosen >= prob.amax(-1) * (1 - 1e-4) - 1e-7)[~empty])
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpu"])
 @pytest.mark.parametrize("index", range(N_CASES))
 def test_matches_float64_oracle(backend, index, device):
     rng = random.Random(f"{SEED}-{backend}-{index}")
-    case = draw_case(rng, device)
-    out, st = attention(case.q, case.k, case.v, backend=backend, **case.kwargs())
+    case = draw_case(rng, device, max_keys=max_keys_for(backend))
+    chunks = dict(chunk_size=rng.choice((None, 1, 5))) if backend == "cpu" else {}  # several chunks too
+    out, st = attention(case.q, case.k, case.v, backend=backend, **case.kwargs(), **chunks)
     try:
         check_against_oracle(case, out, st)
     except AssertionError as exc:
@@ -221,7 +228,7 @@ def _record(entry: dict) -> None:
             fh.write(json.dumps(entry) + "\n")
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpu"])
 @pytest.mark.parametrize("index", range(N_ACCURACY))
 def test_error_within_twice_naive(backend, index, device):
     """FlashAttention's rule for the output and every statistic, over random configurations

@@ -19,7 +19,7 @@ def qkv(b=1, hq=4, hkv=2, nq=8, nk=8, d=32, dtype=torch.float32, device="cpu"):
     )
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton", "auto"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpu", "auto"])
 @pytest.mark.parametrize(
     "make, match",
     [
@@ -95,3 +95,24 @@ def test_unsupported_head_dim_falls_back_with_one_warning(monkeypatch, device):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         attention(q, k, v, backend="triton")  # second time: silent
+
+
+def test_auto_picks_the_cpu_backend_on_the_cpu_and_the_reference_for_float64(monkeypatch):
+    """``auto`` on CPU tensors runs the cpu backend for float16/bfloat16/float32 and the exact
+    reference for float64 (mask and chunk_size included); ``backend="cpu"`` takes CPU tensors only."""
+    ran = []
+
+    def spy(name: str):
+        real = getattr(dispatch, name)
+        return lambda *a, **kw: ran.append(name) or real(*a, **kw)
+
+    for name in ("cpu_attention", "reference_attention"):
+        monkeypatch.setattr(dispatch, name, spy(name))
+    for dtype, named in ((torch.float32, "cpu"), (torch.bfloat16, "cpu"), (torch.float64, "reference")):
+        q, k, v = qkv(nq=5, nk=9, dtype=dtype)
+        ran.clear()
+        attention(q, k, v, stats=StatsSpec.all())
+        attention(q, k, v, mask=torch.ones(5, 9, dtype=torch.bool), chunk_size=2)
+        assert ran == [f"{named}_attention"] * 2, dtype
+    with pytest.raises(AttentionInputError, match="backend='cpu' takes CPU tensors"):
+        attention(*(t.to("meta") for t in qkv()), backend="cpu")

@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from kernels import StatsSpec, attention
+from kernels.validate import Problem
 from tests.conftest import SEED
-from tests.kernels.kernel_cases import Case, draw_case
+from tests.kernels.kernel_cases import Case, draw_case, max_keys_for
 from tests.kernels.oracle import attention_matrix, expected
 from tests.kernels.test_kernel_accuracy import check_against_oracle
 
-BACKENDS = ("reference", "triton")
+BACKENDS = ("reference", "triton", "cpu")
 SDPA_ATOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
@@ -23,7 +24,7 @@ SDPA_ATOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 @pytest.mark.parametrize("index", range(40))
 def test_bounds_sums_and_sdpa(backend, index, device):
     rng = random.Random(f"{SEED}-props-{backend}-{index}")
-    case = draw_case(rng, device)
+    case = draw_case(rng, device, max_keys=max_keys_for(backend))
     spec = StatsSpec.all(sink_tokens=rng.choice((1, 3)), window=rng.choice((1, 8, 64)))
     case.spec = spec
     out, st = attention(case.q, case.k, case.v, backend=backend, **case.kwargs())
@@ -295,7 +296,7 @@ def test_zero_size_inputs(backend, device):
     assert out.shape == (1, 2, 0, 32) and st.key_mass.shape == (1, 2, 5) and torch.all(st.key_mass == 0)
     out, st = attention(k, q, q, stats=StatsSpec.all(), backend=backend)
     assert torch.all(out == 0) and torch.all(st.argmax == -1)
-    if backend == "reference":  # float64 statistics for float64 inputs, empty problems too
+    if backend in ("reference", "cpu"):  # float64 statistics for float64 inputs, empty problems too
         _, st = attention(k.double(), q.double(), q.double(), stats=StatsSpec.all(), backend=backend)
         assert {t.dtype for name, t in st.items() if name != "argmax"} == {torch.float64}
 
@@ -317,8 +318,24 @@ def test_reference_chunking_does_not_change_results(device):
                 torch.testing.assert_close(getattr(parts[1], name), t, msg=name, atol=(1e-5 + slack) * scale, rtol=1e-5)
 
 
+def test_cpu_default_chunks_fit_the_budget_and_match_the_oracle(monkeypatch):
+    """The cpu backend's default chunks: as many rows as fit the score budget (at least 16), and a
+    budget small enough for several chunks gives the oracle's results."""
+    import kernels.cpu as cpu
+
+    p = Problem(2, 4, 2, 300, 300, 32, 0.1, True)
+    assert cpu.chunk_rows(p, 300, budget=2 * 4 * 300 * 40) == 40 and cpu.chunk_rows(p, 300, budget=1) == 16
+    monkeypatch.setattr(cpu, "CHUNK_ELEMENTS", 1024)
+    rng = random.Random(f"{SEED}-cpu-chunks")
+    for _ in range(12):
+        case = draw_case(rng, "cpu", dtypes=(torch.float32,))
+        out, st = attention(case.q, case.k, case.v, backend="cpu", **case.kwargs())
+        check_against_oracle(case, out, st)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])  # the cpu backend hands additive masks to the reference
 @pytest.mark.parametrize("kind", ["bool", "additive"])
-def test_reference_takes_arbitrary_masks(kind, device):
+def test_reference_takes_arbitrary_masks(kind, backend, device):
     gen = torch.Generator().manual_seed(SEED + 2)
     b, h, nq, nk, d = 2, 4, 19, 23, 32
     q = torch.randn(b, h, nq, d, generator=gen)
@@ -326,7 +343,7 @@ def test_reference_takes_arbitrary_masks(kind, device):
     keep = torch.rand(b, 1, nq, nk, generator=gen) < 0.6
     mask = keep if kind == "bool" else torch.where(keep, torch.randn(b, 1, nq, nk, generator=gen), -math.inf)
     spec = StatsSpec.all(sink_tokens=2, window=6, offsets=(1, 2))
-    out, st = attention(q.to(device), k.to(device), v.to(device), stats=spec, backend="reference", mask=mask.to(device))
+    out, st = attention(q.to(device), k.to(device), v.to(device), stats=spec, backend=backend, mask=mask.to(device))
     want = expected(q, k, v, causal=True, spec=spec, mask=mask.expand(b, h, nq, nk))
     torch.testing.assert_close(out.cpu().double(), want["out"], atol=1e-5, rtol=0)
     for name in ("lse", "entropy", "max_prob", "sink_mass", "local_mass", "distance", "offset_mass", "key_mass"):
@@ -369,7 +386,7 @@ def test_pointer_loads_match_tma_loads(monkeypatch, device):
 
     rng = random.Random(f"{SEED}-pointers")
     for _ in range(6):
-        case = draw_case(rng, device, dtypes=(torch.float32, torch.bfloat16))
+        case = draw_case(rng, device, max_keys=max_keys_for("triton"), dtypes=(torch.float32, torch.bfloat16))
         monkeypatch.setattr(ta, "USE_TMA", True)
         out_tma, st_tma = attention(case.q, case.k, case.v, backend="triton", **case.kwargs())
         monkeypatch.setattr(ta, "USE_TMA", False)

@@ -13,8 +13,9 @@ class KernelMask:
 
     Right padding becomes ``key_lengths`` (and ``query_lengths`` when queries and keys are the
     same positions: padded queries become empty rows, so they add nothing to the statistics);
-    any other pattern becomes a ``[B, 1, 1, Nk]`` key mask, which needs the reference backend
-    (still O(N) memory: it broadcasts over queries).
+    any other pattern becomes a ``[B, 1, 1, Nk]`` key mask, which the Triton backend cannot take
+    (``"triton"`` becomes the reference for it; ``"auto"`` and ``"cpu"`` take it as they are;
+    still O(N) memory: it broadcasts over queries).
     """
 
     key_lengths: torch.Tensor | None = None
@@ -26,7 +27,7 @@ class KernelMask:
             key_lengths=self.key_lengths,
             query_lengths=self.query_lengths,
             mask=self.mask,
-            backend="reference" if self.mask is not None else backend,
+            backend="reference" if self.mask is not None and backend == "triton" else backend,
         )
 
 

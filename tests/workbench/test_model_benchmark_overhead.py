@@ -1,0 +1,32 @@
+"""``python -m workbench.model_benchmark --overhead``: instrumented against plain forwards per
+kernel backend, interleaved (the CPU backend comparison of docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import pytest
+
+import workbench.model_benchmark as bench
+
+
+def test_overhead_rounds_per_backend(zoo):
+    found = bench.measure_overhead(zoo, 24, ("reference", "cpu"), repeats=2)
+    assert [f.backend for f in found] == ["reference", "cpu"]
+    for f in found:
+        assert f.tokens == 24 and len(f.plain) == len(f.instrumented) == 2
+        assert all(s > 0 for s in f.plain + f.instrumented)
+        assert f.ratios == [i / p for i, p in zip(f.instrumented, f.plain)]
+        row = f.row()
+        assert row["ratio min"] <= row["ratio median"] and row["backend"] == f.backend
+    assert found[0].plain == found[1].plain  # one plain forward per round, shared
+    with pytest.raises(ValueError, match="unknown kernel backend"):
+        bench.measure_overhead(zoo, 8, ("fast",))
+
+
+def test_overhead_command_prints_the_table(monkeypatch, capsys, zoo):
+    monkeypatch.setattr(bench, "load_model", lambda name, device, dtype: zoo)
+    assert bench.main(["--model", "zoo-2l", "--lengths", "16", "--overhead", "cpu", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| tokens | backend | plain s | instrumented s | ratio median | ratio min |" in out
+    assert "| 16 | cpu |" in out
+    with pytest.raises(SystemExit):
+        bench.main(["--lengths", "16", "--overhead", "fast"])
