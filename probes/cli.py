@@ -8,6 +8,7 @@ Thin: options (their defaults from the experiments' settings), model loading, on
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import typer
@@ -15,6 +16,7 @@ from rich.table import Table
 
 from probes.ablation import AblationResult, AblationSettings
 from probes.compress import Compression, CompressionSettings
+from probes.compress_classifiers import ClassifierComparison
 from probes.sae import SAE_BATCH, SAEEvalSettings, SAETrainSettings
 from workbench.console import (
     ReportingGroup,
@@ -23,6 +25,7 @@ from workbench.console import (
     parse_list,
     reports_errors,
 )
+from workbench.runs import Run
 
 TEXT_HELP = "Text file, folder or hf:DATASET (default: built-in docstrings)."
 
@@ -141,7 +144,15 @@ def _print_ablation(result: AblationResult) -> None:
 @reports_errors
 def compress(
     run: Path = typer.Option(..., "--run", "-r", help="Run folder whose scores rank the heads."),
-    rank_by: str = typer.Option(CompressionSettings.rank_by, "--rank-by", help="Score that ranks the heads."),
+    rank_by: str = typer.Option(
+        None, "--rank-by", help="Score that ranks the heads (e.g. retrieval; or give --classifiers)."
+    ),
+    classifiers: bool = typer.Option(
+        False,
+        "--classifiers",
+        help="Instead of a ranking: for each head classifier the run's scores allow (razor, wu, streaming, duo), "
+        "stream the KV heads it does not keep full, against random sets of as many (--share, --stream ignored).",
+    ),
     score_task: str = typer.Option(
         CompressionSettings.score_task, help="Task of that score, when it was computed on several."
     ),
@@ -175,20 +186,27 @@ def compress(
     draws: int = typer.Option(CompressionSettings.draws, min=0, help="Random draws of the KV heads per share."),
     model: str = typer.Option(None, "--model", "-m", help="Model (default: the run's)."),
     device: str = typer.Option(None, help="cpu, cuda, ... (default: CUDA when available)."),
-    backend: str = typer.Option(CompressionSettings.backend, help="Kernel backend: auto, triton or reference."),
+    backend: str = typer.Option(CompressionSettings.backend, help="Kernel backend: auto, triton, cpu or reference."),
     seed: int = typer.Option(CompressionSettings.seed, help="Seed of the samples and the random draws."),
     force: bool = typer.Option(False, "--force", help="Replace an earlier compression of other settings."),
 ) -> None:
     """KV-cache compression what-if: make a share of the KV heads streaming heads (first --sink and
-    last --window keys only, in prefill and decoding), chosen by a run's ranking and at random;
-    needle accuracy, text loss and the KV cache saved go into the run's compress/ folder."""
+    last --window keys only, in prefill and decoding), chosen by a run's ranking (--rank-by) and at
+    random, or by each head classifier (--classifiers); needle accuracy, text loss and the KV cache
+    saved go into the run's compress/ folder."""
     from probes.compress import check_rerun, head_values, run_compression
+    from workbench.errors import WorkbenchError
     from workbench.runs import Run
 
+    if classifiers == (rank_by is not None):
+        raise WorkbenchError(
+            "give --rank-by SCORE (shares of the KV heads streamed by a ranking) or --classifiers (each head "
+            "classifier's streaming heads), " + ("not both" if classifiers else "one of them")
+        )
     settings = CompressionSettings(
-        rank_by=rank_by,
-        score_task=score_task,
-        stream=stream,
+        rank_by=rank_by or CompressionSettings.rank_by,
+        score_task=None if classifiers else score_task,
+        stream=None if classifiers else stream,
         shares=parse_list(share, float, "--share", "numbers"),
         sink=sink,
         window=window,
@@ -203,6 +221,9 @@ def compress(
         backend=backend,
     )
     opened = Run.open(run)
+    if classifiers:
+        _compare_classifiers(opened, settings, model, device, force)
+        return
     head_values(opened, rank_by, score_task)  # refused before the model loads: a score the run lacks,
     check_rerun(opened, settings, force)  # an earlier compression of other settings
     recorded = opened.manifest["settings"]
@@ -240,6 +261,49 @@ def _print_compression(found: Compression) -> None:
     for note in found.notes:
         console.print(note)
     console.print(f"tables and figure in {found.path}")
+
+
+def _compare_classifiers(
+    run: Run, settings: CompressionSettings, model: str | None, device: str | None, force: bool
+) -> None:
+    """``workbench compress --classifiers``: checked before the model loads, then measured and printed."""
+    from probes.compress_classifiers import check_classifier_rerun, run_classifier_comparison, run_classifiers
+
+    run_classifiers(run)  # refused before the model loads: no classifier's scores in the run,
+    check_classifier_rerun(run, settings, force)  # an earlier comparison of other settings
+    recorded = run.manifest["settings"]
+    loaded = _load(model or recorded["model"], device, recorded.get("dtype"))
+    _print_classifier_comparison(run_classifier_comparison(run, loaded, settings, force=force))
+
+
+def _print_classifier_comparison(found: ClassifierComparison) -> None:
+    s, summary = found.settings, found.summary
+    base = summary.iloc[0]
+    measures = [(c, n) for c, n in (("needle_accuracy", "needle acc."), ("text_loss_past_window", "loss past window"))
+                if summary[c].notna().any()]  # fmt: skip
+    out = Table(
+        title=f"{s.sink} first + {s.window} last keys on the KV heads each classifier does not keep full, against "
+        f"{s.draws} random sets of as many (mean); uncompressed: "
+        + ", ".join(f"{n} {float(base[c]):.3f}" for c, n in measures)
+    )
+    out.add_column("classifier")
+    out.add_column("KV heads full", justify="right")
+    out.add_column("streamed", justify="right")
+    for _, name in measures:
+        out.add_column(name, justify="right")
+        out.add_column(f"{name} random", justify="right")
+    out.add_column(f"KV saved, {int(base['kv_length'])} tok.", justify="right")
+    for row in summary.iloc[1:].itertuples():
+        cells = []
+        for c, _ in measures:
+            rand = getattr(row, f"random_{c}")
+            cells += [f"{getattr(row, c):.3f}", "-" if math.isnan(rand) else f"{rand:.3f}"]
+        saved = f"{row.kv_saved_fraction:.1%}, {row.kv_bytes_saved / 2**20:.3g} MiB"
+        out.add_row(row.classifier, str(row.kv_heads_full), str(row.kv_heads_streamed), *cells, saved)
+    console.print(out)
+    for note in found.notes:
+        console.print(note)
+    console.print(f"tables in {found.path}")
 
 
 @sae_app.command("train")

@@ -41,6 +41,10 @@ Example:
     >>> found = compress(model, head_values(run, "retrieval"), settings)
     >>> found.summary          # policy, draw, share, needle_accuracy, text_loss, ...
     >>> run_compression(run, model, settings)   # the same, written into run/compress/
+    >>> workload(model, settings.resolved()).measure([(0, 1)])  # one set's needles and text loss
+
+Each set is measured by :meth:`Workload.measure`, which :mod:`probes.compress_classifiers`
+(each head classifier's set, side by side) shares.
 """
 
 from __future__ import annotations
@@ -434,30 +438,83 @@ def _needle_results(adapter: ModelAdapter, samples, batch_size: int) -> list[boo
     ]
 
 
-@torch.no_grad()
-def compress(
-    model: Model,
-    scores: pd.DataFrame,
-    settings: CompressionSettings,
-    text: str | Path | None = None,
-    progress: bool = True,
-) -> Compression:
-    """The experiment on ``model``: rank its KV heads by ``scores`` (``layer, head, value`` per
-    query head, :func:`head_values`), stream the shares of :attr:`CompressionSettings.shares`
-    chosen by the ranking and at random, and measure each set against the uncompressed model
-    (share 0, through the same kernel path with no streaming head). ``settings.lengths`` must
-    be set (:meth:`CompressionSettings.resolved`); ``text`` is the text task's source."""
+@dataclass(frozen=True)
+class Measurement:
+    """What one set of streaming KV heads gives: ``correct`` (per needle of the workload, in its
+    order: answer retrieved) and ``loss`` (``[text_samples, text_length - 1]`` next-token loss,
+    float32, None without the text task)."""
+
+    correct: tuple[bool, ...]
+    loss: torch.Tensor | None
+
+    @property
+    def needle_accuracy(self) -> float:
+        """Share of needles answered (NaN without needles)."""
+        return sum(self.correct) / len(self.correct) if self.correct else math.nan
+
+    def text_losses(self, start: int) -> tuple[float, float]:
+        """Mean loss over every position and over positions ``>= start`` (NaN without text)."""
+        if self.loss is None:
+            return math.nan, math.nan
+        return float(self.loss.double().mean()), float(self.loss[:, start:].double().mean())
+
+
+@dataclass
+class Workload:
+    """What every set of streaming KV heads is measured on (:func:`workload`): the model's
+    ``adapter`` and :class:`KVLayout`, the resolved ``settings``, the fresh ``needles`` (empty
+    without the niah task) and the text ``ids`` ``[text_samples, text_length]`` (None without
+    the text task)."""
+
+    adapter: ModelAdapter
+    layout: KVLayout
+    settings: CompressionSettings
+    needles: list
+    ids: torch.Tensor | None
+
+    @property
+    def kept(self) -> int:
+        """Keys a streaming head keeps: ``sink + window``."""
+        return self.settings.sink + self.settings.window
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        """The sequence lengths measured (needle lengths, then the text length): the memory table's."""
+        s = self.settings
+        return (*(s.lengths if "niah" in s.tasks else ()), *((s.text_length,) if "text" in s.tasks else ()))
+
+    @torch.no_grad()
+    def measure(self, kv_heads: Sequence[KVHead]) -> Measurement:
+        """Needle answers and text loss with every query head of ``kv_heads`` a streaming head
+        (none: the uncompressed model through the same kernel path)."""
+        s = self.settings
+        streaming = streaming_for(self.layout, kv_heads, s.sink, s.window)
+        correct: list[bool] = []
+        if self.needles:
+            with instrument(self.adapter, StatsSpec(), backend=s.backend, into=_Discard(), streaming=streaming):
+                correct = _needle_results(self.adapter, self.needles, s.batch_size)
+        loss = None
+        if self.ids is not None:
+            loss = streaming_losses(self.adapter, self.ids, streaming, s.backend, s.batch_size)
+        return Measurement(tuple(correct), loss)
+
+
+def workload(model: Model, settings: CompressionSettings, text: str | Path | None = None) -> Workload:
+    """The :class:`Workload` of ``settings`` (``lengths`` must be set:
+    :meth:`CompressionSettings.resolved`) on ``model``, checked: a causal language model, lengths
+    within its context, needles longer and text samples longer than ``sink + window`` (else
+    nothing would be compressed). Needles are fresh (seed + :data:`probes.ablation.FRESH_SAMPLES`);
+    ``text`` is the text task's source."""
     from workbench.models import task_tokenizer
     from workbench.tasks import needle_samples
 
-    settings = settings.resolved()
+    s = settings.resolved()
     adapter = adapter_for(model)
     if not adapter.is_causal or not adapter.can_generate:
         raise WorkbenchError(
             "compression is measured by decoding and next-token loss: it needs a causal language model"
         )
     layout = kv_layout(adapter)
-    s = settings
     kept = s.sink + s.window
     for length in (*s.lengths, s.text_length):
         check_length(adapter, length)
@@ -471,8 +528,6 @@ def compress(
             f"text samples of {s.text_length} tokens have no position past sink + window = {kept}: give "
             f"--text-length {kept + 2} or more, or a smaller --window"
         )
-    order = stream_order(scores, layout, s.direction)
-    sets = choices(list(zip(order["layer"], order["kv_head"])), layout, s.shares, s.draws, s.seed)
     needles = (
         needle_samples(
             task_tokenizer(adapter.model), list(s.lengths), list(s.depths), s.samples, seed=s.seed + FRESH_SAMPLES
@@ -481,24 +536,39 @@ def compress(
         else []
     )
     ids = text_ids(adapter, s, text) if "text" in s.tasks else None
-    measured: dict[frozenset, tuple[list[bool], torch.Tensor | None]] = {}  # equal sets measure the same
+    return Workload(adapter, layout, s, needles, ids)
+
+
+@torch.no_grad()
+def compress(
+    model: Model,
+    scores: pd.DataFrame,
+    settings: CompressionSettings,
+    text: str | Path | None = None,
+    progress: bool = True,
+) -> Compression:
+    """The experiment on ``model``: rank its KV heads by ``scores`` (``layer, head, value`` per
+    query head, :func:`head_values`), stream the shares of :attr:`CompressionSettings.shares`
+    chosen by the ranking and at random, and measure each set against the uncompressed model
+    (share 0, through the same kernel path with no streaming head). ``settings.lengths`` must
+    be set (:meth:`CompressionSettings.resolved`); ``text`` is the text task's source. Each set
+    is measured by :meth:`Workload.measure` (equal sets once)."""
+    order = stream_order(scores, kv_layout(adapter_for(model)), settings.direction)  # its refusals first
+    work = workload(model, settings, text)
+    layout, s, needles, kept = work.layout, work.settings, work.needles, work.kept
+    sets = choices(list(zip(order["layer"], order["kv_head"])), layout, s.shares, s.draws, s.seed)
+    measured: dict[frozenset, Measurement] = {}  # equal sets measure the same
     summary, cells, regions = [], [], []
     for choice in tqdm(sets, desc="compressing", unit="set", disable=not progress):
         key = frozenset(choice.kv_heads)
         if key not in measured:
-            streaming = streaming_for(layout, choice.kv_heads, s.sink, s.window)
-            correct: list[bool] = []
-            if needles:
-                with instrument(adapter, StatsSpec(), backend=s.backend, into=_Discard(), streaming=streaming):
-                    correct = _needle_results(adapter, needles, s.batch_size)
-            loss = streaming_losses(adapter, ids, streaming, s.backend, s.batch_size) if ids is not None else None
-            measured[key] = (correct, loss)
-        correct, loss = measured[key]
+            measured[key] = work.measure(choice.kv_heads)
+        found = measured[key]
+        correct, loss = found.correct, found.loss
         label = (choice.policy, choice.draw, choice.share, len(choice.kv_heads))
-        accuracy = sum(correct) / len(correct) if correct else math.nan
-        overall = past = math.nan
+        accuracy = found.needle_accuracy
+        overall, past = found.text_losses(kept)
         if loss is not None:
-            overall, past = float(loss.double().mean()), float(loss[:, kept:].double().mean())
             regions += [(*label, "all", 0, loss.numel(), overall),
                         (*label, "past_window", kept, loss[:, kept:].numel(), past)]  # fmt: skip
         if needles:
@@ -521,14 +591,13 @@ def compress(
         columns=[*keys, "seed", "position", "layer", "kv_head", "query_heads", "value"],
     ).astype({"seed": "Int64"})
     counts = list(dict.fromkeys((0.0 if c.policy == NONE else c.share, len(c.kv_heads)) for c in sets))
-    lengths = (*(s.lengths if "niah" in s.tasks else ()), *((s.text_length,) if "text" in s.tasks else ()))
     return Compression(
         settings=s,
         layout=layout,
         summary=summary,
         needles=pd.DataFrame(cells, columns=[*keys, "length", "depth", "samples", "correct", "accuracy"]),
         text=pd.DataFrame(regions, columns=[*keys, "region", "start", "tokens", "loss"]),
-        memory=kv_memory(layout, counts, lengths, s.sink, s.window),
+        memory=kv_memory(layout, counts, work.lengths, s.sink, s.window),
         heads=heads,
         order=order,
     )

@@ -1,6 +1,7 @@
 """Compression: what `workbench compress` wrote into the run's compress/ folder: needle accuracy
 and text loss with a share of the KV heads made streaming heads (by the run's ranking against
-random heads), needle accuracy by length and depth, the KV cache saved, the heads streamed."""
+random heads), needle accuracy by length and depth, the KV cache saved, the heads streamed; and
+(`--classifiers`) each head classifier's streaming heads side by side."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import streamlit as st
 from app.state import Context
 from app.views.common import figure, number
 from probes.compress import compressions, read_compression
+from probes.compress_classifiers import classifier_comparison, read_classifier_comparison
 from workbench import plots
 
 
@@ -18,11 +20,16 @@ def render(ctx: Context) -> None:
     if run is None:
         return
     entries = {c["name"]: c for c in compressions(run)}
+    by_classifier = classifier_comparison(run)
     if not entries:
-        st.info(
-            f"No compression what-if in {ctx.run_name} yet: `workbench compress --run {run.path} --rank-by retrieval "
-            "--share 0.25,0.5,0.75 --sink 4 --window 256` writes one."
-        )
+        if by_classifier is None:
+            st.info(
+                f"No compression what-if in {ctx.run_name} yet: `workbench compress --run {run.path} --rank-by "
+                "retrieval --share 0.25,0.5,0.75 --sink 4 --window 256` writes one (`--classifiers` instead of "
+                "`--rank-by retrieval`: each head classifier's heads side by side)."
+            )
+        else:
+            _classifiers(run, by_classifier)
         return
     name = st.selectbox("experiment", list(entries), key="compression.name")
     about, tables = entries[name], read_compression(run, name)
@@ -63,3 +70,22 @@ def render(ctx: Context) -> None:
         )  # fmt: skip
     st.subheader("Streamed KV heads")
     st.dataframe(tables["heads"], hide_index=True, key="compression.heads")
+    if by_classifier is not None:
+        _classifiers(run, by_classifier)
+
+
+def _classifiers(run, about: dict) -> None:
+    """What `workbench compress --classifiers` wrote: one row per classifier, its KV heads."""
+    tables, settings = read_classifier_comparison(run), about.get("settings") or {}
+    st.subheader("Each classifier's heads, side by side")
+    st.caption(
+        f"every KV head a classifier does not keep full streams (the first {settings.get('sink')} and the last "
+        f"{settings.get('window')} keys); random control: {settings.get('draws')} draws of as many KV heads "
+        f"(seeds {settings.get('seed')}...); " + " ".join(about.get("skipped") or [])
+    )
+    st.dataframe(tables["summary"], hide_index=True, key="compression.classifiers")
+    heads = tables["heads"]
+    st.dataframe(
+        heads.pivot(index=["layer", "kv_head"], columns="classifier", values="streams"),
+        key="compression.classifier_heads",
+    )

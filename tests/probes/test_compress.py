@@ -5,11 +5,17 @@ streaming KV heads equals ``instrument(model, streaming=StreamingAttention(heads
 share 0 equals the uninstrumented model; the random control is seeded, nested and differs
 between draws; the memory table matches an explicit count; the planted model as the known case
 (streaming its copying head destroys needle accuracy, streaming by the retrieval ranking keeps
-it); the figure; ``workbench compress``."""
+it); the figure; ``workbench compress``. Each classifier's heads side by side
+(``probes.compress_classifiers``): the KV heads a classifier streams (a GQA group stays full if
+one of its query heads is kept), the random control as ``choices`` draws it, each row equal to
+the per-set measurement ``compress`` uses and to an explicit streaming forward, the planted model
+(Wu's set keeps every needle, streaming the copying head loses them), ``workbench compress
+--classifiers``."""
 
 from __future__ import annotations
 
 import math
+import random
 import shutil
 
 import pandas as pd
@@ -34,7 +40,9 @@ from probes.compress import (
     stream_order,
     streaming_for,
     text_ids,
+    workload,
 )
+from probes.compress_classifiers import classifier_sets, compare_classifiers, random_sets
 from tests.workbench.test_instrument_transformer_lens import tiny_model
 from tests.workbench.test_streaming_models import tl_float64_logits
 from workbench import instrument
@@ -44,6 +52,7 @@ from workbench.errors import WorkbenchError
 from workbench.plots import compression_curve
 from workbench.runs import Run
 from workbench.scoring import ScoreRunSettings, score_model
+from workbench.scoring.classifiers import COLUMNS as CLASSIFIER_COLUMNS
 from workbench.tasks import needle_samples
 from workbench.zoo.planted import ROLES, planted
 
@@ -333,7 +342,8 @@ def test_compress_command(scored, tmp_path):
     runner = CliRunner()
     base = ["compress", "--run", str(run), "--device", "cpu", "--backend", "reference", "--window", "32"]
     needles = ["--task", "niah", "--length", str(CONTEXT), "--depths", "0.25", "--samples", "1"]
-    result = runner.invoke(app, [*base, *needles, "--share", "0.25", "--draws", "1"])
+    rank = ["--rank-by", "retrieval"]
+    result = runner.invoke(app, [*base, *rank, *needles, "--share", "0.25", "--draws", "1"])
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert "needle acc. ranked" in text and "uncompressed: needle acc. 1.000" in text and "compress" in text
@@ -342,10 +352,193 @@ def test_compress_command(scored, tmp_path):
     for args, message in (
         (["--rank-by", "entropy"], "'entropy' has no defined compression direction"),
         (["--rank-by", "sink", "--stream", "highest"], "no 'sink' score"),
-        (["--share", "1.5"], "shares are fractions"),
-        (["--share", "x"], "--share must be comma-separated numbers"),
-        ([*needles, "--share", "0.5"], "pass --force to replace it"),
-        (["--task", "text", "--text-length", "30", "--force"], "no position past sink + window"),
+        ([*rank, "--share", "1.5"], "shares are fractions"),
+        ([*rank, "--share", "x"], "--share must be comma-separated numbers"),
+        ([*rank, *needles, "--share", "0.5"], "pass --force to replace it"),
+        ([*rank, "--task", "text", "--text-length", "30", "--force"], "no position past sink + window"),
+        (["--share", "0.5"], "give --rank-by SCORE"),
+        ([*rank, "--classifiers"], "not both"),
     ):
         result = runner.invoke(app, [*base, *args])
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), (args, result.output)
+
+
+# ----------------------------------------------------------------------------- each classifier's heads
+
+
+def _classified(keep: dict[str, set[tuple[int, int]]], layers: int, heads: int) -> pd.DataFrame:
+    """A classifier table as ``classify`` returns it, by hand: ``keep[name]`` the query heads kept full."""
+    return pd.DataFrame(
+        [(name, layer, head, float((layer, head) in full), (layer, head) in full, "")
+         for name, full in keep.items() for layer in range(layers) for head in range(heads)],
+        columns=CLASSIFIER_COLUMNS,
+    )  # fmt: skip
+
+
+def test_classifier_sets_stream_the_kv_heads_none_of_whose_query_heads_is_kept():
+    planted_layout = KVLayout(layers=3, heads=4, kv_heads=4, d_head=8, dtype="float32", itemsize=4)
+    table = _classified({"wu": {COPYING}, "razor": {COPYING, (2, 1)}, "none_kept": set()}, 3, 4)
+    sets = classifier_sets(table, planted_layout)
+    assert list(sets) == ["wu", "razor", "none_kept"]
+    everyone = [(layer, kv) for layer in range(3) for kv in range(4)]
+    assert sets["wu"] == tuple(kv for kv in everyone if kv != COPYING)
+    assert sets["razor"] == tuple(kv for kv in everyone if kv not in {(2, 0), (2, 1)})
+    assert sets["none_kept"] == tuple(everyone)
+
+    # GQA: 4 query heads on 2 KV heads; a group stays full when any one of its query heads is kept
+    gqa = KVLayout(layers=2, heads=4, kv_heads=2, d_head=8, dtype="float32", itemsize=4)
+    table = _classified({"one": {(0, 1), (1, 3)}, "both_of_a_group": {(1, 0), (1, 1)}, "all": set()}, 2, 4)
+    table.loc[table["classifier"] == "all", "keep_full"] = True
+    sets = classifier_sets(table, gqa)
+    assert sets["one"] == ((0, 1), (1, 0))  # (0, 0) holds query head 1, (1, 1) holds query head 3
+    assert sets["both_of_a_group"] == ((0, 0), (0, 1), (1, 1))
+    assert sets["all"] == ()
+
+    with pytest.raises(WorkbenchError, match="'wu' classifier's rows must hold every head of the model once"):
+        classifier_sets(_classified({"wu": {COPYING}}, 3, 4).iloc[1:], planted_layout)
+    with pytest.raises(WorkbenchError, match="every head of the model once"):
+        classifier_sets(_classified({"wu": {COPYING}}, 3, 4), gqa)
+    with pytest.raises(WorkbenchError, match="lacks the columns"):
+        classifier_sets(table.drop(columns="keep_full"), gqa)
+
+
+def test_random_sets_are_the_draws_compress_makes():
+    layout = KVLayout(layers=3, heads=8, kv_heads=4, d_head=8, dtype="float32", itemsize=4)
+    everyone = layout.all_kv()
+    for n in (1, 5, 12):
+        found = random_sets(layout, n, draws=3, seed=11)
+        assert [seed for seed, _ in found] == [11, 12, 13]
+        for seed, heads in found:  # the first n of random.Random(seed + draw)'s order, as choices draws
+            assert heads == tuple(random.Random(seed).sample(everyone, len(everyone))[:n])
+        drawn = [c.kv_heads for c in choices(everyone, layout, (n / 12,), 3, 11) if c.policy == "random"]
+        assert [heads for _, heads in found] == drawn
+    assert random_sets(layout, 0, draws=2, seed=0) == [(0, ()), (1, ())]
+
+
+def test_compare_classifiers_measures_each_set_as_compress_does(model):
+    """On the planted model: Wu's set (every KV head but the copying head) keeps needle accuracy
+    1.0; a set streaming the copying head alone loses every needle. Each row equals
+    Workload.measure (compress's per-set measurement) of the same set and an explicit
+    instrument(..., StreamingAttention) forward; the random control (text only, to stay fast)
+    equals the same seeded draw measured alone."""
+    small = dict(lengths=(CONTEXT,), depths=(0.5,), samples=1, text_samples=1, text_length=80, sink=4, window=32,
+                 seed=0, backend="reference")  # fmt: skip
+    ignored = dict(rank_by="entropy", stream="lowest", shares=(0.1,))  # no meaning here: not read
+    settings = CompressionSettings(tasks=("niah", "text"), draws=0, **small, **ignored)
+    everyone = kv_layout(model).all_kv()
+    table = _classified({"wu": {COPYING}, "all_but_copying": {kv for kv in everyone if kv != COPYING}}, 3, 4)
+    found = compare_classifiers(model, table, settings, progress=False)
+    summary = found.summary.set_index("classifier")
+    assert list(summary.index) == ["none", "wu", "all_but_copying"]
+    base = summary.loc["none"]
+    assert [base["heads_full"], base["kv_heads_full"], base["kv_heads_streamed"], base["needle_accuracy"]] == [
+        12, 12, 0, 1.0
+    ]  # fmt: skip
+    wu, worst = summary.loc["wu"], summary.loc["all_but_copying"]
+    assert (wu["heads_full"], wu["kv_heads_full"], wu["kv_heads_streamed"]) == (1, 1, 11)
+    assert wu["kv_share"] == pytest.approx(11 / 12) and worst["kv_heads_streamed"] == 1
+    assert wu["needle_accuracy"] == 1.0 and worst["needle_accuracy"] == 0.0
+    assert summary["random_draws"].tolist() == [0, 0, 0] and summary["random_needle_accuracy"].isna().all()
+    assert found.draws.empty
+
+    work = workload(model, settings)  # the needles and text compare_classifiers measured
+    sample = work.needles[0]
+    assert len(sample.ids) - sample.needle.stop > 36, "the needle lies inside sink + window"
+    kept = 36
+    wu_set = tuple(kv for kv in everyone if kv != COPYING)
+    mask = work.layout.mask(wu_set)
+    with torch.no_grad(), instrument(model, backend="reference", streaming=StreamingAttention(32, 4, heads=mask)):
+        logits = model(work.ids).double()
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), work.ids[:, 1:], reduction="none")
+    assert wu["text_loss_past_window"] == pytest.approx(float(loss[:, kept:].mean()), abs=1e-4)
+    assert wu["text_loss"] == pytest.approx(float(loss.mean()), abs=1e-4)
+
+    memory = kv_memory(work.layout, [(11 / 12, 11)], [CONTEXT], 4, 32).iloc[0]
+    assert wu["kv_length"] == CONTEXT and wu["kv_saved_fraction"] == pytest.approx(memory["saved_fraction"])
+    assert wu["kv_saved_fraction"] == pytest.approx(11 * (CONTEXT - 36) / (12 * CONTEXT))
+    heads = found.heads[found.heads["classifier"] == "wu"]
+    assert len(heads) == 12 and heads["streams"].sum() == 11
+    assert heads[~heads["streams"]][["layer", "kv_head", "query_heads_full"]].values.tolist() == [[2, 0, "0"]]
+
+    # text only (fast): each row and each random draw equals compress's per-set measurement
+    text = CompressionSettings(tasks=("text",), draws=1, **small)
+    found = compare_classifiers(model, table, text, progress=False)
+    summary = found.summary.set_index("classifier")
+    alone = workload(model, text)
+    measured = alone.measure(wu_set)
+    assert summary.loc["wu", ["text_loss", "text_loss_past_window"]].tolist() == pytest.approx(
+        measured.text_losses(kept), abs=1e-6
+    )
+    for name, n in (("wu", 11), ("all_but_copying", 1)):
+        draws = found.draws[found.draws["classifier"] == name]
+        assert draws[["draw", "seed", "kv_heads"]].values.tolist() == [[0, 0, n]]
+        ((_, heads),) = random_sets(alone.layout, n, 1, 0)
+        loss, past = alone.measure(heads).text_losses(kept)
+        assert draws[["text_loss", "text_loss_past_window"]].values.tolist() == [pytest.approx([loss, past], abs=1e-6)]
+        assert summary.loc[name, ["random_text_loss", "random_text_loss_past_window"]].tolist() == pytest.approx(
+            [loss, past], abs=1e-6
+        )
+        assert summary.loc[name, "random_draws"] == 1 and math.isnan(summary.loc[name, "random_needle_accuracy"])
+
+
+def test_compress_classifiers_command(scored, tmp_path):
+    """`workbench compress --classifiers` on the planted run scored for retrieval and streaming:
+    wu and streaming measured, razor and duo skipped with a note; tables and the manifest entry
+    written next to (not among) the ranked compressions; refusals before the model loads."""
+    run = tmp_path / "run"
+    shutil.copytree(scored.path, run, ignore=shutil.ignore_patterns("compress"))
+    copy = Run.open(run)
+    copy.manifest.pop("compressions", None)
+    copy.manifest["tables"] = {k: v for k, v in copy.manifest["tables"].items() if not k.startswith("compress/")}
+    copy.save_manifest()
+    register(app)
+    runner = CliRunner()
+    base = ["compress", "--run", str(run), "--classifiers", "--device", "cpu", "--backend", "reference"]
+    small = [
+        "--window",
+        "32",
+        "--task",
+        "niah",
+        "--length",
+        str(CONTEXT),
+        "--depths",
+        "0.5",
+        "--samples",
+        "1",
+        "--draws",
+        "0",
+    ]
+    result = runner.invoke(app, [*base, *small])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "uncompressed: needle acc. 1.000" in text and "skipped razor" in text and "skipped duo" in text
+    opened = Run.open(run)
+    summary = opened.table("compress/classifiers_summary")
+    assert list(summary["classifier"]) == ["none", "wu", "streaming"]
+    scores = opened.table("head_scores").query("score == 'retrieval'")
+    retrieval = {(int(r.layer), int(r.head)) for r in scores.itertuples() if r.value > 0.1}  # Wu's rule
+    assert COPYING in retrieval
+    wu = summary.set_index("classifier").loc["wu"]
+    assert (wu["kv_heads_full"], wu["kv_heads_streamed"]) == (len(retrieval), 12 - len(retrieval))
+    assert wu["needle_accuracy"] == 1.0  # the copying head kept
+    heads = opened.table("compress/classifiers_heads")
+    full = heads[(heads["classifier"] == "wu") & ~heads["streams"]]
+    assert set(zip(full["layer"], full["kv_head"])) == retrieval
+    for name, group in heads.groupby("classifier"):  # the summary counts the heads table's streaming heads
+        assert summary.set_index("classifier").loc[name, "kv_heads_streamed"] == group["streams"].sum()
+    entry = opened.manifest["classifier_compression"]
+    assert entry["classifiers"] == ["wu", "streaming"] and "rank_by" not in entry["settings"]
+    assert len(entry["skipped"]) == 2 and (run / "compress" / "classifiers_summary.csv").exists()
+    assert compressions(opened) == []  # the ranked experiments' list (the explorer page's) is untouched
+
+    lacking = tmp_path / "lacking"
+    shutil.copytree(run, lacking)
+    bare = Run.open(lacking)
+    scores = bare.table("head_scores")
+    bare.write_table("head_scores", scores[~scores["score"].isin(["retrieval", "streaming"])])
+    for args, message in (
+        ([*base, *small, "--window", "16"], "already holds a classifier comparison with other settings"),
+        (["compress", "--run", str(lacking), "--classifiers"], "none of the scores the head classifiers read"),
+    ):
+        result = runner.invoke(app, args)
         assert result.exit_code == 2 and message in " ".join(result.output.split()), (args, result.output)
