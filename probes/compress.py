@@ -92,7 +92,8 @@ STREAM_CHOICES = ("highest", "lowest")
 TASKS = ("niah", "text")
 #: The ``policy`` column: the uncompressed model, the run's ranking, the random control.
 NONE, RANKED, RANDOM = "none", "ranked", "random"
-#: The folder of the run that holds the tables and figures.
+#: The folder of the run that holds the tables and figures (one of the run folders
+#: :meth:`workbench.runs.Run.clear` removes).
 FOLDER = "compress"
 #: The tables one experiment writes (``compress/<name>_<table>.parquet`` and ``.csv``).
 TABLES = ("summary", "needles", "text", "memory", "heads", "order")

@@ -45,6 +45,9 @@ FORMAT = "attention-workbench-run"
 #: 2: parts committed by sha256 sidecars, table and part hashes in the manifest (1: no hashes).
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+#: Folders a run's writers create: the scoring's parts and figures, the compression what-ifs
+#: (probes.compress); :meth:`Run.clear` removes them with the run.
+RUN_FOLDERS = ("parts", "figures", "compress")
 #: Tables the scoring run writes (``workbench score`` rebuilds them from the parts).
 SCORING_TABLES = ("head_scores", "profiles", "retrieval")
 _UMASK = os.umask(0)
@@ -404,7 +407,7 @@ class Run:
 
     def clear(self) -> None:
         """Remove what a run wrote (only the run's own files and folders)."""
-        for name in ("parts", "figures"):
+        for name in RUN_FOLDERS:
             shutil.rmtree(self.path / name, ignore_errors=True)
         for file in self.path.glob("*.parquet"):
             file.unlink()

@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 from probes.cli import register
 from probes.compress import (
     DIRECTIONS,
+    FOLDER,
     CompressionSettings,
     KVLayout,
     choices,
@@ -50,7 +51,7 @@ from workbench.adapters.streaming import StreamingAttention
 from workbench.cli import app
 from workbench.errors import WorkbenchError
 from workbench.plots import compression_curve
-from workbench.runs import Run
+from workbench.runs import RUN_FOLDERS, Run
 from workbench.scoring import ScoreRunSettings, score_model
 from workbench.scoring.classifiers import COLUMNS as CLASSIFIER_COLUMNS
 from workbench.tasks import needle_samples
@@ -361,6 +362,8 @@ def test_compress_command(scored, tmp_path):
     ):
         result = runner.invoke(app, [*base, *args])
         assert result.exit_code == 2 and message in " ".join(result.output.split()), (args, result.output)
+    Run.open(run).clear()  # what `workbench score --force` does first: the compressions go with the run
+    assert FOLDER in RUN_FOLDERS and not (run / FOLDER).exists()
 
 
 # ----------------------------------------------------------------------------- each classifier's heads
