@@ -17,20 +17,28 @@ says which end of each score's ranking streams first: ``lowest`` for "keep these
 already look only at the first and recent tokens (``streaming``: mass on sink + window). A score
 without a defined direction (entropy, ...) is refused unless ``stream=`` says which end.
 
+Sliding-window layers. A layer with its own sliding window (Gemma 2/3's local layers, gpt-oss,
+Mistral-style configs: :attr:`ModelAdapter.layer_windows`) already keeps only its window and is
+left as it is: its KV heads are never candidates (:attr:`KVLayout.local_layers`). Shares, the
+ranking's prefix and the random draws are of the **candidate** KV heads, those of the
+full-attention layers (every KV head for a model without such layers).
+
 Grouping rule. A KV group is as hard to stream as its least streamable query head: with
 ``lowest`` the group's value is the **maximum** of its query heads' scores, with ``highest`` the
-**minimum**; groups are then sorted (NaN groups last, ties in layer and head order) and the first
-``round(share * KV heads)`` stream (half rounds up). For models without grouping a group is one
-head and the rule changes nothing.
+**minimum**; candidate groups are then sorted (NaN groups last, ties in layer and head order) and
+the first ``round(share * candidate KV heads)`` stream (half rounds up). For models without
+grouping a group is one head and the rule changes nothing.
 
-Control. ``draws`` random orders of all KV heads (``random.Random(seed + draw)``, seed recorded
-per row); each share streams the first ``round(share * KV heads)`` of each order: same number of
-KV heads, drawn uniformly, nested across shares like the ranking's.
+Control. ``draws`` random orders of the candidate KV heads (``random.Random(seed + draw)``, seed
+recorded per row); each share streams the first ``round(share * candidate KV heads)`` of each
+order: same number of KV heads, drawn uniformly, nested across shares like the ranking's.
 
 Memory. A sequence of ``L`` tokens keeps ``L`` entries (a key and a value of ``d_head`` numbers)
-per KV head per layer; a streaming KV head keeps ``min(L, sink + window)``. The share of entries
-dropped is ``streamed KV heads * (L - min(L, sink + window)) / (layers * KV heads * L)``; bytes
-are ``entries * 2 * d_head * bytes per number`` at the model's dtype, per sequence.
+per KV head of a full-attention layer, ``min(L, w)`` per KV head of a layer with its own window
+``w``; a streaming KV head keeps ``min(L, sink + window)``. The share of entries dropped is
+``streamed KV heads * (L - min(L, sink + window))`` over the uncompressed cache's entries
+(``layers * KV heads * L`` without sliding-window layers); bytes are
+``entries * 2 * d_head * bytes per number`` at the model's dtype, per sequence.
 
 The restriction is a mask over the whole sequence (every token keeps its position, the prompt is
 prefilled with it), not a cache that evicts keys: see ``docs/compression.md`` for how that
@@ -124,7 +132,10 @@ def kv_count(share: float, total: int) -> int:
 @dataclass(frozen=True)
 class KVLayout:
     """The KV cache's shape: ``layers``, query ``heads`` and ``kv_heads`` per layer, ``d_head``
-    and the dtype's name (``float32``, ...) and size in bytes."""
+    and the dtype's name (``float32``, ...) and size in bytes; ``local_layers`` (ascending), the
+    layers with their own sliding window, and ``local_windows``, each one's window in tokens
+    (:attr:`ModelAdapter.layer_windows`; both empty for a full-attention model). The KV heads of
+    the other layers are the :meth:`candidates` for streaming."""
 
     layers: int
     heads: int
@@ -132,6 +143,23 @@ class KVLayout:
     d_head: int
     dtype: str
     itemsize: int
+    local_layers: tuple[int, ...] = ()
+    local_windows: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        layers, windows = tuple(int(x) for x in self.local_layers), tuple(int(w) for w in self.local_windows)
+        if (
+            len(layers) != len(windows)
+            or list(layers) != sorted(set(layers))
+            or any(not 0 <= x < self.layers for x in layers)
+            or any(w < 1 for w in windows)
+        ):
+            raise WorkbenchError(
+                f"KVLayout.local_layers must be distinct ascending layers in [0, {self.layers}) with one window "
+                f">= 1 each in local_windows, got {list(self.local_layers)} and {list(self.local_windows)}"
+            )
+        object.__setattr__(self, "local_layers", layers)
+        object.__setattr__(self, "local_windows", windows)
 
     @property
     def group(self) -> int:
@@ -151,6 +179,20 @@ class KVLayout:
         """Every ``(layer, kv_head)``, layer by layer."""
         return [(layer, kv) for layer in range(self.layers) for kv in range(self.kv_heads)]
 
+    def candidates(self) -> list[KVHead]:
+        """The KV heads that may stream, layer by layer: those outside :attr:`local_layers`."""
+        local = set(self.local_layers)
+        return [(layer, kv) for layer, kv in self.all_kv() if layer not in local]
+
+    @property
+    def candidate_total(self) -> int:
+        """How many KV heads may stream (:meth:`candidates`)."""
+        return (self.layers - len(self.local_layers)) * self.kv_heads
+
+    def window_of(self, layer: int) -> int | None:
+        """The layer's own sliding window (None: full attention)."""
+        return dict(zip(self.local_layers, self.local_windows)).get(layer)
+
     def mask(self, kv_heads: Sequence[KVHead]) -> torch.Tensor:
         """Boolean ``[layers, heads]``: True for every query head of the given KV heads."""
         mask = torch.zeros(self.layers, self.heads, dtype=torch.bool)
@@ -166,7 +208,8 @@ class KVLayout:
 
 def kv_layout(model: Model) -> KVLayout:
     """The model's :class:`KVLayout`: KV heads from its config (TransformerLens
-    ``n_key_value_heads``, Hugging Face ``num_key_value_heads``; the query heads when unset)."""
+    ``n_key_value_heads``, Hugging Face ``num_key_value_heads``; the query heads when unset),
+    sliding-window layers from :attr:`ModelAdapter.layer_windows`."""
     adapter = adapter_for(model)
     heads, d_head = adapter.head_shape
     cfg = getattr(adapter.model, "cfg", None)
@@ -180,7 +223,18 @@ def kv_layout(model: Model) -> KVLayout:
     if kv < 1 or heads % kv:
         raise WorkbenchError(f"the model has {heads} query heads and {kv} KV heads per layer: not a grouping")
     dtype = next(adapter.model.parameters()).dtype
-    return KVLayout(adapter.n_layers, heads, kv, d_head, str(dtype).removeprefix("torch."), dtype.itemsize)
+    windows = adapter.layer_windows
+    local = tuple(sorted(windows))
+    return KVLayout(
+        adapter.n_layers,
+        heads,
+        kv,
+        d_head,
+        str(dtype).removeprefix("torch."),
+        dtype.itemsize,
+        local_layers=local,
+        local_windows=tuple(windows[layer] for layer in local),
+    )
 
 
 def head_values(run: Run, score: str, task: str | None = None) -> pd.DataFrame:
@@ -194,12 +248,13 @@ def head_values(run: Run, score: str, task: str | None = None) -> pd.DataFrame:
 
 
 def stream_order(scores: pd.DataFrame, layout: KVLayout, direction: str) -> pd.DataFrame:
-    """KV heads in the order they stream: ``rank`` (0 streams first), ``layer``, ``kv_head``,
-    ``query_heads`` (``"0 1"``), ``value`` (the group's score: the maximum of its query heads'
-    for ``lowest``, the minimum for ``highest``; NaN values ignored, a group of NaNs last).
+    """The candidate KV heads (:meth:`KVLayout.candidates`: none of a sliding-window layer) in
+    the order they stream: ``rank`` (0 streams first), ``layer``, ``kv_head``, ``query_heads``
+    (``"0 1"``), ``value`` (the group's score: the maximum of its query heads' for ``lowest``,
+    the minimum for ``highest``; NaN values ignored, a group of NaNs last).
 
     ``scores``: ``layer, head, value`` per query head (:func:`head_values`), every head of the
-    model once."""
+    model once (the sliding-window layers' included)."""
     direction = direction_for("", direction)
     want = {(layer, head) for layer in range(layout.layers) for head in range(layout.heads)}
     have = [(int(r.layer), int(r.head)) for r in scores.itertuples()]
@@ -209,12 +264,13 @@ def stream_order(scores: pd.DataFrame, layout: KVLayout, direction: str) -> pd.D
             f"it holds {len(have)} rows for {len(set(have) & want)} of the {len(want)} heads: does the run belong "
             "to this model?"
         )
-    if scores["value"].isna().all():
+    frame = scores.assign(layer=scores["layer"].astype(int), kv_head=scores["head"].astype(int) // layout.group)
+    frame = frame[~frame["layer"].isin(layout.local_layers)]  # their own window: never streamed
+    if frame["value"].isna().all() and len(frame):
         raise WorkbenchError(
             "the score is NaN for every head (no sample counted: for retrieval, the model answered no needle); "
             "it ranks nothing: choose another --rank-by"
         )
-    frame = scores.assign(layer=scores["layer"].astype(int), kv_head=scores["head"].astype(int) // layout.group)
     grouped = frame.groupby(["layer", "kv_head"], sort=True)["value"]
     value = grouped.max() if direction == "lowest" else grouped.min()  # pandas skips NaN
     groups = value.reset_index()
@@ -241,21 +297,32 @@ class Choice:
 
 def choices(order: Sequence[KVHead], layout: KVLayout, shares: Sequence[float], draws: int, seed: int) -> list[Choice]:
     """The uncompressed model (share 0), then for each share (0 skipped) the first
-    :func:`kv_count` KV heads of ``order`` and, for each of ``draws`` random orders of all KV heads
+    :func:`kv_count` of the candidate KV heads (:meth:`KVLayout.candidates`: a share is a
+    fraction of them) of ``order`` and, for each of ``draws`` random orders of the candidates
     (``random.Random(seed + draw)``), the first as many of that order."""
-    everyone = layout.all_kv()
+    everyone = layout.candidates()
+    total = len(everyone)
     if sorted(order) != everyone:
-        raise WorkbenchError("the streaming order must hold every KV head of the model once")
+        raise WorkbenchError(
+            "the streaming order must hold every candidate KV head of the model once (those outside its "
+            "sliding-window layers)"
+        )
     found = [Choice(NONE, 0, None, 0.0, ())]
-    shuffled = [random.Random(seed + d).sample(everyone, len(everyone)) for d in range(draws)]
+    shuffled = [random.Random(seed + d).sample(everyone, total) for d in range(draws)]
     for share in shares:
-        n = kv_count(share, layout.total)
+        n = kv_count(share, total)
         if share == 0:
             continue
-        if n == 0:
+        if total == 0:
             raise WorkbenchError(
-                f"a share of {share} of the model's {layout.total} KV heads rounds to none: give shares of at least "
-                f"{0.5 / layout.total:.3g}"
+                f"every layer of the model attends within its own sliding window (layers {list(layout.local_layers)}): "
+                "no KV head is left to stream; give only share 0"
+            )
+        if n == 0:
+            outside = " outside its sliding-window layers" if layout.local_layers else ""
+            raise WorkbenchError(
+                f"a share of {share} of the model's {total} candidate KV heads{outside} rounds to none: give shares "
+                f"of at least {0.5 / total:.3g}"
             )
         found.append(Choice(RANKED, 0, None, share, tuple(order[:n])))
         found += [Choice(RANDOM, d, seed + d, share, tuple(perm[:n])) for d, perm in enumerate(shuffled)]
@@ -271,17 +338,21 @@ def streaming_for(layout: KVLayout, kv_heads: Sequence[KVHead], sink: int, windo
 
 
 def kv_memory(layout: KVLayout, counts: Sequence[tuple[float, int]], lengths: Sequence[int], sink: int, window: int):
-    """The KV cache of one sequence with ``n`` KV heads streaming, for each ``(share, n)`` of
-    ``counts`` and each length: ``share, kv_heads, kv_heads_total, length, kept_per_head``
-    (``min(L, sink + window)``), ``entries`` (``layers * KV heads * L``), ``entries_kept``,
-    ``saved_fraction``, ``bytes``, ``bytes_saved`` (an entry is a key and a value of ``d_head``
-    numbers at ``dtype``) and ``dtype``."""
+    """The KV cache of one sequence with ``n`` candidate KV heads streaming, for each
+    ``(share, n)`` of ``counts`` and each length: ``share, kv_heads, kv_heads_total`` (every KV
+    head), ``length, kept_per_head`` (a streaming head's: ``min(L, sink + window)``), ``entries``
+    (the uncompressed cache: ``L`` per KV head of a full-attention layer, ``min(L, w)`` of a
+    layer with its own window ``w``; ``layers * KV heads * L`` without such layers),
+    ``entries_kept``, ``saved_fraction``, ``bytes``, ``bytes_saved`` (an entry is a key and a
+    value of ``d_head`` numbers at ``dtype``) and ``dtype``."""
     per_entry = 2 * layout.d_head * layout.itemsize
     rows = []
     for share, n in counts:
         for length in sorted(set(lengths)):
             kept = min(length, sink + window)
-            entries = layout.total * length
+            entries = layout.kv_heads * sum(
+                length if (w := layout.window_of(layer)) is None else min(length, w) for layer in range(layout.layers)
+            )
             dropped = n * (length - kept)
             rows.append(
                 (share, n, layout.total, length, kept, entries, entries - dropped, dropped / entries,
@@ -300,8 +371,9 @@ class CompressionSettings:
         score_task: the task of that score, when the run computed it on several.
         stream: ``"highest"`` or ``"lowest"``: which end of the ranking streams first, overriding
             :data:`DIRECTIONS` (needed for a score without a direction).
-        shares: shares of the model's KV heads made streaming (0 is the uncompressed model, which
-            is always measured).
+        shares: shares of the model's candidate KV heads made streaming (those outside its
+            sliding-window layers; all of them for a full-attention model; 0 is the uncompressed
+            model, which is always measured).
         sink: first tokens a streaming head keeps.
         window: recent tokens a streaming head keeps (itself included).
         tasks: ``niah`` (needle accuracy, greedy decoding, Wu et al.'s ROUGE rule) and/or ``text``
@@ -345,7 +417,10 @@ class CompressionSettings:
             raise WorkbenchError("shares and depths must be numbers, lengths integers") from None
         bad = [s for s in shares if not 0.0 <= s <= 1.0 or math.isnan(s)]
         if not shares or bad:
-            raise WorkbenchError(f"shares are fractions of the KV heads in [0, 1], got {list(shares) or 'none'}")
+            raise WorkbenchError(
+                f"shares are fractions of the KV heads in [0, 1] (of those outside the model's sliding-window "
+                f"layers, if it has any), got {list(shares) or 'none'}"
+            )
         object.__setattr__(self, "shares", tuple(sorted(set(shares))))
         object.__setattr__(self, "depths", depths)
         object.__setattr__(self, "lengths", lengths)
@@ -392,7 +467,8 @@ class Compression:
     """What :func:`compress` measured (tidy tables; the ``policy, draw, share, kv_heads`` columns
     name the set of streaming KV heads):
 
-    - ``summary``: per set: ``seed``, ``kv_share`` (streamed / all KV heads), ``needle_accuracy``,
+    - ``summary``: per set: ``seed``, ``kv_share`` (streamed / candidate KV heads: those outside
+      sliding-window layers, all of them for a full-attention model), ``needle_accuracy``,
       ``text_loss`` (every position), ``text_loss_past_window`` (positions ``>= sink + window``,
       the rows that lose keys);
     - ``needles``: per set and (length, depth): ``samples``, ``correct``, ``accuracy``;
@@ -504,8 +580,9 @@ def workload(model: Model, settings: CompressionSettings, text: str | Path | Non
     """The :class:`Workload` of ``settings`` (``lengths`` must be set:
     :meth:`CompressionSettings.resolved`) on ``model``, checked: a causal language model, lengths
     within its context, needles longer and text samples longer than ``sink + window`` (else
-    nothing would be compressed). Needles are fresh (seed + :data:`probes.ablation.FRESH_SAMPLES`);
-    ``text`` is the text task's source."""
+    nothing would be compressed), some layer without its own sliding window (else no KV head
+    could stream). Needles are fresh (seed + :data:`probes.ablation.FRESH_SAMPLES`); ``text`` is
+    the text task's source."""
     from workbench.models import task_tokenizer
     from workbench.tasks import needle_samples
 
@@ -516,6 +593,12 @@ def workload(model: Model, settings: CompressionSettings, text: str | Path | Non
             "compression is measured by decoding and next-token loss: it needs a causal language model"
         )
     layout = kv_layout(adapter)
+    if layout.candidate_total == 0:
+        raise WorkbenchError(
+            f"every layer of {adapter.name} attends within its own sliding window (layers "
+            f"{list(layout.local_layers)}, windows {sorted(set(layout.local_windows))}): its cache already keeps "
+            "only that window and no KV head is left to stream"
+        )
     kept = s.sink + s.window
     for length in (*s.lengths, s.text_length):
         check_length(adapter, length)
@@ -577,7 +660,7 @@ def compress(
             for sample, ok in zip(needles, correct):
                 by_cell.setdefault((len(sample.ids) + len(sample.answer), float(sample.depth)), []).append(ok)
             cells += [(*label, n, d, len(v), sum(v), sum(v) / len(v)) for (n, d), v in by_cell.items()]
-        summary.append((*label, choice.seed, len(choice.kv_heads) / layout.total, accuracy, overall, past))
+        summary.append((*label, choice.seed, len(choice.kv_heads) / layout.candidate_total, accuracy, overall, past))
     keys = ["policy", "draw", "share", "kv_heads"]
     summary = pd.DataFrame(
         summary, columns=[*keys, "seed", "kv_share", "needle_accuracy", "text_loss", "text_loss_past_window"]

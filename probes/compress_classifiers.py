@@ -10,10 +10,13 @@ Which KV heads stream (:func:`classifier_sets`). The cache is held per KV head; 
 grouped-query attention a KV head serves a group of query heads (query head ``h`` reads KV head
 ``h // (heads / kv_heads)``), and it can only stream when none of its query heads needs full
 attention: a group stays full if any of its query heads is ``keep_full``. So a classifier's set
-is the KV heads none of whose query heads it keeps full.
+is the KV heads none of whose query heads it keeps full. A layer with its own sliding window
+(:attr:`probes.compress.KVLayout.local_layers`) already keeps only its window and never streams,
+whatever the classifier says of its heads.
 
 Control. For a classifier streaming ``n`` KV heads, ``draws`` random sets of ``n`` KV heads,
-draw ``d`` the first ``n`` of ``random.Random(seed + d)``'s order of all KV heads, exactly as
+draw ``d`` the first ``n`` of ``random.Random(seed + d)``'s order of the candidate KV heads
+(:meth:`probes.compress.KVLayout.candidates`: all of them without sliding-window layers), exactly as
 :func:`probes.compress.choices` draws them (classifiers streaming as many heads share their
 draws). Equal sets, across classifiers and draws, are measured once.
 
@@ -78,8 +81,9 @@ READS = {
 def classifier_sets(classified: pd.DataFrame, layout: KVLayout) -> dict[str, tuple[KVHead, ...]]:
     """For each classifier in ``classified`` (columns ``classifier, layer, head, keep_full``,
     :func:`workbench.scoring.classifiers.classify`; first-seen order), the KV heads that stream:
-    those none of whose query heads is ``keep_full``, layer by layer. Each classifier's rows must
-    cover every query head of ``layout`` once."""
+    the candidates (:meth:`probes.compress.KVLayout.candidates`: none of a sliding-window layer)
+    none of whose query heads is ``keep_full``, layer by layer. Each classifier's rows must cover
+    every query head of ``layout`` once."""
     missing = {"classifier", "layer", "head", "keep_full"} - set(classified.columns)
     if missing:
         raise WorkbenchError(f"the classifier table lacks the columns {sorted(missing)} (classify(run) gives them)")
@@ -95,16 +99,16 @@ def classifier_sets(classified: pd.DataFrame, layout: KVLayout) -> dict[str, tup
                 "heads: does the run belong to this model?"
             )
         full = {(layer, head // layout.group) for (layer, head), keep in zip(have, rows["keep_full"]) if bool(keep)}
-        sets[str(name)] = tuple(kv for kv in layout.all_kv() if kv not in full)
+        sets[str(name)] = tuple(kv for kv in layout.candidates() if kv not in full)
     return sets
 
 
 def random_sets(layout: KVLayout, n: int, draws: int, seed: int) -> list[tuple[int, tuple[KVHead, ...]]]:
-    """``(seed, KV heads)`` of each of ``draws`` random sets of ``n`` KV heads, drawn as
+    """``(seed, KV heads)`` of each of ``draws`` random sets of ``n`` candidate KV heads, drawn as
     :func:`probes.compress.choices` draws them (draw ``d``: ``random.Random(seed + d)``)."""
     if n == 0:
         return [(seed + d, ()) for d in range(draws)]
-    drawn = choices(layout.all_kv(), layout, (n / layout.total,), draws, seed)
+    drawn = choices(layout.candidates(), layout, (n / layout.candidate_total,), draws, seed)
     found = [(c.seed, c.kv_heads) for c in drawn if c.policy == RANDOM]
     assert all(len(heads) == n for _, heads in found)
     return found
@@ -121,8 +125,9 @@ class ClassifierComparison:
     """What :func:`compare_classifiers` measured (tidy tables):
 
     - ``summary``: one row for the uncompressed model (``classifier`` ``none``), then one per
-      classifier: ``heads_full`` (query heads it keeps full), ``kv_heads_full``,
-      ``kv_heads_streamed``, ``kv_share`` (streamed / all KV heads), ``needle_accuracy``,
+      classifier: ``heads_full`` (query heads it keeps full), ``kv_heads_full`` (candidate KV
+      heads kept full), ``kv_heads_streamed``, ``kv_share`` (streamed / candidate KV heads: those
+      outside sliding-window layers, all of them for a full-attention model), ``needle_accuracy``,
       ``text_loss``, ``text_loss_past_window``, ``kv_saved_fraction`` and ``kv_bytes_saved``
       (:func:`probes.compress.kv_memory` at ``kv_length``, the longest length measured),
       ``random_draws`` and the random sets' means ``random_needle_accuracy``,
@@ -185,10 +190,11 @@ def compare_classifiers(
 
     longest = max(work.lengths)
     counts = sorted({len(heads) for heads in wanted})
-    memory = kv_memory(layout, [(n / layout.total, n) for n in counts], [longest], s.sink, s.window)
+    candidates = layout.candidate_total  # > 0: workload() refuses a model without any
+    memory = kv_memory(layout, [(n / candidates, n) for n in counts], [longest], s.sink, s.window)
     saved = {int(r.kv_heads): (r.saved_fraction, int(r.bytes_saved)) for r in memory.itertuples()}
     full_heads = classified.groupby("classifier", sort=False)["keep_full"].sum()
-    rows = [(NONE, layout.layers * layout.heads, layout.total, 0, 0.0, *values(()), longest, *saved[0], 0,
+    rows = [(NONE, layout.layers * layout.heads, candidates, 0, 0.0, *values(()), longest, *saved[0], 0,
              math.nan, math.nan, math.nan)]  # fmt: skip
     draw_rows = []
     for name, heads in sets.items():
@@ -196,7 +202,7 @@ def compare_classifiers(
         draw_rows += [(name, d, seed, len(heads), *v) for d, (seed, v) in enumerate(randoms)]
         means = [sum(v[i] for _, v in randoms) / len(randoms) if randoms else math.nan for i in range(3)]
         n = len(heads)
-        rows.append((name, int(full_heads[name]), layout.total - n, n, n / layout.total, *values(heads), longest,
+        rows.append((name, int(full_heads[name]), candidates - n, n, n / candidates, *values(heads), longest,
                      *saved[n], len(randoms), *means))  # fmt: skip
     heads_rows = []
     for name, heads in sets.items():

@@ -10,7 +10,9 @@ it); the figure; ``workbench compress``. Each classifier's heads side by side
 one of its query heads is kept), the random control as ``choices`` draws it, each row equal to
 the per-set measurement ``compress`` uses and to an explicit streaming forward, the planted model
 (Wu's set keeps every needle, streaming the copying head loses them), ``workbench compress
---classifiers``."""
+--classifiers``. Sliding-window layers: never candidates (ranking, shares, draws, classifiers),
+their cache counted as their window; a local/global TransformerLens model compressed end to end
+against a float64 explicit mask."""
 
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ from probes.compress import (
 )
 from probes.compress_classifiers import classifier_sets, compare_classifiers, random_sets
 from tests.workbench.test_instrument_transformer_lens import tiny_model
-from tests.workbench.test_streaming_models import tl_float64_logits
+from tests.workbench.test_streaming_models import local_global_model, tl_float64_logits
 from workbench import instrument
 from workbench.adapters.streaming import StreamingAttention
 from workbench.cli import app
@@ -545,3 +547,151 @@ def test_compress_classifiers_command(scored, tmp_path):
     ):
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and message in " ".join(result.output.split()), (args, result.output)
+
+
+# ----------------------------------------------------------------------------- sliding-window layers
+
+
+def _explicit_kept(layout: KVLayout, streamed: set[tuple[int, int]], length: int, sink: int, window: int) -> int:
+    """Cache entries held at the end of a sequence, key by key: a sliding-window layer's KV head
+    holds its last ``w`` keys, a streaming one the first ``sink`` and last ``window``."""
+    kept = 0
+    for layer in range(layout.layers):
+        own = dict(zip(layout.local_layers, layout.local_windows)).get(layer)
+        for kv in range(layout.kv_heads):
+            for j in range(length):
+                back = length - 1 - j
+                if own is not None:
+                    kept += back < own
+                else:
+                    kept += (layer, kv) not in streamed or j < sink or back < window
+    return kept
+
+
+def test_sliding_window_layers_are_never_candidates():
+    """KVLayout with local layers 0 and 2 (windows 5 and 9): the candidates are the other
+    layers' KV heads; the ranking drops the local layers (its scores still cover them), shares
+    and random draws are of the candidates, the memory table counts a local layer's entries as
+    min(L, w) (an explicit count), the classifiers never stream a local layer; a model whose
+    every layer is local is refused."""
+    with pytest.raises(WorkbenchError, match="local_layers must be distinct ascending layers"):
+        KVLayout(layers=3, heads=2, kv_heads=2, d_head=4, dtype="float32", itemsize=4, local_layers=(1,))
+    layout = KVLayout(layers=4, heads=4, kv_heads=2, d_head=8, dtype="float32", itemsize=4,
+                      local_layers=(0, 2), local_windows=(5, 9))  # fmt: skip
+    assert (
+        layout.total == 8 and layout.candidate_total == 4 and layout.window_of(2) == 9 and layout.window_of(1) is None
+    )
+    candidates = [(1, 0), (1, 1), (3, 0), (3, 1)]
+    assert layout.candidates() == candidates
+
+    # the local layers' heads score highest: streamed first, were they candidates
+    values = [(10.0 if layer in (0, 2) else 0.0) + 0.1 * head for layer in range(4) for head in range(4)]
+    scores = pd.DataFrame(
+        {"layer": [l for l in range(4) for _ in range(4)], "head": list(range(4)) * 4, "value": values}
+    )
+    order = stream_order(scores, layout, "highest")
+    assert list(zip(order["layer"], order["kv_head"])) == [(1, 1), (3, 1), (1, 0), (3, 0)]
+    assert list(order["rank"]) == [0, 1, 2, 3]
+    with pytest.raises(WorkbenchError, match="every head of the model once"):
+        stream_order(scores[scores["layer"] != 0], layout, "highest")
+    nan_outside = scores.assign(value=[v if layer in (0, 2) else math.nan for layer in range(4) for v in values[:4]])
+    with pytest.raises(WorkbenchError, match="NaN for every head"):
+        stream_order(nan_outside, layout, "highest")
+
+    ranked = list(zip(order["layer"], order["kv_head"]))
+    sets = choices(ranked, layout, (0.25, 0.5, 1.0), draws=3, seed=5)
+    by = {(c.policy, c.draw, c.share): c.kv_heads for c in sets}
+    assert by[("ranked", 0, 0.25)] == ((1, 1),) and by[("ranked", 0, 1.0)] == tuple(ranked)
+    for d in range(3):  # random orders of the candidates only, nested across shares
+        drawn = tuple(random.Random(5 + d).sample(candidates, 4))
+        assert [by[("random", d, share)] for share in (0.25, 0.5, 1.0)] == [drawn[:1], drawn[:2], drawn]
+    with pytest.raises(WorkbenchError, match="every candidate KV head"):
+        choices(layout.all_kv(), layout, (0.5,), draws=0, seed=0)
+    with pytest.raises(WorkbenchError, match="of the model's 4 candidate KV heads outside its sliding-window layers"):
+        choices(ranked, layout, (0.1,), draws=0, seed=0)
+    every = KVLayout(layers=2, heads=2, kv_heads=2, d_head=4, dtype="float32", itemsize=4, local_layers=(0, 1),
+                     local_windows=(4, 4))  # fmt: skip
+    assert [c.kv_heads for c in choices([], every, (0.0,), draws=2, seed=0)] == [()]
+    with pytest.raises(WorkbenchError, match="no KV head is left to stream"):
+        choices([], every, (0.5,), draws=0, seed=0)
+
+    sink, window, lengths = 2, 6, (4, 7, 30)
+    table = kv_memory(layout, [(0.0, 0), (0.5, 2), (1.0, 4)], lengths, sink, window).set_index(["share", "length"])
+    for share, streamed in ((0.0, set()), (0.5, {(1, 1), (3, 0)}), (1.0, set(candidates))):
+        for length in lengths:
+            row, kept = table.loc[(share, length)], _explicit_kept(layout, streamed, length, sink, window)
+            full = _explicit_kept(layout, set(), length, sink, window)
+            assert row["entries"] == full == 2 * (2 * length + min(length, 5) + min(length, 9))
+            assert row["entries_kept"] == kept and row["kv_heads_total"] == 8
+            assert math.isclose(row["saved_fraction"], 1 - kept / full)
+            assert row["bytes_saved"] == (full - kept) * 2 * 8 * 4
+    assert table.loc[(1.0, 30), "saved_fraction"] == pytest.approx(4 * 22 / (2 * (60 + 5 + 9)))
+
+    table = _classified({"keeps_nothing": set(), "keeps_1.2": {(1, 2)}}, 4, 4)
+    sets = classifier_sets(table, layout)
+    assert sets == {"keeps_nothing": tuple(candidates), "keeps_1.2": ((1, 0), (3, 0), (3, 1))}
+    for seed, heads in random_sets(layout, 3, draws=2, seed=4):
+        assert heads == tuple(random.Random(seed).sample(candidates, 4)[:3])
+
+
+def test_compress_streams_only_the_global_layers_of_a_local_global_model():
+    """A TransformerLens model alternating local (window 8) and global layers, GQA: shares of
+    its 4 global KV heads (1.0: every one, where a set of all KV heads held the local layers and
+    was refused) run end to end; only global-layer KV heads stream; each set's loss equals a
+    float64 model with the restriction as an explicit mask (the local layers keep their own
+    window); the memory table equals an explicit count; compare_classifiers streams the same
+    heads; a model of local layers only is refused."""
+    model = local_global_model()
+    layout = kv_layout(model)
+    assert (layout.local_layers, layout.local_windows, layout.candidate_total) == ((0, 2), (8, 8), 4)
+    local_first = torch.tensor([1.0, 0.0, 1.0, 0.0]).repeat_interleave(4)  # highest first: the local layers'
+    values = torch.rand(16, generator=torch.Generator().manual_seed(2)) + local_first
+    scores = pd.DataFrame({"layer": [l for l in range(4) for _ in range(4)], "head": list(range(4)) * 4,
+                           "value": values.tolist()})  # fmt: skip
+    settings = CompressionSettings(
+        rank_by="streaming", shares=(0.5, 1.0), tasks=("text",), lengths=(64,), text_samples=2,
+        sink=2, window=12, draws=2, backend="reference", seed=1,
+    )  # fmt: skip
+    found = compress(model, scores, settings, progress=False)
+    assert sorted(zip(found.order["layer"], found.order["kv_head"])) == layout.candidates()
+    assert set(found.heads["layer"]) == {1, 3}
+    summary = found.summary.set_index(["policy", "draw", "share"])
+    assert summary["kv_heads"].tolist() == [0, 2, 2, 2, 4, 4, 4]
+    assert summary["kv_share"].tolist() == pytest.approx((summary["kv_heads"] / 4).tolist())
+
+    ids = text_ids(model, settings.resolved())
+    kept, differs = 14, 0
+    base = summary.loc[("none", 0, 0.0)]
+    sets = [(("none", 0, 0.0), [])] + [(key, list(zip(g["layer"], g["kv_head"])))
+                                         for key, g in found.heads.groupby(["policy", "draw", "share"])]  # fmt: skip
+    for key, heads in sets:
+        mask = layout.mask(heads)
+        assert not bool(mask[[0, 2]].any())
+        logits = tl_float64_logits(model, ids, StreamingAttention(12, 2, heads=mask))
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+        row = summary.loc[key]
+        assert row["text_loss"] == pytest.approx(float(loss.mean()), abs=1e-4)
+        assert row["text_loss_past_window"] == pytest.approx(float(loss[:, kept:].mean()), abs=1e-4)
+        differs += abs(row["text_loss_past_window"] - base["text_loss_past_window"]) > 1e-3
+    assert differs > 0, "streaming changes the loss"
+
+    memory = found.memory.set_index("share")
+    for share, n in ((0.0, 0), (0.5, 2), (1.0, 4)):
+        row = memory.loc[share]
+        streamed = set(layout.candidates()[:n])  # the count does not depend on which
+        full = _explicit_kept(layout, set(), 64, 2, 12)
+        assert row["entries"] == full == 2 * (64 + 64 + 8 + 8) and row["kv_heads"] == n
+        assert row["entries_kept"] == _explicit_kept(layout, streamed, 64, 2, 12)
+        assert row["saved_fraction"] == pytest.approx(n * (64 - 14) / full)
+
+    table = _classified({"keeps_nothing": set(), "keeps_1.0": {(1, 0)}}, 4, 4)
+    text = CompressionSettings(tasks=("text",), lengths=(64,), text_samples=2, sink=2, window=12, draws=0,
+                               backend="reference")  # fmt: skip
+    compared = compare_classifiers(model, table, text, progress=False).summary.set_index("classifier")
+    assert compared[["kv_heads_full", "kv_heads_streamed"]].values.tolist() == [[4, 0], [0, 4], [1, 3]]
+    assert compared["kv_share"].tolist() == pytest.approx([0.0, 1.0, 0.75])
+    assert compared.loc["keeps_nothing", "text_loss"] == pytest.approx(summary.loc[("ranked", 0, 1.0), "text_loss"])
+    assert compared.loc["keeps_nothing", "kv_saved_fraction"] == pytest.approx(memory.loc[1.0, "saved_fraction"])
+
+    with pytest.raises(WorkbenchError, match="every layer of .* attends within its own sliding window"):
+        workload(local_global_model(layers=2, attn_types=("local",)), text)

@@ -4,7 +4,9 @@ Face Llama (GQA) equal a float64 computation of the uninstrumented model with th
 restriction as an explicit mask (a ``hook_attn_scores`` hook setting the hidden scores to -inf;
 an explicit attention function), on every head or chosen heads, both kernel backends (Triton
 through its interpreter without a GPU), prefill and KV-cache decoding. Then explicit patterns,
-and the refusals: a layer with its own window, context parallelism, bad settings."""
+each adapter's ``layer_windows`` (the windows each layer hands the kernels: TransformerLens local
+blocks, Hugging Face Gemma 2/3, Mistral, Qwen 2 configs, TransformerBridge), and the refusals: a
+layer with its own window, context parallelism, bad settings."""
 
 from __future__ import annotations
 
@@ -154,6 +156,110 @@ def test_a_layer_with_its_own_window_is_refused():
     assert "forward" not in vars(model.blocks[0].attn), "restored after the error"
     with torch.no_grad(), instrument(model, backend="reference", streaming=StreamingAttention(4, 1, heads=[(1, 2)])):
         model(ids)
+
+
+def local_global_model(layers: int = 4, window: int = 8, attn_types: tuple[str, ...] = ("local", "global")):
+    """A random TransformerLens model whose blocks alternate ``attn_types`` (Gemma 2's local
+    layers with ``window``, then global ones): rotary, 4 query heads on 2 KV heads, a vocabulary
+    holding the byte tokenizer's 259 ids, sharpened queries and keys."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from tests.conftest import SEED
+
+    torch.manual_seed(SEED)
+    cfg = HookedTransformerConfig(
+        n_layers=layers,
+        d_model=64,
+        n_heads=4,
+        d_head=16,
+        n_key_value_heads=2,
+        n_ctx=96,
+        d_vocab=300,
+        act_fn="gelu",
+        normalization_type="LN",
+        positional_embedding_type="rotary",
+        rotary_dim=16,
+        use_local_attn=True,
+        attn_types=[attn_types[i % len(attn_types)] for i in range(layers)],
+        window_size=window,
+        seed=SEED,
+    )
+    model = HookedTransformer(cfg)
+    with torch.no_grad():
+        for block in model.blocks:
+            for name in ("W_Q", "_W_K"):
+                getattr(block.attn, name).mul_(4)
+    return model.eval()
+
+
+def _hf_model(make):
+    import transformers
+
+    torch.manual_seed(0)
+    sizes = dict(vocab_size=300, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=96)  # fmt: skip
+    return transformers.AutoModelForCausalLM.from_config(make(transformers, sizes), attn_implementation="eager").eval()
+
+
+def _bridge(make):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from workbench.zoo.tokenizer import byte_tokenizer
+
+    return TransformerBridge.boot_transformers(
+        "tiny", hf_model=_hf_model(make), tokenizer=byte_tokenizer(), device="cpu"
+    )
+
+
+SLIDING = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"]
+#: model -> the layer windows its config gives (what each attention call passes to the kernels)
+WINDOWED = {
+    "tl-local-global": (lambda: local_global_model(), {0: 8, 2: 8}),
+    "tl-global": (lambda: tiny_model("rotary"), {}),
+    "gemma2-layer-types": (lambda: _hf_model(lambda t, c: t.Gemma2Config(sliding_window=6, head_dim=16,
+                                                                          layer_types=SLIDING, **c)),
+                           {0: 6, 2: 6, 3: 6}),
+    "gemma3-text": (lambda: _hf_model(lambda t, c: t.Gemma3TextConfig(sliding_window=5, head_dim=16,
+                                                                       sliding_window_pattern=2, **c)), {0: 5, 2: 5}),
+    "mistral-every-layer": (lambda: _hf_model(lambda t, c: t.MistralConfig(sliding_window=7, **c)),
+                            {0: 7, 1: 7, 2: 7, 3: 7}),
+    "mistral-ignores-layer-types": (lambda: _hf_model(lambda t, c: t.MistralConfig(sliding_window=7,
+                                                                                   layer_types=SLIDING, **c)),
+                                    {0: 7, 1: 7, 2: 7, 3: 7}),
+    "qwen2-use-sliding-window-off": (lambda: _hf_model(lambda t, c: t.Qwen2Config(sliding_window=7, **c)), {}),
+    "qwen2-from-max-window-layers": (lambda: _hf_model(lambda t, c: t.Qwen2Config(
+        sliding_window=7, use_sliding_window=True, max_window_layers=3, **c)), {3: 7}),
+    "llama": (lambda: _hf_model(lambda t, c: t.LlamaConfig(**c)), {}),
+    "bridge-gemma2": (lambda: _bridge(lambda t, c: t.Gemma2Config(sliding_window=6, head_dim=16, layer_types=SLIDING,
+                                                                    **c)), {0: 6, 2: 6, 3: 6}),
+    # Phi-3's bridge components compute attention themselves: no sliding_window reaches the kernels
+    "bridge-phi3": (lambda: _bridge(lambda t, c: t.Phi3Config(sliding_window=7, pad_token_id=0, **c)), {}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", sorted(WINDOWED))
+def test_layer_windows_are_the_windows_each_layer_passes_to_the_kernels(kind, monkeypatch):
+    """``adapter.layer_windows`` equals the config's own answer and the ``window`` each layer's
+    attention actually hands the kernels (seen in LayerStreaming.merge, which every adapter
+    calls per layer with the model's own variants)."""
+    from workbench.adapters.streaming import LayerStreaming
+
+    make, want = WINDOWED[kind]
+    model = make()
+    seen: dict[int, int | None] = {}
+    merge = LayerStreaming.merge
+
+    def spy(self, layer, model_variants, device):
+        seen[layer] = model_variants.get("window")
+        return merge(self, layer, model_variants, device)
+
+    monkeypatch.setattr(LayerStreaming, "merge", spy)
+    adapter = adapter_for(model)
+    assert adapter.layer_windows == want
+    with torch.no_grad(), instrument(model, backend="reference", streaming=StreamingAttention(window=4, heads=[])):
+        adapter.run(torch.randint(0, 50, (1, 12), generator=torch.Generator().manual_seed(0)), None)
+    assert sorted(seen) == list(range(adapter.n_layers))
+    assert {layer: w for layer, w in seen.items() if w is not None} == want
 
 
 @pytest.mark.parametrize(

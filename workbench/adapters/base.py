@@ -57,6 +57,18 @@ class ModelAdapter(Protocol):
         ...
 
     @property
+    def layer_windows(self) -> dict[int, int]:
+        """The layers that attend within their own sliding window: layer index -> the window in
+        tokens (keys each query sees, itself included: the ``window`` the layer's attention
+        passes to :func:`kernels.attention`). Empty for a model whose layers all attend to
+        every earlier key. TransformerLens: blocks with ``attn_type == "local"``
+        (``cfg.window_size``); Hugging Face: ``sliding_attention`` entries of the config's
+        ``layer_types`` (or every layer when the config sets ``sliding_window`` without
+        ``layer_types``), ``sliding_window`` tokens. Such a layer already keeps only its window;
+        streaming heads cannot be added to it (:meth:`LayerStreaming.merge` refuses)."""
+        ...
+
+    @property
     def device(self) -> torch.device:
         """Where token ids go in."""
         ...

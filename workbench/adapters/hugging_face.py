@@ -83,6 +83,27 @@ def _variants(kwargs: dict) -> dict:
     return found
 
 
+def layer_windows(model) -> dict[int, int]:
+    """Layer index -> sliding window (tokens) of the layers whose attention modules pass a
+    ``sliding_window`` (what :func:`_variants` turns into the kernels' ``window``), read from the
+    (text) config as transformers' models read it: with ``layer_types``, the
+    ``"sliding_attention"`` layers get ``sliding_window`` (Gemma 2/3, gpt-oss, Qwen 2/3,
+    Cohere 2, Ministral: their attention modules keep a ``sliding_window`` attribute, set for
+    those layers only); without it, a set ``sliding_window`` applies to every layer (Mistral,
+    Mixtral, Phi-3, Starcoder 2 pass ``config.sliding_window`` to each, and ignore a
+    ``layer_types`` given to their config: so do we when no attention module keeps the
+    attribute) unless ``use_sliding_window`` is False. ``{}`` when ``sliding_window`` is None."""
+    cfg = _text_config(model)
+    window = getattr(cfg, "sliding_window", None)
+    if window is None or getattr(cfg, "use_sliding_window", True) is False:
+        return {}
+    layer_types = getattr(cfg, "layer_types", None)
+    per_layer = any(hasattr(m, "sliding_window") for _, m in attention_modules(model))
+    if layer_types is None or not per_layer:
+        return dict.fromkeys(range(int(cfg.num_hidden_layers)), int(window))
+    return {layer: int(window) for layer, kind in enumerate(layer_types) if kind == "sliding_attention"}
+
+
 def _kernel_mask(attention_mask: torch.Tensor | None, n_q: int, n_k: int) -> KernelMask:
     if attention_mask is None or attention_mask.dim() == 2:
         return from_key_mask(attention_mask, n_q, n_k)
@@ -202,6 +223,11 @@ class HuggingFaceAdapter(BoundAdapter):
     @property
     def can_generate(self) -> bool:
         return bool(getattr(self.model, "can_generate", lambda: False)()) and self.is_causal
+
+    @property
+    def layer_windows(self) -> dict[int, int]:
+        """The sliding-window layers of the config (:func:`layer_windows`)."""
+        return layer_windows(self.model)
 
     def run(self, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
         self.model(input_ids=ids, attention_mask=mask)

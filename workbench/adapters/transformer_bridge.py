@@ -280,6 +280,14 @@ class TransformerBridgeAdapter(BoundAdapter):
     def can_generate(self) -> bool:
         return self.hugging_face.can_generate
 
+    @property
+    def layer_windows(self) -> dict[int, int]:
+        """The wrapped model's sliding-window layers (the Hugging Face adapter's), except those
+        whose component reconstructs attention itself (:data:`RECONSTRUCT`: no ``sliding_window``
+        reaches the kernels there, the layer attends to every earlier key)."""
+        windows = self.hugging_face.layer_windows
+        return {layer: windows[layer] for layer, _, mode in self.components if mode != RECONSTRUCT and layer in windows}
+
     def run(self, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
         self.model(ids, attention_mask=mask, return_type=None)
 

@@ -205,14 +205,23 @@ def _shard_pos_embed(model, cp: ContextParallel) -> tuple[Callable, Callable]:
     return note_cache, hook
 
 
+def local_window(attn) -> int | None:
+    """The sliding window (tokens) of one TransformerLens attention module: ``cfg.window_size``
+    for a local block (``attn_type == "local"``, Gemma 2's alternate layers), None for a global one."""
+    if getattr(attn, "attn_type", "global") == "local":
+        return int(attn.cfg.window_size)
+    return None
+
+
 def variants(attn, device: torch.device) -> dict:
     """The attention variants of one TransformerLens attention module, as :func:`kernels.attention`
     takes them: local attention (``attn_type == "local"``, ``cfg.window_size``), score
     soft-capping (``cfg.attn_scores_soft_cap``), learned sinks (``cfg.use_attention_sinks``) and
     causal ALiBi (``create_alibi_multipliers``: TransformerLens's bias ``-m_h (i - j)``)."""
     cfg, found = attn.cfg, {}
-    if getattr(attn, "attn_type", "global") == "local":
-        found["window"] = int(cfg.window_size)
+    window = local_window(attn)
+    if window is not None:
+        found["window"] = window
     if getattr(cfg, "attn_scores_soft_cap", -1.0) > 0:
         found["softcap"] = float(cfg.attn_scores_soft_cap)
     if getattr(cfg, "use_attention_sinks", False):
@@ -306,6 +315,12 @@ class TransformerLensAdapter(BoundAdapter):
     @property
     def can_generate(self) -> bool:
         return self.is_causal
+
+    @property
+    def layer_windows(self) -> dict[int, int]:
+        """The local blocks (``attn_type == "local"``) and their ``cfg.window_size``."""
+        found = {layer: local_window(block.attn) for layer, block in enumerate(self.model.blocks)}
+        return {layer: window for layer, window in found.items() if window is not None}
 
     def run(self, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
         self.model(ids, attention_mask=mask)
