@@ -175,10 +175,8 @@ def _uniform_attention(adapter: ModelAdapter, by_layer: dict[int, list[int]]) ->
             "uniform masking of a model with learned attention sinks is not defined here (Wu et al. set the "
             "key scores to 0; the sink logit would still take its share): use --method zero or mean"
         )
-    windows = {
-        layer: int(cfg.window_size) if getattr(model.blocks[layer].attn, "attn_type", "global") == "local" else None
-        for layer in by_layer
-    }
+    local = adapter.layer_windows
+    windows = {layer: local.get(layer) for layer in by_layer}
     extending: list = [None]  # the KV cache the current forward extends, when it held keys before it
 
     def note(module, args, kwargs) -> None:

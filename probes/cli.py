@@ -165,7 +165,8 @@ def compress(
     share: str = typer.Option(
         ",".join(map(str, CompressionSettings.shares)),
         "--share",
-        help="Comma-separated shares of the KV heads made streaming (0: the uncompressed model, always measured).",
+        help="Comma-separated shares of the KV heads made streaming (of those outside the model's own sliding-window "
+        "layers; 0: the uncompressed model, always measured).",
     ),
     sink: int = typer.Option(CompressionSettings.sink, "--sink", min=0, help="First tokens a streaming head keeps."),
     window: int = typer.Option(
