@@ -232,12 +232,18 @@ def compress(
     _print_compression(run_compression(opened, loaded, settings, force=force))
 
 
+def _measures(summary) -> list[tuple[str, str]]:
+    """The summary's measured columns and their headings: needle accuracy, loss past the window
+    (each only when the experiment measured it)."""
+    shown = (("needle_accuracy", "needle acc."), ("text_loss_past_window", "loss past window"))
+    return [(column, name) for column, name in shown if summary[column].notna().any()]
+
+
 def _print_compression(found: Compression) -> None:
     s, summary, memory = found.settings, found.summary, found.memory
     base = summary[summary["policy"] == "none"].iloc[0]
     longest = int(memory["length"].max())
-    measures = [(c, n) for c, n in (("needle_accuracy", "needle acc."), ("text_loss_past_window", "loss past window"))
-                if summary[c].notna().any()]  # fmt: skip
+    measures = _measures(summary)
     out = Table(
         title=f"{s.sink} first + {s.window} last keys on a share of KV heads, chosen by {s.rank_by} "
         f"({s.direction} first) or at random (mean, min-max); uncompressed: "
@@ -280,8 +286,7 @@ def _compare_classifiers(
 def _print_classifier_comparison(found: ClassifierComparison) -> None:
     s, summary = found.settings, found.summary
     base = summary.iloc[0]
-    measures = [(c, n) for c, n in (("needle_accuracy", "needle acc."), ("text_loss_past_window", "loss past window"))
-                if summary[c].notna().any()]  # fmt: skip
+    measures = _measures(summary)
     out = Table(
         title=f"{s.sink} first + {s.window} last keys on the KV heads each classifier does not keep full, against "
         f"{s.draws} random sets of as many (mean); uncompressed: "

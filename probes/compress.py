@@ -705,6 +705,33 @@ def read_compression(run: Run, name: str) -> dict[str, pd.DataFrame]:
     return {table: run.table(f"{FOLDER}/{name}_{table}") for table in TABLES}
 
 
+def replacement_notes(run: Run, before: dict | None, now: dict, force: bool, held: str, earlier: str) -> list[str]:
+    """Whether an experiment with settings ``now`` may be written into ``run``'s compress/ folder,
+    where ``before`` are the recorded settings of the earlier one it would replace (None: there
+    is none): other settings are refused (:class:`WorkbenchError`, naming ``held``, e.g. "the
+    compression 'x'") unless ``force``; returns the note to print when it will be replaced
+    ("replaced the earlier ``earlier`` ...")."""
+    if before is None:
+        return []
+    if before != now and not force:
+        changed = sorted(k for k, v in now.items() if before.get(k) != v)
+        raise WorkbenchError(
+            f"{run.path / FOLDER} already holds {held} with other settings (differing: {', '.join(changed)}); "
+            "pass --force to replace it"
+        )
+    return [f"replaced the earlier {earlier} in {run.path / FOLDER}"]
+
+
+def write_tables(run: Run, name: str, tables: dict[str, pd.DataFrame]) -> Path:
+    """Each table as ``compress/<name>_<table>.parquet`` (committed in the manifest like the
+    run's own tables) and ``.csv``; returns the folder."""
+    folder = run.path / FOLDER
+    for table, frame in tables.items():
+        run.write_table(f"{FOLDER}/{name}_{table}", frame)
+        atomic_write(folder / f"{name}_{table}.csv", lambda tmp, frame=frame: frame.to_csv(tmp, index=False))
+    return folder
+
+
 def check_rerun(run: Run, settings: CompressionSettings, force: bool = False) -> list[str]:
     """Whether the experiment may be written into ``run``: an earlier one of the same name with
     other settings is refused (:class:`WorkbenchError`) unless ``force``; returns the note to
@@ -712,15 +739,10 @@ def check_rerun(run: Run, settings: CompressionSettings, force: bool = False) ->
     settings = settings.resolved(run.manifest["settings"].get("lengths"))
     name = settings.name
     before = next((c for c in compressions(run) if c["name"] == name), None)
-    if before is None:
-        return []
-    if before.get("settings") != settings.to_dict() and not force:
-        changed = sorted(k for k, v in settings.to_dict().items() if (before.get("settings") or {}).get(k) != v)
-        raise WorkbenchError(
-            f"{run.path / FOLDER} already holds the compression {name!r} with other settings (differing: "
-            f"{', '.join(changed)}); pass --force to replace it"
-        )
-    return [f"replaced the earlier compression {name!r} in {run.path / FOLDER}"]
+    recorded = None if before is None else (before.get("settings") or {})
+    return replacement_notes(
+        run, recorded, settings.to_dict(), force, f"the compression {name!r}", f"compression {name!r}"
+    )
 
 
 def run_compression(
@@ -743,10 +765,7 @@ def run_compression(
     name = settings.name
     notes = check_rerun(run, settings, force)
     found = compress(model, scores, settings, text=recorded.get("text"), progress=progress)
-    folder = run.path / FOLDER
-    for table, frame in found.tables().items():
-        run.write_table(f"{FOLDER}/{name}_{table}", frame)
-        atomic_write(folder / f"{name}_{table}.csv", lambda tmp, frame=frame: frame.to_csv(tmp, index=False))
+    folder = write_tables(run, name, found.tables())
     warnings = save_figures({name: compression_curve(found.summary, settings.rank_by)}, folder)
     entries = [c for c in compressions(run) if c["name"] != name]
     run.manifest["compressions"] = entries + [

@@ -55,10 +55,12 @@ from probes.compress import (
     Model,
     choices,
     kv_memory,
+    replacement_notes,
     workload,
+    write_tables,
 )
 from workbench.errors import WorkbenchError
-from workbench.runs import Run, atomic_write
+from workbench.runs import Run
 from workbench.scoring.classifiers import CLASSIFIERS, classify
 
 #: The experiment's name in the run folder: tables ``compress/classifiers_<table>``.
@@ -268,16 +270,10 @@ def check_classifier_rerun(run: Run, settings: CompressionSettings, force: bool 
     an earlier one will be replaced."""
     settings = settings.resolved(run.manifest["settings"].get("lengths"))
     before = classifier_comparison(run)
-    if before is None:
-        return []
-    now, then = comparison_settings(settings), before.get("settings") or {}
-    if then != now and not force:
-        changed = sorted(k for k, v in now.items() if then.get(k) != v)
-        raise WorkbenchError(
-            f"{run.path / FOLDER} already holds a classifier comparison with other settings (differing: "
-            f"{', '.join(changed)}); pass --force to replace it"
-        )
-    return [f"replaced the earlier classifier comparison in {run.path / FOLDER}"]
+    recorded = None if before is None else (before.get("settings") or {})
+    return replacement_notes(
+        run, recorded, comparison_settings(settings), force, "a classifier comparison", "classifier comparison"
+    )
 
 
 def run_classifier_comparison(
@@ -301,10 +297,7 @@ def run_classifier_comparison(
     classified, notes = run_classifiers(run, classifiers)
     notes += check_classifier_rerun(run, settings, force)
     found = compare_classifiers(model, classified, settings, text=recorded.get("text"), progress=progress)
-    folder = run.path / FOLDER
-    for table, frame in found.tables().items():
-        run.write_table(f"{FOLDER}/{NAME}_{table}", frame)
-        atomic_write(folder / f"{NAME}_{table}.csv", lambda tmp, frame=frame: frame.to_csv(tmp, index=False))
+    folder = write_tables(run, NAME, found.tables())
     run.manifest[MANIFEST_KEY] = {
         "name": NAME,
         "settings": comparison_settings(settings),

@@ -37,6 +37,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from kernels import BACKENDS, StatsSpec
+from workbench.adapters import adapter_for
+from workbench.adapters.transformer_lens import TransformerLensAdapter
 from workbench.chunked import ChunkJoiner, ChunkPositions, check_chunk, chunked_prefill
 from workbench.instrument import DEFAULT_STATS, instrument
 from workbench.models import load_model, task_tokenizer
@@ -170,13 +172,20 @@ class Overhead:
         }
 
 
-def _plain_forward(model, ids: torch.Tensor) -> None:
+def _plain_forward(model, ids: torch.Tensor, transformer_lens: bool) -> None:
     """One forward without logits beyond what the model needs: Hugging Face models compute the
     last position's only, TransformerLens models none."""
-    if hasattr(model, "cfg") and not hasattr(model, "config"):  # HookedTransformer
+    if transformer_lens:
         model(ids, return_type=None)
     else:
         model(ids, logits_to_keep=1)
+
+
+def check_backends(backends: tuple[str, ...]) -> None:
+    """ValueError naming any of ``backends`` that is not a kernel backend."""
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise ValueError(f"unknown kernel backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
 
 
 def measure_overhead(
@@ -192,22 +201,21 @@ def measure_overhead(
     kernel backend, interleaved: ``repeats`` rounds after one warm-up round, each running the
     plain forward then every backend (in reverse order every other round). One
     :class:`Overhead` per backend. Works for Hugging Face and TransformerLens models."""
-    unknown = [b for b in backends if b not in BACKENDS]
-    if unknown:
-        raise ValueError(f"unknown kernel backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
+    check_backends(backends)
     stats = stats or StatsSpec.all()
-    vocab = model.cfg.d_vocab if hasattr(model, "cfg") and not hasattr(model, "config") else model.config.vocab_size
-    device = next(model.parameters()).device
-    ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(seed)).to(device)
+    adapter = adapter_for(model)
+    transformer_lens = isinstance(adapter, TransformerLensAdapter)
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, adapter.vocab_size, (1, tokens), generator=generator).to(adapter.device)
 
     def timed(backend: str | None) -> float:
         _synchronize()
         start = time.perf_counter()
         if backend is None:
-            _plain_forward(model, ids)
+            _plain_forward(model, ids, transformer_lens)
         else:
             with instrument(model, stats, backend=backend):
-                _plain_forward(model, ids)
+                _plain_forward(model, ids, transformer_lens)
         _synchronize()
         return time.perf_counter() - start
 
@@ -338,9 +346,10 @@ def main(argv: list[str] | None = None) -> int:
 def _overhead_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """``--overhead``: the instrumented / plain table per length and backend."""
     backends = tuple(args.overhead.split(","))
-    unknown = [b for b in backends if b not in BACKENDS]
-    if unknown:
-        parser.error(f"unknown kernel backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
+    try:
+        check_backends(backends)  # before the model loads
+    except ValueError as exc:
+        parser.error(str(exc))
     device, dtype = ("cuda", torch.bfloat16) if _cuda() else ("cpu", torch.float32)
     model = load_model(args.model, device=device, dtype=dtype)
     print(
