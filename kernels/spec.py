@@ -30,6 +30,10 @@ class StatsSpec:
             target key does not exist (or is masked) get 0. Causal attention needs offsets >= 0;
             negative offsets (later keys) are for non-causal attention.
         key_mass: attention each key receives, summed over query rows (a second pass).
+        key_mass_queries: if > 0, ``key_mass`` sums only the last ``key_mass_queries`` query
+            rows of each batch entry (rows ``>= query_lengths[b] - key_mass_queries``), as
+            SnapKV scores the keys with an observation window of the last queries. The second
+            pass then costs ``key_mass_queries / Nq`` of the full one. 0: every row.
         learned_sink: probability of the learned sink logit (``attention(sinks=...)``, gpt-oss)
             in each row: the attention that goes to no key; 0 without ``sinks``.
     """
@@ -42,16 +46,19 @@ class StatsSpec:
     distance: bool = False
     offsets: tuple[int, ...] = ()
     key_mass: bool = False
+    key_mass_queries: int = 0
     learned_sink: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "offsets", tuple(self.offsets))
-        for name in ("sink_tokens", "window"):
+        for name in ("sink_tokens", "window", "key_mass_queries"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise AttentionInputError(f"StatsSpec.{name} must be an int, got {value!r}")
             if value < 0:
                 raise AttentionInputError(f"StatsSpec.{name} must be >= 0 (0 turns it off), got {value}")
+        if self.key_mass_queries and not self.key_mass:
+            raise AttentionInputError("StatsSpec.key_mass_queries needs key_mass=True (it picks the rows it sums)")
         for o in self.offsets:
             if isinstance(o, bool) or not isinstance(o, int):
                 raise AttentionInputError(f"StatsSpec.offsets must hold ints, got {o!r}")

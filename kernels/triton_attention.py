@@ -1015,6 +1015,7 @@ def _key_mass(
     attn_window,
     keep_first,
     cap2,
+    km_rows,
     NQ_BUCKET,
     NK_BUCKET,  # autotuning keys only
     HEAD_DIM: tl.constexpr,
@@ -1034,9 +1035,10 @@ def _key_mass(
 ):
     """Attention each key of one block receives, summed over the query rows that see it:
     ``exp(s - lse)`` with the scores of :func:`_attn_fwd` (variants included) and its ``Lse``
-    (which includes any learned sink). Query blocks that cannot see the keys are skipped: past
-    the window of the block's last key, unless the block holds kept first keys (KEEP); with
-    HEADS, a head the window leaves alone (``WinHeads[h] == 0``) has no window."""
+    (which includes any learned sink). Only the last ``km_rows`` valid rows count (``Nq`` or
+    more: every row), and the loop starts at their block. Query blocks that cannot see the keys
+    are skipped: past the window of the block's last key, unless the block holds kept first
+    keys (KEEP); with HEADS, a head the window leaves alone (``WinHeads[h] == 0``) has no window."""
     pid_bh, b, h, hk, klen, qlen = _head_and_lengths(KLen, QLen, Hq, Nq, Nk, GROUP, HAS_KLEN, HAS_QLEN)
     q_off = Nk - Nq
     n0 = tl.program_id(0) * BLOCK_N
@@ -1054,9 +1056,11 @@ def _key_mass(
     if DOT_F32:
         kt = kt.to(tl.float32)
     mass = tl.zeros([BLOCK_N], dtype=tl.float32)  # [BLOCK_N] mass received by each key
-    start_m = 0
+    first_m = tl.maximum(qlen - km_rows, 0)  # the first counted row
+    start_m = first_m
     if CAUSAL:
-        start_m = (tl.maximum(n0 - q_off, 0) // BLOCK_M) * BLOCK_M
+        start_m = tl.maximum(start_m, n0 - q_off)
+    start_m = (start_m // BLOCK_M) * BLOCK_M
     end_m = qlen * (n0 < klen).to(tl.int32)  # a block of padding keys receives nothing
     win = attn_window
     keep = keep_first
@@ -1075,7 +1079,7 @@ def _key_mass(
     q_base = Q + b * stride_qb + h * stride_qh
     for m0 in range(start_m, end_m, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)  # [BLOCK_M] query rows
-        m_ok = offs_m < qlen  # [BLOCK_M]
+        m_ok = (offs_m < qlen) & (offs_m >= first_m)  # [BLOCK_M]
         q = tl.load(
             q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
             mask=m_ok[:, None] & d_ok[None, :],
@@ -1577,6 +1581,7 @@ def triton_attention(
             Nk=nk,
             GROUP=p.group,
             **variant_args,
+            km_rows=stats.key_mass_queries or nq,
             **buckets,
         )
         _launch(

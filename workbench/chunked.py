@@ -148,6 +148,11 @@ def record_chunked(
     if into is not None and not isinstance(into, StreamingSummary):
         raise WorkbenchError(f"into= takes a StreamingSummary, got {type(into).__name__}")
     stats = stats if stats is not None else DEFAULT_STATS
+    if stats.key_mass_queries:
+        raise WorkbenchError(
+            "record_chunked does not take StatsSpec.key_mass_queries: each chunk is its own attention call, "
+            "so its last rows are not the input's. Record without a prefill chunk, or with key_mass over every row"
+        )
     collector = ChunkJoiner() if into is None else ChunkPositions(into)
     with instrument(adapter, stats, backend=backend, into=collector):
         _, cache = chunked_prefill(adapter, ids.long().to(adapter.device), chunk)

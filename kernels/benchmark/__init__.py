@@ -32,6 +32,9 @@ These variants run on each row:
     local mass of a 64-key window, mean distance, mass at offset 1).
 ``keymass``
     The same plus ``key_mass=True``; the whole call (forward kernel and key-mass pass).
+``keymass_last`` (mha and gqa suites)
+    ``keymass`` with the key mass summed over the last 64 query rows only
+    (``key_mass_queries=64``, :data:`KEY_MASS_LAST`), SnapKV's observation window.
 ``unsplit`` (decode suite)
     ``plain`` without key splitting.
 ``graphed`` (decode suite, CUDA)

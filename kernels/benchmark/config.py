@@ -18,6 +18,8 @@ GIB = float(1 << 30)
 ROW_STATS = StatsSpec.every_row_statistic()
 #: Statistics of the ``keymass`` variant: the row statistics plus the per-key mass.
 KEY_STATS = StatsSpec.every_row_statistic(key_mass=True)
+#: Query rows of the ``keymass_last`` variant: key mass over the last rows only (SnapKV's window).
+KEY_MASS_LAST = 64
 
 #: ``--breakdown``: each statistic alone, to see what each one costs.
 BREAKDOWN = {

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from kernels.benchmark.config import GIB, KEY_STATS, ROW_STATS, SUITES, Config
+from kernels.benchmark.config import GIB, KEY_MASS_LAST, KEY_STATS, ROW_STATS, SUITES, Config
 from kernels.provenance import git_revision, versions
 
 
@@ -85,5 +85,8 @@ def print_header(meta: dict[str, Any]) -> None:
         f"triton {meta['triton'] or 'not installed'} | python {meta['python']} | git {git}"
     )
     print(f"# sdpa backends enabled: {meta['sdpa_backends']}")
-    print(f"# rowstats: {meta['row_stats']}; keymass: the same with key_mass=True")
+    print(
+        f"# rowstats: {meta['row_stats']}; keymass: the same with key_mass=True; "
+        f"keymass_last: key mass of the last {KEY_MASS_LAST} queries"
+    )
     print(f"# command: {meta['command']}", flush=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from kernels import AttentionStats, attention
 from kernels.benchmark.checks import Check, eager_entropy_check, key_mass_sum_check, stats_check
-from kernels.benchmark.config import BREAKDOWN, GIB, KEY_STATS, ROW_STATS, Config, Shape
+from kernels.benchmark.config import BREAKDOWN, GIB, KEY_MASS_LAST, KEY_STATS, ROW_STATS, Config, Shape
 from kernels.benchmark.environment import device_memory_bytes
 
 
@@ -131,6 +131,15 @@ def build_variants(
             checks=stats_check(ref) + key_mass_sum_check(q.shape[2]),
         ),
     ]
+    if shape.suite != "decode":  # decoding rows are fewer than the window: the same as keymass
+        last = replace(KEY_STATS, key_mass_queries=KEY_MASS_LAST)
+        variants.append(
+            Variant(
+                "keymass_last",
+                lambda: attention(q, k, v, causal=True, stats=last, backend=backend),
+                checks=key_mass_sum_check(min(KEY_MASS_LAST, q.shape[2])),
+            )
+        )
     if shape.suite == "decode":
         variants.append(graphed_variant(cfg, rowstats, ref))
     if cfg.breakdown and shape.suite == "mha":

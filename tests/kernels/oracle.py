@@ -61,13 +61,14 @@ def expected(q, k, v, *, causal, spec, scale=None, key_lengths=None, query_lengt
     res["lse"] = torch.where(valid.any(-1), lse, 0.0)
     if spec is None:
         return res
-    res.update(stats_from_pattern(prob, spec))
+    res.update(stats_from_pattern(prob, spec, query_lengths))
     res["argmax"] = torch.where(valid.any(-1), s.argmax(-1), -1)
     return res
 
 
-def stats_from_pattern(prob: torch.Tensor, spec) -> dict[str, torch.Tensor]:
-    """Every statistic of ``spec`` from an explicit ``[B, H, Nq, Nk]`` probability matrix."""
+def stats_from_pattern(prob: torch.Tensor, spec, query_lengths=None) -> dict[str, torch.Tensor]:
+    """Every statistic of ``spec`` from an explicit ``[B, H, Nq, Nk]`` probability matrix
+    (``query_lengths [B]``, for ``key_mass_queries``: the valid rows; all by default)."""
     prob = prob.double()
     nq, nk = prob.shape[-2:]
     qpos = (torch.arange(nq) + nk - nq).view(nq, 1).double().to(prob.device)
@@ -85,7 +86,13 @@ def stats_from_pattern(prob: torch.Tensor, spec) -> dict[str, torch.Tensor]:
     if spec.offsets:
         res["offset_mass"] = torch.stack([(prob * ((qpos - kpos) == o)).sum(-1) for o in spec.offsets], dim=-1)
     if spec.key_mass:
-        res["key_mass"] = prob.sum(-2)
+        counted = prob
+        if spec.key_mass_queries:
+            counted = prob.clone()
+            for i in range(prob.shape[0]):
+                n = nq if query_lengths is None else int(query_lengths[i])
+                counted[i, :, : max(0, n - spec.key_mass_queries)] = 0
+        res["key_mass"] = counted.sum(-2)
     return res
 
 
@@ -105,7 +112,7 @@ def naive(q, k, v, *, causal, spec, scale=None, key_lengths=None, query_lengths=
     row_ok = valid.any(-1)
     prob = torch.where(row_ok.unsqueeze(-1), torch.softmax(s, dim=-1), 0)
     res = {"out": prob @ vr, "prob": prob, "lse": torch.where(row_ok, torch.logsumexp(s, dim=-1), 0)}
-    res.update(stats_from_pattern(prob, spec))
+    res.update(stats_from_pattern(prob, spec, query_lengths))
     res["argmax"] = torch.where(row_ok, s.argmax(-1), -1)
     return res
 

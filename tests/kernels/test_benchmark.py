@@ -41,6 +41,7 @@ def test_smoke_run_checks_every_variant_and_prints_the_table(tmp_path, capsys, m
     assert shapes == [("mha", 4, 32, 32), ("gqa", 2, 32, 32), ("decode", 2, 1, 32), ("decode", 2, 4, 32)]
     assert all(r["check"] == "ok" for r in rows)
     assert all(float(r["keymass_ms"]) > 0 for r in rows)
+    assert all(float(r["keymass_last_ms"]) > 0 for r in rows if r["suite"] != "decode")
     assert all(float(r["entropy_ms"]) > 0 for r in rows if r["suite"] == "mha")
     # the decode rows also ran the kernel without key splitting (or say why not)
     assert all(r["unsplit_ms"] for r in rows if r["suite"] == "decode")

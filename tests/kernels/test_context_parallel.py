@@ -381,6 +381,8 @@ def test_padding_and_missing_process_group_are_refused():
     for extra in (dict(key_lengths=lengths), dict(query_lengths=lengths), dict(mask=torch.ones(4, 4).bool())):
         with pytest.raises(AttentionInputError, match="does not take key_lengths, query_lengths or mask"):
             context_parallel_attention(q, q, q, n_total=8, **extra)
+    with pytest.raises(AttentionInputError, match="does not take StatsSpec.key_mass_queries"):
+        context_parallel_attention(q, q, q, n_total=8, stats=StatsSpec(key_mass=True, key_mass_queries=2))
     with pytest.raises(AttentionInputError, match="needs torch.distributed initialised"):
         context_parallel_attention(q, q, q, n_total=8)
     with pytest.raises(AttentionInputError, match="needs torch.distributed initialised"):

@@ -45,6 +45,12 @@ def test_bad_stats_settings():
         StatsSpec(sink_tokens=-2)
     with pytest.raises(AttentionInputError, match="must be an int"):
         StatsSpec(window=2.5)
+    with pytest.raises(AttentionInputError, match="key_mass_queries must be >= 0"):
+        StatsSpec(key_mass=True, key_mass_queries=-1)
+    with pytest.raises(AttentionInputError, match="key_mass_queries must be an int"):
+        StatsSpec(key_mass=True, key_mass_queries=True)
+    with pytest.raises(AttentionInputError, match="key_mass_queries needs key_mass=True"):
+        StatsSpec(key_mass_queries=8)
     with pytest.raises(AttentionInputError, match="out of range for causal"):
         attention(*qkv(), stats=StatsSpec(offsets=(-1,)))
     with pytest.raises(AttentionInputError, match="out of range"):

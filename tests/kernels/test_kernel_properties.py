@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -73,18 +74,21 @@ def test_sdpa_causal_square(backend, device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_decoding_rows_equal_prefill_rows(backend, device):
-    """Bottom-right alignment: the last Nq queries against all keys are the last rows of prefill."""
+    """Bottom-right alignment: the last Nq queries against all keys are the last rows of prefill,
+    so the key mass of those rows alone (``key_mass_queries=Nq``) is the key mass of the short call."""
     gen = torch.Generator().manual_seed(SEED + 1)
     q, k, v = (torch.randn(1, 2, 47, 32, generator=gen).to(device) for _ in range(3))
     spec = StatsSpec.all(sink_tokens=2, window=5, offsets=(1, 3))
     full_out, full = attention(q, k, v, stats=spec, backend=backend)
-    for nq in (1, 5, 16):
+    for nq in (1, 5, 16, 47):
         out, st = attention(q[:, :, -nq:], k, v, stats=spec, backend=backend)
         torch.testing.assert_close(out, full_out[:, :, -nq:], atol=1e-5, rtol=0)
         for name, t in st.items():
-            if name == "key_mass":
-                continue  # sums over a different set of rows
-            torch.testing.assert_close(t, getattr(full, name)[:, :, -nq:], atol=1e-4, rtol=0, msg=name)
+            if name != "key_mass":
+                torch.testing.assert_close(t, getattr(full, name)[:, :, -nq:], atol=1e-4, rtol=0, msg=name)
+        _, last = attention(q, k, v, stats=replace(spec, key_mass_queries=nq), backend=backend)
+        torch.testing.assert_close(last.key_mass, st.key_mass, atol=1e-4, rtol=0)
+    assert float((full.key_mass - last.key_mass).abs().max()) == 0  # nq = 47: every row
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -193,6 +193,8 @@ def test_refusals(zoo):
         record_chunked(zoo, torch.zeros(1, zoo.cfg.n_ctx + 1, dtype=torch.long), chunk=512)
     with pytest.raises(WorkbenchError, match="StreamingSummary"):
         record_chunked(zoo, ids, chunk=3, into=[])
+    with pytest.raises(WorkbenchError, match="key_mass_queries"):
+        record_chunked(zoo, ids, StatsSpec(key_mass=True, key_mass_queries=4), chunk=3)
     encoder = _tiny_encoder()
     with pytest.raises(WorkbenchError, match="causal language model"):
         chunked_prefill(encoder, torch.randint(0, 50, (1, 6)), 2)
