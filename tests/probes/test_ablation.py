@@ -415,6 +415,45 @@ def test_uniform_masking_equals_uniform_pattern_rows_in_decoding_steps(zoo, inst
         assert (got - plain).abs().max() > 1e-2, f"step {step}: the masking changed nothing"
 
 
+def test_uniform_masking_of_a_local_layer_averages_its_window():
+    """On a model whose local layers see the last 8 keys (Gemma 2 style, GQA), a masked head of a
+    local layer averages the values of its window only and one of a global layer every key: equal
+    to TransformerLens's own forward with those heads' decoding rows set to 1 / (keys in view).
+    Averaging the local head over every key instead gives other logits, so the window is used."""
+    from tests.workbench.test_streaming_models import local_global_model
+
+    model = local_global_model(window=8)  # layers 0 and 2 local, 1 and 3 global
+    window = model.cfg.window_size
+    heads = [(0, 1), (1, 3), (2, 2)]
+    ids = torch.randint(3, 250, (2, 24), generator=torch.Generator().manual_seed(SEED + 3))
+    clean_prefill, _ = _decode_steps(model, ids, 3)
+    with ablation.ablate(model, heads, "uniform"):
+        masked_prefill, masked = _decode_steps(model, ids, 3)
+
+    def by_hand(local_window: bool) -> list[torch.Tensor]:
+        def uniform_rows(pattern, hook, head, local):  # [B, H, 1, Nk] in a decoding step
+            n_q, n_k = pattern.shape[-2:]
+            if n_q != 1:
+                return pattern
+            first = max(0, n_k - window) if local and local_window else 0
+            pattern = pattern.clone()
+            pattern[:, head] = 0.0
+            pattern[:, head, :, first:] = 1.0 / (n_k - first)
+            return pattern
+
+        hooks = [
+            (f"blocks.{l}.attn.hook_pattern", functools.partial(uniform_rows, head=h, local=l % 2 == 0))
+            for l, h in heads
+        ]
+        with model.hooks(fwd_hooks=hooks):
+            return _decode_steps(model, ids, 3)[1]
+
+    torch.testing.assert_close(masked_prefill, clean_prefill, atol=1e-4, rtol=1e-4)
+    for step, (got, want, unwindowed) in enumerate(zip(masked, by_hand(True), by_hand(False))):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=f"step {step}")
+        assert (got - unwindowed).abs().max() > 1e-3, f"step {step}: the local window made no difference"
+
+
 def test_uniform_masking_of_the_planted_heads():
     """On the planted model (docs/planted.md), masking the copying head the uniform way destroys
     needle accuracy; masking the dormant head (writes nothing) or the uniform head (already
