@@ -497,10 +497,14 @@ def retrieval_map(retrieval: pd.DataFrame, layer: int, head: int) -> go.Figure:
 
 
 def compare_heads(
-    a: pd.DataFrame, b: pd.DataFrame, score: str, names: tuple[str, str] = ("run A", "run B")
+    a: pd.DataFrame,
+    b: pd.DataFrame,
+    score: str,
+    names: tuple[str, str] = ("run A", "run B"),
+    head_label: str = "head",
 ) -> go.Figure:
     """Two runs' values of one score, head by head (heads matched on task, layer and head); the
-    diagonal marks equal values."""
+    diagonal marks equal values. ``head_label``: what the head column holds, as in :func:`head_map`."""
     key = ["task", "layer", "head"]
     both = a[a["score"] == score][key + ["value"]].merge(
         b[b["score"] == score][key + ["value"]], on=key, suffixes=("_a", "_b")
@@ -514,14 +518,15 @@ def compare_heads(
                 mode="markers",
                 name=task,
                 text=[f"{l}.{h}" for l, h in zip(group["layer"], group["head"])],
-                hovertemplate="head %{text}<br>%{x:.3f} → %{y:.3f}<extra>" + task + "</extra>",
+                hovertemplate=head_label + " %{text}<br>%{x:.3f} → %{y:.3f}<extra>" + task + "</extra>",
             )
         )
     if len(both):
         lo = float(min(both["value_a"].min(), both["value_b"].min()))
         hi = float(max(both["value_a"].max(), both["value_b"].max()))
         fig.add_shape(type="line", x0=lo, y0=lo, x1=hi, y1=hi, line={"dash": "dash", "color": "grey"})
-    fig.update_layout(title=f"{score}: head by head", xaxis_title=names[0], yaxis_title=names[1], width=520, height=460)
+    title = f"{score}: {head_label} by {head_label}"
+    fig.update_layout(title=title, xaxis_title=names[0], yaxis_title=names[1], width=520, height=460)
     return fig
 
 

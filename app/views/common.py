@@ -34,10 +34,16 @@ def head_view(run: Run, head_scores: pd.DataFrame, key: str) -> tuple[pd.DataFra
     among several query heads; compression acts per KV head): ``(table, head_label)``, the table
     in the ``head_scores`` shape to draw (a KV group's value: the max or mean of its query heads',
     :mod:`workbench.scoring.kv_groups`) and what its head column holds."""
+    view = st.radio("view", HEAD_VIEWS, horizontal=True, key=f"{key}.view")
+    return in_view(run, head_scores, view, key)
+
+
+def in_view(run: Run, head_scores: pd.DataFrame, view: str, key: str) -> tuple[pd.DataFrame, str]:
+    """``head_scores`` of ``run`` in one of :data:`HEAD_VIEWS`: ``(table, head_label)`` as
+    :func:`head_view` gives them. A run that does not record its key/value heads asks for them."""
     from workbench.errors import WorkbenchError
     from workbench.scoring.kv_groups import as_head_table, kv_group_scores, run_kv_heads
 
-    view = st.radio("view", HEAD_VIEWS, horizontal=True, key=f"{key}.view")
     if view == HEAD_VIEWS[0]:
         return head_scores, "head"
     try:

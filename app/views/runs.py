@@ -1,5 +1,5 @@
 """Runs: every run folder with model, tasks, lengths, status and date; the chosen run's settings
-and summary; comparing two runs score by score."""
+and summary; comparing two runs score by score, by query head or by KV group."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from app.state import Context
-from app.views.common import figure, number
+from app.views.common import HEAD_VIEWS, figure, in_view, number
 from workbench import plots
 
 
@@ -72,9 +72,18 @@ def render(ctx: Context) -> None:
         st.info("The two runs have no score in common.")
         return
     score = st.selectbox("score", common, key="runs.compare_score")
-    figure(plots.compare_heads(a, b, score, (ctx.run_name, other_name)), key="runs.compare_fig")
+    view = st.radio("view", HEAD_VIEWS, horizontal=True, key="runs.view")
     left, right = st.columns(2)
     with left:
-        figure(plots.head_map(a, score), key="runs.map_a")
+        a, label = in_view(run, a, view, "runs.a")
     with right:
-        figure(plots.head_map(b, score), key="runs.map_b")
+        b, _ = in_view(other, b, view, "runs.b")
+    if label != "head" and a["head"].nunique() != b["head"].nunique():
+        st.info("The two runs have different numbers of key/value heads per layer: compare them by query head.")
+        return
+    figure(plots.compare_heads(a, b, score, (ctx.run_name, other_name), head_label=label), key="runs.compare_fig")
+    left, right = st.columns(2)
+    with left:
+        figure(plots.head_map(a, score, head_label=label), key="runs.map_a")
+    with right:
+        figure(plots.head_map(b, score, head_label=label), key="runs.map_b")

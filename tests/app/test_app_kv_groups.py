@@ -13,10 +13,10 @@ from workbench.interop import import_scores
 from workbench.runs import Run
 
 
-def gqa_runs(root, kv_heads: int | None = 2) -> Run:
-    """``root/runs/gqa``: a complete run whose head_scores hold random sink and entropy values,
-    and a kv-table import named ``press``."""
-    gen = np.random.default_rng(SEED)
+def gqa_runs(root, kv_heads: int | None = 2, name: str = "gqa") -> Run:
+    """``root/runs/<name>``: a complete run whose head_scores hold random sink and entropy values
+    (drawn from the seed and ``name``), and a kv-table import named ``press``."""
+    gen = np.random.default_rng([SEED, len(name)])
     rows = [
         ("text", score, layer, head, float(gen.random()), 2)
         for score in ("sink", "entropy")
@@ -25,7 +25,7 @@ def gqa_runs(root, kv_heads: int | None = 2) -> Run:
     ]
     info = {"class": "X", "layers": 2, "heads": 4} | ({} if kv_heads is None else {"kv_heads": kv_heads})
     run = Run.create(
-        root / "runs" / "gqa",
+        root / "runs" / name,
         {"settings": {"model": "hf:someone/gqa", "tasks": ["text"]}, "status": "complete", "model_info": info},
     )
     run.write_table("head_scores", pd.DataFrame(rows, columns=["task", "score", "layer", "head", "value", "samples"]))
@@ -74,3 +74,24 @@ def test_a_run_without_kv_heads_asks_for_them(tmp_path, monkeypatch):
     at = asked.select(2).run()
     ok(at)
     assert set(at.dataframe[0].value["query_heads"]) == {"0,1", "2,3"}
+
+
+def test_two_runs_compare_by_kv_group(tmp_path, monkeypatch):
+    """The runs page's comparison in the KV-group view: each point is a KV group's max in both runs."""
+    first, second = gqa_runs(tmp_path), gqa_runs(tmp_path, name="gqa-b")
+    at = go(explorer(monkeypatch, tmp_path / "runs", run="gqa"), "Runs")
+    at = at.selectbox(key="runs.compare").select("gqa-b").run()
+    at.selectbox(key="runs.compare_score").select("sink").run()
+    at.radio(key="runs.view").set_value("KV groups: max").run()
+    ok(at)
+
+    def group_max(run: Run) -> np.ndarray:  # [layer, kv head]: query heads 2g and 2g + 1 share KV head g
+        values = run.table("head_scores").query("score == 'sink'").pivot(index="layer", columns="head", values="value")
+        return values.to_numpy().reshape(2, 2, 2).max(-1)
+
+    points = figure_titled(at, "sink: kv head by kv head")["data"][0]
+    at_group = [tuple(int(i) for i in text.split(".")) for text in points["text"]]  # "layer.kv_head"
+    assert sorted(at_group) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    np.testing.assert_allclose(arr(points["x"]), [group_max(first)[g] for g in at_group], rtol=1e-12)
+    np.testing.assert_allclose(arr(points["y"]), [group_max(second)[g] for g in at_group], rtol=1e-12)
+    assert not np.allclose(group_max(first), group_max(second))  # two different runs
