@@ -105,10 +105,11 @@ def context_parallel_attention(
             "context_parallel_attention does not take key_lengths, query_lengths or mask yet: "
             "shard unpadded sequences (one sequence per batch entry, all of length n_total)"
         )
-    if stats is not None and stats.key_mass_queries:
+    if stats is not None and stats.some_rows_key_mass:
         raise AttentionInputError(
-            "context_parallel_attention does not take StatsSpec.key_mass_queries: it counts the last rows of "
-            "one call, and here the rows are spread over the ranks. Use key_mass over every row"
+            "context_parallel_attention does not take StatsSpec.key_mass_queries or key_mass_stride: they count "
+            "rows back from the last row of one call, and here the rows are spread over the ranks. Use key_mass "
+            "over every row"
         )
     if not dist.is_available() or not dist.is_initialized():
         raise AttentionInputError(

@@ -290,9 +290,9 @@ class _Chunks:
         for name, value in put.items():
             self.rows[name][:, :, :, c0:c1] = value
         if st.key_mass:  # sum over rows of keys * p: one [1, C] @ [C, W] product per head
-            if st.key_mass_queries:  # only the last rows of each batch entry count
-                first = (self.qlen if self.qlen is not None else torch.tensor(p.n_q)) - st.key_mass_queries
-                keys = keys * (torch.arange(c0, c1) >= first.view(-1, 1, 1, 1))
+            if st.some_rows_key_mass:
+                valid = self.qlen if self.qlen is not None else torch.tensor(p.n_q)
+                keys = keys * st.key_mass_rows(torch.arange(c0, c1), valid)
             self.rows["key_mass"][..., lo:hi] += torch.matmul(keys.unsqueeze(-2), prob).squeeze(-2)
 
     def local(self, prob: torch.Tensor, qpos: torch.Tensor, lo: int, hi: int, window: int) -> torch.Tensor:

@@ -132,11 +132,8 @@ def reference_attention(
         for name, value in add.items():
             rows.setdefault(name, []).append(value)
         if key_mass is not None:
-            if stats.key_mass_queries:  # only the last rows of each batch entry count
-                counted = rows_i.view(1, 1, 1, -1) >= qlen - stats.key_mass_queries  # [B, 1, 1, C]
-                key_mass += (prob * counted.unsqueeze(-1)).sum(-2)
-            else:
-                key_mass += prob.sum(-2)
+            counted = stats.key_mass_rows(rows_i, qlen)  # [B, 1, 1, C] or None: every row
+            key_mass += (prob if counted is None else prob * counted.unsqueeze(-1)).sum(-2)
 
     out = out.view(b, p.q_heads, nq, d)
     if not want:

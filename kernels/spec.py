@@ -34,6 +34,10 @@ class StatsSpec:
             rows of each batch entry (rows ``>= query_lengths[b] - key_mass_queries``), as
             SnapKV scores the keys with an observation window of the last queries. The second
             pass then costs ``key_mass_queries / Nq`` of the full one. 0: every row.
+        key_mass_stride: if > 1, ``key_mass`` sums only the last valid row and every
+            ``key_mass_stride``-th row before it (within ``key_mass_queries``, if set): a
+            sample of the rows whose sum, times the stride, estimates the full key mass (as
+            H2O's accumulated attention) at ``1 / key_mass_stride`` of the pass's cost. 1: every row.
         learned_sink: probability of the learned sink logit (``attention(sinks=...)``, gpt-oss)
             in each row: the attention that goes to no key; 0 without ``sinks``.
     """
@@ -47,18 +51,21 @@ class StatsSpec:
     offsets: tuple[int, ...] = ()
     key_mass: bool = False
     key_mass_queries: int = 0
+    key_mass_stride: int = 1
     learned_sink: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "offsets", tuple(self.offsets))
-        for name in ("sink_tokens", "window", "key_mass_queries"):
+        for name, least in (("sink_tokens", 0), ("window", 0), ("key_mass_queries", 0), ("key_mass_stride", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise AttentionInputError(f"StatsSpec.{name} must be an int, got {value!r}")
-            if value < 0:
-                raise AttentionInputError(f"StatsSpec.{name} must be >= 0 (0 turns it off), got {value}")
-        if self.key_mass_queries and not self.key_mass:
-            raise AttentionInputError("StatsSpec.key_mass_queries needs key_mass=True (it picks the rows it sums)")
+            if value < least:
+                off = "0 turns it off" if least == 0 else "1: every row"
+                raise AttentionInputError(f"StatsSpec.{name} must be >= {least} ({off}), got {value}")
+        for name, default in (("key_mass_queries", 0), ("key_mass_stride", 1)):
+            if getattr(self, name) != default and not self.key_mass:
+                raise AttentionInputError(f"StatsSpec.{name} needs key_mass=True (it picks the rows key_mass sums)")
         for o in self.offsets:
             if isinstance(o, bool) or not isinstance(o, int):
                 raise AttentionInputError(f"StatsSpec.offsets must hold ints, got {o!r}")
@@ -101,6 +108,22 @@ class StatsSpec:
             "learned_sink_mass": self.learned_sink,
         }
         return tuple(name for name, on in wanted.items() if on)
+
+    @property
+    def some_rows_key_mass(self) -> bool:
+        """Whether ``key_mass`` sums only some query rows (``key_mass_queries``, ``key_mass_stride``)."""
+        return bool(self.key_mass_queries) or self.key_mass_stride > 1
+
+    def key_mass_rows(self, rows: torch.Tensor, query_lengths: torch.Tensor) -> torch.Tensor | None:
+        """Which query rows ``key_mass`` sums, ``[B, 1, 1, C]`` bool, for row indices ``rows [C]``
+        and the valid row counts ``query_lengths [B]``; None when every row counts."""
+        if not self.some_rows_key_mass:
+            return None
+        back = query_lengths.view(-1, 1, 1, 1) - 1 - rows  # [B, 1, 1, C]: rows before the last valid one
+        counted = back % self.key_mass_stride == 0
+        if self.key_mass_queries:
+            counted &= back < self.key_mass_queries
+        return counted
 
     @property
     def row_stats(self) -> bool:

@@ -1032,13 +1032,16 @@ def _key_mass(
     ALIBI: tl.constexpr,
     DOT_F32: tl.constexpr,
     PREC: tl.constexpr,
+    KM_STRIDE: tl.constexpr,
 ):
     """Attention each key of one block receives, summed over the query rows that see it:
     ``exp(s - lse)`` with the scores of :func:`_attn_fwd` (variants included) and its ``Lse``
     (which includes any learned sink). Only the last ``km_rows`` valid rows count (``Nq`` or
-    more: every row), and the loop starts at their block. Query blocks that cannot see the keys
-    are skipped: past the window of the block's last key, unless the block holds kept first
-    keys (KEEP); with HEADS, a head the window leaves alone (``WinHeads[h] == 0``) has no window."""
+    more: every row), and of those, with ``KM_STRIDE > 1``, the last and every ``KM_STRIDE``-th
+    before it (gathered, so the loop does ``1 / KM_STRIDE`` of the work); the loop starts at
+    the first counted row's block. Query blocks that cannot see the keys are skipped: past the
+    window of the block's last key, unless the block holds kept first keys (KEEP); with HEADS,
+    a head the window leaves alone (``WinHeads[h] == 0``) has no window."""
     pid_bh, b, h, hk, klen, qlen = _head_and_lengths(KLen, QLen, Hq, Nq, Nk, GROUP, HAS_KLEN, HAS_QLEN)
     q_off = Nk - Nq
     n0 = tl.program_id(0) * BLOCK_N
@@ -1056,11 +1059,10 @@ def _key_mass(
     if DOT_F32:
         kt = kt.to(tl.float32)
     mass = tl.zeros([BLOCK_N], dtype=tl.float32)  # [BLOCK_N] mass received by each key
-    first_m = tl.maximum(qlen - km_rows, 0)  # the first counted row
-    start_m = first_m
+    first_m = tl.maximum(qlen - km_rows, 0)  # the first row the window of the last rows counts
+    lo_row = first_m
     if CAUSAL:
-        start_m = tl.maximum(start_m, n0 - q_off)
-    start_m = (start_m // BLOCK_M) * BLOCK_M
+        lo_row = tl.maximum(lo_row, n0 - q_off)
     end_m = qlen * (n0 < klen).to(tl.int32)  # a block of padding keys receives nothing
     win = attn_window
     keep = keep_first
@@ -1073,12 +1075,24 @@ def _key_mass(
         if KEEP:
             win_end = tl.where(n0 < keep, end_m, win_end)
         end_m = tl.minimum(end_m, win_end)
+    # The loop walks counted rows [lo_row, end_m): every row, or (KM_STRIDE > 1) the last valid row
+    # and every KM_STRIDE-th one before it, row base + KM_STRIDE * r at loop index r.
+    base = first_m
+    if KM_STRIDE == 1:
+        start_m = (lo_row // BLOCK_M) * BLOCK_M
+    else:
+        base = qlen - 1 - KM_STRIDE * (tl.maximum(qlen - 1 - first_m, 0) // KM_STRIDE)  # the first counted row
+        start_m = (tl.cdiv(tl.maximum(lo_row - base, 0), KM_STRIDE) // BLOCK_M) * BLOCK_M
+        end_m = tl.cdiv(tl.maximum(end_m - base, 0), KM_STRIDE)
     slope2 = tl.zeros([BLOCK_M], dtype=tl.float32)  # [BLOCK_M] ALiBi slope, log2 domain
     if ALIBI:
         slope2 = _per_row(Slopes, h, tl.full([BLOCK_M], 1, tl.int1), BLOCK_M) * _LOG2E
     q_base = Q + b * stride_qb + h * stride_qh
     for m0 in range(start_m, end_m, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)  # [BLOCK_M] query rows
+        if KM_STRIDE == 1:
+            offs_m = m0 + tl.arange(0, BLOCK_M)  # [BLOCK_M] query rows
+        else:
+            offs_m = base + KM_STRIDE * (m0 + tl.arange(0, BLOCK_M))  # [BLOCK_M] every KM_STRIDE-th row
         m_ok = (offs_m < qlen) & (offs_m >= first_m)  # [BLOCK_M]
         q = tl.load(
             q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
@@ -1590,7 +1604,7 @@ def triton_attention(
             0,
             lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), b * hq),
             km_args,
-            dict(common_flags, **variant_flags),
+            dict(common_flags, **variant_flags, KM_STRIDE=stats.key_mass_stride),
             q.element_size(),
             pinned,
         )

@@ -148,10 +148,11 @@ def record_chunked(
     if into is not None and not isinstance(into, StreamingSummary):
         raise WorkbenchError(f"into= takes a StreamingSummary, got {type(into).__name__}")
     stats = stats if stats is not None else DEFAULT_STATS
-    if stats.key_mass_queries:
+    if stats.some_rows_key_mass:
         raise WorkbenchError(
-            "record_chunked does not take StatsSpec.key_mass_queries: each chunk is its own attention call, "
-            "so its last rows are not the input's. Record without a prefill chunk, or with key_mass over every row"
+            "record_chunked does not take StatsSpec.key_mass_queries or key_mass_stride: each chunk is its own "
+            "attention call, and they count rows back from its last row, not the input's. Record without a "
+            "prefill chunk, or with key_mass over every row"
         )
     collector = ChunkJoiner() if into is None else ChunkPositions(into)
     with instrument(adapter, stats, backend=backend, into=collector):

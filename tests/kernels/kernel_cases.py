@@ -104,8 +104,10 @@ def draw_case(rng: random.Random, device: str, max_keys: int = MAX_KEYS, dtypes=
             offsets=tuple(rng.randint(low, nk + 2) for _ in range(n_off)),
             key_mass=rng.random() < 0.6,
         )
-        if spec.key_mass and rng.random() < 0.4:  # the last rows only (SnapKV's observation window)
-            spec = replace(spec, key_mass_queries=rng.choice((1, 3, 17, nq + 5)))
+        if spec.key_mass and rng.random() < 0.5:  # some rows only: the last ones (SnapKV), every stride-th
+            spec = replace(
+                spec, key_mass_queries=rng.choice((0, 1, 3, 17, nq + 5)), key_mass_stride=rng.choice((1, 2, 3, 16))
+            )
     scale = None if rng.random() < 0.6 else rng.uniform(0.02, 0.5)
     return Case(q, k, v, causal, scale, spec, klen, qlen)
 
@@ -162,6 +164,6 @@ def draw_accuracy_case(rng: random.Random, device: str, sizes=ACCURACY_SIZES) ->
     far = rng.randint(0 if causal else -(nk - 1), nk)
     spec = StatsSpec.all(sink_tokens=rng.choice((1, 4, 100)), window=rng.choice((1, 16, 200)), offsets=(1, far))
     scale = None if rng.random() < 0.6 else rng.uniform(0.02, 0.5)
-    if rng.random() < 0.3:  # key mass of the last rows only
-        spec = replace(spec, key_mass_queries=rng.randint(1, nq + 2))
+    if rng.random() < 0.3:  # key mass of some rows only: the last ones, every stride-th
+        spec = replace(spec, key_mass_queries=rng.randint(0, nq + 2), key_mass_stride=rng.choice((1, 2, 5)))
     return Case(q, k, v, causal, scale, spec, klen, qlen)

@@ -87,11 +87,14 @@ def stats_from_pattern(prob: torch.Tensor, spec, query_lengths=None) -> dict[str
         res["offset_mass"] = torch.stack([(prob * ((qpos - kpos) == o)).sum(-1) for o in spec.offsets], dim=-1)
     if spec.key_mass:
         counted = prob
-        if spec.key_mass_queries:
-            counted = prob.clone()
+        if spec.key_mass_queries or spec.key_mass_stride > 1:  # the last valid row, every stride-th before it
+            counted = torch.zeros_like(prob)
             for i in range(prob.shape[0]):
-                n = nq if query_lengths is None else int(query_lengths[i])
-                counted[i, :, : max(0, n - spec.key_mass_queries)] = 0
+                last = (nq if query_lengths is None else int(query_lengths[i])) - 1
+                rows = [r for r in range(last, -1, -spec.key_mass_stride)]
+                if spec.key_mass_queries:
+                    rows = [r for r in rows if r > last - spec.key_mass_queries]
+                counted[i, :, rows] = prob[i, :, rows]
         res["key_mass"] = counted.sum(-2)
     return res
 

@@ -117,6 +117,24 @@ def test_variants_equal_their_definition(index, backend, device):
     check_against_definition(CASES[index], backend, device)
 
 
+#: A causal, windowed, padded case with several blocks of query rows (the random cases are short).
+LONG_CASE = {**CASES[0], "nq": 40, "nk": 60, "window": 16, "query_lengths": [40, 23], "key_lengths": None}
+
+
+@pytest.mark.parametrize("index", [*range(0, len(CASES), 8), "long"])
+def test_key_mass_of_some_rows_with_every_variant(index, device):
+    """Key mass of every stride-th of the last rows (``key_mass_queries``, ``key_mass_stride``):
+    the Triton kernels against the reference backend, which the float64 oracle checks, with each
+    case's variants and padding."""
+    c = {**(LONG_CASE if index == "long" else CASES[index]), "dtype": "float32"}
+    t = case_tensors(c)
+    for last, stride in ((0, 2), (5, 3), (1, 1), (7, 16)):
+        spec = StatsSpec(key_mass=True, key_mass_queries=last, key_mass_stride=stride)
+        _, want = attention(stats=spec, backend="reference", **t)
+        _, got = attention(stats=spec, backend="triton", **on_device(t, device))
+        torch.testing.assert_close(got.key_mass.cpu(), want.key_mass, atol=2e-5 * c["nq"], rtol=0, msg=str(c))
+
+
 def test_every_variant_is_drawn_alone_and_together():
     """The random cases cover each variant, with and without the others, causal and not."""
     for key in ("window", "softcap", "sinks", "alibi"):

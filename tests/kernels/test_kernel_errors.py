@@ -51,6 +51,12 @@ def test_bad_stats_settings():
         StatsSpec(key_mass=True, key_mass_queries=True)
     with pytest.raises(AttentionInputError, match="key_mass_queries needs key_mass=True"):
         StatsSpec(key_mass_queries=8)
+    with pytest.raises(AttentionInputError, match=r"key_mass_stride must be >= 1 \(1: every row\)"):
+        StatsSpec(key_mass=True, key_mass_stride=0)
+    with pytest.raises(AttentionInputError, match="key_mass_stride must be an int"):
+        StatsSpec(key_mass=True, key_mass_stride=2.0)
+    with pytest.raises(AttentionInputError, match="key_mass_stride needs key_mass=True"):
+        StatsSpec(key_mass_stride=4)
     with pytest.raises(AttentionInputError, match="out of range for causal"):
         attention(*qkv(), stats=StatsSpec(offsets=(-1,)))
     with pytest.raises(AttentionInputError, match="out of range"):
@@ -85,6 +91,10 @@ def test_bad_lengths_backend_and_options():
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    # triton.jit reads TRITON_INTERPRET when it decorates: import the kernels under the interpreter
+    # first, or a later test in this process would get compiled-mode kernels.
+    import kernels.triton_attention  # noqa: F401
+
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(AttentionInputError, match="TRITON_INTERPRET=1"):
         attention(*qkv(), backend="triton")

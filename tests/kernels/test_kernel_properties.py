@@ -92,6 +92,32 @@ def test_decoding_rows_equal_prefill_rows(backend, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_key_mass_is_the_key_mass_of_those_rows(backend, device):
+    """Without a causal mask a row's probabilities do not depend on its position, so the key mass
+    of every stride-th row counted back from the last valid one (within the last W, if set)
+    equals the whole key mass of a call with just those query rows; padded rows count as absent."""
+    gen = torch.Generator().manual_seed(SEED + 2)
+    q = torch.randn(2, 4, 45, 32, generator=gen).to(device)
+    k, v = (torch.randn(2, 2, 37, 32, generator=gen).to(device) for _ in range(2))
+    valid = [45, 29]  # query_lengths
+    lengths = torch.tensor(valid, device=device)
+    for stride, last in ((2, 0), (3, 0), (16, 0), (4, 21), (1, 10)):
+        spec = StatsSpec(key_mass=True, key_mass_queries=last, key_mass_stride=stride)
+        _, st = attention(q, k, v, causal=False, stats=spec, backend=backend, query_lengths=lengths)
+        for i, n in enumerate(valid):
+            rows = [r for r in range(n - 1, -1, -stride) if not last or r >= n - last]
+            _, alone = attention(
+                q[i : i + 1, :, rows],
+                k[i : i + 1],
+                v[i : i + 1],
+                causal=False,
+                stats=StatsSpec(key_mass=True),
+                backend=backend,
+            )
+            torch.testing.assert_close(st.key_mass[i], alone.key_mass[0], atol=1e-4, rtol=0, msg=f"stride {stride}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_uniform_rows_and_first_index_ties(backend, device):
     """Identical keys: every row is uniform over its valid keys, and ties go to the first key.
 
