@@ -1077,7 +1077,6 @@ def _key_mass(
         end_m = tl.minimum(end_m, win_end)
     # The loop walks counted rows [lo_row, end_m): every row, or (KM_STRIDE > 1) the last valid row
     # and every KM_STRIDE-th one before it, row base + KM_STRIDE * r at loop index r.
-    base = first_m
     if KM_STRIDE == 1:
         start_m = (lo_row // BLOCK_M) * BLOCK_M
     else:
