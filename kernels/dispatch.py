@@ -120,10 +120,13 @@ def attention(
     if chosen == "cpu":
         return cpu_attention(q, k, v, p, stats, key_lengths, query_lengths, mask, chunk_size, **per_head)
     if chosen == "triton":
+        from kernels.hopper_attention import hopper_attention, unsupported
         from kernels.triton_attention import triton_attention
 
         if q.is_cuda:  # Triton launches on the current device: make it the tensors' own (device maps)
             with torch.cuda.device(q.device):
+                if unsupported(q, p, stats, key_lengths, query_lengths, **per_head) is None:
+                    return hopper_attention(q, k, v, p, stats)
                 return triton_attention(q, k, v, p, stats, key_lengths, query_lengths, **per_head)
         return triton_attention(q, k, v, p, stats, key_lengths, query_lengths, **per_head)
     return reference_attention(q, k, v, p, stats, key_lengths, query_lengths, mask, chunk_size, **per_head)

@@ -1368,6 +1368,32 @@ def _strides(names: tuple[str, str, str, str], t: torch.Tensor) -> dict[str, int
     return dict(zip(names, t.stride()))
 
 
+def _precision(q: torch.Tensor) -> tuple[bool, str]:
+    """``(DOT_F32, PREC)`` for inputs like ``q``.
+
+    Triton's interpreter mis-evaluates bfloat16 dot products, and its float32 -> bfloat16
+    conversion truncates (GPUs round to nearest): it computes in float32 there (DOT_F32), and
+    the forward writes its output as float32 for PyTorch to round. float32 inputs get exact
+    float32 products (Triton would otherwise use TF32 on GPUs).
+    """
+    dot_f32 = interpreting() and q.dtype == torch.bfloat16
+    return dot_f32, "ieee" if (q.dtype == torch.float32 or dot_f32) else "tf32"
+
+
+def _variants(p: Problem, alibi_slopes, window_heads) -> tuple[dict, dict]:
+    """The attention variants as the kernels' runtime arguments and compile-time flags."""
+    # (keep_first past the keys changes nothing; capped, it stays an int32)
+    args = dict(attn_window=p.window, keep_first=min(p.keep_first, p.n_k), cap2=(p.softcap or 1.0) * LOG2E)
+    flags = dict(
+        WINDOW=p.window > 0,
+        KEEP=p.keep_first > 0,
+        HEADS=window_heads is not None,
+        SOFTCAP=p.softcap > 0,
+        ALIBI=alibi_slopes is not None,
+    )
+    return args, flags
+
+
 def triton_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -1394,12 +1420,7 @@ def triton_attention(
     if scale < 0:  # the kernel needs a positive scale; negating q is exact
         q, scale = -q, -scale
 
-    # Triton's interpreter mis-evaluates bfloat16 dot products, and its float32 -> bfloat16
-    # conversion truncates (GPUs round to nearest): compute in float32 there, and write the
-    # output as float32 for PyTorch to round.
-    dot_f32 = interpreting() and q.dtype == torch.bfloat16
-    # float32 inputs get exact float32 products (Triton would otherwise use TF32 on GPUs).
-    prec = "ieee" if (q.dtype == torch.float32 or dot_f32) else "tf32"
+    dot_f32, prec = _precision(q)
     want = stats is not None
     n_off = len(stats.offsets) if want else 0
 
@@ -1430,15 +1451,7 @@ def triton_attention(
     sinks_f = sinks.float().contiguous() if sinks is not None else out
     slopes_f = alibi_slopes.float().contiguous() if alibi_slopes is not None else out
     heads_i8 = window_heads.to(torch.int8) if window_heads is not None else out
-    # (keep_first past the keys changes nothing; capped, it stays an int32)
-    variant_args = dict(attn_window=p.window, keep_first=min(p.keep_first, nk), cap2=(p.softcap or 1.0) * LOG2E)
-    variant_flags = dict(
-        WINDOW=p.window > 0,
-        KEEP=p.keep_first > 0,
-        HEADS=window_heads is not None,
-        SOFTCAP=p.softcap > 0,
-        ALIBI=alibi_slopes is not None,
-    )
+    variant_args, variant_flags = _variants(p, alibi_slopes, window_heads)
     qk_scale = scale * LOG2E
     buckets = dict(NQ_BUCKET=_pow2_bucket(nq), NK_BUCKET=_pow2_bucket(nk))
     q_strides = _strides(("stride_qb", "stride_qh", "stride_qm", "stride_qd"), q)
@@ -1576,35 +1589,73 @@ def triton_attention(
         found["offset_mass"] = row_stats[fields["offset_mass"] * n_rows :].view(b, hq, nq, n_off)
     key_mass = None
     if stats.key_mass:
-        key_mass = torch.empty((b, hq, nk), device=dev, dtype=torch.float32)
-        km_args = dict(
-            Q=q,
-            K=k,
-            Lse=found["lse"],
-            KeyMass=key_mass,
-            KLen=klen,
-            QLen=qlen,
-            Slopes=slopes_f,
-            WinHeads=heads_i8,
-            qk_scale=qk_scale,
-            **q_strides,
-            **k_strides,
-            Hq=hq,
-            Nq=nq,
-            Nk=nk,
-            GROUP=p.group,
-            **variant_args,
-            km_rows=stats.key_mass_queries or nq,
-            **buckets,
-        )
-        _launch(
-            "key_mass",
-            block_d,
-            0,
-            lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), b * hq),
-            km_args,
-            dict(common_flags, **variant_flags, KM_STRIDE=stats.key_mass_stride),
-            q.element_size(),
-            pinned,
+        key_mass = key_mass_pass(
+            q, k, p, stats, found["lse"], key_lengths, query_lengths, alibi_slopes, window_heads, scale=scale
         )
     return out, AttentionStats(**found, argmax=argmax if stats.argmax else None, key_mass=key_mass)
+
+
+def key_mass_pass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    p: Problem,
+    stats: StatsSpec,
+    lse: torch.Tensor,
+    key_lengths: torch.Tensor | None = None,
+    query_lengths: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    window_heads: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The key-mass pass: attention each key receives, ``[B, Hq, Nk]`` float32, given the
+    forward's final row log-sum-exp ``lse [B, Hq, Nq]``. ``scale`` (default ``p.scale``) must
+    be positive: a caller with a negative scale passes ``-q`` and ``-scale``."""
+    b, hq, nq, nk, d = p.batch, p.q_heads, p.n_q, p.n_k, p.head_dim
+    scale = p.scale if scale is None else scale
+    dot_f32, prec = _precision(q)
+    variant_args, variant_flags = _variants(p, alibi_slopes, window_heads)
+    key_mass = torch.empty((b, hq, nk), device=q.device, dtype=torch.float32)
+    unused = key_mass  # unused pointers get any tensor
+    km_args = dict(
+        Q=q,
+        K=k,
+        Lse=lse,
+        KeyMass=key_mass,
+        KLen=key_lengths if key_lengths is not None else unused,
+        QLen=query_lengths if query_lengths is not None else unused,
+        Slopes=alibi_slopes.float().contiguous() if alibi_slopes is not None else unused,
+        WinHeads=window_heads.to(torch.int8) if window_heads is not None else unused,
+        qk_scale=scale * LOG2E,
+        **_strides(("stride_qb", "stride_qh", "stride_qm", "stride_qd"), q),
+        **_strides(("stride_kb", "stride_kh", "stride_kn", "stride_kd"), k),
+        Hq=hq,
+        Nq=nq,
+        Nk=nk,
+        GROUP=p.group,
+        **variant_args,
+        km_rows=stats.key_mass_queries or nq,
+        NQ_BUCKET=_pow2_bucket(nq),
+        NK_BUCKET=_pow2_bucket(nk),
+    )
+    flags = dict(
+        HEAD_DIM=d,
+        BLOCK_D=max(MIN_HEAD_DIM, triton.next_power_of_2(d)),
+        CAUSAL=p.causal,
+        HAS_KLEN=key_lengths is not None,
+        HAS_QLEN=query_lengths is not None,
+        DOT_F32=dot_f32,
+        PREC=prec,
+        **variant_flags,
+        KM_STRIDE=stats.key_mass_stride,
+    )
+    _launch(
+        "key_mass",
+        flags["BLOCK_D"],
+        0,
+        lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), b * hq),
+        km_args,
+        flags,
+        q.element_size(),
+        _pinned_blocks(),
+    )
+    return key_mass

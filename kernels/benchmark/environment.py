@@ -43,6 +43,19 @@ def sdpa_backends() -> str:
     return ", ".join(name for name, enabled in flags.items() if enabled())
 
 
+def hopper_kernel(cfg: Config) -> str:
+    """Whether the mha and gqa rows run on the Hopper (Gluon) kernel, or why not."""
+    from kernels.hopper_attention import unsupported
+    from kernels.validate import check_inputs
+
+    if cfg.kernel_backend != "triton":
+        return "off (no Triton)"
+    q = torch.empty((1, 2, 256, 128), dtype=cfg.dtype, device=cfg.device)
+    p = check_inputs(q, q, q, causal=True, scale=None, stats=ROW_STATS, key_lengths=None, query_lengths=None)
+    reason = unsupported(q, p, ROW_STATS)
+    return "on for head dims 64 and 128 (KERNELS_HOPPER=0 turns it off)" if reason is None else f"off ({reason})"
+
+
 def command_line() -> str:
     return shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
 
@@ -67,6 +80,8 @@ def metadata(cfg: Config) -> dict[str, Any]:
         "kernel_backend": cfg.kernel_backend,
         "smoke": cfg.smoke,
         "sdpa_backends": sdpa_backends() if cfg.device.type == "cuda" else "cpu",
+        "cudnn": torch.backends.cudnn.version() if cfg.device.type == "cuda" else None,
+        "hopper_kernel": hopper_kernel(cfg),
         "row_stats": repr(ROW_STATS),
         "key_stats": repr(KEY_STATS),
     }
@@ -84,7 +99,9 @@ def print_header(meta: dict[str, Any]) -> None:
         f"# device: {meta['device']} | torch {meta['torch']} (CUDA {meta['cuda']}) | "
         f"triton {meta['triton'] or 'not installed'} | python {meta['python']} | git {git}"
     )
-    print(f"# sdpa backends enabled: {meta['sdpa_backends']}")
+    cudnn = f" (cuDNN {meta['cudnn']})" if meta["cudnn"] else ""
+    print(f"# sdpa backends enabled: {meta['sdpa_backends']}{cudnn}")
+    print(f"# Hopper kernel: {meta['hopper_kernel']}")
     print(
         f"# rowstats: {meta['row_stats']}; keymass: the same with key_mass=True; "
         f"keymass_last: key mass of the last {KEY_MASS_LAST} queries"

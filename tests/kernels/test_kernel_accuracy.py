@@ -27,8 +27,9 @@ N_CASES = 160
 OUT_ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-def check_against_oracle(case, out, st):
-    """Assert that ``out``/``st`` equal the oracle's values within tolerance."""
+def check_against_oracle(case, out, st, distance_slack: float = 0.0):
+    """Assert that ``out``/``st`` equal the oracle's values within tolerance; ``distance_slack``
+    widens the distance tolerance by that many positions (a kernel's documented rounding)."""
     want = expected(
         case.q.cpu(),
         case.k.cpu(),
@@ -72,7 +73,7 @@ def check_against_oracle(case, out, st):
         "max_prob": 1e-4 + slack,
         "sink_mass": 1e-4 + slack,
         "local_mass": 1e-4 + slack,
-        "distance": (1e-4 + slack) * (nk + nq),
+        "distance": (1e-4 + slack) * (nk + nq) + distance_slack,
         "offset_mass": 1e-4 + slack,
         "key_mass": (1e-4 + slack) * nq,
     }

@@ -1,0 +1,811 @@
+"""Hopper (sm_90) backend: a warp-specialized Gluon forward that emits the row statistics.
+
+Triton's automatic warp specialization fails on the causal two-loop kernel, so this kernel
+schedules its warps by hand (``triton.experimental.gluon``, part of the Triton wheel):
+
+* one loader warp streams K/V blocks into a shared-memory ring with TMA (``ready``/``empty``
+  mbarriers per slot); the query tile is loaded once;
+* two consumer warpgroups, each its own partition, own 64 query rows each of the CTA's
+  128-row tile and consume every key block; nothing couples them, so one's softmax runs while
+  the other's matrix multiplies do ("ping-pong", left to the warp schedulers);
+* inside a consumer, the QK^T of block ``j`` and the PV of block ``j - 1`` are in flight
+  together, and the softmax of ``j`` overlaps that PV (FlashAttention-3's in-warpgroup overlap).
+
+Statistics (:class:`kernels.StatsSpec`), as in the Triton kernel: entropy (``t = sum p * x``
+rescaled like ``l``), mean distance (``sum p * key``), argmax and ``max_prob = 1 / l`` ride in
+the main loop; local mass is summed in the masked blocks its window touches (the causal
+diagonal and, for wide windows, the blocks before it), rescaled like ``l``; sink and offset
+masses, one key per row each, are recomputed after the loop as ``exp(s - lse)`` from global
+memory. Key mass needs the final lse: the Triton key-mass pass runs after this kernel.
+
+Scope: what the model benchmarks and head scoring run most, causal self-attention
+(``Nq == Nk``) in float16/bfloat16 with head dim 64 or 128, grouped-query heads, any length,
+no padding lengths and no attention variants (window, soft-cap, learned sinks, ALiBi).
+:func:`supports` says whether a call fits; everything else runs on the Triton kernel.
+``KERNELS_HOPPER=0`` turns this backend off. Gluon has no interpreter: CI compiles the kernel
+for sm_90 (``tests/kernels/test_hopper_compile.py``); it is checked against the float64
+reference on an H200 (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+
+from kernels.spec import AttentionStats, StatsSpec
+from kernels.validate import Problem
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    GLUON_AVAILABLE = True
+except ImportError:  # Triton without Gluon (< 3.5) or without Triton: the Triton kernel serves
+    GLUON_AVAILABLE = False
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+HEAD_DIMS = (64, 128)
+#: Fewer queries than this run on the Triton kernel, whose decoding path packs the heads.
+MIN_QUERIES = 128
+#: Most sink tokens and offsets whose masses are recomputed after the loop (one key each).
+MAX_GATHERED_KEYS = 16
+#: (BLOCK_N, STAGES) per head dim; the CTA's query tile is 128 rows (2 consumers x 64).
+CONFIGS = {64: (128, 3), 128: (128, 2)}
+BLOCK_M = 128
+HALF_M = 64
+_MASKED = -1.0e30  # masked raw scores: finite, so p * x stays 0 (no inf * 0)
+_M_INIT = -5.0e29  # running max before the first key: above _MASKED, so alpha = 0, not NaN
+
+if GLUON_AVAILABLE:
+    _TILE_M = gl.constexpr(BLOCK_M)
+    _WG_ROWS = gl.constexpr(HALF_M)
+    _MASKED_C = gl.constexpr(_MASKED)
+    _M_INIT_C = gl.constexpr(_M_INIT)
+    _LN2_C = gl.constexpr(LN2)
+    # Gluon renames as it goes: Triton 3.6's thread_barrier and async_copy_global_to_shared
+    # are barrier and async_load in later versions.
+    _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
+    _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+
+    @gluon.constexpr_function
+    def _mma_layout(n):
+        """Accumulator layout of one warpgroup's [64, n] wgmma."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
+
+    @gluon.constexpr_function
+    def _rows_layout(head_d):
+        """A plain [64, head_d] layout for row gathers from global memory (8 elements a thread)."""
+        return gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[4, 1], order=[1, 0])
+
+    @gluon.jit
+    def _loader(
+        q_desc,
+        k_desc,
+        v_desc,
+        q_smem,
+        k_smem,
+        v_smem,
+        q_bar,
+        k_ready,
+        v_ready,
+        k_empty,
+        v_empty,
+        q_row0,
+        kv_row0,
+        n_blocks,
+        BLOCK_N: gl.constexpr,
+        STAGES: gl.constexpr,
+    ):
+        """Loader partition (one warp): both halves of the query tile, then K/V block j into
+        ring slot j % STAGES once both consumers have released it."""
+        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+        for i in gl.static_range(2):
+            _tma_load(q_desc, [q_row0 + i * _WG_ROWS, 0], q_bar, q_smem.index(i))
+        for j in range(n_blocks):
+            s = j % STAGES
+            ph = (j // STAGES) & 1
+            mbarrier.wait(k_empty.index(s), ph ^ 1)  # a fresh barrier passes parity 1 at once
+            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+            _tma_load(k_desc, [kv_row0 + j * BLOCK_N, 0], k_ready.index(s), k_smem.index(s))
+            mbarrier.wait(v_empty.index(s), ph ^ 1)
+            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+            _tma_load(v_desc, [kv_row0 + j * BLOCK_N, 0], v_ready.index(s), v_smem.index(s))
+
+    @gluon.jit
+    def _softmax_block(
+        qk,
+        j,
+        rows,
+        st,
+        qk_scale,
+        window,
+        MASK: gl.constexpr,
+        ENTROPY: gl.constexpr,
+        DIST: gl.constexpr,
+        ARGMAX: gl.constexpr,
+        LOCAL: gl.constexpr,
+        BLOCK_N: gl.constexpr,
+    ):
+        """Online softmax of key block j with the in-loop statistics.
+
+        ``qk`` [64, BLOCK_N] raw scores; ``rows`` [64] query positions; ``st`` the row state
+        ``(m, l, t, d, arg, loc)``, each [64]: running max (log2 domain), sum, entropy and
+        distance accumulators, argmax and local mass. MASK blocks mask keys after the query
+        and, with LOCAL, sum the mass of the keys within ``window`` of it.
+        Returns ``(p [64, BLOCK_N] unnormalised probabilities, alpha [64], new state)``.
+        """
+        m_i, l_i, t_i, d_i, a_i, w_i = st
+        s_layout: gl.constexpr = qk.type.layout
+        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))  # [BLOCK_N]
+        keys = j * BLOCK_N + cols
+        if MASK:
+            keep = gl.expand_dims(rows, 1) >= gl.expand_dims(keys, 0)  # [64, BLOCK_N]
+            qk = gl.where(keep, qk, gl.full(qk.shape, _MASKED_C, gl.float32, s_layout))
+        raw_max = gl.max(qk, axis=1)
+        blk_max = raw_max * qk_scale  # qk_scale > 0: the raw max is the scaled one's
+        if ARGMAX:  # the first key holding the block's max; strict >: earlier blocks win ties
+            first = gl.where(qk == gl.expand_dims(raw_max, 1), gl.expand_dims(cols, 0), BLOCK_N)
+            a_i = gl.where(blk_max > m_i, j * BLOCK_N + gl.min(first, axis=1), a_i)
+        m_new = gl.maximum(m_i, blk_max)
+        alpha = gl.exp2(m_i - m_new)
+        x = qk * qk_scale - gl.expand_dims(m_new, 1)  # [64, BLOCK_N], log2 domain, <= 0
+        p = gl.exp2(x)
+        l_blk = gl.sum(p, axis=1)
+        if ENTROPY:  # t = sum p * (s - m), rescaled like l when the max moves
+            t_i = alpha * (t_i + (m_i - m_new) * l_i) + gl.sum(p * x, axis=1)
+        if DIST:  # sum p * block centre; the offsets from it go through the tensor cores
+            d_i = alpha * d_i + (j * BLOCK_N + (BLOCK_N - 1) / 2) * l_blk
+        if LOCAL:
+            w_i = alpha * w_i
+            if MASK:
+                near = gl.expand_dims(keys, 0) > gl.expand_dims(rows - window, 1)
+                w_i = w_i + gl.sum(gl.where(near, p, gl.zeros_like(p)), axis=1)
+        l_i = alpha * l_i + l_blk
+        return p, alpha, (m_new, l_i, t_i, d_i, a_i, w_i)
+
+    @gluon.jit
+    def _operand(p, dtype: gl.constexpr, o_layout: gl.constexpr, pos_t, acc_d, DIST: gl.constexpr):
+        """``p`` [64, BLOCK_N] as the A operand of the next PV, in registers; with DIST also
+        ``acc_d += p @ pos_t`` at once, with p in float16 (8x finer than bfloat16), so that
+        this copy of p does not stay live beside the other."""
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        if DIST:
+            acc_d = warpgroup_mma(gl.convert_layout(p.to(gl.float16), a_layout), pos_t, acc_d, is_async=True)
+            acc_d = warpgroup_mma_wait(0, deps=(acc_d,))
+        return gl.convert_layout(p.to(dtype), a_layout), acc_d
+
+    @gluon.jit
+    def _consumer_step(
+        j,
+        rows,
+        q_w,
+        k_smem,
+        v_smem,
+        k_ready,
+        v_ready,
+        k_empty,
+        v_empty,
+        pos_t,
+        p_prev,
+        acc,
+        acc_d,
+        st,
+        s_zero,
+        qk_scale,
+        window,
+        MASK: gl.constexpr,
+        ENTROPY: gl.constexpr,
+        DIST: gl.constexpr,
+        ARGMAX: gl.constexpr,
+        LOCAL: gl.constexpr,
+        BLOCK_N: gl.constexpr,
+        STAGES: gl.constexpr,
+    ):
+        """Issue QK(j), then PV(j - 1) with ``p_prev``; the softmax of j overlaps that PV.
+        ``acc`` [64, D] is rescaled up to block j - 1; ``acc_d`` [64, 8] = P @ ``pos_t`` up to
+        block j - 1 (with DIST; column 0 of ``pos_t`` [BLOCK_N, 8] holds each key's offset from
+        its block's centre). Returns ``(p_prev, acc, acc_d, st)`` for j."""
+        o_layout: gl.constexpr = acc.type.layout
+        s = j % STAGES
+        sp = (j - 1) % STAGES
+        mbarrier.wait(k_ready.index(s), (j // STAGES) & 1)
+        qk = warpgroup_mma(q_w, k_smem.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        mbarrier.wait(v_ready.index(sp), ((j - 1) // STAGES) & 1)
+        acc = warpgroup_mma(p_prev, v_smem.index(sp), acc, is_async=True)
+        qk = warpgroup_mma_wait(1, deps=(qk,))  # QK(j) done; PV(j - 1) may still run
+        mbarrier.arrive(k_empty.index(s))
+        p, alpha, st = _softmax_block(qk, j, rows, st, qk_scale, window, MASK, ENTROPY, DIST, ARGMAX, LOCAL, BLOCK_N)
+        if DIST:
+            acc_d = acc_d * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, acc_d.type.layout)), 1)
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+        mbarrier.arrive(v_empty.index(sp))
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        p_prev, acc_d = _operand(p, v_smem.dtype, o_layout, pos_t, acc_d, DIST)
+        return p_prev, acc, acc_d, st
+
+    @gluon.jit
+    def _gathered_mass(q_rows, k_base, keys, ok, lse2, qk_scale, HEAD_D: gl.constexpr):
+        """Probability of one key per row, ``exp2(q . k[key] * qk_scale - lse2)`` (0 where not ok).
+
+        ``q_rows`` [64, HEAD_D] float32; ``keys``, ``ok`` and ``lse2`` [64] in its row layout."""
+        layout: gl.constexpr = q_rows.type.layout
+        d = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, layout))
+        k_rows = gl.load(
+            k_base + gl.expand_dims(keys.to(gl.int64), 1) * HEAD_D + gl.expand_dims(d, 0),
+            mask=gl.expand_dims(ok, 1),
+            other=0.0,
+        )
+        s = gl.sum(q_rows * k_rows.to(gl.float32), axis=1)
+        return gl.where(ok, gl.exp2(s * qk_scale - lse2), gl.zeros_like(s))
+
+    @gluon.jit
+    def _consumer(
+        WG: gl.constexpr,
+        q_smem,
+        pos_smem,
+        k_smem,
+        v_smem,
+        q_bar,
+        k_ready,
+        v_ready,
+        k_empty,
+        v_empty,
+        q_ptr,
+        k_ptr,
+        out_ptr,
+        stats_ptr,
+        argmax_ptr,
+        offsets_ptr,
+        bh,
+        kv_bh,
+        N,
+        rows_total,
+        start_m,
+        n_blocks,
+        qk_scale,
+        sink_tokens,
+        window,
+        n_offsets,
+        BLOCK_N: gl.constexpr,
+        HEAD_D: gl.constexpr,
+        STAGES: gl.constexpr,
+        STATS: gl.constexpr,
+        ENTROPY: gl.constexpr,
+        DIST: gl.constexpr,
+        ARGMAX: gl.constexpr,
+        LOCAL: gl.constexpr,
+        F_ENT: gl.constexpr,
+        F_MAX: gl.constexpr,
+        F_LSINK: gl.constexpr,
+        F_SINK: gl.constexpr,
+        F_LOCAL: gl.constexpr,
+        F_DIST: gl.constexpr,
+        F_OFF: gl.constexpr,
+    ):
+        """Consumer warpgroup WG: query rows ``start_m + WG * 64 + [0, 64)`` against every key
+        block of the CTA; writes their output rows and statistics."""
+        s_layout: gl.constexpr = _mma_layout(BLOCK_N)
+        o_layout: gl.constexpr = _mma_layout(HEAD_D)
+        row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+        start_w = start_m + WG * _WG_ROWS
+        rows = start_w + gl.arange(0, _WG_ROWS, layout=row_layout)  # [64] query positions
+        q_w = q_smem.index(WG)
+        zero_rows = gl.zeros([_WG_ROWS], gl.float32, row_layout)
+        st = (
+            gl.full([_WG_ROWS], _M_INIT_C, gl.float32, row_layout),
+            zero_rows,
+            zero_rows,
+            zero_rows,
+            gl.full([_WG_ROWS], -1, gl.int32, row_layout),
+            zero_rows,
+        )
+        acc = gl.zeros([_WG_ROWS, HEAD_D], gl.float32, o_layout)
+        acc_d = gl.zeros([_WG_ROWS, 8], gl.float32, _mma_layout(8))
+        pos_t = pos_smem.permute((1, 0))
+        s_zero = gl.zeros([_WG_ROWS, BLOCK_N], gl.float32, s_layout)
+        # Key blocks [n_free, n_blocks) need masks: the causal diagonal, and with LOCAL those
+        # the window of this warpgroup's first row reaches.
+        n_free = start_m // BLOCK_N
+        if LOCAL:
+            n_free = gl.minimum(n_free, gl.maximum(start_w - window + 1, 0) // BLOCK_N)
+
+        mbarrier.wait(q_bar, 0)
+        mbarrier.wait(k_ready.index(0), 0)
+        qk = warpgroup_mma(q_w, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        qk = warpgroup_mma_wait(0, deps=(qk,))
+        mbarrier.arrive(k_empty.index(0))
+        p, alpha, st = _softmax_block(qk, 0, rows, st, qk_scale, window, True, ENTROPY, DIST, ARGMAX, LOCAL, BLOCK_N)
+        p_prev, acc_d = _operand(p, v_smem.dtype, o_layout, pos_t, acc_d, DIST)
+        for j in range(1, n_free):
+            p_prev, acc, acc_d, st = _consumer_step(
+                j,
+                rows,
+                q_w,
+                k_smem,
+                v_smem,
+                k_ready,
+                v_ready,
+                k_empty,
+                v_empty,
+                pos_t,
+                p_prev,
+                acc,
+                acc_d,
+                st,
+                s_zero,
+                qk_scale,
+                window,
+                False,
+                ENTROPY,
+                DIST,
+                ARGMAX,
+                LOCAL,
+                BLOCK_N,
+                STAGES,
+            )
+        for j in range(gl.maximum(n_free, 1), n_blocks):
+            p_prev, acc, acc_d, st = _consumer_step(
+                j,
+                rows,
+                q_w,
+                k_smem,
+                v_smem,
+                k_ready,
+                v_ready,
+                k_empty,
+                v_empty,
+                pos_t,
+                p_prev,
+                acc,
+                acc_d,
+                st,
+                s_zero,
+                qk_scale,
+                window,
+                True,
+                ENTROPY,
+                DIST,
+                ARGMAX,
+                LOCAL,
+                BLOCK_N,
+                STAGES,
+            )
+        last = n_blocks - 1
+        mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+        acc = warpgroup_mma(p_prev, v_smem.index(last % STAGES), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+        d_i = st[3] + gl.convert_layout(gl.sum(acc_d, axis=1), row_layout)
+        mbarrier.arrive(v_empty.index(last % STAGES))
+
+        m_i, l_i, t_i, _, a_i, w_i = st
+        # Output rows, straight from registers (rows past N belong to no query).
+        o_rows = start_w + gl.arange(0, _WG_ROWS, layout=gl.SliceLayout(1, o_layout))
+        d_o = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, o_layout))
+        out = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
+        grow_o = bh.to(gl.int64) * N + o_rows
+        gl.store(
+            out_ptr + gl.expand_dims(grow_o, 1) * HEAD_D + gl.expand_dims(d_o, 0),
+            out.to(out_ptr.dtype.element_ty),
+            mask=gl.expand_dims(o_rows < N, 1),
+        )
+        if STATS:
+            valid = rows < N
+            grow = bh.to(gl.int64) * N + rows  # flat row index b * Hq * N + h * N + i
+            log2_l = gl.log2(l_i)
+            lse2 = m_i + log2_l
+            gl.store(stats_ptr + grow, lse2 * _LN2_C, mask=valid)
+            if F_ENT:
+                gl.store(stats_ptr + F_ENT * rows_total + grow, (log2_l - t_i / l_i) * _LN2_C, mask=valid)
+            if F_MAX:
+                gl.store(stats_ptr + F_MAX * rows_total + grow, 1.0 / l_i, mask=valid)
+            if F_LSINK:
+                gl.store(stats_ptr + F_LSINK * rows_total + grow, zero_rows, mask=valid)
+            if F_LOCAL:
+                gl.store(stats_ptr + F_LOCAL * rows_total + grow, w_i / l_i, mask=valid)
+            if F_DIST:
+                gl.store(stats_ptr + F_DIST * rows_total + grow, rows.to(gl.float32) - d_i / l_i, mask=valid)
+            if ARGMAX:
+                gl.store(argmax_ptr + grow, a_i.to(gl.int64), mask=valid)
+            if F_SINK or F_OFF:
+                # One key per row at a time, from global memory, now that lse is final.
+                g_layout: gl.constexpr = _rows_layout(HEAD_D)
+                g_row: gl.constexpr = gl.SliceLayout(1, g_layout)
+                g_rows = start_w + gl.arange(0, _WG_ROWS, layout=g_row)
+                g_valid = g_rows < N
+                d_g = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, g_layout))
+                q_rows = gl.load(
+                    q_ptr + gl.expand_dims(bh.to(gl.int64) * N + g_rows, 1) * HEAD_D + gl.expand_dims(d_g, 0),
+                    mask=gl.expand_dims(g_valid, 1),
+                    other=0.0,
+                ).to(gl.float32)
+                g_lse2 = gl.convert_layout(lse2, g_row)
+                k_base = k_ptr + kv_bh.to(gl.int64) * N * HEAD_D
+                g_grow = bh.to(gl.int64) * N + g_rows
+                if F_SINK:
+                    sink = gl.zeros([_WG_ROWS], gl.float32, g_row)
+                    for key in range(0, sink_tokens):
+                        keys = gl.full([_WG_ROWS], key, gl.int32, g_row)
+                        ok = g_valid & (keys <= g_rows)
+                        sink += _gathered_mass(q_rows, k_base, keys, ok, g_lse2, qk_scale, HEAD_D)
+                    gl.store(stats_ptr + F_SINK * rows_total + g_grow, sink, mask=g_valid)
+                if F_OFF:
+                    for i in range(0, n_offsets):
+                        keys = g_rows - gl.load(offsets_ptr + i)
+                        ok = g_valid & (keys >= 0) & (keys <= g_rows)
+                        mass = _gathered_mass(q_rows, k_base, keys, ok, g_lse2, qk_scale, HEAD_D)
+                        gl.store(stats_ptr + F_OFF * rows_total + g_grow * n_offsets + i, mass, mask=g_valid)
+
+    @gluon.jit
+    def _hopper_fwd(
+        q_desc,
+        k_desc,
+        v_desc,
+        q_ptr,
+        k_ptr,
+        out_ptr,
+        stats_ptr,
+        argmax_ptr,
+        offsets_ptr,
+        N,
+        Hq,
+        GROUP,
+        rows_total,
+        qk_scale,
+        sink_tokens,
+        window,
+        n_offsets,
+        BLOCK_N: gl.constexpr,
+        HEAD_D: gl.constexpr,
+        STAGES: gl.constexpr,
+        STATS: gl.constexpr,
+        ENTROPY: gl.constexpr,
+        DIST: gl.constexpr,
+        ARGMAX: gl.constexpr,
+        LOCAL: gl.constexpr,
+        F_ENT: gl.constexpr,
+        F_MAX: gl.constexpr,
+        F_LSINK: gl.constexpr,
+        F_SINK: gl.constexpr,
+        F_LOCAL: gl.constexpr,
+        F_DIST: gl.constexpr,
+        F_OFF: gl.constexpr,
+        POS_LAYOUT: gl.constexpr,
+    ):
+        """grid = (B * Hq, cdiv(N, 128)); the descriptors view q as [B*Hq*N, D] and k, v as
+        [B*Hkv*N, D] (contiguous). Query tiles run longest first."""
+        bh = gl.program_id(0)
+        kv_bh = (bh // Hq) * (Hq // GROUP) + (bh % Hq) // GROUP
+        start_m = (gl.num_programs(1) - 1 - gl.program_id(1)) * _TILE_M
+        dtype: gl.constexpr = q_desc.block_type.element_ty
+        q_smem = gl.allocate_shared_memory(dtype, [2, _WG_ROWS, HEAD_D], q_desc.layout)
+        # [8, BLOCK_N] float16: row 0 each key's offset from its block's centre (-63.5 .. 63.5
+        # for 128 keys, exact), the rest 0: the B operand of the distance MMA, transposed like K.
+        pos_layout: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [4, 1], [1, 0])
+        pos_rows = gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(1, pos_layout)), 1)
+        pos_cols = gl.expand_dims(gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, pos_layout)), 0)
+        centred = pos_cols.to(gl.float32) - (BLOCK_N - 1) / 2
+        positions = gl.where(pos_rows == 0, centred, gl.zeros_like(centred)).to(gl.float16)
+        pos_smem = gl.allocate_shared_memory(gl.float16, [8, BLOCK_N], POS_LAYOUT, positions)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)  # one arrive from each consumer
+            mbarrier.init(v_empty.index(i), count=2)
+        fence_async_shared()
+        _cta_barrier()
+
+        n_blocks = gl.minimum(start_m + _TILE_M, N + BLOCK_N - 1) // BLOCK_N  # _TILE_M % BLOCK_N == 0
+        gl.warp_specialize(
+            [
+                (
+                    _consumer,
+                    (
+                        0,
+                        q_smem,
+                        pos_smem,
+                        k_smem,
+                        v_smem,
+                        q_bar,
+                        k_ready,
+                        v_ready,
+                        k_empty,
+                        v_empty,
+                        q_ptr,
+                        k_ptr,
+                        out_ptr,
+                        stats_ptr,
+                        argmax_ptr,
+                        offsets_ptr,
+                        bh,
+                        kv_bh,
+                        N,
+                        rows_total,
+                        start_m,
+                        n_blocks,
+                        qk_scale,
+                        sink_tokens,
+                        window,
+                        n_offsets,
+                        BLOCK_N,
+                        HEAD_D,
+                        STAGES,
+                        STATS,
+                        ENTROPY,
+                        DIST,
+                        ARGMAX,
+                        LOCAL,
+                        F_ENT,
+                        F_MAX,
+                        F_LSINK,
+                        F_SINK,
+                        F_LOCAL,
+                        F_DIST,
+                        F_OFF,
+                    ),
+                ),
+                (
+                    _consumer,
+                    (
+                        1,
+                        q_smem,
+                        pos_smem,
+                        k_smem,
+                        v_smem,
+                        q_bar,
+                        k_ready,
+                        v_ready,
+                        k_empty,
+                        v_empty,
+                        q_ptr,
+                        k_ptr,
+                        out_ptr,
+                        stats_ptr,
+                        argmax_ptr,
+                        offsets_ptr,
+                        bh,
+                        kv_bh,
+                        N,
+                        rows_total,
+                        start_m,
+                        n_blocks,
+                        qk_scale,
+                        sink_tokens,
+                        window,
+                        n_offsets,
+                        BLOCK_N,
+                        HEAD_D,
+                        STAGES,
+                        STATS,
+                        ENTROPY,
+                        DIST,
+                        ARGMAX,
+                        LOCAL,
+                        F_ENT,
+                        F_MAX,
+                        F_LSINK,
+                        F_SINK,
+                        F_LOCAL,
+                        F_DIST,
+                        F_OFF,
+                    ),
+                ),
+                (
+                    _loader,
+                    (
+                        q_desc,
+                        k_desc,
+                        v_desc,
+                        q_smem,
+                        k_smem,
+                        v_smem,
+                        q_bar,
+                        k_ready,
+                        v_ready,
+                        k_empty,
+                        v_empty,
+                        bh * N + start_m,
+                        kv_bh * N,
+                        n_blocks,
+                        BLOCK_N,
+                        STAGES,
+                    ),
+                ),
+            ],
+            [4, 1],  # warps: the second consumer warpgroup, the loader
+            [240, 24],  # registers per thread, moved from the loader to the consumers
+        )
+
+
+def _enabled() -> bool:
+    return os.environ.get("KERNELS_HOPPER", "1") not in ("", "0")
+
+
+@functools.cache
+def _is_hopper(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) == (9, 0)
+
+
+def unsupported(
+    q: torch.Tensor,
+    p: Problem,
+    stats: StatsSpec | None,
+    key_lengths: torch.Tensor | None = None,
+    query_lengths: torch.Tensor | None = None,
+    **per_head: torch.Tensor | None,
+) -> str | None:
+    """Why this kernel cannot run the call (None: it can). ``per_head`` are the per-head
+    variants of :func:`kernels.attention` (``sinks``, ``alibi_slopes``, ``window_heads``)."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {q.dtype}"
+    if p.head_dim not in HEAD_DIMS:
+        return f"head dim {p.head_dim}"
+    if not p.causal or p.n_q != p.n_k or p.n_q < MIN_QUERIES:
+        return f"not causal self-attention of at least {MIN_QUERIES} queries"
+    if key_lengths is not None or query_lengths is not None:
+        return "padding lengths"
+    if p.window or p.softcap or p.keep_first or any(t is not None for t in per_head.values()):
+        return "an attention variant"
+    if p.scale <= 0:
+        return "a scale <= 0"
+    if stats is not None and (stats.sink_tokens + len(stats.offsets) > MAX_GATHERED_KEYS):
+        return f"more than {MAX_GATHERED_KEYS} sink tokens and offsets"
+    if not GLUON_AVAILABLE:
+        return "this Triton has no Gluon"
+    if not _enabled():
+        return "KERNELS_HOPPER=0"
+    if not q.is_cuda or not _is_hopper(q.device):
+        return "not a Hopper (sm_90) GPU"
+    return None
+
+
+def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
+    """A TMA descriptor over ``t`` viewed as ``[rows_total, D]``, loading ``[rows, D]`` blocks."""
+    flat = t.view(-1, t.shape[-1])
+    dtype = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
+    block = [rows, t.shape[-1]]
+    return TensorDescriptor.from_tensor(flat, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
+
+
+def launch_arguments(q, k, v, out, stats_buf, argmax, offsets, p: Problem, stats: StatsSpec | None, fields: dict):
+    """The kernel's grid, arguments and constexprs for one call (shared by the launch and the
+    offline compile)."""
+    block_n, stages = CONFIGS[p.head_dim]
+    want = stats is not None
+    args = dict(
+        q_desc=_descriptor(q, HALF_M),
+        k_desc=_descriptor(k, block_n),
+        v_desc=_descriptor(v, block_n),
+        q_ptr=q,
+        k_ptr=k,
+        out_ptr=out,
+        stats_ptr=stats_buf,
+        argmax_ptr=argmax,
+        offsets_ptr=offsets,
+        N=p.n_q,
+        Hq=p.q_heads,
+        GROUP=p.group,
+        rows_total=p.batch * p.q_heads * p.n_q,
+        qk_scale=p.scale * LOG2E,
+        sink_tokens=stats.sink_tokens if want else 0,
+        window=stats.window if want else 0,
+        n_offsets=len(stats.offsets) if want else 0,
+    )
+    flags = dict(
+        BLOCK_N=block_n,
+        HEAD_D=p.head_dim,
+        STAGES=stages,
+        STATS=want,
+        ENTROPY="entropy" in fields,
+        DIST="distance" in fields,
+        ARGMAX=want and stats.argmax,
+        LOCAL="local_mass" in fields,
+        **{f"F_{short}": fields.get(name, 0) for short, name in _FIELD_FLAGS.items()},
+        POS_LAYOUT=gl.NVMMASharedLayout.get_default_for([8, block_n], gl.float16),
+    )
+    if not args["n_offsets"]:
+        flags["F_OFF"] = 0
+    grid = (p.batch * p.q_heads, math.ceil(p.n_q / BLOCK_M))
+    return grid, args, flags
+
+
+_FIELD_FLAGS = {
+    "ENT": "entropy",
+    "MAX": "max_prob",
+    "LSINK": "learned_sink_mass",
+    "SINK": "sink_mass",
+    "LOCAL": "local_mass",
+    "DIST": "distance",
+    "OFF": "offset_mass",
+}
+#: Registers: the loader warp is padded to a warpgroup, so 12 warps share the SM's 64K;
+#: setmaxnreg then moves the loader's share to the two consumers (240 each).
+LAUNCH_OPTIONS = dict(num_warps=4, maxnreg=168)
+
+
+def hopper_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, stats: StatsSpec | None
+) -> tuple[torch.Tensor, AttentionStats | None]:
+    """Run the Gluon kernel on a call :func:`unsupported` accepts; key mass by the Triton pass."""
+    from kernels.triton_attention import _offsets_tensor, key_mass_pass, stat_fields
+
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    b, hq, n = p.batch, p.q_heads, p.n_q
+    want = stats is not None
+    fields = stat_fields(stats, False) if want else {}
+    n_off = len(stats.offsets) if want else 0
+    n_rows = b * hq * n
+    out = torch.empty_like(q)
+    per_row = fields.get("offset_mass", 0) + n_off
+    stats_buf = torch.empty(per_row * n_rows, device=q.device, dtype=torch.float32) if want else out
+    argmax = torch.empty((b, hq, n), device=q.device, dtype=torch.int64) if want and stats.argmax else out
+    offsets = _offsets_tensor(stats.offsets, q.device) if n_off else out
+    grid, args, flags = launch_arguments(q, k, v, out, stats_buf, argmax, offsets, p, stats, fields)
+    _hopper_fwd[grid](**args, **flags, **LAUNCH_OPTIONS)
+    if not want:
+        return out, None
+    wanted = stats.output_fields()
+    single = stats_buf[: fields["offset_mass"] * n_rows].view(-1, b, hq, n)
+    found = {name: single[i] for name, i in fields.items() if name in wanted and name != "offset_mass"}
+    if n_off:
+        found["offset_mass"] = stats_buf[fields["offset_mass"] * n_rows :].view(b, hq, n, n_off)
+    key_mass = key_mass_pass(q, k, p, stats, found["lse"]) if stats.key_mass else None
+    return out, AttentionStats(**found, argmax=argmax if stats.argmax else None, key_mass=key_mass)
+
+
+_POINTER_TYPES = {torch.float32: "fp32", torch.int64: "i64", torch.int32: "i32"}
+
+
+def compile_sm90(head_dim: int, dtype: torch.dtype = torch.bfloat16, stats: StatsSpec | None = None):
+    """Compile the kernel for sm_90 without a GPU (Triton's compiler and ptxas run on the CPU);
+    returns Triton's compiled kernel (``.asm["ptx"]``, ``.asm["cubin"]``, ``.metadata``). The
+    tests use it to check that the kernel builds with the installed Triton, and ``ptxas -v``
+    on its PTX reports registers and spills."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from kernels.triton_attention import stat_fields
+
+    n = 2 * BLOCK_M
+    p = Problem(1, 2, 1, n, n, head_dim, 1.0 / math.sqrt(head_dim), True)
+    fields = stat_fields(stats, False) if stats is not None else {}
+    qkv = torch.empty((1, 2, n, head_dim), dtype=dtype, device="meta")
+    stats_buf = torch.empty(0, dtype=torch.float32, device="meta")
+    argmax = torch.empty(0, dtype=torch.int64, device="meta")
+    offsets = torch.empty(0, dtype=torch.int32, device="meta")
+    _, args, flags = launch_arguments(qkv, qkv, qkv, qkv, stats_buf, argmax, offsets, p, stats, fields)
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    signature = {}
+    for key, value in args.items():
+        if isinstance(value, TensorDescriptor):
+            block = value.block_shape
+            signature[key] = f"tensordesc<{name}[{block[0]}, {block[1]}],{value.layout!r}>"
+        elif isinstance(value, torch.Tensor):
+            signature[key] = "*" + _POINTER_TYPES.get(value.dtype, name)
+        elif isinstance(value, float):
+            signature[key] = "fp32"
+        else:
+            signature[key] = "i32"
+    signature.update({key: "constexpr" for key in flags})
+    source = GluonASTSource(_hopper_fwd, signature=signature, constexprs=flags)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=LAUNCH_OPTIONS)

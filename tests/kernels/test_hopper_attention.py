@@ -1,0 +1,157 @@
+"""The Hopper (Gluon) kernel: which calls it takes and why not the others (any machine), that
+it builds for sm_90 with the installed Triton (any machine: Triton compiles on the CPU), and,
+on an sm_90 GPU, that it matches the float64 oracle on fresh random problems."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kernels.triton_attention
+from kernels import StatsSpec, attention
+from kernels.hopper_attention import GLUON_AVAILABLE, unsupported
+from kernels.validate import check_inputs
+from tests.conftest import SEED
+from tests.kernels.kernel_cases import Case
+from tests.kernels.test_kernel_accuracy import check_against_oracle
+
+#: The distance MMA rounds p to float16 (relative error <= 2**-11) against offsets of at most
+#: 63.5 keys from a block's centre: at most this many positions off, whatever the length.
+DISTANCE_ROUNDING = 2**-11 * 63.5
+ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+BF16 = torch.bfloat16
+
+
+def _reason(dtype=BF16, d=64, nq=256, nk=256, causal=True, stats=None, scale=None, **variants) -> str | None:
+    """``unsupported`` for a CPU call of the given kind (two query heads, one key/value head)."""
+    q = torch.zeros(1, 2, nq, d, dtype=dtype)
+    k = torch.zeros(1, 1, nk, d, dtype=dtype)
+    lengths = {name: variants.pop(name, None) for name in ("key_lengths", "query_lengths")}
+    per_head = {name: variants.pop(name) for name in ("sinks", "alibi_slopes", "window_heads") if name in variants}
+    p = check_inputs(q, k, k, causal=causal, scale=scale, stats=stats, **lengths, **per_head, **variants)
+    return unsupported(q, p, stats, **lengths, **per_head)
+
+
+@pytest.mark.parametrize(
+    "kind, because",
+    [
+        (dict(dtype=torch.float32), "dtype"),
+        (dict(d=96), "head dim"),
+        (dict(causal=False), "causal self-attention"),
+        (dict(nq=64, nk=256), "causal self-attention"),
+        (dict(nq=64, nk=64), "causal self-attention"),
+        (dict(key_lengths=torch.tensor([200])), "padding"),
+        (dict(query_lengths=torch.tensor([200])), "padding"),
+        (dict(window=16), "variant"),
+        (dict(softcap=30.0), "variant"),
+        (dict(sinks=torch.zeros(2)), "variant"),
+        (dict(alibi_slopes=torch.ones(2)), "variant"),
+        (dict(scale=-0.1), "scale"),
+        (dict(stats=StatsSpec(sink_tokens=10, offsets=tuple(range(7)))), "sink tokens and offsets"),
+    ],
+)
+def test_calls_it_cannot_run_say_why(kind, because):
+    assert because in _reason(**kind)
+
+
+def test_a_call_it_can_run_needs_only_the_hardware(monkeypatch):
+    spec = StatsSpec.all(sink_tokens=4, window=64, offsets=(1, 31))
+    for kind in (dict(), dict(dtype=torch.float16, d=128, stats=spec), dict(nq=129, nk=129, stats=spec)):
+        reason = _reason(**kind)
+        assert reason == ("not a Hopper (sm_90) GPU" if GLUON_AVAILABLE else "this Triton has no Gluon")
+    monkeypatch.setenv("KERNELS_HOPPER", "0")
+    assert _reason() == ("KERNELS_HOPPER=0" if GLUON_AVAILABLE else "this Triton has no Gluon")
+
+
+BUILDS = {
+    "D64 bf16 plain": (64, "bfloat16", None),
+    "D128 fp16 lse": (128, "float16", "StatsSpec()"),
+    "D64 bf16 row stats": (64, "bfloat16", "StatsSpec.every_row_statistic(sink_tokens=4, offsets=(1, 7))"),
+    "D128 bf16 scoring": (128, "bfloat16", "StatsSpec(entropy=True, sink_tokens=1, window=200, offsets=(1,))"),
+}
+# The tests run under TRITON_INTERPRET=1, whose triton.jit helpers Gluon cannot compile:
+# build in a child process without it.
+_BUILD = """
+import json, sys, torch
+from kernels import StatsSpec
+from kernels.hopper_attention import compile_sm90
+facts = {}
+for name, (d, dtype, spec) in json.loads(sys.argv[1]).items():
+    kernel = compile_sm90(d, getattr(torch, dtype), eval(spec) if spec else None)
+    facts[name] = dict(ptx=kernel.asm["ptx"], cubin=len(kernel.asm["cubin"]), warps=kernel.metadata.num_warps)
+print(json.dumps(facts))
+"""
+
+
+@pytest.fixture(scope="module")
+def builds() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [sys.executable, "-c", _BUILD, json.dumps(BUILDS)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+@pytest.mark.skipif(not GLUON_AVAILABLE, reason="this Triton has no Gluon (Triton < 3.5)")
+@pytest.mark.parametrize("name", BUILDS)
+def test_builds_for_sm90(builds, name):
+    ptx = builds[name]["ptx"]
+    assert builds[name]["cubin"] > 0, "ptxas produced no binary"
+    assert "wgmma.mma_async" in ptx  # Hopper tensor-core MMAs
+    assert "cp.async.bulk.tensor" in ptx  # TMA loads
+    assert "setmaxnreg" in ptx  # warp specialization: registers moved from the loader to the consumers
+    assert builds[name]["warps"] == 12  # two consumer warpgroups and the loader's
+
+
+def _draw(rng: random.Random) -> Case:
+    """A random call the Hopper kernel takes: GQA, odd lengths, statistics, strided layouts."""
+    d, dtype = rng.choice((64, 128)), rng.choice((BF16, torch.float16))
+    b, hkv, group = rng.choice((1, 2)), rng.choice((1, 2)), rng.choice((1, 2, 4))
+    n = rng.choice((128, 129, 200, 255, 383, 640, 1000, 1300))
+    spec = rng.choice(
+        (
+            None,
+            StatsSpec(),
+            StatsSpec.all(
+                sink_tokens=rng.choice((1, 4)),
+                window=rng.choice((1, 40, 129, 300)),
+                offsets=tuple(rng.sample((0, 1, 2, 7, 127, 128, 300), 2)),
+            ),
+            StatsSpec(entropy=True, argmax=True, distance=True),
+            StatsSpec(sink_tokens=2, window=64, key_mass=True, key_mass_queries=rng.choice((1, 64, 500))),
+        )
+    )
+    gen = torch.Generator().manual_seed(rng.getrandbits(31))
+    sigma = rng.choice((0.5, 1.0, 2.0))
+
+    def draw(heads):
+        if rng.random() < 0.5:  # [B, N, H, D] transposed, as models hand it over
+            return (torch.randn(b, n, heads, d, generator=gen) * sigma).to(dtype).cuda().transpose(1, 2)
+        return (torch.randn(b, heads, n, d, generator=gen) * sigma).to(dtype).cuda()
+
+    return Case(draw(hkv * group), draw(hkv), draw(hkv), True, None, spec, None, None)
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="needs an sm_90 GPU (H100, H200)")
+@pytest.mark.parametrize("index", range(32))
+def test_matches_float64_oracle_on_hopper(index, monkeypatch):
+    case = _draw(random.Random(f"{SEED}-hopper-{index}"))
+    p = check_inputs(case.q, case.k, case.v, **case.kwargs())
+    assert unsupported(case.q, p, case.spec) is None, case.describe()
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("the call went to the Triton kernel")
+
+    monkeypatch.setattr(kernels.triton_attention, "triton_attention", not_here)
+    out, st = attention(case.q, case.k, case.v, backend="triton", **case.kwargs())
+    try:
+        check_against_oracle(case, out, st, distance_slack=DISTANCE_ROUNDING)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\ncase: {case.describe()}") from None
