@@ -667,6 +667,8 @@ def unsupported(
         return "an attention variant"
     if p.scale <= 0:
         return "a scale <= 0"
+    if stats is None and p.head_dim == 64:
+        return "plain attention at head dim 64 (the Triton kernel is faster there)"
     if stats is not None and (stats.sink_tokens + len(stats.offsets) > MAX_GATHERED_KEYS):
         return f"more than {MAX_GATHERED_KEYS} sink tokens and offsets"
     if not GLUON_AVAILABLE:

@@ -53,7 +53,9 @@ def hopper_kernel(cfg: Config) -> str:
     q = torch.empty((1, 2, 256, 128), dtype=cfg.dtype, device=cfg.device)
     p = check_inputs(q, q, q, causal=True, scale=None, stats=ROW_STATS, key_lengths=None, query_lengths=None)
     reason = unsupported(q, p, ROW_STATS)
-    return "on for head dims 64 and 128 (KERNELS_HOPPER=0 turns it off)" if reason is None else f"off ({reason})"
+    if reason is not None:
+        return f"off ({reason})"
+    return "on for head dims 64 and 128, plain attention at 128 only (KERNELS_HOPPER=0 turns it off)"
 
 
 def command_line() -> str:
