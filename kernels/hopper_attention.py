@@ -59,8 +59,11 @@ LN2 = 0.6931471805599453
 HEAD_DIMS = (64, 128)
 #: Fewer queries than this run on the Triton kernel, whose decoding path packs the heads.
 MIN_QUERIES = 128
-#: Most sink tokens and offsets whose masses are recomputed after the loop (one key each).
-MAX_GATHERED_KEYS = 16
+#: Most sink tokens: their keys must lie in the first key block.
+MAX_SINK_TOKENS = 128
+#: Most offsets (their masses are gathered after the loop, one key per row each, but the
+#: first when it lies within a key block of the query, which is summed in the loop).
+MAX_OFFSETS = 16
 #: (BLOCK_N, STAGES) per head dim; the CTA's query tile is 128 rows (2 consumers x 64).
 CONFIGS = {64: (128, 3), 128: (128, 2)}
 BLOCK_M = 128
@@ -130,23 +133,30 @@ if GLUON_AVAILABLE:
         rows,
         st,
         qk_scale,
-        window,
+        marks,
         MASK: gl.constexpr,
+        FIRST: gl.constexpr,
         ENTROPY: gl.constexpr,
         DIST: gl.constexpr,
         ARGMAX: gl.constexpr,
         LOCAL: gl.constexpr,
+        SINK: gl.constexpr,
+        NEAR: gl.constexpr,
         BLOCK_N: gl.constexpr,
     ):
         """Online softmax of key block j with the in-loop statistics.
 
         ``qk`` [64, BLOCK_N] raw scores; ``rows`` [64] query positions; ``st`` the row state
-        ``(m, l, t, d, arg, loc)``, each [64]: running max (log2 domain), sum, entropy and
-        distance accumulators, argmax and local mass. MASK blocks mask keys after the query
-        and, with LOCAL, sum the mass of the keys within ``window`` of it.
+        ``(m, l, t, d, arg, loc, sink, near)``, each [64]: running max (log2 domain), sum,
+        entropy and distance accumulators, argmax, local, sink and near-offset mass. MASK blocks
+        mask keys after the query and sum the masses of the keys near it: within ``window``
+        (LOCAL) and at ``near_offset`` (NEAR), where ``marks = (window, sink_tokens,
+        near_offset)``; the FIRST block (key block 0) sums the sink mass (SINK: keys
+        ``< sink_tokens <= BLOCK_N``). Every mass is rescaled like ``l``.
         Returns ``(p [64, BLOCK_N] unnormalised probabilities, alpha [64], new state)``.
         """
-        m_i, l_i, t_i, d_i, a_i, w_i = st
+        m_i, l_i, t_i, d_i, a_i, w_i, s_i, o_i = st
+        window, sink_tokens, near_offset = marks
         s_layout: gl.constexpr = qk.type.layout
         cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))  # [BLOCK_N]
         keys = j * BLOCK_N + cols
@@ -172,8 +182,18 @@ if GLUON_AVAILABLE:
             if MASK:
                 near = gl.expand_dims(keys, 0) > gl.expand_dims(rows - window, 1)
                 w_i = w_i + gl.sum(gl.where(near, p, gl.zeros_like(p)), axis=1)
+        if SINK:
+            s_i = alpha * s_i
+            if FIRST:
+                sink = gl.expand_dims(keys < sink_tokens, 0)
+                s_i = s_i + gl.sum(gl.where(sink, p, gl.zeros_like(p)), axis=1)
+        if NEAR:
+            o_i = alpha * o_i
+            if MASK:
+                hit = gl.expand_dims(keys, 0) == gl.expand_dims(rows - near_offset, 1)
+                o_i = o_i + gl.sum(gl.where(hit, p, gl.zeros_like(p)), axis=1)
         l_i = alpha * l_i + l_blk
-        return p, alpha, (m_new, l_i, t_i, d_i, a_i, w_i)
+        return p, alpha, (m_new, l_i, t_i, d_i, a_i, w_i, s_i, o_i)
 
     @gluon.jit
     def _operand(p, dtype: gl.constexpr, o_layout: gl.constexpr, pos_t, acc_d, DIST: gl.constexpr):
@@ -204,12 +224,14 @@ if GLUON_AVAILABLE:
         st,
         s_zero,
         qk_scale,
-        window,
+        marks,
         MASK: gl.constexpr,
         ENTROPY: gl.constexpr,
         DIST: gl.constexpr,
         ARGMAX: gl.constexpr,
         LOCAL: gl.constexpr,
+        SINK: gl.constexpr,
+        NEAR: gl.constexpr,
         BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr,
     ):
@@ -226,7 +248,9 @@ if GLUON_AVAILABLE:
         acc = warpgroup_mma(p_prev, v_smem.index(sp), acc, is_async=True)
         qk = warpgroup_mma_wait(1, deps=(qk,))  # QK(j) done; PV(j - 1) may still run
         mbarrier.arrive(k_empty.index(s))
-        p, alpha, st = _softmax_block(qk, j, rows, st, qk_scale, window, MASK, ENTROPY, DIST, ARGMAX, LOCAL, BLOCK_N)
+        p, alpha, st = _softmax_block(
+            qk, j, rows, st, qk_scale, marks, MASK, False, ENTROPY, DIST, ARGMAX, LOCAL, SINK, NEAR, BLOCK_N
+        )
         if DIST:
             acc_d = acc_d * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, acc_d.type.layout)), 1)
         acc = warpgroup_mma_wait(0, deps=(acc,))
@@ -278,6 +302,8 @@ if GLUON_AVAILABLE:
         sink_tokens,
         window,
         n_offsets,
+        near_offset,
+        first_gathered,
         BLOCK_N: gl.constexpr,
         HEAD_D: gl.constexpr,
         STAGES: gl.constexpr,
@@ -286,6 +312,9 @@ if GLUON_AVAILABLE:
         DIST: gl.constexpr,
         ARGMAX: gl.constexpr,
         LOCAL: gl.constexpr,
+        SINK: gl.constexpr,
+        NEAR: gl.constexpr,
+        GATHER: gl.constexpr,
         F_ENT: gl.constexpr,
         F_MAX: gl.constexpr,
         F_LSINK: gl.constexpr,
@@ -310,23 +339,30 @@ if GLUON_AVAILABLE:
             zero_rows,
             gl.full([_WG_ROWS], -1, gl.int32, row_layout),
             zero_rows,
+            zero_rows,
+            zero_rows,
         )
+        marks = (window, sink_tokens, near_offset)
         acc = gl.zeros([_WG_ROWS, HEAD_D], gl.float32, o_layout)
         acc_d = gl.zeros([_WG_ROWS, 8], gl.float32, _mma_layout(8))
         pos_t = pos_smem.permute((1, 0))
         s_zero = gl.zeros([_WG_ROWS, BLOCK_N], gl.float32, s_layout)
-        # Key blocks [n_free, n_blocks) need masks: the causal diagonal, and with LOCAL those
-        # the window of this warpgroup's first row reaches.
+        # Key blocks [n_free, n_blocks) need masks: the causal diagonal, and those the window
+        # (LOCAL) and the near offset (NEAR) of this warpgroup's first row reach.
         n_free = start_m // BLOCK_N
         if LOCAL:
             n_free = gl.minimum(n_free, gl.maximum(start_w - window + 1, 0) // BLOCK_N)
+        if NEAR:
+            n_free = gl.minimum(n_free, gl.maximum(start_w - near_offset, 0) // BLOCK_N)
 
         mbarrier.wait(q_bar, 0)
         mbarrier.wait(k_ready.index(0), 0)
         qk = warpgroup_mma(q_w, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         qk = warpgroup_mma_wait(0, deps=(qk,))
         mbarrier.arrive(k_empty.index(0))
-        p, alpha, st = _softmax_block(qk, 0, rows, st, qk_scale, window, True, ENTROPY, DIST, ARGMAX, LOCAL, BLOCK_N)
+        p, alpha, st = _softmax_block(
+            qk, 0, rows, st, qk_scale, marks, True, True, ENTROPY, DIST, ARGMAX, LOCAL, SINK, NEAR, BLOCK_N
+        )
         p_prev, acc_d = _operand(p, v_smem.dtype, o_layout, pos_t, acc_d, DIST)
         for j in range(1, n_free):
             p_prev, acc, acc_d, st = _consumer_step(
@@ -346,12 +382,14 @@ if GLUON_AVAILABLE:
                 st,
                 s_zero,
                 qk_scale,
-                window,
+                marks,
                 False,
                 ENTROPY,
                 DIST,
                 ARGMAX,
                 LOCAL,
+                SINK,
+                NEAR,
                 BLOCK_N,
                 STAGES,
             )
@@ -373,12 +411,14 @@ if GLUON_AVAILABLE:
                 st,
                 s_zero,
                 qk_scale,
-                window,
+                marks,
                 True,
                 ENTROPY,
                 DIST,
                 ARGMAX,
                 LOCAL,
+                SINK,
+                NEAR,
                 BLOCK_N,
                 STAGES,
             )
@@ -389,7 +429,7 @@ if GLUON_AVAILABLE:
         d_i = st[3] + gl.convert_layout(gl.sum(acc_d, axis=1), row_layout)
         mbarrier.arrive(v_empty.index(last % STAGES))
 
-        m_i, l_i, t_i, _, a_i, w_i = st
+        m_i, l_i, t_i, _, a_i, w_i, s_i, o_i = st
         # Output rows, straight from registers (rows past N belong to no query).
         o_rows = start_w + gl.arange(0, _WG_ROWS, layout=gl.SliceLayout(1, o_layout))
         d_o = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, o_layout))
@@ -418,8 +458,13 @@ if GLUON_AVAILABLE:
                 gl.store(stats_ptr + F_DIST * rows_total + grow, rows.to(gl.float32) - d_i / l_i, mask=valid)
             if ARGMAX:
                 gl.store(argmax_ptr + grow, a_i.to(gl.int64), mask=valid)
-            if F_SINK or F_OFF:
-                # One key per row at a time, from global memory, now that lse is final.
+            if F_SINK:
+                gl.store(stats_ptr + F_SINK * rows_total + grow, s_i / l_i, mask=valid)
+            if NEAR:
+                gl.store(stats_ptr + F_OFF * rows_total + grow * n_offsets, o_i / l_i, mask=valid)
+            if GATHER:
+                # The other offsets: one key per row at a time, from global memory, now that
+                # lse is final.
                 g_layout: gl.constexpr = _rows_layout(HEAD_D)
                 g_row: gl.constexpr = gl.SliceLayout(1, g_layout)
                 g_rows = start_w + gl.arange(0, _WG_ROWS, layout=g_row)
@@ -433,19 +478,11 @@ if GLUON_AVAILABLE:
                 g_lse2 = gl.convert_layout(lse2, g_row)
                 k_base = k_ptr + kv_bh.to(gl.int64) * N * HEAD_D
                 g_grow = bh.to(gl.int64) * N + g_rows
-                if F_SINK:
-                    sink = gl.zeros([_WG_ROWS], gl.float32, g_row)
-                    for key in range(0, sink_tokens):
-                        keys = gl.full([_WG_ROWS], key, gl.int32, g_row)
-                        ok = g_valid & (keys <= g_rows)
-                        sink += _gathered_mass(q_rows, k_base, keys, ok, g_lse2, qk_scale, HEAD_D)
-                    gl.store(stats_ptr + F_SINK * rows_total + g_grow, sink, mask=g_valid)
-                if F_OFF:
-                    for i in range(0, n_offsets):
-                        keys = g_rows - gl.load(offsets_ptr + i)
-                        ok = g_valid & (keys >= 0) & (keys <= g_rows)
-                        mass = _gathered_mass(q_rows, k_base, keys, ok, g_lse2, qk_scale, HEAD_D)
-                        gl.store(stats_ptr + F_OFF * rows_total + g_grow * n_offsets + i, mass, mask=g_valid)
+                for i in range(first_gathered, n_offsets):
+                    keys = g_rows - gl.load(offsets_ptr + i)
+                    ok = g_valid & (keys >= 0) & (keys <= g_rows)
+                    mass = _gathered_mass(q_rows, k_base, keys, ok, g_lse2, qk_scale, HEAD_D)
+                    gl.store(stats_ptr + F_OFF * rows_total + g_grow * n_offsets + i, mass, mask=g_valid)
 
     @gluon.jit
     def _hopper_fwd(
@@ -466,6 +503,8 @@ if GLUON_AVAILABLE:
         sink_tokens,
         window,
         n_offsets,
+        near_offset,
+        first_gathered,
         BLOCK_N: gl.constexpr,
         HEAD_D: gl.constexpr,
         STAGES: gl.constexpr,
@@ -474,6 +513,9 @@ if GLUON_AVAILABLE:
         DIST: gl.constexpr,
         ARGMAX: gl.constexpr,
         LOCAL: gl.constexpr,
+        SINK: gl.constexpr,
+        NEAR: gl.constexpr,
+        GATHER: gl.constexpr,
         F_ENT: gl.constexpr,
         F_MAX: gl.constexpr,
         F_LSINK: gl.constexpr,
@@ -546,6 +588,8 @@ if GLUON_AVAILABLE:
                         sink_tokens,
                         window,
                         n_offsets,
+                        near_offset,
+                        first_gathered,
                         BLOCK_N,
                         HEAD_D,
                         STAGES,
@@ -554,6 +598,9 @@ if GLUON_AVAILABLE:
                         DIST,
                         ARGMAX,
                         LOCAL,
+                        SINK,
+                        NEAR,
+                        GATHER,
                         F_ENT,
                         F_MAX,
                         F_LSINK,
@@ -592,6 +639,8 @@ if GLUON_AVAILABLE:
                         sink_tokens,
                         window,
                         n_offsets,
+                        near_offset,
+                        first_gathered,
                         BLOCK_N,
                         HEAD_D,
                         STAGES,
@@ -600,6 +649,9 @@ if GLUON_AVAILABLE:
                         DIST,
                         ARGMAX,
                         LOCAL,
+                        SINK,
+                        NEAR,
+                        GATHER,
                         F_ENT,
                         F_MAX,
                         F_LSINK,
@@ -669,8 +721,10 @@ def unsupported(
         return "a scale <= 0"
     if stats is None and p.head_dim == 64:
         return "plain attention at head dim 64 (the Triton kernel is faster there)"
-    if stats is not None and (stats.sink_tokens + len(stats.offsets) > MAX_GATHERED_KEYS):
-        return f"more than {MAX_GATHERED_KEYS} sink tokens and offsets"
+    if stats is not None and stats.sink_tokens > MAX_SINK_TOKENS:
+        return f"more than {MAX_SINK_TOKENS} sink tokens"
+    if stats is not None and len(stats.offsets) > MAX_OFFSETS:
+        return f"more than {MAX_OFFSETS} offsets"
     if not GLUON_AVAILABLE:
         return "this Triton has no Gluon"
     if not _enabled():
@@ -693,6 +747,10 @@ def launch_arguments(q, k, v, out, stats_buf, argmax, offsets, p: Problem, stats
     offline compile)."""
     block_n, stages = CONFIGS[p.head_dim]
     want = stats is not None
+    n_off = len(stats.offsets) if want else 0
+    assert not want or stats.sink_tokens <= block_n, "sink keys must lie in the first key block"
+    # The first offset, if it lies within a block of the query, is summed in the loop.
+    near = n_off > 0 and 0 <= stats.offsets[0] <= block_n
     args = dict(
         q_desc=_descriptor(q, HALF_M),
         k_desc=_descriptor(k, block_n),
@@ -710,7 +768,9 @@ def launch_arguments(q, k, v, out, stats_buf, argmax, offsets, p: Problem, stats
         qk_scale=p.scale * LOG2E,
         sink_tokens=stats.sink_tokens if want else 0,
         window=stats.window if want else 0,
-        n_offsets=len(stats.offsets) if want else 0,
+        n_offsets=n_off,
+        near_offset=stats.offsets[0] if near else 0,
+        first_gathered=int(near),
     )
     flags = dict(
         BLOCK_N=block_n,
@@ -721,11 +781,12 @@ def launch_arguments(q, k, v, out, stats_buf, argmax, offsets, p: Problem, stats
         DIST="distance" in fields,
         ARGMAX=want and stats.argmax,
         LOCAL="local_mass" in fields,
+        SINK="sink_mass" in fields,
+        NEAR=near,
+        GATHER=n_off > int(near),
         **{f"F_{short}": fields.get(name, 0) for short, name in _FIELD_FLAGS.items()},
         POS_LAYOUT=gl.NVMMASharedLayout.get_default_for([8, block_n], gl.float16),
     )
-    if not args["n_offsets"]:
-        flags["F_OFF"] = 0
     grid = (p.batch * p.q_heads, math.ceil(p.n_q / BLOCK_M))
     return grid, args, flags
 

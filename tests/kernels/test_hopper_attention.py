@@ -54,7 +54,8 @@ def _reason(dtype=BF16, d=64, nq=256, nk=256, causal=True, stats=StatsSpec(), sc
         (dict(alibi_slopes=torch.ones(2)), "variant"),
         (dict(scale=-0.1), "scale"),
         (dict(d=64, stats=None), "the Triton kernel is faster"),
-        (dict(stats=StatsSpec(sink_tokens=10, offsets=tuple(range(7)))), "sink tokens and offsets"),
+        (dict(stats=StatsSpec(sink_tokens=129)), "sink tokens"),
+        (dict(stats=StatsSpec(offsets=tuple(range(17)))), "offsets"),
     ],
 )
 def test_calls_it_cannot_run_say_why(kind, because):
@@ -75,6 +76,7 @@ BUILDS = {
     "D128 fp16 lse": (128, "float16", "StatsSpec()"),
     "D64 bf16 row stats": (64, "bfloat16", "StatsSpec.every_row_statistic(sink_tokens=4, offsets=(1, 7))"),
     "D128 bf16 scoring": (128, "bfloat16", "StatsSpec(entropy=True, sink_tokens=1, window=200, offsets=(1,))"),
+    "D128 bf16 far offsets": (128, "bfloat16", "StatsSpec(sink_tokens=128, offsets=(300, 1, 4095))"),
 }
 # The tests run under TRITON_INTERPRET=1, whose triton.jit helpers Gluon cannot compile:
 # build in a child process without it.
@@ -121,7 +123,7 @@ def _draw(rng: random.Random) -> Case:
             None,
             StatsSpec(),
             StatsSpec.all(
-                sink_tokens=rng.choice((1, 4)),
+                sink_tokens=rng.choice((1, 4, 128)),
                 window=rng.choice((1, 40, 129, 300)),
                 offsets=tuple(rng.sample((0, 1, 2, 7, 127, 128, 300), 2)),
             ),
