@@ -11,20 +11,23 @@ schedules its warps by hand (``triton.experimental.gluon``, part of the Triton w
 * inside a consumer, the QK^T of block ``j`` and the PV of block ``j - 1`` are in flight
   together, and the softmax of ``j`` overlaps that PV (FlashAttention-3's in-warpgroup overlap).
 
-Statistics (:class:`kernels.StatsSpec`), as in the Triton kernel: entropy (``t = sum p * x``
-rescaled like ``l``), mean distance (``sum p * key``), argmax and ``max_prob = 1 / l`` ride in
-the main loop; local mass is summed in the masked blocks its window touches (the causal
-diagonal and, for wide windows, the blocks before it), rescaled like ``l``; sink and offset
-masses, one key per row each, are recomputed after the loop as ``exp(s - lse)`` from global
-memory. Key mass needs the final lse: the Triton key-mass pass runs after this kernel.
+Statistics (:class:`kernels.StatsSpec`): entropy (``t = sum p * x`` rescaled like ``l``),
+argmax and ``max_prob = 1 / l`` ride in the main loop, as in the Triton kernel; distance
+goes through the tensor cores (``P @ [BLOCK_N, 8]``, column 0 each key's offset from its
+block's centre, P in float16). Masses are summed in the loop only in the blocks they touch,
+rescaled like ``l``: sink mass in key block 0, local mass and the first offset's (``0 <= o
+<= 128``) in the masked blocks near the diagonal. Further offsets are recomputed after the
+loop as ``exp(s - lse)``, one key row per query row from global memory. Key mass needs the
+final lse: the Triton key-mass pass runs after this kernel.
 
 Scope: what the model benchmarks and head scoring run most, causal self-attention
 (``Nq == Nk``) in float16/bfloat16 with head dim 64 or 128, grouped-query heads, any length,
-no padding lengths and no attention variants (window, soft-cap, learned sinks, ALiBi).
-:func:`supports` says whether a call fits; everything else runs on the Triton kernel.
+no padding lengths and no attention variants (window, soft-cap, learned sinks, ALiBi);
+plain attention at head dim 64 stays on the Triton kernel, which is faster there.
+:func:`unsupported` says why a call does not fit; everything else runs on the Triton kernel.
 ``KERNELS_HOPPER=0`` turns this backend off. Gluon has no interpreter: CI compiles the kernel
-for sm_90 (``tests/kernels/test_hopper_compile.py``); it is checked against the float64
-reference on an H200 (docs/benchmarks.md).
+for sm_90 on the CPU (:func:`compile_sm90`); on an sm_90 GPU
+``tests/kernels/test_hopper_attention.py`` checks it against the float64 oracle.
 """
 
 from __future__ import annotations
