@@ -812,7 +812,7 @@ def hopper_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, stats: StatsSpec | None
 ) -> tuple[torch.Tensor, AttentionStats | None]:
     """Run the Gluon kernel on a call :func:`unsupported` accepts; key mass by the Triton pass."""
-    from kernels.triton_attention import _offsets_tensor, key_mass_pass, stat_fields
+    from kernels.triton_attention import _offsets_tensor, key_mass_pass, row_stats_views, stat_fields
 
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     b, hq, n = p.batch, p.q_heads, p.n_q
@@ -829,11 +829,7 @@ def hopper_attention(
     _hopper_fwd[grid](**args, **flags, **LAUNCH_OPTIONS)
     if not want:
         return out, None
-    wanted = stats.output_fields()
-    single = stats_buf[: fields["offset_mass"] * n_rows].view(-1, b, hq, n)
-    found = {name: single[i] for name, i in fields.items() if name in wanted and name != "offset_mass"}
-    if n_off:
-        found["offset_mass"] = stats_buf[fields["offset_mass"] * n_rows :].view(b, hq, n, n_off)
+    found = row_stats_views(stats_buf, fields, stats, (b, hq, n))
     key_mass = key_mass_pass(q, k, p, stats, found["lse"]) if stats.key_mass else None
     return out, AttentionStats(**found, argmax=argmax if stats.argmax else None, key_mass=key_mass)
 

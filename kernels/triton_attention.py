@@ -45,6 +45,7 @@ than ``_MASKED``): fully masked rows then give ``p = 0`` without ever forming ``
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -1368,16 +1369,37 @@ def _strides(names: tuple[str, str, str, str], t: torch.Tensor) -> dict[str, int
     return dict(zip(names, t.stride()))
 
 
-def _precision(q: torch.Tensor) -> tuple[bool, str]:
-    """``(DOT_F32, PREC)`` for inputs like ``q``.
+def _common_flags(q: torch.Tensor, p: Problem, key_lengths, query_lengths) -> dict:
+    """The compile-time flags the forward and key-mass kernels share.
 
     Triton's interpreter mis-evaluates bfloat16 dot products, and its float32 -> bfloat16
     conversion truncates (GPUs round to nearest): it computes in float32 there (DOT_F32), and
     the forward writes its output as float32 for PyTorch to round. float32 inputs get exact
-    float32 products (Triton would otherwise use TF32 on GPUs).
+    float32 products (PREC; Triton would otherwise use TF32 on GPUs).
     """
     dot_f32 = interpreting() and q.dtype == torch.bfloat16
-    return dot_f32, "ieee" if (q.dtype == torch.float32 or dot_f32) else "tf32"
+    return dict(
+        HEAD_DIM=p.head_dim,
+        BLOCK_D=max(MIN_HEAD_DIM, triton.next_power_of_2(p.head_dim)),
+        CAUSAL=p.causal,
+        HAS_KLEN=key_lengths is not None,
+        HAS_QLEN=query_lengths is not None,
+        DOT_F32=dot_f32,
+        PREC="ieee" if (q.dtype == torch.float32 or dot_f32) else "tf32",
+    )
+
+
+def row_stats_views(row_stats: torch.Tensor, fields: dict[str, int], stats: StatsSpec, shape) -> dict:
+    """The requested float32 row statistics as views of the kernels' one buffer (laid out by
+    :func:`stat_fields`): ``{name: [B, Hq, Nq]}``, and ``offset_mass [B, Hq, Nq, len(offsets)]``.
+    ``shape`` is ``(B, Hq, Nq)``."""
+    n_rows, n_off = math.prod(shape), len(stats.offsets)
+    wanted = stats.output_fields()  # not max_prob when its field served argmax only
+    single = row_stats[: fields["offset_mass"] * n_rows].view(-1, *shape)
+    found = {name: single[i] for name, i in fields.items() if name in wanted and name != "offset_mass"}
+    if n_off:
+        found["offset_mass"] = row_stats[fields["offset_mass"] * n_rows :].view(*shape, n_off)
+    return found
 
 
 def _variants(p: Problem, alibi_slopes, window_heads) -> tuple[dict, dict]:
@@ -1415,12 +1437,12 @@ def triton_attention(
     """
     b, hq, nq, nk, d = p.batch, p.q_heads, p.n_q, p.n_k, p.head_dim
     dev = q.device
-    block_d = max(MIN_HEAD_DIM, triton.next_power_of_2(d))
     scale = p.scale
     if scale < 0:  # the kernel needs a positive scale; negating q is exact
         q, scale = -q, -scale
 
-    dot_f32, prec = _precision(q)
+    common_flags = _common_flags(q, p, key_lengths, query_lengths)
+    block_d, dot_f32 = common_flags["BLOCK_D"], common_flags["DOT_F32"]
     want = stats is not None
     n_off = len(stats.offsets) if want else 0
 
@@ -1456,15 +1478,6 @@ def triton_attention(
     buckets = dict(NQ_BUCKET=_pow2_bucket(nq), NK_BUCKET=_pow2_bucket(nk))
     q_strides = _strides(("stride_qb", "stride_qh", "stride_qm", "stride_qd"), q)
     k_strides = _strides(("stride_kb", "stride_kh", "stride_kn", "stride_kd"), k)
-    common_flags = dict(
-        HEAD_DIM=d,
-        BLOCK_D=block_d,
-        CAUSAL=p.causal,
-        HAS_KLEN=key_lengths is not None,
-        HAS_QLEN=query_lengths is not None,
-        DOT_F32=dot_f32,
-        PREC=prec,
-    )
     out_view = out_part[0] if split else out
 
     # Decoding is bound by reading K/V once, not by load instructions: TMA's per-call
@@ -1582,11 +1595,7 @@ def triton_attention(
     if not want:
         return out, None
 
-    wanted = stats.output_fields()  # not max_prob when its field served argmax only
-    single = row_stats[: fields["offset_mass"] * n_rows].view(-1, b, hq, nq)
-    found = {name: single[i] for name, i in fields.items() if name in wanted and name != "offset_mass"}
-    if n_off:
-        found["offset_mass"] = row_stats[fields["offset_mass"] * n_rows :].view(b, hq, nq, n_off)
+    found = row_stats_views(row_stats, fields, stats, (b, hq, nq))
     key_mass = None
     if stats.key_mass:
         key_mass = key_mass_pass(
@@ -1610,9 +1619,8 @@ def key_mass_pass(
     """The key-mass pass: attention each key receives, ``[B, Hq, Nk]`` float32, given the
     forward's final row log-sum-exp ``lse [B, Hq, Nq]``. ``scale`` (default ``p.scale``) must
     be positive: a caller with a negative scale passes ``-q`` and ``-scale``."""
-    b, hq, nq, nk, d = p.batch, p.q_heads, p.n_q, p.n_k, p.head_dim
+    b, hq, nq, nk = p.batch, p.q_heads, p.n_q, p.n_k
     scale = p.scale if scale is None else scale
-    dot_f32, prec = _precision(q)
     variant_args, variant_flags = _variants(p, alibi_slopes, window_heads)
     key_mass = torch.empty((b, hq, nk), device=q.device, dtype=torch.float32)
     unused = key_mass  # unused pointers get any tensor
@@ -1637,17 +1645,7 @@ def key_mass_pass(
         NQ_BUCKET=_pow2_bucket(nq),
         NK_BUCKET=_pow2_bucket(nk),
     )
-    flags = dict(
-        HEAD_DIM=d,
-        BLOCK_D=max(MIN_HEAD_DIM, triton.next_power_of_2(d)),
-        CAUSAL=p.causal,
-        HAS_KLEN=key_lengths is not None,
-        HAS_QLEN=query_lengths is not None,
-        DOT_F32=dot_f32,
-        PREC=prec,
-        **variant_flags,
-        KM_STRIDE=stats.key_mass_stride,
-    )
+    flags = dict(_common_flags(q, p, key_lengths, query_lengths), **variant_flags, KM_STRIDE=stats.key_mass_stride)
     _launch(
         "key_mass",
         flags["BLOCK_D"],
