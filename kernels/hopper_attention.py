@@ -23,7 +23,7 @@ final lse: the Triton key-mass pass runs after this kernel.
 Scope: what the model benchmarks and head scoring run most, causal self-attention
 (``Nq == Nk``) in float16/bfloat16 with head dim 64 or 128, grouped-query heads, any length,
 no padding lengths and no attention variants (window, soft-cap, learned sinks, ALiBi);
-plain attention at head dim 64 stays on the Triton kernel, which is faster there.
+plain attention at head dim 64 stays on the Triton kernel, which is as fast there.
 :func:`unsupported` says why a call does not fit; everything else runs on the Triton kernel.
 ``KERNELS_HOPPER=0`` turns this backend off. Gluon has no interpreter: CI compiles the kernel
 for sm_90 on the CPU (:func:`compile_sm90`); on an sm_90 GPU
@@ -91,8 +91,8 @@ if GLUON_AVAILABLE:
         return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
 
     @gluon.constexpr_function
-    def _rows_layout(head_d):
-        """A plain [64, head_d] layout for row gathers from global memory (8 elements a thread)."""
+    def _rows_layout():
+        """A plain [64, D] layout for row gathers from global memory (8 elements a thread)."""
         return gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[4, 1], order=[1, 0])
 
     @gluon.jit
@@ -198,16 +198,37 @@ if GLUON_AVAILABLE:
         l_i = alpha * l_i + l_blk
         return p, alpha, (m_new, l_i, t_i, d_i, a_i, w_i, s_i, o_i)
 
+    @gluon.constexpr_function
+    def _carries_float32(head_d):
+        """Whether P is carried to the next PV in float32 and converted just before it. Carried
+        as 16-bit values, ptxas swaps the halves of every register pair on the way (one byte
+        permute per two scores); float32 costs 32 more registers, which only D = 64 has."""
+        return head_d == 64
+
     @gluon.jit
     def _operand(p, dtype: gl.constexpr, o_layout: gl.constexpr, pos_t, acc_d, DIST: gl.constexpr):
-        """``p`` [64, BLOCK_N] as the A operand of the next PV, in registers; with DIST also
-        ``acc_d += p @ pos_t`` at once, with p in float16 (8x finer than bfloat16), so that
+        """``p`` [64, BLOCK_N] as it is carried to the next PV (:func:`_pv_operand`); with DIST
+        also ``acc_d += p @ pos_t`` at once, with p in float16 (8x finer than bfloat16), so that
         this copy of p does not stay live beside the other."""
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         if DIST:
             acc_d = warpgroup_mma(gl.convert_layout(p.to(gl.float16), a_layout), pos_t, acc_d, is_async=True)
             acc_d = warpgroup_mma_wait(0, deps=(acc_d,))
-        return gl.convert_layout(p.to(dtype), a_layout), acc_d
+        if _carries_float32(o_layout.instr_shape[1]):
+            carried = p
+        else:
+            carried = gl.convert_layout(p.to(dtype), a_layout)
+        return carried, acc_d
+
+    @gluon.jit
+    def _pv_operand(p_prev, dtype: gl.constexpr, o_layout: gl.constexpr):
+        """The A operand of PV from what :func:`_operand` carried."""
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        if _carries_float32(o_layout.instr_shape[1]):
+            operand = gl.convert_layout(p_prev.to(dtype), a_layout)
+        else:
+            operand = p_prev
+        return operand
 
     @gluon.jit
     def _consumer_step(
@@ -248,7 +269,7 @@ if GLUON_AVAILABLE:
         mbarrier.wait(k_ready.index(s), (j // STAGES) & 1)
         qk = warpgroup_mma(q_w, k_smem.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         mbarrier.wait(v_ready.index(sp), ((j - 1) // STAGES) & 1)
-        acc = warpgroup_mma(p_prev, v_smem.index(sp), acc, is_async=True)
+        acc = warpgroup_mma(_pv_operand(p_prev, v_smem.dtype, o_layout), v_smem.index(sp), acc, is_async=True)
         qk = warpgroup_mma_wait(1, deps=(qk,))  # QK(j) done; PV(j - 1) may still run
         mbarrier.arrive(k_empty.index(s))
         p, alpha, st = _softmax_block(
@@ -427,7 +448,9 @@ if GLUON_AVAILABLE:
             )
         last = n_blocks - 1
         mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
-        acc = warpgroup_mma(p_prev, v_smem.index(last % STAGES), acc, is_async=True)
+        acc = warpgroup_mma(
+            _pv_operand(p_prev, v_smem.dtype, o_layout), v_smem.index(last % STAGES), acc, is_async=True
+        )
         acc = warpgroup_mma_wait(0, deps=(acc,))
         d_i = st[3] + gl.convert_layout(gl.sum(acc_d, axis=1), row_layout)
         mbarrier.arrive(v_empty.index(last % STAGES))
@@ -468,7 +491,7 @@ if GLUON_AVAILABLE:
             if GATHER:
                 # The other offsets: one key per row at a time, from global memory, now that
                 # lse is final.
-                g_layout: gl.constexpr = _rows_layout(HEAD_D)
+                g_layout: gl.constexpr = _rows_layout()
                 g_row: gl.constexpr = gl.SliceLayout(1, g_layout)
                 g_rows = start_w + gl.arange(0, _WG_ROWS, layout=g_row)
                 g_valid = g_rows < N
@@ -723,7 +746,7 @@ def unsupported(
     if p.scale <= 0:
         return "a scale <= 0"
     if stats is None and p.head_dim == 64:
-        return "plain attention at head dim 64 (the Triton kernel is faster there)"
+        return "plain attention at head dim 64 (the Triton kernel is as fast there)"
     if stats is not None and stats.sink_tokens > MAX_SINK_TOKENS:
         return f"more than {MAX_SINK_TOKENS} sink tokens"
     if stats is not None and len(stats.offsets) > MAX_OFFSETS:

@@ -143,19 +143,19 @@ def test_uniform_rows_and_first_index_ties(backend, device):
     torch.testing.assert_close(st.key_mass[0, 0], want_km, atol=1e-5, rtol=0)
 
 
-def _tied_problem(b: int, hkv: int, group: int, nq: int, nk: int, ties: tuple[int, ...], seed: int):
-    """Integer-valued q ``[B, Hq, Nq, 16]`` in {0, 1} and k in {-1, 0, 1} whose largest scores tie
+def _tied_problem(b: int, hkv: int, group: int, nq: int, nk: int, ties: tuple[int, ...], seed: int, d: int = 16):
+    """Integer-valued q ``[B, Hq, Nq, d]`` in {0, 1} and k in {-1, 0, 1} whose largest scores tie
     exactly: keys at positions ``ties`` are all ones, so they score ``sum(q)``, which no other
     key can exceed (another key may equal it; keys before the first tie score <= 0). One
     query head is all zeros: every score 0, all keys tied. Scores are exact small integers in
     every dtype and summation order, so these ties survive any blocking or split of the keys."""
     gen = torch.Generator().manual_seed(seed)
-    q = torch.randint(0, 2, (b, hkv * group, nq, 16), generator=gen).float()
+    q = torch.randint(0, 2, (b, hkv * group, nq, d), generator=gen).float()
     q[:, -1] = 0
-    k = torch.randint(-1, 2, (b, hkv, nk, 16), generator=gen).float()
+    k = torch.randint(-1, 2, (b, hkv, nk, d), generator=gen).float()
     k[:, :, : ties[0]] = k[:, :, : ties[0]].clamp(max=0)
     k[:, :, list(ties)] = 1.0
-    v = torch.randn(b, hkv, nk, 16, generator=gen)
+    v = torch.randn(b, hkv, nk, d, generator=gen)
     return q, k, v
 
 

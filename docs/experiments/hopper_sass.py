@@ -1,0 +1,79 @@
+"""The Hopper kernel's machine code without a GPU: registers, spills and the instruction mix
+of each softmax loop body, for every statistic set named (docs/benchmarks.md, "schedules
+tried"). Triton compiles the kernel for sm_90 on the CPU (``compile_sm90``); the ``ptxas`` and
+``cuobjdump`` bundled with Triton assemble and disassemble it. That ``ptxas`` must read the
+PTX version Triton writes: Triton 3.6 works (``pip install triton==3.6.0`` in a separate
+virtual environment, with torch).
+
+    PYTHONPATH=. python docs/experiments/hopper_sass.py 64 plain all argmax
+
+A loop body is the range of a backward branch; the ones printed run the softmax (at least 32
+``MUFU`` exponentials) and hold no such loop inside. Each consumer warpgroup has its own copy
+of each loop: the free blocks' first, then the masked blocks'.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+
+from kernels import StatsSpec
+from kernels.hopper_attention import compile_sm90
+
+SPECS = {
+    "plain": None,
+    "all": StatsSpec.every_row_statistic(),
+    "argmax": StatsSpec(argmax=True),
+    "entropy": StatsSpec(entropy=True),
+    "distance": StatsSpec(distance=True),
+}
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+_INSTRUCTION = re.compile(r"\s+/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)[^;]*?(0x[0-9a-f]+)?\s*;")
+
+
+def assemble(ptx: str) -> tuple[str, str]:
+    """``(ptxas -v report, SASS listing)`` of one kernel's PTX."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        with open(src, "w") as f:
+            f.write(ptx)
+        cmd = [os.path.join(_BIN, "ptxas"), "-v", "--gpu-name", "sm_90a", src, "-o", cubin]
+        report = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+        sass = subprocess.run(
+            [os.path.join(_BIN, "cuobjdump"), "-sass", cubin], capture_output=True, text=True, check=True
+        ).stdout
+    return report, sass
+
+
+def loop_bodies(sass: str) -> list[collections.Counter]:
+    """Opcode counts of the innermost loop bodies that compute exponentials (``MUFU``)."""
+    code = [(int(m[1], 16), m[2], m[3]) for m in _INSTRUCTION.finditer(sass)]
+    spans = {(int(t, 16), a) for a, op, t in code if op == "BRA" and t and int(t, 16) < a}
+    bodies = {(lo, hi): collections.Counter(op for a, op, _ in code if lo <= a <= hi) for lo, hi in sorted(spans)}
+    softmax = [span for span, body in bodies.items() if body["MUFU"] >= 32]
+    return [
+        bodies[(lo, hi)]
+        for lo, hi in softmax
+        if not any(lo <= lo2 and hi2 <= hi and (lo2, hi2) != (lo, hi) for lo2, hi2 in softmax)
+    ]
+
+
+def main(head_dim: int, names: list[str]) -> None:
+    for name in names:
+        report, sass = assemble(compile_sm90(head_dim, torch.bfloat16, SPECS[name]).asm["ptx"])
+        spills = " ".join(re.findall(r"\d+ bytes spill (?:stores|loads)|C7512", report))
+        print(f"D = {head_dim}, {name}: {spills}")
+        for body in loop_bodies(sass):
+            mix = " ".join(f"{op}:{n}" for op, n in body.most_common(10))
+            print(f"  loop body, {sum(body.values())} instructions: {mix}")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), sys.argv[2:] or ["plain", "all"])
