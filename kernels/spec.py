@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -108,6 +108,27 @@ class StatsSpec:
             "learned_sink_mass": self.learned_sink,
         }
         return tuple(name for name, on in wanted.items() if on)
+
+    def without(self, *names: str) -> StatsSpec:
+        """This spec without the named outputs (:class:`AttentionStats` field names, as
+        :meth:`output_fields` gives them), e.g. ``StatsSpec.every_row_statistic().without("argmax",
+        "distance")``; ``lse`` is always computed and cannot be dropped."""
+        off = {
+            "entropy": dict(entropy=False),
+            "max_prob": dict(max_prob=False),
+            "argmax": dict(argmax=False),
+            "sink_mass": dict(sink_tokens=0),
+            "local_mass": dict(window=0),
+            "distance": dict(distance=False),
+            "offset_mass": dict(offsets=()),
+            "key_mass": dict(key_mass=False, key_mass_queries=0, key_mass_stride=1),
+            "learned_sink_mass": dict(learned_sink=False),
+        }
+        unknown = [name for name in names if name not in off]
+        if unknown:
+            raise AttentionInputError(f"cannot drop {', '.join(unknown)}: choose from {', '.join(off)}")
+        changes = {key: value for name in names for key, value in off[name].items()}
+        return replace(self, **changes)
 
     @property
     def some_rows_key_mass(self) -> bool:

@@ -9,6 +9,7 @@ of scoring every head on one needle sample (``scored``: from the kernel statisti
         --lengths 131072,1048576 --prefill-chunk 8192
     python -m workbench.model_benchmark --model random:gpt2-small --lengths 1024 \
         --overhead reference,cpu --threads 2 --repeats 7
+    python -m workbench.model_benchmark --variants sdpa,recorded --without argmax,distance
 
 ``--overhead BACKENDS`` measures what instrumenting costs per kernel backend: in each of
 ``--repeats`` rounds, a plain forward and then one forward instrumented with every statistic
@@ -16,6 +17,9 @@ of scoring every head on one needle sample (``scored``: from the kernel statisti
 falls on all of them alike; each round gives a ratio instrumented / plain, and the table shows
 their median and minimum (:func:`measure_overhead`). It runs wherever the model does (the CPU
 backend comparison of docs/benchmarks.md).
+
+``recorded`` and ``streamed`` compute every row statistic (:data:`DEFAULT_STATS`) but those
+``--without`` names (:meth:`kernels.StatsSpec.without`); ``scored`` asks for what its scores need.
 
 Every forward computes only the last position's logits (``logits_to_keep=1``), so that the
 ``[tokens, vocabulary]`` logits, which are the same in every variant, do not dominate the peak.
@@ -36,7 +40,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from kernels import BACKENDS, StatsSpec
+from kernels import BACKENDS, AttentionInputError, StatsSpec
 from workbench.adapters import adapter_for
 from workbench.adapters.transformer_lens import TransformerLensAdapter
 from workbench.chunked import ChunkJoiner, ChunkPositions, check_chunk, chunked_prefill
@@ -280,7 +284,18 @@ def main(argv: list[str] | None = None) -> int:
         "against one instrumented with every statistic per backend, interleaved over --repeats rounds",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N) first (CPU runs)")
+    parser.add_argument(
+        "--without",
+        default="",
+        metavar="STATS",
+        help="comma-separated statistics to drop from every row statistic in the recorded and streamed "
+        "variants (e.g. argmax,distance): what each one costs",
+    )
     args = parser.parse_args(argv)
+    try:
+        stats = DEFAULT_STATS.without(*(name for name in args.without.split(",") if name))
+    except AttentionInputError as exc:
+        parser.error(f"--without: {exc}")
     if args.threads is not None:
         if args.threads < 1:
             parser.error(f"--threads must be >= 1, got {args.threads}")
@@ -301,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         device, dtype, where = "cpu", torch.float32, "the CPU (no GPU: a smoke run, no peak memory), float32"
     model = load_model(args.model, device=device, dtype=dtype)
     chunked = f", prefill chunk {args.prefill_chunk}" if args.prefill_chunk else ""
-    print(f"{args.model} on {where}, torch {torch.__version__}, batch 1{chunked}, statistics {DEFAULT_STATS}")
+    print(f"{args.model} on {where}, torch {torch.__version__}, batch 1{chunked}, statistics {stats}")
     lengths = [int(x) for x in args.lengths.split(",")]
     if "scored" in variants and "materialised" in variants:
         print(
@@ -321,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             label = variant if chunk is None or variant.endswith("-chunked") else f"{variant}-chunked"
             try:
                 res = measure_forward(
-                    model, tokens, variant, repeats=args.repeats, chunk=chunk, warmup=not args.no_warmup
+                    model, tokens, variant, stats, repeats=args.repeats, chunk=chunk, warmup=not args.no_warmup
                 )
             except torch.cuda.OutOfMemoryError:
                 print(f"{tokens:>7} {label:>9}  out of memory")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -36,6 +37,29 @@ def qkv(b=1, hq=4, hkv=2, nq=8, nk=8, d=32, dtype=torch.float32, device="cpu"):
 def test_bad_tensors(backend, make, match):
     with pytest.raises(AttentionInputError, match=match):
         attention(*make(), backend=backend)
+
+
+def test_without_drops_exactly_the_named_outputs():
+    full = StatsSpec(
+        entropy=True,
+        max_prob=True,
+        argmax=True,
+        sink_tokens=2,
+        window=8,
+        distance=True,
+        offsets=(1, 3),
+        key_mass=True,
+        key_mass_queries=4,
+        learned_sink=True,
+    )
+    every = full.output_fields()
+    for name in every[1:]:  # all but lse
+        assert full.without(name).output_fields() == tuple(f for f in every if f != name), name
+    assert full.without("key_mass") == replace(full, key_mass=False, key_mass_queries=0)  # no stray settings
+    assert full.without().output_fields() == every
+    assert full.without(*every[1:]).output_fields() == ("lse",)
+    with pytest.raises(AttentionInputError, match="cannot drop lse, speed: choose from entropy"):
+        full.without("lse", "speed")
 
 
 def test_bad_stats_settings():

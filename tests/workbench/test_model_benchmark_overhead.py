@@ -1,11 +1,13 @@
 """``python -m workbench.model_benchmark --overhead``: instrumented against plain forwards per
-kernel backend, interleaved (the CPU backend comparison of docs/benchmarks.md)."""
+kernel backend, interleaved (the CPU backend comparison of docs/benchmarks.md); ``--without``:
+the instrumented forwards without some statistics."""
 
 from __future__ import annotations
 
 import pytest
 
 import workbench.model_benchmark as bench
+from tests.tiny_models import tiny_llama
 
 
 def test_overhead_rounds_per_backend(zoo):
@@ -30,3 +32,25 @@ def test_overhead_command_prints_the_table(monkeypatch, capsys, zoo):
     assert "| 16 | cpu |" in out
     with pytest.raises(SystemExit):
         bench.main(["--lengths", "16", "--overhead", "fast"])
+
+
+def test_without_drops_statistics_from_the_instrumented_forwards(monkeypatch, capsys):
+    model = tiny_llama(context=64, seed=0)
+    model.tokenizer = None
+    monkeypatch.setattr(bench, "load_model", lambda name, device, dtype: model.to(dtype))
+    seen = []
+    measure = bench.measure_forward
+
+    def spy(model, tokens, variant, stats=bench.DEFAULT_STATS, **kwargs):
+        seen.append((variant, stats))
+        return measure(model, tokens, variant, stats, **kwargs)
+
+    monkeypatch.setattr(bench, "measure_forward", spy)
+    argv = ["--model", "tiny", "--lengths", "16", "--variants", "sdpa,recorded,streamed", "--repeats", "1"]
+    assert bench.main([*argv, "--without", "argmax,distance"]) == 0
+    want = bench.DEFAULT_STATS.without("argmax", "distance")
+    assert [v for v, _ in seen] == ["sdpa", "recorded", "streamed"]
+    assert all(stats == want for _, stats in seen)
+    assert f"statistics {want}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main([*argv, "--without", "speed"])
