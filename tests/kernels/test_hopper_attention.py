@@ -20,7 +20,7 @@ from kernels.validate import check_inputs
 from tests.conftest import SEED
 from tests.kernels.kernel_cases import Case
 from tests.kernels.test_kernel_accuracy import check_against_oracle
-from tests.kernels.test_kernel_properties import _first_max, _tied_problem
+from tests.kernels.test_kernel_properties import first_max, tied_problem
 
 #: The distance MMA rounds p to float16 (relative error <= 2**-11) against offsets of at most
 #: 63.5 keys from a block's centre: at most this many positions off, whatever the length.
@@ -169,8 +169,8 @@ def test_exact_ties_go_to_earliest_key_on_hopper(d, dtype):
     """Exact ties, within a key block of 128 and across blocks, go to the earliest key (the
     kernel's argmax must not depend on how a block's scores are reduced)."""
     ties = (130, 131, 200, 300, 641, 700)
-    q, k, v = _tied_problem(1, 2, 2, 701, 701, ties, SEED + 11, d=d)
-    want = _first_max(q, k, True, None)
+    q, k, v = tied_problem(1, 2, 2, 701, 701, ties, SEED + 11, d=d)
+    want = first_max(q, k, True, None)
     assert (want[0, 0, 300:] == 130).any() and (want[:, -1] == 0).all()  # the problem does tie
     spec = StatsSpec(argmax=True)
     q, k, v = (t.to(dtype).cuda() for t in (q, k, v))

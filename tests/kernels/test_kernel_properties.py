@@ -143,7 +143,7 @@ def test_uniform_rows_and_first_index_ties(backend, device):
     torch.testing.assert_close(st.key_mass[0, 0], want_km, atol=1e-5, rtol=0)
 
 
-def _tied_problem(b: int, hkv: int, group: int, nq: int, nk: int, ties: tuple[int, ...], seed: int, d: int = 16):
+def tied_problem(b: int, hkv: int, group: int, nq: int, nk: int, ties: tuple[int, ...], seed: int, d: int = 16):
     """Integer-valued q ``[B, Hq, Nq, d]`` in {0, 1} and k in {-1, 0, 1} whose largest scores tie
     exactly: keys at positions ``ties`` are all ones, so they score ``sum(q)``, which no other
     key can exceed (another key may equal it; keys before the first tie score <= 0). One
@@ -159,7 +159,7 @@ def _tied_problem(b: int, hkv: int, group: int, nq: int, nk: int, ties: tuple[in
     return q, k, v
 
 
-def _first_max(q, k, causal, key_lengths) -> torch.Tensor:
+def first_max(q, k, causal, key_lengths) -> torch.Tensor:
     """The earliest valid key with the row's largest score, from exact int64 scores; -1 for rows
     without keys. ``[B, Hq, Nq]``."""
     g = q.shape[1] // k.shape[1]
@@ -183,7 +183,7 @@ def test_exact_ties_go_to_earliest_key(shape, backend, device):
     else:  # 300 keys in 4 splits of 80 under the interpreter: ties in splits 1, 2 and 3
         b, hkv, group, nq, nk, ties = 2, 1, 4, 3, 300, (100, 150, 170, 250, 299)
         klen = torch.tensor([300, 160])
-    q, k, v = _tied_problem(b, hkv, group, nq, nk, ties, SEED + 7)
+    q, k, v = tied_problem(b, hkv, group, nq, nk, ties, SEED + 7)
     spec = StatsSpec(argmax=True, max_prob=True)
     runs = (
         (True, torch.float32, None),
@@ -192,7 +192,7 @@ def test_exact_ties_go_to_earliest_key(shape, backend, device):
         (False, torch.bfloat16, None),
     )
     for causal, dtype, scale in runs:
-        want = _first_max(q, k, causal, klen)
+        want = first_max(q, k, causal, klen)
         assert (want[0] > 16).any() and (want[:, -1] == 0).all()  # the problem does tie
         _, st = attention(
             q.to(dtype).to(device),
