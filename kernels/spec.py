@@ -8,6 +8,21 @@ import torch
 
 from kernels.errors import AttentionInputError
 
+#: Each output but ``lse`` (the :class:`AttentionStats` fields, in order) and the
+#: :class:`StatsSpec` settings that leave it out: the one place that says which flag gives
+#: which output.
+_OUTPUT_OFF = {
+    "entropy": dict(entropy=False),
+    "max_prob": dict(max_prob=False),
+    "argmax": dict(argmax=False),
+    "sink_mass": dict(sink_tokens=0),
+    "local_mass": dict(window=0),
+    "distance": dict(distance=False),
+    "offset_mass": dict(offsets=()),
+    "key_mass": dict(key_mass=False, key_mass_queries=0, key_mass_stride=1),
+    "learned_sink_mass": dict(learned_sink=False),
+}
+
 
 @dataclass(frozen=True)
 class StatsSpec:
@@ -94,41 +109,18 @@ class StatsSpec:
 
     def output_fields(self) -> tuple[str, ...]:
         """The :class:`AttentionStats` fields this spec fills, in field order (``lse`` always):
-        the one place that says which flag gives which output."""
-        wanted = {
-            "lse": True,
-            "entropy": self.entropy,
-            "max_prob": self.max_prob,
-            "argmax": self.argmax,
-            "sink_mass": self.sink_tokens > 0,
-            "local_mass": self.window > 0,
-            "distance": self.distance,
-            "offset_mass": bool(self.offsets),
-            "key_mass": self.key_mass,
-            "learned_sink_mass": self.learned_sink,
-        }
-        return tuple(name for name, on in wanted.items() if on)
+        a field is filled unless its settings are those :data:`_OUTPUT_OFF` turns it off with."""
+        on = (name for name, off in _OUTPUT_OFF.items() if any(getattr(self, k) != v for k, v in off.items()))
+        return ("lse", *on)
 
     def without(self, *names: str) -> StatsSpec:
         """This spec without the named outputs (:class:`AttentionStats` field names, as
         :meth:`output_fields` gives them), e.g. ``StatsSpec.every_row_statistic().without("argmax",
         "distance")``; ``lse`` is always computed and cannot be dropped."""
-        off = {
-            "entropy": dict(entropy=False),
-            "max_prob": dict(max_prob=False),
-            "argmax": dict(argmax=False),
-            "sink_mass": dict(sink_tokens=0),
-            "local_mass": dict(window=0),
-            "distance": dict(distance=False),
-            "offset_mass": dict(offsets=()),
-            "key_mass": dict(key_mass=False, key_mass_queries=0, key_mass_stride=1),
-            "learned_sink_mass": dict(learned_sink=False),
-        }
-        unknown = [name for name in names if name not in off]
+        unknown = [name for name in names if name not in _OUTPUT_OFF]
         if unknown:
-            raise AttentionInputError(f"cannot drop {', '.join(unknown)}: choose from {', '.join(off)}")
-        changes = {key: value for name in names for key, value in off[name].items()}
-        return replace(self, **changes)
+            raise AttentionInputError(f"cannot drop {', '.join(unknown)}: choose from {', '.join(_OUTPUT_OFF)}")
+        return replace(self, **{key: value for name in names for key, value in _OUTPUT_OFF[name].items()})
 
     @property
     def some_rows_key_mass(self) -> bool:
