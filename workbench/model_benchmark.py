@@ -18,8 +18,9 @@ falls on all of them alike; each round gives a ratio instrumented / plain, and t
 their median and minimum (:func:`measure_overhead`). It runs wherever the model does (the CPU
 backend comparison of docs/benchmarks.md).
 
-``recorded`` and ``streamed`` compute every row statistic (:data:`DEFAULT_STATS`) but those
-``--without`` names (:meth:`kernels.StatsSpec.without`); ``scored`` asks for what its scores need.
+``recorded`` and ``streamed`` compute every row statistic (:data:`DEFAULT_STATS`), and
+``--overhead`` every statistic, but those ``--without`` names (:meth:`kernels.StatsSpec.without`);
+``scored`` asks for what its scores need.
 
 Every forward computes only the last position's logits (``logits_to_keep=1``), so that the
 ``[tokens, vocabulary]`` logits, which are the same in every variant, do not dominate the peak.
@@ -288,12 +289,13 @@ def main(argv: list[str] | None = None) -> int:
         "--without",
         default="",
         metavar="STATS",
-        help="comma-separated statistics to drop from every row statistic in the recorded and streamed "
-        "variants (e.g. argmax,distance): what each one costs",
+        help="comma-separated statistics to drop (e.g. argmax,distance) from every row statistic in the "
+        "recorded and streamed variants, and from every statistic with --overhead: what each one costs",
     )
     args = parser.parse_args(argv)
+    dropped = [name for name in args.without.split(",") if name]
     try:
-        stats = DEFAULT_STATS.without(*(name for name in args.without.split(",") if name))
+        stats = DEFAULT_STATS.without(*dropped)
     except AttentionInputError as exc:
         parser.error(f"--without: {exc}")
     if args.threads is not None:
@@ -301,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     if args.overhead is not None:
-        return _overhead_main(parser, args)
+        return _overhead_main(parser, args, StatsSpec.all().without(*dropped))
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -358,8 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _overhead_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    """``--overhead``: the instrumented / plain table per length and backend."""
+def _overhead_main(parser: argparse.ArgumentParser, args: argparse.Namespace, stats: StatsSpec) -> int:
+    """``--overhead``: the instrumented (with ``stats``) / plain table per length and backend."""
     backends = tuple(args.overhead.split(","))
     try:
         check_backends(backends)  # before the model loads
@@ -369,11 +371,11 @@ def _overhead_main(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     model = load_model(args.model, device=device, dtype=dtype)
     print(
         f"{args.model} on {device} ({dtype}), torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, "
-        f"statistics {StatsSpec.all()}, {args.repeats} interleaved rounds after one warm-up"
+        f"statistics {stats}, {args.repeats} interleaved rounds after one warm-up"
     )
     rows = []
     for tokens in (int(x) for x in args.lengths.split(",")):
-        for i, found in enumerate(measure_overhead(model, tokens, backends, repeats=args.repeats)):
+        for i, found in enumerate(measure_overhead(model, tokens, backends, stats, repeats=args.repeats)):
             rows.append(found.row())
             if i == 0:
                 print(f"{tokens} tokens, plain: {[round(s, 3) for s in found.plain]}", flush=True)

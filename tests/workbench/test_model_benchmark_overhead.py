@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 import workbench.model_benchmark as bench
+from kernels import StatsSpec
 from tests.tiny_models import tiny_llama
 
 
@@ -26,10 +27,14 @@ def test_overhead_rounds_per_backend(zoo):
 
 def test_overhead_command_prints_the_table(monkeypatch, capsys, zoo):
     monkeypatch.setattr(bench, "load_model", lambda name, device, dtype: zoo)
-    assert bench.main(["--model", "zoo-2l", "--lengths", "16", "--overhead", "cpu", "--repeats", "1"]) == 0
+    argv = ["--model", "zoo-2l", "--lengths", "16", "--overhead", "cpu", "--repeats", "1"]
+    assert bench.main(argv) == 0
     out = capsys.readouterr().out
     assert "| tokens | backend | plain s | instrumented s | ratio median | ratio min |" in out
     assert "| 16 | cpu |" in out
+    assert f"statistics {StatsSpec.all()}," in out
+    assert bench.main([*argv, "--without", "key_mass"]) == 0
+    assert f"statistics {StatsSpec.all().without('key_mass')}," in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench.main(["--lengths", "16", "--overhead", "fast"])
 
