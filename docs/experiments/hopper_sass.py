@@ -7,6 +7,7 @@ virtual environment, with torch).
 
     PYTHONPATH=. python docs/experiments/hopper_sass.py 64 plain all argmax
 
+``C75..`` in a report is ptxas saying it serialized the MMAs (docs/benchmarks.md says when).
 A loop body is the range of a backward branch; the ones printed run the softmax (at least 32
 ``MUFU`` exponentials) and hold no such loop inside. Each consumer warpgroup has its own copy
 of each loop: the free blocks' first, then the masked blocks'.
@@ -68,7 +69,7 @@ def loop_bodies(sass: str) -> list[collections.Counter]:
 def main(head_dim: int, names: list[str]) -> None:
     for name in names:
         report, sass = assemble(compile_sm90(head_dim, torch.bfloat16, SPECS[name]).asm["ptx"])
-        spills = " ".join(re.findall(r"\d+ bytes spill (?:stores|loads)|C7512", report))
+        spills = " ".join(re.findall(r"\d+ bytes spill (?:stores|loads)|C75\d\d", report))
         print(f"D = {head_dim}, {name}: {spills}")
         for body in loop_bodies(sass):
             mix = " ".join(f"{op}:{n}" for op, n in body.most_common(10))
