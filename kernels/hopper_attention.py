@@ -67,6 +67,13 @@ MAX_SINK_TOKENS = 128
 #: Most offsets (their masses are gathered after the loop, one key per row each, but the
 #: first when it lies within a key block of the query, which is summed in the loop).
 MAX_OFFSETS = 16
+#: How the kernel finds the argmax (the ``ARGMAX`` constexpr): not at all, by comparing each
+#: score with its block's max, or by one unsigned min with the column packed into the low bits
+#: of ``x = s - m`` (:func:`_first_max_column`). Packed is faster with every row statistic at
+#: head dim 128 (0.765x -> 0.80x cuDNN, argmax alone unchanged) but slower at 64 (0.882x ->
+#: 0.857x with argmax alone), where the loop is shorter (docs/benchmarks.md).
+ARGMAX_OFF, ARGMAX_COMPARED, ARGMAX_PACKED = 0, 1, 2
+ARGMAX_BY_HEAD_DIM = {64: ARGMAX_COMPARED, 128: ARGMAX_PACKED}
 #: (BLOCK_N, STAGES) per head dim; the CTA's query tile is 128 rows (2 consumers x 64).
 CONFIGS = {64: (128, 3), 128: (128, 2)}
 BLOCK_M = 128
@@ -80,6 +87,8 @@ if GLUON_AVAILABLE:
     _MASKED_C = gl.constexpr(_MASKED)
     _M_INIT_C = gl.constexpr(_M_INIT)
     _LN2_C = gl.constexpr(LN2)
+    _COMPARED = gl.constexpr(ARGMAX_COMPARED)
+    _PACKED = gl.constexpr(ARGMAX_PACKED)
     # Gluon renames as it goes: Triton 3.6's thread_barrier and async_copy_global_to_shared
     # are barrier and async_load in later versions.
     _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
@@ -130,6 +139,40 @@ if GLUON_AVAILABLE:
             _tma_load(v_desc, [kv_row0 + j * BLOCK_N, 0], v_ready.index(s), v_smem.index(s))
 
     @gluon.jit
+    def _by_lane(t):
+        """``t`` [64, BLOCK_N] in the wgmma accumulator layout viewed as [64, 4, BLOCK_N // 4],
+        with no data movement: column ``8 a + 2 c + b`` goes to ``[:, c, 2 a + b]``, where ``c``
+        is the thread's lane in its quad, so axis 2 lies within each thread."""
+        rows: gl.constexpr = t.shape[0]
+        cols: gl.constexpr = t.shape[1]
+        quads = gl.permute(gl.reshape(t, [rows, cols // 8, 4, 2]), (0, 2, 1, 3))
+        return gl.reshape(quads, [rows, 4, cols // 4])
+
+    @gluon.jit
+    def _first_max_column(x, BLOCK_N: gl.constexpr):
+        """Per row of ``x`` [64, BLOCK_N] (every entry <= 0), the first column holding its max.
+
+        One unsigned min over the float bits with the column in the low bits: for x <= 0 the
+        unsigned order of the bits is the reverse of the float order (+0 first), and the low
+        log2(BLOCK_N) bits of x are far below the scores' own rounding near the max. Columns
+        are ``8 a + 2 c + b`` with ``c`` the thread's lane in its quad (the wgmma accumulator
+        layout): ``8 a + b`` is a constant of each register, so packing it is one ``lop3``,
+        and ``2 c`` joins after the reduction within the thread."""
+        bits = _by_lane(x.to(gl.int32, bitcast=True))
+        layout: gl.constexpr = bits.type.layout
+        e = gl.arange(0, BLOCK_N // 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, layout)))
+        code = gl.expand_dims(gl.expand_dims((e // 2) * 8 + e % 2, 0), 1)  # [1, 1, BLOCK_N // 4]
+        # (bits & -BLOCK_N) | code in one lop3 (ptxas splits the two immediates otherwise)
+        packed = gl.inline_asm_elementwise(
+            "lop3.b32 $0, $1, $2, $3, 0xEC;", "=r,r,r,r", [bits, code, gl.full_like(bits, -BLOCK_N)],
+            dtype=gl.int32, is_pure=True, pack=1,
+        )
+        per_lane = gl.min(packed.to(gl.uint32, bitcast=True), axis=2)  # [64, 4]
+        lane = gl.arange(0, 4, layout=gl.SliceLayout(0, per_lane.type.layout)) * 2
+        first = gl.min(per_lane | gl.expand_dims(lane, 0).to(gl.uint32), axis=1) & (BLOCK_N - 1)
+        return gl.convert_layout(first.to(gl.int32), gl.SliceLayout(1, x.type.layout), assert_trivial=True)
+
+    @gluon.jit
     def _softmax_block(
         qk,
         j,
@@ -168,7 +211,9 @@ if GLUON_AVAILABLE:
             qk = gl.where(keep, qk, gl.full(qk.shape, _MASKED_C, gl.float32, s_layout))
         raw_max = gl.max(qk, axis=1)
         blk_max = raw_max * qk_scale  # qk_scale > 0: the raw max is the scaled one's
-        if ARGMAX:  # the first key holding the block's max; strict >: earlier blocks win ties
+        if ARGMAX == _PACKED:  # past the product's rounding (<= 2^-24 relative): x <= 0
+            blk_max = blk_max + gl.abs(blk_max) * 2.384185791015625e-07  # 2^-22
+        if ARGMAX == _COMPARED:  # the first key holding the block's max
             first = gl.where(qk == gl.expand_dims(raw_max, 1), gl.expand_dims(cols, 0), BLOCK_N)
             a_i = gl.where(blk_max > m_i, j * BLOCK_N + gl.min(first, axis=1), a_i)
         m_new = gl.maximum(m_i, blk_max)
@@ -176,6 +221,8 @@ if GLUON_AVAILABLE:
         x = qk * qk_scale - gl.expand_dims(m_new, 1)  # [64, BLOCK_N], log2 domain, <= 0
         p = gl.exp2(x)
         l_blk = gl.sum(p, axis=1)
+        if ARGMAX == _PACKED:  # after the exponentials: before them it cost 13 % at D = 128
+            a_i = gl.where(blk_max > m_i, j * BLOCK_N + _first_max_column(x, BLOCK_N), a_i)
         if ENTROPY:  # t = sum p * (s - m), rescaled like l when the max moves
             t_i = alpha * (t_i + (m_i - m_new) * l_i) + gl.sum(p * x, axis=1)
         if DIST:  # sum p * block centre; the offsets from it go through the tensor cores
@@ -805,7 +852,7 @@ def launch_arguments(q, k, v, out, stats_buf, argmax, offsets, p: Problem, stats
         STATS=want,
         ENTROPY="entropy" in fields,
         DIST="distance" in fields,
-        ARGMAX=want and stats.argmax,
+        ARGMAX=ARGMAX_BY_HEAD_DIM[p.head_dim] if want and stats.argmax else ARGMAX_OFF,
         LOCAL="local_mass" in fields,
         SINK="sink_mass" in fields,
         NEAR=near,
