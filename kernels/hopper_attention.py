@@ -164,8 +164,12 @@ if GLUON_AVAILABLE:
         code = gl.expand_dims(gl.expand_dims((e // 2) * 8 + e % 2, 0), 1)  # [1, 1, BLOCK_N // 4]
         # (bits & -BLOCK_N) | code in one lop3 (ptxas splits the two immediates otherwise)
         packed = gl.inline_asm_elementwise(
-            "lop3.b32 $0, $1, $2, $3, 0xEC;", "=r,r,r,r", [bits, code, gl.full_like(bits, -BLOCK_N)],
-            dtype=gl.int32, is_pure=True, pack=1,
+            "lop3.b32 $0, $1, $2, $3, 0xEC;",
+            "=r,r,r,r",
+            [bits, code, gl.full_like(bits, -BLOCK_N)],
+            dtype=gl.int32,
+            is_pure=True,
+            pack=1,
         )
         per_lane = gl.min(packed.to(gl.uint32, bitcast=True), axis=2)  # [64, 4]
         lane = gl.arange(0, 4, layout=gl.SliceLayout(0, per_lane.type.layout)) * 2
