@@ -9,16 +9,17 @@ schedules its warps by hand (``triton.experimental.gluon``, part of the Triton w
   128-row tile and consume every key block; nothing couples them, so one's softmax runs while
   the other's matrix multiplies do ("ping-pong", left to the warp schedulers);
 * inside a consumer, the QK^T of block ``j`` and the PV of block ``j - 1`` are in flight
-  together, and the softmax of ``j`` overlaps that PV (FlashAttention-3's in-warpgroup overlap).
+  together, and PV is waited for after the softmax of ``j`` (FlashAttention-3's in-warpgroup
+  overlap; ptxas moves that wait up into the row max, docs/benchmarks.md).
 
 Statistics (:class:`kernels.StatsSpec`): entropy (``t = sum p * x`` rescaled like ``l``),
-argmax and ``max_prob = 1 / l`` ride in the main loop, as in the Triton kernel; distance
-goes through the tensor cores (``P @ [BLOCK_N, 8]``, column 0 each key's offset from its
-block's centre, P in float16). Masses are summed in the loop only in the blocks they touch,
-rescaled like ``l``: sink mass in key block 0, local mass and the first offset's (``0 <= o
-<= 128``) in the masked blocks near the diagonal. Further offsets are recomputed after the
-loop as ``exp(s - lse)``, one key row per query row from global memory. Key mass needs the
-final lse: the Triton key-mass pass runs after this kernel.
+argmax (one packed min at head dim 128, :data:`ARGMAX_BY_HEAD_DIM`) and ``max_prob = 1 / l``
+ride in the main loop; distance goes through the tensor cores (``P @ [BLOCK_N, 8]``, column 0
+each key's offset from its block's centre, P in float16). Masses are summed in the loop only in
+the blocks they touch, rescaled like ``l``: sink mass in key block 0, local mass and the first
+offset's (``0 <= o <= 128``) in the masked blocks near the diagonal. Further offsets are
+recomputed after the loop as ``exp(s - lse)``, one key row per query row from global memory.
+Key mass needs the final lse: the Triton key-mass pass runs after this kernel.
 
 Scope: what the model benchmarks and head scoring run most, causal self-attention
 (``Nq == Nk``) in float16/bfloat16 with head dim 64 or 128, grouped-query heads, any length,
@@ -71,7 +72,7 @@ MAX_OFFSETS = 16
 #: score with its block's max, or by one unsigned min with the column packed into the low bits
 #: of ``x = s - m`` (:func:`_first_max_column`). Packed is faster with every row statistic at
 #: head dim 128 (0.765x -> 0.80x cuDNN, argmax alone unchanged) but slower at 64 (0.882x ->
-#: 0.857x with argmax alone), where the loop is shorter (docs/benchmarks.md).
+#: 0.857x with argmax alone; docs/benchmarks.md).
 ARGMAX_OFF, ARGMAX_COMPARED, ARGMAX_PACKED = 0, 1, 2
 ARGMAX_BY_HEAD_DIM = {64: ARGMAX_COMPARED, 128: ARGMAX_PACKED}
 #: (BLOCK_N, STAGES) per head dim; the CTA's query tile is 128 rows (2 consumers x 64).
@@ -310,7 +311,7 @@ if GLUON_AVAILABLE:
         BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr,
     ):
-        """Issue QK(j), then PV(j - 1) with ``p_prev``; the softmax of j overlaps that PV.
+        """Issue QK(j), then PV(j - 1) with ``p_prev``; wait for PV after the softmax of j.
         ``acc`` [64, D] is rescaled up to block j - 1; ``acc_d`` [64, 8] = P @ ``pos_t`` up to
         block j - 1 (with DIST; column 0 of ``pos_t`` [BLOCK_N, 8] holds each key's offset from
         its block's centre). Returns ``(p_prev, acc, acc_d, st)`` for j."""

@@ -53,17 +53,28 @@ def assemble(ptx: str) -> tuple[str, str]:
     return report, sass
 
 
-def loop_bodies(sass: str) -> list[collections.Counter]:
-    """Opcode counts of the innermost loop bodies that compute exponentials (``MUFU``)."""
+def loop_bodies(sass: str) -> list[list[tuple[str, str | None]]]:
+    """The innermost loop bodies that compute exponentials (``MUFU``), as ``(opcode, last hex
+    operand)`` in program order."""
     code = [(int(m[1], 16), m[2], m[3]) for m in _INSTRUCTION.finditer(sass)]
     spans = {(int(t, 16), a) for a, op, t in code if op == "BRA" and t and int(t, 16) < a}
-    bodies = {(lo, hi): collections.Counter(op for a, op, _ in code if lo <= a <= hi) for lo, hi in sorted(spans)}
-    softmax = [span for span, body in bodies.items() if body["MUFU"] >= 32]
+    bodies = {(lo, hi): [(op, arg) for a, op, arg in code if lo <= a <= hi] for lo, hi in sorted(spans)}
+    softmax = [span for span, body in bodies.items() if sum(op == "MUFU" for op, _ in body) >= 32]
     return [
         bodies[(lo, hi)]
         for lo, hi in softmax
         if not any(lo <= lo2 and hi2 <= hi and (lo2, hi2) != (lo, hi) for lo2, hi2 in softmax)
     ]
+
+
+def exponentials_before_pv_wait(body: list[tuple[str, str | None]]) -> int:
+    """How many ``MUFU`` come before the loop's PV wait: the first wait for every MMA
+    (``WARPGROUP.DEPBAR.LE gsb0, 0x0``) after the QK wait (``0x1``). All of them if the softmax
+    overlaps PV; few if ptxas hoisted the wait."""
+    waits = [(i, arg) for i, (op, arg) in enumerate(body) if op == "WARPGROUP" and arg in ("0x0", "0x1")]
+    qk = next((i for i, arg in waits if arg == "0x1"), -1)
+    pv = next((i for i, arg in waits if arg == "0x0" and i > qk), len(body))
+    return [op for op, _ in body[:pv]].count("MUFU")
 
 
 def main(head_dim: int, names: list[str]) -> None:
@@ -72,8 +83,10 @@ def main(head_dim: int, names: list[str]) -> None:
         spills = " ".join(re.findall(r"\d+ bytes spill (?:stores|loads)|C75\d\d", report))
         print(f"D = {head_dim}, {name}: {spills}")
         for body in loop_bodies(sass):
-            mix = " ".join(f"{op}:{n}" for op, n in body.most_common(10))
-            print(f"  loop body, {sum(body.values())} instructions: {mix}")
+            counts = collections.Counter(op for op, _ in body)
+            mix = " ".join(f"{op}:{n}" for op, n in counts.most_common(10))
+            before = exponentials_before_pv_wait(body)
+            print(f"  loop body, {len(body)} instructions: {mix}; {before} of {counts['MUFU']} MUFU before the PV wait")
 
 
 if __name__ == "__main__":

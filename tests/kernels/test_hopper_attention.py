@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -78,6 +79,7 @@ BUILDS = {
     "D64 bf16 row stats": (64, "bfloat16", "StatsSpec.every_row_statistic(sink_tokens=4, offsets=(1, 7))"),
     "D128 bf16 scoring": (128, "bfloat16", "StatsSpec(entropy=True, sink_tokens=1, window=200, offsets=(1,))"),
     "D128 bf16 far offsets": (128, "bfloat16", "StatsSpec(sink_tokens=128, offsets=(300, 1, 4095))"),
+    "D128 fp16 argmax": (128, "float16", "StatsSpec(argmax=True)"),
 }
 # The tests run under TRITON_INTERPRET=1, whose triton.jit helpers Gluon cannot compile:
 # build in a child process without it.
@@ -112,6 +114,16 @@ def test_builds_for_sm90(builds, name):
     assert "cp.async.bulk.tensor" in ptx  # TMA loads
     assert "setmaxnreg" in ptx  # warp specialization: registers moved from the loader to the consumers
     assert builds[name]["warps"] == 12  # two consumer warpgroups and the loader's
+
+
+@pytest.mark.skipif(not GLUON_AVAILABLE, reason="this Triton has no Gluon (Triton < 3.5)")
+def test_argmax_is_packed_at_head_dim_128_only(builds):
+    """The packed argmax (its one lop3 a score, 0xEC: (x & mask) | column) is built where
+    ARGMAX_BY_HEAD_DIM asks for it; compare-and-select elsewhere."""
+    packed = re.compile(r"lop3\.b32 [^;]*0xEC;")
+    assert len(packed.findall(builds["D128 fp16 argmax"]["ptx"])) >= 64  # a score each, per consumer loop
+    assert not packed.search(builds["D64 bf16 row stats"]["ptx"])
+    assert not packed.search(builds["D128 bf16 scoring"]["ptx"])  # no argmax asked for
 
 
 def _draw(rng: random.Random) -> Case:
