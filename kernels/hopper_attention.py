@@ -140,16 +140,6 @@ if GLUON_AVAILABLE:
             _tma_load(v_desc, [kv_row0 + j * BLOCK_N, 0], v_ready.index(s), v_smem.index(s))
 
     @gluon.jit
-    def _by_lane(t):
-        """``t`` [64, BLOCK_N] in the wgmma accumulator layout viewed as [64, 4, BLOCK_N // 4],
-        with no data movement: column ``8 a + 2 c + b`` goes to ``[:, c, 2 a + b]``, where ``c``
-        is the thread's lane in its quad, so axis 2 lies within each thread."""
-        rows: gl.constexpr = t.shape[0]
-        cols: gl.constexpr = t.shape[1]
-        quads = gl.permute(gl.reshape(t, [rows, cols // 8, 4, 2]), (0, 2, 1, 3))
-        return gl.reshape(quads, [rows, 4, cols // 4])
-
-    @gluon.jit
     def _first_max_column(x, BLOCK_N: gl.constexpr):
         """Per row of ``x`` [64, BLOCK_N] (every entry <= 0), the first column holding its max.
 
@@ -159,7 +149,11 @@ if GLUON_AVAILABLE:
         are ``8 a + 2 c + b`` with ``c`` the thread's lane in its quad (the wgmma accumulator
         layout): ``8 a + b`` is a constant of each register, so packing it is one ``lop3``,
         and ``2 c`` joins after the reduction within the thread."""
-        bits = _by_lane(x.to(gl.int32, bitcast=True))
+        rows: gl.constexpr = x.shape[0]
+        # [64, 4, BLOCK_N // 4] with no data movement: column 8 a + 2 c + b goes to [:, c, 2 a + b],
+        # so axis 2 lies within each thread
+        bits = gl.reshape(x.to(gl.int32, bitcast=True), [rows, BLOCK_N // 8, 4, 2])
+        bits = gl.reshape(gl.permute(bits, (0, 2, 1, 3)), [rows, 4, BLOCK_N // 4])
         layout: gl.constexpr = bits.type.layout
         e = gl.arange(0, BLOCK_N // 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, layout)))
         code = gl.expand_dims(gl.expand_dims((e // 2) * 8 + e % 2, 0), 1)  # [1, 1, BLOCK_N // 4]
