@@ -15,11 +15,12 @@ schedules its warps by hand (``triton.experimental.gluon``, part of the Triton w
 Statistics (:class:`kernels.StatsSpec`): entropy (``t = sum p * x`` rescaled like ``l``),
 argmax (one packed min at head dim 128, :data:`ARGMAX_BY_HEAD_DIM`) and ``max_prob = 1 / l``
 ride in the main loop; distance goes through the tensor cores (``P @ [BLOCK_N, 8]``, column 0
-each key's offset from its block's centre, P in float16). Masses are summed in the loop only in
-the blocks they touch, rescaled like ``l``: sink mass in key block 0, local mass and the first
-offset's (``0 <= o <= 128``) in the masked blocks near the diagonal. Further offsets are
-recomputed after the loop as ``exp(s - lse)``, one key row per query row from global memory.
-Key mass needs the final lse: the Triton key-mass pass runs after this kernel.
+each key's offset from its block's centre; :data:`DISTANCE_BY_HEAD_DIM`). Masses are summed
+in the loop only in the blocks they touch, rescaled like ``l``: sink mass in key block 0,
+local mass and the first offset's (``0 <= o <= 128``) in the masked blocks near the diagonal.
+Further offsets are recomputed after the loop as ``exp(s - lse)``, one key row per query row
+from global memory. Key mass needs the final lse: the Triton key-mass pass runs after this
+kernel.
 
 Scope: what the model benchmarks and head scoring run most, causal self-attention
 (``Nq == Nk``) in float16/bfloat16 with head dim 64 or 128, grouped-query heads, any length,
@@ -75,6 +76,13 @@ MAX_OFFSETS = 16
 #: 0.857x with argmax alone; docs/benchmarks.md).
 ARGMAX_OFF, ARGMAX_COMPARED, ARGMAX_PACKED = 0, 1, 2
 ARGMAX_BY_HEAD_DIM = {64: ARGMAX_COMPARED, 128: ARGMAX_PACKED}
+#: How the kernel sums ``p @ [BLOCK_N, 8]`` for distance (the ``DIST`` constexpr): not at all, by
+#: its own MMA on a float16 copy of p waited at once, or by an MMA issued after PV on PV's own A
+#: operand (p in the input dtype) and waited with it. Riding with PV is faster at head dim 128
+#: (0.809x -> 0.837x cuDNN with every row statistic) but slower at 64 (0.752x -> 0.725x), where
+#: PV is short and the eight N = 8 MMAs lengthen its wait (docs/benchmarks.md).
+DISTANCE_OFF, DISTANCE_OWN_MMA, DISTANCE_WITH_PV = 0, 1, 2
+DISTANCE_BY_HEAD_DIM = {64: DISTANCE_OWN_MMA, 128: DISTANCE_WITH_PV}
 #: (BLOCK_N, STAGES) per head dim; the CTA's query tile is 128 rows (2 consumers x 64).
 CONFIGS = {64: (128, 3), 128: (128, 2)}
 BLOCK_M = 128
@@ -90,6 +98,8 @@ if GLUON_AVAILABLE:
     _LN2_C = gl.constexpr(LN2)
     _COMPARED = gl.constexpr(ARGMAX_COMPARED)
     _PACKED = gl.constexpr(ARGMAX_PACKED)
+    _OWN_MMA = gl.constexpr(DISTANCE_OWN_MMA)
+    _WITH_PV = gl.constexpr(DISTANCE_WITH_PV)
     # Gluon renames as it goes: Triton 3.6's thread_barrier and async_copy_global_to_shared
     # are barrier and async_load in later versions.
     _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
@@ -252,12 +262,12 @@ if GLUON_AVAILABLE:
         return head_d == 64
 
     @gluon.jit
-    def _operand(p, dtype: gl.constexpr, o_layout: gl.constexpr, pos_t, acc_d, DIST: gl.constexpr):
-        """``p`` [64, BLOCK_N] as it is carried to the next PV (:func:`_pv_operand`); with DIST
-        also ``acc_d += p @ pos_t`` at once, with p in float16 (8x finer than bfloat16), so that
-        this copy of p does not stay live beside the other."""
+    def _carried(p, dtype: gl.constexpr, o_layout: gl.constexpr, pos_t, acc_d, DIST: gl.constexpr):
+        """``p`` [64, BLOCK_N] as it is carried to the next PV (:func:`_pv_operand`); with
+        DIST == _OWN_MMA also ``acc_d += p @ pos_t`` at once, with p in float16 (8x finer than
+        bfloat16), so that this copy of p does not stay live beside the other."""
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        if DIST:
+        if DIST == _OWN_MMA:
             acc_d = warpgroup_mma(gl.convert_layout(p.to(gl.float16), a_layout), pos_t, acc_d, is_async=True)
             acc_d = warpgroup_mma_wait(0, deps=(acc_d,))
         if _carries_float32(o_layout.instr_shape[1]):
@@ -268,7 +278,7 @@ if GLUON_AVAILABLE:
 
     @gluon.jit
     def _pv_operand(p_prev, dtype: gl.constexpr, o_layout: gl.constexpr):
-        """The A operand of PV from what :func:`_operand` carried."""
+        """The A operand of PV (and of the distance MMA) from what :func:`_carried` carried."""
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         if _carries_float32(o_layout.instr_shape[1]):
             operand = gl.convert_layout(p_prev.to(dtype), a_layout)
@@ -315,18 +325,23 @@ if GLUON_AVAILABLE:
         mbarrier.wait(k_ready.index(s), (j // STAGES) & 1)
         qk = warpgroup_mma(q_w, k_smem.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         mbarrier.wait(v_ready.index(sp), ((j - 1) // STAGES) & 1)
-        acc = warpgroup_mma(_pv_operand(p_prev, v_smem.dtype, o_layout), v_smem.index(sp), acc, is_async=True)
-        qk = warpgroup_mma_wait(1, deps=(qk,))  # QK(j) done; PV(j - 1) may still run
+        pv_a = _pv_operand(p_prev, v_smem.dtype, o_layout)
+        acc = warpgroup_mma(pv_a, v_smem.index(sp), acc, is_async=True)
+        if DIST == _WITH_PV:  # P(j - 1) @ pos_t on PV's A operand, waited with PV
+            acc_d = warpgroup_mma(pv_a, pos_t, acc_d, is_async=True)
+            qk = warpgroup_mma_wait(2, deps=(qk,))  # QK(j) done; PV(j - 1) may still run
+        else:
+            qk = warpgroup_mma_wait(1, deps=(qk,))
         mbarrier.arrive(k_empty.index(s))
         p, alpha, st = _softmax_block(
             qk, j, rows, st, qk_scale, marks, MASK, False, ENTROPY, DIST, ARGMAX, LOCAL, SINK, NEAR, BLOCK_N
         )
-        if DIST:
-            acc_d = acc_d * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, acc_d.type.layout)), 1)
-        acc = warpgroup_mma_wait(0, deps=(acc,))
+        acc, acc_d = warpgroup_mma_wait(0, deps=(acc, acc_d))
         mbarrier.arrive(v_empty.index(sp))
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-        p_prev, acc_d = _operand(p, v_smem.dtype, o_layout, pos_t, acc_d, DIST)
+        if DIST:
+            acc_d = acc_d * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, acc_d.type.layout)), 1)
+        p_prev, acc_d = _carried(p, v_smem.dtype, o_layout, pos_t, acc_d, DIST)
         return p_prev, acc, acc_d, st
 
     @gluon.jit
@@ -433,7 +448,7 @@ if GLUON_AVAILABLE:
         p, alpha, st = _softmax_block(
             qk, 0, rows, st, qk_scale, marks, True, True, ENTROPY, DIST, ARGMAX, LOCAL, SINK, NEAR, BLOCK_N
         )
-        p_prev, acc_d = _operand(p, v_smem.dtype, o_layout, pos_t, acc_d, DIST)
+        p_prev, acc_d = _carried(p, v_smem.dtype, o_layout, pos_t, acc_d, DIST)
         for j in range(1, n_free):
             p_prev, acc, acc_d, st = _consumer_step(
                 j,
@@ -494,10 +509,11 @@ if GLUON_AVAILABLE:
             )
         last = n_blocks - 1
         mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
-        acc = warpgroup_mma(
-            _pv_operand(p_prev, v_smem.dtype, o_layout), v_smem.index(last % STAGES), acc, is_async=True
-        )
-        acc = warpgroup_mma_wait(0, deps=(acc,))
+        pv_a = _pv_operand(p_prev, v_smem.dtype, o_layout)
+        acc = warpgroup_mma(pv_a, v_smem.index(last % STAGES), acc, is_async=True)
+        if DIST == _WITH_PV:
+            acc_d = warpgroup_mma(pv_a, pos_t, acc_d, is_async=True)
+        acc, acc_d = warpgroup_mma_wait(0, deps=(acc, acc_d))
         d_i = st[3] + gl.convert_layout(gl.sum(acc_d, axis=1), row_layout)
         mbarrier.arrive(v_empty.index(last % STAGES))
 
@@ -604,14 +620,15 @@ if GLUON_AVAILABLE:
         start_m = (gl.num_programs(1) - 1 - gl.program_id(1)) * _TILE_M
         dtype: gl.constexpr = q_desc.block_type.element_ty
         q_smem = gl.allocate_shared_memory(dtype, [2, _WG_ROWS, HEAD_D], q_desc.layout)
-        # [8, BLOCK_N] float16: row 0 each key's offset from its block's centre (-63.5 .. 63.5
-        # for 128 keys, exact), the rest 0: the B operand of the distance MMA, transposed like K.
+        # [8, BLOCK_N] in p's dtype for the distance MMA: row 0 each key's offset from its block's
+        # centre (-63.5 .. 63.5 for 128 keys, exact), the rest 0: its B operand, transposed like K.
         pos_layout: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [4, 1], [1, 0])
         pos_rows = gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(1, pos_layout)), 1)
         pos_cols = gl.expand_dims(gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, pos_layout)), 0)
         centred = pos_cols.to(gl.float32) - (BLOCK_N - 1) / 2
-        positions = gl.where(pos_rows == 0, centred, gl.zeros_like(centred)).to(gl.float16)
-        pos_smem = gl.allocate_shared_memory(gl.float16, [8, BLOCK_N], POS_LAYOUT, positions)
+        pos_dtype: gl.constexpr = dtype if DIST == _WITH_PV else gl.float16
+        positions = gl.where(pos_rows == 0, centred, gl.zeros_like(centred)).to(pos_dtype)
+        pos_smem = gl.allocate_shared_memory(pos_dtype, [8, BLOCK_N], POS_LAYOUT, positions)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], v_desc.layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -850,14 +867,14 @@ def launch_arguments(q, k, v, out, stats_buf, argmax, offsets, p: Problem, stats
         STAGES=stages,
         STATS=want,
         ENTROPY="entropy" in fields,
-        DIST="distance" in fields,
+        DIST=DISTANCE_BY_HEAD_DIM[p.head_dim] if "distance" in fields else DISTANCE_OFF,
         ARGMAX=ARGMAX_BY_HEAD_DIM[p.head_dim] if want and stats.argmax else ARGMAX_OFF,
         LOCAL="local_mass" in fields,
         SINK="sink_mass" in fields,
         NEAR=near,
         GATHER=n_off > int(near),
         **{f"F_{short}": fields.get(name, 0) for short, name in _FIELD_FLAGS.items()},
-        POS_LAYOUT=gl.NVMMASharedLayout.get_default_for([8, block_n], gl.float16),
+        POS_LAYOUT=gl.NVMMASharedLayout.get_default_for([8, block_n], gl.float16),  # any 16-bit dtype
     )
     grid = (p.batch * p.q_heads, math.ceil(p.n_q / BLOCK_M))
     return grid, args, flags

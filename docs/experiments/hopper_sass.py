@@ -69,10 +69,10 @@ def loop_bodies(sass: str) -> list[list[tuple[str, str | None]]]:
 
 def exponentials_before_pv_wait(body: list[tuple[str, str | None]]) -> int:
     """How many ``MUFU`` come before the loop's PV wait: the first wait for every MMA
-    (``WARPGROUP.DEPBAR.LE gsb0, 0x0``) after the QK wait (``0x1``). All of them if the softmax
-    overlaps PV; few if ptxas hoisted the wait."""
-    waits = [(i, arg) for i, (op, arg) in enumerate(body) if op == "WARPGROUP" and arg in ("0x0", "0x1")]
-    qk = next((i for i, arg in waits if arg == "0x1"), -1)
+    (``WARPGROUP.DEPBAR.LE gsb0, 0x0``) after the QK wait (``0x1``, or ``0x2`` when the distance
+    MMA rides with PV). All of them if the softmax overlaps PV; few if ptxas hoisted the wait."""
+    waits = [(i, arg) for i, (op, arg) in enumerate(body) if op == "WARPGROUP" and arg in ("0x0", "0x1", "0x2")]
+    qk = next((i for i, arg in waits if arg != "0x0"), -1)
     pv = next((i for i, arg in waits if arg == "0x0" and i > qk), len(body))
     return [op for op, _ in body[:pv]].count("MUFU")
 

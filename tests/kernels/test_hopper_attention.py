@@ -16,16 +16,22 @@ import torch
 
 import kernels.triton_attention
 from kernels import StatsSpec, attention
-from kernels.hopper_attention import GLUON_AVAILABLE, unsupported
+from kernels.hopper_attention import DISTANCE_BY_HEAD_DIM, DISTANCE_WITH_PV, GLUON_AVAILABLE, unsupported
 from kernels.validate import check_inputs
 from tests.conftest import SEED
 from tests.kernels.kernel_cases import Case
 from tests.kernels.test_kernel_accuracy import check_against_oracle
 from tests.kernels.test_kernel_properties import first_max, tied_problem
 
-#: The distance MMA rounds p to float16 (relative error <= 2**-11) against offsets of at most
-#: 63.5 keys from a block's centre: at most this many positions off, whatever the length.
-DISTANCE_ROUNDING = 2**-11 * 63.5
+
+def distance_rounding(head_dim: int, dtype: torch.dtype) -> float:
+    """How many positions the distance MMA may be off, whatever the length: it rounds p (relative
+    error: half the dtype's eps) against offsets of at most 63.5 keys from a block's centre. At
+    head dim 128 p is PV's own operand, in the input dtype; at 64 a float16 copy."""
+    rounded = dtype if DISTANCE_BY_HEAD_DIM[head_dim] == DISTANCE_WITH_PV else torch.float16
+    return torch.finfo(rounded).eps / 2 * 63.5
+
+
 ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 BF16 = torch.bfloat16
 
@@ -80,6 +86,7 @@ BUILDS = {
     "D128 bf16 scoring": (128, "bfloat16", "StatsSpec(entropy=True, sink_tokens=1, window=200, offsets=(1,))"),
     "D128 bf16 far offsets": (128, "bfloat16", "StatsSpec(sink_tokens=128, offsets=(300, 1, 4095))"),
     "D128 fp16 argmax": (128, "float16", "StatsSpec(argmax=True)"),
+    "D128 bf16 distance": (128, "bfloat16", "StatsSpec(distance=True)"),
 }
 # The tests run under TRITON_INTERPRET=1, whose triton.jit helpers Gluon cannot compile:
 # build in a child process without it.
@@ -126,6 +133,20 @@ def test_argmax_is_packed_at_head_dim_128_only(builds):
     assert not packed.search(builds["D128 bf16 scoring"]["ptx"])  # no argmax asked for
 
 
+@pytest.mark.skipif(not GLUON_AVAILABLE, reason="this Triton has no Gluon (Triton < 3.5)")
+def test_distance_mma_rides_with_pv_at_head_dim_128_only(builds):
+    """Where DISTANCE_BY_HEAD_DIM asks for it, the distance MMA (N = 8) takes PV's bfloat16
+    operand and is waited with PV (QK waited with two groups behind it); elsewhere it takes a
+    float16 copy of p."""
+    n8 = re.compile(r"wgmma\.mma_async\.sync\.aligned\.m64n8k16\.f32\.(\w+)\.")
+    with_pv, own = builds["D128 bf16 distance"]["ptx"], builds["D64 bf16 row stats"]["ptx"]
+    assert set(n8.findall(with_pv)) == {"bf16"}
+    assert "wgmma.wait_group.sync.aligned 2;" in with_pv
+    assert set(n8.findall(own)) == {"f16"}
+    assert "wgmma.wait_group.sync.aligned 2;" not in own
+    assert not n8.search(builds["D128 fp16 argmax"]["ptx"])  # no distance asked for
+
+
 def _draw(rng: random.Random) -> Case:
     """A random call the Hopper kernel takes: GQA, odd lengths, statistics, strided layouts."""
     d, dtype = rng.choice((64, 128)), rng.choice((BF16, torch.float16))
@@ -170,7 +191,7 @@ def test_matches_float64_oracle_on_hopper(index, monkeypatch):
     monkeypatch.setattr(kernels.triton_attention, "triton_attention", not_here)
     out, st = attention(case.q, case.k, case.v, backend="triton", **case.kwargs())
     try:
-        check_against_oracle(case, out, st, distance_slack=DISTANCE_ROUNDING)
+        check_against_oracle(case, out, st, distance_slack=distance_rounding(case.q.shape[-1], case.q.dtype))
     except AssertionError as exc:
         raise AssertionError(f"{exc}\ncase: {case.describe()}") from None
 
