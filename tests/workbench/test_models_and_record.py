@@ -72,7 +72,12 @@ def test_minilm_statistics_equal_eager_output_attentions(minilm):
 
 
 def test_random_shapes_are_the_published_ones():
-    expected_params = {"gpt2-small": 124.4e6, "llama-3.2-1b": 1235.8e6, "qwen2.5-0.5b": 494.0e6}
+    expected_params = {
+        "gpt2-small": 124.4e6,
+        "llama-3.2-1b": 1235.8e6,
+        "llama-3.2-3b": 3212.7e6,
+        "qwen2.5-0.5b": 494.0e6,
+    }
     for name, make in RANDOM_SHAPES.items():
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(make())
@@ -80,6 +85,8 @@ def test_random_shapes_are_the_published_ones():
         assert abs(n - expected_params[name]) / expected_params[name] < 0.01, (name, n)
     cfg = RANDOM_SHAPES["llama-3.2-1b"]()
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (32, 8, 64)
+    cfg = RANDOM_SHAPES["llama-3.2-3b"]()
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (28, 24, 8, 128)
 
 
 def test_random_model_loads_and_records():
