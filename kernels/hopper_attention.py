@@ -318,7 +318,8 @@ if GLUON_AVAILABLE:
         """Issue QK(j), then PV(j - 1) with ``p_prev``; wait for PV after the softmax of j.
         ``acc`` [64, D] is rescaled up to block j - 1; ``acc_d`` [64, 8] = P @ ``pos_t`` up to
         block j - 1 (with DIST; column 0 of ``pos_t`` [BLOCK_N, 8] holds each key's offset from
-        its block's centre). Returns ``(p_prev, acc, acc_d, st)`` for j."""
+        its block's centre), or up to j - 2 like ``acc`` where it rides with PV. Returns
+        ``(p_prev, acc, acc_d, st)`` for j."""
         o_layout: gl.constexpr = acc.type.layout
         s = j % STAGES
         sp = (j - 1) % STAGES
