@@ -287,6 +287,18 @@ if GLUON_AVAILABLE:
         return operand
 
     @gluon.jit
+    def _issue_pv(p_prev, v_tile, pos_t, acc, acc_d, DIST: gl.constexpr):
+        """Issue ``acc += P @ V`` with the carried ``p_prev``, and where the distance MMA rides
+        with PV (DIST == _WITH_PV) ``acc_d += P @ pos_t`` on the same A operand right after it;
+        both stay in flight. Returns ``(acc, acc_d)``."""
+        o_layout: gl.constexpr = acc.type.layout
+        pv_a = _pv_operand(p_prev, v_tile.dtype, o_layout)
+        acc = warpgroup_mma(pv_a, v_tile, acc, is_async=True)
+        if DIST == _WITH_PV:
+            acc_d = warpgroup_mma(pv_a, pos_t, acc_d, is_async=True)
+        return acc, acc_d
+
+    @gluon.jit
     def _consumer_step(
         j,
         rows,
@@ -326,13 +338,9 @@ if GLUON_AVAILABLE:
         mbarrier.wait(k_ready.index(s), (j // STAGES) & 1)
         qk = warpgroup_mma(q_w, k_smem.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         mbarrier.wait(v_ready.index(sp), ((j - 1) // STAGES) & 1)
-        pv_a = _pv_operand(p_prev, v_smem.dtype, o_layout)
-        acc = warpgroup_mma(pv_a, v_smem.index(sp), acc, is_async=True)
-        if DIST == _WITH_PV:  # P(j - 1) @ pos_t on PV's A operand, waited with PV
-            acc_d = warpgroup_mma(pv_a, pos_t, acc_d, is_async=True)
-            qk = warpgroup_mma_wait(2, deps=(qk,))  # QK(j) done; PV(j - 1) may still run
-        else:
-            qk = warpgroup_mma_wait(1, deps=(qk,))
+        acc, acc_d = _issue_pv(p_prev, v_smem.index(sp), pos_t, acc, acc_d, DIST)
+        # QK(j) done; PV(j - 1), and the distance MMA riding with it, may still run
+        qk = warpgroup_mma_wait(2 if DIST == _WITH_PV else 1, deps=(qk,))
         mbarrier.arrive(k_empty.index(s))
         p, alpha, st = _softmax_block(
             qk, j, rows, st, qk_scale, marks, MASK, False, ENTROPY, DIST, ARGMAX, LOCAL, SINK, NEAR, BLOCK_N
@@ -510,10 +518,7 @@ if GLUON_AVAILABLE:
             )
         last = n_blocks - 1
         mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
-        pv_a = _pv_operand(p_prev, v_smem.dtype, o_layout)
-        acc = warpgroup_mma(pv_a, v_smem.index(last % STAGES), acc, is_async=True)
-        if DIST == _WITH_PV:
-            acc_d = warpgroup_mma(pv_a, pos_t, acc_d, is_async=True)
+        acc, acc_d = _issue_pv(p_prev, v_smem.index(last % STAGES), pos_t, acc, acc_d, DIST)
         acc, acc_d = warpgroup_mma_wait(0, deps=(acc, acc_d))
         d_i = st[3] + gl.convert_layout(gl.sum(acc_d, axis=1), row_layout)
         mbarrier.arrive(v_empty.index(last % STAGES))
