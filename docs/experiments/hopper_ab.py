@@ -26,15 +26,10 @@ from triton.testing import do_bench
 
 import kernels.hopper_attention as committed
 from kernels import StatsSpec, attention
+from kernels.benchmark.config import BREAKDOWN, ROW_STATS
 from kernels.validate import Problem
 
-SPECS = {
-    "plain": None,
-    "argmax": StatsSpec(argmax=True),
-    "entropy": StatsSpec(entropy=True),
-    "dist": StatsSpec(distance=True),
-    "all": StatsSpec.every_row_statistic(),
-}
+SPECS = {"plain": None, "all": ROW_STATS, **BREAKDOWN}  # the benchmark's names
 FIELDS = ("lse", "entropy", "max_prob", "sink_mass", "local_mass", "distance", "offset_mass")
 SHAPES = ((128, 64, torch.bfloat16), (200, 128, torch.float16), (1300, 64, torch.bfloat16), (4173, 128, torch.bfloat16))
 SHAPES += ((257, 128, torch.bfloat16),)
@@ -91,7 +86,7 @@ def check(name: str, module: ModuleType) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("variants", nargs="+", help="copies of kernels/hopper_attention.py")
-    parser.add_argument("--specs", default="plain,dist,all", help=f"comma list of {', '.join(SPECS)}")
+    parser.add_argument("--specs", default="plain,distance,all", help=f"comma list of {', '.join(SPECS)}")
     parser.add_argument("--dims", default="128,64", help="head dims (default 128,64)")
     parser.add_argument("--length", type=int, default=16384, help="tokens N (default 16384)")
     args = parser.parse_args()

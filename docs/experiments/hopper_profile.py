@@ -32,17 +32,11 @@ def run(head_dim: int, spec: str) -> None:
     import torch
     import torch.nn.functional as F
 
-    from kernels import StatsSpec
+    from kernels.benchmark.config import BREAKDOWN, ROW_STATS
     from kernels.hopper_attention import hopper_attention
     from kernels.validate import Problem
 
-    specs = {
-        "plain": None,
-        "all": StatsSpec.every_row_statistic(),
-        "argmax": StatsSpec(argmax=True),
-        "entropy": StatsSpec(entropy=True),
-        "distance": StatsSpec(distance=True),
-    }
+    specs = {"plain": None, "all": ROW_STATS, **BREAKDOWN}
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(1, HEADS, N, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
     problem = Problem(1, HEADS, HEADS, N, N, head_dim, head_dim**-0.5, True)

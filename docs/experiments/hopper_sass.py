@@ -25,16 +25,11 @@ import tempfile
 import torch
 import triton
 
-from kernels import StatsSpec
+from kernels.benchmark.config import BREAKDOWN, ROW_STATS
 from kernels.hopper_attention import compile_sm90
 
-SPECS = {
-    "plain": None,
-    "all": StatsSpec.every_row_statistic(),
-    "argmax": StatsSpec(argmax=True),
-    "entropy": StatsSpec(entropy=True),
-    "distance": StatsSpec(distance=True),
-}
+#: Statistic sets by name: none, every row statistic, and each alone (the benchmark's rows).
+SPECS = {"plain": None, "all": ROW_STATS, **BREAKDOWN}
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 _INSTRUCTION = re.compile(r"\s+/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)[^;]*?(0x[0-9a-f]+)?\s*;")
 
