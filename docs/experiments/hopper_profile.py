@@ -29,7 +29,7 @@ N, HEADS = 16384, 32
 
 def run(head_dim: int, spec: str) -> None:
     """Three launches of the Hopper kernel (or of SDPA, ``spec == "sdpa"``)."""
-    import torch
+    import torch  # here, so that ``report`` runs where torch is not installed
     import torch.nn.functional as F
 
     from kernels.benchmark.config import BREAKDOWN, ROW_STATS
