@@ -18,6 +18,7 @@ import argparse
 import importlib.util
 import math
 from functools import partial
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -40,9 +41,8 @@ def median_ms(fn) -> float:
 
 
 def load(path: str) -> ModuleType:
-    """Import a variant file under its own name (its Gluon kernels compile separately)."""
-    name = path.rsplit("/", 1)[-1].removesuffix(".py")
-    spec = importlib.util.spec_from_file_location(name, path)
+    """Import a variant file under its file's name (its Gluon kernels compile separately)."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -53,6 +53,13 @@ def problem(n: int, d: int, hq: int = 8, hkv: int = 2, dtype=torch.bfloat16, see
     gen = torch.Generator(device="cuda").manual_seed(seed)
     q, k, v = (torch.randn(1, h, n, d, device="cuda", dtype=dtype, generator=gen) for h in (hq, hkv, hkv))
     return q, k, v, Problem(1, hq, hkv, n, n, d, d**-0.5, True)
+
+
+def scores64(q: torch.Tensor, k: torch.Tensor, p: Problem) -> torch.Tensor:
+    """Causal float64 scores ``[1, Hq, n, n]``, -inf above the diagonal."""
+    n = p.n_q
+    s = (q.double() @ k.repeat_interleave(p.q_heads // p.kv_heads, 1).double().transpose(-1, -2)) * p.scale
+    return s.masked_fill(torch.ones(n, n, device=s.device, dtype=torch.bool).triu(1), -math.inf)
 
 
 def check(name: str, module: ModuleType) -> None:
@@ -68,17 +75,14 @@ def check(name: str, module: ModuleType) -> None:
         for f in FIELDS:
             worst[f] = max(worst.get(f, 0.0), (getattr(st0, f) - getattr(st1, f)).abs().max().item())
         differ += int((st0.argmax != st1.argmax).sum())
-        s = (q.double() @ k.repeat_interleave(p.q_heads // p.kv_heads, 1).double().transpose(-1, -2)) * p.scale
-        s = s.masked_fill(torch.ones(n, n, device="cuda", dtype=torch.bool).triu(1), -math.inf)
+        s = scores64(q, k, p)
         chosen = s.gather(-1, st1.argmax.unsqueeze(-1)).squeeze(-1)
         off_max += int((chosen < s.amax(-1) - 1e-6 * s.abs().amax(-1)).sum())
     q, k, v, p = problem(700, 128, hq=4, hkv=1, seed=1)
     k[:, :, 300:] = k[:, :, 299:300]  # keys 299.. identical, positive scores from row 299 on
     q[:, :, 299:], k[:, :, 299:] = q[:, :, 299:].abs(), k[:, :, 299:].abs()
     _, st = module.hopper_attention(q, k, v, p, StatsSpec(argmax=True))
-    s = q.double() @ k.repeat_interleave(4, 1).double().transpose(-1, -2)
-    s = s.masked_fill(torch.ones(700, 700, device="cuda", dtype=torch.bool).triu(1), -math.inf)
-    ties = int((st.argmax[:, :, 299:] != s.argmax(-1)[:, :, 299:]).sum())  # torch takes the first
+    ties = int((st.argmax[:, :, 299:] != scores64(q, k, p).argmax(-1)[:, :, 299:]).sum())  # torch takes the first
     diffs = " ".join(f"{f}={w:.1e}" for f, w in worst.items())
     print(f"  {name}: {diffs} argmax_differs={differ} argmax_off_max={off_max} tie_rows_wrong={ties}")
 
@@ -90,7 +94,7 @@ def main() -> None:
     parser.add_argument("--dims", default="128,64", help="head dims (default 128,64)")
     parser.add_argument("--length", type=int, default=16384, help="tokens N (default 16384)")
     args = parser.parse_args()
-    modules = {"committed": committed} | {v.rsplit("/", 1)[-1].removesuffix(".py"): load(v) for v in args.variants}
+    modules = {"committed": committed} | {m.__name__: m for m in map(load, args.variants)}
 
     print("== against the committed kernel (every row statistic)")
     for name, module in list(modules.items())[1:]:
