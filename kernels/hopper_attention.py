@@ -5,9 +5,10 @@ schedules its warps by hand (``triton.experimental.gluon``, part of the Triton w
 
 * one loader warp streams K/V blocks into a shared-memory ring with TMA (``ready``/``empty``
   mbarriers per slot); the query tile is loaded once;
-* two consumer warpgroups, each its own partition, own 64 query rows each of the CTA's
-  128-row tile and consume every key block; nothing couples them, so one's softmax runs while
-  the other's matrix multiplies do ("ping-pong", left to the warp schedulers);
+* two consumer warpgroups (three for plain attention at head dim 64, :data:`CONFIGS`), each its
+  own partition, own 64 query rows each of the CTA's query tile and consume every key block;
+  nothing couples them, so one's softmax runs while another's matrix multiplies do
+  ("ping-pong", left to the warp schedulers);
 * inside a consumer, the QK^T of block ``j`` and the PV of block ``j - 1`` are in flight
   together, and PV is waited for after the softmax of ``j`` (FlashAttention-3's in-warpgroup
   overlap; ptxas moves that wait up into the row max, docs/benchmarks.md).
@@ -24,8 +25,7 @@ kernel.
 
 Scope: what the model benchmarks and head scoring run most, causal self-attention
 (``Nq == Nk``) in float16/bfloat16 with head dim 64 or 128, grouped-query heads, any length,
-no padding lengths and no attention variants (window, soft-cap, learned sinks, ALiBi);
-plain attention at head dim 64 stays on the Triton kernel, which is as fast there.
+no padding lengths and no attention variants (window, soft-cap, learned sinks, ALiBi).
 :func:`unsupported` says why a call does not fit; everything else runs on the Triton kernel.
 ``KERNELS_HOPPER=0`` turns this backend off. Gluon has no interpreter: CI compiles the kernel
 for sm_90 on the CPU (:func:`compile_sm90`); on an sm_90 GPU
@@ -34,6 +34,7 @@ for sm_90 on the CPU (:func:`compile_sm90`); on an sm_90 GPU
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -83,15 +84,38 @@ ARGMAX_BY_HEAD_DIM = {64: ARGMAX_COMPARED, 128: ARGMAX_PACKED}
 #: PV is short and the eight N = 8 MMAs lengthen its wait (docs/benchmarks.md).
 DISTANCE_OFF, DISTANCE_OWN_MMA, DISTANCE_WITH_PV = 0, 1, 2
 DISTANCE_BY_HEAD_DIM = {64: DISTANCE_OWN_MMA, 128: DISTANCE_WITH_PV}
-#: (BLOCK_N, STAGES) per head dim; the CTA's query tile is 128 rows (2 consumers x 64).
-CONFIGS = {64: (128, 3), 128: (128, 2)}
-BLOCK_M = 128
-HALF_M = 64
+HALF_M = 64  # query rows of one consumer warpgroup
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One build's shape: keys per block, K/V ring slots, and consumer warpgroups (64 query
+    rows each, so a CTA's query tile is ``64 * consumers`` rows)."""
+
+    block_n: int
+    stages: int
+    consumers: int
+
+    @property
+    def registers(self) -> tuple[int, int]:
+        """``(launch cap, each consumer's after setmaxnreg)``: the 64K registers of an SM, split
+        between the consumers and the loader (a warp padded to a warpgroup, left 24)."""
+        return (512 // (self.consumers + 1)) // 8 * 8, (512 - 24) // self.consumers // 8 * 8
+
+
+#: Builds by (head dim, with statistics). Three consumers (160 registers each, FlashAttention-3's
+#: head dim 64 tile) take plain attention at head dim 64 from 0.94x to 1.01x cuDNN; with the
+#: statistics they spill or lose time (0.70x against 0.74x), so two there (docs/benchmarks.md).
+CONFIGS = {
+    (64, False): Config(128, 3, 3),
+    (64, True): Config(128, 3, 2),
+    (128, False): Config(128, 2, 2),
+    (128, True): Config(128, 2, 2),
+}
 _MASKED = -1.0e30  # masked raw scores: finite, so p * x stays 0 (no inf * 0)
 _M_INIT = -5.0e29  # running max before the first key: above _MASKED, so alpha = 0, not NaN
 
 if GLUON_AVAILABLE:
-    _TILE_M = gl.constexpr(BLOCK_M)
     _WG_ROWS = gl.constexpr(HALF_M)
     _MASKED_C = gl.constexpr(_MASKED)
     _M_INIT_C = gl.constexpr(_M_INIT)
@@ -133,11 +157,12 @@ if GLUON_AVAILABLE:
         n_blocks,
         BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr,
+        CONSUMERS: gl.constexpr,
     ):
-        """Loader partition (one warp): both halves of the query tile, then K/V block j into
-        ring slot j % STAGES once both consumers have released it."""
-        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-        for i in gl.static_range(2):
+        """Loader partition (one warp): each consumer's part of the query tile, then K/V block j
+        into ring slot j % STAGES once every consumer has released it."""
+        mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
+        for i in gl.static_range(CONSUMERS):
             _tma_load(q_desc, [q_row0 + i * _WG_ROWS, 0], q_bar, q_smem.index(i))
         for j in range(n_blocks):
             s = j % STAGES
@@ -254,45 +279,41 @@ if GLUON_AVAILABLE:
         l_i = alpha * l_i + l_blk
         return p, alpha, (m_new, l_i, t_i, d_i, a_i, w_i, s_i, o_i)
 
-    @gluon.constexpr_function
-    def _carries_float32(head_d):
-        """Whether P is carried to the next PV in float32 and converted just before it. Carried
-        as 16-bit values, ptxas swaps the halves of every register pair on the way (one byte
-        permute per two scores); float32 costs 32 more registers, which only D = 64 has."""
-        return head_d == 64
-
     @gluon.jit
-    def _carried(p, dtype: gl.constexpr, o_layout: gl.constexpr, pos_t, acc_d, DIST: gl.constexpr):
+    def _carried(p, dtype: gl.constexpr, o_layout: gl.constexpr, pos_t, acc_d, DIST: gl.constexpr, P_F32: gl.constexpr):
         """``p`` [64, BLOCK_N] as it is carried to the next PV (:func:`_pv_operand`); with
         DIST == _OWN_MMA also ``acc_d += p @ pos_t`` at once, with p in float16 (8x finer than
-        bfloat16), so that this copy of p does not stay live beside the other."""
+        bfloat16), so that this copy of p does not stay live beside the other. P_F32: carried
+        in float32 and converted just before PV (as 16-bit values ptxas swaps the halves of
+        every register pair on the way, a byte permute per two scores; float32 costs 32 more
+        registers, which only two consumers at head dim 64 have)."""
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         if DIST == _OWN_MMA:
             acc_d = warpgroup_mma(gl.convert_layout(p.to(gl.float16), a_layout), pos_t, acc_d, is_async=True)
             acc_d = warpgroup_mma_wait(0, deps=(acc_d,))
-        if _carries_float32(o_layout.instr_shape[1]):
+        if P_F32:
             carried = p
         else:
             carried = gl.convert_layout(p.to(dtype), a_layout)
         return carried, acc_d
 
     @gluon.jit
-    def _pv_operand(p_prev, dtype: gl.constexpr, o_layout: gl.constexpr):
+    def _pv_operand(p_prev, dtype: gl.constexpr, o_layout: gl.constexpr, P_F32: gl.constexpr):
         """The A operand of PV (and of the distance MMA) from what :func:`_carried` carried."""
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        if _carries_float32(o_layout.instr_shape[1]):
+        if P_F32:
             operand = gl.convert_layout(p_prev.to(dtype), a_layout)
         else:
             operand = p_prev
         return operand
 
     @gluon.jit
-    def _issue_pv(p_prev, v_tile, pos_t, acc, acc_d, DIST: gl.constexpr):
+    def _issue_pv(p_prev, v_tile, pos_t, acc, acc_d, DIST: gl.constexpr, P_F32: gl.constexpr):
         """Issue ``acc += P @ V`` with the carried ``p_prev``, and where the distance MMA rides
         with PV (DIST == _WITH_PV) ``acc_d += P @ pos_t`` on the same A operand right after it;
         both stay in flight. Returns ``(acc, acc_d)``."""
         o_layout: gl.constexpr = acc.type.layout
-        pv_a = _pv_operand(p_prev, v_tile.dtype, o_layout)
+        pv_a = _pv_operand(p_prev, v_tile.dtype, o_layout, P_F32)
         acc = warpgroup_mma(pv_a, v_tile, acc, is_async=True)
         if DIST == _WITH_PV:
             acc_d = warpgroup_mma(pv_a, pos_t, acc_d, is_async=True)
@@ -326,6 +347,7 @@ if GLUON_AVAILABLE:
         NEAR: gl.constexpr,
         BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr,
+        P_F32: gl.constexpr,
     ):
         """Issue QK(j), then PV(j - 1) with ``p_prev``; wait for PV after the softmax of j.
         ``acc`` [64, D] is rescaled up to block j - 1; ``acc_d`` [64, 8] = P @ ``pos_t`` up to
@@ -338,7 +360,7 @@ if GLUON_AVAILABLE:
         mbarrier.wait(k_ready.index(s), (j // STAGES) & 1)
         qk = warpgroup_mma(q_w, k_smem.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         mbarrier.wait(v_ready.index(sp), ((j - 1) // STAGES) & 1)
-        acc, acc_d = _issue_pv(p_prev, v_smem.index(sp), pos_t, acc, acc_d, DIST)
+        acc, acc_d = _issue_pv(p_prev, v_smem.index(sp), pos_t, acc, acc_d, DIST, P_F32)
         # QK(j) done; PV(j - 1), and the distance MMA riding with it, may still run
         qk = warpgroup_mma_wait(2 if DIST == _WITH_PV else 1, deps=(qk,))
         mbarrier.arrive(k_empty.index(s))
@@ -350,7 +372,7 @@ if GLUON_AVAILABLE:
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
         if DIST:
             acc_d = acc_d * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, acc_d.type.layout)), 1)
-        p_prev, acc_d = _carried(p, v_smem.dtype, o_layout, pos_t, acc_d, DIST)
+        p_prev, acc_d = _carried(p, v_smem.dtype, o_layout, pos_t, acc_d, DIST, P_F32)
         return p_prev, acc, acc_d, st
 
     @gluon.jit
@@ -371,33 +393,7 @@ if GLUON_AVAILABLE:
     @gluon.jit
     def _consumer(
         WG: gl.constexpr,
-        q_smem,
-        pos_smem,
-        k_smem,
-        v_smem,
-        q_bar,
-        k_ready,
-        v_ready,
-        k_empty,
-        v_empty,
-        q_ptr,
-        k_ptr,
-        out_ptr,
-        stats_ptr,
-        argmax_ptr,
-        offsets_ptr,
-        bh,
-        kv_bh,
-        N,
-        rows_total,
-        start_m,
-        n_blocks,
-        qk_scale,
-        sink_tokens,
-        window,
-        n_offsets,
-        near_offset,
-        first_gathered,
+        shared,
         BLOCK_N: gl.constexpr,
         HEAD_D: gl.constexpr,
         STAGES: gl.constexpr,
@@ -416,9 +412,40 @@ if GLUON_AVAILABLE:
         F_LOCAL: gl.constexpr,
         F_DIST: gl.constexpr,
         F_OFF: gl.constexpr,
+        P_F32: gl.constexpr,
     ):
         """Consumer warpgroup WG: query rows ``start_m + WG * 64 + [0, 64)`` against every key
-        block of the CTA; writes their output rows and statistics."""
+        block of the CTA; writes their output rows and statistics. ``shared``: the runtime
+        arguments every consumer takes (:func:`_hopper_fwd`)."""
+        (
+            q_smem,
+            pos_smem,
+            k_smem,
+            v_smem,
+            q_bar,
+            k_ready,
+            v_ready,
+            k_empty,
+            v_empty,
+            q_ptr,
+            k_ptr,
+            out_ptr,
+            stats_ptr,
+            argmax_ptr,
+            offsets_ptr,
+            bh,
+            kv_bh,
+            N,
+            rows_total,
+            start_m,
+            n_blocks,
+            qk_scale,
+            sink_tokens,
+            window,
+            n_offsets,
+            near_offset,
+            first_gathered,
+        ) = shared
         s_layout: gl.constexpr = _mma_layout(BLOCK_N)
         o_layout: gl.constexpr = _mma_layout(HEAD_D)
         row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
@@ -443,7 +470,7 @@ if GLUON_AVAILABLE:
         s_zero = gl.zeros([_WG_ROWS, BLOCK_N], gl.float32, s_layout)
         # Key blocks [n_free, n_blocks) need masks: the causal diagonal, and those the window
         # (LOCAL) and the near offset (NEAR) of this warpgroup's first row reach.
-        n_free = start_m // BLOCK_N
+        n_free = gl.minimum(start_w // BLOCK_N, n_blocks)  # a last tile's rows past N may start past its keys
         if LOCAL:
             n_free = gl.minimum(n_free, gl.maximum(start_w - window + 1, 0) // BLOCK_N)
         if NEAR:
@@ -457,7 +484,7 @@ if GLUON_AVAILABLE:
         p, alpha, st = _softmax_block(
             qk, 0, rows, st, qk_scale, marks, True, True, ENTROPY, DIST, ARGMAX, LOCAL, SINK, NEAR, BLOCK_N
         )
-        p_prev, acc_d = _carried(p, v_smem.dtype, o_layout, pos_t, acc_d, DIST)
+        p_prev, acc_d = _carried(p, v_smem.dtype, o_layout, pos_t, acc_d, DIST, P_F32)
         for j in range(1, n_free):
             p_prev, acc, acc_d, st = _consumer_step(
                 j,
@@ -486,6 +513,7 @@ if GLUON_AVAILABLE:
                 NEAR,
                 BLOCK_N,
                 STAGES,
+                P_F32,
             )
         for j in range(gl.maximum(n_free, 1), n_blocks):
             p_prev, acc, acc_d, st = _consumer_step(
@@ -515,10 +543,11 @@ if GLUON_AVAILABLE:
                 NEAR,
                 BLOCK_N,
                 STAGES,
+                P_F32,
             )
         last = n_blocks - 1
         mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
-        acc, acc_d = _issue_pv(p_prev, v_smem.index(last % STAGES), pos_t, acc, acc_d, DIST)
+        acc, acc_d = _issue_pv(p_prev, v_smem.index(last % STAGES), pos_t, acc, acc_d, DIST, P_F32)
         acc, acc_d = warpgroup_mma_wait(0, deps=(acc, acc_d))
         d_i = st[3] + gl.convert_layout(gl.sum(acc_d, axis=1), row_layout)
         mbarrier.arrive(v_empty.index(last % STAGES))
@@ -618,14 +647,17 @@ if GLUON_AVAILABLE:
         F_DIST: gl.constexpr,
         F_OFF: gl.constexpr,
         POS_LAYOUT: gl.constexpr,
+        CONSUMERS: gl.constexpr,
+        P_F32: gl.constexpr,
+        REGISTERS: gl.constexpr,
     ):
-        """grid = (B * Hq, cdiv(N, 128)); the descriptors view q as [B*Hq*N, D] and k, v as
-        [B*Hkv*N, D] (contiguous). Query tiles run longest first."""
+        """grid = (B * Hq, cdiv(N, 64 * CONSUMERS)); the descriptors view q as [B*Hq*N, D] and
+        k, v as [B*Hkv*N, D] (contiguous). Query tiles run longest first."""
         bh = gl.program_id(0)
         kv_bh = (bh // Hq) * (Hq // GROUP) + (bh % Hq) // GROUP
-        start_m = (gl.num_programs(1) - 1 - gl.program_id(1)) * _TILE_M
+        start_m = (gl.num_programs(1) - 1 - gl.program_id(1)) * (CONSUMERS * _WG_ROWS)
         dtype: gl.constexpr = q_desc.block_type.element_ty
-        q_smem = gl.allocate_shared_memory(dtype, [2, _WG_ROWS, HEAD_D], q_desc.layout)
+        q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, _WG_ROWS, HEAD_D], q_desc.layout)
         # [8, BLOCK_N] in p's dtype for the distance MMA: row 0 each key's offset from its block's
         # centre (-63.5 .. 63.5 for 128 keys, exact), the rest 0: its B operand, transposed like K.
         pos_layout: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [4, 1], [1, 0])
@@ -646,141 +678,230 @@ if GLUON_AVAILABLE:
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=2)  # one arrive from each consumer
-            mbarrier.init(v_empty.index(i), count=2)
+            mbarrier.init(k_empty.index(i), count=CONSUMERS)  # one arrive from each consumer
+            mbarrier.init(v_empty.index(i), count=CONSUMERS)
         fence_async_shared()
         _cta_barrier()
 
-        n_blocks = gl.minimum(start_m + _TILE_M, N + BLOCK_N - 1) // BLOCK_N  # _TILE_M % BLOCK_N == 0
-        gl.warp_specialize(
-            [
-                (
-                    _consumer,
-                    (
-                        0,
-                        q_smem,
-                        pos_smem,
-                        k_smem,
-                        v_smem,
-                        q_bar,
-                        k_ready,
-                        v_ready,
-                        k_empty,
-                        v_empty,
-                        q_ptr,
-                        k_ptr,
-                        out_ptr,
-                        stats_ptr,
-                        argmax_ptr,
-                        offsets_ptr,
-                        bh,
-                        kv_bh,
-                        N,
-                        rows_total,
-                        start_m,
-                        n_blocks,
-                        qk_scale,
-                        sink_tokens,
-                        window,
-                        n_offsets,
-                        near_offset,
-                        first_gathered,
-                        BLOCK_N,
-                        HEAD_D,
-                        STAGES,
-                        STATS,
-                        ENTROPY,
-                        DIST,
-                        ARGMAX,
-                        LOCAL,
-                        SINK,
-                        NEAR,
-                        GATHER,
-                        F_ENT,
-                        F_MAX,
-                        F_LSINK,
-                        F_SINK,
-                        F_LOCAL,
-                        F_DIST,
-                        F_OFF,
-                    ),
-                ),
-                (
-                    _consumer,
-                    (
-                        1,
-                        q_smem,
-                        pos_smem,
-                        k_smem,
-                        v_smem,
-                        q_bar,
-                        k_ready,
-                        v_ready,
-                        k_empty,
-                        v_empty,
-                        q_ptr,
-                        k_ptr,
-                        out_ptr,
-                        stats_ptr,
-                        argmax_ptr,
-                        offsets_ptr,
-                        bh,
-                        kv_bh,
-                        N,
-                        rows_total,
-                        start_m,
-                        n_blocks,
-                        qk_scale,
-                        sink_tokens,
-                        window,
-                        n_offsets,
-                        near_offset,
-                        first_gathered,
-                        BLOCK_N,
-                        HEAD_D,
-                        STAGES,
-                        STATS,
-                        ENTROPY,
-                        DIST,
-                        ARGMAX,
-                        LOCAL,
-                        SINK,
-                        NEAR,
-                        GATHER,
-                        F_ENT,
-                        F_MAX,
-                        F_LSINK,
-                        F_SINK,
-                        F_LOCAL,
-                        F_DIST,
-                        F_OFF,
-                    ),
-                ),
-                (
-                    _loader,
-                    (
-                        q_desc,
-                        k_desc,
-                        v_desc,
-                        q_smem,
-                        k_smem,
-                        v_smem,
-                        q_bar,
-                        k_ready,
-                        v_ready,
-                        k_empty,
-                        v_empty,
-                        bh * N + start_m,
-                        kv_bh * N,
-                        n_blocks,
-                        BLOCK_N,
-                        STAGES,
-                    ),
-                ),
-            ],
-            [4, 1],  # warps: the second consumer warpgroup, the loader
-            [240, 24],  # registers per thread, moved from the loader to the consumers
+        n_blocks = (gl.minimum(start_m + CONSUMERS * _WG_ROWS, N) + BLOCK_N - 1) // BLOCK_N
+        shared = (
+            q_smem,
+            pos_smem,
+            k_smem,
+            v_smem,
+            q_bar,
+            k_ready,
+            v_ready,
+            k_empty,
+            v_empty,
+            q_ptr,
+            k_ptr,
+            out_ptr,
+            stats_ptr,
+            argmax_ptr,
+            offsets_ptr,
+            bh,
+            kv_bh,
+            N,
+            rows_total,
+            start_m,
+            n_blocks,
+            qk_scale,
+            sink_tokens,
+            window,
+            n_offsets,
+            near_offset,
+            first_gathered,
         )
+        # warps and registers (Config.registers) of the partitions after the first
+        if CONSUMERS == 3:
+            gl.warp_specialize(
+                [
+                    (
+                        _consumer,
+                        (
+                            0,
+                            shared,
+                            BLOCK_N,
+                            HEAD_D,
+                            STAGES,
+                            STATS,
+                            ENTROPY,
+                            DIST,
+                            ARGMAX,
+                            LOCAL,
+                            SINK,
+                            NEAR,
+                            GATHER,
+                            F_ENT,
+                            F_MAX,
+                            F_LSINK,
+                            F_SINK,
+                            F_LOCAL,
+                            F_DIST,
+                            F_OFF,
+                            P_F32,
+                        ),
+                    ),
+                    (
+                        _consumer,
+                        (
+                            1,
+                            shared,
+                            BLOCK_N,
+                            HEAD_D,
+                            STAGES,
+                            STATS,
+                            ENTROPY,
+                            DIST,
+                            ARGMAX,
+                            LOCAL,
+                            SINK,
+                            NEAR,
+                            GATHER,
+                            F_ENT,
+                            F_MAX,
+                            F_LSINK,
+                            F_SINK,
+                            F_LOCAL,
+                            F_DIST,
+                            F_OFF,
+                            P_F32,
+                        ),
+                    ),
+                    (
+                        _consumer,
+                        (
+                            2,
+                            shared,
+                            BLOCK_N,
+                            HEAD_D,
+                            STAGES,
+                            STATS,
+                            ENTROPY,
+                            DIST,
+                            ARGMAX,
+                            LOCAL,
+                            SINK,
+                            NEAR,
+                            GATHER,
+                            F_ENT,
+                            F_MAX,
+                            F_LSINK,
+                            F_SINK,
+                            F_LOCAL,
+                            F_DIST,
+                            F_OFF,
+                            P_F32,
+                        ),
+                    ),
+                    (
+                        _loader,
+                        (
+                            q_desc,
+                            k_desc,
+                            v_desc,
+                            q_smem,
+                            k_smem,
+                            v_smem,
+                            q_bar,
+                            k_ready,
+                            v_ready,
+                            k_empty,
+                            v_empty,
+                            bh * N + start_m,
+                            kv_bh * N,
+                            n_blocks,
+                            BLOCK_N,
+                            STAGES,
+                            CONSUMERS,
+                        ),
+                    ),
+                ],
+                [4, 4, 1],
+                [REGISTERS, REGISTERS, 24],
+            )
+        else:
+            gl.warp_specialize(
+                [
+                    (
+                        _consumer,
+                        (
+                            0,
+                            shared,
+                            BLOCK_N,
+                            HEAD_D,
+                            STAGES,
+                            STATS,
+                            ENTROPY,
+                            DIST,
+                            ARGMAX,
+                            LOCAL,
+                            SINK,
+                            NEAR,
+                            GATHER,
+                            F_ENT,
+                            F_MAX,
+                            F_LSINK,
+                            F_SINK,
+                            F_LOCAL,
+                            F_DIST,
+                            F_OFF,
+                            P_F32,
+                        ),
+                    ),
+                    (
+                        _consumer,
+                        (
+                            1,
+                            shared,
+                            BLOCK_N,
+                            HEAD_D,
+                            STAGES,
+                            STATS,
+                            ENTROPY,
+                            DIST,
+                            ARGMAX,
+                            LOCAL,
+                            SINK,
+                            NEAR,
+                            GATHER,
+                            F_ENT,
+                            F_MAX,
+                            F_LSINK,
+                            F_SINK,
+                            F_LOCAL,
+                            F_DIST,
+                            F_OFF,
+                            P_F32,
+                        ),
+                    ),
+                    (
+                        _loader,
+                        (
+                            q_desc,
+                            k_desc,
+                            v_desc,
+                            q_smem,
+                            k_smem,
+                            v_smem,
+                            q_bar,
+                            k_ready,
+                            v_ready,
+                            k_empty,
+                            v_empty,
+                            bh * N + start_m,
+                            kv_bh * N,
+                            n_blocks,
+                            BLOCK_N,
+                            STAGES,
+                            CONSUMERS,
+                        ),
+                    ),
+                ],
+                [4, 1],
+                [REGISTERS, 24],
+            )
 
 
 def _enabled() -> bool:
@@ -814,8 +935,6 @@ def unsupported(
         return "an attention variant"
     if p.scale <= 0:
         return "a scale <= 0"
-    if stats is None and p.head_dim == 64:
-        return "plain attention at head dim 64 (the Triton kernel is as fast there)"
     if stats is not None and stats.sink_tokens > MAX_SINK_TOKENS:
         return f"more than {MAX_SINK_TOKENS} sink tokens"
     if stats is not None and len(stats.offsets) > MAX_OFFSETS:
@@ -838,10 +957,12 @@ def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
 
 
 def launch_arguments(q, k, v, out, stats_buf, argmax, offsets, p: Problem, stats: StatsSpec | None, fields: dict):
-    """The kernel's grid, arguments and constexprs for one call (shared by the launch and the
-    offline compile)."""
-    block_n, stages = CONFIGS[p.head_dim]
+    """The kernel's grid, arguments, constexprs and launch options for one call (shared by the
+    launch and the offline compile)."""
     want = stats is not None
+    config = CONFIGS[p.head_dim, want]
+    block_n = config.block_n
+    launch_cap, registers = config.registers
     n_off = len(stats.offsets) if want else 0
     assert not want or stats.sink_tokens <= block_n, "sink keys must lie in the first key block"
     # The first offset, if it lies within a block of the query, is summed in the loop.
@@ -870,7 +991,7 @@ def launch_arguments(q, k, v, out, stats_buf, argmax, offsets, p: Problem, stats
     flags = dict(
         BLOCK_N=block_n,
         HEAD_D=p.head_dim,
-        STAGES=stages,
+        STAGES=config.stages,
         STATS=want,
         ENTROPY="entropy" in fields,
         DIST=DISTANCE_BY_HEAD_DIM[p.head_dim] if "distance" in fields else DISTANCE_OFF,
@@ -881,9 +1002,12 @@ def launch_arguments(q, k, v, out, stats_buf, argmax, offsets, p: Problem, stats
         GATHER=n_off > int(near),
         **{f"F_{short}": fields.get(name, 0) for short, name in _FIELD_FLAGS.items()},
         POS_LAYOUT=gl.NVMMASharedLayout.get_default_for([8, block_n], gl.float16),  # any 16-bit dtype
+        CONSUMERS=config.consumers,
+        P_F32=p.head_dim == 64 and registers >= 240,
+        REGISTERS=registers,
     )
-    grid = (p.batch * p.q_heads, math.ceil(p.n_q / BLOCK_M))
-    return grid, args, flags
+    grid = (p.batch * p.q_heads, math.ceil(p.n_q / (HALF_M * config.consumers)))
+    return grid, args, flags, dict(num_warps=4, maxnreg=launch_cap)
 
 
 _FIELD_FLAGS = {
@@ -895,9 +1019,6 @@ _FIELD_FLAGS = {
     "DIST": "distance",
     "OFF": "offset_mass",
 }
-#: Registers: the loader warp is padded to a warpgroup, so 12 warps share the SM's 64K;
-#: setmaxnreg then moves the loader's share to the two consumers (240 each).
-LAUNCH_OPTIONS = dict(num_warps=4, maxnreg=168)
 
 
 def hopper_attention(
@@ -917,8 +1038,8 @@ def hopper_attention(
     stats_buf = torch.empty(per_row * n_rows, device=q.device, dtype=torch.float32) if want else out
     argmax = torch.empty((b, hq, n), device=q.device, dtype=torch.int64) if want and stats.argmax else out
     offsets = _offsets_tensor(stats.offsets, q.device) if n_off else out
-    grid, args, flags = launch_arguments(q, k, v, out, stats_buf, argmax, offsets, p, stats, fields)
-    _hopper_fwd[grid](**args, **flags, **LAUNCH_OPTIONS)
+    grid, args, flags, options = launch_arguments(q, k, v, out, stats_buf, argmax, offsets, p, stats, fields)
+    _hopper_fwd[grid](**args, **flags, **options)
     if not want:
         return out, None
     found = row_stats_views(stats_buf, fields, stats, (b, hq, n))
@@ -940,14 +1061,14 @@ def compile_sm90(head_dim: int, dtype: torch.dtype = torch.bfloat16, stats: Stat
 
     from kernels.triton_attention import stat_fields
 
-    n = 2 * BLOCK_M
+    n = 256
     p = Problem(1, 2, 1, n, n, head_dim, 1.0 / math.sqrt(head_dim), True)
     fields = stat_fields(stats, False) if stats is not None else {}
     qkv = torch.empty((1, 2, n, head_dim), dtype=dtype, device="meta")
     stats_buf = torch.empty(0, dtype=torch.float32, device="meta")
     argmax = torch.empty(0, dtype=torch.int64, device="meta")
     offsets = torch.empty(0, dtype=torch.int32, device="meta")
-    _, args, flags = launch_arguments(qkv, qkv, qkv, qkv, stats_buf, argmax, offsets, p, stats, fields)
+    _, args, flags, options = launch_arguments(qkv, qkv, qkv, qkv, stats_buf, argmax, offsets, p, stats, fields)
     name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     signature = {}
     for key, value in args.items():
@@ -962,4 +1083,4 @@ def compile_sm90(head_dim: int, dtype: torch.dtype = torch.bfloat16, stats: Stat
             signature[key] = "i32"
     signature.update({key: "constexpr" for key in flags})
     source = GluonASTSource(_hopper_fwd, signature=signature, constexprs=flags)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=LAUNCH_OPTIONS)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)

@@ -55,7 +55,7 @@ def hopper_kernel(cfg: Config) -> str:
     reason = unsupported(q, p, ROW_STATS)
     if reason is not None:
         return f"off ({reason})"
-    return "on for head dims 64 and 128, plain attention at 128 only (KERNELS_HOPPER=0 turns it off)"
+    return "on for head dims 64 and 128 (KERNELS_HOPPER=0 turns it off)"
 
 
 def command_line() -> str:

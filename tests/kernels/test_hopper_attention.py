@@ -16,7 +16,7 @@ import torch
 
 import kernels.triton_attention
 from kernels import StatsSpec, attention
-from kernels.hopper_attention import DISTANCE_BY_HEAD_DIM, DISTANCE_WITH_PV, GLUON_AVAILABLE, unsupported
+from kernels.hopper_attention import CONFIGS, DISTANCE_BY_HEAD_DIM, DISTANCE_WITH_PV, GLUON_AVAILABLE, unsupported
 from kernels.validate import check_inputs
 from tests.conftest import SEED
 from tests.kernels.kernel_cases import Case
@@ -61,7 +61,6 @@ def _reason(dtype=BF16, d=64, nq=256, nk=256, causal=True, stats=StatsSpec(), sc
         (dict(sinks=torch.zeros(2)), "variant"),
         (dict(alibi_slopes=torch.ones(2)), "variant"),
         (dict(scale=-0.1), "scale"),
-        (dict(d=64, stats=None), "the Triton kernel is as fast"),
         (dict(stats=StatsSpec(sink_tokens=129)), "sink tokens"),
         (dict(stats=StatsSpec(offsets=tuple(range(17)))), "offsets"),
     ],
@@ -72,7 +71,8 @@ def test_calls_it_cannot_run_say_why(kind, because):
 
 def test_a_call_it_can_run_needs_only_the_hardware(monkeypatch):
     spec = StatsSpec.all(sink_tokens=4, window=64, offsets=(1, 31))
-    for kind in (dict(), dict(dtype=torch.float16, d=128, stats=spec), dict(nq=129, nk=129, stats=spec)):
+    kinds = (dict(), dict(stats=None), dict(dtype=torch.float16, d=128, stats=spec), dict(nq=129, nk=129, stats=spec))
+    for kind in kinds:
         reason = _reason(**kind)
         assert reason == ("not a Hopper (sm_90) GPU" if GLUON_AVAILABLE else "this Triton has no Gluon")
     monkeypatch.setenv("KERNELS_HOPPER", "0")
@@ -81,6 +81,7 @@ def test_a_call_it_can_run_needs_only_the_hardware(monkeypatch):
 
 BUILDS = {
     "D64 bf16 plain": (64, "bfloat16", None),
+    "D128 bf16 plain": (128, "bfloat16", None),
     "D128 fp16 lse": (128, "float16", "StatsSpec()"),
     "D64 bf16 row stats": (64, "bfloat16", "StatsSpec.every_row_statistic(sink_tokens=4, offsets=(1, 7))"),
     "D128 bf16 scoring": (128, "bfloat16", "StatsSpec(entropy=True, sink_tokens=1, window=200, offsets=(1,))"),
@@ -119,8 +120,22 @@ def test_builds_for_sm90(builds, name):
     assert builds[name]["cubin"] > 0, "ptxas produced no binary"
     assert "wgmma.mma_async" in ptx  # Hopper tensor-core MMAs
     assert "cp.async.bulk.tensor" in ptx  # TMA loads
-    assert "setmaxnreg" in ptx  # warp specialization: registers moved from the loader to the consumers
-    assert builds[name]["warps"] == 12  # two consumer warpgroups and the loader's
+    d, _, spec = BUILDS[name]
+    config = CONFIGS[d, spec is not None]
+    assert builds[name]["warps"] == 4 * (config.consumers + 1)  # the consumer warpgroups and the loader's
+    # warp specialization: registers moved from the loader to the consumers
+    assert f"setmaxnreg.inc.sync.aligned.u32 \t{config.registers[1]};" in ptx
+    assert f".maxnreg {config.registers[0]}" in ptx
+
+
+@pytest.mark.parametrize("config", sorted(set(CONFIGS.values()), key=str))
+def test_consumers_share_the_register_file(config):
+    """The launch cap over every warp, and the consumers' and the loader's (24) after setmaxnreg,
+    fit the SM's 64K registers; setmaxnreg takes multiples of 8 in [24, 256]."""
+    cap, each = config.registers
+    warps = 4 * (config.consumers + 1)
+    assert cap * warps * 32 <= 65536 and (config.consumers * each + 24) * 128 <= 65536
+    assert cap % 8 == 0 and each % 8 == 0 and 24 <= each <= 256
 
 
 @pytest.mark.skipif(not GLUON_AVAILABLE, reason="this Triton has no Gluon (Triton < 3.5)")
@@ -165,8 +180,6 @@ def _draw(rng: random.Random) -> Case:
             StatsSpec(sink_tokens=2, window=64, key_mass=True, key_mass_queries=rng.choice((1, 64, 500))),
         )
     )
-    if spec is None:  # plain attention takes this kernel at D = 128 only
-        d = 128
     gen = torch.Generator().manual_seed(rng.getrandbits(31))
     sigma = rng.choice((0.5, 1.0, 2.0))
 
