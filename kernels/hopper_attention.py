@@ -104,8 +104,9 @@ class Config:
 
 
 #: Builds by (head dim, with statistics). Three consumers (160 registers each, FlashAttention-3's
-#: head dim 64 tile) take plain attention at head dim 64 from 0.94x to 1.01x cuDNN; with the
-#: statistics they spill or lose time (0.70x against 0.74x), so two there (docs/benchmarks.md).
+#: head dim 64 tile) run plain attention at head dim 64 at 1.00x-1.01x cuDNN (8K-32K tokens;
+#: two consumers 0.93x-0.94x, the Triton kernel 0.92x-0.97x); with the statistics they spill or
+#: lose time (at best 0.72x against 0.74x), so two there (docs/benchmarks.md).
 CONFIGS = {
     (64, False): Config(128, 3, 3),
     (64, True): Config(128, 3, 2),
