@@ -12,8 +12,11 @@ from kernels.context_parallel import (
 from kernels.dispatch import BACKENDS, attention
 from kernels.errors import AttentionInputError, KernelFallbackWarning
 from kernels.merge import attend_part, merge_attention, part_spec
+from kernels.name_clash import warn_if_hub_kernels
 from kernels.reference import pattern_stats
 from kernels.spec import AttentionStats, StatsSpec
+
+warn_if_hub_kernels()  # also when transformers imports this package as its own, before it fails
 
 __all__ = [
     "BACKENDS",
