@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -210,12 +211,14 @@ def test_ranks_given_different_settings_stop_with_the_differing_field(tmp_path):
 
 
 def test_bad_settings_are_refused_before_the_ranks_meet(tmp_path):
-    """An unknown task under torchrun: every rank prints the usual error and exits before
-    joining the process group."""
+    """An unknown task under torchrun: the ranks print the usual error and exit with the usage
+    status (2) before joining the process group. torchrun stops the other ranks as soon as one
+    exits, so whether the second prints too depends on timing: at least one must."""
     out = tmp_path / "run"
     result = _torchrun(tmp_path, "-m", "workbench", "score", *ARGS[:2], "--task", "bogus", "--out", str(out))
     assert result.returncode != 0, _shown(result)
-    assert result.stderr.count("error: unknown task(s) ['bogus']") == 2, _shown(result)
+    assert result.stderr.count("error: unknown task(s) ['bogus']") >= 1, _shown(result)
+    assert re.search(r"exitcode\s*:\s*2\b", result.stderr), _shown(result)  # the first rank out: a usage error
     assert "WorkbenchError" not in result.stderr, _shown(result)  # an error message, not a traceback
     assert not out.exists()
 
