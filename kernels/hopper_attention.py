@@ -98,8 +98,9 @@ class Config:
 
     @property
     def registers(self) -> tuple[int, int]:
-        """``(launch cap, each consumer's after setmaxnreg)``: the 64K registers of an SM, split
-        between the consumers and the loader (a warp padded to a warpgroup, left 24)."""
+        """``(launch cap, each consumer's after setmaxnreg)``, registers a thread: an SM's 64K
+        are 512 a thread of one warpgroup, shared by the consumers and the loader (a warp padded
+        to a warpgroup, left 24); both multiples of 8."""
         return (512 // (self.consumers + 1)) // 8 * 8, (512 - 24) // self.consumers // 8 * 8
 
 
