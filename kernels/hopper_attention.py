@@ -142,27 +142,26 @@ if GLUON_AVAILABLE:
         return gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[4, 1], order=[1, 0])
 
     @gluon.jit
-    def _loader(
-        q_desc,
-        k_desc,
-        v_desc,
-        q_smem,
-        k_smem,
-        v_smem,
-        q_bar,
-        k_ready,
-        v_ready,
-        k_empty,
-        v_empty,
-        q_row0,
-        kv_row0,
-        n_blocks,
-        BLOCK_N: gl.constexpr,
-        STAGES: gl.constexpr,
-        CONSUMERS: gl.constexpr,
-    ):
+    def _loader(loads, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
         """Loader partition (one warp): each consumer's part of the query tile, then K/V block j
-        into ring slot j % STAGES once every consumer has released it."""
+        into ring slot j % STAGES once every consumer has released it. ``loads``: its runtime
+        arguments (:func:`_hopper_fwd`)."""
+        (
+            q_desc,
+            k_desc,
+            v_desc,
+            q_smem,
+            k_smem,
+            v_smem,
+            q_bar,
+            k_ready,
+            v_ready,
+            k_empty,
+            v_empty,
+            q_row0,
+            kv_row0,
+            n_blocks,
+        ) = loads
         mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
         for i in gl.static_range(CONSUMERS):
             _tma_load(q_desc, [q_row0 + i * _WG_ROWS, 0], q_bar, q_smem.index(i))
@@ -715,6 +714,22 @@ if GLUON_AVAILABLE:
             near_offset,
             first_gathered,
         )
+        loads = (
+            q_desc,
+            k_desc,
+            v_desc,
+            q_smem,
+            k_smem,
+            v_smem,
+            q_bar,
+            k_ready,
+            v_ready,
+            k_empty,
+            v_empty,
+            bh * N + start_m,
+            kv_bh * N,
+            n_blocks,
+        )
         # warps and registers (Config.registers) of the partitions after the first
         if CONSUMERS == 3:
             gl.warp_specialize(
@@ -797,28 +812,7 @@ if GLUON_AVAILABLE:
                             P_F32,
                         ),
                     ),
-                    (
-                        _loader,
-                        (
-                            q_desc,
-                            k_desc,
-                            v_desc,
-                            q_smem,
-                            k_smem,
-                            v_smem,
-                            q_bar,
-                            k_ready,
-                            v_ready,
-                            k_empty,
-                            v_empty,
-                            bh * N + start_m,
-                            kv_bh * N,
-                            n_blocks,
-                            BLOCK_N,
-                            STAGES,
-                            CONSUMERS,
-                        ),
-                    ),
+                    (_loader, (loads, BLOCK_N, STAGES, CONSUMERS)),
                 ],
                 [4, 4, 1],
                 [REGISTERS, REGISTERS, 24],
@@ -878,28 +872,7 @@ if GLUON_AVAILABLE:
                             P_F32,
                         ),
                     ),
-                    (
-                        _loader,
-                        (
-                            q_desc,
-                            k_desc,
-                            v_desc,
-                            q_smem,
-                            k_smem,
-                            v_smem,
-                            q_bar,
-                            k_ready,
-                            v_ready,
-                            k_empty,
-                            v_empty,
-                            bh * N + start_m,
-                            kv_bh * N,
-                            n_blocks,
-                            BLOCK_N,
-                            STAGES,
-                            CONSUMERS,
-                        ),
-                    ),
+                    (_loader, (loads, BLOCK_N, STAGES, CONSUMERS)),
                 ],
                 [4, 1],
                 [REGISTERS, 24],
