@@ -23,14 +23,13 @@ from types import ModuleType
 
 import torch
 import torch.nn.functional as F
+from hopper_sass import SPECS  # beside this script: the benchmark's statistic sets by name
 from triton.testing import do_bench
 
 import kernels.hopper_attention as committed
 from kernels import StatsSpec, attention
-from kernels.benchmark.config import BREAKDOWN, ROW_STATS
 from kernels.validate import Problem
 
-SPECS = {"plain": None, "all": ROW_STATS, **BREAKDOWN}  # the benchmark's names
 FIELDS = ("lse", "entropy", "max_prob", "sink_mass", "local_mass", "distance", "offset_mass")
 SHAPES = ((128, 64, torch.bfloat16), (200, 128, torch.float16), (1300, 64, torch.bfloat16), (4173, 128, torch.bfloat16))
 SHAPES += ((257, 128, torch.bfloat16),)

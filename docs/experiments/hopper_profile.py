@@ -31,12 +31,11 @@ def run(head_dim: int, spec: str) -> None:
     """Three launches of the Hopper kernel (or of SDPA, ``spec == "sdpa"``)."""
     import torch  # here, so that ``report`` runs where torch is not installed
     import torch.nn.functional as F
+    from hopper_sass import SPECS  # beside this script
 
-    from kernels.benchmark.config import BREAKDOWN, ROW_STATS
     from kernels.hopper_attention import hopper_attention
     from kernels.validate import Problem
 
-    specs = {"plain": None, "all": ROW_STATS, **BREAKDOWN}
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(1, HEADS, N, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
     problem = Problem(1, HEADS, HEADS, N, N, head_dim, head_dim**-0.5, True)
@@ -44,7 +43,7 @@ def run(head_dim: int, spec: str) -> None:
         if spec == "sdpa":
             F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            hopper_attention(q, k, v, problem, specs[spec])
+            hopper_attention(q, k, v, problem, SPECS[spec])
     torch.cuda.synchronize()
 
 
