@@ -1036,7 +1036,7 @@ def compile_sm90(head_dim: int, dtype: torch.dtype = torch.bfloat16, stats: Stat
 
     from kernels.triton_attention import stat_fields
 
-    n = 256
+    n = 256  # two query tiles or more, with any number of consumers
     p = Problem(1, 2, 1, n, n, head_dim, 1.0 / math.sqrt(head_dim), True)
     fields = stat_fields(stats, False) if stats is not None else {}
     qkv = torch.empty((1, 2, n, head_dim), dtype=dtype, device="meta")
