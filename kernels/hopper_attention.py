@@ -14,7 +14,8 @@ schedules its warps by hand (``triton.experimental.gluon``, part of the Triton w
   overlap; ptxas moves that wait up into the row max, docs/benchmarks.md).
 
 Statistics (:class:`kernels.StatsSpec`): entropy (``t = sum p * x`` rescaled like ``l``),
-argmax (one packed min at head dim 128, :data:`ARGMAX_BY_HEAD_DIM`) and ``max_prob = 1 / l``
+argmax (one packed min a score, skipped by the warps none of whose rows' max grew in the
+block: :func:`_first_max_column`) and ``max_prob = 1 / l``
 ride in the main loop; distance goes through the tensor cores (``P @ [BLOCK_N, 8]``, column 0
 each key's offset from its block's centre; :data:`DISTANCE_BY_HEAD_DIM`). Masses are summed
 in the loop only in the blocks they touch, rescaled like ``l``: sink mass in key block 0,
@@ -70,13 +71,25 @@ MAX_SINK_TOKENS = 128
 #: Most offsets (their masses are gathered after the loop, one key per row each, but the
 #: first when it lies within a key block of the query, which is summed in the loop).
 MAX_OFFSETS = 16
-#: How the kernel finds the argmax (the ``ARGMAX`` constexpr): not at all, by comparing each
-#: score with its block's max, or by one unsigned min with the column packed into the low bits
-#: of ``x = s - m`` (:func:`_first_max_column`). Packed is faster with every row statistic at
-#: head dim 128 (0.765x -> 0.80x cuDNN, argmax alone unchanged) but slower at 64 (0.882x ->
-#: 0.857x with argmax alone; docs/benchmarks.md).
-ARGMAX_OFF, ARGMAX_COMPARED, ARGMAX_PACKED = 0, 1, 2
-ARGMAX_BY_HEAD_DIM = {64: ARGMAX_COMPARED, 128: ARGMAX_PACKED}
+
+
+def _argmax_asm(per_row: int, block_n: int) -> str:
+    """PTX for one row's ``per_row`` probabilities in a thread (:func:`_first_max_column`):
+    operands ``$0 .. $(per_row - 1)`` out, then the probabilities' bits, then the row's
+    warp-uniform flag (``per_row`` copies). Where the flag is 0 a uniform branch skips the work
+    and every output is all ones; else every output is the unsigned min over the row of
+    ``(~bits & -block_n) | code``, ``code`` each register's column within the thread."""
+    flag = 2 * per_row
+    lines = ["{", ".reg .pred p;", ".reg .b32 m<4>, t, k;", f"setp.ne.b32 p, ${flag}, 0;"]
+    lines += [f"mov.b32 m{i}, -1;" for i in range(4)]
+    lines += ["@!p bra.uni SKIP;", f"mov.b32 k, {-block_n};"]
+    for e in range(per_row):  # four chains; 0xCE: (~a & c) | b
+        lines += [f"lop3.b32 t, ${per_row + e}, {(e // 2) * 8 + e % 2}, k, 0xCE;", f"min.u32 m{e % 4}, m{e % 4}, t;"]
+    lines += ["min.u32 m0, m0, m1;", "min.u32 m2, m2, m3;", "min.u32 m0, m0, m2;", "SKIP:"]
+    lines += [f"mov.b32 ${i}, m0;" for i in range(per_row)]
+    return "\n".join(lines + ["}"])
+
+
 #: How the kernel sums ``p @ [BLOCK_N, 8]`` for distance (the ``DIST`` constexpr): not at all, by
 #: its own MMA on a float16 copy of p waited at once, or by an MMA issued after PV on PV's own A
 #: operand (p in the input dtype) and waited with it. Riding with PV is faster at head dim 128
@@ -122,8 +135,14 @@ if GLUON_AVAILABLE:
     _MASKED_C = gl.constexpr(_MASKED)
     _M_INIT_C = gl.constexpr(_M_INIT)
     _LN2_C = gl.constexpr(LN2)
-    _COMPARED = gl.constexpr(ARGMAX_COMPARED)
-    _PACKED = gl.constexpr(ARGMAX_PACKED)
+    # The argmax's PTX is written for the one key block CONFIGS use.
+    _ARGMAX_BLOCK_N = gl.constexpr(128)
+    _ARGMAX_ASM = gl.constexpr(_argmax_asm(128 // 4, 128))
+    _ARGMAX_CONSTRAINTS = gl.constexpr("=r," * (128 // 4) + ",".join(["r"] * (128 // 2)))
+    # 1 in every lane of a warp if the flag is set in any of its lanes
+    _VOTE_ASM = gl.constexpr(
+        "{ .reg .pred p; setp.ne.b32 p, $1, 0; vote.sync.any.pred p, p, 0xffffffff; selp.b32 $0, 1, 0, p; }"
+    )
     _OWN_MMA = gl.constexpr(DISTANCE_OWN_MMA)
     _WITH_PV = gl.constexpr(DISTANCE_WITH_PV)
     # Gluon renames as it goes: Triton 3.6's thread_barrier and async_copy_global_to_shared
@@ -176,36 +195,51 @@ if GLUON_AVAILABLE:
             _tma_load(v_desc, [kv_row0 + j * BLOCK_N, 0], v_ready.index(s), v_smem.index(s))
 
     @gluon.jit
-    def _first_max_column(x, BLOCK_N: gl.constexpr):
-        """Per row of ``x`` [64, BLOCK_N] (every entry <= 0), the first column holding its max.
+    def _first_max_column(p, grew, BLOCK_N: gl.constexpr):
+        """Per row of ``p`` [64, BLOCK_N] (the block's probabilities, float32) where ``grew``
+        [64] holds, the first column holding the row's max; arbitrary elsewhere.
 
-        One unsigned min over the float bits with the column in the low bits: for x <= 0 the
-        unsigned order of the bits is the reverse of the float order (+0 first), and the low
-        log2(BLOCK_N) bits of x are far below the scores' own rounding near the max. Columns
-        are ``8 a + 2 c + b`` with ``c`` the thread's lane in its quad (the wgmma accumulator
-        layout): ``8 a + b`` is a constant of each register, so packing it is one ``lop3``,
-        and ``2 c`` joins after the reduction within the thread."""
-        rows: gl.constexpr = x.shape[0]
+        One unsigned min over the complemented bits with the column in the low bits: for p >= 0
+        the unsigned order of ``~bits`` is the reverse of the float order, and the low
+        log2(BLOCK_N) bits of p are far below the scores' own rounding near the max (p is near
+        1 there). Columns are ``8 a + 2 c + b`` with ``c`` the thread's lane in its quad (the
+        wgmma accumulator layout): ``8 a + b`` is a constant of each register, so packing it is
+        one ``lop3``, and ``2 c`` joins after the reduction within the thread.
+
+        The work is skipped where no row needs it: a row's argmax moves only in the blocks
+        where its max grows, which in long rows is rare. Each of a thread's two rows (r and
+        r + 8) shares its register with seven other rows across the warp, and a vote over
+        them makes the skip a warp-uniform branch. Gluon has no branch that differs between
+        warps, so the packing, the min and the branch are one inline PTX block for each row
+        (:func:`_argmax_asm`)."""
+        rows: gl.constexpr = p.shape[0]
+        gl.static_assert(BLOCK_N == _ARGMAX_BLOCK_N)
         # [64, 4, BLOCK_N // 4] with no data movement: column 8 a + 2 c + b goes to [:, c, 2 a + b],
-        # so axis 2 lies within each thread
-        bits = gl.reshape(x.to(gl.int32, bitcast=True), [rows, BLOCK_N // 8, 4, 2])
+        # so axis 2 lies within each thread ...
+        bits = gl.reshape(p.to(gl.int32, bitcast=True), [rows, BLOCK_N // 8, 4, 2])
         bits = gl.reshape(gl.permute(bits, (0, 2, 1, 3)), [rows, 4, BLOCK_N // 4])
-        layout: gl.constexpr = bits.type.layout
-        e = gl.arange(0, BLOCK_N // 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, layout)))
-        code = gl.expand_dims(gl.expand_dims((e // 2) * 8 + e % 2, 0), 1)  # [1, 1, BLOCK_N // 4]
-        # (bits & -BLOCK_N) | code in one lop3 (ptxas splits the two immediates otherwise)
-        packed = gl.inline_asm_elementwise(
-            "lop3.b32 $0, $1, $2, $3, 0xEC;",
-            "=r,r,r,r",
-            [bits, code, gl.full_like(bits, -BLOCK_N)],
-            dtype=gl.int32,
-            is_pure=True,
-            pack=1,
+        # ... and, renumbering the registers only, each row's BLOCK_N // 4 are consecutive, so
+        # that one PTX block (pack = BLOCK_N // 4) takes a whole row
+        by_row: gl.constexpr = gl.DistributedLinearLayout(
+            [[0, 0, 1], [0, 0, 2], [0, 0, 4], [0, 0, 8], [0, 0, 16], [8, 0, 0]],
+            [[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+            [[16, 0, 0], [32, 0, 0]],
+            [],
+            [rows, 4, BLOCK_N // 4],
         )
-        per_lane = gl.min(packed.to(gl.uint32, bitcast=True), axis=2)  # [64, 4]
+        bits = gl.convert_layout(bits, by_row, assert_trivial=True)
+        vote = gl.inline_asm_elementwise(_VOTE_ASM, "=r,r", [grew.to(gl.int32)], dtype=gl.int32, is_pure=False, pack=1)
+        vote = gl.convert_layout(vote, gl.SliceLayout(1, gl.SliceLayout(2, by_row)), assert_trivial=True)
+        flag = gl.expand_dims(gl.expand_dims(vote, 1), 2) + gl.zeros_like(bits)
+        per_row = gl.inline_asm_elementwise(
+            _ARGMAX_ASM, _ARGMAX_CONSTRAINTS, [bits, flag], dtype=gl.int32, is_pure=True, pack=BLOCK_N // 4
+        )
+        for _ in gl.static_range(5):  # every output of a row is its min: keep the first
+            per_row, _rest = gl.split(gl.reshape(per_row, [rows, 4, per_row.shape[2] // 2, 2]))
+        per_lane = gl.reshape(per_row, [rows, 4]).to(gl.uint32, bitcast=True)
         lane = gl.arange(0, 4, layout=gl.SliceLayout(0, per_lane.type.layout)) * 2
         first = gl.min(per_lane | gl.expand_dims(lane, 0).to(gl.uint32), axis=1) & (BLOCK_N - 1)
-        return gl.convert_layout(first.to(gl.int32), gl.SliceLayout(1, x.type.layout), assert_trivial=True)
+        return gl.convert_layout(first.to(gl.int32), gl.SliceLayout(1, p.type.layout), assert_trivial=True)
 
     @gluon.jit
     def _softmax_block(
@@ -246,18 +280,11 @@ if GLUON_AVAILABLE:
             qk = gl.where(keep, qk, gl.full(qk.shape, _MASKED_C, gl.float32, s_layout))
         raw_max = gl.max(qk, axis=1)
         blk_max = raw_max * qk_scale  # qk_scale > 0: the raw max is the scaled one's
-        if ARGMAX == _PACKED:  # past the product's rounding (<= 2^-24 relative): x <= 0
-            blk_max = blk_max + gl.abs(blk_max) * 2.384185791015625e-07  # 2^-22
-        if ARGMAX == _COMPARED:  # the first key holding the block's max
-            first = gl.where(qk == gl.expand_dims(raw_max, 1), gl.expand_dims(cols, 0), BLOCK_N)
-            a_i = gl.where(blk_max > m_i, j * BLOCK_N + gl.min(first, axis=1), a_i)
         m_new = gl.maximum(m_i, blk_max)
         alpha = gl.exp2(m_i - m_new)
         x = qk * qk_scale - gl.expand_dims(m_new, 1)  # [64, BLOCK_N], log2 domain, <= 0
         p = gl.exp2(x)
         l_blk = gl.sum(p, axis=1)
-        if ARGMAX == _PACKED:  # after the exponentials: before them it cost 13 % at D = 128
-            a_i = gl.where(blk_max > m_i, j * BLOCK_N + _first_max_column(x, BLOCK_N), a_i)
         if ENTROPY:  # t = sum p * (s - m), rescaled like l when the max moves
             t_i = alpha * (t_i + (m_i - m_new) * l_i) + gl.sum(p * x, axis=1)
         if DIST:  # sum p * block centre; the offsets from it go through the tensor cores
@@ -277,6 +304,9 @@ if GLUON_AVAILABLE:
             if MASK:
                 hit = gl.expand_dims(keys, 0) == gl.expand_dims(rows - near_offset, 1)
                 o_i = o_i + gl.sum(gl.where(hit, p, gl.zeros_like(p)), axis=1)
+        if ARGMAX:  # last: before the exponentials it ran 11 % slower at D = 64
+            grew = blk_max > m_i
+            a_i = gl.where(grew, j * BLOCK_N + _first_max_column(p, grew, BLOCK_N), a_i)
         l_i = alpha * l_i + l_blk
         return p, alpha, (m_new, l_i, t_i, d_i, a_i, w_i, s_i, o_i)
 
@@ -970,7 +1000,7 @@ def launch_arguments(q, k, v, out, stats_buf, argmax, offsets, p: Problem, stats
         STATS=want,
         ENTROPY="entropy" in fields,
         DIST=DISTANCE_BY_HEAD_DIM[p.head_dim] if "distance" in fields else DISTANCE_OFF,
-        ARGMAX=ARGMAX_BY_HEAD_DIM[p.head_dim] if want and stats.argmax else ARGMAX_OFF,
+        ARGMAX=bool(want and stats.argmax),
         LOCAL="local_mass" in fields,
         SINK="sink_mass" in fields,
         NEAR=near,

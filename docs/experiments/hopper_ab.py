@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import sys
 from functools import partial
 from pathlib import Path
 from types import ModuleType
@@ -43,6 +44,7 @@ def load(path: str) -> ModuleType:
     """Import a variant file under its file's name (its Gluon kernels compile separately)."""
     spec = importlib.util.spec_from_file_location(Path(path).stem, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

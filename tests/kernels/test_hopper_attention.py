@@ -139,13 +139,70 @@ def test_consumers_share_the_register_file(config):
 
 
 @pytest.mark.skipif(not GLUON_AVAILABLE, reason="this Triton has no Gluon (Triton < 3.5)")
-def test_argmax_is_packed_at_head_dim_128_only(builds):
-    """The packed argmax (its one lop3 a score, 0xEC: (x & mask) | column) is built where
-    ARGMAX_BY_HEAD_DIM asks for it; compare-and-select elsewhere."""
-    packed = re.compile(r"lop3\.b32 [^;]*0xEC;")
-    assert len(packed.findall(builds["D128 fp16 argmax"]["ptx"])) >= 64  # a score each, per consumer loop
-    assert not packed.search(builds["D64 bf16 row stats"]["ptx"])
+def test_argmax_is_packed_behind_a_warp_vote(builds):
+    """Wherever argmax is asked for, it is the packed min (one lop3 a score, 0xCE:
+    (~p & mask) | column) inside a branch the warp's vote makes uniform; nowhere else."""
+    packed = re.compile(r"lop3\.b32 [^;]*0xCE;")
+    for name in ("D128 fp16 argmax", "D64 bf16 row stats"):
+        ptx = builds[name]["ptx"]
+        assert len(packed.findall(ptx)) >= 64, name  # a score each, per consumer loop
+        assert "vote.sync.any.pred" in ptx and "bra.uni SKIP;" in ptx, name
     assert not packed.search(builds["D128 bf16 scoring"]["ptx"])  # no argmax asked for
+    assert "vote.sync" not in builds["D128 bf16 scoring"]["ptx"]
+
+
+def _run_argmax_ptx(ptx: str, inputs: list[int], flag: int) -> list[int]:
+    """Execute :func:`kernels.hopper_attention._argmax_asm`'s PTX for one row: the few
+    instructions it uses, on 32-bit unsigned values."""
+    n = len(inputs)
+    regs: dict[str, int] = {f"${n + i}": v for i, v in enumerate(inputs)} | {f"${2 * n + i}": flag for i in range(n)}
+    value = lambda x: regs[x] if x in regs else int(x) & 0xFFFFFFFF  # noqa: E731
+    lines = [line.strip().rstrip(";") for line in ptx.splitlines()]
+    pc = 0
+    while pc < len(lines):
+        line, pc = lines[pc], pc + 1
+        op, _, args = line.partition(" ")
+        a = [x.strip() for x in args.split(",")]
+        if op == "setp.ne.b32":
+            regs[a[0]] = int(value(a[1]) != value(a[2]))
+        elif op == "mov.b32":
+            regs[a[0]] = value(a[1])
+        elif op == "@!p":
+            assert args == "bra.uni SKIP"
+            if not regs["p"]:
+                pc = lines.index("SKIP:")
+        elif op == "lop3.b32":
+            x, y, z, lut = value(a[1]), value(a[2]), value(a[3]), int(a[4], 16)
+            bit = lambda i, v: (v >> i) & 1  # noqa: E731
+            regs[a[0]] = sum(bit((bit(i, x) << 2) | (bit(i, y) << 1) | bit(i, z), lut) << i for i in range(32))
+        elif op == "min.u32":
+            regs[a[0]] = min(value(a[1]), value(a[2]))
+        else:
+            assert line in ("{", "}", "SKIP:") or line.startswith(".reg"), line
+    return [regs[f"${i}"] for i in range(n)]
+
+
+@pytest.mark.skipif(not GLUON_AVAILABLE, reason="this Triton has no Gluon (Triton < 3.5)")
+@pytest.mark.parametrize("seed", range(SEED, SEED + 6))
+def test_argmax_ptx_finds_the_first_max_column(seed):
+    """The packed min of one row's probabilities in a thread (columns 8 a + b of its
+    registers, 0 <= a < 16, b in {0, 1}) names the first column holding the row's max, exact
+    ties included, and gives all ones when the warp's flag is clear."""
+    from kernels.hopper_attention import _argmax_asm
+
+    rng = random.Random(seed)
+    print(f"seed {seed}")
+    ptx = _argmax_asm(32, 128)
+    probs = torch.rand(32, generator=torch.Generator().manual_seed(seed)) ** 4  # float32 in [0, 1)
+    for e in rng.sample(range(32), rng.choice((1, 2, 5))):  # the max, or exact ties of it
+        probs[e] = 1.0 if seed % 2 else float(probs.max())
+    bits = probs.view(torch.int32).tolist()
+    out = _run_argmax_ptx(ptx, [b & 0xFFFFFFFF for b in bits], flag=1)
+    assert len(set(out)) == 1
+    columns = [(e // 2) * 8 + e % 2 for e in range(32)]
+    first = min(c for c, v in zip(columns, probs.tolist()) if v == max(probs.tolist()))
+    assert out[0] & 127 == first
+    assert _run_argmax_ptx(ptx, [b & 0xFFFFFFFF for b in bits], flag=0) == [0xFFFFFFFF] * 32
 
 
 @pytest.mark.skipif(not GLUON_AVAILABLE, reason="this Triton has no Gluon (Triton < 3.5)")
