@@ -282,7 +282,7 @@ if GLUON_AVAILABLE:
         blk_max = raw_max * qk_scale  # qk_scale > 0: the raw max is the scaled one's
         m_new = gl.maximum(m_i, blk_max)
         alpha = gl.exp2(m_i - m_new)
-        x = qk * qk_scale - gl.expand_dims(m_new, 1)  # [64, BLOCK_N], log2 domain, <= 0
+        x = qk * qk_scale - gl.expand_dims(m_new, 1)  # [64, BLOCK_N], log2 domain, <= 0 up to rounding
         p = gl.exp2(x)
         l_blk = gl.sum(p, axis=1)
         if ENTROPY:  # t = sum p * (s - m), rescaled like l when the max moves

@@ -16,7 +16,14 @@ import torch
 
 import kernels.triton_attention
 from kernels import StatsSpec, attention
-from kernels.hopper_attention import CONFIGS, DISTANCE_BY_HEAD_DIM, DISTANCE_WITH_PV, GLUON_AVAILABLE, unsupported
+from kernels.hopper_attention import (
+    CONFIGS,
+    DISTANCE_BY_HEAD_DIM,
+    DISTANCE_WITH_PV,
+    GLUON_AVAILABLE,
+    _argmax_asm,
+    unsupported,
+)
 from kernels.validate import check_inputs
 from tests.conftest import SEED
 from tests.kernels.kernel_cases import Case
@@ -182,14 +189,11 @@ def _run_argmax_ptx(ptx: str, inputs: list[int], flag: int) -> list[int]:
     return [regs[f"${i}"] for i in range(n)]
 
 
-@pytest.mark.skipif(not GLUON_AVAILABLE, reason="this Triton has no Gluon (Triton < 3.5)")
 @pytest.mark.parametrize("seed", range(SEED, SEED + 6))
 def test_argmax_ptx_finds_the_first_max_column(seed):
     """The packed min of one row's probabilities in a thread (columns 8 a + b of its
     registers, 0 <= a < 16, b in {0, 1}) names the first column holding the row's max, exact
     ties included, and gives all ones when the warp's flag is clear."""
-    from kernels.hopper_attention import _argmax_asm
-
     rng = random.Random(seed)
     print(f"seed {seed}")
     ptx = _argmax_asm(32, 128)
