@@ -351,10 +351,11 @@ def main(argv: list[str] | None = None) -> int:
                 if base and _cuda()
                 else "-"
             )
-            rows.append((tokens, label, f"{res.seconds:.3f}", f"{res.peak_gib:.2f}", ratio, above))
+            slower = f"{res.seconds / base.seconds:.2f}x" if base else "-"
+            rows.append((tokens, label, f"{res.seconds:.3f}", slower, f"{res.peak_gib:.2f}", ratio, above))
             print(*rows[-1], flush=True)
-    print("\n| tokens | variant | seconds | peak GiB | peak / SDPA | above weights / SDPA |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("\n| tokens | variant | seconds | time / SDPA | peak GiB | peak / SDPA | above weights / SDPA |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         print("| " + " | ".join(str(x) for x in row) + " |")
     return 0

@@ -56,6 +56,18 @@ def test_without_drops_statistics_from_the_instrumented_forwards(monkeypatch, ca
     want = bench.DEFAULT_STATS.without("argmax", "distance")
     assert [v for v, _ in seen] == ["sdpa", "recorded", "streamed"]
     assert all(stats == want for _, stats in seen)
-    assert f"statistics {want}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"statistics {want}" in out
+    # the time ratio against SDPA's forward of the same length, the figure issue 19's target is in
+    assert "| tokens | variant | seconds | time / SDPA | peak GiB |" in out
+    table = [line.split(" | ") for line in out.splitlines() if line.startswith("| 16 |")]
+    seconds = {row[1]: float(row[2]) for row in table}
+    half = 0.0005  # the seconds are printed to 3 decimals
+    for row in table:
+        ratio = float(row[3].removesuffix("x"))
+        low = (seconds[row[1]] - half) / (seconds["sdpa"] + half)
+        high = (seconds[row[1]] + half) / max(seconds["sdpa"] - half, 1e-9)
+        assert low - 0.005 <= ratio <= high + 0.005, row
+    assert table[0][1:4:2] == ["sdpa", "1.00x"]
     with pytest.raises(SystemExit):
         bench.main([*argv, "--without", "speed"])
