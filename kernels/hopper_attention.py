@@ -73,12 +73,18 @@ MAX_SINK_TOKENS = 128
 MAX_OFFSETS = 16
 
 
-def _argmax_asm(per_row: int, block_n: int) -> str:
-    """PTX for one row's ``per_row`` probabilities in a thread (:func:`_first_max_column`):
-    operands ``$0 .. $(per_row - 1)`` out, then the probabilities' bits, then the row's
-    warp-uniform flag (``per_row`` copies). Where the flag is 0 a uniform branch skips the work
-    and every output is all ones; else every output is the unsigned min over the row of
-    ``(~bits & -block_n) | code``, ``code`` each register's column within the thread."""
+#: The key block the argmax's PTX is written for: the one every entry of CONFIGS uses.
+ARGMAX_BLOCK_N = 128
+
+
+def _argmax_asm(block_n: int) -> tuple[str, str]:
+    """PTX and its operand constraints for one row's ``per_row = block_n // 4`` probabilities
+    in a thread (:func:`_first_max_column`): operands ``$0 .. $(per_row - 1)`` out, then the
+    probabilities' bits, then the row's warp-uniform flag (``per_row`` copies). Where the flag
+    is 0 a uniform branch skips the work and every output is all ones; else every output is
+    the unsigned min over the row of ``(~bits & -block_n) | code``, ``code`` each register's
+    column within the thread."""
+    per_row = block_n // 4
     flag = 2 * per_row
     lines = ["{", ".reg .pred p;", ".reg .b32 m<4>, t, k;", f"setp.ne.b32 p, ${flag}, 0;"]
     lines += [f"mov.b32 m{i}, -1;" for i in range(4)]
@@ -87,7 +93,7 @@ def _argmax_asm(per_row: int, block_n: int) -> str:
         lines += [f"lop3.b32 t, ${per_row + e}, {(e // 2) * 8 + e % 2}, k, 0xCE;", f"min.u32 m{e % 4}, m{e % 4}, t;"]
     lines += ["min.u32 m0, m0, m1;", "min.u32 m2, m2, m3;", "min.u32 m0, m0, m2;", "SKIP:"]
     lines += [f"mov.b32 ${i}, m0;" for i in range(per_row)]
-    return "\n".join(lines + ["}"])
+    return "\n".join(lines + ["}"]), ",".join(["=r"] * per_row + ["r"] * (2 * per_row))
 
 
 #: How the kernel sums ``p @ [BLOCK_N, 8]`` for distance (the ``DIST`` constexpr): not at all, by
@@ -135,10 +141,8 @@ if GLUON_AVAILABLE:
     _MASKED_C = gl.constexpr(_MASKED)
     _M_INIT_C = gl.constexpr(_M_INIT)
     _LN2_C = gl.constexpr(LN2)
-    # The argmax's PTX is written for the one key block CONFIGS use.
-    _ARGMAX_BLOCK_N = gl.constexpr(128)
-    _ARGMAX_ASM = gl.constexpr(_argmax_asm(128 // 4, 128))
-    _ARGMAX_CONSTRAINTS = gl.constexpr("=r," * (128 // 4) + ",".join(["r"] * (128 // 2)))
+    _ARGMAX_BLOCK_N = gl.constexpr(ARGMAX_BLOCK_N)
+    _ARGMAX_ASM, _ARGMAX_CONSTRAINTS = (gl.constexpr(text) for text in _argmax_asm(ARGMAX_BLOCK_N))
     # 1 in every lane of a warp if the flag is set in any of its lanes
     _VOTE_ASM = gl.constexpr(
         "{ .reg .pred p; setp.ne.b32 p, $1, 0; vote.sync.any.pred p, p, 0xffffffff; selp.b32 $0, 1, 0, p; }"

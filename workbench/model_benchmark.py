@@ -351,8 +351,8 @@ def main(argv: list[str] | None = None) -> int:
                 if base and _cuda()
                 else "-"
             )
-            slower = f"{res.seconds / base.seconds:.2f}x" if base else "-"
-            rows.append((tokens, label, f"{res.seconds:.3f}", slower, f"{res.peak_gib:.2f}", ratio, above))
+            time_ratio = f"{res.seconds / base.seconds:.2f}x" if base else "-"
+            rows.append((tokens, label, f"{res.seconds:.3f}", time_ratio, f"{res.peak_gib:.2f}", ratio, above))
             print(*rows[-1], flush=True)
     print("\n| tokens | variant | seconds | time / SDPA | peak GiB | peak / SDPA | above weights / SDPA |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

@@ -196,7 +196,7 @@ def test_argmax_ptx_finds_the_first_max_column(seed):
     ties included, and gives all ones when the warp's flag is clear."""
     rng = random.Random(seed)
     print(f"seed {seed}")
-    ptx = _argmax_asm(32, 128)
+    ptx, _ = _argmax_asm(128)
     probs = torch.rand(32, generator=torch.Generator().manual_seed(seed)) ** 4  # float32 in [0, 1)
     for e in rng.sample(range(32), rng.choice((1, 2, 5))):  # the max, or exact ties of it
         probs[e] = 1.0 if seed % 2 else float(probs.max())
