@@ -3,6 +3,10 @@
 beside it and cuDNN SDPA in one process (docs/benchmarks.md's A/B tables).
 
     python docs/experiments/hopper_ab.py /tmp/variant_a.py /tmp/variant_b.py --specs argmax,all
+    python docs/experiments/hopper_ab.py lane_sums lane_sums+packed_pairs --specs plain,all
+
+A variant not ending in ``.py`` names patches in ``variants/``, joined by ``+`` and applied in
+that order (``hopper_variant.py``).
 
 Checks, on five shapes (N = 128 to 4173, grouped-query heads, fp16 and bf16, every row
 statistic): the largest difference of the output and of each statistic from the committed
@@ -15,16 +19,14 @@ Compile the variants offline first (docs/experiments/hopper_sass.py) to catch sp
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
-import sys
 from functools import partial
-from pathlib import Path
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from hopper_sass import SPECS  # beside this script: the benchmark's statistic sets by name
+from hopper_variant import load
 from triton.testing import do_bench
 
 import kernels.hopper_attention as committed
@@ -38,15 +40,6 @@ SHAPES += ((257, 128, torch.bfloat16),)
 
 def median_ms(fn) -> float:
     return do_bench(fn, warmup=25, rep=200, return_mode="median")
-
-
-def load(path: str) -> ModuleType:
-    """Import a variant file under its file's name (its Gluon kernels compile separately)."""
-    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def problem(n: int, d: int, hq: int = 8, hkv: int = 2, dtype=torch.bfloat16, seed: int = 0):
@@ -90,7 +83,7 @@ def check(name: str, module: ModuleType) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("variants", nargs="+", help="copies of kernels/hopper_attention.py")
+    parser.add_argument("variants", nargs="+", help="copies of kernels/hopper_attention.py, or patch names a+b")
     parser.add_argument("--specs", default="plain,distance,all", help=f"comma list of {', '.join(SPECS)}")
     parser.add_argument("--dims", default="128,64", help="head dims (default 128,64)")
     parser.add_argument("--length", type=int, default=16384, help="tokens N (default 16384)")

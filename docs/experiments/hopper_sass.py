@@ -6,6 +6,9 @@ PTX version Triton writes: Triton 3.6 works (``pip install triton==3.6.0`` in a 
 virtual environment, with torch).
 
     PYTHONPATH=. python docs/experiments/hopper_sass.py 64 plain all argmax
+    PYTHONPATH=. python docs/experiments/hopper_sass.py 64 plain all --variant lane_sums+packed_pairs
+
+``--variant``: a copy of the kernel, or patches from ``variants/`` (``hopper_variant.py``).
 
 ``C75..`` in a report is ptxas saying it serialized the MMAs (docs/benchmarks.md says when).
 A loop body is the range of a backward branch; the ones printed run the softmax (at least 32
@@ -15,18 +18,19 @@ of each loop: the free blocks' first, then the masked blocks'.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import os
 import re
 import subprocess
-import sys
 import tempfile
 
 import torch
 import triton
+from hopper_variant import load  # beside this script
 
+import kernels.hopper_attention
 from kernels.benchmark.config import BREAKDOWN, ROW_STATS
-from kernels.hopper_attention import compile_sm90
 
 #: Statistic sets by name: none, every row statistic, and each alone (the benchmark's rows).
 SPECS = {"plain": None, "all": ROW_STATS, **BREAKDOWN}
@@ -72,9 +76,9 @@ def exponentials_before_pv_wait(body: list[tuple[str, str | None]]) -> int:
     return [op for op, _ in body[:pv]].count("MUFU")
 
 
-def main(head_dim: int, names: list[str]) -> None:
+def main(head_dim: int, names: list[str], kernel=kernels.hopper_attention) -> None:
     for name in names:
-        report, sass = assemble(compile_sm90(head_dim, torch.bfloat16, SPECS[name]).asm["ptx"])
+        report, sass = assemble(kernel.compile_sm90(head_dim, torch.bfloat16, SPECS[name]).asm["ptx"])
         spills = " ".join(re.findall(r"\d+ bytes spill (?:stores|loads)|C75\d\d", report))
         print(f"D = {head_dim}, {name}: {spills}")
         for body in loop_bodies(sass):
@@ -85,4 +89,9 @@ def main(head_dim: int, names: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), sys.argv[2:] or ["plain", "all"])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("head_dim", type=int, choices=(64, 128))
+    parser.add_argument("specs", nargs="*", default=["plain", "all"], help=", ".join(SPECS))
+    parser.add_argument("--variant", help="a copy of the kernel (.py), or patch names a+b")
+    args = parser.parse_args()
+    main(args.head_dim, args.specs, load(args.variant) if args.variant else kernels.hopper_attention)

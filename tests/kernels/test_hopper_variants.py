@@ -1,0 +1,70 @@
+"""The Hopper kernel's recorded variants (``docs/experiments/variants/*.patch``, compiled offline
+and waiting to be timed on a card, docs/benchmarks.md) still apply to the kernel, each alone
+and all together in their documented order, and the three together build for sm_90."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kernels.hopper_attention import GLUON_AVAILABLE
+
+ROOT = Path(__file__).resolve().parents[2]
+EXPERIMENTS = ROOT / "docs" / "experiments"
+ORDER = ("packed_pairs", "lane_sums", "distance_before_pv")
+
+
+def _write(names: list[str], out: Path) -> subprocess.CompletedProcess:
+    script = EXPERIMENTS / "hopper_variant.py"
+    return subprocess.run(
+        [sys.executable, str(script), *names, "-o", str(out)], cwd=ROOT, capture_output=True, text=True
+    )
+
+
+def test_every_recorded_variant_is_listed():
+    assert sorted(p.stem for p in (EXPERIMENTS / "variants").glob("*.patch")) == sorted(ORDER)
+
+
+@pytest.mark.parametrize("names", [[name] for name in ORDER] + [list(ORDER)], ids="+".join)
+def test_variant_applies_to_the_kernel(names, tmp_path):
+    out = tmp_path / "variant.py"
+    run = _write(names, out)
+    assert run.returncode == 0, run.stderr
+    kernel = (ROOT / "kernels" / "hopper_attention.py").read_text()
+    assert out.read_text() != kernel
+
+
+def test_an_unknown_patch_fails(tmp_path):
+    run = _write(["no_such_patch"], tmp_path / "variant.py")
+    assert run.returncode != 0
+
+
+_BUILD = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from hopper_variant import load
+from kernels import StatsSpec
+kernel = load(sys.argv[2]).compile_sm90(64, torch.bfloat16, StatsSpec.every_row_statistic())
+print(kernel.asm["ptx"].count("m64n8k16.f32.bf16.bf16"), len(kernel.asm["cubin"]))
+"""
+
+
+@pytest.mark.skipif(not GLUON_AVAILABLE, reason="this Triton has no Gluon (Triton < 3.5)")
+def test_the_variants_together_build_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # Gluon compiles only without it
+    run = subprocess.run(
+        [sys.executable, "-c", _BUILD, str(EXPERIMENTS), "+".join(ORDER)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    distance_mmas, cubin = map(int, run.stdout.split()[-2:])
+    assert cubin > 0
+    assert distance_mmas > 0  # distance_before_pv: the distance MMA takes PV's bfloat16 operand
