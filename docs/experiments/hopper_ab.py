@@ -5,8 +5,8 @@ beside it and cuDNN SDPA in one process (docs/benchmarks.md's A/B tables).
     python docs/experiments/hopper_ab.py /tmp/variant_a.py /tmp/variant_b.py --specs argmax,all
     python docs/experiments/hopper_ab.py lane_sums lane_sums+packed_pairs --specs plain,all
 
-A variant not ending in ``.py`` names patches in ``variants/``, joined by ``+`` and applied in
-that order (``hopper_variant.py``).
+A variant not ending in ``.py`` names patches in ``variants/``, joined by ``+``
+(``hopper_variant.py``).
 
 Checks, on five shapes (N = 128 to 4173, grouped-query heads, fp16 and bf16, every row
 statistic): the largest difference of the output and of each statistic from the committed

@@ -4,9 +4,9 @@
 
     python docs/experiments/hopper_variant.py lane_sums packed_pairs -o /tmp/hop_lp.py
 
-Patches apply in the order given (``packed_pairs``, ``lane_sums``, ``distance_before_pv`` in
-that order, any subset); only their hunks for the kernel file are used (a patch may also carry
-the test changes the kernel change needs, for when it is adopted with ``git apply``).
+Any subset applies, in the order of :data:`ORDER` whatever the order named; only the patches'
+hunks for the kernel file are used (a patch may also carry the test changes the kernel change
+needs, for when it is adopted with ``git apply``).
 """
 
 from __future__ import annotations
@@ -22,15 +22,22 @@ from types import ModuleType
 
 KERNEL = "kernels/hopper_attention.py"
 VARIANTS = Path(__file__).parent / "variants"
+#: Every patch in VARIANTS, in the order they apply (each was written against the committed
+#: kernel; where two touch nearby lines, the later one's context has the earlier's change).
+ORDER = ("packed_pairs", "lane_sums", "distance_before_pv", "thread_release")
 
 
 def write_variant(names: list[str], out: Path, root: Path = Path(".")) -> None:
-    """Apply ``VARIANTS/<name>.patch`` for each name, in order, to a copy of the kernel at ``out``."""
+    """Apply ``VARIANTS/<name>.patch`` for each name (in :data:`ORDER`) to a copy of the kernel
+    at ``out``."""
+    unknown = set(names) - set(ORDER)
+    if unknown:
+        raise SystemExit(f"unknown patches {sorted(unknown)}; the patches are {', '.join(ORDER)}")
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / KERNEL
         copy.parent.mkdir(parents=True)
         shutil.copy(root / KERNEL, copy)
-        for name in names:
+        for name in sorted(set(names), key=ORDER.index):
             patch = (VARIANTS / f"{name}.patch").resolve()
             subprocess.run(["git", "apply", f"--include={KERNEL}", str(patch)], cwd=tmp, check=True)
         shutil.copy(copy, out)
@@ -52,7 +59,7 @@ def load(variant: str) -> ModuleType:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("patches", nargs="+", help=", ".join(sorted(p.stem for p in VARIANTS.glob("*.patch"))))
+    parser.add_argument("patches", nargs="+", help=", ".join(ORDER))
     parser.add_argument("-o", "--out", type=Path, required=True, help="where to write the variant (a .py file)")
     args = parser.parse_args()
     write_variant(args.patches, args.out)
