@@ -24,7 +24,7 @@ KERNEL = "kernels/hopper_attention.py"
 VARIANTS = Path(__file__).parent / "variants"
 #: Every patch in VARIANTS, in the order they apply (each was written against the committed
 #: kernel; where two touch nearby lines, the later one's context has the earlier's change).
-ORDER = ("packed_pairs", "pairs_at_64", "lane_sums", "distance_before_pv", "thread_release")
+ORDER = ("packed_pairs", "pairs_at_64", "lane_sums", "distance_before_pv", "thread_release", "three_consumers_noskip")
 
 
 def write_variant(names: list[str], out: Path, root: Path = Path(".")) -> None:
