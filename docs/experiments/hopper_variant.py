@@ -21,13 +21,14 @@ from pathlib import Path
 from types import ModuleType
 
 KERNEL = "kernels/hopper_attention.py"
+ROOT = Path(__file__).resolve().parents[2]  # the checkout
 VARIANTS = Path(__file__).parent / "variants"
 #: Every patch in VARIANTS, in the order they apply (each was written against the committed
 #: kernel; where two touch nearby lines, the later one's context has the earlier's change).
 ORDER = ("packed_pairs", "pairs_at_64", "lane_sums", "distance_before_pv", "thread_release", "three_consumers_noskip")
 
 
-def write_variant(names: list[str], out: Path, root: Path = Path(".")) -> None:
+def write_variant(names: list[str], out: Path, root: Path = ROOT) -> None:
     """Apply ``VARIANTS/<name>.patch`` for each name (in :data:`ORDER`) to a copy of the kernel
     at ``out``."""
     unknown = set(names) - set(ORDER)
