@@ -29,14 +29,14 @@ def test_every_recorded_variant_is_listed():
 @pytest.mark.parametrize("names", [[name] for name in ORDER] + [list(reversed(ORDER))], ids="+".join)
 def test_variant_applies_to_the_kernel(names, tmp_path):
     out = tmp_path / "variant.py"
-    hopper_variant.write_variant(names, out, ROOT)  # git apply fails loudly where a hunk does not fit
+    hopper_variant.write_variant(names, out)  # git apply fails loudly where a hunk does not fit
     kernel = (ROOT / "kernels" / "hopper_attention.py").read_text()
     assert out.read_text() != kernel
 
 
 def test_an_unknown_patch_fails(tmp_path):
     with pytest.raises(SystemExit, match="no_such_patch"):
-        hopper_variant.write_variant(["no_such_patch"], tmp_path / "variant.py", ROOT)
+        hopper_variant.write_variant(["no_such_patch"], tmp_path / "variant.py")
 
 
 _BUILD = """
