@@ -6,15 +6,15 @@
 
 Any subset applies, in the order of :data:`ORDER` whatever the order named; only the patches'
 hunks for the kernel file are used (a patch may also carry the test changes the kernel change
-needs, for when it is adopted with ``git apply``).
+needs, for when it is adopted with ``git apply``). The hunks are applied here, in Python (each
+one's old lines must match exactly, once), so that the device machine needs no ``git``.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import shutil
-import subprocess
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -28,20 +28,32 @@ VARIANTS = Path(__file__).parent / "variants"
 ORDER = ("packed_pairs", "pairs_at_64", "lane_sums", "distance_before_pv", "thread_release", "three_consumers_noskip")
 
 
+def apply_patch(text: str, patch: str, path: str = KERNEL) -> str:
+    """``text`` with the hunks of unified diff ``patch`` that change ``path`` applied: each
+    hunk's old lines (context and removed) must occur exactly once in the text as it stands."""
+    for section in re.split(r"^diff --git ", patch, flags=re.M):
+        if not section.startswith(f"a/{path} "):
+            continue
+        for hunk in re.split(r"^@@ [^\n]*@@[^\n]*\n", section, flags=re.M)[1:]:
+            lines = [line for line in hunk.splitlines(keepends=True) if line[:1] in (" ", "-", "+")]
+            old = "".join(line[1:] for line in lines if line[0] != "+")
+            new = "".join(line[1:] for line in lines if line[0] != "-")
+            if text.count(old) != 1:
+                raise ValueError(f"a hunk of the patch matches {text.count(old)} places of {path}:\n{old}")
+            text = text.replace(old, new)
+    return text
+
+
 def write_variant(names: list[str], out: Path, root: Path = ROOT) -> None:
     """Apply ``VARIANTS/<name>.patch`` for each name (in :data:`ORDER`) to a copy of the kernel
     at ``out``."""
     unknown = set(names) - set(ORDER)
     if unknown:
         raise SystemExit(f"unknown patches {sorted(unknown)}; the patches are {', '.join(ORDER)}")
-    with tempfile.TemporaryDirectory() as tmp:
-        copy = Path(tmp) / KERNEL
-        copy.parent.mkdir(parents=True)
-        shutil.copy(root / KERNEL, copy)
-        for name in sorted(set(names), key=ORDER.index):
-            patch = (VARIANTS / f"{name}.patch").resolve()
-            subprocess.run(["git", "apply", f"--include={KERNEL}", str(patch)], cwd=tmp, check=True)
-        shutil.copy(copy, out)
+    text = (root / KERNEL).read_text()
+    for name in sorted(set(names), key=ORDER.index):
+        text = apply_patch(text, (VARIANTS / f"{name}.patch").read_text())
+    out.write_text(text)
 
 
 def load(variant: str) -> ModuleType:

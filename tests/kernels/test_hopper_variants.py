@@ -29,9 +29,22 @@ def test_every_recorded_variant_is_listed():
 @pytest.mark.parametrize("names", [[name] for name in ORDER] + [list(reversed(ORDER))], ids="+".join)
 def test_variant_applies_to_the_kernel(names, tmp_path):
     out = tmp_path / "variant.py"
-    hopper_variant.write_variant(names, out)  # git apply fails loudly where a hunk does not fit
+    hopper_variant.write_variant(names, out)  # raises where a hunk does not match the kernel
     kernel = (ROOT / "kernels" / "hopper_attention.py").read_text()
     assert out.read_text() != kernel
+
+
+def test_a_hunk_applies_only_where_its_old_lines_match_once():
+    patch = (
+        "diff --git a/k.py b/k.py\n--- a/k.py\n+++ b/k.py\n@@ -1,3 +1,3 @@\n"
+        " a = 1\n-b = 2\n+b = 3\n c = 4\n"
+        "diff --git a/other.py b/other.py\n--- a/other.py\n+++ b/other.py\n@@ -1 +1 @@\n-x\n+y\n"
+    )
+    assert hopper_variant.apply_patch("a = 1\nb = 2\nc = 4\nx\n", patch, "k.py") == "a = 1\nb = 3\nc = 4\nx\n"
+    with pytest.raises(ValueError, match="matches 0 places"):
+        hopper_variant.apply_patch("a = 1\nb = 5\nc = 4\n", patch, "k.py")
+    with pytest.raises(ValueError, match="matches 2 places"):
+        hopper_variant.apply_patch("a = 1\nb = 2\nc = 4\n" * 2, patch, "k.py")
 
 
 def test_an_unknown_patch_fails(tmp_path):
