@@ -17,7 +17,7 @@ Statistics (:class:`kernels.StatsSpec`): entropy (``t = sum p * x`` rescaled lik
 argmax (one packed min a score, skipped by the warps none of whose rows' max grew in the
 block: :func:`_first_max_column`) and ``max_prob = 1 / l``
 ride in the main loop; distance goes through the tensor cores (``P @ [BLOCK_N, 8]``, column 0
-each key's offset from its block's centre; :data:`DISTANCE_BY_HEAD_DIM`). Masses are summed
+each key's offset from its block's centre; :data:`DISTANCE_BEFORE_PV`). Masses are summed
 in the loop only in the blocks they touch, rescaled like ``l``: sink mass in key block 0,
 local mass and the first offset's (``0 <= o <= 128``) in the masked blocks near the diagonal.
 Further offsets are recomputed after the loop as ``exp(s - lse)``, one key row per query row
@@ -96,13 +96,11 @@ def _argmax_asm(block_n: int) -> tuple[str, str]:
     return "\n".join(lines + ["}"]), ",".join(["=r"] * per_row + ["r"] * (2 * per_row))
 
 
-#: How the kernel sums ``p @ [BLOCK_N, 8]`` for distance (the ``DIST`` constexpr): not at all, by
-#: its own MMA on a float16 copy of p waited at once, or by an MMA issued after PV on PV's own A
-#: operand (p in the input dtype) and waited with it. Riding with PV is faster at head dim 128
-#: (0.809x -> 0.837x cuDNN with every row statistic) but slower at 64 (0.752x -> 0.725x), where
-#: PV is short and the eight N = 8 MMAs lengthen its wait (docs/benchmarks.md).
-DISTANCE_OFF, DISTANCE_OWN_MMA, DISTANCE_WITH_PV = 0, 1, 2
-DISTANCE_BY_HEAD_DIM = {64: DISTANCE_OWN_MMA, 128: DISTANCE_WITH_PV}
+#: Distance sums ``p @ [BLOCK_N, 8]`` by an MMA on PV's own A operand (p in the input dtype)
+#: waited with PV: issued after PV at head dim 128, and before it at head dims up to this one,
+#: where PV is short and the eight N = 8 MMAs after it lengthened its wait (0.752x -> 0.725x
+#: cuDNN with every row statistic); before it they delay QK's wait instead (docs/benchmarks.md).
+DISTANCE_BEFORE_PV = 64
 HALF_M = 64  # query rows of one consumer warpgroup
 
 
@@ -141,14 +139,16 @@ if GLUON_AVAILABLE:
     _MASKED_C = gl.constexpr(_MASKED)
     _M_INIT_C = gl.constexpr(_M_INIT)
     _LN2_C = gl.constexpr(LN2)
+    # p as 16-bit pairs: column 2 i + 1 in the high half, 2 i in the low (cvt takes the high first)
+    _PACK_BF16 = gl.constexpr("cvt.rn.bf16x2.f32 $0, $2, $1;")
+    _PACK_F16 = gl.constexpr("cvt.rn.f16x2.f32 $0, $2, $1;")
     _ARGMAX_BLOCK_N = gl.constexpr(ARGMAX_BLOCK_N)
     _ARGMAX_ASM, _ARGMAX_CONSTRAINTS = (gl.constexpr(text) for text in _argmax_asm(ARGMAX_BLOCK_N))
     # 1 in every lane of a warp if the flag is set in any of its lanes
     _VOTE_ASM = gl.constexpr(
         "{ .reg .pred p; setp.ne.b32 p, $1, 0; vote.sync.any.pred p, p, 0xffffffff; selp.b32 $0, 1, 0, p; }"
     )
-    _OWN_MMA = gl.constexpr(DISTANCE_OWN_MMA)
-    _WITH_PV = gl.constexpr(DISTANCE_WITH_PV)
+    _BEFORE_PV = gl.constexpr(DISTANCE_BEFORE_PV)
     # Gluon renames as it goes: Triton 3.6's thread_barrier and async_copy_global_to_shared
     # are barrier and async_load in later versions.
     _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
@@ -315,22 +315,39 @@ if GLUON_AVAILABLE:
         return p, alpha, (m_new, l_i, t_i, d_i, a_i, w_i, s_i, o_i)
 
     @gluon.jit
-    def _carried(p, dtype: gl.constexpr, o_layout: gl.constexpr, pos_t, acc_d, DIST: gl.constexpr, P_F32: gl.constexpr):
-        """``p`` [64, BLOCK_N] as it is carried to the next PV (:func:`_pv_operand`); with
-        DIST == _OWN_MMA also ``acc_d += p @ pos_t`` at once, with p in float16 (8x finer than
-        bfloat16), so that this copy of p does not stay live beside the other. P_F32: carried
-        in float32 and converted just before PV (as 16-bit values ptxas swaps the halves of
-        every register pair on the way, a byte permute per two scores; float32 costs 32 more
-        registers, which only two consumers at head dim 64 have)."""
-        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        if DIST == _OWN_MMA:
-            acc_d = warpgroup_mma(gl.convert_layout(p.to(gl.float16), a_layout), pos_t, acc_d, is_async=True)
-            acc_d = warpgroup_mma_wait(0, deps=(acc_d,))
+    def _packed_pairs(p, dtype: gl.constexpr):
+        """``p`` [64, BLOCK_N] float32 rounded to ``dtype`` (16-bit), two columns in one int32:
+        [64, BLOCK_N // 2]. Carried across the loop like this, the pairs go to PV as they are;
+        carried as 16-bit values, ptxas swapped the halves of every pair on the way (a byte
+        permute per two scores, 32 a block; docs/benchmarks.md)."""
+        even, odd = gl.split(gl.reshape(p, [p.shape[0], p.shape[1] // 2, 2]))
+        if dtype == gl.bfloat16:
+            pairs = gl.inline_asm_elementwise(_PACK_BF16, "=r,r,r", [even, odd], dtype=gl.int32, is_pure=True, pack=1)
+        else:
+            pairs = gl.inline_asm_elementwise(_PACK_F16, "=r,r,r", [even, odd], dtype=gl.int32, is_pure=True, pack=1)
+        return pairs
+
+    @gluon.jit
+    def _unpacked(pairs, dtype: gl.constexpr, a_layout: gl.constexpr):
+        """:func:`_packed_pairs`' int32 [64, BLOCK_N // 2] back to ``dtype`` [64, BLOCK_N] in
+        ``a_layout`` (no data movement: the pairs are already where the MMA wants them)."""
+        even, odd = gl.inline_asm_elementwise(
+            "mov.b32 {$0, $1}, $2;", "=h,=h,r", [pairs], dtype=(gl.int16, gl.int16), is_pure=True, pack=1
+        )
+        both = gl.join(even, odd).to(dtype, bitcast=True)
+        return gl.convert_layout(gl.reshape(both, [both.shape[0], both.shape[1] * 2]), a_layout)
+
+    @gluon.jit
+    def _carried(p, dtype: gl.constexpr, P_F32: gl.constexpr):
+        """``p`` [64, BLOCK_N] as it is carried to the next PV (:func:`_pv_operand`): as 16-bit
+        pairs (:func:`_packed_pairs`), or with P_F32 in float32, converted just before PV (32
+        more registers, which only two consumers at head dim 64 have; 2 % faster there with
+        every row statistic than pairs)."""
         if P_F32:
             carried = p
         else:
-            carried = gl.convert_layout(p.to(dtype), a_layout)
-        return carried, acc_d
+            carried = _packed_pairs(p, dtype)
+        return carried
 
     @gluon.jit
     def _pv_operand(p_prev, dtype: gl.constexpr, o_layout: gl.constexpr, P_F32: gl.constexpr):
@@ -339,18 +356,21 @@ if GLUON_AVAILABLE:
         if P_F32:
             operand = gl.convert_layout(p_prev.to(dtype), a_layout)
         else:
-            operand = p_prev
+            operand = _unpacked(p_prev, dtype, a_layout)
         return operand
 
     @gluon.jit
     def _issue_pv(p_prev, v_tile, pos_t, acc, acc_d, DIST: gl.constexpr, P_F32: gl.constexpr):
-        """Issue ``acc += P @ V`` with the carried ``p_prev``, and where the distance MMA rides
-        with PV (DIST == _WITH_PV) ``acc_d += P @ pos_t`` on the same A operand right after it;
-        both stay in flight. Returns ``(acc, acc_d)``."""
+        """Issue ``acc += P @ V`` with the carried ``p_prev`` and, with DIST, ``acc_d += P @ pos_t``
+        on the same A operand, before PV at head dims up to _BEFORE_PV and after it above; all
+        stay in flight. Returns ``(acc, acc_d)``."""
         o_layout: gl.constexpr = acc.type.layout
+        first: gl.constexpr = DIST and v_tile.shape[1] <= _BEFORE_PV
         pv_a = _pv_operand(p_prev, v_tile.dtype, o_layout, P_F32)
+        if first:
+            acc_d = warpgroup_mma(pv_a, pos_t, acc_d, is_async=True)
         acc = warpgroup_mma(pv_a, v_tile, acc, is_async=True)
-        if DIST == _WITH_PV:
+        if DIST and not first:
             acc_d = warpgroup_mma(pv_a, pos_t, acc_d, is_async=True)
         return acc, acc_d
 
@@ -385,9 +405,9 @@ if GLUON_AVAILABLE:
         P_F32: gl.constexpr,
     ):
         """Issue QK(j), then PV(j - 1) with ``p_prev``; wait for PV after the softmax of j.
-        ``acc`` [64, D] is rescaled up to block j - 1; ``acc_d`` [64, 8] = P @ ``pos_t`` up to
-        block j - 1 (with DIST; column 0 of ``pos_t`` [BLOCK_N, 8] holds each key's offset from
-        its block's centre), or up to j - 2 like ``acc`` where it rides with PV. Returns
+        ``acc`` [64, D] is rescaled up to block j - 1; so is ``acc_d`` [64, 8] = P @ ``pos_t``
+        (with DIST; column 0 of ``pos_t`` [BLOCK_N, 8] holds each key's offset from its block's
+        centre), which rides with PV. Returns
         ``(p_prev, acc, acc_d, st)`` for j."""
         o_layout: gl.constexpr = acc.type.layout
         s = j % STAGES
@@ -397,7 +417,7 @@ if GLUON_AVAILABLE:
         mbarrier.wait(v_ready.index(sp), ((j - 1) // STAGES) & 1)
         acc, acc_d = _issue_pv(p_prev, v_smem.index(sp), pos_t, acc, acc_d, DIST, P_F32)
         # QK(j) done; PV(j - 1), and the distance MMA riding with it, may still run
-        qk = warpgroup_mma_wait(2 if DIST == _WITH_PV else 1, deps=(qk,))
+        qk = warpgroup_mma_wait(2 if DIST else 1, deps=(qk,))
         mbarrier.arrive(k_empty.index(s))
         p, alpha, st = _softmax_block(
             qk, j, rows, st, qk_scale, marks, MASK, False, ENTROPY, DIST, ARGMAX, LOCAL, SINK, NEAR, BLOCK_N
@@ -407,7 +427,7 @@ if GLUON_AVAILABLE:
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
         if DIST:
             acc_d = acc_d * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, acc_d.type.layout)), 1)
-        p_prev, acc_d = _carried(p, v_smem.dtype, o_layout, pos_t, acc_d, DIST, P_F32)
+        p_prev = _carried(p, v_smem.dtype, P_F32)
         return p_prev, acc, acc_d, st
 
     @gluon.jit
@@ -519,7 +539,7 @@ if GLUON_AVAILABLE:
         p, alpha, st = _softmax_block(
             qk, 0, rows, st, qk_scale, marks, True, True, ENTROPY, DIST, ARGMAX, LOCAL, SINK, NEAR, BLOCK_N
         )
-        p_prev, acc_d = _carried(p, v_smem.dtype, o_layout, pos_t, acc_d, DIST, P_F32)
+        p_prev = _carried(p, v_smem.dtype, P_F32)
         for j in range(1, n_free):
             p_prev, acc, acc_d, st = _consumer_step(
                 j,
@@ -699,9 +719,8 @@ if GLUON_AVAILABLE:
         pos_rows = gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(1, pos_layout)), 1)
         pos_cols = gl.expand_dims(gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, pos_layout)), 0)
         centred = pos_cols.to(gl.float32) - (BLOCK_N - 1) / 2
-        pos_dtype: gl.constexpr = dtype if DIST == _WITH_PV else gl.float16
-        positions = gl.where(pos_rows == 0, centred, gl.zeros_like(centred)).to(pos_dtype)
-        pos_smem = gl.allocate_shared_memory(pos_dtype, [8, BLOCK_N], POS_LAYOUT, positions)
+        positions = gl.where(pos_rows == 0, centred, gl.zeros_like(centred)).to(dtype)
+        pos_smem = gl.allocate_shared_memory(dtype, [8, BLOCK_N], POS_LAYOUT, positions)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], v_desc.layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -1003,7 +1022,7 @@ def launch_arguments(q, k, v, out, stats_buf, argmax, offsets, p: Problem, stats
         STAGES=config.stages,
         STATS=want,
         ENTROPY="entropy" in fields,
-        DIST=DISTANCE_BY_HEAD_DIM[p.head_dim] if "distance" in fields else DISTANCE_OFF,
+        DIST="distance" in fields,
         ARGMAX=bool(want and stats.argmax),
         LOCAL="local_mass" in fields,
         SINK="sink_mass" in fields,

@@ -3,7 +3,7 @@
 beside it and cuDNN SDPA in one process (docs/benchmarks.md's A/B tables).
 
     python docs/experiments/hopper_ab.py /tmp/variant_a.py /tmp/variant_b.py --specs argmax,all
-    python docs/experiments/hopper_ab.py lane_sums lane_sums+packed_pairs --specs plain,all
+    python docs/experiments/hopper_ab.py lane_sums --specs plain,all --dims 64
 
 A variant not ending in ``.py`` names patches in ``variants/``, joined by ``+``
 (``hopper_variant.py``).

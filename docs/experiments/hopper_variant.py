@@ -2,7 +2,7 @@
 ``variants/`` applied, for ``hopper_ab.py`` to time beside the committed kernel and for
 ``hopper_sass.py`` to compile (docs/benchmarks.md says what each patch is).
 
-    python docs/experiments/hopper_variant.py lane_sums packed_pairs -o /tmp/hop_lp.py
+    python docs/experiments/hopper_variant.py lane_sums -o /tmp/hop_lane.py
 
 Any subset applies, in the order of :data:`ORDER` whatever the order named; only the patches'
 hunks for the kernel file are used (a patch may also carry the test changes the kernel change
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]  # the checkout
 VARIANTS = Path(__file__).parent / "variants"
 #: Every patch in VARIANTS, in the order they apply (each was written against the committed
 #: kernel; where two touch nearby lines, the later one's context has the earlier's change).
-ORDER = ("packed_pairs", "pairs_at_64", "lane_sums", "distance_before_pv", "thread_release", "three_consumers_noskip")
+ORDER = ("lane_sums",)
 
 
 def apply_patch(text: str, patch: str, path: str = KERNEL) -> str:

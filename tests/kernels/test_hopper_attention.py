@@ -18,8 +18,6 @@ import kernels.triton_attention
 from kernels import StatsSpec, attention
 from kernels.hopper_attention import (
     CONFIGS,
-    DISTANCE_BY_HEAD_DIM,
-    DISTANCE_WITH_PV,
     GLUON_AVAILABLE,
     _argmax_asm,
     unsupported,
@@ -31,12 +29,11 @@ from tests.kernels.test_kernel_accuracy import check_against_oracle
 from tests.kernels.test_kernel_properties import first_max, tied_problem
 
 
-def distance_rounding(head_dim: int, dtype: torch.dtype) -> float:
-    """How many positions the distance MMA may be off, whatever the length: it rounds p (relative
-    error: half the dtype's eps) against offsets of at most 63.5 keys from a block's centre. At
-    head dim 128 p is PV's own operand, in the input dtype; at 64 a float16 copy."""
-    rounded = dtype if DISTANCE_BY_HEAD_DIM[head_dim] == DISTANCE_WITH_PV else torch.float16
-    return torch.finfo(rounded).eps / 2 * 63.5
+def distance_rounding(dtype: torch.dtype) -> float:
+    """How many positions the distance MMA may be off, whatever the length: it takes PV's own
+    operand, p rounded to the input dtype (relative error: half its eps), against offsets of at
+    most 63.5 keys from a block's centre."""
+    return torch.finfo(dtype).eps / 2 * 63.5
 
 
 ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
@@ -210,16 +207,14 @@ def test_argmax_ptx_finds_the_first_max_column(seed):
 
 
 @pytest.mark.skipif(not GLUON_AVAILABLE, reason="this Triton has no Gluon (Triton < 3.5)")
-def test_distance_mma_rides_with_pv_at_head_dim_128_only(builds):
-    """Where DISTANCE_BY_HEAD_DIM asks for it, the distance MMA (N = 8) takes PV's bfloat16
-    operand and is waited with PV (QK waited with two groups behind it); elsewhere it takes a
-    float16 copy of p."""
+def test_distance_mma_rides_with_pv(builds):
+    """At both head dims the distance MMA (N = 8) takes PV's own operand (bfloat16 here) and is
+    waited with PV: QK is waited with two groups behind it."""
     n8 = re.compile(r"wgmma\.mma_async\.sync\.aligned\.m64n8k16\.f32\.(\w+)\.")
-    with_pv, own = builds["D128 bf16 distance"]["ptx"], builds["D64 bf16 row stats"]["ptx"]
-    assert set(n8.findall(with_pv)) == {"bf16"}
-    assert "wgmma.wait_group.sync.aligned 2;" in with_pv
-    assert set(n8.findall(own)) == {"f16"}
-    assert "wgmma.wait_group.sync.aligned 2;" not in own
+    for name in ("D128 bf16 distance", "D64 bf16 row stats"):
+        ptx = builds[name]["ptx"]
+        assert set(n8.findall(ptx)) == {"bf16"}, name
+        assert "wgmma.wait_group.sync.aligned 2;" in ptx, name
     assert not n8.search(builds["D128 fp16 argmax"]["ptx"])  # no distance asked for
 
 
@@ -265,7 +260,7 @@ def test_matches_float64_oracle_on_hopper(index, monkeypatch):
     monkeypatch.setattr(kernels.triton_attention, "triton_attention", not_here)
     out, st = attention(case.q, case.k, case.v, backend="triton", **case.kwargs())
     try:
-        check_against_oracle(case, out, st, distance_slack=distance_rounding(case.q.shape[-1], case.q.dtype))
+        check_against_oracle(case, out, st, distance_slack=distance_rounding(case.q.dtype))
     except AssertionError as exc:
         raise AssertionError(f"{exc}\ncase: {case.describe()}") from None
 

@@ -1,5 +1,5 @@
 """The Hopper kernel's recorded variants (``docs/experiments/variants/*.patch``, compiled offline
-and waiting to be timed on a card, docs/benchmarks.md) still apply to the kernel, each alone
+and timed on a card, docs/benchmarks.md, kept to try again) still apply to the kernel, each alone
 and all together, and all together build for sm_90."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def test_every_recorded_variant_is_listed():
     assert sorted(p.stem for p in (EXPERIMENTS / "variants").glob("*.patch")) == sorted(ORDER)
 
 
-@pytest.mark.parametrize("names", [[name] for name in ORDER] + [list(reversed(ORDER))], ids="+".join)
+@pytest.mark.parametrize("names", [[name] for name in ORDER] + [list(reversed(ORDER))] * (len(ORDER) > 1), ids="+".join)
 def test_variant_applies_to_the_kernel(names, tmp_path):
     out = tmp_path / "variant.py"
     hopper_variant.write_variant(names, out)  # raises where a hunk does not match the kernel
@@ -58,7 +58,7 @@ sys.path.insert(0, sys.argv[1])
 from hopper_variant import load
 from kernels import StatsSpec
 kernel = load(sys.argv[2]).compile_sm90(64, torch.bfloat16, StatsSpec.every_row_statistic())
-print(kernel.asm["ptx"].count("m64n8k16.f32.bf16.bf16"), len(kernel.asm["cubin"]))
+print(len(kernel.asm["cubin"]))
 """
 
 
@@ -74,6 +74,4 @@ def test_the_variants_together_build_for_sm90():
         timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    distance_mmas, cubin = map(int, run.stdout.split()[-2:])
-    assert cubin > 0
-    assert distance_mmas > 0  # distance_before_pv: the distance MMA takes PV's bfloat16 operand
+    assert int(run.stdout.split()[-1]) > 0  # the cubin's bytes
