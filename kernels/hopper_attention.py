@@ -407,8 +407,7 @@ if GLUON_AVAILABLE:
         """Issue QK(j), then PV(j - 1) with ``p_prev``; wait for PV after the softmax of j.
         ``acc`` [64, D] is rescaled up to block j - 1; so is ``acc_d`` [64, 8] = P @ ``pos_t``
         (with DIST; column 0 of ``pos_t`` [BLOCK_N, 8] holds each key's offset from its block's
-        centre), which rides with PV. Returns
-        ``(p_prev, acc, acc_d, st)`` for j."""
+        centre), which rides with PV. Returns ``(p_prev, acc, acc_d, st)`` for j."""
         o_layout: gl.constexpr = acc.type.layout
         s = j % STAGES
         sp = (j - 1) % STAGES
