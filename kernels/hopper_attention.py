@@ -15,11 +15,11 @@ schedules its warps by hand (``triton.experimental.gluon``, part of the Triton w
 
 Statistics (:class:`kernels.StatsSpec`): entropy (``t = sum p * x`` rescaled like ``l``),
 argmax (one packed min a score, skipped by the warps none of whose rows' max grew in the
-block: :func:`_first_max_column`) and ``max_prob = 1 / l``
-ride in the main loop; distance goes through the tensor cores (``P @ [BLOCK_N, 8]``, column 0
-each key's offset from its block's centre; :data:`DISTANCE_BEFORE_PV`). Masses are summed
-in the loop only in the blocks they touch, rescaled like ``l``: sink mass in key block 0,
-local mass and the first offset's (``0 <= o <= 128``) in the masked blocks near the diagonal.
+block: :func:`_first_max_column`) and ``max_prob = 1 / l`` ride in the main loop; distance
+goes through the tensor cores (``P @ [BLOCK_N, 8]``, column 0 each key's offset from its
+block's centre, on PV's own operand, issued just before PV). Masses are summed in the loop
+only in the blocks they touch, rescaled like ``l``: sink mass in key block 0, local mass and
+the first offset's (``0 <= o <= 128``) in the masked blocks near the diagonal.
 Further offsets are recomputed after the loop as ``exp(s - lse)``, one key row per query row
 from global memory. Key mass needs the final lse: the Triton key-mass pass runs after this
 kernel.
@@ -96,11 +96,6 @@ def _argmax_asm(block_n: int) -> tuple[str, str]:
     return "\n".join(lines + ["}"]), ",".join(["=r"] * per_row + ["r"] * (2 * per_row))
 
 
-#: Distance sums ``p @ [BLOCK_N, 8]`` by an MMA on PV's own A operand (p in the input dtype)
-#: waited with PV: issued after PV at head dim 128, and before it at head dims up to this one,
-#: where PV is short and the eight N = 8 MMAs after it lengthened its wait (0.752x -> 0.725x
-#: cuDNN with every row statistic); before it they delay QK's wait instead (docs/benchmarks.md).
-DISTANCE_BEFORE_PV = 64
 HALF_M = 64  # query rows of one consumer warpgroup
 
 
@@ -148,7 +143,6 @@ if GLUON_AVAILABLE:
     _VOTE_ASM = gl.constexpr(
         "{ .reg .pred p; setp.ne.b32 p, $1, 0; vote.sync.any.pred p, p, 0xffffffff; selp.b32 $0, 1, 0, p; }"
     )
-    _BEFORE_PV = gl.constexpr(DISTANCE_BEFORE_PV)
     # Gluon renames as it goes: Triton 3.6's thread_barrier and async_copy_global_to_shared
     # are barrier and async_load in later versions.
     _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
@@ -361,17 +355,16 @@ if GLUON_AVAILABLE:
 
     @gluon.jit
     def _issue_pv(p_prev, v_tile, pos_t, acc, acc_d, DIST: gl.constexpr, P_F32: gl.constexpr):
-        """Issue ``acc += P @ V`` with the carried ``p_prev`` and, with DIST, ``acc_d += P @ pos_t``
-        on the same A operand, before PV at head dims up to _BEFORE_PV and after it above; all
-        stay in flight. Returns ``(acc, acc_d)``."""
+        """Issue ``acc += P @ V`` with the carried ``p_prev`` and, with DIST, first ``acc_d += P @
+        pos_t`` on the same A operand; both stay in flight, waited together. (Issued after PV,
+        the eight N = 8 MMAs lengthened PV's wait: 0.725x against 0.752x cuDNN at head dim 64
+        with every row statistic, 0.835x against 0.854x at 128; docs/benchmarks.md.)
+        Returns ``(acc, acc_d)``."""
         o_layout: gl.constexpr = acc.type.layout
-        first: gl.constexpr = DIST and v_tile.shape[1] <= _BEFORE_PV
         pv_a = _pv_operand(p_prev, v_tile.dtype, o_layout, P_F32)
-        if first:
+        if DIST:
             acc_d = warpgroup_mma(pv_a, pos_t, acc_d, is_async=True)
         acc = warpgroup_mma(pv_a, v_tile, acc, is_async=True)
-        if DIST and not first:
-            acc_d = warpgroup_mma(pv_a, pos_t, acc_d, is_async=True)
         return acc, acc_d
 
     @gluon.jit

@@ -206,16 +206,34 @@ def test_argmax_ptx_finds_the_first_max_column(seed):
     assert _run_argmax_ptx(ptx, [b & 0xFFFFFFFF for b in bits], flag=0) == [0xFFFFFFFF] * 32
 
 
+def _mma_groups(ptx: str) -> str:
+    """The PTX's MMAs in program order, one letter each, runs collapsed: ``Q`` an MMA on shared
+    operands (QK), ``P`` one with its A operand in registers (PV), ``8`` an N = 8 one (distance),
+    ``|`` a commit, ``w`` a wait for all but two groups."""
+    letters = []
+    for line in ptx.splitlines():
+        if "wgmma.mma_async" in line:
+            letters.append("8" if ".m64n8k16." in line else "P" if "}, {" in line else "Q")
+        elif "wgmma.commit_group" in line:
+            letters.append("|")
+        elif "wgmma.wait_group.sync.aligned 2;" in line:
+            letters.append("w")
+    return re.sub(r"(.)\1+", r"\1", "".join(letters))
+
+
 @pytest.mark.skipif(not GLUON_AVAILABLE, reason="this Triton has no Gluon (Triton < 3.5)")
 def test_distance_mma_rides_with_pv(builds):
-    """At both head dims the distance MMA (N = 8) takes PV's own operand (bfloat16 here) and is
-    waited with PV: QK is waited with two groups behind it."""
+    """At both head dims the distance MMA (N = 8) takes PV's own operand (bfloat16 here), is
+    issued just before PV and waited with it: the loop commits QK, distance and PV in that
+    order and waits for QK with two groups behind it."""
     n8 = re.compile(r"wgmma\.mma_async\.sync\.aligned\.m64n8k16\.f32\.(\w+)\.")
     for name in ("D128 bf16 distance", "D64 bf16 row stats"):
         ptx = builds[name]["ptx"]
         assert set(n8.findall(ptx)) == {"bf16"}, name
-        assert "wgmma.wait_group.sync.aligned 2;" in ptx, name
-    assert not n8.search(builds["D128 fp16 argmax"]["ptx"])  # no distance asked for
+        assert "Q|8|P|w" in _mma_groups(ptx), name
+    plain = builds["D128 fp16 argmax"]["ptx"]  # no distance asked for: PV alone behind QK
+    assert not n8.search(plain)
+    assert "Q|P|" in _mma_groups(plain) and "w" not in _mma_groups(plain)
 
 
 def _draw(rng: random.Random) -> Case:
