@@ -3,7 +3,7 @@
 beside it and cuDNN SDPA in one process (docs/benchmarks.md's A/B tables).
 
     python docs/experiments/hopper_ab.py /tmp/variant_a.py /tmp/variant_b.py --specs argmax,all
-    python docs/experiments/hopper_ab.py lane_sums --specs plain,all --dims 64
+    python docs/experiments/hopper_ab.py NAME_A+NAME_B --specs plain,all --dims 64
 
 A variant not ending in ``.py`` names patches in ``variants/``, joined by ``+``
 (``hopper_variant.py``).

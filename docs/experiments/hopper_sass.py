@@ -6,7 +6,7 @@ PTX version Triton writes: Triton 3.6 works (``pip install triton==3.6.0`` in a 
 virtual environment, with torch).
 
     PYTHONPATH=. python docs/experiments/hopper_sass.py 64 plain all argmax
-    PYTHONPATH=. python docs/experiments/hopper_sass.py 64 plain all --variant lane_sums
+    PYTHONPATH=. python docs/experiments/hopper_sass.py 64 plain all --variant /tmp/variant.py
 
 ``--variant``: a copy of the kernel, or patches from ``variants/`` (``hopper_variant.py``).
 
