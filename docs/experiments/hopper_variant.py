@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parents[2]  # the checkout
 VARIANTS = Path(__file__).parent / "variants"
 #: Every patch in VARIANTS, in the order they apply (each was written against the committed
 #: kernel; where two touch nearby lines, the later one's context has the earlier's change).
-#: None recorded now: the last, lane_sums, was timed a third time (slower) and dropped; the
-#: earlier ones are in git at b1e244a and 9e8ae63.
-ORDER: tuple[str, ...] = ()
+#: Compiled offline on 2026-12-04, not yet timed (docs/benchmarks.md); lane_sums, timed a third
+#: time and slower, is in git at 9e8ae63, earlier patches at b1e244a.
+ORDER: tuple[str, ...] = ("argmax_quad_in_branch", "masses_in_masked_blocks")
 
 
 def apply_patch(text: str, patch: str, path: str = KERNEL) -> str:
