@@ -1111,7 +1111,6 @@ def _key_mass(
 
 
 @functools.lru_cache(maxsize=64)
-@functools.lru_cache(maxsize=64)
 def _offsets_tensor(offsets: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """Offsets as an int32 device tensor, cached: making it is a blocking host-to-device copy,
     which on every call would stall the host until the GPU has drained its queue (and cannot

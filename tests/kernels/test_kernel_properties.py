@@ -467,8 +467,8 @@ def test_offsets_reach_the_device_once():
 def test_a_call_queues_its_kernels_without_waiting(backend, key_mass):
     """After its first call (which compiles), a call with every statistic only queues work: a
     host-device synchronisation inside would leave the GPU idle while the host prepares each
-    launch (it cost 4 %-8 % of the kernel's time at 16K tokens). torch's sync debug mode raises
-    on one."""
+    launch (an uncached offsets tensor would cost 4 %-8 % of a 16K call on an H200,
+    docs/benchmarks.md). torch's sync debug mode raises on one."""
     gen = torch.Generator(device="cuda").manual_seed(SEED)
     q, k, v = (torch.randn(1, 4, 256, 64, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
     spec = StatsSpec.every_row_statistic(offsets=(1, 3), key_mass=key_mass)
