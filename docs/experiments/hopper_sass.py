@@ -35,7 +35,7 @@ from kernels.benchmark.config import BREAKDOWN, ROW_STATS
 #: Statistic sets by name: none, every row statistic, and each alone (the benchmark's rows).
 SPECS = {"plain": None, "all": ROW_STATS, **BREAKDOWN}
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-_INSTRUCTION = re.compile(r"\s+/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)[^;]*?(0x[0-9a-f]+)?\s*;")
+_INSTRUCTION = re.compile(r"\s+/\*([0-9a-f]+)\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)[^;]*?(0x[0-9a-f]+)?\s*;")
 
 
 def assemble(ptx: str) -> tuple[str, str]:
@@ -52,13 +52,16 @@ def assemble(ptx: str) -> tuple[str, str]:
     return report, sass
 
 
-def loop_bodies(sass: str) -> list[list[tuple[str, str | None]]]:
-    """The innermost loop bodies that compute exponentials (``MUFU``), as ``(opcode, last hex
-    operand)`` in program order."""
-    code = [(int(m[1], 16), m[2], m[3]) for m in _INSTRUCTION.finditer(sass)]
-    spans = {(int(t, 16), a) for a, op, t in code if op == "BRA" and t and int(t, 16) < a}
-    bodies = {(lo, hi): [(op, arg) for a, op, arg in code if lo <= a <= hi] for lo, hi in sorted(spans)}
-    softmax = [span for span, body in bodies.items() if sum(op == "MUFU" for op, _ in body) >= 32]
+Body = list[tuple[int, str, str | None, bool]]
+
+
+def loop_bodies(sass: str) -> list[Body]:
+    """The innermost loop bodies that compute exponentials (``MUFU``), as ``(address, opcode,
+    last hex operand, predicated)`` in program order."""
+    code = [(int(m[1], 16), m[3], m[4], bool(m[2])) for m in _INSTRUCTION.finditer(sass)]
+    spans = {(int(t, 16), a) for a, op, t, _ in code if op == "BRA" and t and int(t, 16) < a}
+    bodies = {(lo, hi): [c for c in code if lo <= c[0] <= hi] for lo, hi in sorted(spans)}
+    softmax = [span for span, body in bodies.items() if sum(c[1] == "MUFU" for c in body) >= 32]
     return [
         bodies[(lo, hi)]
         for lo, hi in softmax
@@ -66,14 +69,25 @@ def loop_bodies(sass: str) -> list[list[tuple[str, str | None]]]:
     ]
 
 
-def exponentials_before_pv_wait(body: list[tuple[str, str | None]]) -> int:
+def skip_path(body: Body) -> int:
+    """Instructions of the body on the path that takes every forward conditional branch over
+    more than 20 of its instructions (the argmax's skip, where no row's max grew)."""
+    skipped, end = 0, body[-1][0]
+    for address, op, target, predicated in body:
+        if op == "BRA" and predicated and target and address < int(target, 16) <= end:
+            inside = sum(1 for c in body if address < c[0] < int(target, 16))
+            skipped += inside if inside > 20 else 0
+    return len(body) - skipped
+
+
+def exponentials_before_pv_wait(body: Body) -> int:
     """How many ``MUFU`` come before the loop's PV wait: the first wait for every MMA
     (``WARPGROUP.DEPBAR.LE gsb0, 0x0``) after the QK wait (``0x1``, or ``0x2`` when the distance
     MMA rides with PV). All of them if the softmax overlaps PV; few if ptxas hoisted the wait."""
-    waits = [(i, arg) for i, (op, arg) in enumerate(body) if op == "WARPGROUP" and arg in ("0x0", "0x1", "0x2")]
+    waits = [(i, arg) for i, (_, op, arg, _) in enumerate(body) if op == "WARPGROUP" and arg in ("0x0", "0x1", "0x2")]
     qk = next((i for i, arg in waits if arg != "0x0"), -1)
     pv = next((i for i, arg in waits if arg == "0x0" and i > qk), len(body))
-    return [op for op, _ in body[:pv]].count("MUFU")
+    return [c[1] for c in body[:pv]].count("MUFU")
 
 
 def main(head_dim: int, names: list[str], kernel=kernels.hopper_attention) -> None:
@@ -82,10 +96,13 @@ def main(head_dim: int, names: list[str], kernel=kernels.hopper_attention) -> No
         spills = " ".join(re.findall(r"\d+ bytes spill (?:stores|loads)|C75\d\d", report))
         print(f"D = {head_dim}, {name}: {spills}")
         for body in loop_bodies(sass):
-            counts = collections.Counter(op for op, _ in body)
+            counts = collections.Counter(c[1] for c in body)
             mix = " ".join(f"{op}:{n}" for op, n in counts.most_common(10))
             before = exponentials_before_pv_wait(body)
-            print(f"  loop body, {len(body)} instructions: {mix}; {before} of {counts['MUFU']} MUFU before the PV wait")
+            print(
+                f"  loop body, {len(body)} instructions ({skip_path(body)} where the argmax is skipped): {mix}; "
+                f"{before} of {counts['MUFU']} MUFU before the PV wait"
+            )
 
 
 if __name__ == "__main__":
