@@ -70,13 +70,13 @@ def loop_bodies(sass: str) -> list[Body]:
 
 
 def skip_path(body: Body) -> int:
-    """Instructions of the body on the path that takes every forward conditional branch over
-    more than 20 of its instructions (the argmax's skip, where no row's max grew)."""
+    """Instructions of the body on the path that takes every forward conditional branch within
+    it: the argmax's skip, where no row's max grew, and the accumulator's rescale's, where no
+    row's subtracted max moved (the usual block of a long row)."""
     skipped, end = 0, body[-1][0]
     for address, op, target, predicated in body:
         if op == "BRA" and predicated and target and address < int(target, 16) <= end:
-            inside = sum(1 for c in body if address < c[0] < int(target, 16))
-            skipped += inside if inside > 20 else 0
+            skipped += sum(1 for c in body if address < c[0] < int(target, 16))
     return len(body) - skipped
 
 
@@ -100,7 +100,7 @@ def main(head_dim: int, names: list[str], kernel=kernels.hopper_attention) -> No
             mix = " ".join(f"{op}:{n}" for op, n in counts.most_common(10))
             before = exponentials_before_pv_wait(body)
             print(
-                f"  loop body, {len(body)} instructions ({skip_path(body)} where the argmax is skipped): {mix}; "
+                f"  loop body, {len(body)} instructions ({skip_path(body)} on the skip path): {mix}; "
                 f"{before} of {counts['MUFU']} MUFU before the PV wait"
             )
 

@@ -25,9 +25,10 @@ ROOT = Path(__file__).resolve().parents[2]  # the checkout
 VARIANTS = Path(__file__).parent / "variants"
 #: Every patch in VARIANTS, in the order they apply (each was written against the committed
 #: kernel; where two touch nearby lines, the later one's context has the earlier's change).
-#: Compiled offline on 2026-12-04, not yet timed (docs/benchmarks.md); lane_sums, timed a third
-#: time and slower, is in git at 9e8ae63, earlier patches at b1e244a.
-ORDER: tuple[str, ...] = ("argmax_quad_in_branch", "masses_in_masked_blocks")
+#: lazy_rescale, level or slower on the H200 (docs/benchmarks.md), is kept for other cards;
+#: argmax_quad_in_branch and masses_in_masked_blocks, timed slower, are in git at 5ef1669,
+#: lane_sums at 9e8ae63, earlier patches at b1e244a.
+ORDER: tuple[str, ...] = ("lazy_rescale",)
 
 
 def apply_patch(text: str, patch: str, path: str = KERNEL) -> str:
