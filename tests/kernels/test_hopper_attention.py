@@ -304,10 +304,10 @@ def test_exact_ties_go_to_earliest_key_on_hopper(d, dtype):
 @pytest.mark.parametrize("d, dtype", [(64, BF16), (128, torch.float16)])
 def test_a_max_that_jumps_in_some_rows_of_a_warp_is_rescaled_on_hopper(d, dtype):
     """In every 16 query rows (a warp's share of an accumulator), rows 8-15 meet key 300 with a
-    score some 16 log2 units above their earlier keys', while rows 0-7 see random scores whose
-    max moves little: a kernel that rescales its accumulator only where some row's max moved
-    far (docs/experiments/variants/lazy_rescale.patch) must still rescale the rows that need
-    it, whichever half of the warp they are in."""
+    score of 16, where their earlier scores stay below about 3, while rows 0-7 see random
+    scores whose max moves little: a kernel that rescales its accumulator only where some
+    row's max moved far (docs/experiments/variants/lazy_rescale.patch) must still rescale the
+    rows that need it, whichever half of the warp they are in."""
     n, key = 700, 300
     gen = torch.Generator().manual_seed(SEED + 12)
     q, k, v = (torch.randn(1, h, n, d, generator=gen) * s for h, s in ((2, 0.5), (1, 0.5), (1, 1.0)))
