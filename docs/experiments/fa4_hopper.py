@@ -26,14 +26,10 @@ import time
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
+from hopper_ab import median_ms  # beside this script: the A/B's timing, so the figures compare
 
 from kernels import attention
 from kernels.benchmark.config import ROW_STATS
-
-
-def median_ms(fn) -> float:
-    return do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
 def one_head_dim(d: int, flash_attn_func) -> list[str]:
