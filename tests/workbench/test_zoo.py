@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -19,6 +23,13 @@ def test_byte_tokenizer_round_trips_any_text():
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert len(ids) == len(text.encode("utf-8"))
     assert tok.decode(ids) == text and len(tok) == 259
+
+
+def test_byte_tokenizer_folder_lives_as_long_as_its_process():
+    show = "from workbench.zoo.tokenizer import byte_tokenizer as b; import os; f = b().name_or_path; "
+    show += "print(f, os.path.isfile(os.path.join(f, 'tokenizer.json')))"
+    folder, existed = subprocess.run([sys.executable, "-c", show], capture_output=True, text=True, check=True).stdout.split()
+    assert existed == "True" and not Path(folder).exists()
 
 
 def test_mixture_is_deterministic_and_varies_the_period():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from functools import cache
 
@@ -25,8 +27,10 @@ def byte_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     built = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", pad_token="<pad>", eos_token="<eos>")
-    # TransformerLens re-loads a model's tokenizer from its name_or_path: give it a folder.
+    # TransformerLens re-loads a model's tokenizer from its name_or_path: give it a folder,
+    # kept while this process lives.
     folder = tempfile.mkdtemp(prefix="workbench-byte-tokenizer-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     built.save_pretrained(folder)
     return AutoTokenizer.from_pretrained(folder)
 
