@@ -60,8 +60,15 @@ def expected(out: str, st, n: int) -> torch.Tensor:
     """This kernel's value of what the copy writes as ``out``, ``[1, H, n]`` float32."""
     if out == "pos":  # the expected key index: the query's index less its mean distance
         return torch.arange(n, device=st.lse.device, dtype=torch.float32) - st.distance
-    field = {"lse": "lse", "entropy": "entropy", "all": "entropy", "maxprob": "max_prob", "argmax": "argmax",
-             "local": "local_mass", "sink": "sink_mass"}.get(out)
+    field = {
+        "lse": "lse",
+        "entropy": "entropy",
+        "all": "entropy",
+        "maxprob": "max_prob",
+        "argmax": "argmax",
+        "local": "local_mass",
+        "sink": "sink_mass",
+    }.get(out)
     value = st.offset_mass[..., 0] if out == "offset" else getattr(st, field)
     return value.float()
 
@@ -74,9 +81,10 @@ def one_head_dim(d: int, fwd, softmax_module) -> list[str]:
     _, st = attention(q, k, v, causal=True, stats=ROW_STATS, backend="triton")
     sdpa = median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
     rows = [f"| {d} | SDPA (cuDNN) | | {sdpa:.3f} | 1.000x | |"]
+    every = dict(causal=True, stats=ROW_STATS, backend="triton")
     for name, fn in (
         ("this kernel, plain", lambda: attention(q, k, v, causal=True, backend="triton")),
-        ("this kernel, every row statistic", lambda: attention(q, k, v, causal=True, stats=ROW_STATS, backend="triton")),
+        ("this kernel, every row statistic", lambda: attention(q, k, v, **every)),
     ):
         t = median_ms(fn)
         rows.append(f"| {d} | {name} | | {t:.3f} | {sdpa / t:.3f}x | |")
@@ -99,7 +107,7 @@ def one_head_dim(d: int, fwd, softmax_module) -> list[str]:
             check = f"{int((got.long() != want.long()).sum())} of {want.numel()} rows differ"
         else:
             check = f"max err {(got - want).abs().max().item():.2e}"
-        t = median_ms(lambda: fwd(qt, kt, vt, causal=True, return_lse=True, **extra))
+        t = median_ms(lambda extra=extra: fwd(qt, kt, vt, causal=True, return_lse=True, **extra))
         if out == "lse":
             plain_ms[tile] = t
         cost = f"{100 * (t / plain_ms[tile] - 1):+.1f} %" if tile in plain_ms else ""

@@ -28,7 +28,8 @@ def test_byte_tokenizer_round_trips_any_text():
 def test_byte_tokenizer_folder_lives_as_long_as_its_process():
     show = "from workbench.zoo.tokenizer import byte_tokenizer as b; import os; f = b().name_or_path; "
     show += "print(f, os.path.isfile(os.path.join(f, 'tokenizer.json')))"
-    folder, existed = subprocess.run([sys.executable, "-c", show], capture_output=True, text=True, check=True).stdout.split()
+    shown = subprocess.run([sys.executable, "-c", show], capture_output=True, text=True, check=True)
+    folder, existed = shown.stdout.split()
     assert existed == "True" and not Path(folder).exists()
 
 
