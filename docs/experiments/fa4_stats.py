@@ -10,10 +10,12 @@ the threads that hold the row max; ``snapshot``: the local and offset masses kep
 row max they were summed with, so the free key blocks never touch them). This script sets them, clears the copy's
 kernel cache, and for each build checks the value written against this project's kernel on
 the same inputs, then times it beside cuDNN SDPA and this kernel. bf16, causal, B = 1,
-H = 32, N = 16384, ``do_bench`` medians, head dims 128 and 64.
+H = 32, N = 16384 (``--lengths``), ``do_bench`` medians, head dims 128 and 64.
 
     PYTHONPATH=/tmp/site_stats:/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:. \\
-        python docs/experiments/fa4_stats.py
+        python docs/experiments/fa4_stats.py [--lengths 8192,32768] [--short]
+
+``--short`` runs only the plain build and every row statistic with the holder argmax.
 
 Getting flash-attn-4 onto the device tool's H200: see fa4_hopper.py beside this script.
 CuTe DSL also compiles on a machine without a GPU: FlashAttention-4's fake-tensor mode with
@@ -23,6 +25,8 @@ SASS read, before it reached the card.
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 import torch.nn.functional as F
 from hopper_ab import median_ms  # beside this script: the A/B's timing, so the figures compare
@@ -30,7 +34,6 @@ from hopper_ab import median_ms  # beside this script: the A/B's timing, so the 
 from kernels import attention
 from kernels.benchmark.config import ROW_STATS
 
-N = 16384
 DEVICE = "cuda"
 
 EVERY = "entropy,distance,argmax,masses"
@@ -54,6 +57,7 @@ BUILDS = [
     ("plain, 128 x 128 tile", "", "lse", (128, 128), ""),
     ("every row statistic; holder, snapshot; 128 x 128 tile", EVERY, "all", (128, 128), "holder,snapshot"),
 ]
+SHORT = ("plain", "every row statistic; holder")
 
 
 def expected(out: str, st, n: int) -> torch.Tensor:
@@ -73,23 +77,23 @@ def expected(out: str, st, n: int) -> torch.Tensor:
     return value.float()
 
 
-def one_head_dim(d: int, fwd, softmax_module) -> list[str]:
+def one_shape(n: int, d: int, fwd, softmax_module, builds: list[tuple]) -> list[str]:
+    """Check and time ``builds`` at ``n`` tokens and head dim ``d``; returns the table's rows."""
     gen = torch.Generator(device=DEVICE).manual_seed(0)
-    n = N
     q, k, v = (torch.randn(1, 32, n, d, device=DEVICE, dtype=torch.bfloat16, generator=gen) for _ in range(3))
     qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # FlashAttention's [B, N, H, D]
     _, st = attention(q, k, v, causal=True, stats=ROW_STATS, backend="triton")
     sdpa = median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
-    rows = [f"| {d} | SDPA (cuDNN) | | {sdpa:.3f} | 1.000x | |"]
+    rows = [f"| {n} | {d} | SDPA (cuDNN) | | {sdpa:.3f} | 1.000x | |"]
     every = dict(causal=True, stats=ROW_STATS, backend="triton")
     for name, fn in (
         ("this kernel, plain", lambda: attention(q, k, v, causal=True, backend="triton")),
         ("this kernel, every row statistic", lambda: attention(q, k, v, **every)),
     ):
         t = median_ms(fn)
-        rows.append(f"| {d} | {name} | | {t:.3f} | {sdpa / t:.3f}x | |")
+        rows.append(f"| {n} | {d} | {name} | | {t:.3f} | {sdpa / t:.3f}x | |")
     plain_ms = {}
-    for name, stats, out, tile, variant in BUILDS:
+    for name, stats, out, tile, variant in builds:
         if tile and d != 64:  # FA4's own tile at D = 128 is 128 x 128 already
             continue
         softmax_module._STATS = frozenset(x for x in stats.split(",") if x)
@@ -100,7 +104,7 @@ def one_head_dim(d: int, fwd, softmax_module) -> list[str]:
         try:
             got = fwd(qt, kt, vt, causal=True, return_lse=True, **extra)[1].float().reshape(st.lse.shape)
         except Exception as error:  # a build that fails to compile or run is a result too
-            rows.append(f"| {d} | FA4 copy: {name} | failed: {type(error).__name__}: {str(error)[:80]} | | | |")
+            rows.append(f"| {n} | {d} | FA4 copy: {name} | failed: {type(error).__name__}: {str(error)[:80]} | | | |")
             continue
         want = expected(out, st, n)
         if out == "argmax":
@@ -111,7 +115,7 @@ def one_head_dim(d: int, fwd, softmax_module) -> list[str]:
         if out == "lse":
             plain_ms[tile] = t
         cost = f"{100 * (t / plain_ms[tile] - 1):+.1f} %" if tile in plain_ms else ""
-        rows.append(f"| {d} | FA4 copy: {name} | {check} | {t:.3f} | {sdpa / t:.3f}x | {cost} |")
+        rows.append(f"| {n} | {d} | FA4 copy: {name} | {check} | {t:.3f} | {sdpa / t:.3f}x | {cost} |")
         print(rows[-1], flush=True)
     return rows
 
@@ -120,11 +124,21 @@ def main() -> None:
     import flash_attn.cute.softmax as softmax_module
     from flash_attn.cute.interface import _flash_attn_fwd
 
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", default="16384", help="comma-separated token counts")
+    parser.add_argument("--short", action="store_true", help="only plain and every row statistic (holder)")
+    args = parser.parse_args()
+    builds = [b for b in BUILDS if not args.short or b[0] in SHORT]
     print("torch", torch.__version__, "cudnn", torch.backends.cudnn.version(), flush=True)
     print("flash_attn.cute from", softmax_module.__file__, flush=True)
-    rows = one_head_dim(128, _flash_attn_fwd, softmax_module) + one_head_dim(64, _flash_attn_fwd, softmax_module)
-    print("| D | call | check against this kernel | ms | SDPA / call | over the copy's plain |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    rows = [
+        row
+        for n in (int(x) for x in args.lengths.split(","))
+        for d in (128, 64)
+        for row in one_shape(n, d, _flash_attn_fwd, softmax_module, builds)
+    ]
+    print("| N | D | call | check against this kernel | ms | SDPA / call | over the copy's plain |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))
 
 
