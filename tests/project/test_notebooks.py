@@ -80,7 +80,8 @@ def test_notebook_is_stripped(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs(path, tmp_path):
+def test_notebook_runs(path, tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the kernel's scratch run folders land here, not in /tmp
     book = with_ci_parameters(nbformat.read(path, as_version=4), path.stem)
     assert book.cells[0].cell_type == "markdown" and book.cells[-1].cell_type == "markdown"
     assert "What we found" in book.cells[-1].source
