@@ -27,9 +27,9 @@ def test_byte_tokenizer_round_trips_any_text():
 
 def test_byte_tokenizer_folder_lives_as_long_as_its_process():
     show = "from workbench.zoo.tokenizer import byte_tokenizer as b; import os; f = b().name_or_path; "
-    show += "print(f, os.path.isfile(os.path.join(f, 'tokenizer.json')))"
+    show += "print(os.path.isfile(os.path.join(f, 'tokenizer.json'))); print(f)"
     shown = subprocess.run([sys.executable, "-c", show], capture_output=True, text=True, check=True)
-    folder, existed = shown.stdout.split()
+    existed, folder = shown.stdout.splitlines()[-2:]  # the folder's name may hold spaces
     assert existed == "True" and not Path(folder).exists()
 
 
