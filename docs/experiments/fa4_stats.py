@@ -7,9 +7,10 @@ The copy reads three module globals of its ``softmax.py`` when it traces a kerne
 (which statistics the online softmax carries: entropy, distance, argmax, masses), ``_OUT``
 (which one it writes where the lse goes) and ``_VARIANT`` (``holder``: the argmax kept only by
 the threads that hold the row max; ``snapshot``: the local and offset masses kept under the
-row max they were summed with, so the free key blocks never touch them). This script sets them, clears the copy's
-kernel cache, and for each build checks the value written against this project's kernel on
-the same inputs, then times it beside cuDNN SDPA and this kernel. bf16, causal, B = 1,
+row max they were summed with, so the free key blocks never touch them; ``dmma``: distance by
+an MMA of P with a [tile_n, 8] matrix of key columns, issued with PV). This script sets them,
+clears the copy's kernel cache, and for each build checks the value written against this
+project's kernel on the same inputs, then times it beside cuDNN SDPA and this kernel. bf16, causal, B = 1,
 H = 32, N = 16384 (``--lengths``), ``do_bench`` medians, head dims 128 and 64.
 
     PYTHONPATH=/tmp/site_stats:/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:. \\
@@ -43,6 +44,7 @@ BUILDS = [
     ("max prob only", "", "maxprob", None, ""),
     ("entropy", "entropy", "entropy", None, ""),
     ("distance", "distance", "pos", None, ""),
+    ("distance, MMA", "distance", "pos", None, "dmma"),
     ("argmax", "argmax", "argmax", None, ""),
     ("argmax, holder", "argmax", "argmax", None, "holder"),
     ("local mass", "masses", "local", None, ""),
@@ -54,6 +56,7 @@ BUILDS = [
     ("every row statistic", EVERY, "all", None, ""),
     ("every row statistic; holder", EVERY, "all", None, "holder"),
     ("every row statistic; holder, snapshot", EVERY, "all", None, "holder,snapshot"),
+    ("every row statistic; holder, distance MMA", EVERY, "all", None, "holder,dmma"),
     ("plain, 128 x 128 tile", "", "lse", (128, 128), ""),
     ("every row statistic; holder, snapshot; 128 x 128 tile", EVERY, "all", (128, 128), "holder,snapshot"),
 ]
