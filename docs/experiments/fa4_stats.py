@@ -18,7 +18,10 @@ H = 32, N = 16384 (``--lengths``), ``do_bench`` medians, head dims 128 and 64.
 
 ``--short`` runs only the plain build and every row statistic with the holder argmax.
 
-Getting flash-attn-4 onto the device tool's H200: see fa4_hopper.py beside this script.
+Getting flash-attn-4 onto the device tool's H200: see fa4_hopper.py beside this script. The
+copy's three changed files travelled with the third call in a fourth ignored folder, were laid
+over a copy of ``/tmp/site/flash_attn/cute`` in ``/tmp/site_stats/flash_attn/cute``, and this
+script ran in place of fa4_hopper.py.
 CuTe DSL also compiles on a machine without a GPU: FlashAttention-4's fake-tensor mode with
 ``FLASH_ATTENTION_ARCH=sm_90 CUTE_DSL_ARCH=sm_90a``, so each build was compiled, and its
 SASS read, before it reached the card.
