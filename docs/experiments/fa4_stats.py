@@ -8,15 +8,18 @@ The copy reads three module globals of its ``softmax.py`` when it traces a kerne
 (which one it writes where the lse goes) and ``_VARIANT`` (``holder``: the argmax kept only by
 the threads that hold the row max; ``snapshot``: the local and offset masses kept under the
 row max they were summed with, so the free key blocks never touch them; ``dmma``: distance by
-an MMA of P with a [tile_n, 8] matrix of key columns, issued with PV). This script sets them,
+an MMA of P with a [tile_n, 8] matrix of key columns, issued with PV; ``nosched``: no
+ping-pong barriers between the consumer warpgroups). ``nooverlap`` is not the copy's: it
+turns off FlashAttention-4's intra-warpgroup overlap through its own argument. This script sets them,
 clears the copy's kernel cache, and for each build checks the value written against this
 project's kernel on the same inputs, then times it beside cuDNN SDPA and this kernel. bf16, causal, B = 1,
 H = 32, N = 16384 (``--lengths``), ``do_bench`` medians, head dims 128 and 64.
 
     PYTHONPATH=/tmp/site_stats:/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:. \\
-        python docs/experiments/fa4_stats.py [--lengths 8192,32768] [--short]
+        python docs/experiments/fa4_stats.py [--lengths 8192,32768] [--short | --only REGEX]
 
-``--short`` runs only the plain build and every row statistic with the holder argmax.
+``--short`` runs only the plain build and every row statistic with the holder argmax;
+``--only REGEX`` the builds whose names match.
 
 Getting flash-attn-4 onto the device tool's H200: see fa4_hopper.py beside this script. The
 copy's three changed files travelled with the third call in a fourth ignored folder, were laid
@@ -30,6 +33,7 @@ SASS read, before it reached the card.
 from __future__ import annotations
 
 import argparse
+import re
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +64,9 @@ BUILDS = [
     ("every row statistic; holder", EVERY, "all", None, "holder"),
     ("every row statistic; holder, snapshot", EVERY, "all", None, "holder,snapshot"),
     ("every row statistic; holder, distance MMA", EVERY, "all", None, "holder,dmma"),
+    ("plain; no ping-pong", "", "lse", None, "nosched"),
+    ("plain; no intra-warpgroup overlap", "", "lse", None, "nooverlap"),
+    ("every row statistic; holder, no ping-pong", EVERY, "all", None, "holder,nosched"),
     ("plain, 128 x 128 tile", "", "lse", (128, 128), ""),
     ("every row statistic; holder, snapshot; 128 x 128 tile", EVERY, "all", (128, 128), "holder,snapshot"),
 ]
@@ -106,7 +113,7 @@ def one_shape(n: int, d: int, fwd, softmax_module, builds: list[tuple]) -> list[
         softmax_module._OUT = out
         softmax_module._VARIANT = frozenset(x for x in variant.split(",") if x)
         fwd.compile_cache.clear()
-        extra = {"tile_mn": tile} if tile else {}
+        extra = ({"tile_mn": tile} if tile else {}) | ({"intra_wg_overlap": False} if "nooverlap" in variant else {})
         try:
             got = fwd(qt, kt, vt, causal=True, return_lse=True, **extra)[1].float().reshape(st.lse.shape)
         except Exception as error:  # a build that fails to compile or run is a result too
@@ -118,7 +125,7 @@ def one_shape(n: int, d: int, fwd, softmax_module, builds: list[tuple]) -> list[
         else:
             check = f"max err {(got - want).abs().max().item():.2e}"
         t = median_ms(lambda extra=extra: fwd(qt, kt, vt, causal=True, return_lse=True, **extra))
-        if out == "lse":
+        if name.startswith("plain") and not variant:
             plain_ms[tile] = t
         cost = f"{100 * (t / plain_ms[tile] - 1):+.1f} %" if tile in plain_ms else ""
         rows.append(f"| {n} | {d} | FA4 copy: {name} | {check} | {t:.3f} | {sdpa / t:.3f}x | {cost} |")
@@ -133,8 +140,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", default="16384", help="comma-separated token counts")
     parser.add_argument("--short", action="store_true", help="only plain and every row statistic (holder)")
+    parser.add_argument("--only", default=None, help="a regular expression: the builds whose names match it")
     args = parser.parse_args()
-    builds = [b for b in BUILDS if not args.short or b[0] in SHORT]
+    builds = [b for b in BUILDS if (not args.short or b[0] in SHORT) and (not args.only or re.search(args.only, b[0]))]
     print("torch", torch.__version__, "cudnn", torch.backends.cudnn.version(), flush=True)
     print("flash_attn.cute from", softmax_module.__file__, flush=True)
     rows = [
