@@ -14,15 +14,17 @@ import sys
 import pytest
 import torch
 
+import kernels.hopper_attention
 import kernels.triton_attention
 from kernels import StatsSpec, attention
 from kernels.hopper_attention import (
     CONFIGS,
     GLUON_AVAILABLE,
     _argmax_asm,
+    heads_in_l2,
     unsupported,
 )
-from kernels.validate import check_inputs
+from kernels.validate import Problem, check_inputs
 from tests.conftest import SEED
 from tests.kernels.kernel_cases import Case
 from tests.kernels.test_kernel_accuracy import check_against_oracle
@@ -263,6 +265,38 @@ def _draw(rng: random.Random) -> Case:
         return (torch.randn(b, heads, n, d, generator=gen) * sigma).to(dtype).cuda()
 
     return Case(draw(hkv * group), draw(hkv), draw(hkv), True, None, spec, None, None)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_section_of_heads_is_the_most_whose_keys_and_values_fit_in_l2(seed):
+    rng = random.Random(f"{SEED}-l2-{seed}")
+    b, hkv, group = rng.choice((1, 2, 3)), rng.choice((1, 2, 5, 8)), rng.choice((1, 2, 4))
+    n, d, size = rng.choice((128, 4096, 16384, 131072, 1 << 20)), rng.choice((64, 128)), rng.choice((2, 4))
+    l2 = rng.choice((40, 50, 60)) * 2**20
+    p = Problem(b, hkv * group, hkv, n, n, d, 1.0, True)
+    heads = heads_in_l2(p, size, l2)
+    kv_bytes = 2 * n * d * size  # one key/value head's keys and values
+    assert 1 <= heads <= b * hkv * group
+    if heads < b * hkv * group:  # not capped: a power of two
+        assert heads & (heads - 1) == 0
+        assert heads * 2 * kv_bytes > l2 * group  # twice as many would not fit
+    assert heads * kv_bytes <= l2 * group or heads <= group  # they fit, or it is one key/value head's
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="needs an sm_90 GPU (H100, H200)")
+@pytest.mark.parametrize("heads", [1, 3, 4])
+def test_sections_of_heads_cover_every_query_tile_on_hopper(heads, monkeypatch):
+    """The programs' mapping to (head, query tile) in sections of ``heads`` heads, the last
+    section shorter when ``heads`` does not divide the 2 x 5 heads: every tile is computed once."""
+    monkeypatch.setattr(kernels.hopper_attention, "heads_in_l2", lambda *args: heads)
+    gen = torch.Generator().manual_seed(SEED + 13)
+    q, k, v = (torch.randn(2, 5, 700, 64, generator=gen).to(BF16).cuda() for _ in range(3))
+    spec = StatsSpec.every_row_statistic()
+    case = Case(q, k, v, True, None, spec, None, None)
+    p = check_inputs(q, k, v, **case.kwargs())
+    assert unsupported(q, p, spec) is None
+    out, st = attention(q, k, v, backend="triton", **case.kwargs())
+    check_against_oracle(case, out, st, distance_slack=distance_rounding(BF16))
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason="needs an sm_90 GPU (H100, H200)")
