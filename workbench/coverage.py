@@ -482,12 +482,13 @@ def _eager(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dic
     ``output_attentions``' tuple, numbered in order."""
     n = ids.shape[1]
     patterns: dict[int, list[torch.Tensor]] = {}
-    seen: set[int] = set()
+    # The tensors seen, kept alive: a freed one's id could come back for a later layer's.
+    seen: dict[int, torch.Tensor] = {}
 
     def hook(module, args, output):
         weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
         if _is_pattern(weights, n) and id(weights) not in seen:
-            seen.add(id(weights))
+            seen[id(weights)] = weights
             patterns.setdefault(module.layer_idx, []).append(weights.detach())
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]

@@ -123,6 +123,41 @@ def test_a_wrong_statistic_is_a_mismatch(monkeypatch):
     assert result.reason.startswith("entropy differs")
 
 
+class _FreshWeights(torch.nn.Module):
+    """An attention stand-in returning ``(output, weights)``, its weights kept by nobody."""
+
+    def __init__(self, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.proj(x), torch.softmax((x @ x.transpose(-1, -2)).unsqueeze(1), -1)
+
+
+class _Stack(torch.nn.Module):
+    def __init__(self, n_layers: int):
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 8)
+        self.layers = torch.nn.ModuleList(_FreshWeights(i) for i in range(n_layers))
+
+    def forward(self, input_ids, **kwargs):
+        x = self.emb(input_ids)
+        for layer in self.layers:
+            x, _ = layer(x)
+        return dataclasses.make_dataclass("Out", ["logits"])(x)
+
+
+def test_the_eager_run_catches_every_layers_weights():
+    """Each layer's probabilities are freed once the layer returns; a later layer's may get the
+    same Python id, and must still be caught (one in ten runs lost a layer when the check for
+    a tensor seen twice went by ids alone)."""
+    gen = torch.Generator().manual_seed(SEED)
+    for _ in range(30):
+        _, patterns = coverage._eager(_Stack(5).eval(), torch.randint(0, 50, (1, 16), generator=gen))
+        assert sorted(patterns) == list(range(5)) and all(len(p) == 1 for p in patterns.values())
+
+
 def test_unknown_model_types_are_unsupported():
     assert coverage.check_architecture("no-such-model").status == "unsupported"
     with pytest.warns(UserWarning, match="no-such-model"):
