@@ -13,8 +13,8 @@ schedules its warps by hand (``triton.experimental.gluon``, part of the Triton w
   together, and PV is waited for after the softmax of ``j`` (FlashAttention-3's in-warpgroup
   overlap; ptxas moves that wait up into the row max, docs/benchmarks.md);
 * the programs run in sections of :func:`heads_in_l2` heads whose keys and values fit in L2,
-  longest query tile first within a section (FlashAttention-4's order; 3 %-15 % faster than
-  all heads at once, docs/benchmarks.md).
+  longest query tile first within a section (FlashAttention-4's order; 2 %-15 % faster than
+  every head at once at 8K-16K tokens, docs/benchmarks.md).
 
 Statistics (:class:`kernels.StatsSpec`): entropy (``t = sum p * x`` rescaled like ``l``),
 argmax (one packed min a score, skipped by the warps none of whose rows' max grew in the
