@@ -267,6 +267,16 @@ def _draw(rng: random.Random) -> Case:
     return Case(draw(hkv * group), draw(hkv), draw(hkv), True, None, spec, None, None)
 
 
+def _checked_on_hopper(case: Case):
+    """Run ``case`` through :func:`kernels.attention` on the Hopper kernel, which must take it,
+    and check the result against the float64 oracle; returns the statistics."""
+    p = check_inputs(case.q, case.k, case.v, **case.kwargs())
+    assert unsupported(case.q, p, case.spec) is None, case.describe()
+    out, st = attention(case.q, case.k, case.v, backend="triton", **case.kwargs())
+    check_against_oracle(case, out, st, distance_slack=distance_rounding(case.q.dtype))
+    return st
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_a_section_of_heads_is_the_most_whose_keys_and_values_fit_in_l2(seed):
     rng = random.Random(f"{SEED}-l2-{seed}")
@@ -291,28 +301,20 @@ def test_sections_of_heads_cover_every_query_tile_on_hopper(heads, monkeypatch):
     monkeypatch.setattr(kernels.hopper_attention, "heads_in_l2", lambda *args: heads)
     gen = torch.Generator().manual_seed(SEED + 13)
     q, k, v = (torch.randn(2, 5, 700, 64, generator=gen).to(BF16).cuda() for _ in range(3))
-    spec = StatsSpec.every_row_statistic()
-    case = Case(q, k, v, True, None, spec, None, None)
-    p = check_inputs(q, k, v, **case.kwargs())
-    assert unsupported(q, p, spec) is None
-    out, st = attention(q, k, v, backend="triton", **case.kwargs())
-    check_against_oracle(case, out, st, distance_slack=distance_rounding(BF16))
+    _checked_on_hopper(Case(q, k, v, True, None, StatsSpec.every_row_statistic(), None, None))
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason="needs an sm_90 GPU (H100, H200)")
 @pytest.mark.parametrize("index", range(32))
 def test_matches_float64_oracle_on_hopper(index, monkeypatch):
     case = _draw(random.Random(f"{SEED}-hopper-{index}"))
-    p = check_inputs(case.q, case.k, case.v, **case.kwargs())
-    assert unsupported(case.q, p, case.spec) is None, case.describe()
 
     def not_here(*args, **kwargs):
         raise AssertionError("the call went to the Triton kernel")
 
     monkeypatch.setattr(kernels.triton_attention, "triton_attention", not_here)
-    out, st = attention(case.q, case.k, case.v, backend="triton", **case.kwargs())
     try:
-        check_against_oracle(case, out, st, distance_slack=distance_rounding(case.q.dtype))
+        _checked_on_hopper(case)
     except AssertionError as exc:
         raise AssertionError(f"{exc}\ncase: {case.describe()}") from None
 
@@ -349,9 +351,7 @@ def test_a_max_that_jumps_in_some_rows_of_a_warp_is_rescaled_on_hopper(d, dtype)
     q[0, :, second, 0] = 8.0
     k[0, 0, key, 0] = 16.0 * d**0.5 / 8
     spec = StatsSpec.all(sink_tokens=4, window=64, offsets=(1, 7))
-    case = Case(q.to(dtype).cuda(), k.to(dtype).cuda(), v.to(dtype).cuda(), True, None, spec, None, None)
-    p = check_inputs(case.q, case.k, case.v, **case.kwargs())
-    assert unsupported(case.q, p, spec) is None
-    out, st = attention(case.q, case.k, case.v, backend="triton", **case.kwargs())
+    st = _checked_on_hopper(
+        Case(q.to(dtype).cuda(), k.to(dtype).cuda(), v.to(dtype).cuda(), True, None, spec, None, None)
+    )
     assert (st.argmax[0, :, key:][:, second[key:]] == key).all()  # the planted key does win there
-    check_against_oracle(case, out, st, distance_slack=distance_rounding(dtype))
