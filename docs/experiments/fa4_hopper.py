@@ -26,7 +26,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from hopper_ab import median_ms  # beside this script: the A/B's timing, so the figures compare
+from hopper_ab import median_ms, problem  # beside this script: the A/B's timing and inputs, so the figures compare
 
 from kernels import attention
 from kernels.benchmark.config import ROW_STATS
@@ -35,8 +35,7 @@ from kernels.benchmark.config import ROW_STATS
 def one_head_dim(d: int, flash_attn_func) -> list[str]:
     """Check FlashAttention-4 against SDPA and the kernel's lse at head dim ``d``, then time
     every call; returns the table's rows."""
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(1, 32, 16384, d, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    q, k, v, _ = problem(16384, d, hq=32, hkv=32)
     qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # FlashAttention's [B, N, H, D]
     start = time.time()
     out, lse = flash_attn_func(qt, kt, vt, causal=True, return_lse=True)

@@ -16,6 +16,7 @@ in one process: SDPA, the recorded forward with this project's kernel, then with
 from __future__ import annotations
 
 import torch
+from fa4_stats import EVERY, configure_copy  # beside this script
 
 import kernels.hopper_attention as hopper
 from kernels import AttentionStats
@@ -56,9 +57,7 @@ def main() -> None:
     import flash_attn.cute.softmax as softmax_module
     from flash_attn.cute.interface import _flash_attn_fwd
 
-    softmax_module._STATS = frozenset({"entropy", "distance", "argmax", "masses"})
-    softmax_module._OUT = "all"
-    softmax_module._VARIANT = frozenset({"holder"})
+    configure_copy(softmax_module, EVERY, "all", "holder")
     shipped = hopper.hopper_attention
     proxy, seen = fa4_proxy(_flash_attn_fwd, shipped)
     model = load_model("random:llama-3.2-1b", device="cuda", dtype=torch.bfloat16)

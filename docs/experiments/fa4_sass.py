@@ -31,7 +31,8 @@ for name, value in (("FLASH_ATTENTION_ARCH", "sm_90"), ("CUTE_DSL_ARCH", "sm_90a
 os.environ["CUTE_DSL_KEEP"], os.environ["CUTE_DSL_DUMP_DIR"] = "cubin", _DUMP
 
 import torch  # noqa: E402
-from hopper_sass import _BIN, loop_bodies  # noqa: E402  (beside this script)
+from fa4_stats import configure_copy  # noqa: E402  (beside this script)
+from hopper_sass import _BIN, loop_bodies  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 
 
@@ -58,9 +59,7 @@ def main() -> None:
     if args.stats or args.variant or args.out:
         import flash_attn.cute.softmax as copy
 
-        copy._STATS = frozenset(x for x in args.stats.split(",") if x)
-        copy._OUT = args.out or ("all" if args.stats else "lse")
-        copy._VARIANT = frozenset(x for x in args.variant.split(",") if x)
+        configure_copy(copy, args.stats, args.out or ("all" if args.stats else "lse"), args.variant)
     tile = tuple(int(x) for x in args.tile.split(",")) if args.tile else None
     sass = compile_sass(args.head_dim, tile)
     registers = sorted({int(m, 16) for m in re.findall(r"USETMAXREG[^;]*?(0x[0-9a-f]+)\s*;", sass)})

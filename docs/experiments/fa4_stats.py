@@ -37,12 +37,10 @@ import re
 
 import torch
 import torch.nn.functional as F
-from hopper_ab import median_ms  # beside this script: the A/B's timing, so the figures compare
+from hopper_ab import median_ms, problem  # beside this script: the A/B's timing and inputs, so the figures compare
 
 from kernels import attention
 from kernels.benchmark.config import ROW_STATS
-
-DEVICE = "cuda"
 
 EVERY = "entropy,distance,argmax,masses"
 #: (name, statistics carried, value written, query-by-key tile or None for FA4's own, variant)
@@ -73,6 +71,13 @@ BUILDS = [
 SHORT = ("plain", "every row statistic; holder")
 
 
+def configure_copy(softmax_module, stats: str, out: str, variant: str = "") -> None:
+    """Set the copy's trace-time globals: ``stats`` and ``variant`` are comma lists."""
+    softmax_module._STATS = frozenset(x for x in stats.split(",") if x)
+    softmax_module._OUT = out
+    softmax_module._VARIANT = frozenset(x for x in variant.split(",") if x)
+
+
 def expected(out: str, st, n: int) -> torch.Tensor:
     """This kernel's value of what the copy writes as ``out``, ``[1, H, n]`` float32."""
     if out == "pos":  # the expected key index: the query's index less its mean distance
@@ -92,8 +97,7 @@ def expected(out: str, st, n: int) -> torch.Tensor:
 
 def one_shape(n: int, d: int, fwd, softmax_module, builds: list[tuple]) -> list[str]:
     """Check and time ``builds`` at ``n`` tokens and head dim ``d``; returns the table's rows."""
-    gen = torch.Generator(device=DEVICE).manual_seed(0)
-    q, k, v = (torch.randn(1, 32, n, d, device=DEVICE, dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    q, k, v, _ = problem(n, d, hq=32, hkv=32)
     qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # FlashAttention's [B, N, H, D]
     _, st = attention(q, k, v, causal=True, stats=ROW_STATS, backend="triton")
     sdpa = median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
@@ -109,9 +113,7 @@ def one_shape(n: int, d: int, fwd, softmax_module, builds: list[tuple]) -> list[
     for name, stats, out, tile, variant in builds:
         if tile and d != 64:  # FA4's own tile at D = 128 is 128 x 128 already
             continue
-        softmax_module._STATS = frozenset(x for x in stats.split(",") if x)
-        softmax_module._OUT = out
-        softmax_module._VARIANT = frozenset(x for x in variant.split(",") if x)
+        configure_copy(softmax_module, stats, out, variant)
         fwd.compile_cache.clear()
         extra = ({"tile_mn": tile} if tile else {}) | ({"intra_wg_overlap": False} if "nooverlap" in variant else {})
         try:
