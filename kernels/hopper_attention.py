@@ -45,7 +45,7 @@ import os
 
 import torch
 
-from kernels.spec import AttentionStats, StatsSpec
+from kernels.spec import AttentionStats, StatsSpec, empty_output
 from kernels.validate import Problem
 
 try:
@@ -179,21 +179,23 @@ if GLUON_AVAILABLE:
             k_empty,
             v_empty,
             q_row0,
+            q_col,
             kv_row0,
+            kv_col,
             n_blocks,
         ) = loads
         mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
         for i in gl.static_range(CONSUMERS):
-            _tma_load(q_desc, [q_row0 + i * _WG_ROWS, 0], q_bar, q_smem.index(i))
+            _tma_load(q_desc, [q_row0 + i * _WG_ROWS, q_col], q_bar, q_smem.index(i))
         for j in range(n_blocks):
             s = j % STAGES
             ph = (j // STAGES) & 1
             mbarrier.wait(k_empty.index(s), ph ^ 1)  # a fresh barrier passes parity 1 at once
             mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-            _tma_load(k_desc, [kv_row0 + j * BLOCK_N, 0], k_ready.index(s), k_smem.index(s))
+            _tma_load(k_desc, [kv_row0 + j * BLOCK_N, kv_col], k_ready.index(s), k_smem.index(s))
             mbarrier.wait(v_empty.index(s), ph ^ 1)
             mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-            _tma_load(v_desc, [kv_row0 + j * BLOCK_N, 0], v_ready.index(s), v_smem.index(s))
+            _tma_load(v_desc, [kv_row0 + j * BLOCK_N, kv_col], v_ready.index(s), v_smem.index(s))
 
     @gluon.jit
     def _first_max_column(p, grew, BLOCK_N: gl.constexpr):
@@ -426,14 +428,15 @@ if GLUON_AVAILABLE:
         return p_prev, acc, acc_d, st
 
     @gluon.jit
-    def _gathered_mass(q_rows, k_base, keys, ok, lse2, qk_scale, HEAD_D: gl.constexpr):
+    def _gathered_mass(q_rows, k_base, k_stride, keys, ok, lse2, qk_scale, HEAD_D: gl.constexpr):
         """Probability of one key per row, ``exp2(q . k[key] * qk_scale - lse2)`` (0 where not ok).
 
-        ``q_rows`` [64, HEAD_D] float32; ``keys``, ``ok`` and ``lse2`` [64] in its row layout."""
+        ``q_rows`` [64, HEAD_D] float32; ``keys``, ``ok`` and ``lse2`` [64] in its row layout;
+        key ``j``'s row starts at ``k_base + j * k_stride``."""
         layout: gl.constexpr = q_rows.type.layout
         d = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, layout))
         k_rows = gl.load(
-            k_base + gl.expand_dims(keys.to(gl.int64), 1) * HEAD_D + gl.expand_dims(d, 0),
+            k_base + gl.expand_dims(keys.to(gl.int64), 1) * k_stride + gl.expand_dims(d, 0),
             mask=gl.expand_dims(ok, 1),
             other=0.0,
         )
@@ -484,7 +487,9 @@ if GLUON_AVAILABLE:
             argmax_ptr,
             offsets_ptr,
             bh,
-            kv_bh,
+            q_at,
+            kv_at,
+            o_at,
             N,
             rows_total,
             start_m,
@@ -607,9 +612,10 @@ if GLUON_AVAILABLE:
         o_rows = start_w + gl.arange(0, _WG_ROWS, layout=gl.SliceLayout(1, o_layout))
         d_o = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, o_layout))
         out = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
-        grow_o = bh.to(gl.int64) * N + o_rows
+        o_row0, o_col, o_stride = o_at
+        o_base = out_ptr + o_col + o_row0 * o_stride
         gl.store(
-            out_ptr + gl.expand_dims(grow_o, 1) * HEAD_D + gl.expand_dims(d_o, 0),
+            o_base + gl.expand_dims(o_rows.to(gl.int64), 1) * o_stride + gl.expand_dims(d_o, 0),
             out.to(out_ptr.dtype.element_ty),
             mask=gl.expand_dims(o_rows < N, 1),
         )
@@ -643,18 +649,23 @@ if GLUON_AVAILABLE:
                 g_rows = start_w + gl.arange(0, _WG_ROWS, layout=g_row)
                 g_valid = g_rows < N
                 d_g = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, g_layout))
+                q_row0, q_col, q_stride = q_at
+                kv_row0, kv_col, kv_stride = kv_at
                 q_rows = gl.load(
-                    q_ptr + gl.expand_dims(bh.to(gl.int64) * N + g_rows, 1) * HEAD_D + gl.expand_dims(d_g, 0),
+                    q_ptr
+                    + (q_col + q_row0 * q_stride)
+                    + gl.expand_dims(g_rows.to(gl.int64), 1) * q_stride
+                    + gl.expand_dims(d_g, 0),
                     mask=gl.expand_dims(g_valid, 1),
                     other=0.0,
                 ).to(gl.float32)
                 g_lse2 = gl.convert_layout(lse2, g_row)
-                k_base = k_ptr + kv_bh.to(gl.int64) * N * HEAD_D
+                k_base = k_ptr + kv_col + kv_row0 * kv_stride
                 g_grow = bh.to(gl.int64) * N + g_rows
                 for i in range(first_gathered, n_offsets):
                     keys = g_rows - gl.load(offsets_ptr + i)
                     ok = g_valid & (keys >= 0) & (keys <= g_rows)
-                    mass = _gathered_mass(q_rows, k_base, keys, ok, g_lse2, qk_scale, HEAD_D)
+                    mass = _gathered_mass(q_rows, k_base, kv_stride, keys, ok, g_lse2, qk_scale, HEAD_D)
                     gl.store(stats_ptr + F_OFF * rows_total + g_grow * n_offsets + i, mass, mask=g_valid)
 
     @gluon.jit
@@ -668,6 +679,18 @@ if GLUON_AVAILABLE:
         stats_ptr,
         argmax_ptr,
         offsets_ptr,
+        q_rows_b,
+        q_rows_h,
+        q_col_h,
+        q_stride,
+        kv_rows_b,
+        kv_rows_h,
+        kv_col_h,
+        kv_stride,
+        o_rows_b,
+        o_rows_h,
+        o_col_h,
+        o_stride,
         N,
         Hq,
         GROUP,
@@ -702,8 +725,9 @@ if GLUON_AVAILABLE:
         REGISTERS: gl.constexpr,
         HEADS_L2,
     ):
-        """grid = (B * Hq * cdiv(N, 64 * CONSUMERS),); the descriptors view q as [B*Hq*N, D] and
-        k, v as [B*Hkv*N, D] (contiguous). Programs run in sections of HEADS_L2 heads, whose
+        """grid = (B * Hq * cdiv(N, 64 * CONSUMERS),). q, k/v and out are each addressed as 2-D
+        rows (:class:`Rows`: ``{x}_rows_b``, ``{x}_rows_h``, ``{x}_col_h``, ``{x}_stride``); the
+        descriptors load [rows, D] blocks of those views. Programs run in sections of HEADS_L2 heads, whose
         keys and values fit in L2 together; within a section, query tiles run longest first,
         each tile of every head in the section before the next shorter one."""
         n_m = (N + CONSUMERS * _WG_ROWS - 1) // (CONSUMERS * _WG_ROWS)
@@ -712,7 +736,13 @@ if GLUON_AVAILABLE:
         within = gl.program_id(0) - section * (HEADS_L2 * n_m)
         heads_here = gl.minimum(HEADS_L2, n_bh - section * HEADS_L2)
         bh = section * HEADS_L2 + within % heads_here
-        kv_bh = (bh // Hq) * (Hq // GROUP) + (bh % Hq) // GROUP
+        b = bh // Hq
+        h = bh - b * Hq
+        hk = h // GROUP
+        # (row of position 0, column, row stride) of this head in each tensor's rows
+        q_at = (b.to(gl.int64) * q_rows_b + h * q_rows_h, h * q_col_h, q_stride)
+        kv_at = (b.to(gl.int64) * kv_rows_b + hk * kv_rows_h, hk * kv_col_h, kv_stride)
+        o_at = (b.to(gl.int64) * o_rows_b + h * o_rows_h, h * o_col_h, o_stride)
         start_m = (n_m - 1 - within // heads_here) * (CONSUMERS * _WG_ROWS)
         dtype: gl.constexpr = q_desc.block_type.element_ty
         q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, _WG_ROWS, HEAD_D], q_desc.layout)
@@ -758,7 +788,9 @@ if GLUON_AVAILABLE:
             argmax_ptr,
             offsets_ptr,
             bh,
-            kv_bh,
+            q_at,
+            kv_at,
+            o_at,
             N,
             rows_total,
             start_m,
@@ -782,8 +814,10 @@ if GLUON_AVAILABLE:
             v_ready,
             k_empty,
             v_empty,
-            bh * N + start_m,
-            kv_bh * N,
+            (q_at[0] + start_m).to(gl.int32),
+            q_at[1],
+            kv_at[0].to(gl.int32),
+            kv_at[1],
             n_blocks,
         )
         # warps and registers (Config.registers) of the partitions after the first
@@ -979,12 +1013,56 @@ def unsupported(
     return None
 
 
-def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
-    """A TMA descriptor over ``t`` viewed as ``[rows_total, D]``, loading ``[rows, D]`` blocks."""
-    flat = t.view(-1, t.shape[-1])
-    dtype = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
-    block = [rows, t.shape[-1]]
-    return TensorDescriptor.from_tensor(flat, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """How the kernel addresses a ``[B, H, N, D]`` tensor: as a 2-D view of ``shape`` with
+    unit-stride columns and rows ``stride`` elements apart, where position ``i`` of head ``h``
+    of batch ``b`` is row ``b * rows_b + h * rows_h + i`` from column ``h * col_h``.
+
+    Head-major (contiguous ``[B, H, N, D]``): ``[B*H*N, D]``. Token-major (``[B, N, H, D]`` in
+    memory, as the projections of Hugging Face and TransformerLens models give it, possibly
+    rows of a wider fused projection): ``[B*N, H*D]``, read in place."""
+
+    rows_b: int
+    rows_h: int
+    col_h: int
+    stride: int
+    shape: tuple[int, int]
+
+    @staticmethod
+    def of(t: torch.Tensor) -> Rows | None:
+        """``t``'s rows, or None where TMA cannot read it in place (it needs unit-stride head
+        dims and 16-byte aligned rows)."""
+        b, h, n, d = t.shape
+        sb, sh, sn, sd = t.stride()
+        if sd != 1 or t.data_ptr() % 16:
+            return None
+        if t.is_contiguous():
+            return Rows(h * n, n, 0, d, (b * h * n, d))
+        if (h == 1 or sh == d) and (b == 1 or sb == n * sn) and sn >= h * d and sn * t.element_size() % 16 == 0:
+            return Rows(n, 0, d, sn, (b * n, h * d))
+        return None
+
+    def args(self, prefix: str) -> dict[str, int]:
+        """The kernel's four integer arguments for this tensor, named ``{prefix}_...``."""
+        return {
+            f"{prefix}_rows_b": self.rows_b,
+            f"{prefix}_rows_h": self.rows_h,
+            f"{prefix}_col_h": self.col_h,
+            f"{prefix}_stride": self.stride,
+        }
+
+    def descriptor(self, t: torch.Tensor, block_rows: int) -> TensorDescriptor:
+        """A TMA descriptor over ``t``'s rows, loading ``[block_rows, D]`` blocks."""
+        view = t.as_strided(self.shape, (self.stride, 1))
+        dtype = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
+        block = [block_rows, t.shape[-1]]
+        return TensorDescriptor.from_tensor(view, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
+
+
+def readable(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself where TMA can read it in place (:meth:`Rows.of`), else a contiguous copy."""
+    return t if Rows.of(t) is not None else t.contiguous()
 
 
 #: L2 bytes assumed where the device cannot be asked (the offline build): an H100's or H200's.
@@ -1008,7 +1086,8 @@ def heads_in_l2(p: Problem, element_size: int, l2_bytes: int) -> int:
 
 def launch_arguments(q, k, v, out, stats_buf, argmax, offsets, p: Problem, stats: StatsSpec | None, fields: dict):
     """The kernel's grid, arguments, constexprs and launch options for one call (shared by the
-    launch and the offline compile)."""
+    launch and the offline compile). q, k, v and out must have :class:`Rows` (k's and v's the
+    same: :func:`readable`)."""
     want = stats is not None
     config = CONFIGS[p.head_dim, want]
     block_n = config.block_n
@@ -1017,16 +1096,21 @@ def launch_arguments(q, k, v, out, stats_buf, argmax, offsets, p: Problem, stats
     assert not want or stats.sink_tokens <= block_n, "sink keys must lie in the first key block"
     # The first offset, if it lies within a block of the query, is summed in the loop.
     near = n_off > 0 and 0 <= stats.offsets[0] <= block_n
+    q_rows, kv_rows, o_rows = Rows.of(q), Rows.of(k), Rows.of(out)
+    assert None not in (q_rows, kv_rows, o_rows) and Rows.of(v) == kv_rows, "the kernel cannot read these layouts"
     args = dict(
-        q_desc=_descriptor(q, HALF_M),
-        k_desc=_descriptor(k, block_n),
-        v_desc=_descriptor(v, block_n),
+        q_desc=q_rows.descriptor(q, HALF_M),
+        k_desc=kv_rows.descriptor(k, block_n),
+        v_desc=kv_rows.descriptor(v, block_n),
         q_ptr=q,
         k_ptr=k,
         out_ptr=out,
         stats_ptr=stats_buf,
         argmax_ptr=argmax,
         offsets_ptr=offsets,
+        **q_rows.args("q"),
+        **kv_rows.args("kv"),
+        **o_rows.args("o"),
         N=p.n_q,
         Hq=p.q_heads,
         GROUP=p.group,
@@ -1078,13 +1162,15 @@ def hopper_attention(
     """Run the Gluon kernel on a call :func:`unsupported` accepts; key mass by the Triton pass."""
     from kernels.triton_attention import _offsets_tensor, key_mass_pass, row_stats_views, stat_fields
 
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v = readable(q), readable(k), readable(v)
+    if Rows.of(k) != Rows.of(v):  # one set of coordinates serves both
+        k, v = k.contiguous(), v.contiguous()
     b, hq, n = p.batch, p.q_heads, p.n_q
     want = stats is not None
     fields = stat_fields(stats, False) if want else {}
     n_off = len(stats.offsets) if want else 0
     n_rows = b * hq * n
-    out = torch.empty_like(q)
+    out = empty_output(q)
     per_row = fields.get("offset_mass", 0) + n_off
     stats_buf = torch.empty(per_row * n_rows, device=q.device, dtype=torch.float32) if want else out
     argmax = torch.empty((b, hq, n), device=q.device, dtype=torch.int64) if want and stats.argmax else out

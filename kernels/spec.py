@@ -186,3 +186,15 @@ class AttentionStats:
     def items(self) -> list[tuple[str, torch.Tensor]]:
         """``(name, tensor)`` for every statistic present."""
         return [(f.name, getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None]
+
+
+def empty_output(q: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialised attention output ``[B, Hq, Nq, D]`` for query ``q``, laid out like q
+    where q is token-major (``[B, N, H, D]`` in memory, heads side by side, as model
+    projections give it), so that a model's ``out.transpose(1, 2)`` back to ``[B, N, H, D]``
+    needs no copy, as with SDPA; head-major (contiguous) otherwise."""
+    b, h, n, d = q.shape
+    kind = dict(dtype=dtype or q.dtype, device=q.device)
+    if not q.is_contiguous() and q.stride(1) == d and q.stride(3) == 1 and q.stride(2) >= h * d:
+        return torch.empty((b, n, h, d), **kind).transpose(1, 2)
+    return torch.empty((b, h, n, d), **kind)

@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.spec import AttentionStats, StatsSpec
+from kernels.spec import AttentionStats, StatsSpec, empty_output
 from kernels.validate import Problem
 
 LOG2E = 1.4426950408889634
@@ -1460,7 +1460,9 @@ def triton_attention(
     fields = stat_fields(stats, split)
     per_row = fields["offset_mass"] + n_off  # float32 statistics per row
 
-    out = torch.empty((b, hq, nq, d), device=dev, dtype=torch.float32 if dot_f32 else q.dtype)
+    out_dtype = torch.float32 if dot_f32 else q.dtype
+    # the split merge writes its output head-major
+    out = torch.empty((b, hq, nq, d), device=dev, dtype=out_dtype) if split else empty_output(q, out_dtype)
     row_stats = torch.empty(per_row * n_rows, device=dev, dtype=torch.float32) if per_row else out
     argmax = torch.empty((b, hq, nq), device=dev, dtype=torch.int64) if want and stats.argmax else out
     if split:  # per-split partial results, merged below

@@ -20,6 +20,7 @@ from kernels import StatsSpec, attention
 from kernels.hopper_attention import (
     CONFIGS,
     GLUON_AVAILABLE,
+    Rows,
     _argmax_asm,
     heads_in_l2,
     unsupported,
@@ -239,7 +240,9 @@ def test_distance_mma_rides_with_pv(builds):
 
 
 def _draw(rng: random.Random) -> Case:
-    """A random call the Hopper kernel takes: GQA, odd lengths, statistics, strided layouts."""
+    """A random call the Hopper kernel takes: GQA, odd lengths, statistics, and q, k, v each
+    contiguous, token-major (``[B, N, H, D]`` storage, as models hand it over) or token-major
+    rows of a wider fused projection."""
     d, dtype = rng.choice((64, 128)), rng.choice((BF16, torch.float16))
     b, hkv, group = rng.choice((1, 2)), rng.choice((1, 2)), rng.choice((1, 2, 4))
     n = rng.choice((128, 129, 200, 255, 383, 640, 1000, 1300))
@@ -260,21 +263,53 @@ def _draw(rng: random.Random) -> Case:
     sigma = rng.choice((0.5, 1.0, 2.0))
 
     def draw(heads):
-        if rng.random() < 0.5:  # [B, N, H, D] transposed, as models hand it over
-            return (torch.randn(b, n, heads, d, generator=gen) * sigma).to(dtype).cuda().transpose(1, 2)
-        return (torch.randn(b, heads, n, d, generator=gen) * sigma).to(dtype).cuda()
+        layout = rng.choice(("contiguous", "token-major", "fused"))
+        if layout == "contiguous":
+            return (torch.randn(b, heads, n, d, generator=gen) * sigma).to(dtype).cuda()
+        extra = 3 if layout == "fused" else 0  # heads of a wider projection, around these
+        t = (torch.randn(b, n, heads + extra, d, generator=gen) * sigma).to(dtype).cuda()
+        return t[:, :, extra - 1 : extra - 1 + heads].transpose(1, 2) if extra else t.transpose(1, 2)
 
     return Case(draw(hkv * group), draw(hkv), draw(hkv), True, None, spec, None, None)
 
 
 def _checked_on_hopper(case: Case):
     """Run ``case`` through :func:`kernels.attention` on the Hopper kernel, which must take it,
-    and check the result against the float64 oracle; returns the statistics."""
+    and check the result against the float64 oracle, and that the output is token-major where
+    q is (:func:`kernels.spec.empty_output`); returns the statistics."""
     p = check_inputs(case.q, case.k, case.v, **case.kwargs())
     assert unsupported(case.q, p, case.spec) is None, case.describe()
     out, st = attention(case.q, case.k, case.v, backend="triton", **case.kwargs())
     check_against_oracle(case, out, st, distance_slack=distance_rounding(case.q.dtype))
+    rows = Rows.of(case.q)
+    assert out.transpose(1, 2).is_contiguous() if rows and rows.col_h else out.is_contiguous(), out.stride()
     return st
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_rows_address_every_element_of_a_layout_the_kernel_reads_in_place(seed):
+    """:class:`Rows` of contiguous, token-major and fused-projection layouts address the
+    tensor's own elements through one 2-D view; layouts TMA cannot read get None."""
+    rng = random.Random(f"{SEED}-rows-{seed}")
+    b, h, n, d = rng.choice((1, 2, 3)), rng.choice((1, 2, 5)), rng.choice((1, 7, 130)), rng.choice((8, 64, 128))
+    layout = rng.choice(("contiguous", "token-major", "fused", "head dim strided", "misaligned"))
+    extra = 2 if layout == "fused" else 0
+    if layout == "contiguous":
+        t = torch.randn(b, h, n, d)
+    elif layout == "head dim strided":
+        t = torch.randn(b, h, n, 2 * d)[..., ::2]
+    elif layout == "misaligned":  # starts 4 bytes into an aligned allocation
+        t = torch.randn(b * h * n * d + 1)[1:].view(b, h, n, d)
+    else:
+        t = torch.randn(b, n, h + extra, d)[:, :, extra : extra + h].transpose(1, 2)
+    rows = Rows.of(t)
+    if layout in ("head dim strided", "misaligned"):
+        assert rows is None
+        return
+    assert rows is not None and (rows.col_h == 0) == t.is_contiguous()
+    view = t.as_strided(rows.shape, (rows.stride, 1))  # raises if it reached past the storage
+    bi, hi, ni, di = torch.meshgrid(*(torch.arange(s) for s in t.shape), indexing="ij")
+    assert torch.equal(view[bi * rows.rows_b + hi * rows.rows_h + ni, hi * rows.col_h + di], t)
 
 
 @pytest.mark.parametrize("seed", range(20))

@@ -479,3 +479,24 @@ def test_a_call_queues_its_kernels_without_waiting(backend, key_mass):
         attention(q, k, v, causal=True, stats=spec, backend=backend)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_token_major_query_gives_token_major_output(fused, device):
+    """A query laid out ``[B, N, H, D]`` in memory (as model projections give it, possibly heads
+    of a wider fused projection) gets an output in the same token-major layout, so that
+    ``out.transpose(1, 2)`` is contiguous, with the same values as from contiguous inputs;
+    a head-major query gets a contiguous output."""
+    gen = torch.Generator().manual_seed(SEED + 21)
+    width = 6 if fused else 4  # the query heads are the last 4 of the projection's `width`
+    projection = torch.randn(2, 70, width, 32, generator=gen).to(device)
+    q = projection[:, :, width - 4 :].transpose(1, 2)
+    k, v = (torch.randn(2, 70, 2, 32, generator=gen).to(device).transpose(1, 2) for _ in range(2))
+    spec = StatsSpec(entropy=True, argmax=True)
+    out, st = attention(q, k, v, stats=spec, backend="triton")
+    assert out.transpose(1, 2).is_contiguous(), out.stride()
+    want_out, want_st = attention(q.contiguous(), k.contiguous(), v.contiguous(), stats=spec, backend="triton")
+    assert want_out.is_contiguous()
+    torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+    torch.testing.assert_close(st.entropy, want_st.entropy, rtol=0, atol=0)
+    assert torch.equal(st.argmax, want_st.argmax)
