@@ -1065,7 +1065,7 @@ def readable(t: torch.Tensor) -> torch.Tensor:
     return t if Rows.of(t) is not None else t.contiguous()
 
 
-#: L2 bytes assumed where the device cannot be asked (the offline build): an H100's or H200's.
+#: L2 bytes assumed where the device cannot be asked (the offline build): an H100's (an H200 reports 60 MiB).
 L2_BYTES = 50 * 2**20
 
 
