@@ -38,6 +38,72 @@ BLOCK_N = 64
 LOG2E = 1.4426950408889634
 
 
+@cute.jit
+def online_softmax(
+    acc_s: cute.Tensor,
+    acc_o: cute.Tensor,
+    m_i: cute.Tensor,
+    l_i: cute.Tensor,
+    tidx,
+    row0,
+    key0,
+    n,
+    scale_log2: cutlass.Float32,
+    masked: cutlass.Constexpr,
+):
+    """One key block of the online softmax, in place: ``acc_s`` (this thread's registers of the
+    [64, block] scores, rows from ``row0``, keys from ``key0``) becomes p = exp2(s * scale_log2 -
+    m); the running max ``m_i`` [2] (log2 units, the whole row's) and this thread's partial sums
+    ``l_i`` [2] move on, and ``acc_o`` is rescaled. ``masked``: mask keys after the row or past
+    ``n`` (the diagonal block)."""
+    for h in cutlass.range_constexpr(2):  # this thread's two rows
+        mx = cutlass.Float32(-math.inf)
+        for v in cutlass.range_constexpr(cute.size(acc_s)):
+            if cutlass.const_expr((v // 2) % 2 == h):
+                acc_s[v] = acc_s[v] * scale_log2
+                if cutlass.const_expr(masked):
+                    r, col = register_coordinate(tidx, v)
+                    if key0 + col > row0 + r:
+                        acc_s[v] = -math.inf
+                    if key0 + col >= n:
+                        acc_s[v] = -math.inf
+                mx = cute.arch.fmax(mx, acc_s[v])
+        mx = cute.arch.fmax(mx, cute.arch.shuffle_sync_bfly(mx, offset=1))
+        mx = cute.arch.fmax(mx, cute.arch.shuffle_sync_bfly(mx, offset=2))
+        m_new = cute.arch.fmax(m_i[h], mx)
+        alpha = cute.arch.exp2(m_i[h] - m_new)
+        total = cutlass.Float32(0.0)
+        for v in cutlass.range_constexpr(cute.size(acc_s)):
+            if cutlass.const_expr((v // 2) % 2 == h):
+                acc_s[v] = cute.arch.exp2(acc_s[v] - m_new)
+                total = total + acc_s[v]
+        l_i[h] = l_i[h] * alpha + total
+        m_i[h] = m_new
+        for v in cutlass.range_constexpr(cute.size(acc_o)):
+            if cutlass.const_expr((v // 2) % 2 == h):
+                acc_o[v] = acc_o[v] * alpha
+
+
+@cute.jit
+def store_rows(
+    acc_o: cute.Tensor, m_i: cute.Tensor, l_i: cute.Tensor, tidx, row0, n, out: cute.Tensor, lse: cute.Tensor, bh
+):
+    """Write this thread's output rows (``acc_o`` / the row sum) and their lse, rows from ``row0``
+    of head ``bh``; rows at ``n`` or past it are skipped."""
+    for h in cutlass.range_constexpr(2):
+        l_sum = l_i[h]
+        l_sum = l_sum + cute.arch.shuffle_sync_bfly(l_sum, offset=1)
+        l_sum = l_sum + cute.arch.shuffle_sync_bfly(l_sum, offset=2)
+        inv = 1.0 / l_sum
+        row = row0 + register_coordinate(tidx, 2 * h)[0]
+        if row < n:
+            for v in cutlass.range_constexpr(cute.size(acc_o)):
+                if cutlass.const_expr((v // 2) % 2 == h):
+                    out[row, register_coordinate(tidx, v)[1], bh] = (acc_o[v] * inv).to(out.element_type)
+            if tidx % 4 == 0:
+                lse[row, bh] = (m_i[h] + cute.math.log2(l_sum)) * (1.0 / LOG2E)
+
+
 class CausalForward:
     """``out = softmax(q k^T * scale, causal) v`` and ``lse``; q, out ``(N, D, B*Hq)``, k
     ``(N, D, B*Hkv)``, v as ``(D, N, B*Hkv)`` (the same memory, viewed for PV's B operand),
@@ -200,36 +266,7 @@ class CausalForward:
             warpgroup.commit_group()
             warpgroup.wait_group(0)
 
-            for h in cutlass.range_constexpr(2):  # this thread's two rows
-                mx = cutlass.Float32(-math.inf)
-                for i in cutlass.range_constexpr(BLOCK_N // 8):
-                    for c in cutlass.range_constexpr(2):
-                        v = c + 2 * h + 4 * i
-                        r, col = register_coordinate(tidx, v)
-                        row, key = m_block * BLOCK_M + r, j * BLOCK_N + col
-                        acc_s[v] = acc_s[v] * scale_log2
-                        if key > row:
-                            acc_s[v] = -math.inf
-                        if key >= n:
-                            acc_s[v] = -math.inf
-                        mx = cute.arch.fmax(mx, acc_s[v])
-                mx = cute.arch.fmax(mx, cute.arch.shuffle_sync_bfly(mx, offset=1))
-                mx = cute.arch.fmax(mx, cute.arch.shuffle_sync_bfly(mx, offset=2))
-                m_new = cute.arch.fmax(m_i[h], mx)
-                alpha = cute.arch.exp2(m_i[h] - m_new)
-                total = cutlass.Float32(0.0)
-                for i in cutlass.range_constexpr(BLOCK_N // 8):
-                    for c in cutlass.range_constexpr(2):
-                        v = c + 2 * h + 4 * i
-                        p = cute.arch.exp2(acc_s[v] - m_new)
-                        acc_s[v] = p
-                        total = total + p
-                l_i[h] = l_i[h] * alpha + total
-                m_i[h] = m_new
-                for i in cutlass.range_constexpr(d // 8):
-                    for c in cutlass.range_constexpr(2):
-                        v = c + 2 * h + 4 * i
-                        acc_o[v] = acc_o[v] * alpha
+            online_softmax(acc_s, acc_o, m_i, l_i, tidx, m_block * BLOCK_M, j * BLOCK_N, n, scale_log2, True)
             p16.store(acc_s.load().to(p16.element_type))
 
             mma_pv.set(warpgroup.Field.ACCUMULATE, True)
@@ -240,19 +277,7 @@ class CausalForward:
             warpgroup.wait_group(0)
             cute.arch.sync_threads()  # every warp done with this K/V before the next load
 
-        for h in cutlass.range_constexpr(2):
-            l_sum = l_i[h]
-            l_sum = l_sum + cute.arch.shuffle_sync_bfly(l_sum, offset=1)
-            l_sum = l_sum + cute.arch.shuffle_sync_bfly(l_sum, offset=2)
-            inv = 1.0 / l_sum
-            row = m_block * BLOCK_M + register_coordinate(tidx, 2 * h)[0]
-            if row < n:
-                for i in cutlass.range_constexpr(d // 8):
-                    for c in cutlass.range_constexpr(2):
-                        v = c + 2 * h + 4 * i
-                        out[row, register_coordinate(tidx, v)[1], bh] = (acc_o[v] * inv).to(out.element_type)
-                if tidx % 4 == 0:
-                    lse[row, bh] = (m_i[h] + cute.math.log2(l_sum)) * (1.0 / LOG2E)
+        store_rows(acc_o, m_i, l_i, tidx, m_block * BLOCK_M, n, out, lse, bh)
 
 
 def fake_arguments(n: int, heads: int, group: int, head_dim: int, dtype=cutlass.BFloat16) -> tuple:
