@@ -1,8 +1,9 @@
-"""Issue 19, route 2, step 0: a causal attention forward for Hopper written in CuTe DSL (our own;
-docs/benchmarks.md, "Route 2, step 0"). One warpgroup a CTA takes 64 query rows; key blocks of
-64 come by TMA one at a time (no pipeline, no warp specialization yet); QK^T and PV run on wgmma,
-P from registers. It returns the output and the row lse. Batch 1; GQA by ``group`` query heads
-a key/value head.
+"""Issue 19, route 2: a causal attention forward for Hopper written in CuTe DSL, our own
+(docs/benchmarks.md, "Route 2, steps 0 and 1"). Step 0 (:class:`CausalForward`): one warpgroup
+a CTA takes 64 query rows; key blocks of 64 come by TMA one at a time; QK^T and PV run on wgmma,
+P from registers. Step 1 (:class:`WarpSpecializedForward`): a loader warpgroup and two consumer
+warpgroups with a K/V ring, FlashAttention-3's roles without its overlaps. Both return the
+output and the row lse; batch 1; GQA by ``group`` query heads a key/value head.
 
 It needs ``nvidia-cutlass-dsl`` (4.8.1 here; not a dependency of the project). Without a GPU it
 checks where the wgmma fragments put each register (:func:`register_coordinate`, traced on the
@@ -12,9 +13,9 @@ host) and compiles the kernel for sm_90a:
 
 (``CUTE_DSL_KEEP=cubin CUTE_DSL_DUMP_DIR=DIR`` keeps the cubins; ``cuobjdump -res-usage`` from
 Triton's wheel reads their registers and spills.) On an sm_90 GPU, with torch, it checks the
-output and lse against float64 attention and times the kernel beside cuDNN SDPA:
+output and lse against float64 attention and times the kernels beside cuDNN SDPA:
 
-    python docs/experiments/cute_fwd.py [--time]
+    python docs/experiments/cute_fwd.py [--kernels step0,step1] [--time]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
 
 import cutlass  # noqa: E402
 import cutlass.cute as cute  # noqa: E402
+import cutlass.pipeline as pipeline  # noqa: E402
 import cutlass.utils.hopper_helpers as sm90_utils  # noqa: E402
 from cutlass.cute.nvgpu import cpasync, warpgroup  # noqa: E402
 from cutlass.tensor_utils import LayoutEnum  # noqa: E402
@@ -242,18 +244,22 @@ class CausalForward:
         p16 = cute.make_rmem_tensor_like(acc_s, rp.element_type)
         rp = cute.make_tensor(p16.iterator, rp.layout)  # the same registers as PV's A operand
 
-        if tidx == 0:
-            cute.arch.mbarrier_arrive_and_expect_tx(
-                bars, cute.size_in_bytes(out.element_type, cute.slice_(q_layout, (None, None, 0)))
-            )
+        # TMA copies elect their issuing thread themselves: the whole warp 0 calls them
+        warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        if warp == 0:
+            with cute.arch.elect_one():
+                cute.arch.mbarrier_arrive_and_expect_tx(
+                    bars, cute.size_in_bytes(out.element_type, cute.slice_(q_layout, (None, None, 0)))
+                )
             cute.copy(tma_q, tqg, tqs[(None, 0)], tma_bar_ptr=bars)
         cute.arch.mbarrier_wait(bars, 0)
 
         n_blocks = cute.ceil_div(cutlass.min((m_block + 1) * BLOCK_M, n), BLOCK_N)
         kv_bytes = cute.size_in_bytes(out.element_type, cute.slice_(k_layout, (None, None, 0))) * 2
         for j in cutlass.range(n_blocks, unroll=1):
-            if tidx == 0:
-                cute.arch.mbarrier_arrive_and_expect_tx(bars + 1, kv_bytes)
+            if warp == 0:
+                with cute.arch.elect_one():
+                    cute.arch.mbarrier_arrive_and_expect_tx(bars + 1, kv_bytes)
                 cute.copy(tma_k, tkg[(None, j)], tks[(None, 0)], tma_bar_ptr=bars + 1)
                 cute.copy(tma_v, tvg[(None, j)], tvs[(None, 0)], tma_bar_ptr=bars + 1)
             cute.arch.mbarrier_wait(bars + 1, j % 2)
@@ -311,6 +317,217 @@ def torch_arguments(q, k, v):
     return tuple(from_dlpack(t, assumed_align=16) for t in views), out, lse
 
 
+class WarpSpecializedForward:
+    """Step 1: FlashAttention-3's roles without its overlaps. A CTA of three warpgroups takes 128
+    query rows: warpgroup 0 loads (one warp issues TMA: the query tile once, then K and V blocks
+    of 128 keys into a ring of ``stages`` slots, each with its own full and empty barriers, so QK
+    can start before V lands); warpgroups 1 and 2 each compute 64 of the rows against every key
+    block, S = QK^T, the online softmax, O += PV, releasing each slot as they finish with it.
+    ``setmaxnreg`` moves registers from the loader to the consumers. Same tensors as
+    :class:`CausalForward`."""
+
+    block_m = 128  # two consumers of 64 rows
+    block_n = 128
+
+    def __init__(self, head_dim: int, group: int, stages: int = 2):
+        self.d = head_dim
+        self.group = group
+        self.stages = stages
+
+    @cute.jit
+    def __call__(
+        self,
+        q: cute.Tensor,
+        k: cute.Tensor,
+        vt: cute.Tensor,
+        out: cute.Tensor,
+        lse: cute.Tensor,
+        scale: cutlass.Float32,
+        stream,
+    ):
+        dtype = q.element_type
+        d, bn = self.d, self.block_n
+        mma_qk = sm90_utils.make_trivial_tiled_mma(
+            dtype, dtype, MAJOR.K, MAJOR.K, cutlass.Float32, (1, 1, 1), tiler_mn=(BLOCK_M, bn)
+        )
+        mma_pv = sm90_utils.make_trivial_tiled_mma(
+            dtype,
+            dtype,
+            MAJOR.K,
+            MAJOR.MN,
+            cutlass.Float32,
+            (1, 1, 1),
+            tiler_mn=(BLOCK_M, d),
+            a_source=warpgroup.OperandSource.RMEM,
+        )
+        # the query tile as two 64-row halves, one a consumer
+        q_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (BLOCK_M, bn, d), dtype, 2)
+        k_layout = sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (BLOCK_M, bn, d), dtype, self.stages)
+        v_layout = sm90_utils.make_smem_layout_b(LayoutEnum.COL_MAJOR, (BLOCK_M, d, bn), dtype, self.stages)
+        q_one, k_one, v_one = (cute.slice_(x, (None, None, 0)) for x in (q_layout, k_layout, v_layout))
+        op = cpasync.CopyBulkTensorTileG2SOp()
+        tma_q, tq = cpasync.make_tiled_tma_atom(op, q, q_one, (BLOCK_M, d))
+        tma_k, tk = cpasync.make_tiled_tma_atom(op, k, k_one, (bn, d))
+        tma_v, tv = cpasync.make_tiled_tma_atom(op, vt, v_one, (d, bn))
+        stages = self.stages
+
+        @cute.struct
+        class Shared:
+            q_bar: cute.struct.MemRange[cutlass.Int64, 1]
+            k_bars: cute.struct.MemRange[cutlass.Int64, 2 * stages]
+            v_bars: cute.struct.MemRange[cutlass.Int64, 2 * stages]
+            sq: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(q_layout)], 1024]
+            sk: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(k_layout)], 1024]
+            sv: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(v_layout)], 1024]
+
+        self.shared = Shared
+        grid = (cute.ceil_div(q.shape[0], self.block_m), q.shape[2], 1)
+        self.kernel(
+            mma_qk, mma_pv, tma_q, tq, tma_k, tk, tma_v, tv, out, lse, scale * LOG2E, q_layout, k_layout, v_layout
+        ).launch(grid=grid, block=[384, 1, 1], stream=stream)
+
+    @cute.kernel
+    def kernel(
+        self,
+        mma_qk: cute.TiledMma,
+        mma_pv: cute.TiledMma,
+        tma_q: cute.CopyAtom,
+        tq: cute.Tensor,
+        tma_k: cute.CopyAtom,
+        tk: cute.Tensor,
+        tma_v: cute.CopyAtom,
+        tv: cute.Tensor,
+        out: cute.Tensor,
+        lse: cute.Tensor,
+        scale_log2: cutlass.Float32,
+        q_layout: cute.ComposedLayout,
+        k_layout: cute.ComposedLayout,
+        v_layout: cute.ComposedLayout,
+    ):
+        d, bn = self.d, self.block_n
+        tidx, _, _ = cute.arch.thread_idx()
+        m_block, bh, _ = cute.arch.block_idx()
+        hk = bh // self.group
+        n = out.shape[0]
+        wg = cute.arch.make_warp_uniform(tidx // 128)
+        warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        st = cutlass.memory.SmemAllocator().allocate(self.shared)
+        sq = st.sq.get_tensor(q_layout.outer, swizzle=q_layout.inner)
+        sk = st.sk.get_tensor(k_layout.outer, swizzle=k_layout.inner)
+        sv = st.sv.get_tensor(v_layout.outer, swizzle=v_layout.inner)
+        q_bar = st.q_bar.data_ptr()
+        half_q_bytes = cute.size_in_bytes(out.element_type, cute.slice_(q_layout, (None, None, 0)))
+        kv_bytes = cute.size_in_bytes(out.element_type, cute.slice_(k_layout, (None, None, 0)))
+        if tidx == 0:
+            cute.arch.mbarrier_init(q_bar, 1)
+        loader = pipeline.CooperativeGroup(pipeline.Agent.Thread)
+        consumers = pipeline.CooperativeGroup(pipeline.Agent.Thread, 8)  # one arrive a consumer warp
+        cta = cute.make_layout((1, 1, 1, 1))
+        pipe_k = pipeline.PipelineTmaAsync.create(
+            barrier_storage=st.k_bars.data_ptr(),
+            num_stages=self.stages,
+            producer_group=loader,
+            consumer_group=consumers,
+            tx_count=kv_bytes,
+            cta_layout_vmnk=cta,
+        )
+        pipe_v = pipeline.PipelineTmaAsync.create(
+            barrier_storage=st.v_bars.data_ptr(),
+            num_stages=self.stages,
+            producer_group=loader,
+            consumer_group=consumers,
+            tx_count=kv_bytes,
+            cta_layout_vmnk=cta,
+        )  # each create fences the barrier inits and syncs the CTA
+        n_blocks = cute.ceil_div(cutlass.min((m_block + 1) * self.block_m, n), bn)
+
+        if wg == 0:
+            cute.arch.warpgroup_reg_dealloc(24)
+            if warp == 0:
+                gq = cute.local_tile(tq[None, None, bh], (BLOCK_M, d), (None, 0))
+                gk = cute.local_tile(tk[None, None, hk], (bn, d), (None, 0))
+                gv = cute.local_tile(tv[None, None, hk], (d, bn), (0, None))
+                one = cute.make_layout(1)
+                tqs, tqg = cpasync.tma_partition(tma_q, 0, one, cute.group_modes(sq, 0, 2), cute.group_modes(gq, 0, 2))
+                tks, tkg = cpasync.tma_partition(tma_k, 0, one, cute.group_modes(sk, 0, 2), cute.group_modes(gk, 0, 2))
+                tvs, tvg = cpasync.tma_partition(tma_v, 0, one, cute.group_modes(sv, 0, 2), cute.group_modes(gv, 0, 2))
+                with cute.arch.elect_one():
+                    cute.arch.mbarrier_arrive_and_expect_tx(q_bar, 2 * half_q_bytes)
+                for c in cutlass.range_constexpr(2):
+                    cute.copy(tma_q, tqg[(None, 2 * m_block + c)], tqs[(None, c)], tma_bar_ptr=q_bar)
+                k_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
+                v_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
+                for j in cutlass.range(n_blocks, unroll=1):
+                    pipe_k.producer_acquire(k_state)
+                    cute.copy(
+                        tma_k,
+                        tkg[(None, j)],
+                        tks[(None, k_state.index)],
+                        tma_bar_ptr=pipe_k.producer_get_barrier(k_state),
+                    )
+                    pipe_k.producer_commit(k_state)
+                    k_state.advance()
+                    pipe_v.producer_acquire(v_state)
+                    cute.copy(
+                        tma_v,
+                        tvg[(None, j)],
+                        tvs[(None, v_state.index)],
+                        tma_bar_ptr=pipe_v.producer_get_barrier(v_state),
+                    )
+                    pipe_v.producer_commit(v_state)
+                    v_state.advance()
+        else:
+            cute.arch.warpgroup_reg_alloc(240)
+            half = wg - 1
+            t = tidx % 128
+            thr_qk = mma_qk.get_slice(t)
+            thr_pv = mma_pv.get_slice(t)
+            rq = mma_qk.make_fragment_A(thr_qk.partition_A(sq))
+            rk = mma_qk.make_fragment_B(thr_qk.partition_B(sk))
+            rv = mma_pv.make_fragment_B(thr_pv.partition_B(sv))
+            acc_s = cute.make_rmem_tensor(thr_qk.partition_shape_C((BLOCK_M, bn)), cutlass.Float32)
+            acc_o = cute.make_rmem_tensor(thr_pv.partition_shape_C((BLOCK_M, d)), cutlass.Float32)
+            rp = mma_pv.make_fragment_A(thr_pv.partition_shape_A((BLOCK_M, bn)))
+            p16 = cute.make_rmem_tensor_like(acc_s, rp.element_type)
+            rp = cute.make_tensor(p16.iterator, rp.layout)  # the same registers as PV's A operand
+            acc_o.fill(0.0)
+            m_i = cute.make_rmem_tensor((2,), cutlass.Float32)
+            l_i = cute.make_rmem_tensor((2,), cutlass.Float32)
+            for h in cutlass.range_constexpr(2):
+                m_i[h] = -math.inf
+                l_i[h] = 0.0
+            row0 = m_block * self.block_m + half * BLOCK_M
+            k_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+            v_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+            cute.arch.mbarrier_wait(q_bar, 0)
+            for j in cutlass.range(n_blocks, unroll=1):
+                pipe_k.consumer_wait(k_state)
+                mma_qk.set(warpgroup.Field.ACCUMULATE, False)
+                warpgroup.fence()
+                for kb in cutlass.range_constexpr(d // 16):
+                    cute.gemm(mma_qk, acc_s, rq[(None, None, kb, half)], rk[(None, None, kb, k_state.index)], acc_s)
+                    mma_qk.set(warpgroup.Field.ACCUMULATE, True)
+                warpgroup.commit_group()
+                warpgroup.wait_group(0)
+                pipe_k.consumer_release(k_state)
+                k_state.advance()
+                if j == n_blocks - 1:  # the diagonal block, and the keys past n
+                    online_softmax(acc_s, acc_o, m_i, l_i, t, row0, j * bn, n, scale_log2, True)
+                else:
+                    online_softmax(acc_s, acc_o, m_i, l_i, t, row0, j * bn, n, scale_log2, False)
+                p16.store(acc_s.load().to(p16.element_type))
+                pipe_v.consumer_wait(v_state)
+                mma_pv.set(warpgroup.Field.ACCUMULATE, True)
+                warpgroup.fence()
+                for kb in cutlass.range_constexpr(bn // 16):
+                    cute.gemm(mma_pv, acc_o, rp[(None, None, kb)], rv[(None, None, kb, v_state.index)], acc_o)
+                warpgroup.commit_group()
+                warpgroup.wait_group(0)
+                pipe_v.consumer_release(v_state)
+                v_state.advance()
+            store_rows(acc_o, m_i, l_i, t, row0, n, out, lse, bh)
+
+
 @cute.jit
 def _fragment_layouts(head_dim: cutlass.Constexpr, mismatches: cutlass.Constexpr):
     """Append to ``mismatches`` every register of threads 0-127 whose ``(row, col)`` in the S, P
@@ -352,15 +569,19 @@ def register_coordinate(thread: int, v: int) -> tuple[int, int]:
     return 16 * warp + lane // 4 + 8 * h, 2 * (lane % 4) + c + 8 * i
 
 
-def offline(head_dim: int, group: int) -> None:
+#: The kernels by name: each ``kernel(head_dim, group)``.
+KERNELS = {"step0": CausalForward, "step1": WarpSpecializedForward}
+
+
+def offline(name: str, head_dim: int, group: int) -> None:
     from cutlass.cute.runtime import make_fake_stream
 
     args = fake_arguments(4096, 8, group, head_dim)
-    compiled = cute.compile(CausalForward(head_dim, group), *args, cutlass.Float32(head_dim**-0.5), make_fake_stream())
-    print(f"D = {head_dim}, group {group}: compiled {compiled.function_name[:60]}...")
+    cute.compile(KERNELS[name](head_dim, group), *args, cutlass.Float32(head_dim**-0.5), make_fake_stream())
+    print(f"{name} D = {head_dim}, group {group}: compiled")
 
 
-def check_on_gpu(lengths=(128, 200, 1000, 4096), dims=(64, 128), groups=(1, 4)) -> None:
+def check_on_gpu(name: str, lengths=(128, 200, 1000, 4096), dims=(64, 128), groups=(1, 4)) -> None:
     """Against float64 attention and lse, on random problems (needs an sm_90 GPU)."""
     import cuda.bindings.driver as cuda_driver
     import torch
@@ -377,7 +598,7 @@ def check_on_gpu(lengths=(128, 200, 1000, 4096), dims=(64, 128), groups=(1, 4)) 
                 )
                 args, out, lse = torch_arguments(q, k, v)
                 scale = d**-0.5
-                compiled = cute.compile(CausalForward(d, group), *args, cutlass.Float32(scale), stream)
+                compiled = cute.compile(KERNELS[name](d, group), *args, cutlass.Float32(scale), stream)
                 compiled(*args, cutlass.Float32(scale), stream)
                 torch.cuda.synchronize()
                 kr, vr = (t.repeat_interleave(group, 1).double() for t in (k, v))
@@ -387,10 +608,13 @@ def check_on_gpu(lengths=(128, 200, 1000, 4096), dims=(64, 128), groups=(1, 4)) 
                 want = torch.softmax(s, -1) @ vr
                 err = (out.double() - want).abs().max().item()
                 lse_err = (lse.double() - want_lse).abs().max().item()
-                print(f"D = {d} group {group} N = {n}: out max err {err:.2e}, lse max err {lse_err:.2e}", flush=True)
+                print(
+                    f"{name} D = {d} group {group} N = {n}: out max err {err:.2e}, lse max err {lse_err:.2e}",
+                    flush=True,
+                )
 
 
-def time_on_gpu(n: int = 16384, heads: int = 32) -> None:
+def time_on_gpu(name: str, n: int = 16384, heads: int = 32) -> None:
     """Milliseconds of the kernel and of cuDNN SDPA, bf16, causal, batch 1 (needs an sm_90 GPU)."""
     import cuda.bindings.driver as cuda_driver
     import torch
@@ -403,28 +627,32 @@ def time_on_gpu(n: int = 16384, heads: int = 32) -> None:
         q, k, v = (torch.randn(1, heads, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         args, _, _ = torch_arguments(q, k, v)
         scale = cutlass.Float32(d**-0.5)
-        compiled = cute.compile(CausalForward(d, 1), *args, scale, stream)
+        compiled = cute.compile(KERNELS[name](d, 1), *args, scale, stream)
         ours = do_bench(functools.partial(compiled, *args, scale, stream), warmup=25, rep=200, return_mode="median")
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             call = functools.partial(F.scaled_dot_product_attention, q, k, v, is_causal=True)
             sdpa = do_bench(call, warmup=25, rep=200, return_mode="median")
-        print(f"N = {n} D = {d}: SDPA {sdpa:.3f} ms, this kernel {ours:.3f} ms ({sdpa / ours:.3f}x)", flush=True)
+        print(f"{name} N = {n} D = {d}: SDPA {sdpa:.3f} ms, {ours:.3f} ms ({sdpa / ours:.3f}x)", flush=True)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--offline", action="store_true", help="compile without a GPU (D 64 and 128, groups 1 and 4)")
-    parser.add_argument("--time", action="store_true", help="after the checks, time it beside cuDNN SDPA")
+    parser.add_argument("--offline", action="store_true", help="check the register mapping and compile, no GPU")
+    parser.add_argument("--kernels", default="step0,step1", help=f"comma list of {', '.join(KERNELS)}")
+    parser.add_argument("--time", action="store_true", help="after the checks, time them beside cuDNN SDPA")
     args = parser.parse_args()
+    names = args.kernels.split(",")
     if args.offline:
         for d in (64, 128):
             wrong = []
             cute.compile(_fragment_layouts, d, wrong)
             print(f"D = {d}: {len(wrong)} registers off register_coordinate", wrong[:4])
-        for d in (64, 128):
-            for g in (1, 4):
-                offline(d, g)
+        for name in names:
+            for d in (64, 128):
+                for g in (1, 4):
+                    offline(name, d, g)
     else:
-        check_on_gpu()
-        if args.time:
-            time_on_gpu()
+        for name in names:
+            check_on_gpu(name)
+        for name in names if args.time else ():
+            time_on_gpu(name)
