@@ -1,9 +1,10 @@
 """Issue 19, route 2: a causal attention forward for Hopper written in CuTe DSL, our own
-(docs/benchmarks.md, "Route 2, steps 0 and 1"). Step 0 (:class:`CausalForward`): one warpgroup
-a CTA takes 64 query rows; key blocks of 64 come by TMA one at a time; QK^T and PV run on wgmma,
-P from registers. Step 1 (:class:`WarpSpecializedForward`): a loader warpgroup and two consumer
-warpgroups with a K/V ring, FlashAttention-3's roles without its overlaps. Both return the
-output and the row lse; batch 1; GQA by ``group`` query heads a key/value head.
+(docs/benchmarks.md, "Route 2, steps 0-2"). Step 0 (:class:`CausalForward`): one warpgroup a
+CTA takes 64 query rows; key blocks of 64 come by TMA one at a time; QK^T and PV run on wgmma, P
+from registers. Step 1 (:class:`WarpSpecializedForward`): a loader warpgroup and two consumer
+warpgroups with a K/V ring, FlashAttention-3's roles without its overlaps. Step 2: step 1 with
+QK of block j in flight beside PV of block j - 1. All return the output and the row lse; batch
+1; GQA by ``group`` query heads a key/value head.
 
 It needs ``nvidia-cutlass-dsl`` (4.8.1 here; not a dependency of the project). Without a GPU it
 checks where the wgmma fragments put each register (:func:`register_coordinate`, traced on the
@@ -15,7 +16,7 @@ host) and compiles the kernel for sm_90a:
 Triton's wheel reads their registers and spills.) On an sm_90 GPU, with torch, it checks the
 output and lse against float64 attention and times the kernels beside cuDNN SDPA:
 
-    python docs/experiments/cute_fwd.py [--kernels step0,step1] [--time]
+    python docs/experiments/cute_fwd.py [--kernels step0,step1,step2] [--time]
 """
 
 from __future__ import annotations
@@ -52,12 +53,14 @@ def online_softmax(
     n,
     scale_log2: cutlass.Float32,
     masked: cutlass.Constexpr,
+    alpha_out: cute.Tensor = None,
 ):
     """One key block of the online softmax, in place: ``acc_s`` (this thread's registers of the
     [64, block] scores, rows from ``row0``, keys from ``key0``) becomes p = exp2(s * scale_log2 -
     m); the running max ``m_i`` [2] (log2 units, the whole row's) and this thread's partial sums
-    ``l_i`` [2] move on, and ``acc_o`` is rescaled. ``masked``: mask keys after the row or past
-    ``n`` (the diagonal block)."""
+    ``l_i`` [2] move on. ``acc_o`` is rescaled here, or, given ``alpha_out`` [2], the factors go
+    there for the caller to apply once the PV in flight has landed. ``masked``: mask keys after
+    the row or past ``n`` (the diagonal block)."""
     for h in cutlass.range_constexpr(2):  # this thread's two rows
         mx = cutlass.Float32(-math.inf)
         for v in cutlass.range_constexpr(cute.size(acc_s)):
@@ -81,9 +84,55 @@ def online_softmax(
                 total = total + acc_s[v]
         l_i[h] = l_i[h] * alpha + total
         m_i[h] = m_new
-        for v in cutlass.range_constexpr(cute.size(acc_o)):
-            if cutlass.const_expr((v // 2) % 2 == h):
-                acc_o[v] = acc_o[v] * alpha
+        if cutlass.const_expr(alpha_out is None):
+            for v in cutlass.range_constexpr(cute.size(acc_o)):
+                if cutlass.const_expr((v // 2) % 2 == h):
+                    acc_o[v] = acc_o[v] * alpha
+        else:
+            alpha_out[h] = alpha
+
+
+@cute.jit
+def rescale(acc_o: cute.Tensor, alpha: cute.Tensor):
+    """``acc_o`` rows times their factors ``alpha`` [2] (:func:`online_softmax`)."""
+    for v in cutlass.range_constexpr(cute.size(acc_o)):
+        acc_o[v] = acc_o[v] * alpha[(v // 2) % 2]
+
+
+@cute.jit
+def issue_qk(
+    mma: cute.TiledMma,
+    acc_s: cute.Tensor,
+    rq: cute.Tensor,
+    rk: cute.Tensor,
+    q_slot,
+    k_slot,
+    head_dim: cutlass.Constexpr,
+):
+    """Issue S = Q K^T (Q and K from shared memory slots ``q_slot``, ``k_slot``) as one wgmma
+    group; not waited for. Returns ``mma``, whose accumulate field it sets: the caller rebinds
+    it, so that the tracer carries that state through staged loops and branches."""
+    mma.set(warpgroup.Field.ACCUMULATE, False)
+    warpgroup.fence()
+    for kb in cutlass.range_constexpr(head_dim // 16):
+        cute.gemm(mma, acc_s, rq[(None, None, kb, q_slot)], rk[(None, None, kb, k_slot)], acc_s)
+        mma.set(warpgroup.Field.ACCUMULATE, True)
+    warpgroup.commit_group()
+    return mma
+
+
+@cute.jit
+def issue_pv(
+    mma: cute.TiledMma, acc_o: cute.Tensor, rp: cute.Tensor, rv: cute.Tensor, v_slot, block_n: cutlass.Constexpr
+):
+    """Issue O += P V (P from registers, V from shared-memory slot ``v_slot``) as one wgmma
+    group; not waited for. Returns ``mma`` (see :func:`issue_qk`)."""
+    mma.set(warpgroup.Field.ACCUMULATE, True)
+    warpgroup.fence()
+    for kb in cutlass.range_constexpr(block_n // 16):
+        cute.gemm(mma, acc_o, rp[(None, None, kb)], rv[(None, None, kb, v_slot)], acc_o)
+    warpgroup.commit_group()
+    return mma
 
 
 @cute.jit
@@ -264,22 +313,11 @@ class CausalForward:
                 cute.copy(tma_v, tvg[(None, j)], tvs[(None, 0)], tma_bar_ptr=bars + 1)
             cute.arch.mbarrier_wait(bars + 1, j % 2)
 
-            mma_qk.set(warpgroup.Field.ACCUMULATE, False)
-            warpgroup.fence()
-            for kb in cutlass.range_constexpr(d // 16):
-                cute.gemm(mma_qk, acc_s, rq[(None, None, kb, 0)], rk[(None, None, kb, 0)], acc_s)
-                mma_qk.set(warpgroup.Field.ACCUMULATE, True)
-            warpgroup.commit_group()
+            mma_qk = issue_qk(mma_qk, acc_s, rq, rk, 0, 0, d)
             warpgroup.wait_group(0)
-
             online_softmax(acc_s, acc_o, m_i, l_i, tidx, m_block * BLOCK_M, j * BLOCK_N, n, scale_log2, True)
             p16.store(acc_s.load().to(p16.element_type))
-
-            mma_pv.set(warpgroup.Field.ACCUMULATE, True)
-            warpgroup.fence()
-            for kb in cutlass.range_constexpr(BLOCK_N // 16):
-                cute.gemm(mma_pv, acc_o, rp[(None, None, kb)], rv[(None, None, kb, 0)], acc_o)
-            warpgroup.commit_group()
+            mma_pv = issue_pv(mma_pv, acc_o, rp, rv, 0, BLOCK_N)
             warpgroup.wait_group(0)
             cute.arch.sync_threads()  # every warp done with this K/V before the next load
 
@@ -329,10 +367,11 @@ class WarpSpecializedForward:
     block_m = 128  # two consumers of 64 rows
     block_n = 128
 
-    def __init__(self, head_dim: int, group: int, stages: int = 2):
+    def __init__(self, head_dim: int, group: int, stages: int = 2, overlap: bool = False):
         self.d = head_dim
         self.group = group
         self.stages = stages
+        self.overlap = overlap
 
     @cute.jit
     def __call__(
@@ -500,31 +539,59 @@ class WarpSpecializedForward:
             k_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
             v_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
             cute.arch.mbarrier_wait(q_bar, 0)
-            for j in cutlass.range(n_blocks, unroll=1):
+            last = n_blocks - 1  # the diagonal block, and the keys past n: the only one masked
+            if cutlass.const_expr(not self.overlap):
+                for j in cutlass.range(n_blocks, unroll=1):
+                    pipe_k.consumer_wait(k_state)
+                    mma_qk = issue_qk(mma_qk, acc_s, rq, rk, half, k_state.index, d)
+                    warpgroup.wait_group(0)
+                    pipe_k.consumer_release(k_state)
+                    k_state.advance()
+                    if j == last:
+                        online_softmax(acc_s, acc_o, m_i, l_i, t, row0, j * bn, n, scale_log2, True)
+                    else:
+                        online_softmax(acc_s, acc_o, m_i, l_i, t, row0, j * bn, n, scale_log2, False)
+                    p16.store(acc_s.load().to(p16.element_type))
+                    pipe_v.consumer_wait(v_state)
+                    mma_pv = issue_pv(mma_pv, acc_o, rp, rv, v_state.index, bn)
+                    warpgroup.wait_group(0)
+                    pipe_v.consumer_release(v_state)
+                    v_state.advance()
+            else:
+                # QK of block j runs while PV of block j - 1 does; the softmax of j waits only for
+                # QK, and O is rescaled by j's factors once PV(j - 1) has landed in it.
+                alpha = cute.make_rmem_tensor((2,), cutlass.Float32)
                 pipe_k.consumer_wait(k_state)
-                mma_qk.set(warpgroup.Field.ACCUMULATE, False)
-                warpgroup.fence()
-                for kb in cutlass.range_constexpr(d // 16):
-                    cute.gemm(mma_qk, acc_s, rq[(None, None, kb, half)], rk[(None, None, kb, k_state.index)], acc_s)
-                    mma_qk.set(warpgroup.Field.ACCUMULATE, True)
-                warpgroup.commit_group()
+                mma_qk = issue_qk(mma_qk, acc_s, rq, rk, half, k_state.index, d)
                 warpgroup.wait_group(0)
                 pipe_k.consumer_release(k_state)
                 k_state.advance()
-                if j == n_blocks - 1:  # the diagonal block, and the keys past n
-                    online_softmax(acc_s, acc_o, m_i, l_i, t, row0, j * bn, n, scale_log2, True)
+                if last == 0:
+                    online_softmax(acc_s, acc_o, m_i, l_i, t, row0, 0, n, scale_log2, True, alpha)
                 else:
-                    online_softmax(acc_s, acc_o, m_i, l_i, t, row0, j * bn, n, scale_log2, False)
+                    online_softmax(acc_s, acc_o, m_i, l_i, t, row0, 0, n, scale_log2, False, alpha)
                 p16.store(acc_s.load().to(p16.element_type))
+                for j in cutlass.range(1, n_blocks, unroll=1):
+                    pipe_k.consumer_wait(k_state)
+                    mma_qk = issue_qk(mma_qk, acc_s, rq, rk, half, k_state.index, d)
+                    pipe_v.consumer_wait(v_state)
+                    mma_pv = issue_pv(mma_pv, acc_o, rp, rv, v_state.index, bn)
+                    warpgroup.wait_group(1)  # QK(j) has landed; PV(j - 1) may still run
+                    pipe_k.consumer_release(k_state)
+                    k_state.advance()
+                    if j == last:
+                        online_softmax(acc_s, acc_o, m_i, l_i, t, row0, j * bn, n, scale_log2, True, alpha)
+                    else:
+                        online_softmax(acc_s, acc_o, m_i, l_i, t, row0, j * bn, n, scale_log2, False, alpha)
+                    warpgroup.wait_group(0)
+                    pipe_v.consumer_release(v_state)
+                    v_state.advance()
+                    rescale(acc_o, alpha)
+                    p16.store(acc_s.load().to(p16.element_type))
                 pipe_v.consumer_wait(v_state)
-                mma_pv.set(warpgroup.Field.ACCUMULATE, True)
-                warpgroup.fence()
-                for kb in cutlass.range_constexpr(bn // 16):
-                    cute.gemm(mma_pv, acc_o, rp[(None, None, kb)], rv[(None, None, kb, v_state.index)], acc_o)
-                warpgroup.commit_group()
+                mma_pv = issue_pv(mma_pv, acc_o, rp, rv, v_state.index, bn)
                 warpgroup.wait_group(0)
                 pipe_v.consumer_release(v_state)
-                v_state.advance()
             store_rows(acc_o, m_i, l_i, t, row0, n, out, lse, bh)
 
 
@@ -570,7 +637,11 @@ def register_coordinate(thread: int, v: int) -> tuple[int, int]:
 
 
 #: The kernels by name: each ``kernel(head_dim, group)``.
-KERNELS = {"step0": CausalForward, "step1": WarpSpecializedForward}
+KERNELS = {
+    "step0": CausalForward,
+    "step1": WarpSpecializedForward,
+    "step2": functools.partial(WarpSpecializedForward, overlap=True),
+}
 
 
 def offline(name: str, head_dim: int, group: int) -> None:
@@ -638,7 +709,7 @@ def time_on_gpu(name: str, n: int = 16384, heads: int = 32) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--offline", action="store_true", help="check the register mapping and compile, no GPU")
-    parser.add_argument("--kernels", default="step0,step1", help=f"comma list of {', '.join(KERNELS)}")
+    parser.add_argument("--kernels", default="step0,step1,step2", help=f"comma list of {', '.join(KERNELS)}")
     parser.add_argument("--time", action="store_true", help="after the checks, time them beside cuDNN SDPA")
     args = parser.parse_args()
     names = args.kernels.split(",")
