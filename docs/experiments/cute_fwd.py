@@ -17,6 +17,9 @@ Triton's wheel reads their registers and spills.) On an sm_90 GPU, with torch, i
 output and lse against float64 attention and times the kernels beside cuDNN SDPA:
 
     python docs/experiments/cute_fwd.py [--kernels step0,step1,step2] [--time]
+
+On the device tool's H200 the CuTe DSL wheels travel in three calls, as for FlashAttention-4
+(fa4_wheels.sh, fa4_hopper.py); the third is ``bash .fa4c/install.sh docs/experiments/cute_fwd.py --time``.
 """
 
 from __future__ import annotations

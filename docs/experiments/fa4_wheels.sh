@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Wheels of flash-attn-4 and its CuTe DSL for the device tool's H200 (Python 3.12, CUDA 13),
 # in three folders of the checkout that each fit one call: see fa4_hopper.py beside this file.
+# cute_fwd.py (route 2's own kernel) needs only the CuTe DSL of these: its third call is
+# `bash .fa4c/install.sh docs/experiments/cute_fwd.py --time`.
 # Run from the checkout's root; needs pip and xz here. About four minutes (xz -9).
 set -euo pipefail
 tmp=$(mktemp -d)
@@ -23,7 +25,8 @@ mkdir -p /tmp/fa4 /tmp/site && cp .fa4c/part.02 /tmp/fa4/
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .fa4c/*.whl
 cat /tmp/fa4/part.00 /tmp/fa4/part.01 /tmp/fa4/part.02 | xz -d | tar x -C /tmp/site
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:.
-timeout 420 python3 docs/experiments/fa4_hopper.py
+# the script to run and its arguments (default: fa4_hopper.py), e.g. bash .fa4c/install.sh docs/experiments/cute_fwd.py --time
+timeout 420 python3 "${@:-docs/experiments/fa4_hopper.py}"
 INSTALL
 rm -rf "$tmp"
 du -sh .fa4a .fa4b .fa4c
