@@ -1,10 +1,12 @@
 """Issue 19, route 2: a causal attention forward for Hopper written in CuTe DSL, our own
-(docs/benchmarks.md, "Route 2, steps 0-2"). Step 0 (:class:`CausalForward`): one warpgroup a
+(docs/benchmarks.md, "Route 2, steps 0-3"). Step 0 (:class:`CausalForward`): one warpgroup a
 CTA takes 64 query rows; key blocks of 64 come by TMA one at a time; QK^T and PV run on wgmma, P
 from registers. Step 1 (:class:`WarpSpecializedForward`): a loader warpgroup and two consumer
 warpgroups with a K/V ring, FlashAttention-3's roles without its overlaps. Step 2: step 1 with
-QK of block j in flight beside PV of block j - 1. All return the output and the row lse; batch
-1; GQA by ``group`` query heads a key/value head.
+QK of block j in flight beside PV of block j - 1. Step 3: step 2 with the two consumers taking
+turns to issue their matrix multiplies (ping-pong), so that one's softmax runs under the
+other's. All return the output and the row lse; batch 1; GQA by ``group`` query heads a
+key/value head.
 
 It needs ``nvidia-cutlass-dsl`` (4.8.1 here; not a dependency of the project). Without a GPU it
 checks where the wgmma fragments put each register (:func:`register_coordinate`, traced on the
@@ -16,7 +18,7 @@ host) and compiles the kernel for sm_90a:
 Triton's wheel reads their registers and spills.) On an sm_90 GPU, with torch, it checks the
 output and lse against float64 attention and times the kernels beside cuDNN SDPA:
 
-    python docs/experiments/cute_fwd.py [--kernels step0,step1,step2] [--time]
+    python docs/experiments/cute_fwd.py [--kernels step0,step1,step2,step3] [--time]
 
 On the device tool's H200 the CuTe DSL wheels travel in three calls, as for FlashAttention-4
 (fa4_wheels.sh, fa4_hopper.py); the third is ``bash .fa4c/install.sh docs/experiments/cute_fwd.py --time``.
@@ -42,6 +44,9 @@ MAJOR = cute.nvgpu.OperandMajorMode
 BLOCK_M = 64
 BLOCK_N = 64
 LOG2E = 1.4426950408889634
+#: Named barriers 1 and 2 (0 is the CTA's): consumer h waits on 1 + h for its turn to issue its
+#: matrix multiplies, and arrives on the other's when it has (step 3, FlashAttention-3's ping-pong).
+_TURN_BARRIER = 1
 
 
 @cute.jit
@@ -370,11 +375,13 @@ class WarpSpecializedForward:
     block_m = 128  # two consumers of 64 rows
     block_n = 128
 
-    def __init__(self, head_dim: int, group: int, stages: int = 2, overlap: bool = False):
+    def __init__(self, head_dim: int, group: int, stages: int = 2, overlap: bool = False, pingpong: bool = False):
+        assert overlap or not pingpong, "the consumers take turns in the overlapped loop"
         self.d = head_dim
         self.group = group
         self.stages = stages
         self.overlap = overlap
+        self.pingpong = pingpong
 
     @cute.jit
     def __call__(
@@ -574,11 +581,18 @@ class WarpSpecializedForward:
                 else:
                     online_softmax(acc_s, acc_o, m_i, l_i, t, row0, 0, n, scale_log2, False, alpha)
                 p16.store(acc_s.load().to(p16.element_type))
+                if cutlass.const_expr(self.pingpong):  # the first consumer issues first
+                    if half == 1:
+                        cute.arch.barrier_arrive(barrier_id=_TURN_BARRIER, number_of_threads=256)
                 for j in cutlass.range(1, n_blocks, unroll=1):
                     pipe_k.consumer_wait(k_state)
-                    mma_qk = issue_qk(mma_qk, acc_s, rq, rk, half, k_state.index, d)
                     pipe_v.consumer_wait(v_state)
+                    if cutlass.const_expr(self.pingpong):  # wait for this consumer's turn
+                        cute.arch.barrier(barrier_id=_TURN_BARRIER + half, number_of_threads=256)
+                    mma_qk = issue_qk(mma_qk, acc_s, rq, rk, half, k_state.index, d)
                     mma_pv = issue_pv(mma_pv, acc_o, rp, rv, v_state.index, bn)
+                    if cutlass.const_expr(self.pingpong):  # then hand the turn to the other
+                        cute.arch.barrier_arrive(barrier_id=_TURN_BARRIER + 1 - half, number_of_threads=256)
                     warpgroup.wait_group(1)  # QK(j) has landed; PV(j - 1) may still run
                     pipe_k.consumer_release(k_state)
                     k_state.advance()
@@ -644,6 +658,7 @@ KERNELS = {
     "step0": CausalForward,
     "step1": WarpSpecializedForward,
     "step2": functools.partial(WarpSpecializedForward, overlap=True),
+    "step3": functools.partial(WarpSpecializedForward, overlap=True, pingpong=True),
 }
 
 
@@ -712,7 +727,7 @@ def time_on_gpu(name: str, n: int = 16384, heads: int = 32) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--offline", action="store_true", help="check the register mapping and compile, no GPU")
-    parser.add_argument("--kernels", default="step0,step1,step2", help=f"comma list of {', '.join(KERNELS)}")
+    parser.add_argument("--kernels", default="step0,step1,step2,step3", help=f"comma list of {', '.join(KERNELS)}")
     parser.add_argument("--time", action="store_true", help="after the checks, time them beside cuDNN SDPA")
     args = parser.parse_args()
     names = args.kernels.split(",")
