@@ -163,6 +163,44 @@ def store_rows(
                 lse[row, bh] = (m_i[h] + cute.math.log2(l_sum)) * (1.0 / LOG2E)
 
 
+def tiled_mmas(dtype, block_n: int, head_dim: int) -> tuple:
+    """``(QK^T, PV)`` tiled MMAs of one warpgroup's 64 rows: QK^T with both operands K-major in
+    shared memory; PV with P from registers and V MN-major (``(D, N)`` view) in shared memory."""
+    qk = sm90_utils.make_trivial_tiled_mma(
+        dtype, dtype, MAJOR.K, MAJOR.K, cutlass.Float32, (1, 1, 1), tiler_mn=(BLOCK_M, block_n)
+    )
+    pv = sm90_utils.make_trivial_tiled_mma(
+        dtype,
+        dtype,
+        MAJOR.K,
+        MAJOR.MN,
+        cutlass.Float32,
+        (1, 1, 1),
+        tiler_mn=(BLOCK_M, head_dim),
+        a_source=warpgroup.OperandSource.RMEM,
+    )
+    return qk, pv
+
+
+def smem_operands(q, k, vt, block_n: int, head_dim: int, q_slots: int, kv_slots: int) -> tuple:
+    """Shared-memory layouts of ``q_slots`` 64-row query tiles and ``kv_slots`` K and V blocks of
+    ``block_n`` keys, and the TMA atoms and tensors that fill them:
+    ``((q_layout, k_layout, v_layout), ((tma_q, tq), (tma_k, tk), (tma_v, tv)))``."""
+    dtype = q.element_type
+    layouts = (
+        sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (BLOCK_M, block_n, head_dim), dtype, q_slots),
+        sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (BLOCK_M, block_n, head_dim), dtype, kv_slots),
+        sm90_utils.make_smem_layout_b(LayoutEnum.COL_MAJOR, (BLOCK_M, head_dim, block_n), dtype, kv_slots),
+    )
+    op = cpasync.CopyBulkTensorTileG2SOp()
+    tiles = ((BLOCK_M, head_dim), (block_n, head_dim), (head_dim, block_n))
+    atoms = tuple(
+        cpasync.make_tiled_tma_atom(op, t, cute.slice_(layout, (None, None, 0)), tile)
+        for t, layout, tile in zip((q, k, vt), layouts, tiles)
+    )
+    return layouts, atoms
+
+
 class CausalForward:
     """``out = softmax(q k^T * scale, causal) v`` and ``lse``; q, out ``(N, D, B*Hq)``, k
     ``(N, D, B*Hkv)``, v as ``(D, N, B*Hkv)`` (the same memory, viewed for PV's B operand),
@@ -185,33 +223,10 @@ class CausalForward:
     ):
         dtype = q.element_type
         d = self.d
-        self.mma_qk = sm90_utils.make_trivial_tiled_mma(
-            dtype,
-            dtype,
-            MAJOR.K,
-            MAJOR.K,
-            cutlass.Float32,
-            (1, 1, 1),
-            tiler_mn=(BLOCK_M, BLOCK_N),
+        mma_qk, mma_pv = tiled_mmas(dtype, BLOCK_N, d)
+        (q_layout, k_layout, v_layout), ((tma_q, tq), (tma_k, tk), (tma_v, tv)) = smem_operands(
+            q, k, vt, BLOCK_N, d, 1, 1
         )
-        self.mma_pv = sm90_utils.make_trivial_tiled_mma(
-            dtype,
-            dtype,
-            MAJOR.K,
-            MAJOR.MN,
-            cutlass.Float32,
-            (1, 1, 1),
-            tiler_mn=(BLOCK_M, d),
-            a_source=warpgroup.OperandSource.RMEM,
-        )
-        q_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (BLOCK_M, BLOCK_N, d), dtype, 1)
-        k_layout = sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (BLOCK_M, BLOCK_N, d), dtype, 1)
-        v_layout = sm90_utils.make_smem_layout_b(LayoutEnum.COL_MAJOR, (BLOCK_M, d, BLOCK_N), dtype, 1)
-        q_one, k_one, v_one = (cute.slice_(x, (None, None, 0)) for x in (q_layout, k_layout, v_layout))
-        op = cpasync.CopyBulkTensorTileG2SOp()
-        tma_q, tq = cpasync.make_tiled_tma_atom(op, q, q_one, (BLOCK_M, d))
-        tma_k, tk = cpasync.make_tiled_tma_atom(op, k, k_one, (BLOCK_N, d))
-        tma_v, tv = cpasync.make_tiled_tma_atom(op, vt, v_one, (d, BLOCK_N))
 
         @cute.struct
         class Shared:
@@ -224,8 +239,8 @@ class CausalForward:
         n = q.shape[0]
         grid = (cute.ceil_div(n, BLOCK_M), q.shape[2], 1)
         self.kernel(
-            self.mma_qk,
-            self.mma_pv,
+            mma_qk,
+            mma_pv,
             tma_q,
             tq,
             tma_k,
@@ -396,28 +411,11 @@ class WarpSpecializedForward:
     ):
         dtype = q.element_type
         d, bn = self.d, self.block_n
-        mma_qk = sm90_utils.make_trivial_tiled_mma(
-            dtype, dtype, MAJOR.K, MAJOR.K, cutlass.Float32, (1, 1, 1), tiler_mn=(BLOCK_M, bn)
-        )
-        mma_pv = sm90_utils.make_trivial_tiled_mma(
-            dtype,
-            dtype,
-            MAJOR.K,
-            MAJOR.MN,
-            cutlass.Float32,
-            (1, 1, 1),
-            tiler_mn=(BLOCK_M, d),
-            a_source=warpgroup.OperandSource.RMEM,
-        )
+        mma_qk, mma_pv = tiled_mmas(dtype, bn, d)
         # the query tile as two 64-row halves, one a consumer
-        q_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (BLOCK_M, bn, d), dtype, 2)
-        k_layout = sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (BLOCK_M, bn, d), dtype, self.stages)
-        v_layout = sm90_utils.make_smem_layout_b(LayoutEnum.COL_MAJOR, (BLOCK_M, d, bn), dtype, self.stages)
-        q_one, k_one, v_one = (cute.slice_(x, (None, None, 0)) for x in (q_layout, k_layout, v_layout))
-        op = cpasync.CopyBulkTensorTileG2SOp()
-        tma_q, tq = cpasync.make_tiled_tma_atom(op, q, q_one, (BLOCK_M, d))
-        tma_k, tk = cpasync.make_tiled_tma_atom(op, k, k_one, (bn, d))
-        tma_v, tv = cpasync.make_tiled_tma_atom(op, vt, v_one, (d, bn))
+        (q_layout, k_layout, v_layout), ((tma_q, tq), (tma_k, tk), (tma_v, tv)) = smem_operands(
+            q, k, vt, bn, d, 2, self.stages
+        )
         stages = self.stages
 
         @cute.struct
@@ -613,27 +611,14 @@ class WarpSpecializedForward:
 
 
 @cute.jit
-def _fragment_layouts(head_dim: cutlass.Constexpr, mismatches: cutlass.Constexpr):
+def _fragment_layouts(block_n: cutlass.Constexpr, head_dim: cutlass.Constexpr, mismatches: cutlass.Constexpr):
     """Append to ``mismatches`` every register of threads 0-127 whose ``(row, col)`` in the S, P
     and O fragments differs from :func:`register_coordinate` (traced on the host, no GPU)."""
-    bf = cutlass.BFloat16
-    qk = sm90_utils.make_trivial_tiled_mma(
-        bf, bf, MAJOR.K, MAJOR.K, cutlass.Float32, (1, 1, 1), tiler_mn=(BLOCK_M, BLOCK_N)
-    )
-    pv = sm90_utils.make_trivial_tiled_mma(
-        bf,
-        bf,
-        MAJOR.K,
-        MAJOR.MN,
-        cutlass.Float32,
-        (1, 1, 1),
-        tiler_mn=(BLOCK_M, head_dim),
-        a_source=warpgroup.OperandSource.RMEM,
-    )
+    qk, pv = tiled_mmas(cutlass.BFloat16, block_n, head_dim)
     for t in cutlass.range_constexpr(128):
         fragments = (
-            (qk.get_slice(t).partition_C(cute.make_identity_tensor((BLOCK_M, BLOCK_N))), BLOCK_N),
-            (pv.get_slice(t).partition_A(cute.make_identity_tensor((BLOCK_M, BLOCK_N))), BLOCK_N),
+            (qk.get_slice(t).partition_C(cute.make_identity_tensor((BLOCK_M, block_n))), block_n),
+            (pv.get_slice(t).partition_A(cute.make_identity_tensor((BLOCK_M, block_n))), block_n),
             (pv.get_slice(t).partition_C(cute.make_identity_tensor((BLOCK_M, head_dim))), head_dim),
         )
         for frag, cols in fragments:  # a Python loop over a tuple: unrolled
@@ -732,10 +717,11 @@ if __name__ == "__main__":
     args = parser.parse_args()
     names = args.kernels.split(",")
     if args.offline:
-        for d in (64, 128):
-            wrong = []
-            cute.compile(_fragment_layouts, d, wrong)
-            print(f"D = {d}: {len(wrong)} registers off register_coordinate", wrong[:4])
+        for bn in (BLOCK_N, WarpSpecializedForward.block_n):
+            for d in (64, 128):
+                wrong = []
+                cute.compile(_fragment_layouts, bn, d, wrong)
+                print(f"keys {bn}, D = {d}: {len(wrong)} registers off register_coordinate", wrong[:4])
         for name in names:
             for d in (64, 128):
                 for g in (1, 4):
