@@ -44,6 +44,18 @@ MAJOR = cute.nvgpu.OperandMajorMode
 BLOCK_M = 64
 BLOCK_N = 64
 LOG2E = 1.4426950408889634
+#: The row statistics of step 4 (StatsSpec.every_row_statistic()'s settings): partial sums a row
+#: (entropy's t, distance's sum p key, sink, local and offset-1 masses), and their settings.
+STAT_SUMS = 5
+SINK_TOKENS = 1
+WINDOW = 64
+NO_KEY = 1 << 30
+#: Masked scores: finite, so that p * x is 0 for them (not 0 * inf), and far below any score.
+MASKED = -1.0e30
+#: Fields of the ``rows`` output ``(N, B*H, fields)``: lse, then with the statistics entropy,
+#: max prob, distance, sink, local and offset-1 masses, and the argmax (exact as float32 below
+#: 2^24 keys).
+ROW_FIELDS = ("lse", "entropy", "max_prob", "distance", "sink_mass", "local_mass", "offset_mass", "argmax")
 #: Named barriers 1 and 2 (0 is the CTA's): consumer h waits on 1 + h for its turn to issue its
 #: matrix multiplies, and arrives on the other's when it has (step 3, FlashAttention-3's ping-pong).
 _TURN_BARRIER = 1
@@ -62,13 +74,25 @@ def online_softmax(
     scale_log2: cutlass.Float32,
     masked: cutlass.Constexpr,
     alpha_out: cute.Tensor = None,
+    sums: cute.Tensor = None,
+    arg: cute.Tensor = None,
+    first: cutlass.Constexpr = False,
+    near: cutlass.Constexpr = False,
 ):
     """One key block of the online softmax, in place: ``acc_s`` (this thread's registers of the
     [64, block] scores, rows from ``row0``, keys from ``key0``) becomes p = exp2(s * scale_log2 -
     m); the running max ``m_i`` [2] (log2 units, the whole row's) and this thread's partial sums
     ``l_i`` [2] move on. ``acc_o`` is rescaled here, or, given ``alpha_out`` [2], the factors go
     there for the caller to apply once the PV in flight has landed. ``masked``: mask keys after
-    the row or past ``n`` (the diagonal block)."""
+    the row or past ``n`` (the diagonal block).
+
+    With ``sums`` [2 * STAT_SUMS] (this thread's partial sums, rescaled like ``l``) the row
+    statistics ride along: entropy's ``t = sum p x`` (x = s - m, log2 units) and distance's
+    ``sum p key`` (an FMA with the column's offset from the thread's first key, an immediate),
+    one FMA a score each; the sink mass (keys < SINK_TOKENS) in the ``first``
+    block; local (the WINDOW keys up to the row) and offset-1 masses in the ``near`` blocks.
+    ``arg`` [2]: the first key of this thread's columns that holds the row max (or ``NO_KEY``):
+    rescanned only where the block raised the max, so an earlier key keeps an exact tie."""
     for h in cutlass.range_constexpr(2):  # this thread's two rows
         mx = cutlass.Float32(-math.inf)
         for v in cutlass.range_constexpr(cute.size(acc_s)):
@@ -77,19 +101,48 @@ def online_softmax(
                 if cutlass.const_expr(masked):
                     r, col = register_coordinate(tidx, v)
                     if key0 + col > row0 + r:
-                        acc_s[v] = -math.inf
+                        acc_s[v] = MASKED
                     if key0 + col >= n:
-                        acc_s[v] = -math.inf
+                        acc_s[v] = MASKED
                 mx = cute.arch.fmax(mx, acc_s[v])
         mx = cute.arch.fmax(mx, cute.arch.shuffle_sync_bfly(mx, offset=1))
         mx = cute.arch.fmax(mx, cute.arch.shuffle_sync_bfly(mx, offset=2))
         m_new = cute.arch.fmax(m_i[h], mx)
         alpha = cute.arch.exp2(m_i[h] - m_new)
+        if cutlass.const_expr(arg is not None):
+            if mx > m_i[h]:  # the block raised the max: find this thread's first column holding it
+                arg[h] = NO_KEY
+                for v in cutlass.range_constexpr(cute.size(acc_s) - 1, -1, -1):  # last first: the
+                    if cutlass.const_expr((v // 2) % 2 == h):  # earliest column is written last
+                        if acc_s[v] == m_new:
+                            arg[h] = key0 + register_coordinate(tidx, v)[1]
+        if cutlass.const_expr(sums is not None):
+            base = h * STAT_SUMS
+            sums[base] = alpha * (sums[base] + (m_i[h] - m_new) * l_i[h])
+            for f in cutlass.range_constexpr(1, STAT_SUMS):
+                sums[base + f] = alpha * sums[base + f]
         total = cutlass.Float32(0.0)
+        offsets = cutlass.Float32(0.0)  # sum p * (key - the thread's first key in the block)
         for v in cutlass.range_constexpr(cute.size(acc_s)):
             if cutlass.const_expr((v // 2) % 2 == h):
-                acc_s[v] = cute.arch.exp2(acc_s[v] - m_new)
+                x = acc_s[v] - m_new
+                acc_s[v] = cute.arch.exp2(x)
                 total = total + acc_s[v]
+                if cutlass.const_expr(sums is not None):
+                    sums[base] = sums[base] + acc_s[v] * x  # masked: p = 0 and x finite
+                    offsets = offsets + acc_s[v] * float(v % 2 + 8 * (v // 4))  # an immediate
+                    r, col = register_coordinate(tidx, v)
+                    key, row = key0 + col, row0 + r
+                    if cutlass.const_expr(first):
+                        if key < SINK_TOKENS:
+                            sums[base + 2] = sums[base + 2] + acc_s[v]
+                    if cutlass.const_expr(near):
+                        if key > row - WINDOW:
+                            sums[base + 3] = sums[base + 3] + acc_s[v]
+                        if key == row - 1:
+                            sums[base + 4] = sums[base + 4] + acc_s[v]
+        if cutlass.const_expr(sums is not None):  # distance: sum p key, one FMA a score above
+            sums[base + 1] = sums[base + 1] + offsets + cutlass.Float32(key0 + register_coordinate(tidx, 0)[1]) * total
         l_i[h] = l_i[h] * alpha + total
         m_i[h] = m_new
         if cutlass.const_expr(alpha_out is None):
@@ -98,6 +151,45 @@ def online_softmax(
                     acc_o[v] = acc_o[v] * alpha
         else:
             alpha_out[h] = alpha
+
+
+@cute.jit
+def softmax_block(
+    acc_s: cute.Tensor,
+    acc_o: cute.Tensor,
+    m_i: cute.Tensor,
+    l_i: cute.Tensor,
+    tidx,
+    row0,
+    j,
+    last,
+    block_n: cutlass.Constexpr,
+    n,
+    scale_log2: cutlass.Float32,
+    alpha: cute.Tensor = None,
+    sums: cute.Tensor = None,
+    arg: cute.Tensor = None,
+    first: cutlass.Constexpr = False,
+):
+    """:func:`online_softmax` of key block ``j`` of a row tile whose diagonal block is ``last``:
+    masked there; with the statistics, the local and offset masses summed there and in the block
+    before it (window and offset reach back less than a block); the sink mass in the ``first``."""
+    stats = sums is not None
+    if j == last:
+        online_softmax(
+            acc_s, acc_o, m_i, l_i, tidx, row0, j * block_n, n, scale_log2, True, alpha, sums, arg, first, stats
+        )
+    elif cutlass.const_expr(stats):
+        if j + 1 == last:
+            online_softmax(
+                acc_s, acc_o, m_i, l_i, tidx, row0, j * block_n, n, scale_log2, False, alpha, sums, arg, first, True
+            )
+        else:
+            online_softmax(
+                acc_s, acc_o, m_i, l_i, tidx, row0, j * block_n, n, scale_log2, False, alpha, sums, arg, first
+            )
+    else:
+        online_softmax(acc_s, acc_o, m_i, l_i, tidx, row0, j * block_n, n, scale_log2, False, alpha)
 
 
 @cute.jit
@@ -144,23 +236,55 @@ def issue_pv(
 
 
 @cute.jit
+def quad_sum(x):
+    """The sum of ``x`` over the four threads that share a row."""
+    x = x + cute.arch.shuffle_sync_bfly(x, offset=1)
+    return x + cute.arch.shuffle_sync_bfly(x, offset=2)
+
+
+@cute.jit
 def store_rows(
-    acc_o: cute.Tensor, m_i: cute.Tensor, l_i: cute.Tensor, tidx, row0, n, out: cute.Tensor, lse: cute.Tensor, bh
+    acc_o: cute.Tensor,
+    m_i: cute.Tensor,
+    l_i: cute.Tensor,
+    tidx,
+    row0,
+    n,
+    out: cute.Tensor,
+    rows: cute.Tensor,
+    bh,
+    sums: cute.Tensor = None,
+    arg: cute.Tensor = None,
 ):
-    """Write this thread's output rows (``acc_o`` / the row sum) and their lse, rows from ``row0``
-    of head ``bh``; rows at ``n`` or past it are skipped."""
+    """Write this thread's output rows (``acc_o`` / the row sum) and their :data:`ROW_FIELDS`
+    (the lse; with ``sums`` and ``arg`` every row statistic), rows from ``row0`` of head ``bh``;
+    rows at ``n`` or past it are skipped."""
     for h in cutlass.range_constexpr(2):
-        l_sum = l_i[h]
-        l_sum = l_sum + cute.arch.shuffle_sync_bfly(l_sum, offset=1)
-        l_sum = l_sum + cute.arch.shuffle_sync_bfly(l_sum, offset=2)
+        l_sum = quad_sum(l_i[h])
         inv = 1.0 / l_sum
         row = row0 + register_coordinate(tidx, 2 * h)[0]
+        totals = []
+        if cutlass.const_expr(sums is not None):
+            totals = [quad_sum(sums[h * STAT_SUMS + f]) for f in range(STAT_SUMS)]
+            first = arg[h]
+            first = cutlass.min(first, cute.arch.shuffle_sync_bfly(first, offset=1))
+            first = cutlass.min(first, cute.arch.shuffle_sync_bfly(first, offset=2))
         if row < n:
             for v in cutlass.range_constexpr(cute.size(acc_o)):
                 if cutlass.const_expr((v // 2) % 2 == h):
                     out[row, register_coordinate(tidx, v)[1], bh] = (acc_o[v] * inv).to(out.element_type)
             if tidx % 4 == 0:
-                lse[row, bh] = (m_i[h] + cute.math.log2(l_sum)) * (1.0 / LOG2E)
+                log2_l = cute.math.log2(l_sum)
+                rows[row, bh, 0] = (m_i[h] + log2_l) * (1.0 / LOG2E)
+                if cutlass.const_expr(sums is not None):
+                    t, dist, sink, local, offset = totals
+                    rows[row, bh, 1] = (log2_l - t * inv) * (1.0 / LOG2E)
+                    rows[row, bh, 2] = inv
+                    rows[row, bh, 3] = cutlass.Float32(row) - dist * inv
+                    rows[row, bh, 4] = sink * inv
+                    rows[row, bh, 5] = local * inv
+                    rows[row, bh, 6] = offset * inv
+                    rows[row, bh, 7] = cutlass.Float32(first)
 
 
 def tiled_mmas(dtype, block_n: int, head_dim: int) -> tuple:
@@ -204,7 +328,9 @@ def smem_operands(q, k, vt, block_n: int, head_dim: int, q_slots: int, kv_slots:
 class CausalForward:
     """``out = softmax(q k^T * scale, causal) v`` and ``lse``; q, out ``(N, D, B*Hq)``, k
     ``(N, D, B*Hkv)``, v as ``(D, N, B*Hkv)`` (the same memory, viewed for PV's B operand),
-    lse ``(N, B*Hq)`` float32."""
+    ``rows`` ``(N, B*Hq, fields)`` float32 (:data:`ROW_FIELDS`; here only the lse)."""
+
+    fields = 1
 
     def __init__(self, head_dim: int, group: int):
         self.d = head_dim
@@ -217,7 +343,7 @@ class CausalForward:
         k: cute.Tensor,
         vt: cute.Tensor,
         out: cute.Tensor,
-        lse: cute.Tensor,
+        rows: cute.Tensor,
         scale: cutlass.Float32,
         stream,
     ):
@@ -248,7 +374,7 @@ class CausalForward:
             tma_v,
             tv,
             out,
-            lse,
+            rows,
             scale * LOG2E,
             q_layout,
             k_layout,
@@ -267,7 +393,7 @@ class CausalForward:
         tma_v: cute.CopyAtom,
         tv: cute.Tensor,
         out: cute.Tensor,
-        lse: cute.Tensor,
+        rows: cute.Tensor,
         scale_log2: cutlass.Float32,
         q_layout: cute.ComposedLayout,
         k_layout: cute.ComposedLayout,
@@ -344,10 +470,10 @@ class CausalForward:
             warpgroup.wait_group(0)
             cute.arch.sync_threads()  # every warp done with this K/V before the next load
 
-        store_rows(acc_o, m_i, l_i, tidx, m_block * BLOCK_M, n, out, lse, bh)
+        store_rows(acc_o, m_i, l_i, tidx, m_block * BLOCK_M, n, out, rows, bh)
 
 
-def fake_arguments(n: int, heads: int, group: int, head_dim: int, dtype=cutlass.BFloat16) -> tuple:
+def fake_arguments(n: int, heads: int, group: int, head_dim: int, fields: int = 1, dtype=cutlass.BFloat16) -> tuple:
     """Fake tensors of one problem (batch 1; ``heads`` query heads): compile without a GPU."""
     from cutlass.cute.runtime import make_fake_tensor
 
@@ -355,27 +481,27 @@ def fake_arguments(n: int, heads: int, group: int, head_dim: int, dtype=cutlass.
     q, out = (make_fake_tensor(dtype, (n, head_dim, heads), stride=(head_dim, 1, n * head_dim)) for _ in range(2))
     k = make_fake_tensor(dtype, (n, head_dim, kv), stride=(head_dim, 1, n * head_dim))
     vt = make_fake_tensor(dtype, (head_dim, n, kv), stride=(1, head_dim, n * head_dim))
-    lse = make_fake_tensor(cutlass.Float32, (n, heads), stride=(1, n))
-    return q, k, vt, out, lse
+    rows = make_fake_tensor(cutlass.Float32, (n, heads, fields), stride=(fields, n * fields, 1))
+    return q, k, vt, out, rows
 
 
-def torch_arguments(q, k, v):
-    """CuTe views of torch ``[1, H, N, D]`` contiguous q, k, v, and new out and lse, and the
-    torch tensors behind them: ``(cute arguments, out [1, H, N, D], lse [1, H, N])``."""
+def torch_arguments(q, k, v, fields: int = 1):
+    """CuTe views of torch ``[1, H, N, D]`` contiguous q, k, v, and of a new output and rows,
+    and those two: ``(cute arguments, out [1, H, N, D], rows [1, H, N, fields])``."""
     import torch
     from cutlass.cute.runtime import from_dlpack
 
     _, h, n, d = q.shape
     out = torch.empty_like(q)
-    lse = torch.empty(1, h, n, device=q.device, dtype=torch.float32)
+    rows = torch.empty(1, h, n, fields, device=q.device, dtype=torch.float32)
     views = (
         q[0].permute(1, 2, 0),  # (N, D, H)
         k[0].permute(1, 2, 0),
         v[0].permute(2, 1, 0),  # (D, N, Hkv): V as PV's B operand
         out[0].permute(1, 2, 0),
-        lse[0].permute(1, 0),  # (N, H)
+        rows[0].permute(1, 0, 2),  # (N, H, fields)
     )
-    return tuple(from_dlpack(t, assumed_align=16) for t in views), out, lse
+    return tuple(from_dlpack(t, assumed_align=16) for t in views), out, rows
 
 
 class WarpSpecializedForward:
@@ -390,13 +516,23 @@ class WarpSpecializedForward:
     block_m = 128  # two consumers of 64 rows
     block_n = 128
 
-    def __init__(self, head_dim: int, group: int, stages: int = 2, overlap: bool = False, pingpong: bool = False):
-        assert overlap or not pingpong, "the consumers take turns in the overlapped loop"
+    def __init__(
+        self,
+        head_dim: int,
+        group: int,
+        stages: int = 2,
+        overlap: bool = False,
+        pingpong: bool = False,
+        stats: bool = False,
+    ):
+        assert overlap or not (pingpong or stats), "turns and statistics are in the overlapped loop"
         self.d = head_dim
         self.group = group
         self.stages = stages
         self.overlap = overlap
         self.pingpong = pingpong
+        self.stats = stats
+        self.fields = len(ROW_FIELDS) if stats else 1
 
     @cute.jit
     def __call__(
@@ -405,7 +541,7 @@ class WarpSpecializedForward:
         k: cute.Tensor,
         vt: cute.Tensor,
         out: cute.Tensor,
-        lse: cute.Tensor,
+        rows: cute.Tensor,
         scale: cutlass.Float32,
         stream,
     ):
@@ -430,7 +566,7 @@ class WarpSpecializedForward:
         self.shared = Shared
         grid = (cute.ceil_div(q.shape[0], self.block_m), q.shape[2], 1)
         self.kernel(
-            mma_qk, mma_pv, tma_q, tq, tma_k, tk, tma_v, tv, out, lse, scale * LOG2E, q_layout, k_layout, v_layout
+            mma_qk, mma_pv, tma_q, tq, tma_k, tk, tma_v, tv, out, rows, scale * LOG2E, q_layout, k_layout, v_layout
         ).launch(grid=grid, block=[384, 1, 1], stream=stream)
 
     @cute.kernel
@@ -445,7 +581,7 @@ class WarpSpecializedForward:
         tma_v: cute.CopyAtom,
         tv: cute.Tensor,
         out: cute.Tensor,
-        lse: cute.Tensor,
+        rows: cute.Tensor,
         scale_log2: cutlass.Float32,
         q_layout: cute.ComposedLayout,
         k_layout: cute.ComposedLayout,
@@ -544,6 +680,12 @@ class WarpSpecializedForward:
                 m_i[h] = -math.inf
                 l_i[h] = 0.0
             row0 = m_block * self.block_m + half * BLOCK_M
+            sums, arg = None, None
+            if cutlass.const_expr(self.stats):
+                sums = cute.make_rmem_tensor((2 * STAT_SUMS,), cutlass.Float32)
+                sums.fill(0.0)
+                arg = cute.make_rmem_tensor((2,), cutlass.Int32)
+                arg.fill(NO_KEY)
             k_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
             v_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
             cute.arch.mbarrier_wait(q_bar, 0)
@@ -555,10 +697,7 @@ class WarpSpecializedForward:
                     warpgroup.wait_group(0)
                     pipe_k.consumer_release(k_state)
                     k_state.advance()
-                    if j == last:
-                        online_softmax(acc_s, acc_o, m_i, l_i, t, row0, j * bn, n, scale_log2, True)
-                    else:
-                        online_softmax(acc_s, acc_o, m_i, l_i, t, row0, j * bn, n, scale_log2, False)
+                    softmax_block(acc_s, acc_o, m_i, l_i, t, row0, j, last, bn, n, scale_log2)
                     p16.store(acc_s.load().to(p16.element_type))
                     pipe_v.consumer_wait(v_state)
                     mma_pv = issue_pv(mma_pv, acc_o, rp, rv, v_state.index, bn)
@@ -574,10 +713,7 @@ class WarpSpecializedForward:
                 warpgroup.wait_group(0)
                 pipe_k.consumer_release(k_state)
                 k_state.advance()
-                if last == 0:
-                    online_softmax(acc_s, acc_o, m_i, l_i, t, row0, 0, n, scale_log2, True, alpha)
-                else:
-                    online_softmax(acc_s, acc_o, m_i, l_i, t, row0, 0, n, scale_log2, False, alpha)
+                softmax_block(acc_s, acc_o, m_i, l_i, t, row0, 0, last, bn, n, scale_log2, alpha, sums, arg, True)
                 p16.store(acc_s.load().to(p16.element_type))
                 if cutlass.const_expr(self.pingpong):  # the first consumer issues first
                     if half == 1:
@@ -594,10 +730,7 @@ class WarpSpecializedForward:
                     warpgroup.wait_group(1)  # QK(j) has landed; PV(j - 1) may still run
                     pipe_k.consumer_release(k_state)
                     k_state.advance()
-                    if j == last:
-                        online_softmax(acc_s, acc_o, m_i, l_i, t, row0, j * bn, n, scale_log2, True, alpha)
-                    else:
-                        online_softmax(acc_s, acc_o, m_i, l_i, t, row0, j * bn, n, scale_log2, False, alpha)
+                    softmax_block(acc_s, acc_o, m_i, l_i, t, row0, j, last, bn, n, scale_log2, alpha, sums, arg)
                     warpgroup.wait_group(0)
                     pipe_v.consumer_release(v_state)
                     v_state.advance()
@@ -607,7 +740,7 @@ class WarpSpecializedForward:
                 mma_pv = issue_pv(mma_pv, acc_o, rp, rv, v_state.index, bn)
                 warpgroup.wait_group(0)
                 pipe_v.consumer_release(v_state)
-            store_rows(acc_o, m_i, l_i, t, row0, n, out, lse, bh)
+            store_rows(acc_o, m_i, l_i, t, row0, n, out, rows, bh, sums, arg)
 
 
 @cute.jit
@@ -644,48 +777,60 @@ KERNELS = {
     "step1": WarpSpecializedForward,
     "step2": functools.partial(WarpSpecializedForward, overlap=True),
     "step3": functools.partial(WarpSpecializedForward, overlap=True, pingpong=True),
+    "step4": functools.partial(WarpSpecializedForward, overlap=True, pingpong=True, stats=True),
 }
 
 
 def offline(name: str, head_dim: int, group: int) -> None:
     from cutlass.cute.runtime import make_fake_stream
 
-    args = fake_arguments(4096, 8, group, head_dim)
-    cute.compile(KERNELS[name](head_dim, group), *args, cutlass.Float32(head_dim**-0.5), make_fake_stream())
+    kernel = KERNELS[name](head_dim, group)
+    args = fake_arguments(4096, 8, group, head_dim, kernel.fields)
+    cute.compile(kernel, *args, cutlass.Float32(head_dim**-0.5), make_fake_stream())
     print(f"{name} D = {head_dim}, group {group}: compiled")
 
 
 def check_on_gpu(name: str, lengths=(128, 200, 1000, 4096), dims=(64, 128), groups=(1, 4)) -> None:
-    """Against float64 attention and lse, on random problems (needs an sm_90 GPU)."""
+    """Against this project's float64 reference backend (``kernels.attention``), on random
+    problems: the output, the lse and, for kernels with the statistics, every row statistic
+    (``StatsSpec.every_row_statistic()``'s settings) and how many argmax rows differ. Needs an
+    sm_90 GPU; run from the checkout's root."""
     import cuda.bindings.driver as cuda_driver
     import torch
+
+    from kernels import StatsSpec, attention
 
     stream = cuda_driver.CUstream(torch.cuda.current_stream().cuda_stream)
     gen = torch.Generator(device="cuda").manual_seed(0)
     for d in dims:
         for group in groups:
+            kernel = KERNELS[name](d, group)
             for n in lengths:
                 h = 8
                 q, k, v = (
                     torch.randn(1, x, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
                     for x in (h, h // group, h // group)
                 )
-                args, out, lse = torch_arguments(q, k, v)
-                scale = d**-0.5
-                compiled = cute.compile(KERNELS[name](d, group), *args, cutlass.Float32(scale), stream)
-                compiled(*args, cutlass.Float32(scale), stream)
+                args, out, rows = torch_arguments(q, k, v, kernel.fields)
+                scale = cutlass.Float32(d**-0.5)
+                cute.compile(kernel, *args, scale, stream)(*args, scale, stream)
                 torch.cuda.synchronize()
-                kr, vr = (t.repeat_interleave(group, 1).double() for t in (k, v))
-                s = (q.double() @ kr.transpose(-1, -2)) * scale
-                s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device="cuda").triu(1), float("-inf"))
-                want_lse = torch.logsumexp(s, -1)
-                want = torch.softmax(s, -1) @ vr
-                err = (out.double() - want).abs().max().item()
-                lse_err = (lse.double() - want_lse).abs().max().item()
-                print(
-                    f"{name} D = {d} group {group} N = {n}: out max err {err:.2e}, lse max err {lse_err:.2e}",
-                    flush=True,
+                want_out, want = attention(
+                    *(t.double() for t in (q, k, v)), stats=StatsSpec.every_row_statistic(), backend="reference"
                 )
+                errors = {"out": (out.double() - want_out).abs().max().item()}
+                for f, field in enumerate(ROW_FIELDS[: kernel.fields]):
+                    got = rows[..., f].double()
+                    if field == "argmax":
+                        errors["argmax rows differing"] = int((got.long() != want.argmax).sum())
+                    else:
+                        expect = want.offset_mass[..., 0] if field == "offset_mass" else getattr(want, field)
+                        errors[field] = (got - expect).abs().max().item()
+                shown = ", ".join(
+                    f"{key} {value:.2e}" if isinstance(value, float) else f"{key} {value}"
+                    for key, value in errors.items()
+                )
+                print(f"{name} D = {d} group {group} N = {n}: {shown}", flush=True)
 
 
 def time_on_gpu(name: str, n: int = 16384, heads: int = 32) -> None:
@@ -699,9 +844,10 @@ def time_on_gpu(name: str, n: int = 16384, heads: int = 32) -> None:
     stream = cuda_driver.CUstream(torch.cuda.current_stream().cuda_stream)
     for d in (128, 64):
         q, k, v = (torch.randn(1, heads, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        args, _, _ = torch_arguments(q, k, v)
+        kernel = KERNELS[name](d, 1)
+        args, _, _ = torch_arguments(q, k, v, kernel.fields)
         scale = cutlass.Float32(d**-0.5)
-        compiled = cute.compile(KERNELS[name](d, 1), *args, scale, stream)
+        compiled = cute.compile(kernel, *args, scale, stream)
         ours = do_bench(functools.partial(compiled, *args, scale, stream), warmup=25, rep=200, return_mode="median")
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             call = functools.partial(F.scaled_dot_product_attention, q, k, v, is_causal=True)
@@ -712,7 +858,9 @@ def time_on_gpu(name: str, n: int = 16384, heads: int = 32) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--offline", action="store_true", help="check the register mapping and compile, no GPU")
-    parser.add_argument("--kernels", default="step0,step1,step2,step3", help=f"comma list of {', '.join(KERNELS)}")
+    parser.add_argument(
+        "--kernels", default="step0,step1,step2,step3,step4", help=f"comma list of {', '.join(KERNELS)}"
+    )
     parser.add_argument("--time", action="store_true", help="after the checks, time them beside cuDNN SDPA")
     args = parser.parse_args()
     names = args.kernels.split(",")
