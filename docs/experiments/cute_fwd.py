@@ -718,24 +718,34 @@ class WarpSpecializedForward:
                 if cutlass.const_expr(self.pingpong):  # the first consumer issues first
                     if half == 1:
                         cute.arch.barrier_arrive(barrier_id=_TURN_BARRIER, number_of_threads=256)
-                for j in cutlass.range(1, n_blocks, unroll=1):
-                    pipe_k.consumer_wait(k_state)
-                    pipe_v.consumer_wait(v_state)
-                    if cutlass.const_expr(self.pingpong):  # wait for this consumer's turn
-                        cute.arch.barrier(barrier_id=_TURN_BARRIER + half, number_of_threads=256)
-                    mma_qk = issue_qk(mma_qk, acc_s, rq, rk, half, k_state.index, d)
-                    mma_pv = issue_pv(mma_pv, acc_o, rp, rv, v_state.index, bn)
-                    if cutlass.const_expr(self.pingpong):  # then hand the turn to the other
-                        cute.arch.barrier_arrive(barrier_id=_TURN_BARRIER + 1 - half, number_of_threads=256)
-                    warpgroup.wait_group(1)  # QK(j) has landed; PV(j - 1) may still run
-                    pipe_k.consumer_release(k_state)
-                    k_state.advance()
-                    softmax_block(acc_s, acc_o, m_i, l_i, t, row0, j, last, bn, n, scale_log2, alpha, sums, arg)
-                    warpgroup.wait_group(0)
-                    pipe_v.consumer_release(v_state)
-                    v_state.advance()
-                    rescale(acc_o, alpha)
-                    p16.store(acc_s.load().to(p16.element_type))
+                # Two loops, so that ptxas allocates the free blocks' loop on its own: first the
+                # blocks that need neither masks nor the near masses, then the last two blocks.
+                tail = cutlass.max(1, last - 1)
+                for free in (True, False):  # unrolled as the kernel is traced
+                    lo, hi = (1, tail) if free else (tail, n_blocks)
+                    for j in cutlass.range(lo, hi, unroll=1):
+                        pipe_k.consumer_wait(k_state)
+                        pipe_v.consumer_wait(v_state)
+                        if cutlass.const_expr(self.pingpong):  # wait for this consumer's turn
+                            cute.arch.barrier(barrier_id=_TURN_BARRIER + half, number_of_threads=256)
+                        mma_qk = issue_qk(mma_qk, acc_s, rq, rk, half, k_state.index, d)
+                        mma_pv = issue_pv(mma_pv, acc_o, rp, rv, v_state.index, bn)
+                        if cutlass.const_expr(self.pingpong):  # then hand the turn to the other
+                            cute.arch.barrier_arrive(barrier_id=_TURN_BARRIER + 1 - half, number_of_threads=256)
+                        warpgroup.wait_group(1)  # QK(j) has landed; PV(j - 1) may still run
+                        pipe_k.consumer_release(k_state)
+                        k_state.advance()
+                        if cutlass.const_expr(free):
+                            online_softmax(
+                                acc_s, acc_o, m_i, l_i, t, row0, j * bn, n, scale_log2, False, alpha, sums, arg
+                            )
+                        else:
+                            softmax_block(acc_s, acc_o, m_i, l_i, t, row0, j, last, bn, n, scale_log2, alpha, sums, arg)
+                        warpgroup.wait_group(0)
+                        pipe_v.consumer_release(v_state)
+                        v_state.advance()
+                        rescale(acc_o, alpha)
+                        p16.store(acc_s.load().to(p16.element_type))
                 pipe_v.consumer_wait(v_state)
                 mma_pv = issue_pv(mma_pv, acc_o, rp, rv, v_state.index, bn)
                 warpgroup.wait_group(0)
