@@ -1,12 +1,12 @@
 """Issue 19, route 2: a causal attention forward for Hopper written in CuTe DSL, our own
-(docs/benchmarks.md, "Route 2, steps 0-3"). Step 0 (:class:`CausalForward`): one warpgroup a
+(docs/benchmarks.md, "Route 2, steps 0-4"). Step 0 (:class:`CausalForward`): one warpgroup a
 CTA takes 64 query rows; key blocks of 64 come by TMA one at a time; QK^T and PV run on wgmma, P
 from registers. Step 1 (:class:`WarpSpecializedForward`): a loader warpgroup and two consumer
 warpgroups with a K/V ring, FlashAttention-3's roles without its overlaps. Step 2: step 1 with
 QK of block j in flight beside PV of block j - 1. Step 3: step 2 with the two consumers taking
 turns to issue their matrix multiplies (ping-pong), so that one's softmax runs under the
-other's. All return the output and the row lse; batch 1; GQA by ``group`` query heads a
-key/value head.
+other's. Step 4: step 3 with every row statistic. All return the output and the row lse; batch
+1; GQA by ``group`` query heads a key/value head.
 
 It needs ``nvidia-cutlass-dsl`` (4.8.1 here; not a dependency of the project). Without a GPU it
 checks where the wgmma fragments put each register (:func:`register_coordinate`, traced on the
@@ -18,7 +18,7 @@ host) and compiles the kernel for sm_90a:
 Triton's wheel reads their registers and spills.) On an sm_90 GPU, with torch, it checks the
 output and lse against float64 attention and times the kernels beside cuDNN SDPA:
 
-    python docs/experiments/cute_fwd.py [--kernels step0,step1,step2,step3] [--time]
+    python docs/experiments/cute_fwd.py [--kernels step0,step1,step2,step3,step4] [--time]
 
 On the device tool's H200 the CuTe DSL wheels travel in three calls, as for FlashAttention-4
 (fa4_wheels.sh, fa4_hopper.py); the third is ``bash .fa4c/install.sh docs/experiments/cute_fwd.py --time``.
