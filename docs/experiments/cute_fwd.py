@@ -52,6 +52,9 @@ WINDOW = 64
 NO_KEY = 1 << 30
 #: Masked scores: finite, so that p * x is 0 for them (not 0 * inf), and far below any score.
 MASKED = -1.0e30
+#: The running max before the first block: above MASKED and finite, so that the first block's
+#: alpha is 0 and entropy's rescale (m_old - m_new) * l adds 0, not -inf * 0 = NaN.
+M_INIT = -5.0e29
 #: Fields of the ``rows`` output ``(N, B*H, fields)``: lse, then with the statistics entropy,
 #: max prob, distance, sink, local and offset-1 masses, and the argmax (exact as float32 below
 #: 2^24 keys).
@@ -437,7 +440,7 @@ class CausalForward:
         m_i = cute.make_rmem_tensor((2,), cutlass.Float32)  # running max of rows h = 0, 1 (log2 units)
         l_i = cute.make_rmem_tensor((2,), cutlass.Float32)  # this thread's part of the running sums
         for h in cutlass.range_constexpr(2):
-            m_i[h] = -math.inf
+            m_i[h] = M_INIT
             l_i[h] = 0.0
         p16 = cute.make_rmem_tensor_like(acc_s, rp.element_type)
         rp = cute.make_tensor(p16.iterator, rp.layout)  # the same registers as PV's A operand
@@ -677,7 +680,7 @@ class WarpSpecializedForward:
             m_i = cute.make_rmem_tensor((2,), cutlass.Float32)
             l_i = cute.make_rmem_tensor((2,), cutlass.Float32)
             for h in cutlass.range_constexpr(2):
-                m_i[h] = -math.inf
+                m_i[h] = M_INIT
                 l_i[h] = 0.0
             row0 = m_block * self.block_m + half * BLOCK_M
             sums, arg = None, None
