@@ -59,8 +59,9 @@ M_INIT = -5.0e29
 #: max prob, distance, sink, local and offset-1 masses, and the argmax (exact as float32 below
 #: 2^24 keys).
 ROW_FIELDS = ("lse", "entropy", "max_prob", "distance", "sink_mass", "local_mass", "offset_mass", "argmax")
-#: Named barriers 1 and 2 (0 is the CTA's): consumer h waits on 1 + h for its turn to issue its
-#: matrix multiplies, and arrives on the other's when it has (step 3, FlashAttention-3's ping-pong).
+#: Named barriers 1 to 3 (0 is the CTA's): consumer h waits on 1 + h for its turn to issue its
+#: matrix multiplies, and arrives on the next one's when it has (step 3, FlashAttention-3's
+#: ping-pong).
 _TURN_BARRIER = 1
 
 
@@ -165,7 +166,8 @@ def softmax_block(
     tidx,
     row0,
     j,
-    last,
+    j_mask,
+    j_near,
     block_n: cutlass.Constexpr,
     n,
     scale_log2: cutlass.Float32,
@@ -174,16 +176,17 @@ def softmax_block(
     arg: cute.Tensor = None,
     first: cutlass.Constexpr = False,
 ):
-    """:func:`online_softmax` of key block ``j`` of a row tile whose diagonal block is ``last``:
-    masked there; with the statistics, the local and offset masses summed there and in the block
-    before it (window and offset reach back less than a block); the sink mass in the ``first``."""
+    """:func:`online_softmax` of key block ``j`` of 64 rows from ``row0``: masked from block
+    ``j_mask`` on (the block of ``row0``: later blocks hold keys after some row, or past ``n``);
+    with the statistics, the local and offset masses summed from block ``j_near`` on (the window
+    and the offset reach back less than a block); the sink mass in the ``first``."""
     stats = sums is not None
-    if j == last:
+    if j >= j_mask:
         online_softmax(
             acc_s, acc_o, m_i, l_i, tidx, row0, j * block_n, n, scale_log2, True, alpha, sums, arg, first, stats
         )
     elif cutlass.const_expr(stats):
-        if j + 1 == last:
+        if j >= j_near:
             online_softmax(
                 acc_s, acc_o, m_i, l_i, tidx, row0, j * block_n, n, scale_log2, False, alpha, sums, arg, first, True
             )
@@ -516,7 +519,6 @@ class WarpSpecializedForward:
     ``setmaxnreg`` moves registers from the loader to the consumers. Same tensors as
     :class:`CausalForward`."""
 
-    block_m = 128  # two consumers of 64 rows
     block_n = 128
 
     def __init__(
@@ -527,8 +529,14 @@ class WarpSpecializedForward:
         overlap: bool = False,
         pingpong: bool = False,
         stats: bool = False,
+        consumers: int = 2,
     ):
         assert overlap or not (pingpong or stats), "turns and statistics are in the overlapped loop"
+        assert consumers in (2, 3)
+        self.consumers = consumers
+        self.block_m = BLOCK_M * consumers  # the CTA's query rows, 64 a consumer
+        # setmaxnreg: the loader's warpgroup keeps 24 registers a thread, the consumers share the rest
+        self.registers = (512 - 24) // consumers // 8 * 8
         self.d = head_dim
         self.group = group
         self.stages = stages
@@ -553,7 +561,7 @@ class WarpSpecializedForward:
         mma_qk, mma_pv = tiled_mmas(dtype, bn, d)
         # the query tile as two 64-row halves, one a consumer
         (q_layout, k_layout, v_layout), ((tma_q, tq), (tma_k, tk), (tma_v, tv)) = smem_operands(
-            q, k, vt, bn, d, 2, self.stages
+            q, k, vt, bn, d, self.consumers, self.stages
         )
         stages = self.stages
 
@@ -570,7 +578,7 @@ class WarpSpecializedForward:
         grid = (cute.ceil_div(q.shape[0], self.block_m), q.shape[2], 1)
         self.kernel(
             mma_qk, mma_pv, tma_q, tq, tma_k, tk, tma_v, tv, out, rows, scale * LOG2E, q_layout, k_layout, v_layout
-        ).launch(grid=grid, block=[384, 1, 1], stream=stream)
+        ).launch(grid=grid, block=[128 * (self.consumers + 1), 1, 1], stream=stream)
 
     @cute.kernel
     def kernel(
@@ -607,7 +615,7 @@ class WarpSpecializedForward:
         if tidx == 0:
             cute.arch.mbarrier_init(q_bar, 1)
         loader = pipeline.CooperativeGroup(pipeline.Agent.Thread)
-        consumers = pipeline.CooperativeGroup(pipeline.Agent.Thread, 8)  # one arrive a consumer warp
+        consumers = pipeline.CooperativeGroup(pipeline.Agent.Thread, 4 * self.consumers)  # one arrive a warp
         cta = cute.make_layout((1, 1, 1, 1))
         pipe_k = pipeline.PipelineTmaAsync.create(
             barrier_storage=st.k_bars.data_ptr(),
@@ -638,9 +646,9 @@ class WarpSpecializedForward:
                 tks, tkg = cpasync.tma_partition(tma_k, 0, one, cute.group_modes(sk, 0, 2), cute.group_modes(gk, 0, 2))
                 tvs, tvg = cpasync.tma_partition(tma_v, 0, one, cute.group_modes(sv, 0, 2), cute.group_modes(gv, 0, 2))
                 with cute.arch.elect_one():
-                    cute.arch.mbarrier_arrive_and_expect_tx(q_bar, 2 * half_q_bytes)
-                for c in cutlass.range_constexpr(2):
-                    cute.copy(tma_q, tqg[(None, 2 * m_block + c)], tqs[(None, c)], tma_bar_ptr=q_bar)
+                    cute.arch.mbarrier_arrive_and_expect_tx(q_bar, self.consumers * half_q_bytes)
+                for c in cutlass.range_constexpr(self.consumers):
+                    cute.copy(tma_q, tqg[(None, self.consumers * m_block + c)], tqs[(None, c)], tma_bar_ptr=q_bar)
                 k_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
                 v_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
                 for j in cutlass.range(n_blocks, unroll=1):
@@ -663,7 +671,7 @@ class WarpSpecializedForward:
                     pipe_v.producer_commit(v_state)
                     v_state.advance()
         else:
-            cute.arch.warpgroup_reg_alloc(240)
+            cute.arch.warpgroup_reg_alloc(self.registers)
             half = wg - 1
             t = tidx % 128
             thr_qk = mma_qk.get_slice(t)
@@ -682,7 +690,7 @@ class WarpSpecializedForward:
             for h in cutlass.range_constexpr(2):
                 m_i[h] = M_INIT
                 l_i[h] = 0.0
-            row0 = m_block * self.block_m + half * BLOCK_M
+            row0 = m_block * self.block_m + half * BLOCK_M  # this consumer's first row
             sums, arg = None, None
             if cutlass.const_expr(self.stats):
                 sums = cute.make_rmem_tensor((2 * STAT_SUMS,), cutlass.Float32)
@@ -692,7 +700,8 @@ class WarpSpecializedForward:
             k_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
             v_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
             cute.arch.mbarrier_wait(q_bar, 0)
-            last = n_blocks - 1  # the diagonal block, and the keys past n: the only one masked
+            j_mask = row0 // bn  # from this block on, keys after some row of this consumer's
+            j_near = cutlass.max(row0 - WINDOW + 1, 0) // bn  # ... and keys its window reaches
             if cutlass.const_expr(not self.overlap):
                 for j in cutlass.range(n_blocks, unroll=1):
                     pipe_k.consumer_wait(k_state)
@@ -700,7 +709,7 @@ class WarpSpecializedForward:
                     warpgroup.wait_group(0)
                     pipe_k.consumer_release(k_state)
                     k_state.advance()
-                    softmax_block(acc_s, acc_o, m_i, l_i, t, row0, j, last, bn, n, scale_log2)
+                    softmax_block(acc_s, acc_o, m_i, l_i, t, row0, j, j_mask, j_near, bn, n, scale_log2)
                     p16.store(acc_s.load().to(p16.element_type))
                     pipe_v.consumer_wait(v_state)
                     mma_pv = issue_pv(mma_pv, acc_o, rp, rv, v_state.index, bn)
@@ -716,14 +725,16 @@ class WarpSpecializedForward:
                 warpgroup.wait_group(0)
                 pipe_k.consumer_release(k_state)
                 k_state.advance()
-                softmax_block(acc_s, acc_o, m_i, l_i, t, row0, 0, last, bn, n, scale_log2, alpha, sums, arg, True)
+                softmax_block(
+                    acc_s, acc_o, m_i, l_i, t, row0, 0, j_mask, j_near, bn, n, scale_log2, alpha, sums, arg, True
+                )
                 p16.store(acc_s.load().to(p16.element_type))
                 if cutlass.const_expr(self.pingpong):  # the first consumer issues first
-                    if half == 1:
+                    if half == self.consumers - 1:
                         cute.arch.barrier_arrive(barrier_id=_TURN_BARRIER, number_of_threads=256)
                 # Two loops, so that ptxas allocates the free blocks' loop on its own: first the
-                # blocks that need neither masks nor the near masses, then the last two blocks.
-                tail = cutlass.max(1, last - 1)
+                # blocks that need neither masks nor the near masses, then the rest.
+                tail = cutlass.max(1, cutlass.min(j_near, n_blocks))
                 for free in (True, False):  # unrolled as the kernel is traced
                     lo, hi = (1, tail) if free else (tail, n_blocks)
                     for j in cutlass.range(lo, hi, unroll=1):
@@ -734,7 +745,8 @@ class WarpSpecializedForward:
                         mma_qk = issue_qk(mma_qk, acc_s, rq, rk, half, k_state.index, d)
                         mma_pv = issue_pv(mma_pv, acc_o, rp, rv, v_state.index, bn)
                         if cutlass.const_expr(self.pingpong):  # then hand the turn to the other
-                            cute.arch.barrier_arrive(barrier_id=_TURN_BARRIER + 1 - half, number_of_threads=256)
+                            turn = _TURN_BARRIER + (half + 1) % self.consumers  # the next consumer's
+                            cute.arch.barrier_arrive(barrier_id=turn, number_of_threads=256)
                         warpgroup.wait_group(1)  # QK(j) has landed; PV(j - 1) may still run
                         pipe_k.consumer_release(k_state)
                         k_state.advance()
@@ -743,7 +755,9 @@ class WarpSpecializedForward:
                                 acc_s, acc_o, m_i, l_i, t, row0, j * bn, n, scale_log2, False, alpha, sums, arg
                             )
                         else:
-                            softmax_block(acc_s, acc_o, m_i, l_i, t, row0, j, last, bn, n, scale_log2, alpha, sums, arg)
+                            softmax_block(
+                                acc_s, acc_o, m_i, l_i, t, row0, j, j_mask, j_near, bn, n, scale_log2, alpha, sums, arg
+                            )
                         warpgroup.wait_group(0)
                         pipe_v.consumer_release(v_state)
                         v_state.advance()
@@ -791,6 +805,8 @@ KERNELS = {
     "step2": functools.partial(WarpSpecializedForward, overlap=True),
     "step3": functools.partial(WarpSpecializedForward, overlap=True, pingpong=True),
     "step4": functools.partial(WarpSpecializedForward, overlap=True, pingpong=True, stats=True),
+    # step 4 with three consumers of 160 registers (FlashAttention-3's head dim 64 tile)
+    "step4c3": functools.partial(WarpSpecializedForward, overlap=True, pingpong=True, stats=True, consumers=3),
 }
 
 
