@@ -511,13 +511,14 @@ def torch_arguments(q, k, v, fields: int = 1):
 
 
 class WarpSpecializedForward:
-    """Step 1: FlashAttention-3's roles without its overlaps. A CTA of three warpgroups takes 128
-    query rows: warpgroup 0 loads (one warp issues TMA: the query tile once, then K and V blocks
-    of 128 keys into a ring of ``stages`` slots, each with its own full and empty barriers, so QK
-    can start before V lands); warpgroups 1 and 2 each compute 64 of the rows against every key
-    block, S = QK^T, the online softmax, O += PV, releasing each slot as they finish with it.
-    ``setmaxnreg`` moves registers from the loader to the consumers. Same tensors as
-    :class:`CausalForward`."""
+    """Step 1: FlashAttention-3's roles without its overlaps. A CTA of ``consumers + 1``
+    warpgroups takes ``64 * consumers`` query rows: warpgroup 0 loads (one warp issues TMA: the
+    query tile once, then K and V blocks of 128 keys into a ring of ``stages`` slots, each with
+    its own full and empty barriers, so QK can start before V lands); the others each compute 64
+    of the rows against every key block, S = QK^T, the online softmax, O += PV, releasing each
+    slot as they finish with it. ``setmaxnreg`` moves registers from the loader to the
+    consumers. ``overlap`` (step 2), ``pingpong`` (step 3) and ``stats`` (step 4) add the rest.
+    Same tensors as :class:`CausalForward`."""
 
     block_n = 128
 
