@@ -293,6 +293,49 @@ def store_rows(
                     rows[row, bh, 7] = cutlass.Float32(first)
 
 
+@cute.jit
+def tma_tiles(tma, tensors, smem, bh, hk, block_n: cutlass.Constexpr, head_dim: cutlass.Constexpr):
+    """Per-operand ``(shared, global)`` TMA partitions of the query head ``bh``'s 64-row tiles and
+    the key/value head ``hk``'s blocks of ``block_n`` keys: the global side is indexed by tile
+    or block, the shared side by slot. ``tma``, ``tensors`` and ``smem`` are (q, k, v) triples."""
+    tq, tk, tv = tensors
+    tiles = (
+        cute.local_tile(tq[None, None, bh], (BLOCK_M, head_dim), (None, 0)),
+        cute.local_tile(tk[None, None, hk], (block_n, head_dim), (None, 0)),
+        cute.local_tile(tv[None, None, hk], (head_dim, block_n), (0, None)),
+    )
+    one = cute.make_layout(1)
+    return tuple(
+        cpasync.tma_partition(atom, 0, one, cute.group_modes(s, 0, 2), cute.group_modes(g, 0, 2))
+        for atom, s, g in zip(tma, smem, tiles)
+    )
+
+
+@cute.jit
+def consumer_registers(mma_qk, mma_pv, t, sq, sk, sv, block_n: cutlass.Constexpr, head_dim: cutlass.Constexpr):
+    """One consumer warpgroup's operands and state for thread ``t`` (0-127): the Q, K and V
+    fragments (shared-memory descriptors), the S and O accumulators (O zeroed), P's 16-bit
+    registers and PV's A operand viewed on them, and the running max and sums [2] of its two
+    rows: ``(rq, rk, rv, acc_s, acc_o, p16, rp, m_i, l_i)``."""
+    thr_qk = mma_qk.get_slice(t)
+    thr_pv = mma_pv.get_slice(t)
+    rq = mma_qk.make_fragment_A(thr_qk.partition_A(sq))
+    rk = mma_qk.make_fragment_B(thr_qk.partition_B(sk))
+    rv = mma_pv.make_fragment_B(thr_pv.partition_B(sv))
+    acc_s = cute.make_rmem_tensor(thr_qk.partition_shape_C((BLOCK_M, block_n)), cutlass.Float32)
+    acc_o = cute.make_rmem_tensor(thr_pv.partition_shape_C((BLOCK_M, head_dim)), cutlass.Float32)
+    acc_o.fill(0.0)
+    a_layout = mma_pv.make_fragment_A(thr_pv.partition_shape_A((BLOCK_M, block_n))).layout
+    p16 = cute.make_rmem_tensor_like(acc_s, mma_pv.op.a_dtype)
+    rp = cute.make_tensor(p16.iterator, a_layout)  # the same registers as PV's A operand
+    m_i = cute.make_rmem_tensor((2,), cutlass.Float32)  # running max of rows h = 0, 1 (log2 units)
+    l_i = cute.make_rmem_tensor((2,), cutlass.Float32)  # this thread's part of the running sums
+    for h in cutlass.range_constexpr(2):
+        m_i[h] = M_INIT
+        l_i[h] = 0.0
+    return rq, rk, rv, acc_s, acc_o, p16, rp, m_i, l_i
+
+
 def tiled_mmas(dtype, block_n: int, head_dim: int) -> tuple:
     """``(QK^T, PV)`` tiled MMAs of one warpgroup's 64 rows: QK^T with both operands K-major in
     shared memory; PV with P from registers and V MN-major (``(D, N)`` view) in shared memory."""
@@ -422,31 +465,10 @@ class CausalForward:
         cute.arch.mbarrier_init_fence()
         cute.arch.sync_threads()
 
-        gq = cute.local_tile(tq[None, None, bh], (BLOCK_M, d), (m_block, 0))
-        gk = cute.local_tile(tk[None, None, hk], (BLOCK_N, d), (None, 0))
-        gv = cute.local_tile(tv[None, None, hk], (d, BLOCK_N), (0, None))
-        one = cute.make_layout(1)
-        tqs, tqg = cpasync.tma_partition(tma_q, 0, one, cute.group_modes(sq, 0, 2), cute.group_modes(gq, 0, 2))
-        tks, tkg = cpasync.tma_partition(tma_k, 0, one, cute.group_modes(sk, 0, 2), cute.group_modes(gk, 0, 2))
-        tvs, tvg = cpasync.tma_partition(tma_v, 0, one, cute.group_modes(sv, 0, 2), cute.group_modes(gv, 0, 2))
-
-        thr_qk = mma_qk.get_slice(tidx)
-        thr_pv = mma_pv.get_slice(tidx)
-        rq = mma_qk.make_fragment_A(thr_qk.partition_A(sq))
-        rk = mma_qk.make_fragment_B(thr_qk.partition_B(sk))
-        rv = mma_pv.make_fragment_B(thr_pv.partition_B(sv))
-        acc_s = cute.make_rmem_tensor(thr_qk.partition_shape_C((BLOCK_M, BLOCK_N)), cutlass.Float32)
-        acc_o = cute.make_rmem_tensor(thr_pv.partition_shape_C((BLOCK_M, d)), cutlass.Float32)
-        rp = mma_pv.make_fragment_A(thr_pv.partition_shape_A((BLOCK_M, BLOCK_N)))
-        acc_o.fill(0.0)
-
-        m_i = cute.make_rmem_tensor((2,), cutlass.Float32)  # running max of rows h = 0, 1 (log2 units)
-        l_i = cute.make_rmem_tensor((2,), cutlass.Float32)  # this thread's part of the running sums
-        for h in cutlass.range_constexpr(2):
-            m_i[h] = M_INIT
-            l_i[h] = 0.0
-        p16 = cute.make_rmem_tensor_like(acc_s, rp.element_type)
-        rp = cute.make_tensor(p16.iterator, rp.layout)  # the same registers as PV's A operand
+        (tqs, tqg), (tks, tkg), (tvs, tvg) = tma_tiles(
+            (tma_q, tma_k, tma_v), (tq, tk, tv), (sq, sk, sv), bh, hk, BLOCK_N, d
+        )
+        rq, rk, rv, acc_s, acc_o, p16, rp, m_i, l_i = consumer_registers(mma_qk, mma_pv, tidx, sq, sk, sv, BLOCK_N, d)
 
         # TMA copies elect their issuing thread themselves: the whole warp 0 calls them
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
@@ -455,7 +477,7 @@ class CausalForward:
                 cute.arch.mbarrier_arrive_and_expect_tx(
                     bars, cute.size_in_bytes(out.element_type, cute.slice_(q_layout, (None, None, 0)))
                 )
-            cute.copy(tma_q, tqg, tqs[(None, 0)], tma_bar_ptr=bars)
+            cute.copy(tma_q, tqg[(None, m_block)], tqs[(None, 0)], tma_bar_ptr=bars)
         cute.arch.mbarrier_wait(bars, 0)
 
         n_blocks = cute.ceil_div(cutlass.min((m_block + 1) * BLOCK_M, n), BLOCK_N)
@@ -639,13 +661,9 @@ class WarpSpecializedForward:
         if wg == 0:
             cute.arch.warpgroup_reg_dealloc(24)
             if warp == 0:
-                gq = cute.local_tile(tq[None, None, bh], (BLOCK_M, d), (None, 0))
-                gk = cute.local_tile(tk[None, None, hk], (bn, d), (None, 0))
-                gv = cute.local_tile(tv[None, None, hk], (d, bn), (0, None))
-                one = cute.make_layout(1)
-                tqs, tqg = cpasync.tma_partition(tma_q, 0, one, cute.group_modes(sq, 0, 2), cute.group_modes(gq, 0, 2))
-                tks, tkg = cpasync.tma_partition(tma_k, 0, one, cute.group_modes(sk, 0, 2), cute.group_modes(gk, 0, 2))
-                tvs, tvg = cpasync.tma_partition(tma_v, 0, one, cute.group_modes(sv, 0, 2), cute.group_modes(gv, 0, 2))
+                (tqs, tqg), (tks, tkg), (tvs, tvg) = tma_tiles(
+                    (tma_q, tma_k, tma_v), (tq, tk, tv), (sq, sk, sv), bh, hk, bn, d
+                )
                 with cute.arch.elect_one():
                     cute.arch.mbarrier_arrive_and_expect_tx(q_bar, self.consumers * half_q_bytes)
                 for c in cutlass.range_constexpr(self.consumers):
@@ -675,22 +693,7 @@ class WarpSpecializedForward:
             cute.arch.warpgroup_reg_alloc(self.registers)
             half = wg - 1
             t = tidx % 128
-            thr_qk = mma_qk.get_slice(t)
-            thr_pv = mma_pv.get_slice(t)
-            rq = mma_qk.make_fragment_A(thr_qk.partition_A(sq))
-            rk = mma_qk.make_fragment_B(thr_qk.partition_B(sk))
-            rv = mma_pv.make_fragment_B(thr_pv.partition_B(sv))
-            acc_s = cute.make_rmem_tensor(thr_qk.partition_shape_C((BLOCK_M, bn)), cutlass.Float32)
-            acc_o = cute.make_rmem_tensor(thr_pv.partition_shape_C((BLOCK_M, d)), cutlass.Float32)
-            rp = mma_pv.make_fragment_A(thr_pv.partition_shape_A((BLOCK_M, bn)))
-            p16 = cute.make_rmem_tensor_like(acc_s, rp.element_type)
-            rp = cute.make_tensor(p16.iterator, rp.layout)  # the same registers as PV's A operand
-            acc_o.fill(0.0)
-            m_i = cute.make_rmem_tensor((2,), cutlass.Float32)
-            l_i = cute.make_rmem_tensor((2,), cutlass.Float32)
-            for h in cutlass.range_constexpr(2):
-                m_i[h] = M_INIT
-                l_i[h] = 0.0
+            rq, rk, rv, acc_s, acc_o, p16, rp, m_i, l_i = consumer_registers(mma_qk, mma_pv, t, sq, sk, sv, bn, d)
             row0 = m_block * self.block_m + half * BLOCK_M  # this consumer's first row
             sums, arg = None, None
             if cutlass.const_expr(self.stats):
