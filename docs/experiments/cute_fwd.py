@@ -264,7 +264,8 @@ def store_rows(
 ):
     """Write this thread's output rows (``acc_o`` / the row sum) and their :data:`ROW_FIELDS`
     (the lse; with ``sums`` and ``arg`` every row statistic), rows from ``row0`` of head ``bh``;
-    rows at ``n`` or past it are skipped."""
+    rows at ``n`` or past it are skipped. ``out=None``: the caller stores the output
+    (:func:`store_output`) and takes ``acc_o`` back scaled by 1 / the row sum."""
     for h in cutlass.range_constexpr(2):
         l_sum = quad_sum(l_i[h])
         inv = 1.0 / l_sum
@@ -275,10 +276,15 @@ def store_rows(
             first = arg[h]
             first = cutlass.min(first, cute.arch.shuffle_sync_bfly(first, offset=1))
             first = cutlass.min(first, cute.arch.shuffle_sync_bfly(first, offset=2))
-        if row < n:
+        if cutlass.const_expr(out is None):
             for v in cutlass.range_constexpr(cute.size(acc_o)):
                 if cutlass.const_expr((v // 2) % 2 == h):
-                    out[row, register_coordinate(tidx, v)[1], bh] = (acc_o[v] * inv).to(out.element_type)
+                    acc_o[v] = acc_o[v] * inv
+        if row < n:
+            if cutlass.const_expr(out is not None):
+                for v in cutlass.range_constexpr(cute.size(acc_o)):
+                    if cutlass.const_expr((v // 2) % 2 == h):
+                        out[row, register_coordinate(tidx, v)[1], bh] = (acc_o[v] * inv).to(out.element_type)
             if tidx % 4 == 0:
                 log2_l = cute.math.log2(l_sum)
                 rows[row, bh, 0] = (m_i[h] + log2_l) * (1.0 / LOG2E)
@@ -291,6 +297,23 @@ def store_rows(
                     rows[row, bh, 5] = local * inv
                     rows[row, bh, 6] = offset * inv
                     rows[row, bh, 7] = cutlass.Float32(first)
+
+
+@cute.jit
+def store_output(mma_pv, acc_o: cute.Tensor, t, slot: cute.Tensor, tma_o, tile_s, tile_g, barrier_id):
+    """Write a consumer's normalized output tile: its 128 threads put ``acc_o`` (bf16) into
+    ``slot`` (its query tile's shared memory, free once its last QK has landed), then one thread
+    stores the tile with TMA (``tile_s`` to ``tile_g``; rows past the end are clipped) and waits
+    until the store has read shared memory."""
+    r_out = cute.make_rmem_tensor_like(acc_o, slot.element_type)
+    r_out.store(acc_o.load().to(slot.element_type))
+    cute.autovec_copy(r_out, mma_pv.get_slice(t).partition_C(slot))
+    cute.arch.fence_view_async_shared()  # the generic proxy's writes, seen by TMA
+    cute.arch.barrier(barrier_id=barrier_id, number_of_threads=128)
+    if t == 0:
+        cute.copy(tma_o, tile_s, tile_g)
+        cute.arch.cp_async_bulk_commit_group()
+        cute.arch.cp_async_bulk_wait_group(0, read=True)
 
 
 @cute.jit
@@ -523,13 +546,19 @@ def torch_arguments(q, k, v, fields: int = 1):
     out = torch.empty_like(q)
     rows = torch.empty(1, h, n, fields, device=q.device, dtype=torch.float32)
     views = (
-        q[0].permute(1, 2, 0),  # (N, D, H)
-        k[0].permute(1, 2, 0),
-        v[0].permute(2, 1, 0),  # (D, N, Hkv): V as PV's B operand
-        out[0].permute(1, 2, 0),
-        rows[0].permute(1, 0, 2),  # (N, H, fields)
+        (q[0].permute(1, 2, 0), 0),  # (N, D, H), with the mode of the sequence
+        (k[0].permute(1, 2, 0), 0),
+        (v[0].permute(2, 1, 0), 1),  # (D, N, Hkv): V as PV's B operand
+        (out[0].permute(1, 2, 0), 0),
+        (rows[0].permute(1, 0, 2), 0),  # (N, H, fields)
     )
-    return tuple(from_dlpack(t, assumed_align=16) for t in views), out, rows
+    # the length dynamic, the other strides static where they follow from it: one compiled
+    # kernel serves every length, as a library needs
+    cute_views = tuple(
+        from_dlpack(t, assumed_align=16).mark_compact_shape_dynamic(mode=m, stride_order=t.dim_order())
+        for t, m in views
+    )
+    return cute_views, out, rows
 
 
 class WarpSpecializedForward:
@@ -553,10 +582,12 @@ class WarpSpecializedForward:
         pingpong: bool = False,
         stats: bool = False,
         consumers: int = 2,
+        block_n: int = 128,
     ):
         assert overlap or not (pingpong or stats), "turns and statistics are in the overlapped loop"
         assert consumers in (2, 3)
         self.consumers = consumers
+        self.block_n = block_n
         self.block_m = BLOCK_M * consumers  # the CTA's query rows, 64 a consumer
         # setmaxnreg: the loader's warpgroup keeps 24 registers a thread, the consumers share the rest
         self.registers = (512 - 24) // consumers // 8 * 8
@@ -598,9 +629,12 @@ class WarpSpecializedForward:
             sv: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(v_layout)], 1024]
 
         self.shared = Shared
+        tma_o, to = cpasync.make_tiled_tma_atom(
+            cpasync.CopyBulkTensorTileS2GOp(), out, cute.slice_(q_layout, (None, None, 0)), (BLOCK_M, d)
+        )
         grid = (cute.ceil_div(q.shape[0], self.block_m), q.shape[2], 1)
         self.kernel(
-            mma_qk, mma_pv, tma_q, tq, tma_k, tk, tma_v, tv, out, rows, scale * LOG2E, q_layout, k_layout, v_layout
+            mma_qk, mma_pv, tma_q, tq, tma_k, tk, tma_v, tv, tma_o, to, rows, scale * LOG2E, q_layout, k_layout, v_layout
         ).launch(grid=grid, block=[128 * (self.consumers + 1), 1, 1], stream=stream)
 
     @cute.kernel
@@ -614,7 +648,8 @@ class WarpSpecializedForward:
         tk: cute.Tensor,
         tma_v: cute.CopyAtom,
         tv: cute.Tensor,
-        out: cute.Tensor,
+        tma_o: cute.CopyAtom,
+        to: cute.Tensor,
         rows: cute.Tensor,
         scale_log2: cutlass.Float32,
         q_layout: cute.ComposedLayout,
@@ -623,9 +658,10 @@ class WarpSpecializedForward:
     ):
         d, bn = self.d, self.block_n
         tidx, _, _ = cute.arch.thread_idx()
-        m_block, bh, _ = cute.arch.block_idx()
+        m_rev, bh, _ = cute.arch.block_idx()
+        m_block = cute.arch.grid_dim()[0] - 1 - m_rev  # the longest (last) tiles start first
         hk = bh // self.group
-        n = out.shape[0]
+        n = to.shape[0]
         wg = cute.arch.make_warp_uniform(tidx // 128)
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         st = cutlass.memory.SmemAllocator().allocate(self.shared)
@@ -633,8 +669,8 @@ class WarpSpecializedForward:
         sk = st.sk.get_tensor(k_layout.outer, swizzle=k_layout.inner)
         sv = st.sv.get_tensor(v_layout.outer, swizzle=v_layout.inner)
         q_bar = st.q_bar.data_ptr()
-        half_q_bytes = cute.size_in_bytes(out.element_type, cute.slice_(q_layout, (None, None, 0)))
-        kv_bytes = cute.size_in_bytes(out.element_type, cute.slice_(k_layout, (None, None, 0)))
+        half_q_bytes = cute.size_in_bytes(sq.element_type, cute.slice_(q_layout, (None, None, 0)))
+        kv_bytes = cute.size_in_bytes(sq.element_type, cute.slice_(k_layout, (None, None, 0)))
         if tidx == 0:
             cute.arch.mbarrier_init(q_bar, 1)
         loader = pipeline.CooperativeGroup(pipeline.Agent.Thread)
@@ -771,7 +807,16 @@ class WarpSpecializedForward:
                 mma_pv = issue_pv(mma_pv, acc_o, rp, rv, v_state.index, bn)
                 warpgroup.wait_group(0)
                 pipe_v.consumer_release(v_state)
-            store_rows(acc_o, m_i, l_i, t, row0, n, out, rows, bh, sums, arg)
+            store_rows(acc_o, m_i, l_i, t, row0, n, None, rows, bh, sums, arg)
+            tos, tog = cpasync.tma_partition(
+                tma_o,
+                0,
+                cute.make_layout(1),
+                cute.group_modes(sq, 0, 2),
+                cute.group_modes(cute.local_tile(to[None, None, bh], (BLOCK_M, d), (None, 0)), 0, 2),
+            )
+            tile = self.consumers * m_block + half
+            store_output(mma_pv, acc_o, t, sq[None, None, half], tma_o, tos[(None, half)], tog[(None, tile)], 4 + half)
 
 
 @cute.jit
@@ -811,6 +856,12 @@ KERNELS = {
     "step4": functools.partial(WarpSpecializedForward, overlap=True, pingpong=True, stats=True),
     # step 4 with three consumers of 160 registers (FlashAttention-3's head dim 64 tile)
     "step4c3": functools.partial(WarpSpecializedForward, overlap=True, pingpong=True, stats=True, consumers=3),
+    "step3c3": functools.partial(WarpSpecializedForward, overlap=True, pingpong=True, consumers=3),
+    "step4c3n96": functools.partial(
+        WarpSpecializedForward, overlap=True, pingpong=True, stats=True, consumers=3, block_n=96
+    ),
+    "step3c3n96": functools.partial(WarpSpecializedForward, overlap=True, pingpong=True, consumers=3, block_n=96),
+    "step4np": functools.partial(WarpSpecializedForward, overlap=True, stats=True),  # step 4 without turns
 }
 
 
@@ -837,7 +888,7 @@ def check_on_gpu(name: str, lengths=(128, 200, 1000, 4096), dims=(64, 128), grou
     gen = torch.Generator(device="cuda").manual_seed(0)
     for d in dims:
         for group in groups:
-            kernel = KERNELS[name](d, group)
+            kernel, compiled = KERNELS[name](d, group), None
             for n in lengths:
                 h = 8
                 q, k, v = (
@@ -846,7 +897,8 @@ def check_on_gpu(name: str, lengths=(128, 200, 1000, 4096), dims=(64, 128), grou
                 )
                 args, out, rows = torch_arguments(q, k, v, kernel.fields)
                 scale = cutlass.Float32(d**-0.5)
-                cute.compile(kernel, *args, scale, stream)(*args, scale, stream)
+                compiled = compiled or cute.compile(kernel, *args, scale, stream)  # one build, every length
+                compiled(*args, scale, stream)
                 torch.cuda.synchronize()
                 want_out, want = attention(
                     *(t.double() for t in (q, k, v)), stats=StatsSpec.every_row_statistic(), backend="reference"
@@ -866,26 +918,46 @@ def check_on_gpu(name: str, lengths=(128, 200, 1000, 4096), dims=(64, 128), grou
                 print(f"{name} D = {d} group {group} N = {n}: {shown}", flush=True)
 
 
-def time_on_gpu(name: str, n: int = 16384, heads: int = 32) -> None:
-    """Milliseconds of the kernel and of cuDNN SDPA, bf16, causal, batch 1 (needs an sm_90 GPU)."""
+def time_on_gpu(names: list[str], lengths=(16384, 32768), heads: int = 32) -> None:
+    """Milliseconds of each kernel, of cuDNN SDPA and of this project's kernel with every row
+    statistic (``kernels.attention``), bf16, causal, batch 1, ``do_bench`` medians; a table
+    last (needs an sm_90 GPU)."""
     import cuda.bindings.driver as cuda_driver
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from triton.testing import do_bench
 
+    from kernels import StatsSpec, attention
+
     stream = cuda_driver.CUstream(torch.cuda.current_stream().cuda_stream)
-    for d in (128, 64):
-        q, k, v = (torch.randn(1, heads, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        kernel = KERNELS[name](d, 1)
-        args, _, _ = torch_arguments(q, k, v, kernel.fields)
-        scale = cutlass.Float32(d**-0.5)
-        compiled = cute.compile(kernel, *args, scale, stream)
-        ours = do_bench(functools.partial(compiled, *args, scale, stream), warmup=25, rep=200, return_mode="median")
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            call = functools.partial(F.scaled_dot_product_attention, q, k, v, is_causal=True)
-            sdpa = do_bench(call, warmup=25, rep=200, return_mode="median")
-        print(f"{name} N = {n} D = {d}: SDPA {sdpa:.3f} ms, {ours:.3f} ms ({sdpa / ours:.3f}x)", flush=True)
+    table = ["| N | D | call | ms | SDPA / call |", "| --- | --- | --- | --- | --- |"]
+    for n in lengths:
+        for d in (128, 64):
+            q, k, v = (torch.randn(1, heads, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                call = functools.partial(F.scaled_dot_product_attention, q, k, v, is_causal=True)
+                calls = {"SDPA (cuDNN)": call}
+            stats = StatsSpec.every_row_statistic()
+            calls["project kernel, every row statistic"] = functools.partial(
+                attention, q, k, v, stats=stats, backend="triton"
+            )
+            for name in names:
+                kernel = KERNELS[name](d, 1)
+                args, _, _ = torch_arguments(q, k, v, kernel.fields)
+                scale = cutlass.Float32(d**-0.5)
+                calls[name] = functools.partial(cute.compile(kernel, *args, scale, stream), *args, scale, stream)
+            times = {}
+            for name, call in calls.items():
+                if name.startswith("SDPA"):
+                    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                        times[name] = do_bench(call, warmup=25, rep=200, return_mode="median")
+                else:
+                    times[name] = do_bench(call, warmup=25, rep=200, return_mode="median")
+            sdpa = times["SDPA (cuDNN)"]
+            table += [f"| {n} | {d} | {name} | {t:.3f} | {sdpa / t:.3f}x |" for name, t in times.items()]
+            print(table[-1], flush=True)
+    print("\n".join(table))
 
 
 if __name__ == "__main__":
@@ -895,10 +967,11 @@ if __name__ == "__main__":
         "--kernels", default="step0,step1,step2,step3,step4", help=f"comma list of {', '.join(KERNELS)}"
     )
     parser.add_argument("--time", action="store_true", help="after the checks, time them beside cuDNN SDPA")
+    parser.add_argument("--no-check", action="store_true", help="skip the checks against float64 attention")
     args = parser.parse_args()
     names = args.kernels.split(",")
     if args.offline:
-        for bn in (BLOCK_N, WarpSpecializedForward.block_n):
+        for bn in (BLOCK_N, 96, 128):
             for d in (64, 128):
                 wrong = []
                 cute.compile(_fragment_layouts, bn, d, wrong)
@@ -908,7 +981,7 @@ if __name__ == "__main__":
                 for g in (1, 4):
                     offline(name, d, g)
     else:
-        for name in names:
+        for name in names if not args.no_check else ():
             check_on_gpu(name)
-        for name in names if args.time else ():
-            time_on_gpu(name)
+        if args.time:
+            time_on_gpu(names)

@@ -25,6 +25,8 @@ mkdir -p /tmp/fa4 /tmp/site && cp .fa4c/part.02 /tmp/fa4/
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .fa4c/*.whl
 cat /tmp/fa4/part.00 /tmp/fa4/part.01 /tmp/fa4/part.02 | xz -d | tar x -C /tmp/site
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:.
+# sourced (`. .fa4c/install.sh`), it stops here, with PYTHONPATH set in the caller's shell
+[[ "${BASH_SOURCE[0]}" != "$0" ]] && return 0
 # the script to run and its arguments (default: fa4_hopper.py), e.g. bash .fa4c/install.sh docs/experiments/cute_fwd.py --time
 timeout 420 python3 "${@:-docs/experiments/fa4_hopper.py}"
 INSTALL
