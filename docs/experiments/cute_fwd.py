@@ -634,7 +634,21 @@ class WarpSpecializedForward:
         )
         grid = (cute.ceil_div(q.shape[0], self.block_m), q.shape[2], 1)
         self.kernel(
-            mma_qk, mma_pv, tma_q, tq, tma_k, tk, tma_v, tv, tma_o, to, rows, scale * LOG2E, q_layout, k_layout, v_layout
+            mma_qk,
+            mma_pv,
+            tma_q,
+            tq,
+            tma_k,
+            tk,
+            tma_v,
+            tv,
+            tma_o,
+            to,
+            rows,
+            scale * LOG2E,
+            q_layout,
+            k_layout,
+            v_layout,
         ).launch(grid=grid, block=[128 * (self.consumers + 1), 1, 1], stream=stream)
 
     @cute.kernel
