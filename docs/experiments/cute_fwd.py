@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import math
 import os
 
 os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
@@ -65,6 +64,32 @@ ROW_FIELDS = ("lse", "entropy", "max_prob", "distance", "sink_mass", "local_mass
 _TURN_BARRIER = 1
 
 
+#: Independent chains a row's max and sums run in (then combined pairwise): shorter dependency
+#: chains for the issue slots the other warpgroup leaves.
+MAX_CHAINS = 4
+SUM_CHAINS = 2
+
+
+def chains(values: list, op, n: int):
+    """``op``-reduce ``values`` (traced scalars) in ``n`` interleaved chains, then pairwise."""
+    acc = list(values[:n])
+    for i, x in enumerate(values[n:]):
+        acc[i % n] = op(acc[i % n], x)
+    while len(acc) > 1:
+        acc = [op(acc[i], acc[i + 1]) if i + 1 < len(acc) else acc[i] for i in range(0, len(acc), 2)]
+    return acc[0]
+
+
+def fma_chains(pairs: list, n: int):
+    """``sum a * b`` over ``pairs`` in ``n`` interleaved FMA chains, then pairwise."""
+    acc = [a * b for a, b in pairs[:n]]
+    for i, (a, b) in enumerate(pairs[n:]):
+        acc[i % n] = acc[i % n] + a * b
+    while len(acc) > 1:
+        acc = [acc[i] + acc[i + 1] if i + 1 < len(acc) else acc[i] for i in range(0, len(acc), 2)]
+    return acc[0]
+
+
 @cute.jit
 def online_softmax(
     acc_s: cute.Tensor,
@@ -98,55 +123,53 @@ def online_softmax(
     ``arg`` [2]: the first key of this thread's columns that holds the row max (or ``NO_KEY``):
     rescanned only where the block raised the max, so an earlier key keeps an exact tie."""
     for h in cutlass.range_constexpr(2):  # this thread's two rows
-        mx = cutlass.Float32(-math.inf)
-        for v in cutlass.range_constexpr(cute.size(acc_s)):
-            if cutlass.const_expr((v // 2) % 2 == h):
-                acc_s[v] = acc_s[v] * scale_log2
-                if cutlass.const_expr(masked):
-                    r, col = register_coordinate(tidx, v)
-                    if key0 + col > row0 + r:
-                        acc_s[v] = MASKED
-                    if key0 + col >= n:
-                        acc_s[v] = MASKED
-                mx = cute.arch.fmax(mx, acc_s[v])
+        regs = [v for v in range(cute.size(acc_s)) if (v // 2) % 2 == h]
+        if cutlass.const_expr(masked):  # on the raw scores: the scale is folded into the exponent
+            for v in regs:
+                r, col = register_coordinate(tidx, v)
+                if key0 + col > row0 + r:
+                    acc_s[v] = MASKED
+                if key0 + col >= n:
+                    acc_s[v] = MASKED
+        mx = chains([acc_s[v] for v in regs], cute.arch.fmax, MAX_CHAINS)
         mx = cute.arch.fmax(mx, cute.arch.shuffle_sync_bfly(mx, offset=1))
         mx = cute.arch.fmax(mx, cute.arch.shuffle_sync_bfly(mx, offset=2))
-        m_new = cute.arch.fmax(m_i[h], mx)
+        m_new = cute.arch.fmax(m_i[h], mx * scale_log2)
         alpha = cute.arch.exp2(m_i[h] - m_new)
         if cutlass.const_expr(arg is not None):
-            if mx > m_i[h]:  # the block raised the max: find this thread's first column holding it
+            if mx * scale_log2 > m_i[h]:  # the block raised the max: this thread's first column with it
                 arg[h] = NO_KEY
-                for v in cutlass.range_constexpr(cute.size(acc_s) - 1, -1, -1):  # last first: the
-                    if cutlass.const_expr((v // 2) % 2 == h):  # earliest column is written last
-                        if acc_s[v] == m_new:
-                            arg[h] = key0 + register_coordinate(tidx, v)[1]
+                for v in reversed(regs):  # last first: the earliest column is written last
+                    if acc_s[v] == mx:
+                        arg[h] = key0 + register_coordinate(tidx, v)[1]
         if cutlass.const_expr(sums is not None):
             base = h * STAT_SUMS
             sums[base] = alpha * (sums[base] + (m_i[h] - m_new) * l_i[h])
             for f in cutlass.range_constexpr(1, STAT_SUMS):
                 sums[base + f] = alpha * sums[base + f]
-        total = cutlass.Float32(0.0)
-        offsets = cutlass.Float32(0.0)  # sum p * (key - the thread's first key in the block)
-        for v in cutlass.range_constexpr(cute.size(acc_s)):
-            if cutlass.const_expr((v // 2) % 2 == h):
-                x = acc_s[v] - m_new
-                acc_s[v] = cute.arch.exp2(x)
-                total = total + acc_s[v]
-                if cutlass.const_expr(sums is not None):
-                    sums[base] = sums[base] + acc_s[v] * x  # masked: p = 0 and x finite
-                    offsets = offsets + acc_s[v] * float(v % 2 + 8 * (v // 4))  # an immediate
-                    r, col = register_coordinate(tidx, v)
-                    key, row = key0 + col, row0 + r
-                    if cutlass.const_expr(first):
-                        if key < SINK_TOKENS:
-                            sums[base + 2] = sums[base + 2] + acc_s[v]
-                    if cutlass.const_expr(near):
-                        if key > row - WINDOW:
-                            sums[base + 3] = sums[base + 3] + acc_s[v]
-                        if key == row - 1:
-                            sums[base + 4] = sums[base + 4] + acc_s[v]
-        if cutlass.const_expr(sums is not None):  # distance: sum p key, one FMA a score above
+        xs = []
+        for v in regs:
+            xs.append(acc_s[v] * scale_log2 - m_new)  # one FMA (log2 units)
+            acc_s[v] = cute.arch.exp2(xs[-1])
+        add = lambda a, b: a + b  # noqa: E731
+        total = chains([acc_s[v] for v in regs], add, SUM_CHAINS)
+        if cutlass.const_expr(sums is not None):
+            # entropy's sum p x and distance's sum p (key - the thread's first key), one FMA a score
+            # each (masked: p = 0 and x finite), in independent chains
+            sums[base] = sums[base] + fma_chains([(acc_s[v], x) for v, x in zip(regs, xs)], SUM_CHAINS)
+            offsets = fma_chains([(acc_s[v], float(v % 2 + 8 * (v // 4))) for v in regs], SUM_CHAINS)
             sums[base + 1] = sums[base + 1] + offsets + cutlass.Float32(key0 + register_coordinate(tidx, 0)[1]) * total
+            for v in regs:
+                r, col = register_coordinate(tidx, v)
+                key, row = key0 + col, row0 + r
+                if cutlass.const_expr(first):
+                    if key < SINK_TOKENS:
+                        sums[base + 2] = sums[base + 2] + acc_s[v]
+                if cutlass.const_expr(near):
+                    if key > row - WINDOW:
+                        sums[base + 3] = sums[base + 3] + acc_s[v]
+                    if key == row - 1:
+                        sums[base + 4] = sums[base + 4] + acc_s[v]
         l_i[h] = l_i[h] * alpha + total
         m_i[h] = m_new
         if cutlass.const_expr(alpha_out is None):
@@ -876,6 +899,7 @@ KERNELS = {
     ),
     "step3c3n96": functools.partial(WarpSpecializedForward, overlap=True, pingpong=True, consumers=3, block_n=96),
     "step4np": functools.partial(WarpSpecializedForward, overlap=True, stats=True),  # step 4 without turns
+    "step4s3": functools.partial(WarpSpecializedForward, overlap=True, pingpong=True, stats=True, stages=3),
 }
 
 
@@ -963,11 +987,11 @@ def time_on_gpu(names: list[str], lengths=(16384, 32768), heads: int = 32) -> No
                 calls[name] = functools.partial(cute.compile(kernel, *args, scale, stream), *args, scale, stream)
             times = {}
             for name, call in calls.items():
-                if name.startswith("SDPA"):
+                try:
                     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                         times[name] = do_bench(call, warmup=25, rep=200, return_mode="median")
-                else:
-                    times[name] = do_bench(call, warmup=25, rep=200, return_mode="median")
+                except Exception as error:  # e.g. more shared memory than a CTA may have
+                    print(f"{name} N = {n} D = {d}: {type(error).__name__}: {error}"[:300], flush=True)
             sdpa = times["SDPA (cuDNN)"]
             table += [f"| {n} | {d} | {name} | {t:.3f} | {sdpa / t:.3f}x |" for name, t in times.items()]
             print(table[-1], flush=True)
@@ -982,6 +1006,7 @@ if __name__ == "__main__":
     )
     parser.add_argument("--time", action="store_true", help="after the checks, time them beside cuDNN SDPA")
     parser.add_argument("--no-check", action="store_true", help="skip the checks against float64 attention")
+    parser.add_argument("--check-lengths", default="128,200,1000,4096", help="sequence lengths of the checks")
     args = parser.parse_args()
     names = args.kernels.split(",")
     if args.offline:
@@ -996,6 +1021,6 @@ if __name__ == "__main__":
                     offline(name, d, g)
     else:
         for name in names if not args.no_check else ():
-            check_on_gpu(name)
+            check_on_gpu(name, tuple(int(x) for x in args.check_lengths.split(",")))
         if args.time:
             time_on_gpu(names)
