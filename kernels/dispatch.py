@@ -13,7 +13,7 @@ from kernels.reference import reference_attention
 from kernels.spec import AttentionStats, StatsSpec
 from kernels.validate import TRITON_DTYPES, Problem, check_inputs
 
-BACKENDS = ("auto", "triton", "cpu", "reference")
+BACKENDS = ("auto", "triton", "cute", "cpu", "reference")
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 _warned: set[str] = set()
 
@@ -51,6 +51,9 @@ def attention(
         stats: which statistics to compute (:class:`StatsSpec`); ``None`` for plain attention.
         backend: ``"triton"`` (fused kernels; CUDA, or CPU under ``TRITON_INTERPRET=1``),
             ``"cpu"`` (chunked PyTorch in the input's precision, one pass per chunk; CPU tensors),
+            ``"cute"`` (the CuTe DSL forward for Hopper, an optional extra: ``pip install .[cute]``;
+            causal self-attention, head dim 64 or 128, no variants; otherwise, or without the
+            extra, the Triton path with a :class:`KernelFallbackWarning`),
             ``"reference"`` (exact chunked PyTorch, any device, float64 capable: the oracle) or
             ``"auto"`` (Triton on CUDA; on the CPU ``"cpu"`` for float16/bfloat16/float32 and the
             reference for float64; the reference on other devices).
@@ -119,10 +122,19 @@ def attention(
         return _degenerate(q, p, stats)
     if chosen == "cpu":
         return cpu_attention(q, k, v, p, stats, key_lengths, query_lengths, mask, chunk_size, **per_head)
-    if chosen == "triton":
+    if chosen in ("triton", "cute"):
         from kernels.hopper_attention import hopper_attention, unsupported
         from kernels.triton_attention import triton_attention
 
+        if chosen == "cute":
+            from kernels.cute_attention import cute_attention
+            from kernels.cute_attention import unsupported as cute_unsupported
+
+            reason = cute_unsupported(q, p, stats, key_lengths, query_lengths, **per_head)
+            if reason is None:
+                with torch.cuda.device(q.device):
+                    return cute_attention(q, k, v, p, stats)
+            _warn_once(f"backend='cute' cannot run this call ({reason}); using the Triton kernels")
         if q.is_cuda:  # Triton launches on the current device: make it the tensors' own (device maps)
             with torch.cuda.device(q.device):
                 if unsupported(q, p, stats, key_lengths, query_lengths, **per_head) is None:
@@ -151,11 +163,14 @@ def _choose(q: torch.Tensor, p: Problem, backend: str, mask, chunk_size) -> str:
         if q.dtype not in TRITON_DTYPES:
             return "reference"
         return "triton" if _head_dim_ok(p.head_dim) else "reference"
-    return "triton" if _choose_triton(q, p, mask, chunk_size) else "reference"
+    if _choose_triton(q, p, mask, chunk_size, backend):
+        return backend  # "triton" or "cute"
+    return "reference"
 
 
-def _choose_triton(q: torch.Tensor, p: Problem, mask, chunk_size) -> bool:
-    """``backend="triton"``: refuse what it cannot run; False (the reference) for a head dim it lacks."""
+def _choose_triton(q: torch.Tensor, p: Problem, mask, chunk_size, backend: str = "triton") -> bool:
+    """``backend="triton"`` (or ``"cute"``, which falls back to it): refuse what it cannot run;
+    False (the reference) for a head dim it lacks."""
     if mask is not None or chunk_size is not None:
         raise AttentionInputError(
             "mask= and chunk_size= are reference-backend options (the cpu backend takes them too); "
@@ -163,24 +178,32 @@ def _choose_triton(q: torch.Tensor, p: Problem, mask, chunk_size) -> bool:
             "(or key_lengths/query_lengths for padding with the Triton backend)"
         )
     if not TRITON_AVAILABLE:
-        raise AttentionInputError("backend='triton' needs the triton package; install it or use backend='reference'")
+        raise AttentionInputError(
+            f"backend={backend!r} needs the triton package; install it or use backend='reference'"
+        )
     if q.dtype not in TRITON_DTYPES:
         raise AttentionInputError(
-            f"backend='triton' takes float16, bfloat16 or float32, got {q.dtype}; use backend='reference'"
+            f"backend={backend!r} takes float16, bfloat16 or float32, got {q.dtype}; use backend='reference'"
         )
     from kernels.triton_attention import interpreting
 
     if not (q.is_cuda or interpreting()):
         raise AttentionInputError(
-            f"backend='triton' needs CUDA tensors (got {q.device}); set TRITON_INTERPRET=1 "
+            f"backend={backend!r} needs CUDA tensors (got {q.device}); set TRITON_INTERPRET=1 "
             "before importing kernels to run it on the CPU, or use backend='reference'"
         )
     if not q.is_cuda and q.device.type != "cpu":  # the interpreter reads CPU memory only
         raise AttentionInputError(
-            f"backend='triton' takes CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; got {q.device} "
+            f"backend={backend!r} takes CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; got {q.device} "
             "tensors: use backend='reference' (on the meta device it returns outputs of the right shapes)"
         )
     return _head_dim_ok(p.head_dim)
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, KernelFallbackWarning, stacklevel=4)
 
 
 def _head_dim_ok(d: int) -> bool:

@@ -209,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write PATH.csv (the table) and PATH.json (metadata + details)",
     )
     parser.add_argument(
+        "--backend",
+        choices=("triton", "cute"),
+        default="triton",
+        help="kernels.attention backend of the kernel rows on CUDA: triton (default: the Gluon kernel on "
+        "Hopper, else Triton) or cute (the CuTe DSL kernel, pip install .[cute])",
+    )
+    parser.add_argument(
         "--smoke",
         action="store_true",
         help=f"tiny CPU-only run (D={SMOKE_DEFAULTS['dims']}, "
@@ -290,7 +297,7 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         batch=args.batch,
         dtype=DTYPES[args.dtype or defaults["dtype"]],
         device=device,
-        kernel_backend=kernel_backend(device),
+        kernel_backend=kernel_backend(device, args.backend),
         eager=not args.no_eager,
         breakdown=args.breakdown,
         seed=args.seed,
@@ -300,10 +307,11 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     )
 
 
-def kernel_backend(device: torch.device) -> str:
-    """``triton`` on CUDA or under Triton's interpreter, else ``reference``."""
+def kernel_backend(device: torch.device, requested: str = "triton") -> str:
+    """``requested`` (``triton`` or ``cute``) on CUDA; ``triton`` under Triton's interpreter,
+    else ``reference``."""
     if device.type == "cuda":
-        return "triton"
+        return requested
     try:
         from kernels.triton_attention import interpreting
     except ImportError:

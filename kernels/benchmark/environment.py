@@ -48,6 +48,8 @@ def hopper_kernel(cfg: Config) -> str:
     from kernels.hopper_attention import unsupported
     from kernels.validate import check_inputs
 
+    if cfg.kernel_backend == "cute":
+        return "off (backend cute: the CuTe DSL kernel)"
     if cfg.kernel_backend != "triton":
         return "off (no Triton)"
     q = torch.empty((1, 2, 256, 128), dtype=cfg.dtype, device=cfg.device)

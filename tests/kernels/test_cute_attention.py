@@ -1,0 +1,161 @@
+"""``backend="cute"``: which calls the CuTe DSL kernel takes and why not the others, how its
+rows unpack into the statistics, and that elsewhere the call falls back to the Triton path with
+a warning (any machine); on an sm_90 GPU with ``nvidia-cutlass-dsl``, that it matches the
+float64 oracle on fresh random problems."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import kernels.dispatch
+import kernels.hopper_attention
+import kernels.triton_attention
+from kernels import KernelFallbackWarning, StatsSpec, attention
+from kernels.cute_attention import CUTE_AVAILABLE, Masses, row_fields, stats_from_rows, unsupported
+from kernels.validate import check_inputs
+from tests.conftest import SEED
+from tests.kernels.kernel_cases import Case
+from tests.kernels.test_kernel_accuracy import check_against_oracle
+
+ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+BF16 = torch.bfloat16
+
+
+def _reason(dtype=BF16, d=64, nq=256, nk=256, causal=True, stats=None, **variants) -> str | None:
+    """``unsupported`` for a CPU call of the given kind (two query heads, one key/value head)."""
+    q = torch.zeros(1, 2, nq, d, dtype=dtype)
+    k = torch.zeros(1, 1, nk, d, dtype=dtype)
+    lengths = {name: variants.pop(name, None) for name in ("key_lengths", "query_lengths")}
+    per_head = {name: variants.pop(name) for name in ("sinks",) if name in variants}
+    p = check_inputs(q, k, k, causal=causal, scale=None, stats=stats, **lengths, **per_head, **variants)
+    return unsupported(q, p, stats, **lengths, **per_head)
+
+
+@pytest.mark.parametrize(
+    "kind, because",
+    [
+        (dict(dtype=torch.float32), "dtype"),
+        (dict(d=96), "head dim"),
+        (dict(causal=False), "not causal"),
+        (dict(nq=1), "not causal self-attention"),
+        (dict(key_lengths=torch.tensor([200])), "padding"),
+        (dict(window=32), "variant"),
+        (dict(softcap=30.0), "variant"),
+        (dict(sinks=torch.zeros(2)), "variant"),
+        (dict(stats=StatsSpec(sink_tokens=97)), "sink tokens"),
+        # a call it takes: refused here only for what this machine lacks
+        (dict(stats=StatsSpec.every_row_statistic()), "not installed" if not CUTE_AVAILABLE else "Hopper"),
+        (dict(d=128, dtype=torch.float16), "not installed" if not CUTE_AVAILABLE else "Hopper"),
+    ],
+)
+def test_unsupported_names_the_reason(kind, because):
+    reason = _reason(**kind)
+    assert reason is not None and because in reason, reason
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_rows_unpack_into_the_requested_statistics(seed):
+    """The kernel's rows, laid out by :func:`row_fields` (here packed from the reference
+    backend's statistics), unpack to exactly the fields the spec asks for, each in its place."""
+    rng = random.Random(f"{SEED}-cute-rows-{seed}")
+    b, h, n = rng.choice((1, 2)), rng.choice((1, 3)), rng.choice((5, 70))
+    spec = rng.choice(
+        (
+            StatsSpec.every_row_statistic(),
+            StatsSpec(entropy=True),
+            StatsSpec(argmax=True, distance=True, window=rng.choice((1, 9))),
+            StatsSpec(max_prob=True, sink_tokens=rng.choice((1, 4)), offsets=tuple(rng.sample((0, 1, 3, 8), 2))),
+        )
+    )
+    gen = torch.Generator().manual_seed(rng.getrandbits(31))
+    q, k, v = (torch.randn(b, h, n, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    full = StatsSpec.all(sink_tokens=spec.sink_tokens, window=spec.window, offsets=spec.offsets)
+    _, want = attention(q, k, v, stats=full, backend="reference")
+    columns = []
+    for name in row_fields(Masses.of(spec)):
+        if name.startswith("offset_mass_"):
+            columns.append(want.offset_mass[..., int(name.rsplit("_", 1)[1])])
+        elif getattr(want, name) is None:  # a mass the spec turns off: the kernel's sum is unused
+            columns.append(torch.full((b, h, n), float("nan"), dtype=torch.float64))
+        else:
+            columns.append(getattr(want, name).double())
+    rows = torch.stack(columns, -1).float().reshape(b * h, n, -1)
+
+    found = stats_from_rows(rows, spec, (b, h, n))
+    wanted = set(spec.output_fields())
+    assert set(found) == wanted
+    for name, got in found.items():
+        expect = getattr(want, name)
+        assert got.shape == expect.shape, name
+        if name == "argmax":
+            assert got.dtype == torch.int64 and torch.equal(got, expect), name
+        else:
+            torch.testing.assert_close(got.double(), expect, rtol=1e-6, atol=1e-6, msg=name)  # float32 rows
+
+
+@pytest.mark.parametrize("spec", [None, StatsSpec.every_row_statistic()])
+def test_a_call_it_cannot_run_goes_to_triton_with_a_warning(spec, monkeypatch):
+    """Here (no Hopper GPU, or no CuTe DSL) ``backend="cute"`` warns once and gives the Triton
+    path's result (the interpreter on the CPU)."""
+    if ON_HOPPER and CUTE_AVAILABLE:
+        pytest.skip("the CuTe kernel runs this call on this machine")
+    monkeypatch.setattr(kernels.dispatch, "_warned", set())
+    gen = torch.Generator().manual_seed(SEED + 29)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = (torch.randn(1, 2, 70, 64, generator=gen).to(BF16).to(device) for _ in range(3))
+    with pytest.warns(KernelFallbackWarning, match="backend='cute' cannot run this call"):
+        out, st = attention(q, k, v, stats=spec, backend="cute")
+    want_out, want_st = attention(q, k, v, stats=spec, backend="triton")
+    assert torch.equal(out, want_out)
+    if spec is not None:
+        assert torch.equal(st.entropy, want_st.entropy) and torch.equal(st.argmax, want_st.argmax)
+
+
+def _draw(rng: random.Random) -> Case:
+    """A random call the CuTe kernel takes: GQA, batches, odd lengths, statistics of any
+    settings (sink tokens, windows and offsets that reach across key blocks), key mass."""
+    d, dtype = rng.choice((64, 128)), rng.choice((BF16, torch.float16))
+    b, hkv, group = rng.choice((1, 2)), rng.choice((1, 2)), rng.choice((1, 2, 4))
+    n = rng.choice((1, 17, 128, 129, 200, 383, 640, 1000, 1300))
+    spec = rng.choice(
+        (
+            None,
+            StatsSpec.every_row_statistic(),
+            StatsSpec.all(
+                sink_tokens=rng.choice((1, 4, 96)),
+                window=rng.choice((1, 40, 129, 300)),
+                offsets=tuple(rng.sample((0, 1, 2, 7, 127, 128, 300), 2)),
+            ),
+            StatsSpec(entropy=True, argmax=True, distance=True),
+            StatsSpec(sink_tokens=2, window=64, key_mass=True, key_mass_queries=rng.choice((1, 64, 500))),
+        )
+    )
+    gen = torch.Generator().manual_seed(rng.getrandbits(31))
+    sigma = rng.choice((0.5, 1.0, 2.0))
+
+    def draw(heads):
+        return (torch.randn(b, heads, n, d, generator=gen) * sigma).to(dtype).cuda()
+
+    return Case(draw(hkv * group), draw(hkv), draw(hkv), True, None, spec, None, None)
+
+
+@pytest.mark.skipif(not (ON_HOPPER and CUTE_AVAILABLE), reason="needs an sm_90 GPU and nvidia-cutlass-dsl")
+@pytest.mark.parametrize("index", range(24))
+def test_matches_float64_oracle_with_cute(index, monkeypatch):
+    case = _draw(random.Random(f"{SEED}-cute-{index}"))
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("the call went to the Triton or Gluon kernel")
+
+    monkeypatch.setattr(kernels.triton_attention, "triton_attention", not_here)
+    monkeypatch.setattr(kernels.hopper_attention, "hopper_attention", not_here)
+    p = check_inputs(case.q, case.k, case.v, **case.kwargs())
+    assert unsupported(case.q, p, case.spec) is None, case.describe()
+    out, st = attention(case.q, case.k, case.v, backend="cute", **case.kwargs())
+    try:
+        check_against_oracle(case, out, st)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\ncase: {case.describe()}") from None
