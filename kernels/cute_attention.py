@@ -111,7 +111,7 @@ def stats_from_rows(rows: torch.Tensor, stats: StatsSpec, shape: tuple[int, int,
     :func:`row_fields`): ``{name: [B, Hq, N]}`` (the argmax as int64), ``offset_mass
     [B, Hq, N, len(offsets)]``. ``shape`` is ``(B, Hq, N)``."""
     names = row_fields(Masses.of(stats))
-    column = {name: rows[..., i].reshape(shape) for i, name in enumerate(names)}
+    column = {name: rows[..., i].reshape(shape).contiguous() for i, name in enumerate(names)}
     wanted = stats.output_fields()
     found = {name: column[name] for name in names if name in wanted}
     if "argmax" in found:
