@@ -16,7 +16,7 @@ import importlib.util
 import torch
 
 from kernels.spec import AttentionStats, StatsSpec
-from kernels.validate import Problem
+from kernels.validate import Problem, fused_kernel_refusal
 
 #: nvidia-cutlass-dsl (the ``cute`` extra) is installed.
 CUTE_AVAILABLE = importlib.util.find_spec("cutlass") is not None
@@ -83,20 +83,11 @@ def unsupported(
 ) -> str | None:
     """Why the CuTe kernel cannot run the call (None: it can). ``per_head`` are the per-head
     variants of :func:`kernels.attention` (``sinks``, ``alibi_slopes``, ``window_heads``)."""
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"dtype {q.dtype}"
-    if p.head_dim not in HEAD_DIMS:
-        return f"head dim {p.head_dim} (it takes {HEAD_DIMS})"
-    if not p.causal or p.n_q != p.n_k:
-        return "not causal self-attention (n_q == n_k)"
+    reason = fused_kernel_refusal(q, p, HEAD_DIMS, 1, key_lengths, query_lengths, per_head)
+    if reason is not None:
+        return reason
     if p.n_k >= MAX_KEYS:
         return f"{p.n_k} keys (at most {MAX_KEYS - 1})"
-    if key_lengths is not None or query_lengths is not None:
-        return "padding lengths"
-    if p.window or p.softcap or p.keep_first or any(t is not None for t in per_head.values()):
-        return "an attention variant"
-    if p.scale <= 0:
-        return "a scale <= 0"
     if stats is not None and stats.sink_tokens > MAX_SINK_TOKENS:
         return f"more than {MAX_SINK_TOKENS} sink tokens"
     if not CUTE_AVAILABLE:

@@ -636,6 +636,7 @@ class WarpSpecializedForward:
             k_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
             v_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
             cute.arch.mbarrier_wait(q_bar, 0)
+            state = (acc_s, acc_o, m_i, l_i, t, row0)  # what every block's softmax takes first
             j_mask = row0 // bn  # from this block on, keys after some row of this consumer's
             reach = self.masses.reach if cutlass.const_expr(self.stats) else 0
             j_near = cutlass.max(row0 - reach, 0) // bn  # ... and keys its local and offset masses reach
@@ -646,7 +647,7 @@ class WarpSpecializedForward:
                     warpgroup.wait_group(0)
                     pipe_k.consumer_release(k_state)
                     k_state.advance()
-                    softmax_block(acc_s, acc_o, m_i, l_i, t, row0, j, j_mask, j_near, bn, n, scale_log2)
+                    softmax_block(*state, j, j_mask, j_near, bn, n, scale_log2)
                     p16.store(acc_s.load().to(p16.element_type))
                     pipe_v.consumer_wait(v_state)
                     mma_pv = issue_pv(mma_pv, acc_o, rp, rv, v_state.index, bn)
@@ -662,25 +663,7 @@ class WarpSpecializedForward:
                 warpgroup.wait_group(0)
                 pipe_k.consumer_release(k_state)
                 k_state.advance()
-                softmax_block(
-                    acc_s,
-                    acc_o,
-                    m_i,
-                    l_i,
-                    t,
-                    row0,
-                    0,
-                    j_mask,
-                    j_near,
-                    bn,
-                    n,
-                    scale_log2,
-                    alpha,
-                    sums,
-                    arg,
-                    True,
-                    masses,
-                )
+                softmax_block(*state, 0, j_mask, j_near, bn, n, scale_log2, alpha, sums, arg, True, masses)
                 p16.store(acc_s.load().to(p16.element_type))
                 if cutlass.const_expr(self.pingpong):  # the first consumer issues first
                     if half == self.consumers - 1:
@@ -704,41 +687,9 @@ class WarpSpecializedForward:
                         pipe_k.consumer_release(k_state)
                         k_state.advance()
                         if cutlass.const_expr(free):
-                            online_softmax(
-                                acc_s,
-                                acc_o,
-                                m_i,
-                                l_i,
-                                t,
-                                row0,
-                                j * bn,
-                                n,
-                                scale_log2,
-                                False,
-                                alpha,
-                                sums,
-                                arg,
-                                masses=masses,
-                            )
+                            online_softmax(*state, j * bn, n, scale_log2, False, alpha, sums, arg, masses=masses)
                         else:
-                            softmax_block(
-                                acc_s,
-                                acc_o,
-                                m_i,
-                                l_i,
-                                t,
-                                row0,
-                                j,
-                                j_mask,
-                                j_near,
-                                bn,
-                                n,
-                                scale_log2,
-                                alpha,
-                                sums,
-                                arg,
-                                masses=masses,
-                            )
+                            softmax_block(*state, j, j_mask, j_near, bn, n, scale_log2, alpha, sums, arg, masses=masses)
                         warpgroup.wait_group(0)
                         pipe_v.consumer_release(v_state)
                         v_state.advance()

@@ -46,7 +46,7 @@ import os
 import torch
 
 from kernels.spec import AttentionStats, StatsSpec, empty_output
-from kernels.validate import Problem
+from kernels.validate import Problem, fused_kernel_refusal
 
 try:
     from triton.experimental import gluon
@@ -988,18 +988,9 @@ def unsupported(
 ) -> str | None:
     """Why this kernel cannot run the call (None: it can). ``per_head`` are the per-head
     variants of :func:`kernels.attention` (``sinks``, ``alibi_slopes``, ``window_heads``)."""
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"dtype {q.dtype}"
-    if p.head_dim not in HEAD_DIMS:
-        return f"head dim {p.head_dim}"
-    if not p.causal or p.n_q != p.n_k or p.n_q < MIN_QUERIES:
-        return f"not causal self-attention of at least {MIN_QUERIES} queries"
-    if key_lengths is not None or query_lengths is not None:
-        return "padding lengths"
-    if p.window or p.softcap or p.keep_first or any(t is not None for t in per_head.values()):
-        return "an attention variant"
-    if p.scale <= 0:
-        return "a scale <= 0"
+    reason = fused_kernel_refusal(q, p, HEAD_DIMS, MIN_QUERIES, key_lengths, query_lengths, per_head)
+    if reason is not None:
+        return reason
     if stats is not None and stats.sink_tokens > MAX_SINK_TOKENS:
         return f"more than {MAX_SINK_TOKENS} sink tokens"
     if stats is not None and len(stats.offsets) > MAX_OFFSETS:

@@ -214,3 +214,31 @@ def _check_lengths(name: str, lengths: torch.Tensor | None, batch: int, limit: i
         lo, hi = (int(x) for x in torch.aminmax(lengths))
         if lo < 0 or hi > limit:
             raise AttentionInputError(f"{name} must lie in [0, {limit}], got {lengths.tolist()}")
+
+
+def fused_kernel_refusal(
+    q: torch.Tensor,
+    p: Problem,
+    head_dims: tuple[int, ...],
+    min_queries: int,
+    key_lengths: torch.Tensor | None,
+    query_lengths: torch.Tensor | None,
+    per_head: dict,
+) -> str | None:
+    """Why a Hopper kernel (the Gluon or the CuTe one) cannot take a call, for what they share:
+    fp16/bf16, one of ``head_dims``, causal self-attention of at least ``min_queries`` queries,
+    no padding lengths or attention variants (``per_head``: ``sinks``, ``alibi_slopes``,
+    ``window_heads``), a positive scale. None: nothing of these stops it."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {q.dtype}"
+    if p.head_dim not in head_dims:
+        return f"head dim {p.head_dim} (it takes {', '.join(map(str, head_dims))})"
+    if not p.causal or p.n_q != p.n_k or p.n_q < min_queries:
+        return "not causal self-attention" + (f" of at least {min_queries} queries" if min_queries > 1 else "")
+    if key_lengths is not None or query_lengths is not None:
+        return "padding lengths"
+    if p.window or p.softcap or p.keep_first or any(t is not None for t in per_head.values()):
+        return "an attention variant"
+    if p.scale <= 0:
+        return "a scale <= 0"
+    return None

@@ -167,3 +167,54 @@ def draw_accuracy_case(rng: random.Random, device: str, sizes=ACCURACY_SIZES) ->
     if rng.random() < 0.3:  # key mass of some rows only: the last ones, every stride-th
         spec = replace(spec, key_mass_queries=rng.randint(0, nq + 2), key_mass_stride=rng.choice((1, 2, 5)))
     return Case(q, k, v, causal, scale, spec, klen, qlen)
+
+
+def refusal(
+    unsupported, dtype=torch.bfloat16, d=64, nq=256, nk=256, causal=True, stats=StatsSpec(), scale=None, **variants
+):
+    """What a Hopper kernel's ``unsupported`` (the Gluon or the CuTe one) says of a CPU call of
+    the given kind (two query heads, one key/value head)."""
+    from kernels.validate import check_inputs
+
+    q = torch.zeros(1, 2, nq, d, dtype=dtype)
+    k = torch.zeros(1, 1, nk, d, dtype=dtype)
+    lengths = {name: variants.pop(name, None) for name in ("key_lengths", "query_lengths")}
+    per_head = {name: variants.pop(name) for name in ("sinks", "alibi_slopes", "window_heads") if name in variants}
+    p = check_inputs(q, k, k, causal=causal, scale=scale, stats=stats, **lengths, **per_head, **variants)
+    return unsupported(q, p, stats, **lengths, **per_head)
+
+
+def draw_hopper_case(
+    rng: random.Random, lengths=(128, 129, 200, 255, 383, 640, 1000, 1300), sink_tokens=(1, 4, 128)
+) -> Case:
+    """A random call the Hopper kernels (Gluon, CuTe) take, on the GPU: GQA, odd lengths,
+    statistics of any settings, and q, k, v each contiguous, token-major (``[B, N, H, D]``
+    storage, as models hand it over) or token-major rows of a wider fused projection."""
+    d, dtype = rng.choice((64, 128)), rng.choice((torch.bfloat16, torch.float16))
+    b, hkv, group = rng.choice((1, 2)), rng.choice((1, 2)), rng.choice((1, 2, 4))
+    n = rng.choice(lengths)
+    spec = rng.choice(
+        (
+            None,
+            StatsSpec(),
+            StatsSpec.all(
+                sink_tokens=rng.choice(sink_tokens),
+                window=rng.choice((1, 40, 129, 300)),
+                offsets=tuple(rng.sample((0, 1, 2, 7, 127, 128, 300), 2)),
+            ),
+            StatsSpec(entropy=True, argmax=True, distance=True),
+            StatsSpec(sink_tokens=2, window=64, key_mass=True, key_mass_queries=rng.choice((1, 64, 500))),
+        )
+    )
+    gen = torch.Generator().manual_seed(rng.getrandbits(31))
+    sigma = rng.choice((0.5, 1.0, 2.0))
+
+    def draw(heads):
+        layout = rng.choice(("contiguous", "token-major", "fused"))
+        if layout == "contiguous":
+            return (torch.randn(b, heads, n, d, generator=gen) * sigma).to(dtype).cuda()
+        extra = 3 if layout == "fused" else 0  # heads of a wider projection, around these
+        t = (torch.randn(b, n, heads + extra, d, generator=gen) * sigma).to(dtype).cuda()
+        return t[:, :, extra - 1 : extra - 1 + heads].transpose(1, 2) if extra else t.transpose(1, 2)
+
+    return Case(draw(hkv * group), draw(hkv), draw(hkv), True, None, spec, None, None)

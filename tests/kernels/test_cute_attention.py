@@ -17,21 +17,15 @@ from kernels import KernelFallbackWarning, StatsSpec, attention
 from kernels.cute_attention import CUTE_AVAILABLE, Masses, row_fields, stats_from_rows, unsupported
 from kernels.validate import check_inputs
 from tests.conftest import SEED
-from tests.kernels.kernel_cases import Case
+from tests.kernels.kernel_cases import draw_hopper_case, refusal
 from tests.kernels.test_kernel_accuracy import check_against_oracle
 
 ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 BF16 = torch.bfloat16
 
 
-def _reason(dtype=BF16, d=64, nq=256, nk=256, causal=True, stats=None, **variants) -> str | None:
-    """``unsupported`` for a CPU call of the given kind (two query heads, one key/value head)."""
-    q = torch.zeros(1, 2, nq, d, dtype=dtype)
-    k = torch.zeros(1, 1, nk, d, dtype=dtype)
-    lengths = {name: variants.pop(name, None) for name in ("key_lengths", "query_lengths")}
-    per_head = {name: variants.pop(name) for name in ("sinks",) if name in variants}
-    p = check_inputs(q, k, k, causal=causal, scale=None, stats=stats, **lengths, **per_head, **variants)
-    return unsupported(q, p, stats, **lengths, **per_head)
+def _reason(**kind) -> str | None:
+    return refusal(unsupported, **{"stats": None, **kind})
 
 
 @pytest.mark.parametrize(
@@ -114,38 +108,12 @@ def test_a_call_it_cannot_run_goes_to_triton_with_a_warning(spec, monkeypatch):
         assert torch.equal(st.entropy, want_st.entropy) and torch.equal(st.argmax, want_st.argmax)
 
 
-def _draw(rng: random.Random) -> Case:
-    """A random call the CuTe kernel takes: GQA, batches, odd lengths, statistics of any
-    settings (sink tokens, windows and offsets that reach across key blocks), key mass."""
-    d, dtype = rng.choice((64, 128)), rng.choice((BF16, torch.float16))
-    b, hkv, group = rng.choice((1, 2)), rng.choice((1, 2)), rng.choice((1, 2, 4))
-    n = rng.choice((1, 17, 128, 129, 200, 383, 640, 1000, 1300))
-    spec = rng.choice(
-        (
-            None,
-            StatsSpec.every_row_statistic(),
-            StatsSpec.all(
-                sink_tokens=rng.choice((1, 4, 96)),
-                window=rng.choice((1, 40, 129, 300)),
-                offsets=tuple(rng.sample((0, 1, 2, 7, 127, 128, 300), 2)),
-            ),
-            StatsSpec(entropy=True, argmax=True, distance=True),
-            StatsSpec(sink_tokens=2, window=64, key_mass=True, key_mass_queries=rng.choice((1, 64, 500))),
-        )
-    )
-    gen = torch.Generator().manual_seed(rng.getrandbits(31))
-    sigma = rng.choice((0.5, 1.0, 2.0))
-
-    def draw(heads):
-        return (torch.randn(b, heads, n, d, generator=gen) * sigma).to(dtype).cuda()
-
-    return Case(draw(hkv * group), draw(hkv), draw(hkv), True, None, spec, None, None)
-
-
 @pytest.mark.skipif(not (ON_HOPPER and CUTE_AVAILABLE), reason="needs an sm_90 GPU and nvidia-cutlass-dsl")
 @pytest.mark.parametrize("index", range(24))
 def test_matches_float64_oracle_with_cute(index, monkeypatch):
-    case = _draw(random.Random(f"{SEED}-cute-{index}"))
+    # any length from 1, sink tokens within the first (96-key) block
+    rng = random.Random(f"{SEED}-cute-{index}")
+    case = draw_hopper_case(rng, lengths=(1, 17, 128, 129, 200, 383, 640, 1000, 1300), sink_tokens=(1, 4, 96))
 
     def not_here(*args, **kwargs):
         raise AssertionError("the call went to the Triton or Gluon kernel")

@@ -27,7 +27,7 @@ from kernels.hopper_attention import (
 )
 from kernels.validate import Problem, check_inputs
 from tests.conftest import SEED
-from tests.kernels.kernel_cases import Case
+from tests.kernels.kernel_cases import Case, draw_hopper_case, refusal
 from tests.kernels.test_kernel_accuracy import check_against_oracle
 from tests.kernels.test_kernel_properties import first_max, tied_problem
 
@@ -43,14 +43,8 @@ ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == 
 BF16 = torch.bfloat16
 
 
-def _reason(dtype=BF16, d=64, nq=256, nk=256, causal=True, stats=StatsSpec(), scale=None, **variants) -> str | None:
-    """``unsupported`` for a CPU call of the given kind (two query heads, one key/value head)."""
-    q = torch.zeros(1, 2, nq, d, dtype=dtype)
-    k = torch.zeros(1, 1, nk, d, dtype=dtype)
-    lengths = {name: variants.pop(name, None) for name in ("key_lengths", "query_lengths")}
-    per_head = {name: variants.pop(name) for name in ("sinks", "alibi_slopes", "window_heads") if name in variants}
-    p = check_inputs(q, k, k, causal=causal, scale=scale, stats=stats, **lengths, **per_head, **variants)
-    return unsupported(q, p, stats, **lengths, **per_head)
+def _reason(**kind) -> str | None:
+    return refusal(unsupported, **kind)
 
 
 @pytest.mark.parametrize(
@@ -239,40 +233,6 @@ def test_distance_mma_rides_with_pv(builds):
     assert "Q|P|" in _mma_groups(plain) and "w" not in _mma_groups(plain)
 
 
-def _draw(rng: random.Random) -> Case:
-    """A random call the Hopper kernel takes: GQA, odd lengths, statistics, and q, k, v each
-    contiguous, token-major (``[B, N, H, D]`` storage, as models hand it over) or token-major
-    rows of a wider fused projection."""
-    d, dtype = rng.choice((64, 128)), rng.choice((BF16, torch.float16))
-    b, hkv, group = rng.choice((1, 2)), rng.choice((1, 2)), rng.choice((1, 2, 4))
-    n = rng.choice((128, 129, 200, 255, 383, 640, 1000, 1300))
-    spec = rng.choice(
-        (
-            None,
-            StatsSpec(),
-            StatsSpec.all(
-                sink_tokens=rng.choice((1, 4, 128)),
-                window=rng.choice((1, 40, 129, 300)),
-                offsets=tuple(rng.sample((0, 1, 2, 7, 127, 128, 300), 2)),
-            ),
-            StatsSpec(entropy=True, argmax=True, distance=True),
-            StatsSpec(sink_tokens=2, window=64, key_mass=True, key_mass_queries=rng.choice((1, 64, 500))),
-        )
-    )
-    gen = torch.Generator().manual_seed(rng.getrandbits(31))
-    sigma = rng.choice((0.5, 1.0, 2.0))
-
-    def draw(heads):
-        layout = rng.choice(("contiguous", "token-major", "fused"))
-        if layout == "contiguous":
-            return (torch.randn(b, heads, n, d, generator=gen) * sigma).to(dtype).cuda()
-        extra = 3 if layout == "fused" else 0  # heads of a wider projection, around these
-        t = (torch.randn(b, n, heads + extra, d, generator=gen) * sigma).to(dtype).cuda()
-        return t[:, :, extra - 1 : extra - 1 + heads].transpose(1, 2) if extra else t.transpose(1, 2)
-
-    return Case(draw(hkv * group), draw(hkv), draw(hkv), True, None, spec, None, None)
-
-
 def _checked_on_hopper(case: Case):
     """Run ``case`` through :func:`kernels.attention` on the Hopper kernel, which must take it,
     and check the result against the float64 oracle, and that the output is token-major where
@@ -342,7 +302,7 @@ def test_sections_of_heads_cover_every_query_tile_on_hopper(heads, monkeypatch):
 @pytest.mark.skipif(not ON_HOPPER, reason="needs an sm_90 GPU (H100, H200)")
 @pytest.mark.parametrize("index", range(32))
 def test_matches_float64_oracle_on_hopper(index, monkeypatch):
-    case = _draw(random.Random(f"{SEED}-hopper-{index}"))
+    case = draw_hopper_case(random.Random(f"{SEED}-hopper-{index}"))
 
     def not_here(*args, **kwargs):
         raise AssertionError("the call went to the Triton kernel")
