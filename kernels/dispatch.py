@@ -201,9 +201,10 @@ def _choose_triton(q: torch.Tensor, p: Problem, mask, chunk_size, backend: str =
 
 
 def _warn_once(message: str) -> None:
+    """A :class:`KernelFallbackWarning` at the caller of :func:`attention`, once a process."""
     if message not in _warned:
         _warned.add(message)
-        warnings.warn(message, KernelFallbackWarning, stacklevel=4)
+        warnings.warn(message, KernelFallbackWarning, stacklevel=3)
 
 
 def _head_dim_ok(d: int) -> bool:
