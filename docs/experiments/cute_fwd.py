@@ -213,7 +213,9 @@ KERNELS = {
     "step2": functools.partial(WarpSpecializedForward, pingpong=False),
     "step3": WarpSpecializedForward,
     "step4": functools.partial(WarpSpecializedForward, masses=Masses()),
-    # step 4 with three consumers of 160 registers (FlashAttention-3's head dim 64 tile)
+    # three consumers of 160 registers: over 128-key blocks (FlashAttention-3's head dim 64
+    # tile) they spill; over 96-key blocks they do not (the library's build at D = 64 with
+    # statistics)
     "step4c3": functools.partial(WarpSpecializedForward, masses=Masses(), consumers=3),
     "step3c3": functools.partial(WarpSpecializedForward, consumers=3),
     "step4c3n96": functools.partial(WarpSpecializedForward, masses=Masses(), consumers=3, block_n=96),

@@ -15,7 +15,10 @@ CUDA 13 libraries, 92 MB as a wheel) into three xz parts under ``.fa4a/``, ``.fa
     carry [".fa4c"]: bash .fa4c/install.sh
 
 ``install.sh`` installs the small wheels into ``/tmp/site``, unpacks the parts over them and
-runs this script.
+runs this script (or the script and arguments it is given). Sourced (``. .fa4c/install.sh``)
+it only installs and sets ``PYTHONPATH``, for commands of one's own: the library's
+``backend="cute"`` tests and benchmarks ran that way. While the machine stays warm, later
+calls need only ``export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:.``.
 The ``.pth`` file of ``nvidia-cutlass-dsl`` is not read from ``PYTHONPATH``, hence its
 ``dsl_packages`` folder on the path.
 """
