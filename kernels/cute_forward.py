@@ -29,7 +29,9 @@ import cutlass  # noqa: E402
 import cutlass.cute as cute  # noqa: E402
 import cutlass.pipeline as pipeline  # noqa: E402
 import cutlass.utils.hopper_helpers as sm90_utils  # noqa: E402
+from cutlass._mlir.dialects import llvm  # noqa: E402
 from cutlass.cute.nvgpu import cpasync, warpgroup  # noqa: E402
+from cutlass.cutlass_dsl import T, dsl_user_op  # noqa: E402
 from cutlass.tensor_utils import LayoutEnum  # noqa: E402
 
 from kernels.cute_attention import Masses, row_fields  # noqa: E402
@@ -211,6 +213,36 @@ def softmax_block(
             )
     else:
         online_softmax(acc_s, acc_o, m_i, l_i, tidx, row0, j * block_n, n, scale_log2, False, alpha)
+
+
+@dsl_user_op
+def _pack2(lo, hi, dtype, *, loc=None, ip=None):
+    """Two float32 values rounded into one 32-bit register of two 16-bit ``dtype`` halves
+    (``lo`` in the low half), as an MMA's A operand reads them."""
+    kind = "bf16x2" if dtype is cutlass.BFloat16 else "f16x2"
+    value = llvm.inline_asm(
+        T.i32(),
+        [cutlass.Float32(hi).ir_value(loc=loc, ip=ip), cutlass.Float32(lo).ir_value(loc=loc, ip=ip)],
+        f"cvt.rn.{kind}.f32 $0, $1, $2;",
+        "=r,f,f",
+        has_side_effects=False,
+        is_align_stack=False,
+        asm_dialect=llvm.AsmDialect.AD_ATT,
+    )
+    return cutlass.Int32(value)
+
+
+@cute.jit
+def to_p(acc_s: cute.Tensor, p16: cute.Tensor, packed: cutlass.Constexpr):
+    """P = ``acc_s`` rounded to 16 bits into ``p16``: element by element, or (``packed``) two
+    at a time into 32-bit registers, so that PV's A operand needs no packing between its
+    matrix multiplies."""
+    if cutlass.const_expr(packed):
+        p32 = cute.recast_tensor(p16, cutlass.Int32)
+        for i in cutlass.range_constexpr(cute.size(acc_s) // 2):
+            p32[i] = _pack2(acc_s[2 * i], acc_s[2 * i + 1], p16.element_type)
+    else:
+        p16.store(acc_s.load().to(p16.element_type))
 
 
 @cute.jit
@@ -463,12 +495,14 @@ class WarpSpecializedForward:
         masses: Masses | None = None,
         consumers: int = 2,
         block_n: int = 128,
+        packed_p: bool = False,
     ):
         stats = masses is not None
         assert overlap or not (pingpong or stats), "turns and statistics are in the overlapped loop"
         assert consumers in (2, 3)
         self.consumers = consumers
         self.block_n = block_n
+        self.packed_p = packed_p
         self.block_m = BLOCK_M * consumers  # the CTA's query rows, 64 a consumer
         # setmaxnreg: the loader's warpgroup keeps 24 registers a thread, the consumers share the rest
         self.registers = (512 - 24) // consumers // 8 * 8
@@ -648,7 +682,7 @@ class WarpSpecializedForward:
                     pipe_k.consumer_release(k_state)
                     k_state.advance()
                     softmax_block(*state, j, j_mask, j_near, bn, n, scale_log2)
-                    p16.store(acc_s.load().to(p16.element_type))
+                    to_p(acc_s, p16, self.packed_p)
                     pipe_v.consumer_wait(v_state)
                     mma_pv = issue_pv(mma_pv, acc_o, rp, rv, v_state.index, bn)
                     warpgroup.wait_group(0)
@@ -664,7 +698,7 @@ class WarpSpecializedForward:
                 pipe_k.consumer_release(k_state)
                 k_state.advance()
                 softmax_block(*state, 0, j_mask, j_near, bn, n, scale_log2, alpha, sums, arg, True, masses)
-                p16.store(acc_s.load().to(p16.element_type))
+                to_p(acc_s, p16, self.packed_p)
                 if cutlass.const_expr(self.pingpong):  # the first consumer issues first
                     if half == self.consumers - 1:
                         cute.arch.barrier_arrive(barrier_id=_TURN_BARRIER, number_of_threads=256)
@@ -694,7 +728,7 @@ class WarpSpecializedForward:
                         pipe_v.consumer_release(v_state)
                         v_state.advance()
                         rescale(acc_o, alpha)
-                        p16.store(acc_s.load().to(p16.element_type))
+                        to_p(acc_s, p16, self.packed_p)
                 pipe_v.consumer_wait(v_state)
                 mma_pv = issue_pv(mma_pv, acc_o, rp, rv, v_state.index, bn)
                 warpgroup.wait_group(0)

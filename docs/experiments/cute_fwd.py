@@ -222,6 +222,12 @@ KERNELS = {
     "step3c3n96": functools.partial(WarpSpecializedForward, consumers=3, block_n=96),
     "step4np": functools.partial(WarpSpecializedForward, pingpong=False, masses=Masses()),  # no turns
     "step4s3": functools.partial(WarpSpecializedForward, masses=Masses(), stages=3),
+    # P packed into 32-bit registers as it is rounded (not yet run on a GPU)
+    "step4p": functools.partial(WarpSpecializedForward, masses=Masses(), packed_p=True),
+    "step4c3n96p": functools.partial(WarpSpecializedForward, masses=Masses(), consumers=3, block_n=96, packed_p=True),
+    "step3c3p": functools.partial(WarpSpecializedForward, consumers=3, packed_p=True),
+    "step4c3p": functools.partial(WarpSpecializedForward, masses=Masses(), consumers=3, packed_p=True),
+    "step3p": functools.partial(WarpSpecializedForward, packed_p=True),
 }
 
 
