@@ -482,8 +482,9 @@ class WarpSpecializedForward:
     V lands); the others each compute 64 of the rows against every key block, releasing each
     slot as they finish with it. ``setmaxnreg`` moves registers from the loader to the
     consumers. Without ``overlap`` the consumers wait for each matrix multiply (route 2's step
-    1); ``pingpong`` adds the turns (step 3). Call it through ``cute.compile`` with ``(q, k, vt,
-    out, rows, scale, stream)``."""
+    1); ``pingpong`` adds the turns (step 3). ``packed_p`` rounds P into 32-bit register pairs
+    as it is made (:func:`to_p`; not yet timed on a GPU). Call it through ``cute.compile`` with
+    ``(q, k, vt, out, rows, scale, stream)``."""
 
     def __init__(
         self,
