@@ -323,7 +323,7 @@ def time_on_gpu(names: list[str], lengths=(16384, 32768), heads: int = 32) -> No
                     print(f"{name} N = {n} D = {d}: {type(error).__name__}: {error}"[:300], flush=True)
             sdpa = times["SDPA (cuDNN)"]
             table += [f"| {n} | {d} | {name} | {t:.3f} | {sdpa / t:.3f}x |" for name, t in times.items()]
-            print(table[-1], flush=True)
+            print("\n".join(table[-len(times) :]), flush=True)  # this shape's rows, as they come
     print("\n".join(table))
 
 
