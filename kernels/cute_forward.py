@@ -749,8 +749,18 @@ class WarpSpecializedForward:
 @cute.jit
 def _fragment_layouts(block_n: cutlass.Constexpr, head_dim: cutlass.Constexpr, mismatches: cutlass.Constexpr):
     """Append to ``mismatches`` every register of threads 0-127 whose ``(row, col)`` in the S, P
-    and O fragments differs from :func:`register_coordinate` (traced on the host, no GPU)."""
+    and O fragments differs from :func:`register_coordinate` (traced on the host, no GPU), and
+    ``("P", v)`` for any element of P's registers out of place: P (laid out like S), its
+    32-bit view (:func:`to_p`'s packed pairs) and PV's A operand on them must all enumerate the
+    same registers in order, element ``2 i`` in the low half of pair ``i``."""
     qk, pv = tiled_mmas(cutlass.BFloat16, block_n, head_dim)
+    shape_s = qk.get_slice(0).partition_shape_C((BLOCK_M, block_n))
+    p16 = cute.make_rmem_tensor_like(cute.make_rmem_tensor(shape_s, cutlass.Float32), cutlass.BFloat16)
+    p32 = cute.recast_tensor(p16, cutlass.Int32)
+    a_layout = pv.make_fragment_A(pv.get_slice(0).partition_shape_A((BLOCK_M, block_n))).layout
+    for v in cutlass.range_constexpr(cute.size(p16)):
+        if cutlass.const_expr(p16.layout(v) != v or a_layout(v) != v or p32.layout(v // 2) != v // 2):
+            mismatches.append(("P", v))
     for t in cutlass.range_constexpr(128):
         fragments = (
             (qk.get_slice(t).partition_C(cute.make_identity_tensor((BLOCK_M, block_n))), block_n),
