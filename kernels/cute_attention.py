@@ -102,13 +102,13 @@ def stats_from_rows(rows: torch.Tensor, stats: StatsSpec, shape: tuple[int, int,
     :func:`row_fields`): ``{name: [B, Hq, N]}`` (the argmax as int64), ``offset_mass
     [B, Hq, N, len(offsets)]``. ``shape`` is ``(B, Hq, N)``."""
     names = row_fields(Masses.of(stats))
-    column = {name: rows[..., i].reshape(shape).contiguous() for i, name in enumerate(names)}
     wanted = stats.output_fields()
-    found = {name: column[name] for name in names if name in wanted}
+    found = {name: rows[..., i].reshape(shape).contiguous() for i, name in enumerate(names) if name in wanted}
     if "argmax" in found:
         found["argmax"] = found["argmax"].long()
-    if stats.offsets:
-        found["offset_mass"] = torch.stack([column[f"offset_mass_{i}"] for i in range(len(stats.offsets))], -1)
+    if stats.offsets:  # the offsets' columns lie side by side
+        first = names.index("offset_mass_0")
+        found["offset_mass"] = rows[..., first : first + len(stats.offsets)].reshape(*shape, -1).contiguous()
     return found
 
 
