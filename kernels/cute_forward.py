@@ -445,32 +445,37 @@ def smem_operands(q, k, vt, block_n: int, head_dim: int, q_slots: int, kv_slots:
     return layouts, atoms
 
 
-def cute_views(q, k, v, out, rows) -> tuple:
-    """CuTe views of torch tensors for the kernel: q, k, v and out contiguous ``[B, H, N, D]``
-    (H = Hq for q and out, Hkv for k and v), rows float32 ``[B*Hq, N, fields]``. The lengths
-    and head counts are dynamic, the strides that follow from them too: one compiled kernel
-    serves every shape of a head dim, group and dtype."""
+def cute_views(q, k, v, out, rows, layouts: tuple[str, str, str, str]) -> tuple:
+    """CuTe views of torch tensors for the kernel: q, k, v and out ``[B, H, N, D]`` (H = Hq for
+    q and out, Hkv for k and v) with compact strides in their ``layouts``
+    (:data:`kernels.cute_attention.DIM_ORDERS`: head- or token-major), rows float32
+    ``[B*Hq, N, fields]``. The lengths, head counts and batch are dynamic, the strides that
+    follow from them too: one compiled kernel serves every shape of a head dim, group, dtype
+    and layouts. q, k and out are viewed as ``(N, D, H, B)``, v as ``(D, N, H, B)`` (PV's B
+    operand); the kernel merges ``(H, B)`` into one mode (:func:`heads_as_one_mode`)."""
     from cutlass.cute.runtime import from_dlpack
 
-    def flat(t):  # [B, H, N, D] -> (N, D, B*H)
-        return t.flatten(0, 1).permute(1, 2, 0)
+    from kernels.cute_attention import DIM_ORDERS
 
-    # (view, its dynamic modes, its modes from the largest stride to the smallest: what
-    # torch's dim_order() gives, spelled out since that call costs more than the rest)
-    views = (
-        (flat(q), (0, 2), (2, 0, 1)),
-        (flat(k), (0, 2), (2, 0, 1)),
-        (flat(v).permute(1, 0, 2), (1, 2), (2, 1, 0)),  # (D, N, B*Hkv): V as PV's B operand
-        (flat(out), (0, 2), (2, 0, 1)),
-        (rows.permute(1, 0, 2), (0, 1), (1, 0, 2)),  # (N, B*Hq, fields)
-    )
+    def view(t, layout, perm):  # t permuted to perm, and the permuted view's modes, outermost first
+        return t.permute(perm), tuple(perm.index(m) for m in DIM_ORDERS[layout])
+
+    nd, dn = (2, 3, 1, 0), (3, 2, 1, 0)
+    views = [view(t, layout, perm) for t, layout, perm in zip((q, k, v, out), layouts, (nd, nd, dn, nd))]
+    views.append((rows.permute(1, 0, 2), (1, 0, 2)))  # (N, B*Hq, fields)
     result = []
-    for t, modes, order in views:
-        view = from_dlpack(t, assumed_align=16)
-        for mode in modes:
-            view = view.mark_compact_shape_dynamic(mode=mode, stride_order=order)
-        result.append(view)
+    for t, order in views:
+        marked = from_dlpack(t, assumed_align=16)
+        for mode in order[:-1]:  # all but the innermost (D, or the fields)
+            marked = marked.mark_compact_shape_dynamic(mode=mode, stride_order=order)
+        result.append(marked)
     return tuple(result)
+
+
+def heads_as_one_mode(t: cute.Tensor) -> cute.Tensor:
+    """``(N, D, H, B)`` (or ``(D, N, H, B)``) as ``(N, D, (H, B))``: head ``bh`` of the merged
+    mode is head ``bh % H`` of batch ``bh // H``, as in ``[B*H, ...]``."""
+    return cute.group_modes(t, 2, 4)
 
 
 class WarpSpecializedForward:
@@ -527,6 +532,7 @@ class WarpSpecializedForward:
         scale: cutlass.Float32,
         stream,
     ):
+        q, k, vt, out = (heads_as_one_mode(t) for t in (q, k, vt, out))
         dtype = q.element_type
         d, bn = self.d, self.block_n
         mma_qk, mma_pv = tiled_mmas(dtype, bn, d)
@@ -549,7 +555,7 @@ class WarpSpecializedForward:
         tma_o, to = cpasync.make_tiled_tma_atom(
             cpasync.CopyBulkTensorTileS2GOp(), out, cute.slice_(q_layout, (None, None, 0)), (BLOCK_M, d)
         )
-        grid = (cute.ceil_div(q.shape[0], self.block_m), q.shape[2], 1)
+        grid = (cute.ceil_div(q.shape[0], self.block_m), cute.size(q, mode=[2]), 1)
         self.kernel(
             mma_qk,
             mma_pv,

@@ -45,6 +45,7 @@ from kernels.cute_forward import (  # noqa: E402
     _fragment_layouts,
     consumer_registers,
     cute_views,
+    heads_as_one_mode,
     issue_pv,
     issue_qk,
     online_softmax,
@@ -80,6 +81,7 @@ class CausalForward:
         scale: cutlass.Float32,
         stream,
     ):
+        q, k, vt, out = (heads_as_one_mode(t) for t in (q, k, vt, out))
         dtype = q.element_type
         d = self.d
         mma_qk, mma_pv = tiled_mmas(dtype, BLOCK_N, d)
@@ -96,7 +98,7 @@ class CausalForward:
 
         self.shared = Shared
         n = q.shape[0]
-        grid = (cute.ceil_div(n, BLOCK_M), q.shape[2], 1)
+        grid = (cute.ceil_div(n, BLOCK_M), cute.size(q, mode=[2]), 1)
         self.kernel(
             mma_qk,
             mma_pv,
@@ -186,24 +188,37 @@ class CausalForward:
 
 
 def torch_arguments(q, k, v, fields: int = 1):
-    """CuTe views of torch ``[B, H, N, D]`` contiguous q, k, v, and of a new output and rows:
-    ``(cute arguments, out [B, H, N, D], rows [B*H, N, fields])``."""
+    """CuTe views of torch ``[B, H, N, D]`` q, k, v (head- or token-major), and of a new output
+    laid out like q and rows: ``(cute arguments, out [B, H, N, D], rows [B*H, N, fields])``."""
     import torch
 
-    out = torch.empty_like(q)
+    from kernels.cute_attention import in_place
+    from kernels.spec import empty_output
+
+    (q, k, v, out), layouts = zip(*(in_place(t) for t in (q, k, v, empty_output(q))))
     rows = torch.empty(q.shape[0] * q.shape[1], q.shape[2], fields, device=q.device, dtype=torch.float32)
-    return cute_views(q, k, v, out, rows), out, rows
+    return cute_views(q, k, v, out, rows, layouts), out, rows
 
 
-def fake_arguments(n: int, heads: int, group: int, head_dim: int, fields: int = 1, dtype=cutlass.BFloat16) -> tuple:
-    """Fake tensors of one problem (batch 1; ``heads`` query heads): compile without a GPU."""
-    from cutlass.cute.runtime import make_fake_tensor
+def fake_arguments(head_dim: int, fields: int = 1, layout: str = "head", dtype=cutlass.BFloat16) -> tuple:
+    """Fake ``q, k, vt, out, rows`` as :func:`~kernels.cute_forward.cute_views` makes them, for
+    q, k and v in ``layout`` (:data:`~kernels.cute_attention.DIM_ORDERS`), their lengths, head
+    counts and batch dynamic as the library marks them: compile without a GPU."""
+    from cutlass.cute.runtime import make_fake_compact_tensor
 
-    kv = heads // group
-    q, out = (make_fake_tensor(dtype, (n, head_dim, heads), stride=(head_dim, 1, n * head_dim)) for _ in range(2))
-    k = make_fake_tensor(dtype, (n, head_dim, kv), stride=(head_dim, 1, n * head_dim))
-    vt = make_fake_tensor(dtype, (head_dim, n, kv), stride=(1, head_dim, n * head_dim))
-    rows = make_fake_tensor(cutlass.Float32, (n, heads, fields), stride=(fields, n * fields, 1))
+    from kernels.cute_attention import DIM_ORDERS
+
+    n, b, hq, hkv, bh = (cute.sym_int() for _ in range(5))
+    order = DIM_ORDERS[layout]  # [B, H, N, D]'s modes, outermost first
+
+    def fake(heads, perm):  # [B, H, N, D] permuted to perm
+        extent = (b, heads, n, head_dim)
+        rank = tuple(len(order) - 1 - order.index(m) for m in perm)  # 0: the innermost
+        return make_fake_compact_tensor(dtype, tuple(extent[m] for m in perm), stride_order=rank, assumed_align=16)
+
+    nd, dn = (2, 3, 1, 0), (3, 2, 1, 0)
+    q, k, vt, out = fake(hq, nd), fake(hkv, nd), fake(hkv, dn), fake(hq, nd)
+    rows = make_fake_compact_tensor(cutlass.Float32, (n, bh, fields), stride_order=(1, 2, 0), assumed_align=16)
     return q, k, vt, out, rows
 
 
@@ -235,7 +250,7 @@ def offline(name: str, head_dim: int, group: int) -> None:
     from cutlass.cute.runtime import make_fake_stream
 
     kernel = KERNELS[name](head_dim, group)
-    args = fake_arguments(4096, 8, group, head_dim, kernel.fields)
+    args = fake_arguments(head_dim, kernel.fields)
     cute.compile(kernel, *args, cutlass.Float32(head_dim**-0.5), make_fake_stream())
     print(f"{name} D = {head_dim}, group {group}: compiled")
 

@@ -14,7 +14,16 @@ import kernels.dispatch
 import kernels.hopper_attention
 import kernels.triton_attention
 from kernels import KernelFallbackWarning, StatsSpec, attention
-from kernels.cute_attention import CUTE_AVAILABLE, Masses, row_fields, stats_from_rows, unsupported
+from kernels.cute_attention import (
+    CUTE_AVAILABLE,
+    DIM_ORDERS,
+    Masses,
+    in_place,
+    memory_layout,
+    row_fields,
+    stats_from_rows,
+    unsupported,
+)
 from kernels.validate import check_inputs
 from tests.conftest import SEED
 from tests.kernels.kernel_cases import draw_hopper_case, refusal
@@ -88,6 +97,55 @@ def test_rows_unpack_into_the_requested_statistics(seed):
             assert got.dtype == torch.int64 and torch.equal(got, expect), name
         else:
             torch.testing.assert_close(got.double(), expect, rtol=1e-6, atol=1e-6, msg=name)  # float32 rows
+
+
+def _token_major(b, h, n, d, extra=0, dtype=BF16):
+    """``[B, H, N, D]`` stored as ``[B, N, H + extra, D]`` (``extra`` heads of a wider fused
+    projection after these)."""
+    return torch.randn(b, n, h + extra, d).to(dtype)[:, :, :h].transpose(1, 2)
+
+
+@pytest.mark.parametrize(
+    "make, layout",
+    [
+        (lambda: torch.randn(2, 3, 5, 8).to(BF16), "head"),
+        (lambda: _token_major(2, 3, 5, 8), "token"),
+        (lambda: _token_major(1, 3, 5, 8), "token"),
+        (lambda: _token_major(2, 1, 5, 8), "head"),  # one head: both at once, head-major taken
+        (lambda: _token_major(2, 3, 5, 8, extra=2), None),  # rows of a fused projection
+        (lambda: torch.randn(2, 5, 3, 8).to(BF16).transpose(1, 2)[..., :4], None),  # D sliced
+        (lambda: torch.randn(2 * 3 * 5 * 8 + 1).to(BF16)[1:].view(2, 3, 5, 8), None),  # misaligned
+    ],
+)
+def test_memory_layout_names_what_the_kernel_reads_in_place(make, layout):
+    assert memory_layout(make()) == layout
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_in_place_keeps_the_memory_and_gives_compact_strides(seed):
+    """Head- and token-major tensors come back as views of the same memory with the compact
+    strides of their layout (a size-1 mode's too); any other layout as a head-major copy. The
+    values never change."""
+    rng = random.Random(f"{SEED}-cute-in-place-{seed}")
+    b, h, n, d = rng.choice((1, 2)), rng.choice((1, 3)), rng.choice((1, 6)), rng.choice((8, 16))
+    t = rng.choice(
+        (
+            lambda: torch.randn(b, h, n, d).to(BF16),
+            lambda: _token_major(b, h, n, d),
+            lambda: _token_major(b, h, n, d, extra=1),
+        )
+    )()
+    got, layout = in_place(t)
+    assert torch.equal(got, t)
+    order = DIM_ORDERS[layout]
+    want = {order[-1]: 1}
+    for outer, inner in zip(order[-2::-1], order[:0:-1]):  # each mode's stride from the next inner one's
+        want[outer] = want[inner] * t.shape[inner]
+    assert got.stride() == tuple(want[m] for m in range(4))
+    if memory_layout(t) is not None:
+        assert got.data_ptr() == t.data_ptr() and layout == memory_layout(t)
+    else:
+        assert layout == "head" and got.is_contiguous()
 
 
 @pytest.mark.parametrize("spec", [None, StatsSpec.every_row_statistic()])
