@@ -47,6 +47,9 @@ MASKED = -1.0e30
 #: The running max before the first block: above MASKED and finite, so that the first block's
 #: alpha is 0 and entropy's rescale (m_old - m_new) * l adds 0, not -inf * 0 = NaN.
 M_INIT = -5.0e29
+#: How far (log2 units) a row's max may pass its reference before the lazy softmax moves it
+#: (:func:`online_softmax`): p then stays below 2^8, far inside float32, bf16 and fp16.
+RESCALE_SLACK = 8.0
 #: Named barriers 1 to 3 (0 is the CTA's): consumer h waits on 1 + h for its turn to issue its
 #: matrix multiplies, and arrives on the next one's when it has (step 3, FlashAttention-3's
 #: ping-pong).
@@ -97,6 +100,8 @@ def online_softmax(
     first: cutlass.Constexpr = False,
     near: cutlass.Constexpr = False,
     masses: cutlass.Constexpr = None,
+    lazy: cutlass.Constexpr = False,
+    top: cute.Tensor = None,
 ):
     """One key block of the online softmax, in place: ``acc_s`` (this thread's registers of the
     [64, block] scores, rows from ``row0``, keys from ``key0``) becomes p = exp2(s * scale_log2 -
@@ -111,7 +116,12 @@ def online_softmax(
     the thread's first key, an immediate), one FMA a score each; the sink mass in the ``first``
     block; the local and offset masses in the ``near`` blocks.
     ``arg`` [2]: the first key of this thread's columns that holds the row max (or ``NO_KEY``):
-    rescanned only where the block raised the max, so an earlier key keeps an exact tie."""
+    rescanned only where the block raised the max, so an earlier key keeps an exact tie.
+    ``lazy``: ``m_i`` is the rows' reference, not their max: it moves (and l, the sums and
+    ``acc_o`` are rescaled) only where the block's max passes it by more than
+    :data:`RESCALE_SLACK`, so that p stays below 2^RESCALE_SLACK; most blocks leave alpha exactly
+    1 and skip every rescale (the caller's too: :func:`rescale_where_moved`). ``top`` [2] then
+    keeps the rows' true max for the argmax and max prob (with the statistics)."""
     for h in cutlass.range_constexpr(2):  # this thread's two rows
         regs = [v for v in range(cute.size(acc_s)) if (v // 2) % 2 == h]
         if cutlass.const_expr(masked):  # on the raw scores: the scale is folded into the exponent
@@ -124,19 +134,29 @@ def online_softmax(
         mx = chains([acc_s[v] for v in regs], cute.arch.fmax, MAX_CHAINS)
         mx = cute.arch.fmax(mx, cute.arch.shuffle_sync_bfly(mx, offset=1))
         mx = cute.arch.fmax(mx, cute.arch.shuffle_sync_bfly(mx, offset=2))
-        m_new = cute.arch.fmax(m_i[h], mx * scale_log2)
-        alpha = cute.arch.exp2(m_i[h] - m_new)
+        block_max = mx * scale_log2
+        row_max = top[h] if cutlass.const_expr(top is not None) else m_i[h]  # the max before the block
         if cutlass.const_expr(arg is not None):
-            if mx * scale_log2 > m_i[h]:  # the block raised the max: this thread's first column with it
+            if block_max > row_max:  # the block raised the max: this thread's first column with it
                 arg[h] = NO_KEY
                 for v in reversed(regs):  # last first: the earliest column is written last
                     if acc_s[v] == mx:
                         arg[h] = key0 + register_coordinate(tidx, v)[1]
-        if cutlass.const_expr(sums is not None):
-            base = h * masses.sums
-            sums[base] = alpha * (sums[base] + (m_i[h] - m_new) * l_i[h])
-            for f in cutlass.range_constexpr(1, masses.sums):
-                sums[base + f] = alpha * sums[base + f]
+        base = h * masses.sums if cutlass.const_expr(sums is not None) else 0
+        if cutlass.const_expr(lazy):
+            if cutlass.const_expr(top is not None):
+                top[h] = cute.arch.fmax(row_max, block_max)
+            move = block_max > m_i[h] + RESCALE_SLACK
+            m_new = cutlass.Float32(cutlass.select_(move, block_max, m_i[h]))
+            alpha = cute.arch.exp2(m_i[h] - m_new)  # exactly 1 where it stays
+            if cutlass.const_expr(sums is not None):
+                if move:
+                    rescale_sums(sums, base, masses.sums, alpha, (m_i[h] - m_new) * l_i[h])
+        else:
+            m_new = cute.arch.fmax(m_i[h], block_max)
+            alpha = cute.arch.exp2(m_i[h] - m_new)
+            if cutlass.const_expr(sums is not None):
+                rescale_sums(sums, base, masses.sums, alpha, (m_i[h] - m_new) * l_i[h])
         xs = []
         for v in regs:
             xs.append(acc_s[v] * scale_log2 - m_new)  # one FMA (log2 units)
@@ -173,6 +193,15 @@ def online_softmax(
 
 
 @cute.jit
+def rescale_sums(sums: cute.Tensor, base, count: cutlass.Constexpr, alpha, shift):
+    """A row's partial sums ``sums[base : base + count]`` moved to a new max: each times
+    ``alpha``, entropy's (the first) after adding ``shift`` = (m_old - m_new) * l."""
+    sums[base] = alpha * (sums[base] + shift)
+    for f in cutlass.range_constexpr(1, count):
+        sums[base + f] = alpha * sums[base + f]
+
+
+@cute.jit
 def softmax_block(
     acc_s: cute.Tensor,
     acc_o: cute.Tensor,
@@ -191,28 +220,25 @@ def softmax_block(
     arg: cute.Tensor = None,
     first: cutlass.Constexpr = False,
     masses: cutlass.Constexpr = None,
+    lazy: cutlass.Constexpr = False,
+    top: cute.Tensor = None,
 ):
     """:func:`online_softmax` of key block ``j`` of 64 rows from ``row0``: masked from block
     ``j_mask`` on (the block of ``row0``: later blocks hold keys after some row, or past ``n``);
     with the statistics (``masses``), the local and offset masses summed from block ``j_near``
     on (the blocks they reach); the sink mass in the ``first``."""
+    common = (acc_s, acc_o, m_i, l_i, tidx, row0, j * block_n, n, scale_log2)
+    extra = dict(alpha_out=alpha, sums=sums, arg=arg, first=first, masses=masses, lazy=lazy, top=top)
     stats = sums is not None
-    key0 = j * block_n
     if j >= j_mask:
-        online_softmax(
-            acc_s, acc_o, m_i, l_i, tidx, row0, key0, n, scale_log2, True, alpha, sums, arg, first, stats, masses
-        )
+        online_softmax(*common, True, near=stats, **extra)
     elif cutlass.const_expr(stats):
         if j >= j_near:
-            online_softmax(
-                acc_s, acc_o, m_i, l_i, tidx, row0, key0, n, scale_log2, False, alpha, sums, arg, first, True, masses
-            )
+            online_softmax(*common, False, near=True, **extra)
         else:
-            online_softmax(
-                acc_s, acc_o, m_i, l_i, tidx, row0, key0, n, scale_log2, False, alpha, sums, arg, first, False, masses
-            )
+            online_softmax(*common, False, **extra)
     else:
-        online_softmax(acc_s, acc_o, m_i, l_i, tidx, row0, j * block_n, n, scale_log2, False, alpha)
+        online_softmax(*common, False, **extra)
 
 
 @dsl_user_op
@@ -243,6 +269,17 @@ def to_p(acc_s: cute.Tensor, p16: cute.Tensor, packed: cutlass.Constexpr):
             p32[i] = _pack2(acc_s[2 * i], acc_s[2 * i + 1], p16.element_type)
     else:
         p16.store(acc_s.load().to(p16.element_type))
+
+
+@cute.jit
+def rescale_where_moved(acc_o: cute.Tensor, alpha: cute.Tensor, lazy: cutlass.Constexpr):
+    """:func:`rescale`; ``lazy``: only where a row's max moved (a factor below 1; skipped,
+    alpha is exactly 1, as in most blocks of a long row)."""
+    if cutlass.const_expr(lazy):
+        if cutlass.min(alpha[0], alpha[1]) < 1.0:
+            rescale(acc_o, alpha)
+    else:
+        rescale(acc_o, alpha)
 
 
 @cute.jit
@@ -309,10 +346,11 @@ def store_rows(
     sums: cute.Tensor = None,
     arg: cute.Tensor = None,
     masses: cutlass.Constexpr = None,
+    top: cute.Tensor = None,
 ):
     """Write this thread's output rows (``acc_o`` / the row sum) and their :func:`row_fields`
     (the lse; with ``sums``, ``arg`` and ``masses`` every row statistic), rows from ``row0`` of
-    head ``bh``;
+    head ``bh``; ``top``: the rows' true max where ``m_i`` is a lazy reference below it;
     rows at ``n`` or past it are skipped. ``out=None``: the caller stores the output
     (:func:`store_output`) and takes ``acc_o`` back scaled by 1 / the row sum."""
     for h in cutlass.range_constexpr(2):
@@ -340,7 +378,10 @@ def store_rows(
                 if cutlass.const_expr(sums is not None):
                     t, dist = totals[:2]
                     rows[row, bh, 1] = (log2_l - t * inv) * (1.0 / LOG2E)
-                    rows[row, bh, 2] = inv
+                    if cutlass.const_expr(top is not None):
+                        rows[row, bh, 2] = cute.arch.exp2(top[h] - m_i[h]) * inv
+                    else:
+                        rows[row, bh, 2] = inv
                     rows[row, bh, 3] = cutlass.Float32(row) - dist * inv
                     for f, mass in enumerate(totals[2:]):  # sink, local, then the offsets
                         rows[row, bh, 4 + f] = mass * inv
@@ -488,7 +529,8 @@ class WarpSpecializedForward:
     slot as they finish with it. ``setmaxnreg`` moves registers from the loader to the
     consumers. Without ``overlap`` the consumers wait for each matrix multiply (route 2's step
     1); ``pingpong`` adds the turns (step 3). ``packed_p`` rounds P into 32-bit register pairs
-    as it is made (:func:`to_p`; not yet timed on a GPU). Call it through ``cute.compile`` with
+    as it is made (:func:`to_p`); ``lazy_rescale`` rescales O and the sums only where a row's
+    max moved (:func:`rescale_where_moved`; neither yet timed on a GPU). Call it through ``cute.compile`` with
     ``(q, k, vt, out, rows, scale, stream)``."""
 
     def __init__(
@@ -502,6 +544,7 @@ class WarpSpecializedForward:
         consumers: int = 2,
         block_n: int = 128,
         packed_p: bool = False,
+        lazy_rescale: bool = False,
     ):
         stats = masses is not None
         assert overlap or not (pingpong or stats), "turns and statistics are in the overlapped loop"
@@ -509,6 +552,7 @@ class WarpSpecializedForward:
         self.consumers = consumers
         self.block_n = block_n
         self.packed_p = packed_p
+        self.lazy_rescale = lazy_rescale
         self.block_m = BLOCK_M * consumers  # the CTA's query rows, 64 a consumer
         # setmaxnreg: the loader's warpgroup keeps 24 registers a thread, the consumers share the rest
         self.registers = (512 - 24) // consumers // 8 * 8
@@ -674,6 +718,10 @@ class WarpSpecializedForward:
                 sums.fill(0.0)
                 arg = cute.make_rmem_tensor((2,), cutlass.Int32)
                 arg.fill(NO_KEY)
+            lazy, top = self.lazy_rescale, None
+            if cutlass.const_expr(lazy and self.stats):  # the rows' true max, ahead of m_i
+                top = cute.make_rmem_tensor((2,), cutlass.Float32)
+                top.fill(M_INIT)
             k_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
             v_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
             cute.arch.mbarrier_wait(q_bar, 0)
@@ -704,7 +752,8 @@ class WarpSpecializedForward:
                 warpgroup.wait_group(0)
                 pipe_k.consumer_release(k_state)
                 k_state.advance()
-                softmax_block(*state, 0, j_mask, j_near, bn, n, scale_log2, alpha, sums, arg, True, masses)
+                rest = dict(masses=masses, lazy=lazy, top=top)  # what every block's softmax takes last
+                softmax_block(*state, 0, j_mask, j_near, bn, n, scale_log2, alpha, sums, arg, True, **rest)
                 to_p(acc_s, p16, self.packed_p)
                 if cutlass.const_expr(self.pingpong):  # the first consumer issues first
                     if half == self.consumers - 1:
@@ -728,19 +777,19 @@ class WarpSpecializedForward:
                         pipe_k.consumer_release(k_state)
                         k_state.advance()
                         if cutlass.const_expr(free):
-                            online_softmax(*state, j * bn, n, scale_log2, False, alpha, sums, arg, masses=masses)
+                            online_softmax(*state, j * bn, n, scale_log2, False, alpha, sums, arg, **rest)
                         else:
-                            softmax_block(*state, j, j_mask, j_near, bn, n, scale_log2, alpha, sums, arg, masses=masses)
+                            softmax_block(*state, j, j_mask, j_near, bn, n, scale_log2, alpha, sums, arg, **rest)
                         warpgroup.wait_group(0)
                         pipe_v.consumer_release(v_state)
                         v_state.advance()
-                        rescale(acc_o, alpha)
+                        rescale_where_moved(acc_o, alpha, lazy)
                         to_p(acc_s, p16, self.packed_p)
                 pipe_v.consumer_wait(v_state)
                 mma_pv = issue_pv(mma_pv, acc_o, rp, rv, v_state.index, bn)
                 warpgroup.wait_group(0)
                 pipe_v.consumer_release(v_state)
-            store_rows(acc_o, m_i, l_i, t, row0, n, None, rows, bh, sums, arg, masses)
+            store_rows(acc_o, m_i, l_i, t, row0, n, None, rows, bh, sums, arg, masses, top)
             tos, tog = cpasync.tma_partition(
                 tma_o,
                 0,

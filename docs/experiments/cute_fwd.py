@@ -243,6 +243,15 @@ KERNELS = {
     "step3c3p": functools.partial(WarpSpecializedForward, consumers=3, packed_p=True),
     "step4c3p": functools.partial(WarpSpecializedForward, masses=Masses(), consumers=3, packed_p=True),
     "step3p": functools.partial(WarpSpecializedForward, packed_p=True),
+    # O and the sums rescaled only where a row's max moved (not yet run on a GPU)
+    "step3l": functools.partial(WarpSpecializedForward, lazy_rescale=True),
+    "step4l": functools.partial(WarpSpecializedForward, masses=Masses(), lazy_rescale=True),
+    "step4c3n96l": functools.partial(
+        WarpSpecializedForward, masses=Masses(), consumers=3, block_n=96, lazy_rescale=True
+    ),
+    "step4c3n96pl": functools.partial(
+        WarpSpecializedForward, masses=Masses(), consumers=3, block_n=96, packed_p=True, lazy_rescale=True
+    ),
 }
 
 

@@ -6,7 +6,7 @@ leave the kernel's inner loops alone (docs/benchmarks.md, "Route 2 on the card")
 
 Needs ``nvidia-cutlass-dsl`` and triton (for its ``cuobjdump``) in one environment:
 
-    PYTHONPATH=.:docs/experiments python docs/experiments/cute_sass.py [--layout token]
+    PYTHONPATH=.:docs/experiments python docs/experiments/cute_sass.py [--layout token] [--kernels step4p,...]
 """
 
 from __future__ import annotations
@@ -22,22 +22,26 @@ os.environ["CUTE_DSL_KEEP"], os.environ["CUTE_DSL_DUMP_DIR"] = "cubin", _DUMP
 
 import cutlass  # noqa: E402
 import cutlass.cute as cute  # noqa: E402
-from cute_fwd import fake_arguments  # noqa: E402
+from cute_fwd import KERNELS, fake_arguments  # noqa: E402
 from cutlass.cute.runtime import make_fake_stream  # noqa: E402
-from hopper_sass import _BIN, loop_bodies  # noqa: E402  (beside this script)
+from hopper_sass import _BIN, loop_bodies, skip_path  # noqa: E402  (beside this script)
 
-from kernels.cute_attention import DIM_ORDERS, Masses, build, row_fields  # noqa: E402
+from kernels.cute_attention import DIM_ORDERS, Masses, build  # noqa: E402
 from kernels.cute_forward import WarpSpecializedForward  # noqa: E402
 
 
-def compile_sass(head_dim: int, stats: bool, layout: str, group: int = 1) -> str:
-    """The SASS of the library's build of one head dim, with every row statistic or without."""
+def library_build(head_dim: int, stats: bool, group: int = 1) -> WarpSpecializedForward:
+    """The build :func:`kernels.cute_attention.cute_attention` compiles, with every row
+    statistic (the default settings) or without."""
+    return WarpSpecializedForward(head_dim, group, masses=Masses() if stats else None, **build(head_dim, stats))
+
+
+def compile_sass(kernel, layout: str = "head") -> str:
+    """``cuobjdump``'s resource usage and SASS of ``kernel`` compiled for q, k, v in ``layout``."""
     for f in os.listdir(_DUMP):
         os.remove(os.path.join(_DUMP, f))
-    masses = Masses() if stats else None
-    kernel = WarpSpecializedForward(head_dim, group, masses=masses, **build(head_dim, stats))
-    args = fake_arguments(head_dim, len(row_fields(masses)), layout)
-    cute.compile(kernel, *args, cutlass.Float32(head_dim**-0.5), make_fake_stream())
+    args = fake_arguments(kernel.d, kernel.fields, layout)
+    cute.compile(kernel, *args, cutlass.Float32(kernel.d**-0.5), make_fake_stream())
     (cubin,) = (os.path.join(_DUMP, f) for f in os.listdir(_DUMP) if f.endswith(".cubin"))
     res = subprocess.run([os.path.join(_BIN, "cuobjdump"), "-res-usage", cubin], capture_output=True, text=True)
     sass = subprocess.run([os.path.join(_BIN, "cuobjdump"), "-sass", cubin], capture_output=True, text=True)
@@ -45,23 +49,26 @@ def compile_sass(head_dim: int, stats: bool, layout: str, group: int = 1) -> str
 
 
 def summary(sass: str) -> str:
-    """Registers, local memory ops and the softmax loops' instruction counts of one listing."""
+    """Registers, local memory ops and each softmax loop's instructions (all, and on the path
+    that skips the argmax rescan and the rescale where no row's max moved) of one listing."""
     registers = sass.split("REG:")[1].split()[0] if "REG:" in sass else "?"
-    local = sum(
-        op in ("LDL", "STL") for op in (line.split()[1] if len(line.split()) > 1 else "" for line in sass.splitlines())
-    )
-    loops = [len(body) for body in loop_bodies(sass)]
-    return f"registers {registers}, local ops {local}, softmax loops {loops}"
+    ops = (line.split()[1] if len(line.split()) > 1 else "" for line in sass.splitlines())
+    local = sum(op in ("LDL", "STL") for op in ops)
+    loops = ", ".join(f"{len(body)}/{skip_path(body)}" for body in loop_bodies(sass))
+    return f"registers {registers}, local ops {local}, softmax loops (all/skip path) {loops}"
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layout", choices=sorted(DIM_ORDERS), default="head", help="q, k and v's memory layout")
+    parser.add_argument(
+        "--kernels", help=f"comma list of cute_fwd.py's builds ({', '.join(KERNELS)}); default the library's"
+    )
     args = parser.parse_args()
     for d in (128, 64):
-        for stats in (False, True):
-            print(
-                f"D = {d}, {'every row statistic' if stats else 'plain'}, {args.layout}-major:",
-                summary(compile_sass(d, stats, args.layout)),
-                flush=True,
-            )
+        if args.kernels:
+            builds = {name: KERNELS[name](d, 1) for name in args.kernels.split(",")}
+        else:
+            builds = {"plain": library_build(d, False), "every row statistic": library_build(d, True)}
+        for name, kernel in builds.items():
+            print(f"D = {d}, {name}, {args.layout}-major:", summary(compile_sass(kernel, args.layout)), flush=True)
