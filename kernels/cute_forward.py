@@ -148,19 +148,19 @@ def online_softmax(
                 top[h] = cute.arch.fmax(row_max, block_max)
             move = block_max > m_i[h] + RESCALE_SLACK
             m_new = cutlass.Float32(cutlass.select_(move, block_max, m_i[h]))
-            alpha = cute.arch.exp2(m_i[h] - m_new)  # exactly 1 where it stays
+            alpha = exp2(m_i[h] - m_new)  # exactly 1 where it stays
             if cutlass.const_expr(sums is not None):
                 if move:
                     rescale_sums(sums, base, masses.sums, alpha, (m_i[h] - m_new) * l_i[h])
         else:
             m_new = cute.arch.fmax(m_i[h], block_max)
-            alpha = cute.arch.exp2(m_i[h] - m_new)
+            alpha = exp2(m_i[h] - m_new)
             if cutlass.const_expr(sums is not None):
                 rescale_sums(sums, base, masses.sums, alpha, (m_i[h] - m_new) * l_i[h])
         xs = []
         for v in regs:
             xs.append(acc_s[v] * scale_log2 - m_new)  # one FMA (log2 units)
-            acc_s[v] = cute.arch.exp2(xs[-1])
+            acc_s[v] = exp2(xs[-1])
         add = lambda a, b: a + b  # noqa: E731
         total = chains([acc_s[v] for v in regs], add, SUM_CHAINS)
         if cutlass.const_expr(sums is not None):
@@ -239,6 +239,22 @@ def softmax_block(
             online_softmax(*common, False, **extra)
     else:
         online_softmax(*common, False, **extra)
+
+
+@dsl_user_op
+def exp2(x, *, loc=None, ip=None):
+    """2^x by ``ex2.approx.ftz.f32`` (one MUFU.EX2), as ``cute.arch.exp2`` (deprecated) emits
+    it, but free of side effects, so that the compiler may move or drop it like any math."""
+    value = llvm.inline_asm(
+        T.f32(),
+        [cutlass.Float32(x).ir_value(loc=loc, ip=ip)],
+        "ex2.approx.ftz.f32 $0, $1;",
+        "=f,f",
+        has_side_effects=False,
+        is_align_stack=False,
+        asm_dialect=llvm.AsmDialect.AD_ATT,
+    )
+    return cutlass.Float32(value)
 
 
 @dsl_user_op
@@ -379,7 +395,7 @@ def store_rows(
                     t, dist = totals[:2]
                     rows[row, bh, 1] = (log2_l - t * inv) * (1.0 / LOG2E)
                     if cutlass.const_expr(top is not None):
-                        rows[row, bh, 2] = cute.arch.exp2(top[h] - m_i[h]) * inv
+                        rows[row, bh, 2] = exp2(top[h] - m_i[h]) * inv
                     else:
                         rows[row, bh, 2] = inv
                     rows[row, bh, 3] = cutlass.Float32(row) - dist * inv
