@@ -218,3 +218,20 @@ def draw_hopper_case(
         return t[:, :, extra - 1 : extra - 1 + heads].transpose(1, 2) if extra else t.transpose(1, 2)
 
     return Case(draw(hkv * group), draw(hkv), draw(hkv), True, None, spec, None, None)
+
+
+def jumping_max_case(d: int, dtype: torch.dtype, seed: int) -> tuple[Case, int, torch.Tensor]:
+    """A call (on the GPU) where, in every 16 query rows (a warp's share of an accumulator),
+    rows 8-15 meet one key scoring 16, where their earlier scores stay below about 3, while
+    rows 0-7 see random scores whose max moves little: a kernel that rescales only where some
+    row's max moved (far) must still rescale the rows that need it, whichever half of the warp
+    they are in. ``(case, the key, the rows that meet it [N] bool)``."""
+    n, key = 700, 300
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, h, n, d, generator=gen) * s for h, s in ((2, 0.5), (1, 0.5), (1, 1.0)))
+    second = torch.arange(n) % 16 >= 8
+    q[0, :, second, 0] = 8.0
+    k[0, 0, key, 0] = 16.0 * d**0.5 / 8
+    spec = StatsSpec.all(sink_tokens=4, window=64, offsets=(1, 7))
+    case = Case(q.to(dtype).cuda(), k.to(dtype).cuda(), v.to(dtype).cuda(), True, None, spec, None, None)
+    return case, key, second

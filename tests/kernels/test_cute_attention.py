@@ -24,9 +24,10 @@ from kernels.cute_attention import (
     stats_from_rows,
     unsupported,
 )
+from kernels.spec import empty_output
 from kernels.validate import check_inputs
 from tests.conftest import SEED
-from tests.kernels.kernel_cases import draw_hopper_case, refusal
+from tests.kernels.kernel_cases import draw_hopper_case, jumping_max_case, refusal
 from tests.kernels.test_kernel_accuracy import check_against_oracle
 
 ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
@@ -172,6 +173,22 @@ def test_matches_float64_oracle_with_cute(index, monkeypatch):
     # any length from 1, sink tokens within the first (96-key) block
     rng = random.Random(f"{SEED}-cute-{index}")
     case = draw_hopper_case(rng, lengths=(1, 17, 128, 129, 200, 383, 640, 1000, 1300), sink_tokens=(1, 4, 96))
+    _checked_on_cute(case, monkeypatch)
+
+
+@pytest.mark.skipif(not (ON_HOPPER and CUTE_AVAILABLE), reason="needs an sm_90 GPU and nvidia-cutlass-dsl")
+@pytest.mark.parametrize("d, dtype", [(64, BF16), (128, torch.float16)])
+def test_a_max_that_jumps_in_some_rows_of_a_warp_is_rescaled_with_cute(d, dtype, monkeypatch):
+    """:func:`jumping_max_case`: for a kernel that rescales only where a row's max moved."""
+    case, key, second = jumping_max_case(d, dtype, SEED + 31)
+    st = _checked_on_cute(case, monkeypatch)
+    assert (st.argmax[0, :, key:][:, second[key:]] == key).all()  # the planted key does win there
+
+
+def _checked_on_cute(case, monkeypatch):
+    """Run ``case`` through the CuTe kernel, which must take it (neither the Triton nor the
+    Gluon kernel may run), check it against the float64 oracle and that the output is laid
+    out like q's (:func:`~kernels.spec.empty_output`); returns the statistics."""
 
     def not_here(*args, **kwargs):
         raise AssertionError("the call went to the Triton or Gluon kernel")
@@ -185,3 +202,5 @@ def test_matches_float64_oracle_with_cute(index, monkeypatch):
         check_against_oracle(case, out, st)
     except AssertionError as exc:
         raise AssertionError(f"{exc}\ncase: {case.describe()}") from None
+    assert out.stride() == empty_output(case.q).stride(), (out.stride(), case.describe())
+    return st

@@ -27,7 +27,7 @@ from kernels.hopper_attention import (
 )
 from kernels.validate import Problem, check_inputs
 from tests.conftest import SEED
-from tests.kernels.kernel_cases import Case, draw_hopper_case, refusal
+from tests.kernels.kernel_cases import Case, draw_hopper_case, jumping_max_case, refusal
 from tests.kernels.test_kernel_accuracy import check_against_oracle
 from tests.kernels.test_kernel_properties import first_max, tied_problem
 
@@ -334,19 +334,7 @@ def test_exact_ties_go_to_earliest_key_on_hopper(d, dtype):
 @pytest.mark.skipif(not ON_HOPPER, reason="needs an sm_90 GPU (H100, H200)")
 @pytest.mark.parametrize("d, dtype", [(64, BF16), (128, torch.float16)])
 def test_a_max_that_jumps_in_some_rows_of_a_warp_is_rescaled_on_hopper(d, dtype):
-    """In every 16 query rows (a warp's share of an accumulator), rows 8-15 meet key 300 with a
-    score of 16, where their earlier scores stay below about 3, while rows 0-7 see random
-    scores whose max moves little: a kernel that rescales its accumulator only where some
-    row's max moved far (docs/experiments/variants/lazy_rescale.patch) must still rescale the
-    rows that need it, whichever half of the warp they are in."""
-    n, key = 700, 300
-    gen = torch.Generator().manual_seed(SEED + 12)
-    q, k, v = (torch.randn(1, h, n, d, generator=gen) * s for h, s in ((2, 0.5), (1, 0.5), (1, 1.0)))
-    second = torch.arange(n) % 16 >= 8
-    q[0, :, second, 0] = 8.0
-    k[0, 0, key, 0] = 16.0 * d**0.5 / 8
-    spec = StatsSpec.all(sink_tokens=4, window=64, offsets=(1, 7))
-    st = _checked_on_hopper(
-        Case(q.to(dtype).cuda(), k.to(dtype).cuda(), v.to(dtype).cuda(), True, None, spec, None, None)
-    )
+    """:func:`jumping_max_case` (for docs/experiments/variants/lazy_rescale.patch)."""
+    case, key, second = jumping_max_case(d, dtype, SEED + 12)
+    st = _checked_on_hopper(case)
     assert (st.argmax[0, :, key:][:, second[key:]] == key).all()  # the planted key does win there
