@@ -692,7 +692,7 @@ class WarpSpecializedForward:
         n_blocks = cute.ceil_div(cutlass.min((m_block + 1) * self.block_m, n), bn)
 
         if wg == 0:
-            cute.arch.warpgroup_reg_dealloc(24)
+            cute.arch.setmaxregister_decrease(24)
             if warp == 0:
                 (tqs, tqg), (tks, tkg), (tvs, tvg) = tma_tiles(
                     (tma_q, tma_k, tma_v), (tq, tk, tv), (sq, sk, sv), bh, hk, bn, d
@@ -723,7 +723,7 @@ class WarpSpecializedForward:
                     pipe_v.producer_commit(v_state)
                     v_state.advance()
         else:
-            cute.arch.warpgroup_reg_alloc(self.registers)
+            cute.arch.setmaxregister_increase(self.registers)
             half = wg - 1
             t = tidx % 128
             rq, rk, rv, acc_s, acc_o, p16, rp, m_i, l_i = consumer_registers(mma_qk, mma_pv, t, sq, sk, sv, bn, d)
