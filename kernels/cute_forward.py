@@ -13,8 +13,10 @@ per-thread partial sums, the sink mass in the first key block, the local and off
 the blocks near the diagonal, the argmax rescanned only where a block raised the max. The
 output goes through shared memory and a TMA store; longest tiles start first.
 
-Tensors: q, out ``(N, D, B*Hq)``, k ``(N, D, B*Hkv)``, v as ``(D, N, B*Hkv)`` (the same
-memory, viewed as PV's B operand), ``rows`` ``(N, B*Hq, fields)`` float32 (:func:`row_fields`).
+Tensors (:func:`cute_views`): q, out ``(N, D, Hq, B)``, k ``(N, D, Hkv, B)``, v as
+``(D, N, Hkv, B)`` (the same memory, viewed as PV's B operand), each head- or token-major;
+``rows`` ``(N, B*Hq, fields)`` float32 (:func:`row_fields`). The kernel merges each
+``(H, B)`` into one mode (:func:`heads_as_one_mode`), a CTA's head index.
 Importing this module needs ``nvidia-cutlass-dsl`` (the ``cute`` extra); it compiles for
 sm_90a without a GPU (``docs/experiments/cute_fwd.py --offline``).
 """

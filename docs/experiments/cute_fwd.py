@@ -60,9 +60,8 @@ BLOCK_N = 64
 
 
 class CausalForward:
-    """``out = softmax(q k^T * scale, causal) v`` and ``lse``; q, out ``(N, D, B*Hq)``, k
-    ``(N, D, B*Hkv)``, v as ``(D, N, B*Hkv)`` (the same memory, viewed for PV's B operand),
-    ``rows`` ``(N, B*Hq, fields)`` float32 (here only the lse)."""
+    """``out = softmax(q k^T * scale, causal) v`` and ``lse``; the tensors of
+    :func:`~kernels.cute_forward.cute_views` (``rows`` here holds only the lse)."""
 
     fields = 1
 
