@@ -64,36 +64,24 @@ def row_fields(masses: Masses | None) -> tuple[str, ...]:
     return ("lse", "entropy", "max_prob", "distance", "sink_mass", "local_mass", *offsets, "argmax")
 
 
-#: A ``[B, H, N, D]`` tensor's modes from the outermost to the innermost in each memory layout
-#: the kernel reads and writes in place: head-major (contiguous) and token-major (``[B, N, H, D]``
-#: in memory, as the projections of Hugging Face and TransformerLens models give it).
-DIM_ORDERS = {"head": (0, 1, 2, 3), "token": (0, 2, 1, 3)}
+def tma_readable(t: torch.Tensor) -> bool:
+    """Whether the kernel's TMA can read (or write) ``t`` ``[B, H, N, D]`` in place: a unit-stride
+    head dim, a 16-byte aligned start and every other stride a positive multiple of 16 bytes
+    (size-1 modes aside). Head-major, token-major (``[B, N, H, D]`` in memory, as model
+    projections give it) and rows of a wider fused projection all are."""
+    if t.stride(-1) != 1 or t.data_ptr() % 16:
+        return False
+    size = t.element_size()
+    return all(s > 0 and s * size % 16 == 0 for n, s in zip(t.shape[:-1], t.stride()[:-1]) if n > 1)
 
 
-def memory_layout(t: torch.Tensor) -> str | None:
-    """Which of :data:`DIM_ORDERS` ``t`` ``[B, H, N, D]`` is laid out in (compact, 16-byte
-    aligned), None for any other layout."""
-    if t.data_ptr() % 16:
-        return None
-    if t.is_contiguous():
-        return "head"
-    if t.transpose(1, 2).is_contiguous():
-        return "token"
-    return None
-
-
-def in_place(t: torch.Tensor) -> tuple[torch.Tensor, str]:
-    """``(t, its layout)`` where the kernel can read or write ``t`` in place, with the compact
-    strides of that layout (a size-1 mode's stride, which torch leaves free, is set); else a
-    head-major copy."""
-    layout = memory_layout(t)
-    if layout is None:
-        return t.contiguous(), "head"
-    strides, step = [0] * 4, 1
-    for mode in reversed(DIM_ORDERS[layout]):
-        strides[mode] = step
-        step *= t.shape[mode]
-    return t.as_strided(t.shape, strides), layout
+def in_place(t: torch.Tensor) -> torch.Tensor:
+    """``t`` where :func:`tma_readable` (a size-1 mode's stride, which torch leaves free, set to
+    the tensor's span so that TMA takes it), else a contiguous copy."""
+    if not tma_readable(t):
+        return t.contiguous()
+    span = max(n * s for n, s in zip(t.shape, t.stride()))
+    return t.as_strided(t.shape, [s if n > 1 else span for n, s in zip(t.shape, t.stride())])
 
 
 def build(head_dim: int, stats: bool) -> dict:
@@ -151,10 +139,11 @@ def cute_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, stats: StatsSpec | None
 ) -> tuple[torch.Tensor, AttentionStats | None]:
     """Run the CuTe kernel on a call :func:`unsupported` accepts (key mass by the Triton pass).
-    q, k and v are read in place where head- or token-major (:func:`in_place`), and the output
-    is laid out like q (:func:`~kernels.spec.empty_output`). The first call of a dtype, head
-    dim, GQA group, statistics settings and layouts compiles the kernel (a few seconds); later
-    calls of any length, batch or head count reuse it."""
+    q, k and v are read in place where TMA can (:func:`in_place`: head- or token-major, or rows
+    of a fused projection), and the output is laid out like q
+    (:func:`~kernels.spec.empty_output`). The first call of a dtype, head dim, GQA group and
+    statistics settings compiles the kernel (a few seconds); later calls of any length, batch,
+    head count or layout reuse it."""
     import cuda.bindings.driver as cuda_driver
     import cutlass
     import cutlass.cute as cute
@@ -165,13 +154,12 @@ def cute_attention(
     b, hq, n, d = q.shape
     group = p.group
     masses = Masses.of(stats) if stats is not None else None
-    out = empty_output(q)
-    (q, k, v, out), layouts = zip(*(in_place(t) for t in (q, k, v, out)))
+    q, k, v, out = (in_place(t) for t in (q, k, v, empty_output(q)))
     rows = torch.empty(b * hq, n, len(row_fields(masses)), device=q.device, dtype=torch.float32)
-    views = cute_views(q, k, v, out, rows, layouts)
+    views = cute_views(q, k, v, out, rows)
     stream = cuda_driver.CUstream(torch.cuda.current_stream(q.device).cuda_stream)
     scale = cutlass.Float32(p.scale)
-    key = (q.dtype, d, group, masses, layouts, q.device.index)
+    key = (q.dtype, d, group, masses, q.device.index)
     if key not in _compiled:
         kernel = WarpSpecializedForward(d, group, masses=masses, **build(d, stats is not None))
         _compiled[key] = cute.compile(kernel, *views, scale, stream)

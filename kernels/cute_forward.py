@@ -504,31 +504,26 @@ def smem_operands(q, k, vt, block_n: int, head_dim: int, q_slots: int, kv_slots:
     return layouts, atoms
 
 
-def cute_views(q, k, v, out, rows, layouts: tuple[str, str, str, str]) -> tuple:
+def cute_views(q, k, v, out, rows) -> tuple:
     """CuTe views of torch tensors for the kernel: q, k, v and out ``[B, H, N, D]`` (H = Hq for
-    q and out, Hkv for k and v) with compact strides in their ``layouts``
-    (:data:`kernels.cute_attention.DIM_ORDERS`: head- or token-major), rows float32
-    ``[B*Hq, N, fields]``. The lengths, head counts and batch are dynamic, the strides that
-    follow from them too: one compiled kernel serves every shape of a head dim, group, dtype
-    and layouts. q, k and out are viewed as ``(N, D, H, B)``, v as ``(D, N, H, B)`` (PV's B
-    operand); the kernel merges ``(H, B)`` into one mode (:func:`heads_as_one_mode`)."""
+    q and out, Hkv for k and v) as TMA reads them in place
+    (:func:`kernels.cute_attention.in_place`), rows float32 ``[B*Hq, N, fields]`` contiguous.
+    q, k and out are viewed as ``(N, D, H, B)``, v as ``(D, N, H, B)`` (PV's B operand), with
+    every extent and stride but the head dim's unit stride dynamic: one compiled kernel serves
+    every shape and layout of a head dim, group and dtype. The kernel merges ``(H, B)`` into
+    one mode (:func:`heads_as_one_mode`). The rows are compact, their lengths and heads
+    dynamic, the fields' count static."""
     from cutlass.cute.runtime import from_dlpack
 
-    from kernels.cute_attention import DIM_ORDERS
-
-    def view(t, layout, perm):  # t permuted to perm, and the permuted view's modes, outermost first
-        return t.permute(perm), tuple(perm.index(m) for m in DIM_ORDERS[layout])
-
     nd, dn = (2, 3, 1, 0), (3, 2, 1, 0)
-    views = [view(t, layout, perm) for t, layout, perm in zip((q, k, v, out), layouts, (nd, nd, dn, nd))]
-    views.append((rows.permute(1, 0, 2), (1, 0, 2)))  # (N, B*Hq, fields)
-    result = []
-    for t, order in views:
-        marked = from_dlpack(t, assumed_align=16)
-        for mode in order[:-1]:  # all but the innermost (D, or the fields)
-            marked = marked.mark_compact_shape_dynamic(mode=mode, stride_order=order)
-        result.append(marked)
-    return tuple(result)
+    views = [
+        from_dlpack(t.permute(perm), assumed_align=16).mark_layout_dynamic(leading_dim=perm.index(3))
+        for t, perm in zip((q, k, v, out), (nd, nd, dn, nd))
+    ]
+    marked = from_dlpack(rows.permute(1, 0, 2), assumed_align=16)  # (N, B*Hq, fields)
+    for mode in (1, 0):  # modes from the outermost, as torch's dim_order() gives them
+        marked = marked.mark_compact_shape_dynamic(mode=mode, stride_order=(1, 0, 2))
+    return (*views, marked)
 
 
 def heads_as_one_mode(t: cute.Tensor) -> cute.Tensor:

@@ -187,36 +187,34 @@ class CausalForward:
 
 
 def torch_arguments(q, k, v, fields: int = 1):
-    """CuTe views of torch ``[B, H, N, D]`` q, k, v (head- or token-major), and of a new output
-    laid out like q and rows: ``(cute arguments, out [B, H, N, D], rows [B*H, N, fields])``."""
+    """CuTe views of torch ``[B, H, N, D]`` q, k, v (any layout :func:`~kernels.cute_attention.in_place`
+    takes), and of a new output laid out like q and rows:
+    ``(cute arguments, out [B, H, N, D], rows [B*H, N, fields])``."""
     import torch
 
     from kernels.cute_attention import in_place
     from kernels.spec import empty_output
 
-    (q, k, v, out), layouts = zip(*(in_place(t) for t in (q, k, v, empty_output(q))))
+    q, k, v, out = (in_place(t) for t in (q, k, v, empty_output(q)))
     rows = torch.empty(q.shape[0] * q.shape[1], q.shape[2], fields, device=q.device, dtype=torch.float32)
-    return cute_views(q, k, v, out, rows, layouts), out, rows
+    return cute_views(q, k, v, out, rows), out, rows
 
 
-def fake_arguments(head_dim: int, fields: int = 1, layout: str = "head", dtype=cutlass.BFloat16) -> tuple:
-    """Fake ``q, k, vt, out, rows`` as :func:`~kernels.cute_forward.cute_views` makes them, for
-    q, k and v in ``layout`` (:data:`~kernels.cute_attention.DIM_ORDERS`), their lengths, head
-    counts and batch dynamic as the library marks them: compile without a GPU."""
-    from cutlass.cute.runtime import make_fake_compact_tensor
-
-    from kernels.cute_attention import DIM_ORDERS
+def fake_arguments(head_dim: int, fields: int = 1, dtype=cutlass.BFloat16) -> tuple:
+    """Fake ``q, k, vt, out, rows`` typed as :func:`~kernels.cute_forward.cute_views` makes
+    them (every extent and stride dynamic but the head dim's unit stride; rows compact):
+    compile without a GPU."""
+    from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_tensor
 
     n, b, hq, hkv, bh = (cute.sym_int() for _ in range(5))
-    order = DIM_ORDERS[layout]  # [B, H, N, D]'s modes, outermost first
 
-    def fake(heads, perm):  # [B, H, N, D] permuted to perm
-        extent = (b, heads, n, head_dim)
-        rank = tuple(len(order) - 1 - order.index(m) for m in perm)  # 0: the innermost
-        return make_fake_compact_tensor(dtype, tuple(extent[m] for m in perm), stride_order=rank, assumed_align=16)
+    def fake(heads, transposed=False):  # (N, D, H, B), or (D, N, H, B)
+        d, n_stride, h_stride, b_stride = cute.sym_int(), *(cute.sym_int64() for _ in range(3))
+        if transposed:
+            return make_fake_tensor(dtype, (d, n, heads, b), (1, n_stride, h_stride, b_stride), assumed_align=16)
+        return make_fake_tensor(dtype, (n, d, heads, b), (n_stride, 1, h_stride, b_stride), assumed_align=16)
 
-    nd, dn = (2, 3, 1, 0), (3, 2, 1, 0)
-    q, k, vt, out = fake(hq, nd), fake(hkv, nd), fake(hkv, dn), fake(hq, nd)
+    q, k, vt, out = fake(hq), fake(hkv), fake(hkv, True), fake(hq)
     rows = make_fake_compact_tensor(cutlass.Float32, (n, bh, fields), stride_order=(1, 2, 0), assumed_align=16)
     return q, k, vt, out, rows
 

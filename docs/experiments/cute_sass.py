@@ -1,12 +1,14 @@
-"""The library's CuTe DSL builds (:func:`kernels.cute_attention.build`) compiled without a GPU,
-with the lengths, head counts and batch dynamic as the library marks them: registers, local
-(spilled) memory ops, and the instructions of each softmax loop (``hopper_sass.loop_bodies``:
-innermost loops with at least 32 exponentials, in program order). For changes that should
-leave the kernel's inner loops alone (docs/benchmarks.md, "Route 2 on the card").
+"""The library's CuTe DSL builds (:func:`kernels.cute_attention.build`), or ``cute_fwd.py``'s,
+compiled without a GPU for arguments typed as the library passes them (``cute_fwd.
+fake_arguments``): registers, local (spilled) memory ops, and each softmax loop's
+instructions (``hopper_sass.loop_bodies``: innermost loops with at least 32 exponentials, in
+program order), all of them and on the path that skips every forward branch
+(``hopper_sass.skip_path``). For changes meant to leave the inner loops alone, or to shorten
+them (docs/benchmarks.md, "Route 2 offline").
 
 Needs ``nvidia-cutlass-dsl`` and triton (for its ``cuobjdump``) in one environment:
 
-    PYTHONPATH=.:docs/experiments python docs/experiments/cute_sass.py [--layout token] [--kernels step4p,...]
+    PYTHONPATH=.:docs/experiments python docs/experiments/cute_sass.py [--kernels step4p,...]
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from cute_fwd import KERNELS, fake_arguments  # noqa: E402
 from cutlass.cute.runtime import make_fake_stream  # noqa: E402
 from hopper_sass import _BIN, loop_bodies, skip_path  # noqa: E402  (beside this script)
 
-from kernels.cute_attention import DIM_ORDERS, Masses, build  # noqa: E402
+from kernels.cute_attention import Masses, build  # noqa: E402
 from kernels.cute_forward import WarpSpecializedForward  # noqa: E402
 
 
@@ -36,11 +38,11 @@ def library_build(head_dim: int, stats: bool, group: int = 1) -> WarpSpecialized
     return WarpSpecializedForward(head_dim, group, masses=Masses() if stats else None, **build(head_dim, stats))
 
 
-def compile_sass(kernel, layout: str = "head") -> str:
-    """``cuobjdump``'s resource usage and SASS of ``kernel`` compiled for q, k, v in ``layout``."""
+def compile_sass(kernel) -> str:
+    """``cuobjdump``'s resource usage and SASS of ``kernel``."""
     for f in os.listdir(_DUMP):
         os.remove(os.path.join(_DUMP, f))
-    args = fake_arguments(kernel.d, kernel.fields, layout)
+    args = fake_arguments(kernel.d, kernel.fields)
     cute.compile(kernel, *args, cutlass.Float32(kernel.d**-0.5), make_fake_stream())
     (cubin,) = (os.path.join(_DUMP, f) for f in os.listdir(_DUMP) if f.endswith(".cubin"))
     res = subprocess.run([os.path.join(_BIN, "cuobjdump"), "-res-usage", cubin], capture_output=True, text=True)
@@ -60,7 +62,6 @@ def summary(sass: str) -> str:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layout", choices=sorted(DIM_ORDERS), default="head", help="q, k and v's memory layout")
     parser.add_argument(
         "--kernels", help=f"comma list of cute_fwd.py's builds ({', '.join(KERNELS)}); default the library's"
     )
@@ -71,4 +72,4 @@ if __name__ == "__main__":
         else:
             builds = {"plain": library_build(d, False), "every row statistic": library_build(d, True)}
         for name, kernel in builds.items():
-            print(f"D = {d}, {name}, {args.layout}-major:", summary(compile_sass(kernel, args.layout)), flush=True)
+            print(f"D = {d}, {name}:", summary(compile_sass(kernel)), flush=True)

@@ -16,12 +16,11 @@ import kernels.triton_attention
 from kernels import KernelFallbackWarning, StatsSpec, attention
 from kernels.cute_attention import (
     CUTE_AVAILABLE,
-    DIM_ORDERS,
     Masses,
     in_place,
-    memory_layout,
     row_fields,
     stats_from_rows,
+    tma_readable,
     unsupported,
 )
 from kernels.spec import empty_output
@@ -107,26 +106,27 @@ def _token_major(b, h, n, d, extra=0, dtype=BF16):
 
 
 @pytest.mark.parametrize(
-    "make, layout",
+    "make, readable",
     [
-        (lambda: torch.randn(2, 3, 5, 8).to(BF16), "head"),
-        (lambda: _token_major(2, 3, 5, 8), "token"),
-        (lambda: _token_major(1, 3, 5, 8), "token"),
-        (lambda: _token_major(2, 1, 5, 8), "head"),  # one head: both at once, head-major taken
-        (lambda: _token_major(2, 3, 5, 8, extra=2), None),  # rows of a fused projection
-        (lambda: torch.randn(2, 5, 3, 8).to(BF16).transpose(1, 2)[..., :4], None),  # D sliced
-        (lambda: torch.randn(2 * 3 * 5 * 8 + 1).to(BF16)[1:].view(2, 3, 5, 8), None),  # misaligned
+        (lambda: torch.randn(2, 3, 5, 8).to(BF16), True),
+        (lambda: _token_major(2, 3, 5, 8), True),
+        (lambda: _token_major(2, 3, 5, 8, extra=2), True),  # rows of a fused projection
+        (lambda: _token_major(1, 1, 5, 8), True),
+        (lambda: torch.randn(2, 3, 5, 16).to(BF16)[..., ::2], False),  # a strided head dim
+        (lambda: torch.randn(2, 3, 5, 12).to(BF16)[..., :8], False),  # rows 24 bytes apart
+        (lambda: torch.randn(2 * 3 * 5 * 8 + 1).to(BF16)[1:].view(2, 3, 5, 8), False),  # misaligned
+        (lambda: torch.randn(2, 1, 5, 8).to(BF16).expand(2, 3, 5, 8), False),  # heads broadcast
     ],
 )
-def test_memory_layout_names_what_the_kernel_reads_in_place(make, layout):
-    assert memory_layout(make()) == layout
+def test_tma_readable_takes_the_layouts_models_hand_over(make, readable):
+    assert tma_readable(make()) is readable
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_in_place_keeps_the_memory_and_gives_compact_strides(seed):
-    """Head- and token-major tensors come back as views of the same memory with the compact
-    strides of their layout (a size-1 mode's too); any other layout as a head-major copy. The
-    values never change."""
+def test_in_place_keeps_readable_memory_and_copies_the_rest(seed):
+    """A readable tensor comes back as a view of the same memory whose every stride (a size-1
+    mode's too) is a positive multiple of 16 bytes; any other as a contiguous copy. The values
+    never change."""
     rng = random.Random(f"{SEED}-cute-in-place-{seed}")
     b, h, n, d = rng.choice((1, 2)), rng.choice((1, 3)), rng.choice((1, 6)), rng.choice((8, 16))
     t = rng.choice(
@@ -134,19 +134,24 @@ def test_in_place_keeps_the_memory_and_gives_compact_strides(seed):
             lambda: torch.randn(b, h, n, d).to(BF16),
             lambda: _token_major(b, h, n, d),
             lambda: _token_major(b, h, n, d, extra=1),
+            lambda: torch.randn(b, h, n, 2 * d).to(BF16)[..., ::2],
         )
     )()
-    got, layout = in_place(t)
+    got = in_place(t)
     assert torch.equal(got, t)
-    order = DIM_ORDERS[layout]
-    want = {order[-1]: 1}
-    for outer, inner in zip(order[-2::-1], order[:0:-1]):  # each mode's stride from the next inner one's
-        want[outer] = want[inner] * t.shape[inner]
-    assert got.stride() == tuple(want[m] for m in range(4))
-    if memory_layout(t) is not None:
-        assert got.data_ptr() == t.data_ptr() and layout == memory_layout(t)
+    if tma_readable(t):
+        assert got.data_ptr() == t.data_ptr()
+        assert all(s > 0 and s * 2 % 16 == 0 for s in got.stride()[:-1]), got.stride()
     else:
-        assert layout == "head" and got.is_contiguous()
+        assert got.is_contiguous()
+
+
+def test_in_place_gives_a_size_one_mode_a_stride_tma_takes():
+    """Torch leaves a size-1 mode's stride free (here 6 bytes); TMA wants 16-byte multiples."""
+    t = torch.randn(2, 3, 1, 8).to(BF16).as_strided((2, 3, 1, 8), (24, 8, 3, 1))
+    got = in_place(t)
+    assert tma_readable(t) and got.data_ptr() == t.data_ptr() and torch.equal(got, t)
+    assert got.stride(2) > 0 and got.stride(2) * 2 % 16 == 0, got.stride()
 
 
 @pytest.mark.parametrize("spec", [None, StatsSpec.every_row_statistic()])
