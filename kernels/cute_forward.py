@@ -84,6 +84,22 @@ def fma_chains(pairs: list, n: int):
     return acc[0]
 
 
+@dsl_user_op
+def exp2(x, *, loc=None, ip=None):
+    """2^x by ``ex2.approx.ftz.f32`` (one MUFU.EX2), as ``cute.arch.exp2`` (deprecated) emits
+    it, but free of side effects, so that the compiler may move or drop it like any math."""
+    value = llvm.inline_asm(
+        T.f32(),
+        [cutlass.Float32(x).ir_value(loc=loc, ip=ip)],
+        "ex2.approx.ftz.f32 $0, $1;",
+        "=f,f",
+        has_side_effects=False,
+        is_align_stack=False,
+        asm_dialect=llvm.AsmDialect.AD_ATT,
+    )
+    return cutlass.Float32(value)
+
+
 @cute.jit
 def online_softmax(
     acc_s: cute.Tensor,
@@ -241,22 +257,6 @@ def softmax_block(
             online_softmax(*common, False, **extra)
     else:
         online_softmax(*common, False, **extra)
-
-
-@dsl_user_op
-def exp2(x, *, loc=None, ip=None):
-    """2^x by ``ex2.approx.ftz.f32`` (one MUFU.EX2), as ``cute.arch.exp2`` (deprecated) emits
-    it, but free of side effects, so that the compiler may move or drop it like any math."""
-    value = llvm.inline_asm(
-        T.f32(),
-        [cutlass.Float32(x).ir_value(loc=loc, ip=ip)],
-        "ex2.approx.ftz.f32 $0, $1;",
-        "=f,f",
-        has_side_effects=False,
-        is_align_stack=False,
-        asm_dialect=llvm.AsmDialect.AD_ATT,
-    )
-    return cutlass.Float32(value)
 
 
 @dsl_user_op
@@ -542,9 +542,10 @@ class WarpSpecializedForward:
     slot as they finish with it. ``setmaxnreg`` moves registers from the loader to the
     consumers. Without ``overlap`` the consumers wait for each matrix multiply (route 2's step
     1); ``pingpong`` adds the turns (step 3). ``packed_p`` rounds P into 32-bit register pairs
-    as it is made (:func:`to_p`); ``lazy_rescale`` rescales O and the sums only where a row's
-    max moved (:func:`rescale_where_moved`; neither yet timed on a GPU). Call it through ``cute.compile`` with
-    ``(q, k, vt, out, rows, scale, stream)``."""
+    as it is made (:func:`to_p`); ``lazy_rescale`` moves a row's softmax reference, and
+    rescales O and the sums, only where its max passes the reference by 2^8
+    (:func:`online_softmax`; neither yet timed on a GPU). Call it through ``cute.compile``
+    with ``(q, k, vt, out, rows, scale, stream)``."""
 
     def __init__(
         self,
