@@ -154,9 +154,10 @@ def cute_attention(
     b, hq, n, d = q.shape
     group = p.group
     masses = Masses.of(stats) if stats is not None else None
-    q, k, v, out = (in_place(t) for t in (q, k, v, empty_output(q)))
+    out = empty_output(q)
+    q, k, v, out_view = (in_place(t) for t in (q, k, v, out))
     rows = torch.empty(b * hq, n, len(row_fields(masses)), device=q.device, dtype=torch.float32)
-    views = cute_views(q, k, v, out, rows)
+    views = cute_views(q, k, v, out_view, rows)
     stream = cuda_driver.CUstream(torch.cuda.current_stream(q.device).cuda_stream)
     scale = cutlass.Float32(p.scale)
     key = (q.dtype, d, group, masses, q.device.index)

@@ -195,9 +195,9 @@ def torch_arguments(q, k, v, fields: int = 1):
     from kernels.cute_attention import in_place
     from kernels.spec import empty_output
 
-    q, k, v, out = (in_place(t) for t in (q, k, v, empty_output(q)))
+    out = empty_output(q)
     rows = torch.empty(q.shape[0] * q.shape[1], q.shape[2], fields, device=q.device, dtype=torch.float32)
-    return cute_views(q, k, v, out, rows), out, rows
+    return cute_views(*(in_place(t) for t in (q, k, v, out)), rows), out, rows
 
 
 def fake_arguments(head_dim: int, fields: int = 1, dtype=cutlass.BFloat16) -> tuple:
