@@ -15,7 +15,7 @@ import importlib.util
 
 import torch
 
-from kernels.spec import AttentionStats, StatsSpec, empty_output
+from kernels.spec import AttentionStats, StatsSpec
 from kernels.validate import Problem, fused_kernel_refusal
 
 #: nvidia-cutlass-dsl (the ``cute`` extra) is installed.
@@ -148,22 +148,17 @@ def cute_attention(
     import cutlass
     import cutlass.cute as cute
 
-    from kernels.cute_forward import WarpSpecializedForward, cute_views
+    from kernels.cute_forward import kernel_arguments, library_kernel
     from kernels.triton_attention import key_mass_pass
 
     b, hq, n, d = q.shape
-    group = p.group
     masses = Masses.of(stats) if stats is not None else None
-    out = empty_output(q)
-    q, k, v, out_view = (in_place(t) for t in (q, k, v, out))
-    rows = torch.empty(b * hq, n, len(row_fields(masses)), device=q.device, dtype=torch.float32)
-    views = cute_views(q, k, v, out_view, rows)
+    views, out, rows = kernel_arguments(q, k, v, len(row_fields(masses)))
     stream = cuda_driver.CUstream(torch.cuda.current_stream(q.device).cuda_stream)
     scale = cutlass.Float32(p.scale)
-    key = (q.dtype, d, group, masses, q.device.index)
+    key = (q.dtype, d, p.group, masses, q.device.index)
     if key not in _compiled:
-        kernel = WarpSpecializedForward(d, group, masses=masses, **build(d, stats is not None))
-        _compiled[key] = cute.compile(kernel, *views, scale, stream)
+        _compiled[key] = cute.compile(library_kernel(d, p.group, masses), *views, scale, stream)
     _compiled[key](*views, scale, stream)
     if stats is None:
         return out, None

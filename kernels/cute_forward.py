@@ -31,12 +31,14 @@ import cutlass  # noqa: E402
 import cutlass.cute as cute  # noqa: E402
 import cutlass.pipeline as pipeline  # noqa: E402
 import cutlass.utils.hopper_helpers as sm90_utils  # noqa: E402
+import torch  # noqa: E402
 from cutlass._mlir.dialects import llvm  # noqa: E402
 from cutlass.cute.nvgpu import cpasync, warpgroup  # noqa: E402
 from cutlass.cutlass_dsl import T, dsl_user_op  # noqa: E402
 from cutlass.tensor_utils import LayoutEnum  # noqa: E402
 
-from kernels.cute_attention import Masses, row_fields  # noqa: E402
+from kernels.cute_attention import Masses, build, in_place, row_fields  # noqa: E402
+from kernels.spec import empty_output  # noqa: E402
 
 MAJOR = cute.nvgpu.OperandMajorMode
 BLOCK_M = 64
@@ -526,6 +528,17 @@ def cute_views(q, k, v, out, rows) -> tuple:
     return (*views, marked)
 
 
+def kernel_arguments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fields: int) -> tuple:
+    """The kernel's arguments for torch q, k, v ``[B, H, N, D]`` (read in place where TMA can:
+    :func:`~kernels.cute_attention.in_place`), a new output laid out like q
+    (:func:`~kernels.spec.empty_output`) and new float32 rows ``[B*Hq, N, fields]``:
+    ``(cute_views(...), out, rows)``."""
+    b, h, n, _ = q.shape
+    out = empty_output(q)
+    rows = torch.empty(b * h, n, fields, device=q.device, dtype=torch.float32)
+    return cute_views(*(in_place(t) for t in (q, k, v, out)), rows), out, rows
+
+
 def heads_as_one_mode(t: cute.Tensor) -> cute.Tensor:
     """``(N, D, H, B)`` (or ``(D, N, H, B)``) as ``(N, D, (H, B))``: head ``bh`` of the merged
     mode is head ``bh % H`` of batch ``bh // H``, as in ``[B*H, ...]``."""
@@ -813,6 +826,12 @@ class WarpSpecializedForward:
             )
             tile = self.consumers * m_block + half
             store_output(mma_pv, acc_o, t, sq[None, None, half], tma_o, tos[(None, half)], tog[(None, tile)], 4 + half)
+
+
+def library_kernel(head_dim: int, group: int, masses: Masses | None) -> WarpSpecializedForward:
+    """The build :func:`kernels.cute_attention.cute_attention` compiles (settings:
+    :func:`kernels.cute_attention.build`), with the statistics' ``masses`` or without."""
+    return WarpSpecializedForward(head_dim, group, masses=masses, **build(head_dim, masses is not None))
 
 
 @cute.jit

@@ -44,10 +44,10 @@ from kernels.cute_forward import (  # noqa: E402
     WarpSpecializedForward,
     _fragment_layouts,
     consumer_registers,
-    cute_views,
     heads_as_one_mode,
     issue_pv,
     issue_qk,
+    kernel_arguments,
     online_softmax,
     smem_operands,
     store_rows,
@@ -186,20 +186,6 @@ class CausalForward:
         store_rows(acc_o, m_i, l_i, tidx, m_block * BLOCK_M, n, out, rows, bh)
 
 
-def torch_arguments(q, k, v, fields: int = 1):
-    """CuTe views of torch ``[B, H, N, D]`` q, k, v (any layout :func:`~kernels.cute_attention.in_place`
-    takes), and of a new output laid out like q and rows:
-    ``(cute arguments, out [B, H, N, D], rows [B*H, N, fields])``."""
-    import torch
-
-    from kernels.cute_attention import in_place
-    from kernels.spec import empty_output
-
-    out = empty_output(q)
-    rows = torch.empty(q.shape[0] * q.shape[1], q.shape[2], fields, device=q.device, dtype=torch.float32)
-    return cute_views(*(in_place(t) for t in (q, k, v, out)), rows), out, rows
-
-
 def fake_arguments(head_dim: int, fields: int = 1, dtype=cutlass.BFloat16) -> tuple:
     """Fake ``q, k, vt, out, rows`` typed as :func:`~kernels.cute_forward.cute_views` makes
     them (every extent and stride dynamic but the head dim's unit stride; rows compact):
@@ -282,7 +268,7 @@ def check_on_gpu(name: str, lengths=(128, 200, 1000, 4096), dims=(64, 128), grou
                     torch.randn(1, x, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
                     for x in (h, h // group, h // group)
                 )
-                args, out, rows = torch_arguments(q, k, v, kernel.fields)
+                args, out, rows = kernel_arguments(q, k, v, kernel.fields)
                 scale = cutlass.Float32(d**-0.5)
                 compiled = compiled or cute.compile(kernel, *args, scale, stream)  # one build, every length
                 compiled(*args, scale, stream)
@@ -333,7 +319,7 @@ def time_on_gpu(names: list[str], lengths=(16384, 32768), heads: int = 32) -> No
             )
             for name in names:
                 kernel = KERNELS[name](d, 1)
-                args, _, _ = torch_arguments(q, k, v, kernel.fields)
+                args, _, _ = kernel_arguments(q, k, v, kernel.fields)
                 scale = cutlass.Float32(d**-0.5)
                 if (name, d) not in compiled:
                     compiled[name, d] = cute.compile(kernel, *args, scale, stream)

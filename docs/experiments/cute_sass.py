@@ -28,14 +28,8 @@ from cute_fwd import KERNELS, fake_arguments  # noqa: E402
 from cutlass.cute.runtime import make_fake_stream  # noqa: E402
 from hopper_sass import _BIN, loop_bodies, skip_path  # noqa: E402  (beside this script)
 
-from kernels.cute_attention import Masses, build  # noqa: E402
-from kernels.cute_forward import WarpSpecializedForward  # noqa: E402
-
-
-def library_build(head_dim: int, stats: bool, group: int = 1) -> WarpSpecializedForward:
-    """The build :func:`kernels.cute_attention.cute_attention` compiles, with every row
-    statistic (the default settings) or without."""
-    return WarpSpecializedForward(head_dim, group, masses=Masses() if stats else None, **build(head_dim, stats))
+from kernels.cute_attention import Masses  # noqa: E402
+from kernels.cute_forward import library_kernel  # noqa: E402
 
 
 def compile_sass(kernel) -> str:
@@ -70,6 +64,6 @@ if __name__ == "__main__":
         if args.kernels:
             builds = {name: KERNELS[name](d, 1) for name in args.kernels.split(",")}
         else:
-            builds = {"plain": library_build(d, False), "every row statistic": library_build(d, True)}
+            builds = {"plain": library_kernel(d, 1, None), "every row statistic": library_kernel(d, 1, Masses())}
         for name, kernel in builds.items():
             print(f"D = {d}, {name}:", summary(compile_sass(kernel)), flush=True)
